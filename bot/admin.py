@@ -1,0 +1,178 @@
+"""Carrying out the `/duck` commands that read or manage the store.
+
+Every surface (Slack, Matrix, console, CLI) parses with `bot/commands.py` and
+renders the plain-text replies built here; `run` and thread decisions need a
+task thread, so the surfaces handle those themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from bot import commands as c
+from runtime.approvals import ApprovalError, ApprovalService
+from runtime.store import EventStore, TaskStore
+from runtime.store.models import Approval, Event, Rule, Task
+
+MAX_LISTED = 20
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who is asking, with what they may do. `id` is platform-qualified (`slack:U1`)."""
+
+    id: str
+    is_admin: bool = False
+    is_approver: bool = False
+
+
+def when(moment: datetime | None) -> str:
+    if moment is None:
+        return "-"
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def clip(text: str | None, limit: int = 80) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def describe_rule(rule: Rule) -> str:
+    state = "" if rule.active else f" (revoked by {rule.revoked_by}, {when(rule.revoked_at)})"
+    return (
+        f"`{rule.rule_id}` {rule.kind} `{rule.pattern}` — by {rule.created_by}, "
+        f"{when(rule.created_at)}{state}"
+    )
+
+
+def describe_approval(approval: Approval) -> str:
+    what = approval.command or approval.tool
+    return (
+        f"`{approval.approval_id}` {approval.risk_level or '?'} `{clip(what, 120)}` — task "
+        f"`{approval.task_id}`, asked by {approval.requested_by or '?'}, "
+        f"{when(approval.created_at)}"
+    )
+
+
+def describe_task(task: Task) -> str:
+    return (
+        f"`{task.task_id}` {task.status} — {clip(task.message, 60)!r} "
+        f"({task.requested_by or '?'}, {when(task.created_at)})"
+    )
+
+
+def describe_event(event: Event) -> str:
+    """One line per audit event, the facts an on-call engineer looks for first."""
+    p = event.payload
+    kind = event.event_type
+    detail = ""
+    if kind == "command_audit":
+        how = f"approved by {p.get('approved_by')}" if p.get("approved") else ""
+        if p.get("blocked"):
+            how = "blocked"
+        elif p.get("requires_approval") and not p.get("approved"):
+            how = "needs approval"
+        rc = p.get("returncode")
+        detail = f"`{clip(p.get('command'), 100)}` {p.get('risk_level')} {how}".rstrip()
+        if rc is not None:
+            detail += f", exit {rc}"
+    elif kind in ("tool_call_started", "tool_call_finished"):
+        detail = str(p.get("tool"))
+        result = p.get("result") or {}
+        if kind == "tool_call_finished":
+            detail += " ok" if result.get("ok") else f" failed: {clip(result.get('error'), 80)}"
+    elif kind == "tool_approval_requested":
+        detail = f"approval `{p.get('approval_id')}` ({p.get('risk_level')})"
+    elif kind == "approval_decided":
+        detail = f"{p.get('decision')} by {p.get('decided_by')}"
+        if p.get("note"):
+            detail += f": {clip(p.get('note'), 80)}"
+    elif kind in ("model_call_started",):
+        detail = str(p.get("role"))
+    elif kind == "model_call_finished":
+        detail = f"{p.get('role')} {p.get('model')} {p.get('latency_ms')} ms"
+        if p.get("total_tokens") is not None:
+            detail += f", {p.get('total_tokens')} tokens"
+    elif kind == "task_failed":
+        detail = clip(p.get("error"), 120)
+    elif kind == "task_completed":
+        detail = clip(p.get("final_response"), 80)
+    elif kind in ("action_directive",):
+        detail = f"{len(p.get('actions') or [])} action(s)"
+    elif kind == "action_directive_failed":
+        detail = clip(p.get("error"), 100)
+    elif kind in ("rule_created", "rule_revoked"):
+        detail = f"`{p.get('rule_id')}`"
+    return f"{event.seq:>3} {event.created_at.strftime('%H:%M:%S')} {kind} {detail}".rstrip()
+
+
+class CommandRunner:
+    def __init__(self, tasks: TaskStore, events: EventStore, approvals: ApprovalService) -> None:
+        self.tasks = tasks
+        self.events = events
+        self.approvals = approvals
+
+    async def execute(
+        self, command: c.Command, actor: Actor, *, conversation_prefix: str | None = None
+    ) -> str:
+        """Carry out a parsed command and return the reply text."""
+        if isinstance(command, c.ADMIN_ONLY) and not actor.is_admin:
+            return (
+                f"Only admins can change rules, and you ({actor.id}) are not one. "
+                f"An operator can add `{actor.id}` to DUCKLM_ADMINS."
+            )
+        match command:
+            case c.Help():
+                return c.USAGE
+            case c.RulesList(include_revoked=include_revoked):
+                return await self._rules(include_revoked)
+            case c.RulesAdd(kind=kind, pattern=pattern, tool=tool):
+                try:
+                    rule = await self.approvals.add_rule(tool, kind, pattern, actor.id)
+                except ApprovalError as exc:
+                    return f"Rule not added: {exc}"
+                return f"Added rule {describe_rule(rule)}"
+            case c.RulesRevoke(rule_id=rule_id):
+                if await self.approvals.revoke_rule(rule_id, actor.id):
+                    return f"Revoked rule `{rule_id}`."
+                return f"No active rule `{rule_id}`. Send `rules` to list them."
+            case c.Approvals():
+                return await self._approvals()
+            case c.Tasks():
+                return await self._tasks(conversation_prefix)
+            case c.TaskShow(task_id=task_id):
+                return await self._task(task_id)
+            case c.Run():
+                return "`run` needs a chat thread; send it in a channel or the console."
+        raise AssertionError(f"unhandled command {command!r}")
+
+    async def _rules(self, include_revoked: bool) -> str:
+        rules = await self.approvals.list_rules(include_revoked=include_revoked)
+        if not rules:
+            return "No rules. Admins add them with `rules add exact|prefix <command>`."
+        return "Rules:\n" + "\n".join(describe_rule(r) for r in rules)
+
+    async def _approvals(self) -> str:
+        pending = await self.approvals.pending()
+        if not pending:
+            return "No approvals are pending."
+        lines = [describe_approval(a) for a in pending[:MAX_LISTED]]
+        more = f"\n… and {len(pending) - MAX_LISTED} more" if len(pending) > MAX_LISTED else ""
+        return "Pending approvals:\n" + "\n".join(lines) + more
+
+    async def _tasks(self, conversation_prefix: str | None) -> str:
+        recent = await self.tasks.list_recent(MAX_LISTED, conversation_prefix=conversation_prefix)
+        if not recent:
+            return "No tasks yet."
+        return "Recent tasks:\n" + "\n".join(describe_task(t) for t in recent)
+
+    async def _task(self, task_id: str) -> str:
+        task = await self.tasks.get_task(task_id)
+        if task is None:
+            return f"No task `{task_id}`. Send `tasks` to list recent ones."
+        events = await self.events.list_events(task_id)
+        header = describe_task(task)
+        if task.error:
+            header += f"\nerror: {clip(task.error, 300)}"
+        return header + "\n" + "\n".join(describe_event(e) for e in events)

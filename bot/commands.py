@@ -1,0 +1,187 @@
+"""The `/duck` command grammar, shared by Slack (`/duck …`), Matrix (`!duck …`) and
+the console (`/duck …`), plus the thread-reply grammar for decisions
+(`approve`, `deny [reason]`, `always`).
+
+Parsing only: nothing here touches the store. `bot/admin.py` carries commands out.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from typing import Literal
+
+MAX_COMMAND_TEXT = 4000
+
+USAGE = """\
+DuckLM commands:
+  help                          this text
+  run <command>                 run a shell command directly (same approval rules)
+  rules                         list the "always allow" rules
+  rules add exact <command>     allow exactly this command (admins)
+  rules add prefix <command>    allow commands starting with these words (admins)
+  rules revoke <rule-id>        revoke a rule (admins)
+  approvals                     pending approvals
+  tasks                         recent tasks in this channel
+  task <task-id>                a task's audit trail
+In an approval's thread, reply `approve`, `deny [reason]` or `always`."""
+
+
+class CommandError(ValueError):
+    """Bad command syntax; the message says what was wrong and how to write it."""
+
+
+@dataclass(frozen=True)
+class Help:
+    pass
+
+
+@dataclass(frozen=True)
+class Run:
+    command: str
+
+
+@dataclass(frozen=True)
+class RulesList:
+    include_revoked: bool = False
+
+
+@dataclass(frozen=True)
+class RulesAdd:
+    kind: Literal["exact", "prefix"]
+    pattern: str
+    tool: str = "shell_exec_safe"
+
+
+@dataclass(frozen=True)
+class RulesRevoke:
+    rule_id: str
+
+
+@dataclass(frozen=True)
+class Approvals:
+    pass
+
+
+@dataclass(frozen=True)
+class Tasks:
+    pass
+
+
+@dataclass(frozen=True)
+class TaskShow:
+    task_id: str
+
+
+Command = Help | Run | RulesList | RulesAdd | RulesRevoke | Approvals | Tasks | TaskShow
+
+# Commands that change shared state need DUCKLM_ADMINS.
+ADMIN_ONLY: tuple[type, ...] = (RulesAdd, RulesRevoke)
+
+
+def _usage(line: str) -> CommandError:
+    return CommandError(f"Usage: {line}\nSend `help` for every command.")
+
+
+def parse_command(text: str) -> Command:
+    """Parse the text after `/duck` (or `!duck`)."""
+    text = (text or "").strip()
+    if len(text) > MAX_COMMAND_TEXT:
+        raise CommandError(f"That command is too long ({len(text)} characters).")
+    if not text:
+        return Help()
+    verb, _, rest = text.partition(" ")
+    verb, rest = verb.lower(), rest.strip()
+
+    if verb in ("help", "?"):
+        return Help()
+    if verb == "run":
+        if not rest:
+            raise _usage("run <command>")
+        return Run(rest)
+    if verb == "rules":
+        return _parse_rules(rest)
+    if verb == "approvals":
+        return Approvals()
+    if verb == "tasks":
+        return Tasks()
+    if verb == "task":
+        if not rest or " " in rest:
+            raise _usage("task <task-id>")
+        return TaskShow(rest)
+    raise CommandError(f"Unknown command `{verb}`.\n{USAGE}")
+
+
+def _parse_rules(rest: str) -> Command:
+    sub, _, args = rest.partition(" ")
+    sub, args = sub.lower(), args.strip()
+    if sub in ("", "list"):
+        if args not in ("", "--all", "all"):
+            raise _usage("rules [list] [all]")
+        return RulesList(include_revoked=bool(args))
+    if sub == "add":
+        kind, _, pattern = args.partition(" ")
+        kind, pattern = kind.lower(), _unquote(pattern.strip())
+        if kind not in ("exact", "prefix") or not pattern:
+            raise _usage("rules add exact|prefix <command>")
+        return RulesAdd(kind, pattern)  # type: ignore[arg-type]
+    if sub in ("revoke", "remove", "rm"):
+        if not args or " " in args:
+            raise _usage("rules revoke <rule-id>")
+        return RulesRevoke(args)
+    raise _usage("rules [list | add exact|prefix <command> | revoke <rule-id>]")
+
+
+def _unquote(pattern: str) -> str:
+    """Allow `rules add prefix "git pull"` as well as the bare words."""
+    if len(pattern) >= 2 and pattern[0] == pattern[-1] and pattern[0] in "\"'`":
+        try:
+            words = shlex.split(pattern.strip("`")) if pattern[0] == "`" else shlex.split(pattern)
+        except ValueError:
+            return pattern
+        if len(words) == 1:
+            return words[0]
+    return pattern
+
+
+Decision = Literal["approve", "deny", "always"]
+
+_DECISION_WORDS: dict[str, Decision] = {
+    "approve": "approve",
+    "approved": "approve",
+    "yes": "approve",
+    "deny": "deny",
+    "denied": "deny",
+    "no": "deny",
+    "reject": "deny",
+    "always": "always",
+}
+# The console's one-letter prompt answers: [a]pprove / [d]eny / a[l]ways.
+_CONSOLE_LETTERS: dict[str, Decision] = {"a": "approve", "d": "deny", "l": "always"}
+
+
+@dataclass(frozen=True)
+class DecisionReply:
+    decision: Decision
+    note: str | None = None
+
+
+def parse_decision(text: str, *, letters: bool = False) -> DecisionReply | None:
+    """A thread reply that decides an approval, or None if the text is something else.
+
+    Only `deny` takes a reason; `approve`/`always` followed by more words are not
+    decisions (so "approve this later, I'm busy" does not run anything).
+    """
+    words = (text or "").strip().split(None, 1)
+    if not words:
+        return None
+    head = words[0].lower().rstrip(".!:,")
+    rest = words[1].strip() if len(words) > 1 else ""
+    decision = _DECISION_WORDS.get(head) or (_CONSOLE_LETTERS.get(head) if letters else None)
+    if decision is None:
+        return None
+    if decision == "deny":
+        return DecisionReply("deny", rest[:1000] or None)
+    if rest:
+        return None
+    return DecisionReply(decision)

@@ -1,0 +1,192 @@
+"""`ducklm console`: a line-based chat on the same runtime and store as the bots.
+
+The person at the terminal is the operator: they may approve and manage rules
+without being listed in DUCKLM_APPROVERS / DUCKLM_ADMINS, as DESIGN.md says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import sys
+from typing import TextIO
+
+from bot import commands as c
+from bot.admin import Actor, CommandRunner
+from runtime.approvals import ApprovalError
+from runtime.factory import Runtime
+from runtime.loop import ChatResult, PendingApproval
+from runtime.store.models import Event
+
+EXIT_WORDS = {"exit", "quit", ":q"}
+
+NO_MODEL_NOTICE = """\
+No model is configured, so free-text questions cannot be answered yet.
+To chat with the agent set DUCKLM_MODEL_BASE_URL (any OpenAI-compatible API) and
+DUCKLM_MODEL_API_KEY (or OPENAI_API_KEY), and optionally DUCKLM_THINKER_MODEL /
+DUCKLM_ACTION_MODEL. Until then: `run <command>` runs a shell command under the
+approval rules, and `/duck help` lists the admin commands."""
+
+NO_MODEL_REMINDER = (
+    "No model is configured: use `run <command>`, `/duck help`, or set DUCKLM_MODEL_BASE_URL."
+)
+
+GREETING = "DuckLM console. Ask a question, `run <command>`, `/duck help`, or `exit`."
+
+
+def render_card(pending: PendingApproval) -> str:
+    what = pending.command or pending.tool
+    lines = [
+        f"Approval needed ({pending.risk_level or '?'} risk, {pending.action_type or '?'}):",
+        f"  $ {what}" if pending.command else f"  {what}",
+    ]
+    if pending.reason:
+        lines.append(f"  why it needs approval: {pending.reason}")
+    if pending.model_reason:
+        lines.append(f"  why the agent wants it: {pending.model_reason}")
+    always = " / a[l]ways" if pending.risk_level != "critical" else ""
+    lines.append(f"  [a]pprove / [d]eny [reason]{always}   (approval {pending.approval_id})")
+    return "\n".join(lines)
+
+
+class Console:
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        stdin: TextIO | None = None,
+        stdout: TextIO | None = None,
+        user: str | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.stdin = stdin or sys.stdin
+        self.stdout = stdout or sys.stdout
+        self.actor = Actor(f"console:{user or getpass.getuser()}", is_admin=True, is_approver=True)
+        self.conversation = f"console:{self.actor.id.split(':', 1)[1]}"
+        self.runner = CommandRunner(runtime.stores.tasks, runtime.stores.events, runtime.approvals)
+        self.history: list[dict[str, str]] = []
+        self.pending: PendingApproval | None = None
+        self.pending_task: str | None = None
+        runtime.loop.add_listener(self._on_event)
+
+    def say(self, text: str) -> None:
+        self.stdout.write(text.rstrip("\n") + "\n")
+        self.stdout.flush()
+
+    async def serve(self) -> int:
+        self.say(GREETING)
+        if self.runtime.model is None:
+            self.say(NO_MODEL_NOTICE)
+        interactive = self.stdin.isatty()
+        while True:
+            if interactive:
+                self.stdout.write("> ")
+                self.stdout.flush()
+            line = await asyncio.to_thread(self.stdin.readline)
+            if not line:  # EOF
+                return 0
+            line = line.strip()
+            if not line:
+                continue
+            if line.lower() in EXIT_WORDS:
+                return 0
+            try:
+                await self.handle(line)
+            except Exception as exc:  # one bad line must not end the session
+                self.say(f"Error: {type(exc).__name__}: {exc}")
+
+    async def handle(self, line: str) -> None:
+        if self.pending is not None:
+            reply = c.parse_decision(line, letters=True)
+            if reply is not None:
+                await self._decide(reply)
+                return
+        if line.startswith(("/duck", "!duck")):
+            await self._command(line.split(None, 1)[1] if " " in line else "")
+            return
+        if line.startswith("!run ") or line.lower().startswith("run "):
+            await self._run_direct(line.split(None, 1)[1].strip())
+            return
+        if line.lower() in ("help", "?"):
+            self.say(c.USAGE)
+            return
+        if self.runtime.model is None:
+            self.say(NO_MODEL_REMINDER)
+            return
+        result = await self.runtime.loop.run_chat(
+            line,
+            str(self.runtime.settings.workspace),
+            history_messages=list(self.history),
+            conversation=self.conversation,
+            requested_by=self.actor.id,
+        )
+        self._show(result, question=line)
+
+    async def _command(self, text: str) -> None:
+        try:
+            command = c.parse_command(text)
+        except c.CommandError as exc:
+            self.say(str(exc))
+            return
+        if isinstance(command, c.Run):
+            await self._run_direct(command.command)
+            return
+        self.say(await self.runner.execute(command, self.actor))
+
+    async def _run_direct(self, command: str) -> None:
+        if not command:
+            self.say("Usage: run <command>")
+            return
+        result = await self.runtime.loop.run_command(
+            command,
+            str(self.runtime.settings.workspace),
+            conversation=self.conversation,
+            requested_by=self.actor.id,
+        )
+        self._show(result, question=f"run {command}")
+
+    async def _decide(self, reply: c.DecisionReply) -> None:
+        assert self.pending is not None and self.pending_task is not None
+        pending, task_id = self.pending, self.pending_task
+        try:
+            outcome = await self.runtime.approvals.decide(
+                pending.approval_id, reply.decision, self.actor.id, reply.note
+            )
+        except ApprovalError as exc:
+            self.say(f"Not decided: {exc}")
+            return
+        self.pending = self.pending_task = None
+        if not outcome.taken:
+            decided = outcome.approval.decision if outcome.approval else "decided"
+            self.say(f"That approval was already {decided}; nothing ran again.")
+            return
+        if outcome.rule is not None:
+            self.say(
+                f"Rule `{outcome.rule.rule_id}` added: {outcome.rule.kind} `{outcome.rule.pattern}`"
+            )
+        result = await self.runtime.loop.continue_after_approval(task_id, pending.approval_id)
+        self._show(result)
+
+    def _show(self, result: ChatResult, question: str | None = None) -> None:
+        if question is not None:
+            self.history.append({"role": "user", "content": question})
+        if result.status == "waiting_for_approval" and result.pending_approval:
+            self.pending = result.pending_approval
+            self.pending_task = result.task_id
+            self.say(render_card(result.pending_approval))
+            return
+        if result.status == "failed":
+            self.say(f"Task failed: {result.final_response}")
+            return
+        self.say(result.final_response)
+        self.history.append({"role": "assistant", "content": result.final_response})
+
+    def _on_event(self, event: Event) -> None:
+        """Show what the agent is doing while it does it."""
+        payload = event.payload
+        if event.event_type == "tool_call_started":
+            args = payload.get("args") or {}
+            what = args.get("command") or args.get("path") or ""
+            self.say(f"  … {payload.get('tool')} {what}".rstrip())
+        elif event.event_type == "model_call_started" and payload.get("role") == "thinker":
+            self.say("  … writing the answer")

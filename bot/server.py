@@ -1,0 +1,68 @@
+"""`ducklm run`: serve every configured chat platform from one process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+from bot.backend import Platform, PlatformStartError
+from bot.service import ChatService
+from runtime.factory import build_runtime
+from runtime.settings import Settings
+
+logger = logging.getLogger("ducklm.server")
+
+
+def configured_platforms(service: ChatService, settings: Settings) -> list[Platform]:
+    platforms: list[Platform] = []
+    if settings.slack_configured:
+        from bot.slack import SlackPlatform
+
+        platforms.append(SlackPlatform(service, settings))
+    if settings.matrix_configured:
+        from bot.matrix import MatrixPlatform
+
+        platforms.append(MatrixPlatform(service, settings))
+    return platforms
+
+
+async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int:
+    """Run until SIGINT/SIGTERM (or `stop` is set). Returns the process exit code."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+    runtime = await build_runtime(settings)
+    service = ChatService(runtime, max_concurrent_tasks=settings.max_concurrent_tasks)
+    for warning in service.policy.startup_warnings():
+        logger.warning(warning)
+        print(f"warning: {warning}", file=sys.stderr)
+    if runtime.model is None:
+        print(
+            "warning: no model is configured (DUCKLM_MODEL_BASE_URL); only direct "
+            "commands (`/duck run …`) will work.",
+            file=sys.stderr,
+        )
+    platforms = configured_platforms(service, settings)
+    started: list[Platform] = []
+    try:
+        for platform in platforms:
+            await platform.start()
+            started.append(platform)
+            print(f"ducklm: serving {platform.name}", file=sys.stderr)
+        await stop.wait()
+        return 0
+    except PlatformStartError as exc:
+        print(f"ducklm: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for platform in reversed(started):
+            with contextlib.suppress(Exception):
+                await platform.stop()
+        await service.close()
+        await runtime.close()

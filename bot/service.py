@@ -1,0 +1,322 @@
+"""Platform-neutral glue between chat platforms and the runtime.
+
+    message  -> task (in the background)  -> answer or approval card in the thread
+    click    -> authorised decision (once) -> card resolved -> continuation -> thread
+    /duck    -> parsed command            -> private reply (or a direct run in a thread)
+
+Platforms call the `handle_*`/`submit_*` methods and implement `ChatBackend`
+for output. Nothing here knows Slack or Matrix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine, Iterable
+from typing import Any
+
+from bot import commands as c
+from bot.admin import CommandRunner, clip, when
+from bot.backend import ApprovalCard, CardResolution, ChatBackend, Thread
+from bot.policy import AccessPolicy
+from runtime.approvals import ApprovalError
+from runtime.factory import Runtime
+from runtime.loop import ChatResult, PendingApproval
+from runtime.store.models import Approval, Event
+from runtime.tools.shell_rules import describe_rule, rule_for_command
+
+logger = logging.getLogger("ducklm.service")
+
+MAX_ERROR_CHARS = 400
+DEFAULT_MAX_CONCURRENT_TASKS = 8
+
+
+class ChatService:
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        policy: AccessPolicy | None = None,
+        max_concurrent_tasks: int = DEFAULT_MAX_CONCURRENT_TASKS,
+    ) -> None:
+        self.runtime = runtime
+        self.loop = runtime.loop
+        self.approvals = runtime.approvals
+        self.tasks = runtime.stores.tasks
+        self.policy = policy or AccessPolicy(
+            runtime.settings.approvers, runtime.settings.admins, runtime.settings.four_eyes_risk
+        )
+        self.runner = CommandRunner(self.tasks, runtime.stores.events, self.approvals)
+        self.backends: dict[str, ChatBackend] = {}
+        self.workspace = str(runtime.settings.workspace)
+        # Bolt and nio fire and forget; we keep strong references to every job so
+        # none is garbage-collected mid-run, and bound how many tasks run at once.
+        self._jobs: set[asyncio.Task[Any]] = set()
+        self._slots = asyncio.Semaphore(max_concurrent_tasks)
+        self._threads: dict[str, Thread] = {}  # task_id -> thread, while it runs
+        self.loop.add_listener(self._on_event)
+
+    def add_backend(self, backend: ChatBackend) -> None:
+        self.backends[backend.platform] = backend
+
+    # -- inbound: messages --------------------------------------------------
+
+    def submit_message(
+        self, thread: Thread, user: str, text: str, history: Iterable[dict[str, str]] = ()
+    ) -> asyncio.Task[None]:
+        """Start a task for a message; returns at once (platforms must ack fast)."""
+        return self._spawn(self._chat(thread, user, text, list(history)))
+
+    async def is_bot_thread(self, thread: Thread) -> bool:
+        """Has the bot already worked in this thread (so every reply is for it)?"""
+        if thread.root is None:
+            return False
+        return bool(await self.tasks.list_by_conversation(thread.key, limit=1))
+
+    async def handle_thread_reply(self, thread: Thread, user: str, text: str) -> bool:
+        """`approve` / `deny [reason]` / `always` in an approval's thread. Returns
+        False when the text is no decision or the thread has nothing pending."""
+        reply = c.parse_decision(text)
+        if reply is None:
+            return False
+        approval = await self._pending_in(thread)
+        if approval is None:
+            return False
+        refusal = await self.handle_decision(approval.approval_id, user, reply.decision, reply.note)
+        if refusal:
+            await self._safely(self.backends[thread.platform].tell(thread, user, refusal))
+        return True
+
+    # -- inbound: decisions -------------------------------------------------
+
+    async def handle_decision(
+        self, approval_id: str, user: str, decision: str, note: str | None = None
+    ) -> str | None:
+        """Authorise and take a decision exactly once. Returns a private message for
+        the clicker when nothing changed (refused, already decided), else None."""
+        approval = await self.approvals.get(approval_id)
+        if approval is None:
+            return "That approval does not exist."
+        refusal = self.policy.refuse_decision(user, approval, decision)
+        if refusal:
+            return refusal
+        if approval.decision is not None:
+            return _already_decided(approval)
+        try:
+            outcome = await self.approvals.decide(approval_id, decision, user, note)
+        except ApprovalError as exc:
+            return str(exc)
+        if not outcome.taken or outcome.approval is None:
+            return _already_decided(outcome.approval or approval)
+        thread = await self._thread_of(approval.task_id)
+        if thread is not None:
+            await self._resolve_card(thread, outcome.approval)
+            self._spawn(self._continue(thread, approval.task_id, approval_id))
+        return None
+
+    # -- inbound: /duck commands --------------------------------------------
+
+    async def handle_command(
+        self, thread: Thread, user: str, text: str, *, open_thread: bool = False
+    ) -> str | None:
+        """Run a `/duck` command. Returns the private reply, or None when the answer
+        goes to a thread (`run`). With `open_thread`, a direct run first posts a
+        root message in the channel so everybody sees what ran."""
+        try:
+            command = c.parse_command(text)
+        except c.CommandError as exc:
+            return str(exc)
+        if isinstance(command, c.Run):
+            if open_thread:
+                root = await self.backends[thread.platform].send(
+                    Thread(thread.platform, thread.channel),
+                    f"{user} asked to run `{clip(command.command, 300)}`",
+                )
+                if root is None:
+                    return "Could not open a thread for that command."
+                thread = thread.in_thread(root)
+            self._spawn(self._direct(thread, user, command.command))
+            return None
+        return await self.runner.execute(
+            command, self.policy.actor(user), conversation_prefix=thread.channel_prefix
+        )
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def drain(self) -> None:
+        """Wait until no background job is left (jobs may start further jobs)."""
+        while self._jobs:
+            await asyncio.wait(set(self._jobs))
+
+    async def close(self) -> None:
+        for job in list(self._jobs):
+            job.cancel()
+        await asyncio.gather(*self._jobs, return_exceptions=True)
+
+    # -- background jobs ----------------------------------------------------
+
+    def _spawn(self, job: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(job)
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+        return task
+
+    async def _chat(
+        self, thread: Thread, user: str, text: str, history: list[dict[str, str]]
+    ) -> None:
+        await self._run(
+            thread,
+            self.loop.run_chat(
+                text,
+                self.workspace,
+                history_messages=history,
+                conversation=thread.key,
+                requested_by=user,
+            ),
+        )
+
+    async def _direct(self, thread: Thread, user: str, command: str) -> None:
+        await self._run(
+            thread,
+            self.loop.run_command(
+                command, self.workspace, conversation=thread.key, requested_by=user
+            ),
+        )
+
+    async def _continue(self, thread: Thread, task_id: str, approval_id: str) -> None:
+        self._threads[task_id] = thread
+        await self._run(thread, self.loop.continue_after_approval(task_id, approval_id))
+
+    async def _run(self, thread: Thread, turn: Coroutine[Any, Any, ChatResult]) -> None:
+        backend = self.backends[thread.platform]
+        async with self._slots:
+            await self._safely(backend.working(thread, "on it…"))
+            try:
+                result = await turn
+            except Exception:  # the runtime turns failures into results; this is a bug
+                logger.exception("task in %s crashed", thread.key)
+                await self._safely(
+                    backend.send(thread, "Sorry, something went wrong inside DuckLM.")
+                )
+                return
+            finally:
+                await self._safely(backend.working(thread, None))
+            self._threads.pop(result.task_id, None)
+            await self._deliver(thread, result)
+
+    async def _deliver(self, thread: Thread, result: ChatResult) -> None:
+        backend = self.backends[thread.platform]
+        if result.already_handled:
+            return
+        if result.status == "waiting_for_approval" and result.pending_approval:
+            card = await self._card(result.pending_approval)
+            ref = await self._safely(backend.send_card(thread, card))
+            if ref:
+                await self.approvals.set_card_ref(card.approval_id, ref)
+            return
+        if result.status == "failed":
+            text = f"Sorry, I could not finish that: {clip(result.final_response, MAX_ERROR_CHARS)}"
+        else:
+            text = result.final_response
+        await self._safely(backend.send(thread, text))
+
+    # -- cards --------------------------------------------------------------
+
+    async def _card(self, pending: PendingApproval) -> ApprovalCard:
+        approval = await self.approvals.get(pending.approval_id)
+        risk = pending.risk_level or "high"
+        always_rule = None
+        if pending.tool == "shell_exec_safe" and pending.command:
+            always_rule = describe_rule(*rule_for_command(pending.command))
+        return ApprovalCard(
+            approval_id=pending.approval_id,
+            task_id=approval.task_id if approval else "",
+            tool=pending.tool,
+            command=pending.command,
+            risk_level=risk,
+            action_type=pending.action_type or "unknown",
+            reason=pending.reason or "it may change something",
+            model_reason=pending.model_reason,
+            requested_by=pending.requested_by,
+            always_offered=risk != "critical",
+            always_rule=always_rule,
+            expires_at=approval.expires_at if approval else None,
+        )
+
+    async def _resolve_card(self, thread: Thread, approval: Approval) -> None:
+        if not approval.card_ref:
+            return
+        card = await self._card(PendingApproval.from_approval(approval))
+        resolution = CardResolution(
+            approval.decision or "?",
+            approval.decided_by,
+            approval.decided_at,
+            approval.decision_note,
+        )
+        await self._safely(
+            self.backends[thread.platform].resolve_card(thread, approval.card_ref, card, resolution)
+        )
+
+    # -- helpers --------------------------------------------------------------
+
+    async def _thread_of(self, task_id: str) -> Thread | None:
+        task = await self.tasks.get_task(task_id)
+        if task is None or not task.conversation:
+            return None
+        try:
+            thread = Thread.parse(task.conversation)
+        except ValueError:
+            return None
+        return thread if thread.platform in self.backends else None
+
+    async def _pending_in(self, thread: Thread) -> Approval | None:
+        for task in await self.tasks.list_by_conversation(thread.key, limit=20):
+            if task.status != "waiting_for_approval":
+                continue
+            pending = await self.approvals.pending_for_task(task.task_id)
+            if pending:
+                return pending[-1]
+        return None
+
+    async def _on_event(self, event: Event) -> None:
+        """Show which tool runs while a chat task works."""
+        if event.task_id is None:
+            return
+        if event.event_type == "task_created":
+            key = event.payload.get("conversation")
+            if isinstance(key, str):
+                try:
+                    thread = Thread.parse(key)
+                except ValueError:
+                    return
+                if thread.platform in self.backends:
+                    self._threads[event.task_id] = thread
+            return
+        if event.event_type != "tool_call_started":
+            return
+        thread = self._threads.get(event.task_id)
+        if thread is None:
+            return
+        args = event.payload.get("args") or {}
+        what = args.get("command") or args.get("path") or event.payload.get("tool")
+        await self._safely(
+            self.backends[thread.platform].working(thread, f"running `{clip(str(what), 80)}`")
+        )
+
+    @staticmethod
+    async def _safely(call: Coroutine[Any, Any, Any]) -> Any:
+        """Chat output is best effort: a platform error is logged, never fatal."""
+        try:
+            return await call
+        except Exception:
+            logger.exception("chat platform call failed")
+            return None
+
+
+def _already_decided(approval: Approval) -> str:
+    if approval.decision == "expired":
+        return f"This approval expired at {when(approval.decided_at)}; nothing ran."
+    return (
+        f"Already decided: {approval.decision} by {approval.decided_by} at "
+        f"{when(approval.decided_at)}. Nothing changed."
+    )

@@ -1,0 +1,330 @@
+"""ApprovalService: pending approvals, exactly-once decisions, and "always" rules.
+
+Policy lives here; the SQL is in runtime/store. A decision, the rule an
+"always" creates and their audit events are written in one transaction, so the
+log never shows a decision without its rule or the other way round.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from runtime.store.models import Approval, Rule
+
+if TYPE_CHECKING:
+    from runtime.store import ApprovalStore, EventStore, RuleStore, Stores
+
+SHELL_TOOL = "shell_exec_safe"
+CHAT_DECISIONS = frozenset({"approve", "deny", "always"})
+RULE_KINDS = frozenset({"exact", "prefix"})
+
+
+class ApprovalError(Exception):
+    """A decision or rule request that cannot be honoured; the message is for the user."""
+
+
+@dataclass
+class DecisionOutcome:
+    taken: bool  # False: someone (or something) decided first; nothing changed
+    approval: Approval | None
+    rule: Rule | None = None
+
+
+def exact_args_pattern(args: Any) -> str:
+    """The pattern of an exact rule for a non-shell tool: its args, canonical JSON."""
+    return json.dumps(args if args is not None else {}, sort_keys=True)
+
+
+def _shell_command(approval: Approval) -> str | None:
+    if approval.command:
+        return approval.command
+    args = approval.action.get("args")
+    command = args.get("command") if isinstance(args, dict) else None
+    return command if isinstance(command, str) else None
+
+
+def _is_blocked(command: str) -> bool:
+    from runtime.tools.shell import classify
+
+    try:
+        return bool(getattr(classify(command), "blocked", False))
+    except ValueError:  # cannot even be parsed: certainly not something to allow forever
+        return True
+
+
+class ApprovalService:
+    def __init__(
+        self,
+        approvals: ApprovalStore,
+        rules: RuleStore,
+        events: EventStore,
+        *,
+        ttl: float | None = None,
+    ) -> None:
+        if not (approvals.db is rules.db is events.db):
+            # Decisions and their events must commit together.
+            raise ValueError("approvals, rules and events must share one Database")
+        self._approvals = approvals
+        self._rules = rules
+        self._events = events
+        self._db = approvals.db
+        self.ttl = ttl
+
+    @classmethod
+    def from_stores(cls, stores: Stores, ttl: float | None = None) -> ApprovalService:
+        return cls(stores.approvals, stores.rules, stores.events, ttl=ttl)
+
+    # -- approvals -----------------------------------------------------------
+
+    async def create_pending(
+        self,
+        task_id: str,
+        action: Mapping[str, Any],
+        *,
+        index: int = 1,
+        command: str | None = None,
+        risk_level: str | None = None,
+        action_type: str | None = None,
+        reason: str | None = None,
+        requested_by: str | None = None,
+    ) -> Approval:
+        """Store an action waiting for a person. `action` is the normalized
+        {"tool", "args", "reason"}; it is what runs once approved."""
+        tool = action.get("tool")
+        if not isinstance(tool, str) or not tool:
+            raise ApprovalError("An action needs a tool name to be approved.")
+        if command is None and tool == SHELL_TOOL:
+            args = action.get("args")
+            found = args.get("command") if isinstance(args, dict) else None
+            command = found if isinstance(found, str) else None
+        expires_at = time.time() + self.ttl if self.ttl is not None else None
+        return await self._approvals.insert(
+            task_id,
+            action,
+            index=index,
+            tool=tool,
+            command=command,
+            risk_level=risk_level,
+            action_type=action_type,
+            reason=reason,
+            requested_by=requested_by,
+            expires_at=expires_at,
+        )
+
+    async def get(self, approval_id: str) -> Approval | None:
+        return await self._approvals.get(approval_id)
+
+    async def pending(self, limit: int = 100) -> list[Approval]:
+        """Undecided approvals, oldest first."""
+        return await self._approvals.list_pending(limit)
+
+    async def pending_for_task(self, task_id: str) -> list[Approval]:
+        return await self._approvals.pending_for_task(task_id)
+
+    async def claim_execution(self, approval_id: str) -> bool:
+        """True exactly once per approved action: the caller that gets it runs it."""
+        return await self._approvals.claim_execution(approval_id)
+
+    async def find_by_card_ref(self, card_ref: str) -> Approval | None:
+        """The approval whose card was posted as `card_ref` (a platform message id)."""
+        return await self._approvals.find_by_card_ref(card_ref)
+
+    async def set_card_ref(self, approval_id: str, ref: str | None) -> bool:
+        return await self._approvals.set_card_ref(approval_id, ref)
+
+    async def mark_reminded(self, approval_id: str) -> bool:
+        """True for the one caller that should send the reminder."""
+        return await self._approvals.mark_reminded(approval_id)
+
+    async def expire(self, approval_id: str) -> bool:
+        """Decide "expired" (by "system") if still undecided; True exactly once.
+
+        Appends `approval_expired` to the task. Marking the task itself expired
+        is the caller's job (the task store is not ours).
+        """
+        async with self._db.transaction():
+            taken = await self._approvals.decide(approval_id, "expired", "system")
+            if taken:
+                approval = await self._approvals.get(approval_id)
+                assert approval is not None
+                await self._events.append(
+                    approval.task_id,
+                    "approval_expired",
+                    {
+                        "approval_id": approval_id,
+                        "expires_at": approval.expires_at,
+                        "decided_by": "system",
+                    },
+                )
+        return taken
+
+    async def decide(
+        self, approval_id: str, decision: str, decided_by: str, note: str | None = None
+    ) -> DecisionOutcome:
+        """Take a person's decision, exactly once.
+
+        A second decision (a double click, two approvers, a platform retry, another
+        process) gets `taken=False` and the approval as it stands; nothing changes.
+        """
+        if decision not in CHAT_DECISIONS:
+            raise ApprovalError(f"Unknown decision {decision!r}: use approve, deny or always.")
+        approval = await self._approvals.get(approval_id)
+        if approval is None:
+            raise ApprovalError(f"No such approval: {approval_id}.")
+        if approval.decision is not None:
+            return DecisionOutcome(taken=False, approval=approval)
+        if approval.expires_at is not None and approval.expires_at <= datetime.now(UTC):
+            # The expiry job may not have run yet; an answer after the deadline
+            # must not run the action anyway.
+            raise ApprovalError(
+                f"This approval expired at {approval.expires_at:%Y-%m-%d %H:%M} UTC; "
+                "ask again to run the action."
+            )
+        rule_spec = self._always_rule(approval) if decision == "always" else None
+
+        rule: Rule | None = None
+        async with self._db.transaction():
+            taken = await self._approvals.decide(approval_id, decision, decided_by, note)
+            if taken:
+                await self._events.append(
+                    approval.task_id,
+                    "approval_decided",
+                    {
+                        "approval_id": approval_id,
+                        "decision": decision,
+                        "decided_by": decided_by,
+                        "note": note,
+                    },
+                )
+                if rule_spec is not None:
+                    kind, pattern = rule_spec
+                    rule = await self._rules.insert(
+                        approval.tool, kind, pattern, decided_by, approval_id
+                    )
+                    await self._events.append(approval.task_id, "rule_created", _rule_payload(rule))
+        return DecisionOutcome(
+            taken=taken, approval=await self._approvals.get(approval_id), rule=rule
+        )
+
+    def _always_rule(self, approval: Approval) -> tuple[str, str]:
+        """The rule an "always" on this approval would create; refuses before anything
+        is decided when no rule may cover the action."""
+        if approval.risk_level == "critical":
+            raise ApprovalError(
+                "“Always” is not offered for critical actions; approve this one once instead."
+            )
+        if approval.tool != SHELL_TOOL:
+            return "exact", exact_args_pattern(approval.action.get("args"))
+        command = _shell_command(approval)
+        if not command:
+            raise ApprovalError("This shell action has no command to build a rule from.")
+        if _is_blocked(command):
+            raise ApprovalError("This command is blocked; no rule can allow it.")
+        from runtime.tools.shell_rules import rule_for_command
+
+        try:
+            return rule_for_command(command)
+        except ValueError as exc:
+            raise ApprovalError(f"Cannot make a rule for this command: {exc}") from exc
+
+    # -- rules -----------------------------------------------------------------
+
+    async def is_allowed_forever(self, action: Mapping[str, Any]) -> bool:
+        """Whether an active rule covers this normalized action."""
+        tool = action.get("tool")
+        if not isinstance(tool, str):
+            return False
+        rules = await self._rules.active_for_tool(tool)
+        if not rules:
+            return False
+        args = action.get("args")
+        if tool == SHELL_TOOL:
+            command = args.get("command") if isinstance(args, dict) else None
+            if not isinstance(command, str) or not command.strip():
+                return False
+            from runtime.tools.shell_rules import rule_covers
+
+            # rule_covers itself refuses blocked commands, whatever the rules say.
+            return rule_covers(command, rules)
+        try:
+            pattern = exact_args_pattern(args)
+        except (TypeError, ValueError):
+            return False
+        return any(rule.kind == "exact" and rule.pattern == pattern for rule in rules)
+
+    async def add_rule(
+        self,
+        tool: str,
+        kind: str,
+        pattern: str,
+        created_by: str,
+        *,
+        source_approval_id: str | None = None,
+        task_id: str | None = None,
+    ) -> Rule:
+        """An admin's rule. Shell patterns are validated and normalized; other tools
+        take an exact rule whose pattern is their args as JSON."""
+        tool = tool.strip() if isinstance(tool, str) else tool
+        if not tool:
+            raise ApprovalError("A rule needs a tool name.")
+        if kind not in RULE_KINDS:
+            raise ApprovalError(f"Unknown rule kind {kind!r}: use exact or prefix.")
+        if tool == SHELL_TOOL:
+            from runtime.tools.shell_rules import validate_rule
+
+            try:
+                pattern = validate_rule(kind, pattern)
+            except ValueError as exc:
+                raise ApprovalError(f"Invalid rule: {exc}") from exc
+        else:
+            if kind != "exact":
+                raise ApprovalError(f"Prefix rules exist only for {SHELL_TOOL}; use exact.")
+            try:
+                pattern = exact_args_pattern(json.loads(pattern))
+            except ValueError as exc:
+                raise ApprovalError(
+                    f"An exact rule for {tool} takes the tool's args as JSON: {exc}"
+                ) from exc
+        async with self._db.transaction():
+            rule = await self._rules.insert(tool, kind, pattern, created_by, source_approval_id)
+            await self._events.append(task_id, "rule_created", _rule_payload(rule))
+        return rule
+
+    async def list_rules(self, include_revoked: bool = False) -> list[Rule]:
+        return await self._rules.list(include_revoked)
+
+    async def revoke_rule(self, rule_id: str, revoked_by: str) -> bool:
+        """True if this call revoked it; False for an unknown or already revoked id."""
+        async with self._db.transaction():
+            if not await self._rules.revoke(rule_id, revoked_by):
+                return False
+            rule = await self._rules.get(rule_id)
+            assert rule is not None
+            await self._events.append(
+                None,
+                "rule_revoked",
+                {
+                    "rule_id": rule.rule_id,
+                    "tool": rule.tool,
+                    "kind": rule.kind,
+                    "pattern": rule.pattern,
+                    "revoked_by": revoked_by,
+                },
+            )
+        return True
+
+
+def _rule_payload(rule: Rule) -> dict[str, Any]:
+    return {
+        "rule_id": rule.rule_id,
+        "tool": rule.tool,
+        "kind": rule.kind,
+        "pattern": rule.pattern,
+        "created_by": rule.created_by,
+        "source_approval_id": rule.source_approval_id,
+    }

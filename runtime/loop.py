@@ -1,0 +1,592 @@
+"""RuntimeLoop: a task from question to answer, pausing for approvals.
+
+The shape follows the seed design (two model roles, an action loop of up to
+`max_tool_iterations` rounds that stops at the first action needing approval,
+`continue_after_approval`), with its defects fixed:
+
+- a continuation rebuilds the context the task started with (thread history,
+  question and every observation gathered before the pause), not a bare task;
+- an approved action runs at most once: the task is claimed with a
+  compare-and-set on its status, the approval must be the one the task waits
+  on, and the approval's execution is claimed in the store before running;
+- no secret travels through the loop (the seed's `password` is gone).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from runtime.approvals import ApprovalService
+from runtime.context import ContextBuilder
+from runtime.directive import Directive, DirectiveError, parse_directive
+from runtime.model import ModelClient, ModelError, ModelResponse
+from runtime.store import EventStore, TaskStore
+from runtime.store.models import Approval, Event, Task
+from runtime.tools.base import ToolArgumentError, ToolResult
+from runtime.tools.gateway import ToolGateway, normalize_action
+
+logger = logging.getLogger("ducklm.runtime")
+
+SHELL_TOOL = "shell_exec_safe"
+WAITING_TEXT = "Waiting for approval."
+NO_MODEL_TEXT = (
+    "No model is configured: set DUCKLM_MODEL_BASE_URL (and DUCKLM_MODEL_API_KEY if the "
+    "endpoint needs one). Direct commands (`run <command>`) work without a model."
+)
+
+EventListener = Callable[[Event], Awaitable[None] | None]
+GatewayFactory = Callable[[str], ToolGateway]
+
+
+@dataclass
+class PendingApproval:
+    """What a chat adapter needs to draw an approval card."""
+
+    approval_id: str
+    index: int
+    tool: str
+    command: str | None
+    reason: str | None  # why it needs approval
+    risk_level: str | None
+    action_type: str | None
+    model_reason: str | None  # why the model wants it
+    requested_by: str | None
+
+    @classmethod
+    def from_approval(cls, approval: Approval) -> PendingApproval:
+        return cls(
+            approval_id=approval.approval_id,
+            index=approval.index,
+            tool=approval.tool,
+            command=approval.command,
+            reason=approval.reason,
+            risk_level=approval.risk_level,
+            action_type=approval.action_type,
+            model_reason=approval.action.get("reason"),
+            requested_by=approval.requested_by,
+        )
+
+
+@dataclass
+class ChatResult:
+    task_id: str
+    status: str
+    final_response: str
+    reasoning_content: str | None = None
+    pending_approval: PendingApproval | None = None
+    # True when a continuation found its approval already handled by another
+    # caller (double click, retry): nothing ran and there is nothing to post.
+    already_handled: bool = False
+
+
+@dataclass
+class _WaitingState:
+    approval_id: str | None
+    observations: list[dict[str, Any]]
+    direct: bool
+
+
+def format_direct_result(command: str, observation: dict[str, Any]) -> str:
+    """The answer to a direct command: what ran and what it printed, no model involved."""
+    result = observation.get("result") or {}
+    metadata = result.get("metadata") or {}
+    if observation.get("decision") == "deny":
+        return f"`{command}` did not run: {result.get('error') or 'denied'}."
+    if metadata.get("blocked"):
+        return f"`{command}` is blocked and cannot run: {metadata.get('reason') or ''}".strip()
+    if metadata.get("pending_approval"):
+        return f"`{command}` needs approval, but approvals are not available here."
+    output = (result.get("output") or "").rstrip("\n")
+    status = f"exit {metadata.get('returncode')}" if "returncode" in metadata else "done"
+    if metadata.get("timed_out"):
+        status = "timed out"
+    if "duration_ms" in metadata:
+        status += f", {metadata['duration_ms']} ms"
+    text = f"```\n$ {command}\n{output}\n```\n({status})" if output else f"`$ {command}` ({status})"
+    if not result.get("ok") and result.get("error") and not output:
+        text += f"\n{result['error']}"
+    return text
+
+
+class RuntimeLoop:
+    def __init__(
+        self,
+        task_store: TaskStore,
+        event_store: EventStore,
+        model_client: ModelClient | None = None,
+        context_builder: ContextBuilder | None = None,
+        approval_service: ApprovalService | None = None,
+        max_tool_iterations: int = 4,
+        *,
+        gateway_factory: GatewayFactory | None = None,
+        default_workspace: str = ".",
+    ) -> None:
+        self.task_store = task_store
+        self.event_store = event_store
+        self.model_client = model_client
+        self.approval_service = approval_service
+        self.max_tool_iterations = max_tool_iterations
+        self.default_workspace = default_workspace
+        self._gateway_factory: GatewayFactory = gateway_factory or partial(ToolGateway.default)
+        self._gateways: dict[str, ToolGateway] = {}
+        self.context_builder = context_builder or ContextBuilder(
+            self._gateway(default_workspace).specs()
+        )
+        self._listeners: list[EventListener] = []
+
+    # -- public API -------------------------------------------------------
+
+    def add_listener(self, listener: EventListener) -> None:
+        """Be told of every event as it is written (progress display, chat status)."""
+        self._listeners.append(listener)
+
+    async def run_chat(
+        self,
+        message: str,
+        workspace: str | None = None,
+        debug: bool = False,
+        history_messages: list[dict[str, str]] | None = None,
+        *,
+        conversation: str | None = None,
+        requested_by: str | None = None,
+    ) -> ChatResult:
+        task = await self._create(
+            message, workspace, debug, history_messages, conversation, requested_by, mode="chat"
+        )
+        return await self._guard(task, self._model_turn(task, []))
+
+    async def run_command(
+        self,
+        command: str,
+        workspace: str | None = None,
+        *,
+        conversation: str | None = None,
+        requested_by: str | None = None,
+    ) -> ChatResult:
+        """A direct command: straight to the shell tool under the same approval rules."""
+        task = await self._create(
+            command, workspace, False, None, conversation, requested_by, mode="direct"
+        )
+        await self._emit(
+            task.task_id, "direct_command", {"command": command, "model": None, "via": "direct"}
+        )
+        return await self._guard(task, self._direct_turn(task, command))
+
+    async def continue_after_approval(self, task_id: str, approval_id: str) -> ChatResult:
+        if self.approval_service is None:
+            return ChatResult(task_id, "failed", "Approval service is not configured.")
+        task = await self.task_store.get_task(task_id)
+        approval = await self.approval_service.get(approval_id)
+        if task is None:
+            return ChatResult(task_id, "failed", "Task not found.")
+        if approval is None or approval.task_id != task_id:
+            return ChatResult(task_id, "failed", "Approval not found for task.")
+        if approval.decision is None:
+            return ChatResult(
+                task_id,
+                "waiting_for_approval",
+                WAITING_TEXT,
+                pending_approval=PendingApproval.from_approval(approval),
+            )
+        if approval.decision == "expired":
+            return ChatResult(task_id, task.status, "This approval expired before anyone answered.")
+
+        state = await self._waiting_state(task_id)
+        if state.approval_id != approval_id or not await self.task_store.claim_status(
+            task_id, "waiting_for_approval", "running"
+        ):
+            current = await self.task_store.get_task(task_id)
+            return ChatResult(
+                task_id,
+                current.status if current else task.status,
+                "Already handled.",
+                already_handled=True,
+            )
+        await self._emit(
+            task_id,
+            "task_continued",
+            {
+                "approval_id": approval_id,
+                "decision": approval.decision,
+                "decided_by": approval.decided_by,
+            },
+        )
+        return await self._guard(task, self._resume(task, approval, state))
+
+    # -- turns ------------------------------------------------------------
+
+    async def _create(
+        self,
+        message: str,
+        workspace: str | None,
+        debug: bool,
+        history: list[dict[str, str]] | None,
+        conversation: str | None,
+        requested_by: str | None,
+        *,
+        mode: str,
+    ) -> Task:
+        task = await self.task_store.create_task(
+            message,
+            workspace,
+            debug,
+            conversation=conversation,
+            requested_by=requested_by,
+            history_messages=list(history or []),
+        )
+        await self._emit(
+            task.task_id,
+            "task_created",
+            {
+                "message": message,
+                "workspace": workspace,
+                "debug": debug,
+                "mode": mode,
+                "conversation": conversation,
+                "requested_by": requested_by,
+            },
+        )
+        return task
+
+    async def _guard(self, task: Task, turn: Awaitable[ChatResult]) -> ChatResult:
+        """Turn any failure into a failed task with a human message, never a traceback."""
+        try:
+            return await turn
+        except ModelError as exc:
+            return await self._fail(task.task_id, str(exc))
+        except Exception as exc:
+            logger.exception("task %s crashed", task.task_id)
+            return await self._fail(task.task_id, f"Internal error: {type(exc).__name__}: {exc}")
+
+    async def _model_turn(self, task: Task, observations: list[dict[str, Any]]) -> ChatResult:
+        if self.model_client is None:
+            return await self._fail(task.task_id, NO_MODEL_TEXT)
+        messages = self.context_builder.build_basic_messages(task)
+        observations = await self._action_loop(task, messages, observations)
+        waiting = await self._wait_if_pending(task, observations, direct=False)
+        if waiting is not None:
+            return waiting
+        return await self._answer(task, messages, observations)
+
+    async def _direct_turn(self, task: Task, command: str) -> ChatResult:
+        action = {"tool": SHELL_TOOL, "args": {"command": command}, "reason": "direct command"}
+        observations = [await self._act(task, 1, action)]
+        waiting = await self._wait_if_pending(task, observations, direct=True)
+        if waiting is not None:
+            return waiting
+        return await self._finish(task, format_direct_result(command, observations[-1]))
+
+    async def _resume(self, task: Task, approval: Approval, state: _WaitingState) -> ChatResult:
+        decided = await self._run_decided(task, approval)
+        observations = [
+            o for o in state.observations if o.get("approval_id") != approval.approval_id
+        ]
+        observations.append(decided)
+        observations.sort(key=lambda o: o.get("index", 0))
+        if state.direct:
+            return await self._finish(
+                task, format_direct_result(approval.command or task.message, decided)
+            )
+        return await self._model_turn(task, observations)
+
+    # -- model steps ------------------------------------------------------
+
+    async def _action_loop(
+        self, task: Task, messages: list[dict[str, str]], observations: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        observations = list(observations)
+        for _ in range(self.max_tool_iterations):
+            directive = await self._plan(
+                task.task_id, self.context_builder.with_observations(messages, observations)
+            )
+            if directive is None or not directive.actions:
+                return observations
+            for action in directive.actions:
+                observation = await self._act(task, len(observations) + 1, action.model_dump())
+                observations.append(observation)
+                if observation.get("approval_id"):
+                    return observations
+        await self._emit(
+            task.task_id,
+            "tool_iteration_limit_reached",
+            {"max_tool_iterations": self.max_tool_iterations},
+        )
+        return observations
+
+    async def _plan(self, task_id: str, messages: list[dict[str, str]]) -> Directive | None:
+        response = await self._call_model(task_id, "action", messages)
+        try:
+            directive = parse_directive(response.content)
+        except DirectiveError as exc:
+            await self._emit(
+                task_id,
+                "action_directive_failed",
+                {"error": str(exc), "content": response.content[:2000]},
+            )
+            return None
+        await self._emit(
+            task_id, "action_directive", {"actions": [a.model_dump() for a in directive.actions]}
+        )
+        return directive
+
+    async def _answer(
+        self, task: Task, messages: list[dict[str, str]], observations: list[dict[str, Any]]
+    ) -> ChatResult:
+        response = await self._call_model(
+            task.task_id, "thinker", self.context_builder.with_observations(messages, observations)
+        )
+        return await self._finish(task, response.content, response.reasoning_content)
+
+    async def _call_model(
+        self, task_id: str, role: str, messages: list[dict[str, str]]
+    ) -> ModelResponse:
+        assert self.model_client is not None
+        await self._emit(task_id, "model_call_started", {"role": role})
+        response = await self.model_client.chat(role, self.context_builder.for_role(role, messages))
+        if role == "thinker":
+            await self._emit(
+                task_id,
+                "cognition_response",
+                {
+                    "role": response.role,
+                    "content": response.content,
+                    "reasoning_content": response.reasoning_content,
+                },
+            )
+        await self._emit(
+            task_id,
+            "model_call_finished",
+            {
+                "role": response.role,
+                "model": response.model,
+                "latency_ms": response.latency_ms,
+                "prompt_tokens": response.prompt_tokens,
+                "completion_tokens": response.completion_tokens,
+                "total_tokens": response.total_tokens,
+            },
+        )
+        return response
+
+    # -- tool steps -------------------------------------------------------
+
+    async def _act(self, task: Task, index: int, raw_action: Any) -> dict[str, Any]:
+        """Run one proposed action, or stop it for approval. Returns its observation."""
+        try:
+            action = normalize_action(raw_action)
+        except ToolArgumentError as exc:
+            return {"index": index, "ok": False, "error": str(exc)}
+        tool = action["tool"]
+        await self._emit(
+            task.task_id,
+            "tool_call_started",
+            {"index": index, "tool": tool, "args": action["args"]},
+        )
+        by_rule = bool(
+            self.approval_service and await self.approval_service.is_allowed_forever(action)
+        )
+        result = await self._gateway(task.workspace).run_action(action, approved=by_rule)
+        payload = result.model_dump()
+        await self._audit(
+            task.task_id, index, action, payload, approved_by="rule" if by_rule else None
+        )
+        observation: dict[str, Any] = {
+            "index": index,
+            "tool": tool,
+            "reason": action["reason"],
+            "result": payload,
+        }
+        if not result.metadata.get("pending_approval"):
+            await self._emit(
+                task.task_id,
+                "tool_call_finished",
+                {"index": index, "tool": tool, "result": payload},
+            )
+            return observation
+
+        approval = None
+        if self.approval_service is not None:
+            approval = await self.approval_service.create_pending(
+                task.task_id,
+                action,
+                index=index,
+                command=_command_of(action, payload),
+                risk_level=result.metadata.get("risk_level"),
+                action_type=result.metadata.get("action_type"),
+                reason=result.metadata.get("reason"),
+                requested_by=task.requested_by,
+            )
+        await self._emit(
+            task.task_id,
+            "tool_approval_requested",
+            {
+                "index": index,
+                "tool": tool,
+                "action": action,
+                "approval_id": approval.approval_id if approval else None,
+                "reason": result.error,
+                "risk_level": result.metadata.get("risk_level"),
+                "action_type": result.metadata.get("action_type"),
+            },
+        )
+        observation["requires_approval"] = True
+        observation["approval_id"] = approval.approval_id if approval else None
+        return observation
+
+    async def _run_decided(self, task: Task, approval: Approval) -> dict[str, Any]:
+        """Run (or record the refusal of) the action a person decided on."""
+        assert self.approval_service is not None
+        action, index, tool = approval.action, approval.index, approval.tool
+        if approval.decision in ("approve", "always"):
+            if not await self.approval_service.claim_execution(approval.approval_id):
+                raise RuntimeError("this approval's action was already run")
+            await self._emit(
+                task.task_id,
+                "tool_call_started",
+                {
+                    "index": index,
+                    "tool": tool,
+                    "args": action.get("args") or {},
+                    "approval_id": approval.approval_id,
+                },
+            )
+            result = await self._gateway(task.workspace).run_action(action, approved=True)
+        else:
+            note = f": {approval.decision_note}" if approval.decision_note else ""
+            result = ToolResult(
+                ok=False,
+                error=f"Denied by {approval.decided_by or 'an approver'}{note}",
+                metadata={"decision": "deny", "note": approval.decision_note},
+            )
+        payload = result.model_dump()
+        await self._audit(
+            task.task_id,
+            index,
+            action,
+            payload,
+            approved_by=approval.decided_by if approval.decision != "deny" else None,
+        )
+        await self._emit(
+            task.task_id, "tool_call_finished", {"index": index, "tool": tool, "result": payload}
+        )
+        return {
+            "index": index,
+            "tool": tool,
+            "reason": action.get("reason"),
+            "decision": approval.decision,
+            "decided_by": approval.decided_by,
+            "note": approval.decision_note,
+            "result": payload,
+        }
+
+    async def _audit(
+        self,
+        task_id: str,
+        index: int,
+        action: dict[str, Any],
+        payload: dict[str, Any],
+        *,
+        approved_by: str | None,
+    ) -> None:
+        if action.get("tool") != SHELL_TOOL:
+            return
+        metadata = payload.get("metadata") or {}
+        await self._emit(
+            task_id,
+            "command_audit",
+            {
+                "index": index,
+                "tool": SHELL_TOOL,
+                "command": _command_of(action, payload),
+                "action_type": metadata.get("action_type"),
+                "risk_level": metadata.get("risk_level"),
+                "requires_approval": bool(metadata.get("requires_approval")),
+                "blocked": bool(metadata.get("blocked")),
+                "approved": approved_by is not None,
+                "approved_by": approved_by,
+                "ok": bool(payload.get("ok")),
+                "returncode": metadata.get("returncode"),
+                "duration_ms": metadata.get("duration_ms"),
+                "timed_out": bool(metadata.get("timed_out")),
+                "truncated": bool(metadata.get("truncated")),
+                "reason": metadata.get("reason") or payload.get("error"),
+            },
+        )
+
+    # -- endings ----------------------------------------------------------
+
+    async def _wait_if_pending(
+        self, task: Task, observations: list[dict[str, Any]], *, direct: bool
+    ) -> ChatResult | None:
+        pending = next((o for o in reversed(observations) if o.get("approval_id")), None)
+        if pending is None:
+            return None
+        await self.task_store.waiting_for_approval(task.task_id)
+        await self._emit(
+            task.task_id,
+            "task_waiting_for_approval",
+            {"approval_id": pending["approval_id"], "direct": direct, "observations": observations},
+        )
+        assert self.approval_service is not None
+        approval = await self.approval_service.get(pending["approval_id"])
+        return ChatResult(
+            task.task_id,
+            "waiting_for_approval",
+            WAITING_TEXT,
+            pending_approval=PendingApproval.from_approval(approval) if approval else None,
+        )
+
+    async def _finish(
+        self, task: Task, final_response: str, reasoning_content: str | None = None
+    ) -> ChatResult:
+        await self.task_store.complete_task(task.task_id, final_response)
+        await self._emit(
+            task.task_id,
+            "task_completed",
+            {"final_response": final_response, "reasoning_content": reasoning_content},
+        )
+        return ChatResult(task.task_id, "completed", final_response, reasoning_content)
+
+    async def _fail(self, task_id: str, error: str) -> ChatResult:
+        await self.task_store.fail_task(task_id, error)
+        await self._emit(task_id, "task_failed", {"error": error})
+        return ChatResult(task_id, "failed", error)
+
+    # -- plumbing ---------------------------------------------------------
+
+    async def _waiting_state(self, task_id: str) -> _WaitingState:
+        """What the task was waiting on, and what it had learned by then, from its events."""
+        approval_id, observations, direct = None, [], False
+        for event in await self.event_store.list_events(task_id):
+            if event.event_type == "task_waiting_for_approval":
+                approval_id = event.payload.get("approval_id")
+                observations = list(event.payload.get("observations") or [])
+                direct = bool(event.payload.get("direct"))
+        return _WaitingState(approval_id, observations, direct)
+
+    def _gateway(self, workspace: str | None) -> ToolGateway:
+        key = workspace or self.default_workspace
+        gateway = self._gateways.get(key)
+        if gateway is None:
+            gateway = self._gateways[key] = self._gateway_factory(key)
+        return gateway
+
+    async def _emit(self, task_id: str, event_type: str, payload: dict[str, Any]) -> None:
+        event = await self.event_store.append(task_id, event_type, payload)
+        for listener in self._listeners:
+            try:
+                outcome = listener(event)
+                if inspect.isawaitable(outcome):
+                    await outcome
+            except Exception:  # a broken progress display must not break the task
+                logger.exception("event listener failed on %s", event_type)
+
+
+def _command_of(action: dict[str, Any], payload: dict[str, Any]) -> str | None:
+    metadata = payload.get("metadata") or {}
+    command = metadata.get("command") or (action.get("args") or {}).get("command")
+    return command if isinstance(command, str) else None

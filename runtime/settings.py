@@ -1,0 +1,138 @@
+"""Every knob DuckLM has, read from the environment (or a `.env` file) in one place.
+
+Names follow DESIGN.md's configuration table. Components take plain values in
+their constructors; only the CLI builds a `Settings` and hands values down, so
+tests can construct any component without touching the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_MODEL_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_THINKER_MODEL = "gpt-4o-mini"
+DEFAULT_ACTION_MODEL = "gpt-4o-mini"
+
+
+def _split_ids(value: object) -> object:
+    """Accept `a,b c` (commas and/or spaces) for id lists in the environment."""
+    if isinstance(value, str):
+        return [part for part in value.replace(",", " ").split() if part]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True
+    )
+
+    # Storage and workspace
+    db: Path = Field(default=Path("ducklm.db"), validation_alias="DUCKLM_DB")
+    workspace: Path = Field(default_factory=Path.cwd, validation_alias="DUCKLM_WORKSPACE")
+
+    # Model
+    model_base_url: str = Field(
+        default=DEFAULT_MODEL_BASE_URL, validation_alias="DUCKLM_MODEL_BASE_URL"
+    )
+    model_api_key: str | None = Field(
+        default=None, validation_alias=AliasChoices("DUCKLM_MODEL_API_KEY", "OPENAI_API_KEY")
+    )
+    thinker_model: str = Field(
+        default=DEFAULT_THINKER_MODEL, validation_alias="DUCKLM_THINKER_MODEL"
+    )
+    action_model: str = Field(default=DEFAULT_ACTION_MODEL, validation_alias="DUCKLM_ACTION_MODEL")
+    model_timeout: float = Field(default=120.0, gt=0, validation_alias="DUCKLM_MODEL_TIMEOUT")
+    model_max_retries: int = Field(default=3, ge=0, validation_alias="DUCKLM_MODEL_MAX_RETRIES")
+    max_tool_iterations: int = Field(
+        default=4, ge=1, le=50, validation_alias="DUCKLM_MAX_TOOL_ITERATIONS"
+    )
+
+    # Shell tool
+    shell_timeout: float = Field(default=60.0, gt=0, validation_alias="DUCKLM_SHELL_TIMEOUT")
+    shell_max_output: int = Field(
+        default=64 * 1024, ge=1024, validation_alias="DUCKLM_SHELL_MAX_OUTPUT"
+    )
+
+    # Who may do what in chat
+    approvers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias="DUCKLM_APPROVERS"
+    )
+    admins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias="DUCKLM_ADMINS"
+    )
+    four_eyes_risk: str = Field(default="high", validation_alias="DUCKLM_FOUR_EYES_RISK")
+    approval_ttl: float = Field(default=86400.0, gt=0, validation_alias="DUCKLM_APPROVAL_TTL")
+
+    max_concurrent_tasks: int = Field(
+        default=8, ge=1, le=256, validation_alias="DUCKLM_MAX_CONCURRENT_TASKS"
+    )
+
+    # Slack
+    slack_bot_token: str | None = Field(default=None, validation_alias="SLACK_BOT_TOKEN")
+    slack_app_token: str | None = Field(default=None, validation_alias="SLACK_APP_TOKEN")
+    slack_signing_secret: str | None = Field(default=None, validation_alias="SLACK_SIGNING_SECRET")
+    slack_mode: str | None = Field(default=None, validation_alias="DUCKLM_SLACK_MODE")
+    http_port: int = Field(default=3000, ge=0, le=65535, validation_alias="DUCKLM_HTTP_PORT")
+    http_host: str = Field(default="0.0.0.0", validation_alias="DUCKLM_HTTP_HOST")
+    slack_api_url: str | None = Field(default=None, validation_alias="DUCKLM_SLACK_API_URL")
+
+    # Matrix
+    matrix_homeserver: str | None = Field(default=None, validation_alias="MATRIX_HOMESERVER")
+    matrix_user_id: str | None = Field(default=None, validation_alias="MATRIX_USER_ID")
+    matrix_password: str | None = Field(default=None, validation_alias="MATRIX_PASSWORD")
+    matrix_access_token: str | None = Field(default=None, validation_alias="MATRIX_ACCESS_TOKEN")
+
+    @field_validator("slack_mode")
+    @classmethod
+    def _slack_mode(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip().lower()
+        if value not in {"socket", "http"}:
+            raise ValueError("must be 'socket' or 'http'")
+        return value
+
+    @property
+    def slack_configured(self) -> bool:
+        return bool(self.slack_bot_token)
+
+    @property
+    def effective_slack_mode(self) -> str:
+        """`socket` when an app token is set, unless DUCKLM_SLACK_MODE says otherwise."""
+        if self.slack_mode:
+            return self.slack_mode
+        return "socket" if self.slack_app_token else "http"
+
+    @property
+    def matrix_configured(self) -> bool:
+        return bool(self.matrix_homeserver and self.matrix_user_id)
+
+    @property
+    def matrix_state_dir(self) -> Path:
+        """Device id, access token and sync token live next to the database."""
+        return self.db.parent / f"{self.db.stem}-matrix"
+
+    @field_validator("approvers", "admins", mode="before")
+    @classmethod
+    def _ids(cls, value: object) -> object:
+        return _split_ids(value)
+
+    @field_validator("four_eyes_risk")
+    @classmethod
+    def _risk(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in {"low", "medium", "high", "critical", "off"}:
+            raise ValueError("must be one of low, medium, high, critical, off")
+        return value
+
+    @property
+    def model_configured(self) -> bool:
+        """A model is usable when a key is set or the endpoint is not OpenAI's own
+        (local servers such as Ollama or llama.cpp need no key)."""
+        return bool(self.model_api_key) or self.model_base_url.rstrip("/") != (
+            DEFAULT_MODEL_BASE_URL
+        )

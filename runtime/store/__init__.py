@@ -1,0 +1,74 @@
+"""DuckLM's storage: every SQL statement of the project lives in this package.
+
+`open_stores(path)` is the usual entry point:
+
+    async with await open_stores("ducklm.db") as stores:
+        task = await stores.tasks.create_task("why is web-1 slow?")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from runtime.store.approvals import ApprovalStore
+from runtime.store.db import Database, StoreError
+from runtime.store.deliveries import DeliveryStore
+from runtime.store.events import EventStore
+from runtime.store.rules import RuleStore
+from runtime.store.tasks import TaskStore
+
+__all__ = [
+    "ApprovalStore",
+    "Database",
+    "DeliveryStore",
+    "EventStore",
+    "RuleStore",
+    "StoreError",
+    "Stores",
+    "TaskStore",
+    "open_stores",
+]
+
+
+@dataclass
+class Stores:
+    """Every store on one shared connection."""
+
+    db: Database
+    tasks: TaskStore
+    events: EventStore
+    approvals: ApprovalStore
+    rules: RuleStore
+    deliveries: DeliveryStore
+
+    @classmethod
+    def on(cls, db: Database) -> Stores:
+        return cls(
+            db=db,
+            tasks=TaskStore(db),
+            events=EventStore(db),
+            approvals=ApprovalStore(db),
+            rules=RuleStore(db),
+            deliveries=DeliveryStore(db),
+        )
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    async def __aenter__(self) -> Stores:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+async def open_stores(path: str | Path) -> Stores:
+    """Open (and migrate) the database at `path` and build every store on it."""
+    return Stores.on(await Database.open(path))

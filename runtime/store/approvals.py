@@ -1,0 +1,174 @@
+"""Approval rows and their compare-and-set transitions (SQL only; the policy is in
+runtime/approvals.py).
+
+Every transition is one `UPDATE … WHERE <still in the old state> RETURNING`, so
+whichever caller (task, process) gets a row back is the one that made it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+from uuid import uuid4
+
+from runtime.store.db import Database, dump_json, load_json, now, to_datetime, to_timestamp
+from runtime.store.models import Approval
+
+_COLUMNS = (
+    "approval_id, task_id, idx, action, tool, command, risk_level, action_type, reason, "
+    "requested_by, created_at, expires_at, decision, decided_by, decided_at, decision_note, "
+    "executed_at, reminded_at, card_ref"
+)
+DECISIONS = frozenset({"approve", "deny", "always", "expired"})
+
+
+def _approval(row: sqlite3.Row) -> Approval:
+    action = load_json(row["action"], {})
+    return Approval(
+        approval_id=row["approval_id"],
+        task_id=row["task_id"],
+        index=row["idx"],
+        action=action if isinstance(action, dict) else {"value": action},
+        tool=row["tool"],
+        command=row["command"],
+        risk_level=row["risk_level"],
+        action_type=row["action_type"],
+        reason=row["reason"],
+        requested_by=row["requested_by"],
+        created_at=to_datetime(row["created_at"]),
+        expires_at=to_datetime(row["expires_at"]),
+        decision=row["decision"],
+        decided_by=row["decided_by"],
+        decided_at=to_datetime(row["decided_at"]),
+        decision_note=row["decision_note"],
+        executed_at=to_datetime(row["executed_at"]),
+        reminded_at=to_datetime(row["reminded_at"]),
+        card_ref=row["card_ref"],
+    )
+
+
+class ApprovalStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def insert(
+        self,
+        task_id: str,
+        action: Mapping[str, Any],
+        *,
+        index: int = 1,
+        tool: str | None = None,
+        command: str | None = None,
+        risk_level: str | None = None,
+        action_type: str | None = None,
+        reason: str | None = None,
+        requested_by: str | None = None,
+        expires_at: datetime | float | None = None,
+    ) -> Approval:
+        """A new pending approval; `tool` defaults to action["tool"]."""
+        approval_id = uuid4().hex
+        tool = tool if tool is not None else str(action.get("tool") or "")
+        row = await self.db.fetchone(
+            f"INSERT INTO approvals ({_COLUMNS}) VALUES "
+            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, NULL, NULL, NULL, NULL) "
+            f"RETURNING {_COLUMNS}",
+            (
+                approval_id,
+                task_id,
+                index,
+                dump_json(dict(action)),
+                tool,
+                command,
+                risk_level,
+                action_type,
+                reason,
+                requested_by,
+                now(),
+                to_timestamp(expires_at),
+            ),
+        )
+        assert row is not None
+        return _approval(row)
+
+    async def get(self, approval_id: str) -> Approval | None:
+        row = await self.db.fetchone(
+            f"SELECT {_COLUMNS} FROM approvals WHERE approval_id = ?", (approval_id,)
+        )
+        return None if row is None else _approval(row)
+
+    async def decide(
+        self,
+        approval_id: str,
+        decision: str,
+        decided_by: str,
+        note: str | None = None,
+        decided_at: datetime | float | None = None,
+    ) -> bool:
+        """Record the decision if none was recorded yet; True only for the caller who did."""
+        if decision not in DECISIONS:
+            raise ValueError(f"unknown decision {decision!r}; one of {sorted(DECISIONS)}")
+        at = to_timestamp(decided_at)
+        return bool(
+            await self.db.execute(
+                "UPDATE approvals SET decision = ?, decided_by = ?, decision_note = ?, "
+                "decided_at = ? WHERE approval_id = ? AND decision IS NULL RETURNING 1",
+                (decision, decided_by, note, now() if at is None else at, approval_id),
+            )
+        )
+
+    async def claim_execution(self, approval_id: str) -> bool:
+        """Claim the right to run the approved action; True exactly once."""
+        return bool(
+            await self.db.execute(
+                "UPDATE approvals SET executed_at = ? WHERE approval_id = ? "
+                "AND executed_at IS NULL AND decision IN ('approve', 'always') RETURNING 1",
+                (now(), approval_id),
+            )
+        )
+
+    async def list_pending(self, limit: int = 100) -> list[Approval]:
+        """Undecided approvals, oldest first."""
+        rows = await self.db.fetchall(
+            f"SELECT {_COLUMNS} FROM approvals WHERE decision IS NULL "
+            "ORDER BY created_at, rowid LIMIT ?",
+            (limit,),
+        )
+        return [_approval(row) for row in rows]
+
+    async def pending_for_task(self, task_id: str) -> list[Approval]:
+        """The task's undecided approvals, oldest first."""
+        rows = await self.db.fetchall(
+            f"SELECT {_COLUMNS} FROM approvals WHERE task_id = ? AND decision IS NULL "
+            "ORDER BY created_at, rowid",
+            (task_id,),
+        )
+        return [_approval(row) for row in rows]
+
+    async def find_by_card_ref(self, card_ref: str) -> Approval | None:
+        row = await self.db.fetchone(
+            f"SELECT {_COLUMNS} FROM approvals WHERE card_ref = ? "
+            "ORDER BY created_at DESC LIMIT 1",
+            (card_ref,),
+        )
+        return _approval(row) if row else None
+
+    async def set_card_ref(self, approval_id: str, ref: str | None) -> bool:
+        return bool(
+            await self.db.execute(
+                "UPDATE approvals SET card_ref = ? WHERE approval_id = ? RETURNING 1",
+                (ref, approval_id),
+            )
+        )
+
+    async def mark_reminded(self, approval_id: str) -> bool:
+        """True for the one caller that should send the reminder: the approval is
+        still undecided and nobody reminded yet."""
+        return bool(
+            await self.db.execute(
+                "UPDATE approvals SET reminded_at = ? WHERE approval_id = ? "
+                "AND reminded_at IS NULL AND decision IS NULL RETURNING 1",
+                (now(), approval_id),
+            )
+        )

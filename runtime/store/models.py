@@ -1,0 +1,87 @@
+"""The records DuckLM keeps: tasks, their events, approvals and allow rules.
+
+These are plain pydantic models returned by the stores; nothing here touches
+SQL. Times are timezone-aware UTC datetimes.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+TaskStatus = Literal[
+    "running", "waiting_for_approval", "completed", "failed", "expired", "interrupted"
+]
+FINISHED_STATUSES: frozenset[str] = frozenset({"completed", "failed", "expired", "interrupted"})
+
+Decision = Literal["approve", "deny", "always", "expired"]
+RuleKind = Literal["exact", "prefix"]
+
+
+class Task(BaseModel):
+    task_id: str
+    message: str
+    workspace: str | None = None
+    debug: bool = False
+    status: TaskStatus = "running"
+    # Opaque key of the chat thread the task belongs to ("slack:C1:1700.1",
+    # "console:..."); the bot layer owns its format, the runtime only stores it.
+    conversation: str | None = None
+    # Platform-qualified id of the person who asked ("slack:U024BE7LH").
+    requested_by: str | None = None
+    # The thread history the task was started with, so a continuation after an
+    # approval rebuilds exactly the same context.
+    history_messages: list[dict[str, str]] = Field(default_factory=list)
+    final_response: str | None = None
+    error: str | None = None
+    created_at: datetime
+    updated_at: datetime
+
+
+class Event(BaseModel):
+    task_id: str | None  # None for events not tied to a task (rule_created by an admin)
+    seq: int  # 1, 2, 3 ... per task
+    event_type: str
+    payload: dict[str, Any] = Field(default_factory=dict)
+    created_at: datetime
+
+
+class Approval(BaseModel):
+    approval_id: str
+    task_id: str
+    index: int = 1  # the action's index within its task, as in tool_call_* events
+    action: dict[str, Any]  # normalized {"tool": str, "args": dict, "reason": str | None}
+    tool: str
+    command: str | None = None  # for shell_exec_safe: the command as it will run
+    risk_level: str | None = None
+    action_type: str | None = None
+    reason: str | None = None  # why it needs approval (the classifier's sentence)
+    requested_by: str | None = None
+    created_at: datetime
+    expires_at: datetime | None = None
+    decision: Decision | None = None
+    decided_by: str | None = None
+    decided_at: datetime | None = None
+    decision_note: str | None = None  # e.g. the reason given with a deny
+    executed_at: datetime | None = None  # when the approved action was claimed to run
+    reminded_at: datetime | None = None
+    card_ref: str | None = None  # where the approval card was posted (bot-owned format)
+
+
+class Rule(BaseModel):
+    rule_id: str
+    tool: str
+    kind: RuleKind
+    # exact: the normalized command; prefix: the argv prefix, shell-quoted (shlex.join)
+    pattern: str
+    created_by: str
+    created_at: datetime
+    source_approval_id: str | None = None
+    revoked_by: str | None = None
+    revoked_at: datetime | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None

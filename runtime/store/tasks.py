@@ -1,0 +1,214 @@
+"""Tasks: one row per question (or direct command), with its status and answer."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, get_args
+from uuid import uuid4
+
+from runtime.store.db import Database, dump_json, load_json, now, to_datetime
+from runtime.store.models import Task, TaskStatus
+
+TASK_STATUSES: frozenset[str] = frozenset(get_args(TaskStatus))
+_COLUMNS = (
+    "task_id, message, workspace, debug, status, conversation, requested_by, "
+    "history_messages, final_response, error, created_at, updated_at"
+)
+
+
+def _check_status(status: str) -> None:
+    if status not in TASK_STATUSES:
+        raise ValueError(f"unknown task status {status!r}; one of {sorted(TASK_STATUSES)}")
+
+
+def _clean_history(history: Iterable[Mapping[str, Any]] | None) -> list[dict[str, str]]:
+    # Chat messages may carry None contents (e.g. tool-call turns); the model
+    # stores plain strings, so coerce here rather than fail on every later read.
+    return [
+        {str(key): "" if value is None else str(value) for key, value in message.items()}
+        for message in history or []
+    ]
+
+
+def _task(row: sqlite3.Row) -> Task:
+    return Task(
+        task_id=row["task_id"],
+        message=row["message"],
+        workspace=row["workspace"],
+        debug=bool(row["debug"]),
+        status=row["status"],
+        conversation=row["conversation"],
+        requested_by=row["requested_by"],
+        history_messages=load_json(row["history_messages"], []),
+        final_response=row["final_response"],
+        error=row["error"],
+        created_at=to_datetime(row["created_at"]),
+        updated_at=to_datetime(row["updated_at"]),
+    )
+
+
+def _prefix_bounds(prefix: str) -> str | None:
+    """The smallest string above every string starting with `prefix` (None: no bound).
+
+    TEXT compares as UTF-8 bytes, which orders like code points, so
+    [prefix, bound) is exactly the strings with that prefix and can use an index.
+    """
+    if not prefix:
+        return None
+    last = ord(prefix[-1])
+    if last >= 0x10FFFF:
+        return None
+    following = last + 1
+    if 0xD800 <= following <= 0xDFFF:  # surrogates are not valid in UTF-8
+        following = 0xE000
+    return prefix[:-1] + chr(following)
+
+
+class TaskStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def create_task(
+        self,
+        message: str,
+        workspace: str | Path | None = None,
+        debug: bool = False,
+        *,
+        conversation: str | None = None,
+        requested_by: str | None = None,
+        history_messages: Iterable[Mapping[str, Any]] | None = None,
+    ) -> Task:
+        ts = now()
+        task = Task(
+            task_id=uuid4().hex,
+            message=message,
+            workspace=None if workspace is None else str(workspace),
+            debug=bool(debug),
+            conversation=conversation,
+            requested_by=requested_by,
+            history_messages=_clean_history(history_messages),
+            created_at=to_datetime(ts),
+            updated_at=to_datetime(ts),
+        )
+        await self.db.execute(
+            f"INSERT INTO tasks ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?)",
+            (
+                task.task_id,
+                task.message,
+                task.workspace,
+                int(task.debug),
+                task.status,
+                task.conversation,
+                task.requested_by,
+                dump_json(task.history_messages),
+                ts,
+                ts,
+            ),
+        )
+        return task
+
+    async def get_task(self, task_id: str) -> Task | None:
+        row = await self.db.fetchone(f"SELECT {_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,))
+        return None if row is None else _task(row)
+
+    async def update_status(self, task_id: str, status: str) -> bool:
+        """Set the status unconditionally; False when there is no such task."""
+        _check_status(status)
+        return bool(
+            await self.db.execute(
+                "UPDATE tasks SET status = ?, updated_at = ? WHERE task_id = ? RETURNING 1",
+                (status, now(), task_id),
+            )
+        )
+
+    async def claim_status(self, task_id: str, from_status: str, to_status: str) -> bool:
+        """Move from one status to another only if the task is still in the first one.
+
+        Exactly one of several concurrent callers (or processes) gets True.
+        """
+        _check_status(from_status)
+        _check_status(to_status)
+        return bool(
+            await self.db.execute(
+                "UPDATE tasks SET status = ?, updated_at = ? "
+                "WHERE task_id = ? AND status = ? RETURNING 1",
+                (to_status, now(), task_id, from_status),
+            )
+        )
+
+    async def waiting_for_approval(self, task_id: str) -> bool:
+        return await self.update_status(task_id, "waiting_for_approval")
+
+    async def complete_task(self, task_id: str, final_response: str) -> bool:
+        return bool(
+            await self.db.execute(
+                "UPDATE tasks SET status = 'completed', final_response = ?, updated_at = ? "
+                "WHERE task_id = ? RETURNING 1",
+                (final_response, now(), task_id),
+            )
+        )
+
+    async def fail_task(self, task_id: str, error: str) -> bool:
+        return bool(
+            await self.db.execute(
+                "UPDATE tasks SET status = 'failed', error = ?, updated_at = ? "
+                "WHERE task_id = ? RETURNING 1",
+                (error, now(), task_id),
+            )
+        )
+
+    async def expire_task(self, task_id: str) -> bool:
+        return await self.update_status(task_id, "expired")
+
+    async def list_recent(
+        self,
+        limit: int = 20,
+        *,
+        conversation_prefix: str | None = None,
+        status: str | None = None,
+    ) -> list[Task]:
+        """Newest first, optionally only conversations starting with a prefix
+        (case-sensitive, no wildcards) and/or one status."""
+        where: list[str] = []
+        params: list[Any] = []
+        if conversation_prefix is not None:
+            where.append("conversation >= ? AND substr(conversation, 1, ?) = ?")
+            params += [conversation_prefix, len(conversation_prefix), conversation_prefix]
+            bound = _prefix_bounds(conversation_prefix)
+            if bound is not None:
+                where.append("conversation < ?")
+                params.append(bound)
+        if status is not None:
+            _check_status(status)
+            where.append("status = ?")
+            params.append(status)
+        clause = f"WHERE {' AND '.join(where)} " if where else ""
+        rows = await self.db.fetchall(
+            f"SELECT {_COLUMNS} FROM tasks {clause}ORDER BY created_at DESC, rowid DESC LIMIT ?",
+            (*params, limit),
+        )
+        return [_task(row) for row in rows]
+
+    async def list_by_conversation(self, conversation: str, limit: int = 50) -> list[Task]:
+        """The conversation's tasks, newest first."""
+        rows = await self.db.fetchall(
+            f"SELECT {_COLUMNS} FROM tasks WHERE conversation = ? "
+            "ORDER BY created_at DESC, rowid DESC LIMIT ?",
+            (conversation, limit),
+        )
+        return [_task(row) for row in rows]
+
+    async def mark_interrupted(self) -> list[Task]:
+        """After a crash: every `running` task becomes `interrupted`; returns them.
+
+        Only the process that owns the tasks (the bot at start) should call this,
+        not a CLI next to a running bot.
+        """
+        rows = await self.db.fetchall(
+            "UPDATE tasks SET status = 'interrupted', updated_at = ? "
+            f"WHERE status = 'running' RETURNING {_COLUMNS}",
+            (now(),),
+        )
+        return sorted((_task(row) for row in rows), key=lambda task: task.created_at)

@@ -1,0 +1,110 @@
+"""The one door every tool call goes through: validation, judgement, then the run.
+
+The gateway never decides *who* may approve; it only says whether a call may
+run now (`approved` tells it a person or a rule already allowed it).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from runtime.tools.base import Assessment, Tool, ToolArgumentError, ToolResult
+from runtime.tools.files import ListDirTool, ReadFileTool
+from runtime.tools.shell import ShellTool
+
+logger = logging.getLogger("ducklm.tools")
+
+
+def normalize_action(action: Any) -> dict[str, Any]:
+    """The canonical {"tool", "args", "reason"} form stored with approvals and rules."""
+    if not isinstance(action, dict):
+        raise ToolArgumentError("an action must be an object with 'tool' and 'args'")
+    tool = action.get("tool")
+    args = action.get("args") or {}
+    reason = action.get("reason")
+    if not isinstance(tool, str) or not tool.strip():
+        raise ToolArgumentError("an action needs a 'tool' name")
+    if not isinstance(args, dict):
+        raise ToolArgumentError("'args' must be an object")
+    return {
+        "tool": tool.strip(),
+        "args": args,
+        "reason": reason if isinstance(reason, str) else None,
+    }
+
+
+def _assessment_metadata(assessment: Assessment) -> dict[str, Any]:
+    return assessment.model_dump()
+
+
+class ToolGateway:
+    def __init__(self, tools: Iterable[Tool]) -> None:
+        self.tools: dict[str, Tool] = {tool.name: tool for tool in tools}
+
+    @classmethod
+    def default(
+        cls,
+        workspace: str | Path,
+        *,
+        shell_timeout: float = 60.0,
+        shell_max_output: int = 64 * 1024,
+    ) -> ToolGateway:
+        root = Path(workspace)
+        return cls(
+            [
+                ShellTool(root, timeout=shell_timeout, max_output=shell_max_output),
+                ReadFileTool(root),
+                ListDirTool(root),
+            ]
+        )
+
+    def specs(self) -> list[dict[str, Any]]:
+        """What the action model is told about each tool."""
+        return [
+            {"tool": t.name, "description": t.description, "args": t.args_schema}
+            for t in self.tools.values()
+        ]
+
+    def assess(self, action: dict[str, Any]) -> tuple[Tool, Assessment]:
+        """Judge a normalized action; raises ToolArgumentError for unknown tools or bad args."""
+        tool = self.tools.get(action["tool"])
+        if tool is None:
+            known = ", ".join(sorted(self.tools))
+            raise ToolArgumentError(f"unknown tool '{action['tool']}' (available: {known})")
+        return tool, tool.assess(action["args"])
+
+    async def run_action(self, action: Any, approved: bool = False) -> ToolResult:
+        """Run an action if it may run now.
+
+        Results that stop before running carry `pending_approval` (a person must
+        decide) or `blocked` (nobody can) in their metadata.
+        """
+        try:
+            normalized = normalize_action(action)
+            tool, assessment = self.assess(normalized)
+        except ToolArgumentError as exc:
+            return ToolResult(ok=False, error=str(exc), metadata={"invalid": True})
+        metadata = _assessment_metadata(assessment)
+        if assessment.blocked:
+            return ToolResult(ok=False, error=f"Blocked: {assessment.reason}", metadata=metadata)
+        if assessment.requires_approval and not approved:
+            return ToolResult(
+                ok=False,
+                error=f"Needs approval: {assessment.reason}",
+                metadata={**metadata, "pending_approval": True},
+            )
+        try:
+            result = await tool.run(normalized["args"], assessment)
+        except ToolArgumentError as exc:
+            return ToolResult(ok=False, error=str(exc), metadata=metadata)
+        except Exception as exc:  # a tool bug must not take the task down with it
+            logger.exception("tool %s crashed", tool.name)
+            return ToolResult(
+                ok=False,
+                error=f"{tool.name} failed: {type(exc).__name__}: {exc}",
+                metadata=metadata,
+            )
+        return result.model_copy(update={"metadata": {**metadata, **result.metadata}})

@@ -1,0 +1,70 @@
+"""Shared fixtures: a runtime on a fresh SQLite file, talking to the fake model server."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import pytest_asyncio
+
+from runtime.factory import Runtime, build_runtime
+from runtime.settings import Settings
+if TYPE_CHECKING:
+    from tests.fakes.openai_server import FakeModelServer
+
+pytest_plugins = ["tests.fakes.openai_server"]
+
+THINKER = "test-thinker"
+ACTION = "test-action"
+
+
+def directive(*actions: dict[str, Any]) -> str:
+    """The JSON an action model answers with."""
+    return json.dumps({"actions": list(actions)})
+
+
+def shell(command: str, reason: str = "test") -> dict[str, Any]:
+    return {"tool": "shell_exec_safe", "args": {"command": command}, "reason": reason}
+
+
+def make_settings(tmp_path: Path, base_url: str | None = None, **overrides: Any) -> Settings:
+    """Settings built from explicit values only, never from the developer's environment."""
+    workspace = tmp_path / "workspace"
+    workspace.mkdir(exist_ok=True)
+    values: dict[str, Any] = {
+        "db": tmp_path / "ducklm.db",
+        "workspace": workspace,
+        "thinker_model": THINKER,
+        "action_model": ACTION,
+        "model_max_retries": 1,
+        "model_timeout": 10,
+    }
+    if base_url is not None:
+        values["model_base_url"] = base_url
+        values["model_api_key"] = "sk-test"
+    values.update(overrides)
+    return Settings(_env_file=None, **values)
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep a developer's own DUCKLM_*/SLACK_*/MATRIX_* variables out of a test."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith(("DUCKLM_", "SLACK_", "MATRIX_", "OPENAI_")):
+            monkeypatch.delenv(name)
+
+
+@pytest_asyncio.fixture
+async def runtime(
+    tmp_path: Path, model_server: FakeModelServer, clean_env: None
+) -> AsyncIterator[Runtime]:
+    rt = await build_runtime(make_settings(tmp_path, model_server.base_url))
+    try:
+        yield rt
+    finally:
+        await rt.close()

@@ -1,0 +1,518 @@
+"""The SQLite store through its public API: schema, concurrency, errors, records."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from runtime.store import Database, StoreError, Stores, open_stores
+from runtime.store.db import SCHEMA_VERSION
+
+
+@pytest.fixture
+async def stores(tmp_path: Path):
+    async with await open_stores(tmp_path / "duck.db") as opened:
+        yield opened
+
+
+def _readonly(path: Path) -> Iterator[Path]:
+    """Make `path` (a directory) read-only even for root, or skip."""
+    path.chmod(0o555)
+    immutable = False
+    if os.access(path, os.W_OK):  # root ignores permission bits
+        chattr = shutil.which("chattr")
+        done = chattr and subprocess.run([chattr, "+i", str(path)], capture_output=True)
+        if not done or done.returncode != 0:
+            path.chmod(0o755)
+            pytest.skip("cannot make a read-only directory here")
+        immutable = True
+    try:
+        yield path
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        path.chmod(0o755)
+
+
+@pytest.fixture
+def readonly_dir(tmp_path: Path) -> Iterator[Path]:
+    directory = tmp_path / "ro"
+    directory.mkdir()
+    yield from _readonly(directory)
+
+
+# -- opening and migrations ----------------------------------------------------
+
+
+async def test_migrations_create_schema_and_reopen_is_idempotent(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "dir" / "duck.db"  # parents are created
+    async with await open_stores(path) as s:
+        assert await s.db.user_version() == SCHEMA_VERSION
+        task = await s.tasks.create_task("hello")
+        await s.events.append(task.task_id, "task_created", {"message": "hello"})
+
+    async with await open_stores(path) as s:
+        assert await s.db.user_version() == SCHEMA_VERSION
+        rows = await s.db.fetchall("SELECT type, name FROM sqlite_master")
+        names = {row["name"] for row in rows}
+        assert {"tasks", "events", "approvals", "rules"} <= names
+        assert {
+            "events_task_seq",
+            "events_global_seq",
+            "events_type",
+            "approvals_pending",
+            "tasks_created_at",
+            "tasks_conversation",
+        } <= names
+        assert (await s.tasks.get_task(task.task_id)) == task
+        assert [e.seq for e in await s.events.list_events(task.task_id)] == [1]
+
+
+async def test_connection_settings(stores: Stores) -> None:
+    async def pragma(name: str) -> object:
+        row = await stores.db.fetchone(f"PRAGMA {name}")
+        assert row is not None
+        return row[0]
+
+    assert await pragma("journal_mode") == "wal"
+    assert await pragma("foreign_keys") == 1
+    assert await pragma("synchronous") == 1  # NORMAL
+    assert await pragma("busy_timeout") == 5000
+
+
+async def test_processes_opening_a_fresh_file_together(tmp_path: Path) -> None:
+    # The bot and a CLI may start at the same moment on a file neither has created.
+    for attempt in range(20):
+        path = tmp_path / f"fresh{attempt}.db"
+        opened = await asyncio.gather(*(open_stores(path) for _ in range(6)))
+        for s in opened:
+            assert await s.db.user_version() == SCHEMA_VERSION
+            await s.close()
+
+
+async def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "duck.db"
+    db = await Database.open(path)  # create and migrate
+    await db.close()
+    with sqlite3.connect(path) as raw:
+        raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreError) as info:
+        await Database.open(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert f"schema version {SCHEMA_VERSION + 1}" in message
+    assert "upgrade DuckLM" in message
+
+
+async def test_new_database_in_readonly_directory(readonly_dir: Path) -> None:
+    path = readonly_dir / "duck.db"
+    with pytest.raises(StoreError) as info:
+        await Database.open(path)
+    assert str(readonly_dir) in str(info.value)
+    assert "not writable" in str(info.value)
+
+
+async def test_existing_database_in_directory_made_readonly(tmp_path: Path) -> None:
+    directory = tmp_path / "data"
+    directory.mkdir()
+    path = directory / "duck.db"
+    db = await Database.open(path)
+    await db.close()
+    for _ in _readonly(directory):
+        with pytest.raises(StoreError) as info:
+            await Database.open(path)
+        assert str(path) in str(info.value)
+
+
+async def test_garbage_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("this is not a database\n" * 100)
+    with pytest.raises(StoreError) as info:
+        await Database.open(path)
+    assert str(path) in str(info.value)
+    assert "not a SQLite database" in str(info.value)
+    assert path.read_text().startswith("this is not")  # untouched
+
+
+async def test_corrupt_file_with_sqlite_header_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "duck.db"
+    path.write_bytes(b"SQLite format 3\x00" + os.urandom(4096))
+    with pytest.raises(StoreError) as info:
+        await Database.open(path)
+    assert str(path) in str(info.value)
+
+
+async def test_directory_or_file_in_the_way(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="is a directory"):
+        await Database.open(tmp_path)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StoreError, match="cannot create the directory"):
+        await Database.open(blocker / "duck.db")
+
+
+async def test_disk_full_is_a_store_error(stores: Stores) -> None:
+    # max_page_count makes SQLite report SQLITE_FULL exactly as a full disk does.
+    row = await stores.db.fetchone("PRAGMA page_count")
+    assert row is not None
+    await stores.db.fetchall(f"PRAGMA max_page_count = {row[0] + 2}")
+    task = await stores.tasks.create_task("fill")
+    with pytest.raises(StoreError, match="disk is full"):
+        for _ in range(1000):
+            await stores.events.append(task.task_id, "blob", {"data": "x" * 4000})
+
+
+async def test_closed_database_is_a_store_error(tmp_path: Path) -> None:
+    s = await open_stores(tmp_path / "duck.db")
+    await s.close()
+    await s.close()  # idempotent
+    with pytest.raises(StoreError, match="closed"):
+        await s.tasks.create_task("late")
+
+
+# -- events --------------------------------------------------------------------
+
+
+async def test_concurrent_appends_keep_per_task_sequences(stores: Stores) -> None:
+    tasks = [await stores.tasks.create_task(f"q{i}") for i in range(50)]
+
+    async def writer(task_id: str) -> None:
+        for n in range(20):
+            await stores.events.append(task_id, "step", {"n": n})
+            await asyncio.sleep(0)
+
+    await asyncio.gather(*(writer(t.task_id) for t in tasks))
+    for task in tasks:
+        events = await stores.events.list_events(task.task_id)
+        assert [e.seq for e in events] == list(range(1, 21))
+        assert [e.payload["n"] for e in events] == list(range(20))
+
+
+async def test_two_connections_append_to_the_same_tasks(tmp_path: Path) -> None:
+    path = tmp_path / "duck.db"
+    first = await open_stores(path)
+    second = await open_stores(path)  # another process's connection
+    try:
+        tasks = [await first.tasks.create_task(f"q{i}") for i in range(5)]
+
+        async def writer(s: Stores, who: str) -> None:
+            for n in range(40):
+                await s.events.append(tasks[n % 5].task_id, "step", {"who": who, "n": n})
+
+        await asyncio.gather(
+            *(writer(s, f"{s is first}-{k}") for s in (first, second) for k in range(3))
+        )
+        for task in tasks:
+            events = await second.events.list_events(task.task_id)
+            assert [e.seq for e in events] == list(range(1, 6 * 8 + 1))
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_a_second_process_appends_concurrently(tmp_path: Path) -> None:
+    path = tmp_path / "duck.db"
+    async with await open_stores(path) as s:
+        task = await s.tasks.create_task("shared")
+        script = textwrap.dedent(
+            f"""
+            import asyncio
+            from runtime.store import open_stores
+
+            async def main():
+                async with await open_stores({str(path)!r}) as s:
+                    for n in range(150):
+                        await s.events.append({task.task_id!r}, "other", {{"n": n}})
+                        await s.events.append(None, "global_other", {{"n": n}})
+
+            asyncio.run(main())
+            """
+        )
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", script)
+        for n in range(150):
+            await s.events.append(task.task_id, "ours", {"n": n})
+            await s.events.append(None, "global_ours", {"n": n})
+            await asyncio.sleep(0)
+        assert await proc.wait() == 0
+        events = await s.events.list_events(task.task_id)
+        assert [e.seq for e in events] == list(range(1, 301))
+        assert sum(e.event_type == "other" for e in events) == 150
+        assert [e.seq for e in await s.events.list_events(None)] == list(range(1, 301))
+
+
+async def test_global_events_have_their_own_sequence(stores: Stores) -> None:
+    task = await stores.tasks.create_task("q")
+    await stores.events.append(task.task_id, "a")
+    first = await stores.events.append(None, "rule_created", {"rule_id": "r-1"})
+    second = await stores.events.append(None, "rule_revoked", {"rule_id": "r-1"})
+    assert (first.task_id, first.seq, second.seq) == (None, 1, 2)
+    assert [e.event_type for e in await stores.events.list_events(None)] == [
+        "rule_created",
+        "rule_revoked",
+    ]
+    assert [e.seq for e in await stores.events.list_events(task.task_id)] == [1]
+
+
+async def test_event_fields_and_list_by_type(stores: Stores) -> None:
+    task = await stores.tasks.create_task("q")
+    before = datetime.now(UTC)
+    appended = [await stores.events.append(task.task_id, "tick", {"n": n}) for n in range(5)]
+    await stores.events.append(task.task_id, "other")
+    assert appended[0].created_at.tzinfo is not None
+    assert abs(appended[0].created_at - before) < timedelta(seconds=5)
+    assert appended[0].payload == {"n": 0}
+    latest = await stores.events.list_by_type("tick", limit=3)
+    assert [e.payload["n"] for e in latest] == [4, 3, 2]
+    assert latest[0] == appended[4]
+    assert (await stores.events.append(task.task_id, "empty")).payload == {}
+
+
+class BadStr:
+    def __str__(self) -> str:
+        raise RuntimeError("no text for you")
+
+
+async def test_unencodable_payloads_do_not_crash(stores: Stores) -> None:
+    task = await stores.tasks.create_task("q")
+    circular: dict = {}
+    circular["self"] = circular
+    odd = [
+        {"when": datetime(2024, 1, 2, tzinfo=UTC), "path": Path("/tmp"), "s": {1}},
+        circular,
+        {("tuple", "key"): 1},
+        {"surrogate": "\ud800 lone"},
+        {"text": "ünïcødé ✓"},
+        {"bad": BadStr()},
+    ]
+    for payload in odd:
+        event = await stores.events.append(task.task_id, "odd", payload)
+        assert isinstance(event.payload, dict)
+    events = await stores.events.list_events(task.task_id)
+    assert [e.seq for e in events] == [1, 2, 3, 4, 5, 6]
+    assert events[0].payload["when"].startswith("2024-01-02")
+    assert "unencodable" in events[1].payload
+    assert events[3].payload["surrogate"] == "\ud800 lone"
+    assert events[4].payload["text"] == "ünïcødé ✓"
+    assert "RuntimeError" in events[5].payload["error"]
+
+
+async def test_event_for_unknown_task_is_a_store_error(stores: Stores) -> None:
+    with pytest.raises(StoreError, match="does not exist"):
+        await stores.events.append("no-such-task", "x")
+
+
+# -- tasks ---------------------------------------------------------------------
+
+
+async def test_task_round_trip_with_history(stores: Stores) -> None:
+    history = [
+        {"role": "user", "content": "is web-1 up?"},
+        {"role": "assistant", "content": "yes — ✓"},
+    ]
+    task = await stores.tasks.create_task(
+        "why is web-1 slow?",
+        "/srv/work",
+        True,
+        conversation="slack:C1:1700.1",
+        requested_by="slack:U1",
+        history_messages=history,
+    )
+    loaded = await stores.tasks.get_task(task.task_id)
+    assert loaded == task
+    assert loaded.history_messages == history
+    assert (loaded.workspace, loaded.debug, loaded.status) == ("/srv/work", True, "running")
+    assert loaded.created_at.tzinfo is not None
+    assert len(task.task_id) == 32
+    assert await stores.tasks.get_task("missing") is None
+
+
+async def test_status_transitions(stores: Stores) -> None:
+    task = await stores.tasks.create_task("q")
+    assert await stores.tasks.waiting_for_approval(task.task_id)
+    assert (await stores.tasks.get_task(task.task_id)).status == "waiting_for_approval"
+    assert await stores.tasks.complete_task(task.task_id, "the answer")
+    done = await stores.tasks.get_task(task.task_id)
+    assert (done.status, done.final_response) == ("completed", "the answer")
+    assert done.updated_at >= done.created_at
+
+    other = await stores.tasks.create_task("q2")
+    await stores.tasks.fail_task(other.task_id, "boom")
+    failed = await stores.tasks.get_task(other.task_id)
+    assert (failed.status, failed.error) == ("failed", "boom")
+    await stores.tasks.expire_task(other.task_id)
+    assert (await stores.tasks.get_task(other.task_id)).status == "expired"
+
+    assert not await stores.tasks.update_status("missing", "failed")
+    with pytest.raises(ValueError):
+        await stores.tasks.update_status(task.task_id, "bogus")
+
+
+async def test_claim_status_is_compare_and_set(stores: Stores) -> None:
+    task = await stores.tasks.create_task("q")
+    await stores.tasks.waiting_for_approval(task.task_id)
+    results = await asyncio.gather(
+        *(
+            stores.tasks.claim_status(task.task_id, "waiting_for_approval", "running")
+            for _ in range(20)
+        )
+    )
+    assert results.count(True) == 1
+    assert not await stores.tasks.claim_status(task.task_id, "waiting_for_approval", "running")
+
+
+async def test_list_recent_and_by_conversation(stores: Stores) -> None:
+    made = []
+    for conversation in [
+        "slack:C1:1",
+        "slack:C1:2",
+        "slack:c1:3",  # other case: not the same prefix
+        "slack:C2:1",
+        "matrix:!room:1",
+        "slack:C1%:1",  # LIKE wildcards are plain characters here
+        None,
+    ]:
+        made.append(await stores.tasks.create_task("q", conversation=conversation))
+    await stores.tasks.complete_task(made[1].task_id, "ok")
+
+    recent = await stores.tasks.list_recent(limit=3)
+    assert [t.task_id for t in recent] == [t.task_id for t in made[::-1][:3]]
+
+    c1 = await stores.tasks.list_recent(conversation_prefix="slack:C1:")
+    assert [t.conversation for t in c1] == ["slack:C1:2", "slack:C1:1"]
+    slack = await stores.tasks.list_recent(conversation_prefix="slack:")
+    assert len(slack) == 5
+    assert [
+        t.conversation for t in await stores.tasks.list_recent(conversation_prefix="slack:C1%")
+    ] == ["slack:C1%:1"]
+    done = await stores.tasks.list_recent(conversation_prefix="slack:C1:", status="completed")
+    assert [t.task_id for t in done] == [made[1].task_id]
+    assert await stores.tasks.list_recent(status="failed") == []
+
+    again = await stores.tasks.create_task("q2", conversation="slack:C1:1")
+    by_conversation = await stores.tasks.list_by_conversation("slack:C1:1")
+    assert [t.task_id for t in by_conversation] == [again.task_id, made[0].task_id]
+
+
+async def test_mark_interrupted(stores: Stores) -> None:
+    running = [await stores.tasks.create_task(f"r{i}") for i in range(3)]
+    waiting = await stores.tasks.create_task("w")
+    await stores.tasks.waiting_for_approval(waiting.task_id)
+    done = await stores.tasks.create_task("d")
+    await stores.tasks.complete_task(done.task_id, "ok")
+
+    interrupted = await stores.tasks.mark_interrupted()
+    assert sorted(t.task_id for t in interrupted) == sorted(t.task_id for t in running)
+    assert all(t.status == "interrupted" for t in interrupted)
+    assert (await stores.tasks.get_task(waiting.task_id)).status == "waiting_for_approval"
+    assert (await stores.tasks.get_task(done.task_id)).status == "completed"
+    assert await stores.tasks.mark_interrupted() == []
+
+
+# -- transactions ----------------------------------------------------------------
+
+
+async def test_transaction_rolls_back_and_spares_other_tasks(stores: Stores) -> None:
+    task = await stores.tasks.create_task("q")
+    inside = asyncio.Event()
+    outsider_done = asyncio.Event()
+
+    async def failing() -> None:
+        async with stores.db.transaction():
+            await stores.events.append(task.task_id, "doomed")
+            inside.set()
+            # Give the other task every chance to slip a statement in.
+            for _ in range(20):
+                await asyncio.sleep(0)
+            raise RuntimeError("boom")
+
+    async def outsider() -> None:
+        await inside.wait()
+        await stores.events.append(task.task_id, "kept")
+        outsider_done.set()
+
+    results = await asyncio.gather(failing(), outsider(), return_exceptions=True)
+    assert isinstance(results[0], RuntimeError)
+    assert outsider_done.is_set()
+    events = await stores.events.list_events(task.task_id)
+    assert [(e.seq, e.event_type) for e in events] == [(1, "kept")]
+
+
+async def test_transaction_commits_and_nests(stores: Stores) -> None:
+    task = await stores.tasks.create_task("q")
+    async with stores.db.transaction():
+        await stores.events.append(task.task_id, "a")
+        async with stores.db.transaction():
+            await stores.events.append(task.task_id, "b")
+    assert [e.event_type for e in await stores.events.list_events(task.task_id)] == ["a", "b"]
+
+
+# -- approvals and rules (rows) --------------------------------------------------
+
+
+async def test_approval_rows(stores: Stores) -> None:
+    task = await stores.tasks.create_task("q")
+    action = {"tool": "read_file", "args": {"path": "a.txt"}, "reason": "look"}
+    expires = datetime.now(UTC) + timedelta(hours=1)
+    first = await stores.approvals.insert(task.task_id, action, index=2, expires_at=expires)
+    second = await stores.approvals.insert(task.task_id, action, risk_level="high")
+    assert (first.tool, first.index, first.action, first.decision) == ("read_file", 2, action, None)
+    assert abs(first.expires_at - expires) < timedelta(milliseconds=1)
+    assert [a.approval_id for a in await stores.approvals.list_pending()] == [
+        first.approval_id,
+        second.approval_id,
+    ]
+
+    assert not await stores.approvals.claim_execution(first.approval_id)  # undecided
+    assert await stores.approvals.set_card_ref(first.approval_id, "slack:C1:1700.2")
+    assert await stores.approvals.mark_reminded(first.approval_id)
+    assert not await stores.approvals.mark_reminded(first.approval_id)
+
+    assert await stores.approvals.decide(first.approval_id, "approve", "slack:U2", None)
+    assert not await stores.approvals.decide(first.approval_id, "deny", "slack:U3", "no")
+    assert await stores.approvals.claim_execution(first.approval_id)
+    assert not await stores.approvals.claim_execution(first.approval_id)
+    loaded = await stores.approvals.get(first.approval_id)
+    assert (loaded.decision, loaded.decided_by, loaded.card_ref) == (
+        "approve",
+        "slack:U2",
+        "slack:C1:1700.2",
+    )
+    assert loaded.executed_at is not None and loaded.reminded_at is not None
+
+    assert await stores.approvals.decide(second.approval_id, "deny", "slack:U2", "too risky")
+    assert not await stores.approvals.claim_execution(second.approval_id)
+    assert not await stores.approvals.mark_reminded(second.approval_id)
+    assert (await stores.approvals.get(second.approval_id)).decision_note == "too risky"
+    assert await stores.approvals.list_pending() == []
+    assert await stores.approvals.pending_for_task(task.task_id) == []
+    assert await stores.approvals.get("missing") is None
+
+
+async def test_rule_rows(stores: Stores) -> None:
+    rule = await stores.rules.insert("read_file", "exact", '{"path": "a"}', "admin")
+    assert rule.rule_id.startswith("r-") and len(rule.rule_id) == 10
+    int(rule.rule_id[2:], 16)
+    other = await stores.rules.insert("shell_exec_safe", "prefix", "git status", "admin", "ap1")
+    assert other.source_approval_id == "ap1"
+    assert await stores.rules.get(rule.rule_id) == rule
+    assert [r.rule_id for r in await stores.rules.active_for_tool("read_file")] == [rule.rule_id]
+    assert await stores.rules.revoke(rule.rule_id, "admin2")
+    assert not await stores.rules.revoke(rule.rule_id, "admin3")
+    assert not await stores.rules.revoke("r-00000000", "admin")
+    assert await stores.rules.active_for_tool("read_file") == []
+    assert [r.rule_id for r in await stores.rules.list()] == [other.rule_id]
+    every = await stores.rules.list(include_revoked=True)
+    assert [r.rule_id for r in every] == [rule.rule_id, other.rule_id]
+    assert every[0].revoked_by == "admin2" and not every[0].active
+    with pytest.raises(ValueError):
+        await stores.rules.insert("x", "regex", ".*", "admin")
