@@ -7,13 +7,14 @@ task thread, so the surfaces handle those themselves.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from bot import commands as c
 from runtime.approvals import ApprovalError, ApprovalService
-from runtime.store import EventStore, TaskStore
-from runtime.store.models import Approval, Event, Rule, Task
+from runtime.store import EventStore, ScheduleStore, TaskStore
+from runtime.store.models import Approval, Event, Rule, Schedule, Task
 
 MAX_LISTED = 20
 
@@ -25,6 +26,11 @@ class Actor:
     id: str
     is_admin: bool = False
     is_approver: bool = False
+    is_scheduler: bool = False
+
+    @property
+    def may_schedule(self) -> bool:
+        return self.is_admin or self.is_scheduler
 
 
 def when(moment: datetime | None) -> str:
@@ -59,6 +65,15 @@ def describe_task(task: Task) -> str:
     return (
         f"`{task.task_id}` {task.status} — {clip(task.message, 60)!r} "
         f"({task.requested_by or '?'}, {when(task.created_at)})"
+    )
+
+
+def describe_schedule(schedule: Schedule) -> str:
+    state = " (paused)" if schedule.paused else ""
+    last = f", last run {when(schedule.last_run_at)}" if schedule.last_run_at else ""
+    return (
+        f"`{schedule.schedule_id}` `{schedule.cron}` {schedule.timezone}{state} — "
+        f"{clip(schedule.prompt, 80)!r} (by {schedule.created_by}{last})"
     )
 
 
@@ -107,11 +122,26 @@ def describe_event(event: Event) -> str:
     return f"{event.seq:>3} {event.created_at.strftime('%H:%M:%S')} {kind} {detail}".rstrip()
 
 
+ScheduleListener = Callable[[str], Awaitable[None]]
+
+
 class CommandRunner:
-    def __init__(self, tasks: TaskStore, events: EventStore, approvals: ApprovalService) -> None:
+    def __init__(
+        self,
+        tasks: TaskStore,
+        events: EventStore,
+        approvals: ApprovalService,
+        schedules: ScheduleStore | None = None,
+        *,
+        timezone: str = "UTC",
+    ) -> None:
         self.tasks = tasks
         self.events = events
         self.approvals = approvals
+        self.schedules = schedules
+        self.timezone = timezone
+        # Told the id of every schedule that was added or changed (the live scheduler).
+        self.schedule_listeners: list[ScheduleListener] = []
 
     async def execute(
         self, command: c.Command, actor: Actor, *, conversation_prefix: str | None = None
@@ -121,6 +151,11 @@ class CommandRunner:
             return (
                 f"Only admins can change rules, and you ({actor.id}) are not one. "
                 f"An operator can add `{actor.id}` to DUCKLM_ADMINS."
+            )
+        if isinstance(command, c.SCHEDULER_ONLY) and not actor.may_schedule:
+            return (
+                f"Only admins and schedulers can change schedules, and you ({actor.id}) are "
+                "neither. An operator can add you to DUCKLM_SCHEDULERS."
             )
         match command:
             case c.Help():
@@ -145,6 +180,12 @@ class CommandRunner:
                 return await self._task(task_id)
             case c.Run():
                 return "`run` needs a chat thread; send it in a channel or the console."
+            case c.ScheduleList():
+                return await self._schedule_list(conversation_prefix)
+            case c.ScheduleAdd():
+                return await self._schedule_add(command, actor, conversation_prefix)
+            case c.ScheduleChange():
+                return await self._schedule_change(command, conversation_prefix)
         raise AssertionError(f"unhandled command {command!r}")
 
     async def _rules(self, include_revoked: bool) -> str:
@@ -166,6 +207,64 @@ class CommandRunner:
         if not recent:
             return "No tasks yet."
         return "Recent tasks:\n" + "\n".join(describe_task(t) for t in recent)
+
+    async def _schedule_list(self, conversation_prefix: str | None) -> str:
+        if self.schedules is None:
+            return "Schedules are not available here."
+        found = await self.schedules.list(conversation_prefix=conversation_prefix)
+        if not found:
+            return 'No schedules here. Add one with `schedule add "<cron>" <prompt>`.'
+        return "Schedules:\n" + "\n".join(describe_schedule(s) for s in found)
+
+    async def _schedule_add(
+        self, command: c.ScheduleAdd, actor: Actor, conversation_prefix: str | None
+    ) -> str:
+        from bot.scheduler import cron_trigger
+
+        if self.schedules is None or conversation_prefix is None:
+            return (
+                "Scheduled prompts post into a chat channel: add them from Slack "
+                "(`/duck schedule add …`) or Matrix (`!duck schedule add …`)."
+            )
+        timezone = command.timezone or self.timezone
+        try:
+            trigger = cron_trigger(command.cron, timezone)
+        except ValueError as exc:
+            return f"Schedule not added: {exc}"
+        schedule = await self.schedules.insert(
+            command.cron, timezone, command.prompt, conversation_prefix, actor.id
+        )
+        await self._schedules_changed(schedule.schedule_id)
+        upcoming = trigger.get_next_fire_time(None, datetime.now(UTC))
+        return f"Added schedule {describe_schedule(schedule)}; next run {when(upcoming)}."
+
+    async def _schedule_change(
+        self, command: c.ScheduleChange, conversation_prefix: str | None
+    ) -> str:
+        if self.schedules is None:
+            return "Schedules are not available here."
+        schedule = await self.schedules.get(command.schedule_id)
+        if schedule is None or (
+            conversation_prefix is not None
+            and not schedule.conversation.startswith(conversation_prefix)
+        ):
+            return f"No schedule `{command.schedule_id}` here. Send `schedule list`."
+        if command.action == "remove":
+            changed = await self.schedules.delete(schedule.schedule_id)
+            done = "Removed"
+        else:
+            changed = await self.schedules.set_paused(
+                schedule.schedule_id, command.action == "pause"
+            )
+            done = "Paused" if command.action == "pause" else "Resumed"
+        if not changed:
+            return f"Schedule `{schedule.schedule_id}` was already {command.action}d."
+        await self._schedules_changed(schedule.schedule_id)
+        return f"{done} schedule `{schedule.schedule_id}`."
+
+    async def _schedules_changed(self, schedule_id: str) -> None:
+        for listener in self.schedule_listeners:
+            await listener(schedule_id)
 
     async def _task(self, task_id: str) -> str:
         task = await self.tasks.get_task(task_id)

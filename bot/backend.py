@@ -111,6 +111,10 @@ class ChatBackend(ABC):
     async def working(self, thread: Thread, status: str | None) -> None:
         """Show that the bot is on it (and what it runs); `None` clears it."""
 
+    def mention(self, user: str) -> str:
+        """How to mention a platform-qualified user id in text sent with `send`."""
+        return user
+
 
 class PlatformStartError(Exception):
     """A platform could not start (wrong token, unreachable server); the message

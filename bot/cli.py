@@ -101,7 +101,13 @@ async def _console(runtime: Runtime) -> int:
 
 
 async def _admin(runtime: Runtime, command: c.Command, **kwargs: object) -> int:
-    runner = CommandRunner(runtime.stores.tasks, runtime.stores.events, runtime.approvals)
+    runner = CommandRunner(
+        runtime.stores.tasks,
+        runtime.stores.events,
+        runtime.approvals,
+        runtime.stores.schedules,
+        timezone=runtime.settings.timezone,
+    )
     print(await runner.execute(command, _operator(), **kwargs))  # type: ignore[arg-type]
     return 0
 

@@ -24,6 +24,10 @@ DuckLM commands:
   approvals                     pending approvals
   tasks                         recent tasks in this channel
   task <task-id>                a task's audit trail
+  schedule add "<cron>" [tz=<zone>] <prompt>
+                                run a prompt here on a five-field cron schedule
+  schedule list                 this channel's schedules
+  schedule pause|resume|remove <schedule-id>
 In an approval's thread, reply `approve`, `deny [reason]` or `always`."""
 
 
@@ -73,10 +77,42 @@ class TaskShow:
     task_id: str
 
 
-Command = Help | Run | RulesList | RulesAdd | RulesRevoke | Approvals | Tasks | TaskShow
+@dataclass(frozen=True)
+class ScheduleAdd:
+    cron: str
+    prompt: str
+    timezone: str | None = None  # None: DUCKLM_TZ
 
-# Commands that change shared state need DUCKLM_ADMINS.
+
+@dataclass(frozen=True)
+class ScheduleList:
+    pass
+
+
+@dataclass(frozen=True)
+class ScheduleChange:
+    action: Literal["pause", "resume", "remove"]
+    schedule_id: str
+
+
+Command = (
+    Help
+    | Run
+    | RulesList
+    | RulesAdd
+    | RulesRevoke
+    | Approvals
+    | Tasks
+    | TaskShow
+    | ScheduleAdd
+    | ScheduleList
+    | ScheduleChange
+)
+
+# Commands that change rules need DUCKLM_ADMINS.
 ADMIN_ONLY: tuple[type, ...] = (RulesAdd, RulesRevoke)
+# Commands that change schedules need DUCKLM_ADMINS or DUCKLM_SCHEDULERS.
+SCHEDULER_ONLY: tuple[type, ...] = (ScheduleAdd, ScheduleChange)
 
 
 def _usage(line: str) -> CommandError:
@@ -105,6 +141,8 @@ def parse_command(text: str) -> Command:
         return Approvals()
     if verb == "tasks":
         return Tasks()
+    if verb in ("schedule", "schedules"):
+        return _parse_schedule(rest)
     if verb == "task":
         if not rest or " " in rest:
             raise _usage("task <task-id>")
@@ -132,6 +170,49 @@ def _parse_rules(rest: str) -> Command:
     raise _usage("rules [list | add exact|prefix <command> | revoke <rule-id>]")
 
 
+_SCHEDULE_USAGE = (
+    'schedule add "<minute hour day month weekday>" [tz=<zone>] <prompt>  '
+    "| schedule list | schedule pause|resume|remove <schedule-id>"
+)
+
+
+def _parse_schedule(rest: str) -> Command:
+    sub, _, args = rest.partition(" ")
+    sub, args = sub.lower(), args.strip()
+    if sub in ("", "list", "ls"):
+        return ScheduleList()
+    if sub in ("pause", "resume", "remove", "rm", "delete"):
+        if not args or " " in args:
+            raise _usage(f"schedule {sub} <schedule-id>")
+        action = "remove" if sub in ("rm", "delete") else sub
+        return ScheduleChange(action, args)  # type: ignore[arg-type]
+    if sub != "add":
+        raise _usage(_SCHEDULE_USAGE)
+    cron, rest_after = _take_cron(args)
+    timezone = None
+    head, _, tail = rest_after.partition(" ")
+    if head.lower().startswith(("tz=", "timezone=")):
+        timezone = head.split("=", 1)[1]
+        rest_after = tail.strip()
+    if not rest_after:
+        raise _usage(_SCHEDULE_USAGE)
+    return ScheduleAdd(cron, rest_after, timezone or None)
+
+
+def _take_cron(args: str) -> tuple[str, str]:
+    """The cron expression, quoted (`"0 9 * * 1-5"`) or as the first five words."""
+    if args[:1] in ("'", '"', "`"):
+        quote = args[0]
+        end = args.find(quote, 1)
+        if end == -1:
+            raise CommandError(f"The cron expression has no closing {quote}.")
+        return args[1:end].strip(), args[end + 1 :].strip()
+    words = args.split()
+    if len(words) < 6:
+        raise _usage(_SCHEDULE_USAGE)
+    return " ".join(words[:5]), args.split(None, 5)[5].strip()
+
+
 def _unquote(pattern: str) -> str:
     """Allow `rules add prefix "git pull"` as well as the bare words."""
     if len(pattern) >= 2 and pattern[0] == pattern[-1] and pattern[0] in "\"'`":
@@ -146,16 +227,9 @@ def _unquote(pattern: str) -> str:
 
 Decision = Literal["approve", "deny", "always"]
 
-_DECISION_WORDS: dict[str, Decision] = {
-    "approve": "approve",
-    "approved": "approve",
-    "yes": "approve",
-    "deny": "deny",
-    "denied": "deny",
-    "no": "deny",
-    "reject": "deny",
-    "always": "always",
-}
+# Only the documented words: "no idea why" or "yes, but…" in a thread must stay
+# questions for the bot, never decisions.
+_DECISION_WORDS: dict[str, Decision] = {"approve": "approve", "deny": "deny", "always": "always"}
 # The console's one-letter prompt answers: [a]pprove / [d]eny / a[l]ways.
 _CONSOLE_LETTERS: dict[str, Decision] = {"a": "approve", "d": "deny", "l": "always"}
 

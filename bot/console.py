@@ -63,7 +63,13 @@ class Console:
         self.stdout = stdout or sys.stdout
         self.actor = Actor(f"console:{user or getpass.getuser()}", is_admin=True, is_approver=True)
         self.conversation = f"console:{self.actor.id.split(':', 1)[1]}"
-        self.runner = CommandRunner(runtime.stores.tasks, runtime.stores.events, runtime.approvals)
+        self.runner = CommandRunner(
+            runtime.stores.tasks,
+            runtime.stores.events,
+            runtime.approvals,
+            runtime.stores.schedules,
+            timezone=runtime.settings.timezone,
+        )
         self.history: list[dict[str, str]] = []
         self.pending: PendingApproval | None = None
         self.pending_task: str | None = None

@@ -20,13 +20,20 @@ class AccessPolicy:
         approvers: Iterable[str] = (),
         admins: Iterable[str] = (),
         four_eyes_risk: str = "high",
+        schedulers: Iterable[str] = (),
     ) -> None:
         self.approvers = frozenset(approvers)
         self.admins = frozenset(admins)
+        self.schedulers = frozenset(schedulers)
         self.four_eyes_risk = four_eyes_risk
 
     def actor(self, user: str) -> Actor:
-        return Actor(user, is_admin=user in self.admins, is_approver=user in self.approvers)
+        return Actor(
+            user,
+            is_admin=user in self.admins,
+            is_approver=user in self.approvers,
+            is_scheduler=user in self.schedulers,
+        )
 
     def needs_second_person(self, risk_level: str | None) -> bool:
         if self.four_eyes_risk == "off":

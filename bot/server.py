@@ -9,6 +9,7 @@ import signal
 import sys
 
 from bot.backend import Platform, PlatformStartError
+from bot.scheduler import Scheduler
 from bot.service import ChatService
 from runtime.factory import build_runtime
 from runtime.settings import Settings
@@ -49,18 +50,31 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
             file=sys.stderr,
         )
     platforms = configured_platforms(service, settings)
+    scheduler = Scheduler(
+        service,
+        remind_after=settings.approval_remind,
+        timezone=settings.timezone,
+        retention_days=settings.retention_days,
+    )
+    service.runner.schedule_listeners.append(scheduler.schedule_changed)
     started: list[Platform] = []
     try:
         for platform in platforms:
             await platform.start()
             started.append(platform)
             print(f"ducklm: serving {platform.name}", file=sys.stderr)
+        # Only the serving process recovers: a CLI beside it must not touch its tasks.
+        await service.recover()
+        await scheduler.start()
+        for line in scheduler.describe() or ["no timed jobs"]:
+            print(f"ducklm: schedule: {line}", file=sys.stderr)
         await stop.wait()
         return 0
     except PlatformStartError as exc:
         print(f"ducklm: {exc}", file=sys.stderr)
         return 1
     finally:
+        await scheduler.stop()
         for platform in reversed(started):
             with contextlib.suppress(Exception):
                 await platform.stop()

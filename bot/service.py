@@ -22,7 +22,7 @@ from bot.policy import AccessPolicy
 from runtime.approvals import ApprovalError
 from runtime.factory import Runtime
 from runtime.loop import ChatResult, PendingApproval
-from runtime.store.models import Approval, Event
+from runtime.store.models import Approval, Event, Schedule
 from runtime.tools.shell_rules import describe_rule, rule_for_command
 
 logger = logging.getLogger("ducklm.service")
@@ -43,10 +43,20 @@ class ChatService:
         self.loop = runtime.loop
         self.approvals = runtime.approvals
         self.tasks = runtime.stores.tasks
+        settings = runtime.settings
         self.policy = policy or AccessPolicy(
-            runtime.settings.approvers, runtime.settings.admins, runtime.settings.four_eyes_risk
+            settings.approvers,
+            settings.admins,
+            settings.four_eyes_risk,
+            schedulers=settings.schedulers,
         )
-        self.runner = CommandRunner(self.tasks, runtime.stores.events, self.approvals)
+        self.runner = CommandRunner(
+            self.tasks,
+            runtime.stores.events,
+            self.approvals,
+            runtime.stores.schedules,
+            timezone=settings.timezone,
+        )
         self.backends: dict[str, ChatBackend] = {}
         self.workspace = str(runtime.settings.workspace)
         # Bolt and nio fire and forget; we keep strong references to every job so
@@ -140,6 +150,127 @@ class ChatService:
         return await self.runner.execute(
             command, self.policy.actor(user), conversation_prefix=thread.channel_prefix
         )
+
+    # -- timed work (called by bot/scheduler.py) ------------------------------
+
+    async def remind_approval(self, approval_id: str) -> None:
+        """Once, while still pending: remind the approvers in the approval's thread."""
+        approval = await self.approvals.get(approval_id)
+        if approval is None or approval.decision is not None:
+            return
+        thread = await self._thread_of(approval.task_id)
+        if thread is None or not await self.approvals.mark_reminded(approval_id):
+            return
+        backend = self.backends[thread.platform]
+        people = [
+            backend.mention(user)
+            for user in sorted(self.policy.approvers)
+            if user.startswith(f"{thread.platform}:")
+        ]
+        who = ", ".join(people) if people else "approvers"
+        expiry = f" It expires at {when(approval.expires_at)}." if approval.expires_at else ""
+        await self._safely(
+            backend.send(
+                thread,
+                f"Reminder for {who}: `{clip(approval.command or approval.tool, 200)}` is still "
+                f"waiting for approval.{expiry}",
+            )
+        )
+
+    async def expire_approval(self, approval_id: str) -> None:
+        """Decide an unanswered approval as expired (exactly once) and say so."""
+        if not await self.approvals.expire(approval_id):
+            return  # decided (or expired) by someone else first
+        approval = await self.approvals.get(approval_id)
+        if approval is None:
+            return
+        await self.tasks.claim_status(approval.task_id, "waiting_for_approval", "expired")
+        thread = await self._thread_of(approval.task_id)
+        if thread is None:
+            return
+        await self._resolve_card(thread, approval)
+        await self._safely(
+            self.backends[thread.platform].send(
+                thread,
+                f"This approval expired at {when(approval.decided_at)} without an answer; "
+                f"`{clip(approval.command or approval.tool, 200)}` did not run. Ask again "
+                "if it is still needed.",
+            )
+        )
+
+    async def run_scheduled(self, schedule: Schedule, *, catch_up: bool = False) -> None:
+        """A scheduled prompt: a root message in its channel, the task in its thread.
+        Returns when the task has answered or is waiting for approval."""
+        channel = self._schedule_thread(schedule)
+        if channel is None:
+            return
+        marker = " (catch-up for a run missed while DuckLM was down)" if catch_up else ""
+        root = await self._safely(
+            self.backends[channel.platform].send(
+                channel,
+                f"Scheduled run of `{schedule.schedule_id}`{marker}: {clip(schedule.prompt, 300)}",
+            )
+        )
+        if not root:
+            return
+        thread = channel.in_thread(root)
+        await self._run(
+            thread,
+            self.loop.run_chat(
+                schedule.prompt,
+                self.workspace,
+                conversation=thread.key,
+                requested_by=schedule.created_by,
+            ),
+        )
+
+    async def schedule_skipped(self, schedule: Schedule) -> None:
+        channel = self._schedule_thread(schedule)
+        if channel is not None:
+            await self._safely(
+                self.backends[channel.platform].send(
+                    channel,
+                    f"Skipped a run of schedule `{schedule.schedule_id}`: the previous run is "
+                    "still going.",
+                )
+            )
+
+    def _schedule_thread(self, schedule: Schedule) -> Thread | None:
+        try:
+            thread = Thread.parse(schedule.conversation)
+        except ValueError:
+            return None
+        if thread.platform not in self.backends:
+            logger.warning(
+                "schedule %s posts to %s, which this process does not serve",
+                schedule.schedule_id,
+                thread.platform,
+            )
+            return None
+        return Thread(thread.platform, thread.channel)
+
+    async def recover(self) -> None:
+        """At start, after a crash: interrupted tasks are told so in their thread, and
+        decisions taken just before the crash are carried out (exactly once)."""
+        for task in await self.tasks.mark_interrupted():
+            thread = await self._thread_of(task.task_id)
+            if thread is not None:
+                await self._safely(
+                    self.backends[thread.platform].send(
+                        thread,
+                        "DuckLM restarted while working on this, so the task was interrupted "
+                        "and did not finish. Ask again if it is still needed.",
+                    )
+                )
+        for task in await self.tasks.list_recent(10_000, status="waiting_for_approval"):
+            decided = [
+                a
+                for a in await self.approvals.list_for_task(task.task_id)
+                if a.decision in ("approve", "always", "deny") and a.executed_at is None
+            ]
+            thread = await self._thread_of(task.task_id)
+            if decided and thread is not None:
+                self._spawn(self._continue(thread, task.task_id, decided[-1].approval_id))
 
     # -- lifecycle ----------------------------------------------------------
 

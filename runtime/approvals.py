@@ -130,6 +130,9 @@ class ApprovalService:
         """True exactly once per approved action: the caller that gets it runs it."""
         return await self._approvals.claim_execution(approval_id)
 
+    async def list_for_task(self, task_id: str) -> list[Approval]:
+        return await self._approvals.list_for_task(task_id)
+
     async def find_by_card_ref(self, card_ref: str) -> Approval | None:
         """The approval whose card was posted as `card_ref` (a platform message id)."""
         return await self._approvals.find_by_card_ref(card_ref)

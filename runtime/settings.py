@@ -67,6 +67,16 @@ class Settings(BaseSettings):
     four_eyes_risk: str = Field(default="high", validation_alias="DUCKLM_FOUR_EYES_RISK")
     approval_ttl: float = Field(default=86400.0, gt=0, validation_alias="DUCKLM_APPROVAL_TTL")
 
+    approval_remind: float = Field(default=900.0, gt=0, validation_alias="DUCKLM_APPROVAL_REMIND")
+    # Who may add and manage scheduled prompts in chat, besides DUCKLM_ADMINS.
+    schedulers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias="DUCKLM_SCHEDULERS"
+    )
+    timezone: str = Field(default="UTC", validation_alias="DUCKLM_TZ")
+    retention_days: float | None = Field(
+        default=None, gt=0, validation_alias="DUCKLM_RETENTION_DAYS"
+    )
+
     max_concurrent_tasks: int = Field(
         default=8, ge=1, le=256, validation_alias="DUCKLM_MAX_CONCURRENT_TASKS"
     )
@@ -116,7 +126,26 @@ class Settings(BaseSettings):
         """Device id, access token and sync token live next to the database."""
         return self.db.parent / f"{self.db.stem}-matrix"
 
-    @field_validator("approvers", "admins", mode="before")
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        value = value.strip() or "UTC"
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name)") from exc
+        return value
+
+    @field_validator("retention_days", mode="before")
+    @classmethod
+    def _forever(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() in ("", "forever", "none", "0"):
+            return None
+        return value
+
+    @field_validator("approvers", "admins", "schedulers", mode="before")
     @classmethod
     def _ids(cls, value: object) -> object:
         return _split_ids(value)

@@ -17,6 +17,7 @@ from runtime.store.db import Database, StoreError
 from runtime.store.deliveries import DeliveryStore
 from runtime.store.events import EventStore
 from runtime.store.rules import RuleStore
+from runtime.store.schedules import ScheduleStore
 from runtime.store.tasks import TaskStore
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "DeliveryStore",
     "EventStore",
     "RuleStore",
+    "ScheduleStore",
     "StoreError",
     "Stores",
     "TaskStore",
@@ -42,6 +44,7 @@ class Stores:
     approvals: ApprovalStore
     rules: RuleStore
     deliveries: DeliveryStore
+    schedules: ScheduleStore
 
     @classmethod
     def on(cls, db: Database) -> Stores:
@@ -52,6 +55,7 @@ class Stores:
             approvals=ApprovalStore(db),
             rules=RuleStore(db),
             deliveries=DeliveryStore(db),
+            schedules=ScheduleStore(db),
         )
 
     async def close(self) -> None:

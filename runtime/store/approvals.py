@@ -146,10 +146,17 @@ class ApprovalStore:
         )
         return [_approval(row) for row in rows]
 
+    async def list_for_task(self, task_id: str) -> list[Approval]:
+        """All of the task's approvals, decided or not, oldest first."""
+        rows = await self.db.fetchall(
+            f"SELECT {_COLUMNS} FROM approvals WHERE task_id = ? ORDER BY created_at, rowid",
+            (task_id,),
+        )
+        return [_approval(row) for row in rows]
+
     async def find_by_card_ref(self, card_ref: str) -> Approval | None:
         row = await self.db.fetchone(
-            f"SELECT {_COLUMNS} FROM approvals WHERE card_ref = ? "
-            "ORDER BY created_at DESC LIMIT 1",
+            f"SELECT {_COLUMNS} FROM approvals WHERE card_ref = ? ORDER BY created_at DESC LIMIT 1",
             (card_ref,),
         )
         return _approval(row) if row else None

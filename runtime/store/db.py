@@ -118,6 +118,25 @@ MIGRATIONS: list[tuple[str, ...]] = [
         # Matrix reactions name the card's event; find its approval without a scan.
         "CREATE INDEX approvals_card_ref ON approvals (card_ref) WHERE card_ref IS NOT NULL",
     ),
+    (
+        # v3: scheduled prompts (`/duck schedule add "<cron>" <prompt>`).
+        """
+        CREATE TABLE schedules (
+            schedule_id TEXT PRIMARY KEY,
+            cron TEXT NOT NULL,
+            timezone TEXT NOT NULL,
+            prompt TEXT NOT NULL,
+            conversation TEXT NOT NULL,
+            created_by TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            paused INTEGER NOT NULL DEFAULT 0,
+            last_run_at REAL
+        )
+        """,
+        "CREATE INDEX schedules_conversation ON schedules (conversation)",
+        "CREATE INDEX tasks_finished ON tasks (updated_at) "
+        "WHERE status IN ('completed', 'failed', 'expired', 'interrupted')",
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -85,3 +85,15 @@ class Rule(BaseModel):
     @property
     def active(self) -> bool:
         return self.revoked_at is None
+
+
+class Schedule(BaseModel):
+    schedule_id: str
+    cron: str  # standard five fields: minute hour day-of-month month day-of-week
+    timezone: str  # IANA name, e.g. "Europe/Berlin"
+    prompt: str
+    conversation: str  # where runs are posted (a channel-level conversation key)
+    created_by: str
+    created_at: datetime
+    paused: bool = False
+    last_run_at: datetime | None = None

@@ -437,6 +437,19 @@ def _has_glob(s: str) -> bool:
     return any(c in _GLOB_CHARS for c in s)
 
 
+def _escapes(relative: str) -> bool:
+    """Whether a relative path climbs above its starting directory (`x/../..`)."""
+    depth = 0
+    for part in relative.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return True
+        elif part not in ("", "."):
+            depth += 1
+    return False
+
+
 def canonical_path(word: str) -> str | None:
     """An absolute or home-relative path, lexically normalized; None for relative paths.
 
@@ -458,6 +471,10 @@ def canonical_path(word: str) -> str | None:
             base = "/home/" + user
         else:
             return None
+        if _escapes(rest):
+            # leaves the home directory: resolve against the real one
+            real = _HOME if base == "~" else base
+            return posixpath.normpath(real + "/" + rest)
         norm = posixpath.normpath("/" + rest) if rest else "/"
         if base == "~":
             return "~" if norm == "/" else "~" + norm
@@ -528,8 +545,19 @@ def _could_match_secret(component: str) -> bool:
     return any(fnmatch.fnmatchcase(component, pat) for pat in SECRET_NAMES)
 
 
+# A second net for paths embedded in larger arguments (`load("/etc/shadow")`,
+# `--config=x,~/.aws/credentials`): these substrings anywhere need approval.
+_SECRET_SUBSTRING = re.compile(
+    r"\.ssh(/|$)|/etc/(g?shadow|sudoers)|\.aws/|\.kube/|\.docker/config|\.gnupg|"
+    r"\.git-credentials|\.netrc|\.pgpass|/environ\b|\bid_(rsa|dsa|ecdsa|ed25519)|"
+    r"(^|[^\w.])\.env(\b|$)|\.config/(gcloud|gh)/"
+)
+
+
 def secret_reason(word: str) -> str | None:
     """Why reading `word` could expose a credential, or None."""
+    if _SECRET_SUBSTRING.search(word):
+        return f"`{word}` names a secret location"
     candidates = [word]
     if word.startswith("-") and "=" in word:
         candidates.append(word.split("=", 1)[1])
@@ -1215,6 +1243,9 @@ _KUBECTL_SUB_READ = {
 
 
 def _policy_kubectl(argv: list[str]) -> Verdict | None:
+    if any(a.split("=")[0] == "--kubeconfig" for a in argv[1:]):
+        # a kubeconfig can name an exec credential plugin: a program kubectl runs
+        return _approval("process", "high", "`kubectl --kubeconfig` can make kubectl run a program")
     idx, err = _first_positional(argv, _KUBECTL_GLOBAL_FLAGS, _KUBECTL_GLOBAL_VALUES)
     mutate = _approval("process", "high", PROCESS_PROGRAMS["kubectl"])
     if err:
@@ -1328,6 +1359,13 @@ _GIT_CONFIG_FLAGS = (*_GIT_CONFIG_READ, "--show-origin", "--show-scope", "--glob
                      "--system", "--worktree", "--name-only", "-z", "--null", "--includes",
                      "--no-includes", "--bool", "--int", "--path")  # fmt: skip
 _GIT_CONFIG_VALUES = ("-f", "--file", "--blob", "--type", "--default")
+# Local repository changes: ordinary workspace writes (medium).
+GIT_LOCAL_WRITES = frozenset(
+    _opts(
+        "add rm mv commit reset checkout switch restore clean merge cherry-pick revert stash "
+        "tag branch init am apply notes gc prune pull fetch clone remote config worktree reflog"
+    )
+)
 _GIT_WRITE_REASONS = {
     "push": ("network", "high", "`git push` publishes commits to a remote"),
     "commit": ("write", "medium", "`git commit` records changes"),
@@ -1340,6 +1378,7 @@ _GIT_WRITE_REASONS = {
     "fetch": ("network", "medium", "`git fetch` downloads from a remote"),
     "clone": ("network", "medium", "`git clone` downloads a repository"),
     "config": ("write", "high", "`git config` changes settings that can make git run programs"),
+    "rebase": ("write", "medium", "`git rebase` rewrites commits"),
 }
 
 
@@ -1376,6 +1415,8 @@ def _policy_git(argv: list[str]) -> Verdict | None:
     mutate = Verdict(
         *_GIT_WRITE_REASONS.get(sub, ("write", "medium", f"`git {sub}` changes the repository"))
     )
+    if sub == "rebase" and has_flag(sub_argv, "x", {"--exec"}):
+        return Verdict("process", "high", "`git rebase --exec` runs commands")
     if sub == "branch":
         o = getopt(sub_argv, flags=_GIT_BRANCH_FLAGS, values=_GIT_BRANCH_VALUES)
         if o.error or (o.positionals and not o.has("-l", "--list")):
@@ -1426,9 +1467,10 @@ def _policy_git(argv: list[str]) -> Verdict | None:
         if rest[:1] == ["list"]:
             return None
         return Verdict("write", "medium", "`git worktree` changes worktrees")
-    if sub in _GIT_WRITE_REASONS or re.fullmatch(r"[a-z][a-z-]*", sub):
+    if sub in _GIT_WRITE_REASONS or sub in GIT_LOCAL_WRITES:
         return mutate
-    return Verdict("unknown", "high", f"`git {sub}` is not a git command the classifier knows")
+    # daemon, submodule foreach, bisect run, credential, aliases …: can run anything
+    return Verdict("unknown", "high", f"`git {sub}` is not a git command known to be safe")
 
 
 _PACKAGE_READ: dict[str, frozenset[str]] = {
@@ -1622,6 +1664,7 @@ class _Analyzer:
         self.commands: list[list[str]] = []
         self.programs: list[str] = []  # effective program names, in order seen
         self.complex = False  # anything but one plain simple command
+        self.stdin_download = False  # the current command's stdin is a download
         self.simple_count = 0
         self.text = ""
 
@@ -1810,6 +1853,11 @@ class _Analyzer:
                     Verdict("unknown", "medium", "A here-document with expansions needs approval.")
                 )
             return
+        if isinstance(out, str):  # `2>&-`: closing a descriptor
+            if out == "-" and rtype in (">&", "<&"):
+                return
+            self.add(Verdict("unknown", "high", f"The redirection `{rtype}{out}` is not understood."))
+            return
         if isinstance(out, int):
             if rtype in (">&", "<&"):
                 return  # 2>&1 and friends: fd duplication
@@ -1822,9 +1870,14 @@ class _Analyzer:
         self.complex = True
         if rtype == "<<<":
             return
+        if rtype in ("<", "<&", "<>") and _is_bash_socket(target):
+            self.add(Verdict("network", "high", f"`{target}` opens a network connection."))
+            return
         if rtype in ("<", "<&"):
             if rtype == "<&" and target == "-":
                 return
+            if any(p.startswith("<") and p[1:-1] in DOWNLOADERS for p in target_arg.params):
+                self.stdin_download = True
             reason = secret_reason(target)
             if reason:
                 self.add(Verdict("read", "high", f"{reason}; reading it needs approval."))
@@ -1860,6 +1913,7 @@ class _Analyzer:
     def command(self, node: Any) -> list[str] | None:
         args: list[Arg] = []
         assigns: list[str] = []
+        self.stdin_download = False
         for part in node.parts:
             pk = part.kind
             if pk == "word":
@@ -1893,7 +1947,10 @@ class _Analyzer:
                 )
         if not argv:
             return None
+        stdin_download = self.stdin_download
         verdict, effective = self.judge(args)
+        if stdin_download and effective and _runs_stdin_as_code(effective):
+            verdict = _block(f"Feeding a download to `{_prog_name(effective[0])}` runs unreviewed code.")
         self.add(verdict)
         return effective
 
@@ -2176,6 +2233,10 @@ class _Analyzer:
                 self.add(_block(reason[0].upper() + reason[1:] + "."))
                 return
         self._pipe_to_shell(effective)
+
+
+def _is_bash_socket(target: str) -> bool:
+    return target.startswith(("/dev/tcp/", "/dev/udp/"))
 
 
 def _prog_name(prog: str) -> str:
@@ -2803,7 +2864,12 @@ async def execute(
     if not workspace.is_dir():
         return _refusal(command, fresh, f"workspace {str(workspace)!r} is not a directory")
     env = scrubbed_env()
-    env["PWD"] = str(workspace.resolve())
+    root = workspace.resolve()
+    env["PWD"] = str(root)
+    # A PATH entry inside the workspace would let a file there stand in for `ls`.
+    env["PATH"] = ":".join(
+        p for p in env["PATH"].split(":") if not Path(p).resolve().is_relative_to(root)
+    ) or DEFAULT_PATH
     if not fresh.requires_approval:
         env.update(_AUTO_RUN_ENV)
     if fresh.simple and fresh.commands:

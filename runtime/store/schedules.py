@@ -1,0 +1,97 @@
+"""Scheduled prompts (SQL only; timing lives in bot/scheduler.py)."""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+from datetime import datetime
+
+from runtime.store.db import Database, StoreError, now, to_datetime, to_timestamp
+from runtime.store.models import Schedule
+
+_COLUMNS = (
+    "schedule_id, cron, timezone, prompt, conversation, created_by, created_at, paused, last_run_at"
+)
+_ID_ATTEMPTS = 20
+
+
+def _schedule(row: sqlite3.Row) -> Schedule:
+    return Schedule(
+        schedule_id=row["schedule_id"],
+        cron=row["cron"],
+        timezone=row["timezone"],
+        prompt=row["prompt"],
+        conversation=row["conversation"],
+        created_by=row["created_by"],
+        created_at=to_datetime(row["created_at"]),
+        paused=bool(row["paused"]),
+        last_run_at=to_datetime(row["last_run_at"]),
+    )
+
+
+class ScheduleStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def insert(
+        self, cron: str, timezone: str, prompt: str, conversation: str, created_by: str
+    ) -> Schedule:
+        for _ in range(_ID_ATTEMPTS):
+            # Short enough to type in `/duck schedule remove s-1a2b3c`.
+            schedule_id = "s-" + secrets.token_hex(3)
+            rows = await self.db.fetchall(
+                "INSERT INTO schedules (schedule_id, cron, timezone, prompt, conversation, "
+                "created_by, created_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                f"ON CONFLICT (schedule_id) DO NOTHING RETURNING {_COLUMNS}",
+                (schedule_id, cron, timezone, prompt, conversation, created_by, now()),
+            )
+            if rows:
+                return _schedule(rows[0])
+        raise StoreError("could not find a free schedule id")
+
+    async def get(self, schedule_id: str) -> Schedule | None:
+        row = await self.db.fetchone(
+            f"SELECT {_COLUMNS} FROM schedules WHERE schedule_id = ?", (schedule_id,)
+        )
+        return _schedule(row) if row else None
+
+    async def list(self, *, conversation_prefix: str | None = None) -> list[Schedule]:
+        if conversation_prefix is None:
+            rows = await self.db.fetchall(
+                f"SELECT {_COLUMNS} FROM schedules ORDER BY created_at, rowid"
+            )
+        else:
+            rows = await self.db.fetchall(
+                f"SELECT {_COLUMNS} FROM schedules WHERE substr(conversation, 1, ?) = ? "
+                "ORDER BY created_at, rowid",
+                (len(conversation_prefix), conversation_prefix),
+            )
+        return [_schedule(row) for row in rows]
+
+    async def set_paused(self, schedule_id: str, paused: bool) -> bool:
+        """True when the schedule existed and was not already in that state."""
+        return bool(
+            await self.db.execute(
+                "UPDATE schedules SET paused = ? WHERE schedule_id = ? AND paused != ? RETURNING 1",
+                (int(paused), schedule_id, int(paused)),
+            )
+        )
+
+    async def delete(self, schedule_id: str) -> bool:
+        return bool(
+            await self.db.execute(
+                "DELETE FROM schedules WHERE schedule_id = ? RETURNING 1", (schedule_id,)
+            )
+        )
+
+    async def mark_run(self, schedule_id: str, at: datetime) -> bool:
+        """Record a run at `at`; False if a run at or after `at` was already recorded
+        (another process fired it), so each fire time runs once."""
+        ts = to_timestamp(at)
+        return bool(
+            await self.db.execute(
+                "UPDATE schedules SET last_run_at = ? WHERE schedule_id = ? "
+                "AND (last_run_at IS NULL OR last_run_at < ?) RETURNING 1",
+                (ts, schedule_id, ts),
+            )
+        )
