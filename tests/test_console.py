@@ -80,13 +80,21 @@ async def test_console_without_a_model_serves_direct_commands(tmp_path: Path) ->
     # the audit trail is in the same database, readable with the CLI
     code, tasks_out, _ = await ducklm(tmp_path, "tasks")
     assert code == 0 and "touch approved.txt" in tasks_out and "completed" in tasks_out
-    task_id = next(
-        line.split("`")[1] for line in tasks_out.splitlines() if "touch denied.txt" in line
-    )
-    code, events_out, _ = await ducklm(tmp_path, "events", task_id)
-    assert code == 0
-    assert "direct_command" in events_out
-    assert "approval_decided deny by console:tester: not during the freeze" in events_out
+
+    async def trail(command: str) -> str:
+        task_id = next(line.split("`")[1] for line in tasks_out.splitlines() if command in line)
+        code, events_out, _ = await ducklm(tmp_path, "events", task_id)
+        assert code == 0
+        assert "direct_command" in events_out and "model_call" not in events_out
+        return events_out
+
+    denied = await trail("touch denied.txt")
+    assert "approval_decided deny by console:tester: not during the freeze" in denied
+    approved = await trail("touch approved.txt")
+    assert "approval_decided approve by console:tester" in approved
+    assert "`touch approved.txt` medium approved by console:tester, exit 0" in approved
+    assert "`rm -rf /` critical blocked" in await trail("rm -rf /")
+    assert "`echo hello-from-duck` low, exit 0" in await trail("echo hello-from-duck")
 
 
 async def test_console_chats_with_a_model(tmp_path: Path, model_server: FakeModelServer) -> None:
