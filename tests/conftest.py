@@ -12,8 +12,10 @@ import pytest_asyncio
 
 from runtime.factory import Runtime, build_runtime
 from runtime.settings import Settings
+
 if TYPE_CHECKING:
     from tests.fakes.openai_server import FakeModelServer
+    from tests.fakes.slack_api import FakeSlack
 
 pytest_plugins = ["tests.fakes.openai_server"]
 
@@ -68,3 +70,26 @@ async def runtime(
         yield rt
     finally:
         await rt.close()
+
+
+@pytest_asyncio.fixture
+async def slack() -> AsyncIterator[FakeSlack]:
+    """A started fake Slack Web API (and Socket Mode endpoint), stopped after the test."""
+    from tests.fakes.slack_api import FakeSlack
+
+    fake = FakeSlack()
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.stop()
+
+
+@pytest.fixture
+def model(model_server: FakeModelServer) -> FakeModelServer:
+    """The fake model: no tools and "Done." unless a test scripts more."""
+    from tests.fakes.openai_server import Text
+
+    model_server.set_default(ACTION, Text(directive()))
+    model_server.set_default(THINKER, Text("Done."))
+    return model_server

@@ -5,13 +5,11 @@ Matrix in test_matrix.py; this is Slack, end to end."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import pytest_asyncio
 
 from bot.slack_blocks import ACTION_APPROVE, ACTION_DENY
 from runtime.store.models import Event
@@ -21,16 +19,6 @@ from tests.test_slack import ADMIN, CHANNEL, Bot, start_bot, stop_bot
 pytestmark = pytest.mark.usefixtures("clean_env")
 
 NO_MODEL = SimpleNamespace(base_url=None)  # start_bot's model argument, with nothing behind it
-
-
-@pytest_asyncio.fixture
-async def slack() -> AsyncIterator[FakeSlack]:
-    fake = FakeSlack()
-    await fake.start()
-    try:
-        yield fake
-    finally:
-        await fake.stop()
 
 
 def roots(slack: FakeSlack) -> list[dict[str, Any]]:

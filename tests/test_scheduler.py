@@ -13,12 +13,10 @@ import signal
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from apscheduler.triggers.interval import IntervalTrigger
 
 from bot.backend import Thread
@@ -72,23 +70,6 @@ async def start_timed(
 async def stop_timed(bot: Bot, scheduler: Scheduler) -> None:
     await scheduler.stop()
     await stop_bot(bot)
-
-
-@pytest_asyncio.fixture
-async def slack() -> AsyncIterator[FakeSlack]:
-    fake = FakeSlack()
-    await fake.start()
-    try:
-        yield fake
-    finally:
-        await fake.stop()
-
-
-@pytest.fixture
-def model(model_server: FakeModelServer) -> FakeModelServer:
-    model_server.set_default(ACTION, Text(NO_ACTIONS))
-    model_server.set_default(THINKER, Text("Done."))
-    return model_server
 
 
 def roots(slack: FakeSlack) -> list[dict[str, Any]]:

@@ -256,24 +256,6 @@ async def stop_bot(bot: Bot) -> None:
 
 
 @pytest_asyncio.fixture
-async def slack() -> AsyncIterator[FakeSlack]:
-    fake = FakeSlack()
-    await fake.start()
-    try:
-        yield fake
-    finally:
-        await fake.stop()
-
-
-@pytest.fixture
-def model(model_server: FakeModelServer) -> FakeModelServer:
-    """The fake model: no tools and "Done." unless a test scripts more."""
-    model_server.set_default(ACTION, Text(NO_ACTIONS))
-    model_server.set_default(THINKER, Text("Done."))
-    return model_server
-
-
-@pytest_asyncio.fixture
 async def bot(tmp_path: Path, model: FakeModelServer, slack: FakeSlack) -> AsyncIterator[Bot]:
     running = await start_bot(tmp_path, model, slack)
     try:

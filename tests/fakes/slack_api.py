@@ -29,13 +29,12 @@ import json
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 import aiohttp
-import pytest_asyncio
 from aiohttp import web
 from slack_sdk.signature import SignatureVerifier
 
@@ -51,7 +50,6 @@ __all__ = [
     "SlackSender",
     "block_actions_payload",
     "event_callback",
-    "fake_slack",
     "sign",
     "slash_command_form",
     "view_submission_payload",
@@ -593,17 +591,6 @@ class SlackSender:
 
     async def command(self, form: dict[str, str], **kw: Any) -> Answer:
         return await self.post(urlencode(form), "application/x-www-form-urlencoded", **kw)
-
-
-@pytest_asyncio.fixture
-async def fake_slack() -> AsyncIterator[FakeSlack]:
-    """A started FakeSlack, stopped after the test."""
-    fake = FakeSlack()
-    await fake.start()
-    try:
-        yield fake
-    finally:
-        await fake.stop()
 
 
 def view_submission_payload(
