@@ -254,8 +254,11 @@ async def test_restart_keeps_schedules_and_pending_expiry_with_one_catch_up(
         )
         await bot.wait_text(ts, "expired")  # the expiry timer came back
         await bot.settle()
-        assert len(catch_up) == 1
-        assert len([m for m in roots(slack)[before:] if "Scheduled run" in m["text"]]) == 1
+        # nine missed runs became one catch-up; a regular run may follow only if the
+        # test happened to cross a minute boundary
+        runs = [m["text"] for m in roots(slack)[before:] if "Scheduled run" in m["text"]]
+        assert len(catch_up) == 1 and len(runs) <= 2
+        assert [r for r in runs if "catch-up" in r] == [catch_up[0]["text"]]
         assert not (bot.workspace / "never.txt").exists()
     finally:
         await stop_timed(bot, scheduler)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from pathlib import Path
@@ -184,7 +185,7 @@ async def test_timeout_kills_grandchildren(tmp_path: Path) -> None:
     for _ in range(50):
         if not _alive(pid):
             break
-        time.sleep(0.05)
+        await asyncio.sleep(0.05)
     assert not _alive(pid)
 
 
@@ -196,7 +197,7 @@ async def test_background_leftovers_are_killed_after_exit(tmp_path: Path) -> Non
     for _ in range(50):
         if not _alive(pid):
             break
-        time.sleep(0.05)
+        await asyncio.sleep(0.05)
     assert not _alive(pid)
 
 
@@ -288,9 +289,7 @@ async def test_gateway_runs_read_only_and_holds_the_rest(tmp_path: Path) -> None
     gateway = ToolGateway.default(tmp_path, shell_timeout=5)
     result = await gateway.run_action({"tool": "shell_exec_safe", "args": {"command": "pwd"}})
     assert result.ok and result.output.strip() == str(tmp_path)
-    result = await gateway.run_action(
-        {"tool": "shell_exec_safe", "args": {"command": "touch x"}}
-    )
+    result = await gateway.run_action({"tool": "shell_exec_safe", "args": {"command": "touch x"}})
     assert result.metadata.get("pending_approval")
     assert not (tmp_path / "x").exists()
     result = await gateway.run_action(

@@ -151,6 +151,7 @@ def test_classify_never_raises_on_decoded_bytes(text: str) -> None:
 )  # fmt: skip
 def test_shell_like_noise_never_raises_and_is_not_silently_read_only(text: str) -> None:
     c = classify(text)
+    quoted = any(q in text for q in ("'", '"', "\\", "#"))  # could hide the token as data
     dangerous = any(t in text.split() for t in ("rm", "sudo", "bash", ">", "$(", "`", "&"))
-    if dangerous:
+    if dangerous and not quoted:
         assert c.requires_approval, text

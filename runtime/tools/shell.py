@@ -160,39 +160,28 @@ FLAG_POLICIES: dict[str, tuple[str, frozenset[str], str]] = {
     "journalctl": (
         "f",
         frozenset(
-            {
-                "--follow",
-                "--vacuum-size",
-                "--vacuum-time",
-                "--vacuum-files",
-                "--rotate",
-                "--flush",
-                "--sync",
-                "--relinquish-var",
-                "--smart-relinquish-var",
-                "--setup-keys",
-                "--update-catalog",
-            }
+            _opts(
+                "--follow --vacuum-size --vacuum-time --vacuum-files --rotate --flush --sync "
+                "--relinquish-var --smart-relinquish-var --setup-keys --update-catalog "
+                "--cursor-file"
+            )
         ),
-        "that `journalctl` option changes the journal or follows it forever",
+        "that `journalctl` option changes the journal, writes a file or follows forever",
     ),
     "dmesg": (
         "cCDEnwW",
         frozenset(
-            {
-                "--clear",
-                "--read-clear",
-                "--console-off",
-                "--console-on",
-                "--console-level",
-                "--follow",
-                "--follow-new",
-            }
+            _opts(
+                "--clear --read-clear --console-off --console-on --console-level --follow "
+                "--follow-new"
+            )
         ),
         "that `dmesg` option clears the kernel log, changes the console or follows forever",
     ),
-    "ss": ("K", frozenset({"--kill"}), "`ss -K` kills sockets"),
-    "lsblk": ("", frozenset(), ""),
+    "ss": ("KE", frozenset({"--kill", "--events"}), "`ss -K` kills sockets; `ss -E` never ends"),
+    "lsof": ("r", frozenset(), "`lsof -r` repeats forever"),
+    "free": ("sc", frozenset({"--seconds", "--count"}), "`free -s` repeats forever"),
+    "netstat": ("c", frozenset({"--continuous"}), "`netstat -c` never ends"),
 }
 
 # Programs whose flags matter: a glob or variable that could expand to a flag
@@ -749,8 +738,28 @@ def _recursive(argv: Sequence[str]) -> bool:
     return False
 
 
-def blocked_reason(name: str, argv: Sequence[str]) -> str | None:
+# Programs whose operands are files: relative operands are resolved against a
+# directory the command `cd`-ed into (`cd / && rm -rf *`).
+_FILE_OPERAND_PROGRAMS = frozenset(
+    _opts("rm shred chmod chown chgrp mv cp install ln tee truncate sed find dd")
+)
+
+
+def resolve_operand(word: str, cwd: str | None) -> str:
+    """`word` as seen from `cwd` (None: the workspace, left relative)."""
+    if cwd is None or cwd == "?" or word.startswith("-"):
+        return word
+    if word.startswith("of="):
+        return "of=" + resolve_operand(word[3:], cwd)
+    if "=" in word or canonical_path(word) is not None:
+        return word
+    return ("/" if cwd == "/" else cwd.rstrip("/") + "/") + word
+
+
+def blocked_reason(name: str, argv: Sequence[str], cwd: str | None = None) -> str | None:
     """Why this simple command (program `name`) destroys the system, or None."""
+    if cwd is not None and name in _FILE_OPERAND_PROGRAMS:
+        argv = [argv[0], *(resolve_operand(a, cwd) for a in argv[1:])]
     if name in POWER_PROGRAMS:
         return f"`{name}` shuts down or restarts the machine"
     pos = _positionals(argv)
@@ -812,7 +821,40 @@ def blocked_reason(name: str, argv: Sequence[str]) -> str | None:
         starts = [a for a in argv[1:] if not a.startswith("-") and a not in ("(", ")", "!")]
         if starts and is_protected(starts[0]):
             return f"`find {starts[0]} -delete` would delete the system"
+    for target in _output_options(name, argv):
+        if is_critical_file(target) or is_disk(target):
+            return f"`{name}` would overwrite `{target}`"
     return None
+
+
+# Options that name an output file, per program.
+_OUTPUT_OPTIONS: dict[str, tuple[str, ...]] = {
+    "sort": ("-o", "--output"),
+    "shuf": ("-o", "--output"),
+    "base64": ("-o", "--output"),
+    "tree": ("-o",),
+    "curl": ("-o", "--output"),
+    "wget": ("-O", "--output-document", "-o", "--output-file", "-a", "--append-output"),
+    "time": ("-o", "--output"),
+    "journalctl": ("--cursor-file",),
+}
+
+
+def _output_options(name: str, argv: Sequence[str]) -> list[str]:
+    """Files a command writes through an option (`sort -o F`) or a second operand (`uniq A B`)."""
+    out: list[str] = []
+    opts = _OUTPUT_OPTIONS.get(name, ())
+    for i, arg in enumerate(argv[1:], 1):
+        for opt in opts:
+            if arg == opt and i + 1 < len(argv):
+                out.append(argv[i + 1])
+            elif opt.startswith("--") and arg.startswith(opt + "="):
+                out.append(arg.split("=", 1)[1])
+            elif not opt.startswith("--") and arg.startswith(opt) and len(arg) > len(opt):
+                out.append(arg[len(opt) :])
+    if name in ("uniq", "xxd"):
+        out.extend(_positionals(argv)[1:])
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -1417,6 +1459,9 @@ def _policy_git(argv: list[str]) -> Verdict | None:
     )
     if sub == "rebase" and has_flag(sub_argv, "x", {"--exec"}):
         return Verdict("process", "high", "`git rebase --exec` runs commands")
+    elsewhere = [v for v in opts.values("-C", "--git-dir", "--work-tree") if _outside_workspace(v)]
+    if elsewhere and mutate.risk == "medium":
+        mutate = Verdict(mutate.action, "high", f"{_cap(mutate.reason)} in `{elsewhere[0]}`")
     if sub == "branch":
         o = getopt(sub_argv, flags=_GIT_BRANCH_FLAGS, values=_GIT_BRANCH_VALUES)
         if o.error or (o.positionals and not o.has("-l", "--list")):
@@ -1664,7 +1709,9 @@ class _Analyzer:
         self.commands: list[list[str]] = []
         self.programs: list[str] = []  # effective program names, in order seen
         self.complex = False  # anything but one plain simple command
-        self.stdin_download = False  # the current command's stdin is a download
+        # Where later commands run: None = the workspace; "?" = somewhere unknown
+        # outside it; else a canonical path (`cd /etc && rm -rf *`).
+        self.cwd: str | None = None
         self.simple_count = 0
         self.text = ""
 
@@ -1710,6 +1757,7 @@ class _Analyzer:
 
     def sub(self, text: str) -> _Analyzer:
         inner = _Analyzer(self.depth + 1)
+        inner.cwd = self.cwd
         inner.analyze(text)
         self.merge(inner)
         return inner
@@ -1842,7 +1890,9 @@ class _Analyzer:
             stack.extend(getattr(part, "parts", None) or [])
         return arg
 
-    def redirect(self, node: Any) -> None:
+    def redirect(self, node: Any) -> tuple[str, str] | None:
+        """Judge a redirection. Returns what it feeds to stdin, when that matters:
+        ("download", "") for `< <(curl …)`, ("text", body) for here-documents/strings."""
         rtype = node.type
         out = node.output
         if rtype in ("<<", "<<-"):
@@ -1852,11 +1902,14 @@ class _Analyzer:
                 self.add(
                     Verdict("unknown", "medium", "A here-document with expansions needs approval.")
                 )
-            return
+            # the body ends with the delimiter line
+            return ("text", body.rsplit("\n", 1)[0] if "\n" in body else "")
         if isinstance(out, str):  # `2>&-`: closing a descriptor
             if out == "-" and rtype in (">&", "<&"):
                 return
-            self.add(Verdict("unknown", "high", f"The redirection `{rtype}{out}` is not understood."))
+            self.add(
+                Verdict("unknown", "high", f"The redirection `{rtype}{out}` is not understood.")
+            )
             return
         if isinstance(out, int):
             if rtype in (">&", "<&"):
@@ -1869,15 +1922,16 @@ class _Analyzer:
         target = target_arg.word
         self.complex = True
         if rtype == "<<<":
-            return
+            return ("text", target)
         if rtype in ("<", "<&", "<>") and _is_bash_socket(target):
             self.add(Verdict("network", "high", f"`{target}` opens a network connection."))
             return
         if rtype in ("<", "<&"):
             if rtype == "<&" and target == "-":
                 return
+            stdin = None
             if any(p.startswith("<") and p[1:-1] in DOWNLOADERS for p in target_arg.params):
-                self.stdin_download = True
+                stdin = ("download", "")
             reason = secret_reason(target)
             if reason:
                 self.add(Verdict("read", "high", f"{reason}; reading it needs approval."))
@@ -1885,17 +1939,27 @@ class _Analyzer:
                 self.add(
                     Verdict("read", "medium", f"The input file `{target}` is computed at run time.")
                 )
-            return
+            return stdin
         if rtype in (">", ">>", ">|", "&>", "&>>", ">&", "<>"):
             if rtype == ">&" and target == "-":
                 return
             path = canonical_path(target) or target
             if path in HARMLESS_DEVICES and target_arg.literal:
                 return
+            if _is_bash_socket(target):
+                self.add(Verdict("network", "high", f"`{target}` opens a network connection."))
+                return
+            target = resolve_operand(target, self.cwd)
             if is_disk(target) or is_critical_file(target):
                 self.add(_block(f"Redirecting output onto `{target}` would destroy it."))
                 return
-            if not target_arg.literal or _outside_workspace(target) or ".git" in target.split("/"):
+            outside = self.cwd is not None and (self.cwd == "?" or _outside_workspace(target))
+            if (
+                outside
+                or not target_arg.literal
+                or _outside_workspace(target)
+                or ".git" in target.split("/")
+            ):
                 self.add(
                     Verdict(
                         "write",
@@ -1913,7 +1977,7 @@ class _Analyzer:
     def command(self, node: Any) -> list[str] | None:
         args: list[Arg] = []
         assigns: list[str] = []
-        self.stdin_download = False
+        stdin: tuple[str, str] | None = None
         for part in node.parts:
             pk = part.kind
             if pk == "word":
@@ -1923,7 +1987,7 @@ class _Analyzer:
                 self.word(part)  # substitutions inside the value
                 assigns.append(part.word)
             elif pk == "redirect":
-                self.redirect(part)
+                stdin = self.redirect(part) or stdin
             else:
                 self.complex = True
                 self.add(Verdict("unknown", "high", f"`{pk}` in a command is not understood."))
@@ -1947,10 +2011,15 @@ class _Analyzer:
                 )
         if not argv:
             return None
-        stdin_download = self.stdin_download
         verdict, effective = self.judge(args)
-        if stdin_download and effective and _runs_stdin_as_code(effective):
-            verdict = _block(f"Feeding a download to `{_prog_name(effective[0])}` runs unreviewed code.")
+        if stdin and effective and _runs_stdin_as_code(effective):
+            runner = _prog_name(effective[0])
+            if stdin[0] == "download":
+                verdict = _block(f"Feeding a download to `{runner}` runs unreviewed code.")
+            elif runner in SHELLS or runner in ("eval", "source", "."):
+                # `bash <<EOF … EOF`, `sh <<< "…"`: the text is the script; judge it too
+                inner = self.sub(stdin[1])
+                verdict = _worse(verdict, worst(inner.verdicts))
         self.add(verdict)
         return effective
 
@@ -1974,9 +2043,11 @@ class _Analyzer:
         prog = head.word
         name = _prog_name(prog)
         self.programs.append(name)
-        reason = blocked_reason(name, argv)
+        reason = blocked_reason(name, argv, self.cwd)
         if reason:
             return _block(reason[0].upper() + reason[1:] + "."), argv
+        if name in ("cd", "pushd"):
+            self._change_directory(args)
         if "/" in prog and posixpath.dirname(posixpath.normpath(prog)) not in SYSTEM_BIN_DIRS:
             v = Verdict(
                 "unknown",
@@ -2008,6 +2079,23 @@ class _Analyzer:
         if verdict.risk != "low" and not verdict.blocked:
             verdict = self._with_suffix_scan(verdict, args)
         return verdict, argv
+
+    def _change_directory(self, args: list[Arg]) -> None:
+        operands = [a for a in args[1:] if not a.word.startswith("-") or a.word == "-"]
+        if not operands:
+            self.cwd = "~"
+            return
+        target = operands[0]
+        if target.word == "-" or target.subst or (target.expand and not target.params):
+            self.cwd = "?"
+            return
+        path = canonical_path(target.word)
+        if path is not None:
+            self.cwd = path
+        elif self.cwd is None:
+            self.cwd = "?" if _escapes(target.word) else None
+        elif self.cwd != "?":
+            self.cwd = canonical_path(resolve_operand(target.word, self.cwd)) or "?"
 
     def _program(self, name: str, args: list[Arg]) -> Verdict:
         argv = [a.word for a in args]
@@ -2065,13 +2153,20 @@ class _Analyzer:
             if name in ("journalctl", "dmesg"):
                 action = "process"
             risk = "medium" if name not in ("rg",) else "high"
-            return Verdict(action, risk, policy[2][0].upper() + policy[2][1:] + ".")
+            v = Verdict(action, risk, _cap(policy[2]) + ".")
+            if action == "write":
+                targets = [Arg.plain(t) for t in _output_options(name, argv)]
+                return _worse(v, self._write_outside(name, targets, v.reason))
+            return v
         fn = POLICIES.get(name)
         if fn is not None:
             v = fn(argv)
             if v is not None:
                 reason = v.reason if v.reason.endswith(".") else v.reason + "."
-                return Verdict(v.action, v.risk, reason[0].upper() + reason[1:])
+                v = Verdict(v.action, v.risk, _cap(reason))
+                if v.action == "write" and v.risk == "medium":
+                    return _worse(v, self._write_outside(name, args[1:], v.reason))
+                return v
         if name in _CTL_READ:
             if len(argv) > 1 and argv[1] not in _CTL_READ[name]:
                 return Verdict("privileged", "high", f"`{name} {argv[1]}` changes system settings.")
@@ -2123,10 +2218,25 @@ class _Analyzer:
                 return Verdict("read", "high", f"{reason}; reading it needs approval.")
         return None
 
+    def _write_outside(self, name: str, operands: list[Arg], reason: str) -> Verdict | None:
+        """A `high` verdict when a write reaches outside the workspace, else None."""
+        if self.cwd is not None and (self.cwd == "?" or _outside_workspace(self.cwd + "/x")):
+            return Verdict(
+                "write", "high", f"{reason.rstrip('.')}, after `cd` out of the workspace."
+            )
+        for a in operands:
+            if a.word.startswith("-") or not a.word:
+                continue
+            if a.expand or a.subst or _outside_workspace(a.word) or ".git" in a.word.split("/"):
+                return Verdict("write", "high", f"{reason.rstrip('.')}, outside the workspace.")
+        return None
+
     def _write(self, name: str, args: list[Arg]) -> Verdict:
         reason = WRITE_PROGRAMS[name]
         if name == "sed":
             reason = "`sed -i` edits files in place"
+        if self.cwd is not None and (self.cwd == "?" or _outside_workspace(self.cwd + "/x")):
+            return Verdict("write", "high", f"{_cap(reason)}, after `cd` out of the workspace.")
         for a in args[1:]:
             if a.word.startswith("-") and a.word != "-":
                 continue
@@ -2156,7 +2266,7 @@ class _Analyzer:
         for i in range(1, len(argv)):
             name = _prog_name(argv[i])
             if name in SUFFIX_BLOCK_PROGRAMS or name.startswith("mkfs."):
-                reason = blocked_reason(name, argv[i:])
+                reason = blocked_reason(name, argv[i:], self.cwd)
                 if reason:
                     return _block(reason[0].upper() + reason[1:] + ".")
         return verdict
@@ -2254,6 +2364,7 @@ def _runs_stdin_as_code(argv: list[str]) -> bool:
             )
             or "-s" in rest
             or "-" in rest
+            or any(a in ("/dev/stdin", "/proc/self/fd/0", "/dev/fd/0") for a in rest)
         )
     if name in INTERPRETERS or _PYTHON_RE.match(name) or name in ("eval", "source", "."):
         positional = [a for a in rest if not a.startswith("-")]
@@ -2414,6 +2525,8 @@ def _env_wrapper(analyzer: _Analyzer, args: list[Arg]) -> tuple[Verdict, list[st
             Verdict("process", "high", f"`env` with an {opts.error} needs approval."), args
         ), argv
     for chdir in opts.values("-C", "--chdir"):
+        path = canonical_path(chdir)
+        analyzer.cwd = path if path is not None else ("?" if _escapes(chdir) else analyzer.cwd)
         if secret_reason(chdir):
             return Verdict(
                 "read", "high", f"`env -C {chdir}` enters a credentials directory."
@@ -2847,6 +2960,30 @@ def _refusal(command: str, c: Classification, error: str) -> ToolResult:
     )
 
 
+def _prepare(
+    command: str, fresh: Classification, workspace: Path
+) -> ToolResult | tuple[list[str], str, dict[str, str]]:
+    """argv, the program to run and its environment; or a refusal."""
+    if not workspace.is_dir():
+        return _refusal(command, fresh, f"workspace {str(workspace)!r} is not a directory")
+    env = scrubbed_env()
+    root = workspace.resolve()
+    env["PWD"] = str(root)
+    # A PATH entry inside the workspace would let a file there stand in for `ls`.
+    kept = [p for p in env["PATH"].split(":") if not Path(p).resolve().is_relative_to(root)]
+    env["PATH"] = ":".join(kept) or DEFAULT_PATH
+    if not fresh.requires_approval:
+        env.update(_AUTO_RUN_ENV)
+    if fresh.simple and fresh.commands:
+        argv = list(fresh.commands[0])
+        program = shutil.which(argv[0], path=env["PATH"]) if "/" not in argv[0] else argv[0]
+        if program is None:
+            return _refusal(command, fresh, f"command not found: {argv[0]}")
+        return argv, program, env
+    bash = shutil.which("bash", path=env["PATH"]) or shutil.which("bash") or "/bin/bash"
+    return ["bash", "--noprofile", "--norc", "-c", command], bash, env
+
+
 async def execute(
     command: str,
     classification: Classification,
@@ -2860,28 +2997,10 @@ async def execute(
     if classification.blocked or fresh.blocked:
         reason = fresh.reason if fresh.blocked else classification.reason
         return _refusal(command, fresh, f"Blocked: {reason}")
-    workspace = Path(workspace)
-    if not workspace.is_dir():
-        return _refusal(command, fresh, f"workspace {str(workspace)!r} is not a directory")
-    env = scrubbed_env()
-    root = workspace.resolve()
-    env["PWD"] = str(root)
-    # A PATH entry inside the workspace would let a file there stand in for `ls`.
-    env["PATH"] = ":".join(
-        p for p in env["PATH"].split(":") if not Path(p).resolve().is_relative_to(root)
-    ) or DEFAULT_PATH
-    if not fresh.requires_approval:
-        env.update(_AUTO_RUN_ENV)
-    if fresh.simple and fresh.commands:
-        argv = list(fresh.commands[0])
-        program = shutil.which(argv[0], path=env["PATH"]) if "/" not in argv[0] else argv[0]
-        if program is None:
-            return _refusal(command, fresh, f"command not found: {argv[0]}")
-        executable = program
-    else:
-        bash = shutil.which("bash", path=env["PATH"]) or shutil.which("bash") or "/bin/bash"
-        argv = ["bash", "--noprofile", "--norc", "-c", command]
-        executable = bash
+    prepared = _prepare(command, fresh, Path(workspace))
+    if isinstance(prepared, ToolResult):
+        return prepared
+    argv, executable, env = prepared
     started = time.monotonic()
     try:
         proc = await asyncio.create_subprocess_exec(
