@@ -96,6 +96,12 @@ class Settings(BaseSettings):
     matrix_password: str | None = Field(default=None, validation_alias="MATRIX_PASSWORD")
     matrix_access_token: str | None = Field(default=None, validation_alias="MATRIX_ACCESS_TOKEN")
 
+    # Whose invites the Matrix bot accepts: `@user:server`, `matrix:@user:server`,
+    # `server` or `:server`; empty means anybody's.
+    matrix_allowed_inviters: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias="DUCKLM_MATRIX_ALLOWED_INVITERS"
+    )
+
     @field_validator("slack_mode")
     @classmethod
     def _slack_mode(cls, value: str | None) -> str | None:
@@ -145,7 +151,7 @@ class Settings(BaseSettings):
             return None
         return value
 
-    @field_validator("approvers", "admins", "schedulers", mode="before")
+    @field_validator("approvers", "admins", "schedulers", "matrix_allowed_inviters", mode="before")
     @classmethod
     def _ids(cls, value: object) -> object:
         return _split_ids(value)

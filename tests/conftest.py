@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from tests.fakes.openai_server import FakeModelServer
     from tests.fakes.slack_api import FakeSlack
 
-pytest_plugins = ["tests.fakes.openai_server"]
+pytest_plugins = ["tests.fakes.openai_server", "tests.fakes.synapse"]
 
 THINKER = "test-thinker"
 ACTION = "test-action"

@@ -1,0 +1,178 @@
+"""Turning the bot's Markdown-ish text into Matrix message content.
+
+Every message carries a plain `body` (the Markdown source, which reads fine as
+text) and an HTML `formatted_body`. The HTML comes from markdown-it with raw
+HTML switched off, so model output can never inject markup: `<b>` in an answer
+arrives as the text `<b>`. Images are off (Matrix clients only load `mxc://`
+media, and a remote image would leak the reader's address), and links are kept
+only for http(s) and mailto.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from typing import Any
+
+from markdown_it import MarkdownIt
+
+from bot.admin import when
+from bot.backend import ApprovalCard, CardResolution
+
+HTML_FORMAT = "org.matrix.custom.html"
+NOTICE = "m.notice"
+
+# A Matrix event may be at most 65536 bytes of JSON; leave room for the envelope,
+# the relations and the HTML copy of the text.
+MAX_BODY_CHARS = 24_000
+MAX_EVENT_CONTENT_BYTES = 60_000
+
+APPROVE_KEY = "✅"
+DENY_KEY = "❌"
+ALWAYS_KEY = "♾️"
+
+_SAFE_LINK = re.compile(r"^(https?:|mailto:)", re.IGNORECASE)
+
+
+def _markdown() -> MarkdownIt:
+    md = MarkdownIt("commonmark", {"html": False, "breaks": True, "linkify": False})
+    md.enable(["table", "strikethrough"])
+    md.disable("image")
+    md.validateLink = lambda url: bool(_SAFE_LINK.match(url.strip()))  # type: ignore[method-assign]
+    return md
+
+
+_MD = _markdown()
+
+
+def clip_text(text: str, limit: int = MAX_BODY_CHARS) -> str:
+    if len(text) <= limit:
+        return text
+    return text[: limit - 40].rstrip() + "\n\n[… message shortened]"
+
+
+def render_html(markdown: str) -> str:
+    """Safe HTML for `markdown` (raw HTML escaped, unsafe links left as text)."""
+    return _MD.render(markdown).strip()
+
+
+def message_content(text: str, *, msgtype: str = NOTICE) -> dict[str, Any]:
+    """`m.room.message` content with a plain body and an HTML formatted_body."""
+    body = clip_text(text or "(empty)")
+    content: dict[str, Any] = {
+        "msgtype": msgtype,
+        "body": body,
+        "format": HTML_FORMAT,
+        "formatted_body": render_html(body),
+    }
+    if _size(content) > MAX_EVENT_CONTENT_BYTES:
+        # Markup can more than double the size: keep the plain body alone, and
+        # shorten that too if escaping (emoji, quotes) still makes it too big.
+        del content["format"], content["formatted_body"]
+        limit = len(body)
+        while _size(content) > MAX_EVENT_CONTENT_BYTES and limit > 100:
+            limit //= 2
+            content["body"] = clip_text(body, limit)
+    return content
+
+
+def _size(content: dict[str, Any]) -> int:
+    return len(json.dumps(content).encode())
+
+
+def mention_html(user_id: str, name: str | None = None) -> str:
+    """A pill: clients render a link to matrix.to/#/<user> as the person's chip."""
+    label = html.escape(name or user_id)
+    return f'<a href="https://matrix.to/#/{html.escape(user_id, quote=True)}">{label}</a>'
+
+
+def addressed_content(user_id: str, text: str, name: str | None = None) -> dict[str, Any]:
+    """A notice addressed to one person: `alice: text`, with a pill and m.mentions."""
+    content = message_content(f"{name or user_id}: {text}")
+    if "formatted_body" in content:
+        content["formatted_body"] = f"{mention_html(user_id, name)}: {render_html(text)}"
+    content["m.mentions"] = {"user_ids": [user_id]}
+    return content
+
+
+def with_mentions(
+    content: dict[str, Any], label: str, users: dict[str, str | None]
+) -> dict[str, Any]:
+    """Add a line `label: <pills>` that notifies `users` (user id -> display name)."""
+    if not users:
+        content["m.mentions"] = {}
+        return content
+    content["body"] += f"\n\n{label}: " + ", ".join(users)
+    if "formatted_body" in content:
+        pills = ", ".join(mention_html(user, name) for user, name in users.items())
+        content["formatted_body"] += f"\n<p>{html.escape(label)}: {pills}</p>"
+    content["m.mentions"] = {"user_ids": list(users)}
+    return content
+
+
+def fence(code: str) -> str:
+    """A fenced code block that survives backticks inside `code`."""
+    longest = max((len(run) for run in re.findall(r"`+", code)), default=0)
+    ticks = "`" * max(3, longest + 1)
+    return f"{ticks}\n{code}\n{ticks}"
+
+
+def inline_code(text: str) -> str:
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    ticks = "`" * (longest + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{ticks}{pad}{text}{pad}{ticks}"
+
+
+def card_markdown(card: ApprovalCard) -> str:
+    """The approval card: what would run, why, risk, who asked, until when, how to answer."""
+    lines = [
+        f"**Approval needed** — {card.risk_level} risk, {card.action_type} ({card.tool})",
+        fence(card.what),
+        f"**Why it needs approval:** {card.reason}",
+    ]
+    if card.model_reason:
+        lines.append(f"**Why the agent wants it:** {card.model_reason}")
+    asked = card.requested_by or "?"
+    lines.append(f"**Asked by:** {asked} · **expires:** {when(card.expires_at)}")
+    answers = [f"{APPROVE_KEY} approve", f"{DENY_KEY} deny"]
+    replies = "`approve`, `deny <reason>`"
+    if card.always_offered:
+        rule = f" ({card.always_rule})" if card.always_rule else ""
+        answers.append(f"{ALWAYS_KEY} always allow{rule}")
+        replies += " or `always`"
+    lines.append(
+        f"React {' · '.join(answers)} — or reply {replies} in this thread. "
+        f"Approval {inline_code(card.approval_id)}."
+    )
+    return "\n\n".join(lines)
+
+
+_OUTCOMES = {
+    "approve": f"{APPROVE_KEY} **Approved**",
+    "deny": f"{DENY_KEY} **Denied**",
+    "always": f"{ALWAYS_KEY} **Always allowed**",
+    "expired": "⌛ **Expired** — nobody answered in time; nothing ran",
+}
+
+
+def resolution_markdown(card: ApprovalCard, resolution: CardResolution) -> str:
+    """The card after the decision: the action, then who decided what and when."""
+    outcome = _OUTCOMES.get(resolution.decision, f"**{resolution.decision}**")
+    line = outcome
+    if resolution.decided_by and resolution.decision != "expired":
+        line += f" by {resolution.decided_by}"
+    if resolution.decided_at is not None:
+        line += f" at {when(resolution.decided_at)}"
+    parts = [
+        f"**Approval** — {card.risk_level} risk, {card.action_type} ({card.tool})",
+        fence(card.what),
+        line + ".",
+    ]
+    if resolution.decision == "always" and card.always_rule:
+        parts.append(f"Rule: {card.always_rule}.")
+    if resolution.note:
+        parts.append(f"Note: {resolution.note}")
+    parts.append(f"Approval {inline_code(card.approval_id)}.")
+    return "\n\n".join(parts)
