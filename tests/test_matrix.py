@@ -677,3 +677,69 @@ async def test_network_faults_are_retried(
         await alice.wait_for(bot_notice(duck, again, "answered across the outage"), "the answer")
     finally:
         await proxy.stop()
+
+
+async def test_direct_commands_without_a_model(
+    tmp_path: Path,
+    synapse: SynapseServer,
+    duck: str,
+    people: dict[str, str],
+    alice: MatrixUser,
+    bob: MatrixUser,
+    clean_env: None,
+) -> None:
+    """Issue #8 on Matrix: no model server at all; read-only, approved, denied and
+    blocked direct commands, each with its audit trail."""
+    settings = make_settings(
+        tmp_path,
+        matrix_homeserver=synapse.base_url,
+        matrix_user_id=duck,
+        matrix_password=PASSWORD,
+        approvers=[f"matrix:{people['alice']}"],
+    )
+    runtime = await build_runtime(settings)
+    service = ChatService(runtime)
+    platform = MatrixPlatform(service, runtime.settings)
+    await platform.start()
+    bot = Bot(runtime, service, platform)
+    try:
+        assert runtime.model is None
+        room = await room_with_bot(alice, duck, bob)
+        workspace = tmp_path / "workspace"
+
+        async def trail(root: str) -> list[dict[str, Any]]:
+            (task,) = await runtime.stores.tasks.list_by_conversation(
+                Thread("matrix", room, root).key
+            )
+            events = await runtime.stores.events.list_events(task.task_id)
+            assert events[1].event_type == "direct_command"
+            assert not any(e.event_type.startswith("model_call") for e in events)
+            return [e.payload for e in events if e.event_type == "command_audit"]
+
+        ran = await bob.say(room, "!duck run uname -s")
+        await bob.wait_for(bot_notice(duck, ran, "Linux"), "the read-only output")
+        (audit,) = await trail(ran)
+        assert audit["risk_level"] == "low" and audit["ok"] and not audit["approved"]
+
+        approved = await bob.say(room, "!duck run touch approved.txt")
+        card = await bob.wait_for(bot_notice(duck, approved, "Approval needed"), "a card")
+        assert not (workspace / "approved.txt").exists()
+        await alice.react(room, card["event_id"], "✅")
+        await bob.wait_for(bot_notice(duck, approved, "touch approved.txt` ("), "the run")
+        assert (workspace / "approved.txt").exists()
+        assert [a["approved"] for a in await trail(approved)] == [False, True]
+
+        denied = await bob.say(room, "!duck run touch denied.txt")
+        await bob.wait_for(bot_notice(duck, denied, "Approval needed"), "a card")
+        await alice.say(room, "deny not today", thread=denied)
+        await bob.wait_for(bot_notice(duck, denied, "did not run"), "the denial")
+        assert not (workspace / "denied.txt").exists()
+        assert [a["approved"] for a in await trail(denied)] == [False, False]
+
+        blocked = await bob.say(room, "!duck run mkfs.ext4 /dev/sda1")
+        await bob.wait_for(bot_notice(duck, blocked, "blocked"), "the refusal")
+        (audit,) = await trail(blocked)
+        assert audit["blocked"] and audit["risk_level"] == "critical"
+        assert await runtime.approvals.pending() == []
+    finally:
+        await bot.stop()
