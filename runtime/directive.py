@@ -93,36 +93,51 @@ def _find_json(text: str) -> Any:
     fences first and then in the whole text; failing that, the first JSON
     value at all (so the shape check can say what is wrong with it)."""
     budget = _Budget()
-    regions = [m.group(1) for m in _FENCE.finditer(text)]
+    regions = [r for r in (m.group(1) for m in _FENCE.finditer(text)) if _whole(r, budget)]
     regions.append(text)
     errors: list[str] = []
     first: Any = _NOTHING
     for region in regions:
-        for value in _values(region, budget, errors):
-            if _looks_like_directive(value):
+        for value, after_cut in _values(region, budget, errors):
+            if _looks_like_directive(value, after_cut=after_cut):
                 return value
-            if first is _NOTHING:
+            if first is _NOTHING and not after_cut:
                 first = value
     if first is not _NOTHING:
         return first
     raise DirectiveError(errors[0] if errors else "no JSON object in the answer")
 
 
+def _whole(region: str, budget: _Budget) -> bool:
+    """Is the fenced text exactly one JSON object or array? A fence the regex cut
+    short (a ``` inside a JSON string) is not, and must not yield a fragment."""
+    body = region.strip()
+    if body[:1] not in ("{", "["):
+        return False
+    end, _ = _balanced_end(body, 0, budget)
+    return end == len(body)
+
+
 _NOTHING = object()
 
 
-def _looks_like_directive(value: Any) -> bool:
+def _looks_like_directive(value: Any, *, after_cut: bool = False) -> bool:
     # Prose such as "step [1]" or "{name}" often precedes the real answer.
     if isinstance(value, dict):
-        return "actions" in value or "tool" in value
-    if isinstance(value, list):
+        if "actions" in value:
+            return True
+        # After a cut-off (unbalanced) span, a bare action object is most likely
+        # one action out of a truncated directive: never run a fragment.
+        return "tool" in value and not after_cut
+    if isinstance(value, list) and not after_cut:
         return not value or (isinstance(value[0], dict) and "tool" in value[0])
     return False
 
 
-def _values(region: str, budget: _Budget, errors: list[str]) -> Iterator[Any]:
+def _values(region: str, budget: _Budget, errors: list[str]) -> Iterator[tuple[Any, bool]]:
     """Every balanced {...}/[...] span of `region` (string-aware, outermost
-    only) that parses as JSON; why the others did not goes to `errors`."""
+    only) that parses as JSON, with whether an unbalanced span came before it
+    (it may then be nested in cut-off JSON); why others failed goes to `errors`."""
     pos = 0
     unbalanced_retries = 0
     while True:
@@ -141,7 +156,7 @@ def _values(region: str, budget: _Budget, errors: list[str]) -> Iterator[Any]:
             continue
         try:
             # Depth is already bounded by the scan, so json cannot recurse far.
-            yield json.loads(region[start:end])
+            yield json.loads(region[start:end]), unbalanced_retries > 0
         except (ValueError, RecursionError) as exc:
             errors.append(f"invalid JSON: {_json_problem(exc)}")
         # Skip the whole span: keeps the scan linear ("[1] then {...}").

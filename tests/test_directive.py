@@ -267,3 +267,20 @@ def test_valid_directives_round_trip(actions: list[dict], wrapper: str) -> None:
     directive = parse_directive(text)
     assert [a.tool for a in directive.actions] == [a["tool"].strip() for a in actions]
     assert [a.args for a in directive.actions] == [a["args"] for a in actions]
+
+
+def test_a_fence_inside_a_json_string_does_not_cut_the_directive() -> None:
+    actions = [{"tool": "a", "args": {}}, {"tool": "b", "args": {"note": "```"}}]
+    text = "```json\n" + json.dumps({"actions": actions}) + "\n```"
+    assert [a.tool for a in parse_directive(text).actions] == ["a", "b"]
+
+
+def test_a_cut_off_directive_never_yields_one_of_its_actions() -> None:
+    cut = (
+        '{"actions": [{"tool": "shell_exec_safe", "args": {"command": "ls"}}, '
+        '{"tool": "shell_exec_safe", "args": {"command": "rm -rf build"'
+    )
+    with pytest.raises(DirectiveError, match="cut off"):
+        parse_directive(cut)
+    with pytest.raises(DirectiveError):
+        parse_directive("```json\n" + cut + "\n```")
