@@ -152,6 +152,13 @@ def test_classify_never_raises_on_decoded_bytes(text: str) -> None:
 def test_shell_like_noise_never_raises_and_is_not_silently_read_only(text: str) -> None:
     c = classify(text)
     quoted = any(q in text for q in ("'", '"', "\\", "#"))  # could hide the token as data
-    dangerous = any(t in text.split() for t in ("rm", "sudo", "bash", ">", "$(", "`", "&"))
+    words = text.split()
+    # A program name is dangerous in command position (`ls rm` only lists a file
+    # named rm); these operators are dangerous anywhere.
+    starts = {"|", "&&", ";", "&", "(", "{", "then", "do", "$(", "`", "<("}
+    programs = {w for i, w in enumerate(words) if i == 0 or words[i - 1] in starts}
+    dangerous = bool(programs & {"rm", "sudo", "bash"}) or any(
+        t in words for t in (">", "$(", "`", "&")
+    )
     if dangerous and not quoted:
         assert c.requires_approval, text

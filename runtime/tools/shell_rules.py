@@ -25,13 +25,8 @@ from typing import Any, Protocol
 
 import bashlex
 
-from runtime.tools.shell import (
-    _PYTHON_RE,
-    INTERPRETERS,
-    MAX_PARSE_CHARS,
-    SHELLS,
-    classify,
-)
+from runtime.tools.shell import INTERPRETERS, MAX_PARSE_CHARS, SHELLS, classify
+from runtime.tools.shell.programs import _PYTHON_RE
 
 RULE_KINDS = ("exact", "prefix")
 

@@ -1,0 +1,71 @@
+"""`shell_exec_safe`: classify a shell command, then run it hardened.
+
+Classification parses the command with a real shell parser (bashlex) and
+judges every simple command it finds, through wrappers (`sudo`, `env`,
+`timeout`, …), command strings (`bash -c`, `eval`) and substitutions. The
+rule is "prove it read-only or ask": only a known read-only program with flags
+known to be harmless runs without approval. Anything the classifier does not
+understand needs approval; destroying the machine is blocked outright.
+
+Execution runs a simple command as argv (no shell), anything else with
+`bash -c`, always in the workspace, with stdin closed, a scrubbed environment,
+resource limits, capped output and a timeout that kills the whole process
+group.
+
+The package, one module per concept, in dependency order:
+
+- `limits`: size and nesting limits.
+- `verdict`: `Classification`, `Verdict` and how verdicts combine (`worst`).
+- `options`: GNU-style option parsing (`getopt`, `has_flag`).
+- `programs`: tables of programs by what they do.
+- `paths`: protected, critical, disk and secret paths; `canonical_path`.
+- `blocking`: the blocked forms (`blocked_reason`).
+- `policies`: per-program read-only policies (`find`, `sed`, `git`, …).
+- `words`: `Arg`, one word and what the shell does to it.
+- `analyzer`: the tree walker and the wrappers it looks through.
+- `classifier`: `classify`, the entry point.
+- `execution`: `execute` and `scrubbed_env`.
+- `tool`: `ShellTool`.
+
+This module re-exports the public API; private helpers stay in their modules.
+"""
+
+from __future__ import annotations
+
+from runtime.tools.shell.blocking import blocked_reason
+from runtime.tools.shell.classifier import classify
+from runtime.tools.shell.execution import execute, scrubbed_env
+from runtime.tools.shell.limits import MAX_COMMAND_CHARS, MAX_NESTING, MAX_PARSE_CHARS
+from runtime.tools.shell.paths import (
+    canonical_path,
+    is_critical_file,
+    is_disk,
+    is_protected,
+    secret_reason,
+)
+from runtime.tools.shell.policies import sed_script_problem
+from runtime.tools.shell.programs import INTERPRETERS, SHELLS
+from runtime.tools.shell.tool import ShellTool
+from runtime.tools.shell.verdict import Classification, Verdict, worst
+
+__all__ = [
+    "INTERPRETERS",
+    "MAX_COMMAND_CHARS",
+    "MAX_NESTING",
+    "MAX_PARSE_CHARS",
+    "SHELLS",
+    "Classification",
+    "ShellTool",
+    "Verdict",
+    "blocked_reason",
+    "canonical_path",
+    "classify",
+    "execute",
+    "is_critical_file",
+    "is_disk",
+    "is_protected",
+    "scrubbed_env",
+    "secret_reason",
+    "sed_script_problem",
+    "worst",
+]

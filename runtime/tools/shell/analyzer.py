@@ -1,0 +1,1097 @@
+"""The analyser: walks bashlex's tree and judges every simple command in it.
+
+`_Analyzer` descends through lists, pipelines, compounds, functions,
+redirections, substitutions and command strings (`bash -c`, `eval`, here
+documents), and judges each simple command against the blocked forms, the
+program tables and the per-program policies. Text the parser rejects still
+gets a crude scan for blocked forms.
+
+The wrappers (`sudo`, `env`, `timeout`, `xargs`, `su -c`, …) live here too:
+they are judged by what they wrap, so they call back into the analyser, and
+the analyser looks them up by name. The two depend on each other, so they
+share one module rather than a deferred import.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+import shlex
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import bashlex
+
+from runtime.tools.shell.blocking import _output_options, blocked_reason, resolve_operand
+from runtime.tools.shell.limits import MAX_NESTING, MAX_PARSE_CHARS
+from runtime.tools.shell.options import _opts, getopt, has_flag
+from runtime.tools.shell.paths import (
+    HARMLESS_DEVICES,
+    _escapes,
+    _outside_workspace,
+    canonical_path,
+    is_critical_file,
+    is_disk,
+    secret_reason,
+)
+from runtime.tools.shell.policies import (
+    _CTL_READ,
+    _SUBCOMMAND_PROGRAMS,
+    POLICIES,
+    READ_ONLY_PROGRAMS,
+)
+from runtime.tools.shell.programs import (
+    _PYTHON_RE,
+    _UPLOAD_OPTIONS,
+    DOWNLOADERS,
+    FLAG_POLICIES,
+    FLAG_SENSITIVE,
+    INTERPRETERS,
+    NETWORK_PROGRAMS,
+    NON_READING,
+    PACKAGE_PROGRAMS,
+    PAGERS,
+    PRIVILEGED_PROGRAMS,
+    PROCESS_PROGRAMS,
+    SAFE_VARIABLES,
+    SHELLS,
+    SUFFIX_BLOCK_PROGRAMS,
+    SYSTEM_BIN_DIRS,
+    WRITE_PROGRAMS,
+)
+from runtime.tools.shell.verdict import Verdict, _block, _cap, _read, _worse, worst
+from runtime.tools.shell.words import _PLAIN_PARAM, Arg, _raw_features
+
+# --------------------------------------------------------------------------
+# The analyser
+# --------------------------------------------------------------------------
+
+
+class _Analyzer:
+    def __init__(self, depth: int = 0) -> None:
+        self.depth = depth
+        self.verdicts: list[Verdict] = []
+        self.commands: list[list[str]] = []
+        self.programs: list[str] = []  # effective program names, in order seen
+        self.complex = False  # anything but one plain simple command
+        # Where later commands run: None = the workspace; "?" = somewhere unknown
+        # outside it; else a canonical path (`cd /etc && rm -rf *`).
+        self.cwd: str | None = None
+        self.simple_count = 0
+        self.text = ""
+
+    # -- entry -----------------------------------------------------------
+
+    def analyze(self, text: str) -> None:
+        self.text = text
+        if self.depth > MAX_NESTING:
+            self.add(Verdict("unknown", "high", "The command nests shells too deeply to judge."))
+            return
+        if not text.strip():
+            self.add(Verdict("unknown", "high", "The command is empty."))
+            return
+        if len(text) > MAX_PARSE_CHARS:
+            self.add(Verdict("unknown", "high", "The command is too long to judge."))
+            self._fallback(text)
+            return
+        try:
+            nodes = bashlex.parse(text)
+        except Exception as exc:  # bashlex raises many kinds on odd input
+            self.add(
+                Verdict(
+                    "unknown",
+                    "high",
+                    "The command could not be parsed as shell "
+                    f"({_short_error(exc)}), so it needs approval.",
+                )
+            )
+            self._fallback(text)
+            return
+        if len(nodes) > 1:
+            self.complex = True
+        for node in nodes:
+            self.node(node)
+
+    def add(self, verdict: Verdict) -> None:
+        self.verdicts.append(verdict)
+
+    def merge(self, other: _Analyzer) -> None:
+        self.verdicts.extend(other.verdicts)
+        self.commands.extend(other.commands)
+        self.programs.extend(other.programs)
+
+    def sub(self, text: str) -> _Analyzer:
+        inner = _Analyzer(self.depth + 1)
+        inner.cwd = self.cwd
+        inner.analyze(text)
+        self.merge(inner)
+        return inner
+
+    # -- tree ------------------------------------------------------------
+
+    def node(self, node: Any) -> list[str] | None:
+        kind = getattr(node, "kind", None)
+        if kind == "list":
+            self.complex = True
+            for part in node.parts:
+                if part.kind == "operator":
+                    if part.op == "&":
+                        self.add(
+                            Verdict(
+                                "process",
+                                "medium",
+                                "`&` leaves a command running in the background.",
+                            )
+                        )
+                    elif part.op not in (";", "&&", "||", "\n"):
+                        self.add(
+                            Verdict(
+                                "unknown", "high", f"The operator `{part.op}` is not understood."
+                            )
+                        )
+                else:
+                    self.node(part)
+            return None
+        if kind == "pipeline":
+            self.complex = True
+            effective: list[list[str] | None] = []
+            for part in node.parts:
+                if part.kind in ("pipe", "reservedword"):
+                    if part.kind == "reservedword" and part.word != "!":
+                        self.add(Verdict("unknown", "high", f"`{part.word}` is not understood."))
+                    continue
+                effective.append(self.node(part))
+            self._pipe_to_shell(effective)
+            return None
+        if kind == "command":
+            return self.command(node)
+        if kind == "compound":
+            self.complex = True
+            self.add(
+                Verdict(
+                    "unknown",
+                    "medium",
+                    "Loops, conditionals, subshells and `{ }` groups need approval.",
+                )
+            )
+            for part in node.list:
+                if part.kind == "reservedword":
+                    continue
+                if part.kind == "word":
+                    self.word(part)
+                else:
+                    self.node(part)
+            for redirect in getattr(node, "redirects", None) or []:
+                self.redirect(redirect)
+            return None
+        if kind in ("for", "if", "while", "until"):
+            self.complex = True
+            for part in node.parts:
+                if part.kind == "reservedword":
+                    continue
+                if part.kind == "word":
+                    self.word(part)
+                else:
+                    self.node(part)
+            return None
+        if kind == "function":
+            self.complex = True
+            name = node.name.word
+            body = _Analyzer(self.depth + 1)
+            body.node(node.body)
+            self.merge(body)
+            if name in body.programs or any(c and c[0] == name for c in body.commands):
+                self.add(_block(f"The function `{name}` calls itself: a fork bomb."))
+            self.add(
+                Verdict(
+                    "unknown", "medium", f"Defining the shell function `{name}` needs approval."
+                )
+            )
+            return None
+        self.complex = True
+        self.add(Verdict("unknown", "high", f"The shell construct `{kind}` is not understood."))
+        return None
+
+    def _pipe_to_shell(self, effective: list[list[str] | None]) -> None:
+        for i, left in enumerate(effective):
+            if not left or _prog_name(left[0]) not in DOWNLOADERS:
+                continue
+            for right in effective[i + 1 :]:
+                if right and _runs_stdin_as_code(right):
+                    self.add(
+                        _block(
+                            f"Piping a download (`{_prog_name(left[0])}`) into "
+                            f"`{_prog_name(right[0])}` runs unreviewed code."
+                        )
+                    )
+                    return
+
+    def word(self, node: Any) -> Arg:
+        """Scan a word node: substitutions are analysed as commands of their own."""
+        raw = self.text[node.pos[0] : node.pos[1]] if hasattr(node, "pos") else node.word
+        glob, brace, expand = _raw_features(raw)
+        arg = Arg(node.word, raw, glob=glob, brace=brace, expand=expand)
+        stack = list(getattr(node, "parts", None) or [])
+        while stack:
+            part = stack.pop()
+            pk = part.kind
+            if pk in ("commandsubstitution", "processsubstitution"):
+                arg.subst = True
+                self.complex = True
+                before = len(self.programs)
+                self.node(part.command)
+                inner = self.programs[before:]
+                what = (
+                    "Command substitution"
+                    if pk == "commandsubstitution"
+                    else "Process substitution"
+                )
+                self.add(Verdict("unknown", "medium", f"{what} (`{raw}`) needs approval."))
+                arg.params.extend(f"<{p}>" for p in inner)
+            elif pk == "parameter":
+                arg.params.append(part.value)
+            elif pk == "tilde":
+                arg.tilde = True
+            stack.extend(getattr(part, "parts", None) or [])
+        return arg
+
+    def redirect(self, node: Any) -> tuple[str, str] | None:
+        """Judge a redirection. Returns what it feeds to stdin, when that matters:
+        ("download", "") for `< <(curl …)`, ("text", body) for here-documents/strings."""
+        rtype = node.type
+        out = node.output
+        if rtype in ("<<", "<<-"):
+            self.complex = True
+            body = getattr(getattr(node, "heredoc", None), "value", "") or ""
+            if "$" in body or "`" in body or "\\" in body:
+                self.add(
+                    Verdict("unknown", "medium", "A here-document with expansions needs approval.")
+                )
+            # the body ends with the delimiter line
+            return ("text", body.rsplit("\n", 1)[0] if "\n" in body else "")
+        if isinstance(out, str):  # `2>&-`: closing a descriptor
+            if out == "-" and rtype in (">&", "<&"):
+                return
+            self.add(
+                Verdict("unknown", "high", f"The redirection `{rtype}{out}` is not understood.")
+            )
+            return
+        if isinstance(out, int):
+            if rtype in (">&", "<&"):
+                return  # 2>&1 and friends: fd duplication
+            self.add(
+                Verdict("unknown", "high", f"The redirection `{rtype}{out}` is not understood.")
+            )
+            return
+        target_arg = self.word(out)
+        target = target_arg.word
+        self.complex = True
+        if rtype == "<<<":
+            return ("text", target)
+        if rtype in ("<", "<&", "<>") and _is_bash_socket(target):
+            self.add(Verdict("network", "high", f"`{target}` opens a network connection."))
+            return
+        if rtype in ("<", "<&"):
+            if rtype == "<&" and target == "-":
+                return
+            stdin = None
+            if any(p.startswith("<") and p[1:-1] in DOWNLOADERS for p in target_arg.params):
+                stdin = ("download", "")
+            reason = secret_reason(target)
+            if reason:
+                self.add(Verdict("read", "high", f"{reason}; reading it needs approval."))
+            elif not target_arg.literal and not target_arg.tilde:
+                self.add(
+                    Verdict("read", "medium", f"The input file `{target}` is computed at run time.")
+                )
+            return stdin
+        if rtype in (">", ">>", ">|", "&>", "&>>", ">&", "<>"):
+            if rtype == ">&" and target == "-":
+                return
+            path = canonical_path(target) or target
+            if path in HARMLESS_DEVICES and target_arg.literal:
+                return
+            if _is_bash_socket(target):
+                self.add(Verdict("network", "high", f"`{target}` opens a network connection."))
+                return
+            target = resolve_operand(target, self.cwd)
+            if is_disk(target) or is_critical_file(target):
+                self.add(_block(f"Redirecting output onto `{target}` would destroy it."))
+                return
+            outside = self.cwd is not None and (self.cwd == "?" or _outside_workspace(target))
+            if (
+                outside
+                or not target_arg.literal
+                or _outside_workspace(target)
+                or ".git" in target.split("/")
+            ):
+                self.add(
+                    Verdict(
+                        "write",
+                        "high",
+                        f"Redirecting output into `{target}` writes outside the workspace.",
+                    )
+                )
+            else:
+                self.add(
+                    Verdict("write", "medium", f"Redirecting output into `{target}` writes a file.")
+                )
+            return
+        self.add(Verdict("unknown", "high", f"The redirection `{rtype}` is not understood."))
+
+    def command(self, node: Any) -> list[str] | None:
+        args: list[Arg] = []
+        assigns: list[str] = []
+        stdin: tuple[str, str] | None = None
+        for part in node.parts:
+            pk = part.kind
+            if pk == "word":
+                args.append(self.word(part))
+            elif pk == "assignment":
+                self.complex = True
+                self.word(part)  # substitutions inside the value
+                assigns.append(part.word)
+            elif pk == "redirect":
+                stdin = self.redirect(part) or stdin
+            else:
+                self.complex = True
+                self.add(Verdict("unknown", "high", f"`{pk}` in a command is not understood."))
+        argv = [a.word for a in args]
+        if argv:
+            self.commands.append(argv)
+        self.simple_count += 1
+        if assigns:
+            names = ", ".join(f"`{a.split('=', 1)[0]}`" for a in assigns)
+            if argv:
+                self.add(
+                    Verdict(
+                        "process",
+                        "high",
+                        f"Setting environment variables ({names}) can change what a command runs.",
+                    )
+                )
+            else:
+                self.add(
+                    Verdict("process", "high", f"Setting shell variables ({names}) needs approval.")
+                )
+        if not argv:
+            return None
+        verdict, effective = self.judge(args)
+        if stdin and effective and _runs_stdin_as_code(effective):
+            runner = _prog_name(effective[0])
+            if stdin[0] == "download":
+                verdict = _block(f"Feeding a download to `{runner}` runs unreviewed code.")
+            elif runner in SHELLS or runner in ("eval", "source", "."):
+                # `bash <<EOF … EOF`, `sh <<< "…"`: the text is the script; judge it too
+                inner = self.sub(stdin[1])
+                verdict = _worse(verdict, worst(inner.verdicts))
+        self.add(verdict)
+        return effective
+
+    # -- simple commands -------------------------------------------------
+
+    def judge(self, args: list[Arg]) -> tuple[Verdict, list[str]]:
+        """Judge one simple command (already split into words)."""
+        argv = [a.word for a in args]
+        head = args[0]
+        if (not head.literal and head.raw != "[") or not head.word:
+            self.complex = True
+            self.programs.append("?")
+            return (
+                Verdict(
+                    "unknown",
+                    "high",
+                    f"The program name `{head.raw}` is computed when the command runs.",
+                ),
+                argv,
+            )
+        prog = head.word
+        name = _prog_name(prog)
+        self.programs.append(name)
+        reason = blocked_reason(name, argv, self.cwd)
+        if reason:
+            return _block(reason[0].upper() + reason[1:] + "."), argv
+        if name in ("cd", "pushd"):
+            self._change_directory(args)
+        if "/" in prog and posixpath.dirname(posixpath.normpath(prog)) not in SYSTEM_BIN_DIRS:
+            v = Verdict(
+                "unknown",
+                "high",
+                f"`{prog}` runs a program from a path the classifier does not know.",
+            )
+            return self._with_suffix_scan(v, args), argv
+        wrapper = WRAPPERS.get(name)
+        if wrapper is not None:
+            return wrapper(self, args)
+        if name in SHELLS:
+            return self._shell(args), argv
+        if name in ("eval",):
+            self.complex = True
+            if self._subst_download(args):
+                return _block("`eval` of a download runs unreviewed code."), argv
+            inner = self.sub(" ".join(argv[1:]))
+            return _floor(
+                inner, Verdict("process", "high", "`eval` runs a string as shell code.")
+            ), argv
+        if name in ("source", "."):
+            self.complex = True
+            if self._subst_download(args):
+                return _block(f"`{name}` of a download runs unreviewed code."), argv
+            return Verdict("process", "high", f"`{name}` runs a shell script in this shell."), argv
+        if name in ("cd", "type"):
+            self.complex = True  # shell builtins: run through bash
+        verdict = self._program(name, args)
+        if verdict.risk != "low" and not verdict.blocked:
+            verdict = self._with_suffix_scan(verdict, args)
+        return verdict, argv
+
+    def _change_directory(self, args: list[Arg]) -> None:
+        operands = [a for a in args[1:] if not a.word.startswith("-") or a.word == "-"]
+        if not operands:
+            self.cwd = "~"
+            return
+        target = operands[0]
+        if target.word == "-" or target.subst or (target.expand and not target.params):
+            self.cwd = "?"
+            return
+        path = canonical_path(target.word)
+        if path is not None:
+            self.cwd = path
+        elif self.cwd is None:
+            self.cwd = "?" if _escapes(target.word) else None
+        elif self.cwd != "?":
+            self.cwd = canonical_path(resolve_operand(target.word, self.cwd)) or "?"
+
+    def _program(self, name: str, args: list[Arg]) -> Verdict:
+        argv = [a.word for a in args]
+        argv[0] = name
+        secret = self._secret(name, args)
+        if name in READ_ONLY_PROGRAMS:
+            v = self._read_only(name, argv, args)
+            if v.risk == "low" and secret:
+                return secret
+            return _worse(v, secret)
+        if name in INTERPRETERS or _PYTHON_RE.match(name):
+            if argv[1:] in (["--version"], ["-V"], ["-v"], ["version"]):
+                return _read(f"`{name} --version` only prints a version.")
+            if self._subst_download(args):
+                return _block(f"Running a download with `{name}` runs unreviewed code.")
+            return _worse(Verdict("process", "high", f"`{name}` runs code."), secret)
+        if name in PAGERS:
+            return Verdict(
+                "unknown",
+                "medium",
+                f"`{name}` is an interactive program that can run commands; use `cat` or `head`.",
+            )
+        if name in DOWNLOADERS:
+            sends = has_flag(argv, "TdFXu", _UPLOAD_OPTIONS)
+            if sends:
+                return _worse(
+                    Verdict("network", "high", f"`{name}` sends data over the network."), secret
+                )
+            return _worse(
+                Verdict("network", "medium", f"`{name}` contacts the network and may write files."),
+                secret,
+            )
+        if name in WRITE_PROGRAMS:
+            return _worse(self._write(name, args), secret)
+        if name in PROCESS_PROGRAMS:
+            return Verdict("process", "high", PROCESS_PROGRAMS[name] + ".")
+        if name in PACKAGE_PROGRAMS:
+            return Verdict("package", "high", f"`{name}` installs, removes or changes packages.")
+        if name in NETWORK_PROGRAMS:
+            return Verdict("network", "high", NETWORK_PROGRAMS[name] + ".")
+        if name in PRIVILEGED_PROGRAMS or name.startswith("mkfs."):
+            return Verdict("privileged", "high", f"`{name}` changes system configuration.")
+        if name in ("init", "telinit"):
+            return Verdict("privileged", "high", f"`{name}` changes the system run level.")
+        if name in ("exec", "xargs"):  # reached only without a command to wrap
+            return Verdict("process", "high", f"`{name}` needs approval.")
+        return _worse(
+            Verdict("unknown", "high", f"`{name}` is not a program known to be read-only."), secret
+        )
+
+    def _read_only(self, name: str, argv: list[str], args: list[Arg]) -> Verdict:
+        policy = FLAG_POLICIES.get(name)
+        if policy and has_flag(argv, policy[0], policy[1]):
+            action = "write" if "writ" in policy[2] or "edit" in policy[2] else "process"
+            if name in ("journalctl", "dmesg"):
+                action = "process"
+            risk = "medium" if name not in ("rg",) else "high"
+            v = Verdict(action, risk, _cap(policy[2]) + ".")
+            if action == "write":
+                targets = [Arg.plain(t) for t in _output_options(name, argv)]
+                return _worse(v, self._write_outside(name, targets, v.reason))
+            return v
+        fn = POLICIES.get(name)
+        if fn is not None:
+            v = fn(argv)
+            if v is not None:
+                reason = v.reason if v.reason.endswith(".") else v.reason + "."
+                v = Verdict(v.action, v.risk, _cap(reason))
+                if v.action == "write" and v.risk == "medium":
+                    return _worse(v, self._write_outside(name, args[1:], v.reason))
+                return v
+        if name in _CTL_READ:
+            if len(argv) > 1 and argv[1] not in _CTL_READ[name]:
+                return Verdict("privileged", "high", f"`{name} {argv[1]}` changes system settings.")
+        words = self._word_problem(name, args)
+        if words:
+            return words
+        label = name
+        if name in _SUBCOMMAND_PROGRAMS:
+            verb = next((a for a in argv[1:] if not a.startswith("-")), None)
+            label = f"{name} {verb}" if verb else name
+        return _read(f"`{label}` only reads.")
+
+    def _word_problem(self, name: str, args: list[Arg]) -> Verdict | None:
+        sensitive = name in FLAG_SENSITIVE
+        for a in args[1:]:
+            if a.subst:
+                continue  # already judged as a substitution
+            if a.brace:
+                return Verdict("unknown", "medium", f"Brace expansion in `{a.raw}` needs approval.")
+            for p in a.params:
+                if p.startswith("<"):
+                    continue
+                if not _PLAIN_PARAM.fullmatch(p):
+                    return Verdict(
+                        "unknown", "medium", f"The expansion `{a.raw}` is not understood."
+                    )
+                if sensitive and p not in SAFE_VARIABLES:
+                    return Verdict(
+                        "unknown", "medium", f"`${p}` could expand to an option of `{name}`."
+                    )
+            if a.expand and not a.params:
+                return Verdict(
+                    "unknown", "medium", f"The expansion in `{a.raw}` is not understood."
+                )
+            if sensitive and a.glob and a.raw[:1] in "*?[":
+                return Verdict(
+                    "unknown",
+                    "medium",
+                    f"The glob `{a.raw}` could expand to a file named like an option of `{name}`.",
+                )
+        return None
+
+    def _secret(self, name: str, args: list[Arg]) -> Verdict | None:
+        if name in NON_READING:
+            return None
+        for a in args[1:]:
+            reason = secret_reason(a.word)
+            if reason:
+                return Verdict("read", "high", f"{reason}; reading it needs approval.")
+        return None
+
+    def _write_outside(self, name: str, operands: list[Arg], reason: str) -> Verdict | None:
+        """A `high` verdict when a write reaches outside the workspace, else None."""
+        if self.cwd is not None and (self.cwd == "?" or _outside_workspace(self.cwd + "/x")):
+            return Verdict(
+                "write", "high", f"{reason.rstrip('.')}, after `cd` out of the workspace."
+            )
+        for a in operands:
+            if a.word.startswith("-") or not a.word:
+                continue
+            if a.expand or a.subst or _outside_workspace(a.word) or ".git" in a.word.split("/"):
+                return Verdict("write", "high", f"{reason.rstrip('.')}, outside the workspace.")
+        return None
+
+    def _write(self, name: str, args: list[Arg]) -> Verdict:
+        reason = WRITE_PROGRAMS[name]
+        if name == "sed":
+            reason = "`sed -i` edits files in place"
+        if self.cwd is not None and (self.cwd == "?" or _outside_workspace(self.cwd + "/x")):
+            return Verdict("write", "high", f"{_cap(reason)}, after `cd` out of the workspace.")
+        for a in args[1:]:
+            if a.word.startswith("-") and a.word != "-":
+                continue
+            if not a.literal and not a.tilde:
+                if name in ("rm", "shred", "mv", "chmod") and "$" in a.raw:
+                    return Verdict(
+                        "write",
+                        "high",
+                        f"{_cap(reason)}, and `{a.raw}` is only known at run time.",
+                    )
+                if a.expand or a.subst:
+                    return Verdict(
+                        "write",
+                        "high",
+                        f"{_cap(reason)}, and `{a.raw}` is only known at run time.",
+                    )
+            if _outside_workspace(a.word) or ".git" in a.word.split("/"):
+                return Verdict(
+                    "write",
+                    "high",
+                    f"{reason[0].upper() + reason[1:]} outside the workspace (`{a.word}`).",
+                )
+        return Verdict("write", "medium", reason[0].upper() + reason[1:] + ".")
+
+    def _with_suffix_scan(self, verdict: Verdict, args: list[Arg]) -> Verdict:
+        argv = [a.word for a in args]
+        for i in range(1, len(argv)):
+            name = _prog_name(argv[i])
+            if name in SUFFIX_BLOCK_PROGRAMS or name.startswith("mkfs."):
+                reason = blocked_reason(name, argv[i:], self.cwd)
+                if reason:
+                    return _block(reason[0].upper() + reason[1:] + ".")
+        return verdict
+
+    def _subst_download(self, args: list[Arg]) -> bool:
+        return any(p.startswith("<") and p[1:-1] in DOWNLOADERS for a in args[1:] for p in a.params)
+
+    def _shell(self, args: list[Arg]) -> Verdict:
+        self.complex = True
+        argv = [a.word for a in args]
+        name = _prog_name(argv[0])
+        command_string: str | None = None
+        has_c = False
+        i = 1
+        while i < len(argv):
+            a = argv[i]
+            if a == "--":
+                i += 1
+                break
+            if a in ("-o", "+o", "-O", "+O", "--rcfile", "--init-file"):
+                i += 2
+                continue
+            if a.startswith("--") or (a[:1] in "-+" and len(a) > 1):
+                if not a.startswith("--") and "c" in a:
+                    has_c = True
+                i += 1
+                continue
+            break
+        if has_c and i < len(argv):
+            command_string = argv[i]
+        if self._subst_download(args):
+            return _block(f"Running a download with `{name}` runs unreviewed code.")
+        if has_c and command_string is not None:
+            inner = self.sub(command_string)
+            return _floor(
+                inner,
+                Verdict("process", "high", f"`{name} -c` runs a command string as shell code."),
+            )
+        if self._subst_download(args):
+            return _block(f"Running a download with `{name}` runs unreviewed code.")
+        return Verdict("process", "high", f"`{name}` runs a shell script.")
+
+    # -- fallback for what does not parse ---------------------------------
+
+    def _fallback(self, text: str) -> None:
+        """Look for blocked forms in text the parser rejected (it still needs approval)."""
+        try:
+            lex = shlex.shlex(text.replace("\x00", " "), posix=True, punctuation_chars=";&|()<>")
+            lex.whitespace_split = True
+            tokens = list(lex)
+        except ValueError:
+            tokens = text.split()
+        segments: list[list[str]] = [[]]
+        pipes: list[str] = []
+        for tok in tokens:
+            if tok and all(c in ";&|()<>" for c in tok):
+                pipes.append(tok)
+                segments.append([])
+            else:
+                segments[-1].append(tok)
+        effective: list[list[str] | None] = []
+        for seg in segments:
+            argv = _strip_wrappers(seg)
+            effective.append(argv or None)
+            if not argv:
+                continue
+            reason = blocked_reason(_prog_name(argv[0]), argv)
+            if reason is None:
+                for i in range(1, len(argv)):
+                    reason = blocked_reason(_prog_name(argv[i]), argv[i:])
+                    if reason:
+                        break
+            if reason:
+                self.add(_block(reason[0].upper() + reason[1:] + "."))
+                return
+        self._pipe_to_shell(effective)
+
+
+def _is_bash_socket(target: str) -> bool:
+    return target.startswith(("/dev/tcp/", "/dev/udp/"))
+
+
+def _prog_name(prog: str) -> str:
+    return posixpath.basename(prog) if "/" in prog else prog
+
+
+def _runs_stdin_as_code(argv: list[str]) -> bool:
+    name = _prog_name(argv[0])
+    rest = argv[1:]
+    if name in SHELLS:
+        return (
+            (
+                not any(a.startswith("-") and not a.startswith("--") and "c" in a for a in rest)
+                and not any(not a.startswith("-") for a in rest)
+            )
+            or "-s" in rest
+            or "-" in rest
+            or any(a in ("/dev/stdin", "/proc/self/fd/0", "/dev/fd/0") for a in rest)
+        )
+    if name in INTERPRETERS or _PYTHON_RE.match(name) or name in ("eval", "source", "."):
+        positional = [a for a in rest if not a.startswith("-")]
+        if "-" in rest or any(a in ("/dev/stdin", "/proc/self/fd/0") for a in rest):
+            return True
+        code_flags = any(a in ("-c", "-e", "-m", "-E", "-r", "--eval") for a in rest)
+        return not positional and not code_flags
+    return False
+
+
+def _strip_wrappers(argv: list[str]) -> list[str]:
+    """Crude wrapper removal for the fallback scan."""
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        name = _prog_name(a)
+        if "=" in a and re.match(r"[A-Za-z_][A-Za-z0-9_]*=", a):
+            i += 1
+        elif name in WRAPPERS or a.startswith("-") or re.fullmatch(r"[\d.]+[smhd]?", a):
+            i += 1
+        else:
+            break
+    return argv[i:]
+
+
+def _floor(inner: _Analyzer, floor: Verdict) -> Verdict:
+    w = worst(inner.verdicts)
+    if w is None:
+        return floor
+    if w.rank > floor.rank:
+        return w
+    return floor
+
+
+def _short_error(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:120]
+
+
+# --------------------------------------------------------------------------
+# Wrappers: judged by what they wrap
+# --------------------------------------------------------------------------
+
+WrapperFn = Callable[[_Analyzer, list[Arg]], tuple[Verdict, list[str]]]
+
+
+def _wrap(
+    analyzer: _Analyzer,
+    args: list[Arg],
+    start: int | None,
+    floor: Verdict,
+    alone: Verdict,
+) -> tuple[Verdict, list[str]]:
+    """Judge args[start:] as the wrapped command, no lower than `floor`."""
+    argv = [a.word for a in args]
+    analyzer.complex = True if floor.risk != "low" else analyzer.complex
+    if start is None or start >= len(args):
+        return alone, argv
+    inner_args = args[start:]
+    # NAME=value words right after the wrapper are environment assignments.
+    assigns = []
+    while inner_args and re.match(r"[A-Za-z_][A-Za-z0-9_]*=", inner_args[0].word):
+        assigns.append(inner_args[0].word.split("=", 1)[0])
+        inner_args = inner_args[1:]
+    if not inner_args:
+        return _worse(alone, floor) if assigns and floor.risk != "low" else alone, argv
+    verdict, effective = analyzer.judge(inner_args)
+    if assigns:
+        names = ", ".join(f"`{n}`" for n in assigns)
+        verdict = _worse(
+            verdict,
+            Verdict(
+                "process",
+                "high",
+                f"Setting environment variables ({names}) can change what a command runs.",
+            ),
+        )
+    return _worse(verdict, floor) if floor.rank > verdict.rank else verdict, effective
+
+
+def _getopt_wrapper(
+    flags: Sequence[str], values: Sequence[str], optional: Sequence[str] = ()
+) -> Callable[[list[str]], tuple[int | None, str | None]]:
+    def parse(argv: list[str]) -> tuple[int | None, str | None]:
+        opts = getopt(argv, flags=flags, values=values, optional=optional, stop_at_positional=True)
+        if opts.error:
+            return None, opts.error
+        return (opts.positionals[0] if opts.positionals else len(argv)), None
+
+    return parse
+
+
+_LOW = Verdict("read", "low", "")
+
+
+def _make_wrapper(
+    flags: Sequence[str],
+    values: Sequence[str],
+    floor: Verdict,
+    alone: Verdict,
+    *,
+    optional: Sequence[str] = (),
+    skip_operand: bool = False,
+) -> WrapperFn:
+    parse = _getopt_wrapper(flags, values, optional)
+
+    def wrapper(analyzer: _Analyzer, args: list[Arg]) -> tuple[Verdict, list[str]]:
+        argv = [a.word for a in args]
+        name = _prog_name(argv[0])
+        if name in ("builtin", "exec"):
+            analyzer.complex = True  # shell builtins: only bash can run them
+        start, err = parse(argv)
+        if err:
+            v = Verdict(floor.action if floor.risk != "low" else "unknown", "high",
+                        f"`{name}` with an {err} needs approval.")  # fmt: skip
+            return analyzer._with_suffix_scan(v, args), argv
+        if skip_operand and start is not None and start < len(argv):
+            start += 1  # timeout DURATION
+        real_floor = (
+            floor
+            if floor.reason
+            else Verdict(floor.action, floor.risk, f"`{name}` only wraps another command.")
+        )
+        return _wrap(analyzer, args, start, real_floor, alone)
+
+    return wrapper
+
+
+def _env_wrapper(analyzer: _Analyzer, args: list[Arg]) -> tuple[Verdict, list[str]]:
+    argv = [a.word for a in args]
+    opts = getopt(
+        argv,
+        flags=(
+            "-i",
+            "--ignore-environment",
+            "-0",
+            "--null",
+            "-v",
+            "--debug",
+            "--list-signal-handling",
+        ),
+        values=("-u", "--unset", "-C", "--chdir", "-S", "--split-string", "-P"),
+        optional=("--ignore-signal", "--default-signal", "--block-signal"),
+        stop_at_positional=True,
+    )
+    if opts.error:
+        return analyzer._with_suffix_scan(
+            Verdict("process", "high", f"`env` with an {opts.error} needs approval."), args
+        ), argv
+    for chdir in opts.values("-C", "--chdir"):
+        path = canonical_path(chdir)
+        analyzer.cwd = path if path is not None else ("?" if _escapes(chdir) else analyzer.cwd)
+        if secret_reason(chdir):
+            return Verdict(
+                "read", "high", f"`env -C {chdir}` enters a credentials directory."
+            ), argv
+    split = opts.values("-S", "--split-string")
+    if split:
+        analyzer.complex = True
+        try:
+            words = shlex.split(split[0])
+        except ValueError:
+            return Verdict(
+                "unknown", "high", "`env -S` with an unbalanced string needs approval."
+            ), argv
+        rest = [Arg.plain(w) for w in words] + [args[i] for i in opts.positionals]
+        fake = [args[0], *rest]
+        return _wrap(
+            analyzer,
+            fake,
+            1,
+            Verdict("process", "high", "`env -S` splits a string into a command."),
+            _read("`env` only prints the environment."),
+        )
+    start = opts.positionals[0] if opts.positionals else len(argv)
+    alone = _read("`env` only prints its (scrubbed) environment.")
+    if start < len(argv):
+        analyzer.complex = True
+    return _wrap(
+        analyzer, args, start, Verdict("read", "low", "`env` only wraps another command."), alone
+    )
+
+
+def _shell_string_wrapper(name: str, floor: Verdict) -> WrapperFn:
+    """`su -c STRING`, `watch CMD…`: a command given as a string."""
+
+    def wrapper(analyzer: _Analyzer, args: list[Arg]) -> tuple[Verdict, list[str]]:
+        argv = [a.word for a in args]
+        analyzer.complex = True
+        text: str | None = None
+        if name == "su":
+            for i, a in enumerate(argv[1:], 1):
+                if a in ("-c", "--command") and i + 1 < len(argv):
+                    text = argv[i + 1]
+                elif a.startswith("--command="):
+                    text = a.split("=", 1)[1]
+        else:  # watch [options] command…
+            opts = getopt(
+                argv,
+                flags=("-b", "--beep", "-c", "--color", "-d", "--differences", "-e", "--errexit",
+                       "-g", "--chgexit", "-t", "--no-title", "-x", "--exec", "-p", "--precise"),
+                values=("-n", "--interval", "-q", "--equexit"),
+                optional=("--differences",),
+                stop_at_positional=True,
+            )  # fmt: skip
+            if not opts.error and opts.positionals:
+                text = " ".join(argv[opts.positionals[0] :])
+        if text is None:
+            return analyzer._with_suffix_scan(floor, args), argv
+        inner = analyzer.sub(text)
+        return _floor(inner, floor), argv
+
+    return wrapper
+
+
+def _xargs_wrapper(analyzer: _Analyzer, args: list[Arg]) -> tuple[Verdict, list[str]]:
+    argv = [a.word for a in args]
+    opts = getopt(
+        argv,
+        flags=("-0", "--null", "-r", "--no-run-if-empty", "-t", "--verbose", "-p",
+               "--interactive", "-x", "--exit", "-o", "--open-tty"),
+        values=("-a", "--arg-file", "-d", "--delimiter", "-E", "-I", "-L", "--max-lines",
+                "-n", "--max-args", "-P", "--max-procs", "-s", "--max-chars",
+                "--process-slot-var"),
+        optional=("--eof", "--replace", "-i", "-l", "-e"),
+        stop_at_positional=True,
+    )  # fmt: skip
+    floor = Verdict("process", "high", "`xargs` runs a command built from its input.")
+    if opts.error or not opts.positionals:
+        return analyzer._with_suffix_scan(floor, args), argv
+    return _wrap(analyzer, args, opts.positionals[0], floor, floor)
+
+
+def _command_builtin(analyzer: _Analyzer, args: list[Arg]) -> tuple[Verdict, list[str]]:
+    argv = [a.word for a in args]
+    analyzer.complex = True
+    if len(argv) > 1 and argv[1] in ("-v", "-V"):
+        return _read("`command -v` only looks a program up."), argv
+    start = 1
+    while start < len(argv) and argv[start] in ("-p", "--"):
+        start += 1
+    return _wrap(
+        analyzer,
+        args,
+        start,
+        Verdict("read", "low", "`command` only wraps another command."),
+        _read("`command` does nothing alone."),
+    )
+
+
+_SUDO_FLAGS = _opts(
+    "-A --askpass -b --background -E -H --set-home -n --non-interactive -P --preserve-groups -S "
+    "--stdin -k --reset-timestamp -K --remove-timestamp -i --login -s --shell -l --list -v "
+    "--validate -V --version -e --edit -B --bell -N --no-update"
+)
+_SUDO_VALUES = _opts(
+    "-u --user -g --group -p --prompt -C --close-from -D --chdir -r --role -t --type -U "
+    "--other-user -T --command-timeout -R --chroot -h --host"
+)
+
+_SUDO_FLOOR = Verdict("privileged", "high", "`sudo` runs a command as another user (root).")
+
+
+def _needs(action: str, risk: str, reason: str) -> Verdict:
+    return Verdict(action, risk, reason)
+
+
+WRAPPERS: dict[str, WrapperFn] = {
+    "sudo": _make_wrapper(
+        _SUDO_FLAGS,
+        _SUDO_VALUES,
+        _SUDO_FLOOR,
+        _needs("privileged", "high", "`sudo` alone opens a root shell or changes sudo state."),
+        optional=("--preserve-env",),
+    ),
+    "doas": _make_wrapper(
+        _opts("-n -s -L"),
+        _opts("-u -C"),
+        _needs("privileged", "high", "`doas` runs a command as another user (root)."),
+        _needs("privileged", "high", "`doas` alone opens a root shell."),
+    ),
+    "pkexec": _make_wrapper(
+        _opts("--disable-internal-agent"),
+        _opts("--user"),
+        _needs("privileged", "high", "`pkexec` runs a command as root."),
+        _needs("privileged", "high", "`pkexec` alone opens a root shell."),
+    ),
+    "runuser": _make_wrapper(
+        _opts("-l --login -m -p --preserve-environment"),
+        _opts("-u --user -g --group -G --supp-group -s --shell"),
+        _needs("privileged", "high", "`runuser` runs a command as another user."),
+        _needs("privileged", "high", "`runuser` alone opens a shell."),
+    ),
+    "timeout": _make_wrapper(
+        _opts("--preserve-status --foreground -v --verbose"),
+        _opts("-s --signal -k --kill-after"),
+        _LOW,
+        _read("`timeout` alone does nothing."),
+        skip_operand=True,
+    ),
+    "nice": _make_wrapper(
+        _opts("-h"), _opts("-n --adjustment"), _LOW, _read("`nice` alone prints the niceness.")
+    ),
+    "ionice": _make_wrapper(
+        _opts("-t --ignore"),
+        _opts("-c --class -n --classdata"),
+        _LOW,
+        _read("`ionice` alone prints the I/O class."),
+    ),
+    "stdbuf": _make_wrapper(
+        (), _opts("-i --input -o --output -e --error"), _LOW, _read("`stdbuf` alone does nothing.")
+    ),
+    "nohup": _make_wrapper(
+        (),
+        (),
+        _needs("process", "medium", "`nohup` keeps a command running after the session ends."),
+        _needs("process", "medium", "`nohup` needs approval."),
+    ),
+    "setsid": _make_wrapper(
+        _opts("-f --fork -w --wait -c --ctty"),
+        (),
+        _needs("process", "medium", "`setsid` detaches a command from this session."),
+        _needs("process", "medium", "`setsid` needs approval."),
+    ),
+    "exec": _make_wrapper(
+        _opts("-c -l"),
+        _opts("-a"),
+        _needs("process", "high", "`exec` replaces the shell with another program."),
+        _needs("process", "high", "`exec` alone changes the shell's file descriptors."),
+    ),
+    "builtin": _make_wrapper((), (), _LOW, _read("`builtin` alone does nothing.")),
+    "time": _make_wrapper(
+        _opts("-p --portability -v --verbose -q --quiet -a --append"),
+        _opts("-f --format"),
+        _LOW,
+        _read("`time` alone does nothing."),
+    ),
+    "busybox": _make_wrapper(
+        (),
+        (),
+        _needs("process", "high", "`busybox` runs one of its built-in programs."),
+        _read("`busybox` alone lists its programs."),
+    ),
+    "env": _env_wrapper,
+    "command": _command_builtin,
+    "xargs": _xargs_wrapper,
+    "su": _shell_string_wrapper(
+        "su", _needs("privileged", "high", "`su` runs commands as another user.")
+    ),
+    "watch": _shell_string_wrapper(
+        "watch", _needs("process", "medium", "`watch` runs a command repeatedly and never ends.")
+    ),
+}
+# Wrappers not parsed in detail: approval, and what follows them is still
+# scanned for blocked forms (`strace -f rm -rf /`).
+for _name in _opts(
+    "strace ltrace valgrind perf taskset chrt numactl unshare nsenter chroot systemd-run "
+    "firejail bwrap script flock unbuffer parallel caffeinate proxychains torsocks faketime"
+):
+    WRAPPERS[_name] = _make_wrapper(
+        (),
+        (),
+        _needs("process", "high", f"`{_name}` runs another command."),
+        _needs("process", "high", f"`{_name}` needs approval."),
+    )

@@ -1,0 +1,117 @@
+"""The entry point of classification: `classify(command) -> Classification`.
+
+Runs the analyser over the whole command, adds what only the raw text shows
+(control characters, length), lets the worst verdict decide, and works out
+whether the command is one simple command that can run as argv without a
+shell. `classify` never raises: a classifier bug fails closed.
+
+(Named `classifier`, not `classify`, so the module does not shadow the
+function the package re-exports.)
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+import bashlex
+
+from runtime.tools.shell.analyzer import _Analyzer
+from runtime.tools.shell.limits import MAX_COMMAND_CHARS
+from runtime.tools.shell.verdict import Classification, Verdict, worst
+from runtime.tools.shell.words import _raw_features
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def classify(command: str) -> Classification:
+    """Judge a shell command. Never raises."""
+    try:
+        return _classify(command)
+    except Exception as exc:  # a classifier bug must fail closed, not open
+        return Classification(
+            action_type="unknown",
+            risk_level="high",
+            requires_approval=True,
+            blocked=False,
+            reason=f"The command could not be judged ({type(exc).__name__}), so it needs approval.",
+        )
+
+
+def _classify(command: str) -> Classification:
+    if not isinstance(command, str):
+        command = str(command)
+    analyzer = _Analyzer()
+    extra: list[Verdict] = []
+    if _CONTROL.search(command) or not command.isascii():
+        extra.append(
+            Verdict(
+                "unknown",
+                "high",
+                "The command has control or non-ASCII characters, which can hide what it does.",
+            )
+        )
+    if len(command) > MAX_COMMAND_CHARS:
+        extra.append(Verdict("unknown", "high", "The command is too long to review."))
+    text = command.replace("\x00", " ")
+    analyzer.analyze(text)
+    verdicts = analyzer.verdicts + extra
+    decider = worst(verdicts) or Verdict("unknown", "high", "Nothing to judge.")
+    if decider.risk == "low":
+        names = list(dict.fromkeys(c[0] for c in analyzer.commands if c))
+        if len(names) > 1 or len(analyzer.commands) > 1:
+            shown = ", ".join(f"`{n}`" for n in names[:6])
+            reason = f"Every part only reads ({shown})."
+        else:
+            reason = decider.reason or "It only reads."
+        action = "read"
+    else:
+        reason = decider.reason
+        action = decider.action
+    if not reason.endswith((".", "?", "!")):
+        reason += "."
+    simple = (
+        not analyzer.complex
+        and len(analyzer.commands) == 1
+        and analyzer.simple_count == 1
+        and not extra
+        and _argv_matches(text, analyzer.commands[0])
+    )
+    return Classification(
+        action_type="destructive" if decider.blocked else action,
+        risk_level=decider.risk,  # type: ignore[arg-type]
+        requires_approval=decider.risk != "low",
+        blocked=decider.blocked,
+        reason=reason,
+        commands=analyzer.commands,
+        simple=simple,
+    )
+
+
+def _argv_matches(text: str, argv: list[str]) -> bool:
+    """Whether running argv directly is exactly what bash would run."""
+    try:
+        split = shlex.split(text, comments=False, posix=True)
+    except ValueError:
+        return False
+    if split != argv:
+        return False
+    # every word literal: no expansion characters outside quotes
+    for raw in _raw_words(text):
+        glob, brace, expand = _raw_features(raw)
+        if glob or brace or expand or raw.startswith("~") or "#" in raw:
+            return False
+    return True
+
+
+def _raw_words(text: str) -> list[str]:
+    try:
+        nodes = bashlex.parse(text)
+    except Exception:
+        return [text]
+    out: list[str] = []
+    for node in nodes:
+        for part in getattr(node, "parts", None) or []:
+            if part.kind == "word":
+                out.append(text[part.pos[0] : part.pos[1]])
+    return out

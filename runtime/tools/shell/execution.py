@@ -1,0 +1,259 @@
+"""Execution: run a classified command, hardened.
+
+A simple command runs as argv (no shell), anything else with `bash -c`,
+always in the workspace, with stdin closed, a scrubbed environment
+(`scrubbed_env`), resource limits, capped output and a timeout that kills the
+whole process group. The command is classified again here, and a blocked one
+is refused whatever the caller passed in.
+
+(Named `execution`, not `execute`, so the module does not shadow the function
+the package re-exports.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import signal
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from runtime.tools.base import ToolResult
+from runtime.tools.shell.classifier import classify
+from runtime.tools.shell.verdict import Classification
+
+ENV_ALLOWLIST = frozenset(
+    {"PATH", "HOME", "LANG", "LANGUAGE", "TERM", "TZ", "USER", "LOGNAME", "SHELL", "TMPDIR",
+     "PWD", "COLUMNS", "LINES", "NO_COLOR"}
+)  # fmt: skip
+_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH|COOKIE|SESSION", re.I)
+_NEVER_PREFIXES = ("SLACK_", "MATRIX_", "DUCKLM_", "OPENAI_", "AWS_")
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def scrubbed_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment a command gets: an allow-list, never anything secret-looking.
+
+    PATH keeps only absolute directories, so a file in the workspace named `ls`
+    cannot stand in for the real one.
+    """
+    source = os.environ if environ is None else environ
+    out: dict[str, str] = {}
+    for name, value in source.items():
+        if not (name in ENV_ALLOWLIST or name.startswith("LC_")):
+            continue
+        if name.startswith(_NEVER_PREFIXES) or _SECRET_NAME.search(name):
+            continue
+        if not isinstance(value, str) or "\x00" in value:
+            continue
+        out[name] = value
+    path = [p for p in out.get("PATH", DEFAULT_PATH).split(":") if p.startswith("/")]
+    out["PATH"] = ":".join(path) or DEFAULT_PATH
+    return out
+
+
+# Added for commands that run without approval: no pager, no prompts, and git
+# must not start a filesystem monitor named in the repository's config.
+_AUTO_RUN_ENV = {
+    "PAGER": "cat",
+    "GIT_PAGER": "cat",
+    "SYSTEMD_PAGER": "cat",
+    "MANPAGER": "cat",
+    "GIT_TERMINAL_PROMPT": "0",
+    "GIT_OPTIONAL_LOCKS": "0",
+    "GIT_CONFIG_COUNT": "1",
+    "GIT_CONFIG_KEY_0": "core.fsmonitor",
+    "GIT_CONFIG_VALUE_0": "false",
+}
+
+_GRACE_SECONDS = 2.0
+_DRAIN_AFTER_EXIT = 2.0
+
+
+def _limits() -> None:  # pragma: no cover - runs in the child
+    try:
+        import resource
+
+        for limit, value in (
+            (resource.RLIMIT_CORE, 0),
+            (resource.RLIMIT_FSIZE, 1 << 30),
+            (resource.RLIMIT_NOFILE, 1024),
+        ):
+            _soft, hard = resource.getrlimit(limit)
+            new = value if hard == resource.RLIM_INFINITY else min(value, hard)
+            resource.setrlimit(limit, (new, new if hard == resource.RLIM_INFINITY else hard))
+    except Exception:
+        pass
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+async def _drain(stream: asyncio.StreamReader | None, cap: int) -> tuple[bytes, int]:
+    """Read everything (so the child never blocks on a full pipe), keep the first `cap` bytes."""
+    if stream is None:
+        return b"", 0
+    kept = bytearray()
+    dropped = 0
+    while True:
+        chunk = await stream.read(65536)
+        if not chunk:
+            break
+        room = cap - len(kept)
+        if room > 0:
+            kept += chunk[:room]
+            dropped += max(0, len(chunk) - room)
+        else:
+            dropped += len(chunk)
+    return bytes(kept), dropped
+
+
+def _render(data: bytes, dropped: int) -> str:
+    text = data.decode("utf-8", errors="replace")
+    if dropped:
+        text += f"\n[… output truncated: {dropped} bytes dropped]"
+    return text
+
+
+def _refusal(command: str, c: Classification, error: str) -> ToolResult:
+    return ToolResult(
+        ok=False,
+        error=error,
+        metadata={
+            "command": command,
+            "action_type": c.action_type,
+            "risk_level": c.risk_level,
+            "requires_approval": c.requires_approval,
+            "blocked": c.blocked,
+            "returncode": None,
+            "reason": c.reason,
+            "duration_ms": 0,
+            "truncated": False,
+            "timed_out": False,
+        },
+    )
+
+
+def _prepare(
+    command: str, fresh: Classification, workspace: Path
+) -> ToolResult | tuple[list[str], str, dict[str, str]]:
+    """argv, the program to run and its environment; or a refusal."""
+    if not workspace.is_dir():
+        return _refusal(command, fresh, f"workspace {str(workspace)!r} is not a directory")
+    env = scrubbed_env()
+    root = workspace.resolve()
+    env["PWD"] = str(root)
+    # A PATH entry inside the workspace would let a file there stand in for `ls`.
+    kept = [p for p in env["PATH"].split(":") if not Path(p).resolve().is_relative_to(root)]
+    env["PATH"] = ":".join(kept) or DEFAULT_PATH
+    if not fresh.requires_approval:
+        env.update(_AUTO_RUN_ENV)
+    if fresh.simple and fresh.commands:
+        argv = list(fresh.commands[0])
+        program = shutil.which(argv[0], path=env["PATH"]) if "/" not in argv[0] else argv[0]
+        if program is None:
+            return _refusal(command, fresh, f"command not found: {argv[0]}")
+        return argv, program, env
+    bash = shutil.which("bash", path=env["PATH"]) or shutil.which("bash") or "/bin/bash"
+    return ["bash", "--noprofile", "--norc", "-c", command], bash, env
+
+
+async def execute(
+    command: str,
+    classification: Classification,
+    *,
+    workspace: Path,
+    timeout: float = 60.0,  # noqa: ASYNC109 - part of the contract
+    max_output: int = 64 * 1024,
+) -> ToolResult:
+    """Run a classified command. Blocked commands are refused here too."""
+    fresh = classify(command)
+    if classification.blocked or fresh.blocked:
+        reason = fresh.reason if fresh.blocked else classification.reason
+        return _refusal(command, fresh, f"Blocked: {reason}")
+    prepared = _prepare(command, fresh, Path(workspace))
+    if isinstance(prepared, ToolResult):
+        return prepared
+    argv, executable, env = prepared
+    started = time.monotonic()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            executable=executable,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=str(workspace),
+            env=env,
+            start_new_session=True,
+            preexec_fn=_limits,
+        )
+    except FileNotFoundError:
+        return _refusal(command, fresh, f"command not found: {argv[0]}")
+    except PermissionError:
+        return _refusal(command, fresh, f"permission denied: {argv[0]}")
+    except OSError as exc:
+        return _refusal(command, fresh, f"could not start {argv[0]}: {exc.strerror or exc}")
+    out_task = asyncio.create_task(_drain(proc.stdout, max_output))
+    err_task = asyncio.create_task(_drain(proc.stderr, max_output))
+    timed_out = False
+    try:
+        await asyncio.wait_for(proc.wait(), timeout)
+    except TimeoutError:
+        timed_out = True
+        _killpg(proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), _GRACE_SECONDS)
+        except TimeoutError:
+            _killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+    finally:
+        if proc.returncode is None:  # cancelled: leave nothing behind
+            _killpg(proc.pid, signal.SIGKILL)
+    # Whatever the command left in its process group (background jobs) goes too.
+    _killpg(proc.pid, signal.SIGTERM)
+    _killpg(proc.pid, signal.SIGKILL)
+    done, pending = await asyncio.wait({out_task, err_task}, timeout=_DRAIN_AFTER_EXIT)
+    for task in pending:  # a grandchild that escaped the group still holds the pipe
+        task.cancel()
+    stdout, out_dropped = out_task.result() if out_task in done else (b"", 0)
+    stderr, err_dropped = err_task.result() if err_task in done else (b"", 0)
+    duration_ms = int((time.monotonic() - started) * 1000)
+    returncode = proc.returncode
+    output = _render(stdout, out_dropped)
+    err_text = _render(stderr, err_dropped)
+    if err_text:
+        output += ("\n" if output and not output.endswith("\n") else "") + "[stderr]\n" + err_text
+    ok = returncode == 0 and not timed_out
+    error: str | None = None
+    if timed_out:
+        error = f"timed out after {timeout:g} s"
+    elif returncode == 127 and not fresh.simple:
+        error = "exit status 127 (command not found)"
+    elif returncode is not None and returncode < 0:
+        error = f"killed by signal {-returncode}"
+    elif returncode != 0:
+        error = f"exit status {returncode}"
+    return ToolResult(
+        ok=ok,
+        output=output,
+        error=error,
+        metadata={
+            "command": command,
+            "action_type": fresh.action_type,
+            "risk_level": fresh.risk_level,
+            "requires_approval": fresh.requires_approval,
+            "blocked": fresh.blocked,
+            "returncode": returncode,
+            "reason": fresh.reason,
+            "duration_ms": duration_ms,
+            "truncated": bool(out_dropped or err_dropped),
+            "timed_out": timed_out,
+        },
+    )

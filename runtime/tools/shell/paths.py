@@ -1,0 +1,255 @@
+"""Paths: which ones are protected, critical, disks or secrets, and where writes land.
+
+`canonical_path` normalizes a word lexically (`$HOME`, `~user`, `..`); the
+predicates built on it decide whether deleting a path wipes the system,
+whether writing it breaks boot or logins, whether reading it exposes a
+credential, and whether a write leaves the workspace. Globs are matched
+against the protected and secret names they could reach.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import posixpath
+import re
+
+from runtime.tools.shell.options import _opts
+
+# Deleting, moving or recursively re-permissioning any of these wipes the system.
+PROTECTED_PATHS = frozenset(
+    {
+        "/", "~", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64",
+        "/libx32", "/media", "/mnt", "/opt", "/proc", "/root", "/run", "/sbin", "/srv",
+        "/sys", "/usr", "/var", "/snap", "/usr/bin", "/usr/sbin", "/usr/lib", "/usr/lib64",
+        "/usr/local", "/usr/share", "/usr/include", "/usr/libexec", "/var/lib", "/var/log",
+        "/etc/systemd", "/etc/ssh", "/etc/pam.d",
+    }
+)  # fmt: skip
+# Overwriting, deleting or re-permissioning one of these breaks logins or boot.
+CRITICAL_FILES = frozenset(
+    {"/etc/passwd", "/etc/shadow", "/etc/group", "/etc/gshadow", "/etc/sudoers", "/etc/fstab",
+     "/etc/hosts", "/etc/resolv.conf", "/etc/pam.conf", "/etc/crontab", "/etc/inittab",
+     "/proc/sysrq-trigger", "/dev/mem", "/dev/kmem", "/dev/port"}
+)  # fmt: skip
+_DISK_RE = re.compile(
+    r"^/dev/(sd[a-z]|hd[a-z]|vd[a-z]|xvd[a-z]|nvme\d|mmcblk\d|disk|dm-\d|md\d|mapper/|loop\d|"
+    r"root$|sr\d|nbd\d|rbd\d|zram\d|bcache)"
+)
+HARMLESS_DEVICES = frozenset(
+    {"/dev/null", "/dev/stdout", "/dev/stderr", "/dev/tty", "/dev/fd/1", "/dev/fd/2"}
+)
+
+# Secret locations. Directory components that hold credentials:
+SECRET_DIRS = frozenset(
+    {".ssh", ".gnupg", ".aws", ".azure", ".kube", ".docker", ".password-store", "sudoers.d",
+     ".vault", ".gcloud", "keyrings"}
+)  # fmt: skip
+SECRET_DIR_PAIRS = frozenset({(".config", "gcloud"), (".config", "gh"), (".config", "hub")})
+# File names (fnmatch patterns) that hold credentials:
+SECRET_NAMES = _opts(
+    "id_rsa* id_dsa* id_ecdsa* id_ed25519* *.pem *.key *.p12 *.pfx *.kdbx *.jks *.keystore .env "
+    ".env.* *.env .envrc .netrc _netrc .pgpass .git-credentials .npmrc .pypirc credentials "
+    "credentials.json *credentials*.json .vault-token shadow shadow- gshadow gshadow- sudoers "
+    "environ ssh_host_*_key .htpasswd master.key *.tfstate *.tfstate.backup kubeconfig .dockercfg "
+    "service-account*.json .my.cnf secrets.yml secrets.yaml secrets.json *.ovpn authorized_keys "
+    "known_hosts"
+)
+# Concrete samples, to test whether a glob (`~/.ss*/*`, `*.pe?`) could reach a secret.
+SECRET_SAMPLES = _opts(
+    "id_rsa id_dsa id_ecdsa id_ed25519 x.pem x.key x.p12 x.pfx .env .env.local prod.env .netrc "
+    ".pgpass .git-credentials .npmrc .pypirc credentials credentials.json .vault-token shadow "
+    "gshadow sudoers environ x.tfstate .ssh .aws .gnupg .kube .docker"
+)
+# Under /proc only these leaves are plain system information; the rest
+# (environ, mem, fd/, whole directories read recursively) may hold secrets.
+PROC_SAFE_LEAVES = frozenset(
+    {"cpuinfo", "meminfo", "loadavg", "uptime", "version", "stat", "vmstat", "diskstats",
+     "partitions", "swaps", "filesystems", "interrupts", "modules", "mounts", "mountinfo",
+     "status", "statm", "cmdline", "comm", "limits", "cgroup", "io", "sched", "schedstat",
+     "oom_score", "oom_adj", "oom_score_adj", "wchan", "stack", "devices", "buddyinfo",
+     "zoneinfo", "slabinfo", "softirqs", "cgroups", "crypto", "misc", "locks", "consoles",
+     "execdomains", "kallsyms", "key-users", "net", "sys", "pressure", "cpu", "memory",
+     "psi", "tty", "driver", "fs", "kernel", "vm"}
+)  # fmt: skip
+
+
+_GLOB_CHARS = frozenset("*?[")
+_HOME = os.path.expanduser("~")
+
+
+def _has_glob(s: str) -> bool:
+    return any(c in _GLOB_CHARS for c in s)
+
+
+def _escapes(relative: str) -> bool:
+    """Whether a relative path climbs above its starting directory (`x/../..`)."""
+    depth = 0
+    for part in relative.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return True
+        elif part not in ("", "."):
+            depth += 1
+    return False
+
+
+def canonical_path(word: str) -> str | None:
+    """An absolute or home-relative path, lexically normalized; None for relative paths.
+
+    `$HOME`, `${HOME}` and `~` all become `~`; `~user` becomes `/home/user`
+    (`~root` → `/root`); `//`, `/./` and `..` are resolved lexically.
+    """
+    p = word.strip()
+    for spelling in ("${HOME}", "$HOME"):
+        if p == spelling or p.startswith(spelling + "/"):
+            p = "~" + p[len(spelling) :]
+    if p.startswith("~"):
+        head, _, rest = p.partition("/")
+        user = head[1:]
+        if user == "":
+            base = "~"
+        elif user == "root":
+            base = "/root"
+        elif re.fullmatch(r"[A-Za-z0-9._-]+", user):
+            base = "/home/" + user
+        else:
+            return None
+        if _escapes(rest):
+            # leaves the home directory: resolve against the real one
+            real = _HOME if base == "~" else base
+            return posixpath.normpath(real + "/" + rest)
+        norm = posixpath.normpath("/" + rest) if rest else "/"
+        if base == "~":
+            return "~" if norm == "/" else "~" + norm
+        return posixpath.normpath(base + norm)
+    if not p.startswith("/"):
+        return None
+    norm = posixpath.normpath(p)
+    if norm.startswith("//"):
+        norm = "/" + norm.lstrip("/")
+    return norm
+
+
+def _is_home(path: str) -> bool:
+    if path in ("~", _HOME):
+        return True
+    # /home/<user> itself (depth 2) is somebody's home directory.
+    return bool(re.fullmatch(r"/home/[^/]+", path))
+
+
+def is_protected(word: str) -> bool:
+    """Whether deleting (recursively) or moving `word` would wipe the system or a home."""
+    path = canonical_path(word)
+    if path is None:
+        return False
+    if path in PROTECTED_PATHS or _is_home(path):
+        return True
+    if _has_glob(path):
+        candidates = [*PROTECTED_PATHS, "/home/user", _HOME]
+        if any(fnmatch.fnmatchcase(c, path) for c in candidates):
+            return True
+        # `/etc/*`, `~/.*`, `/usr/*`: every entry of a protected directory.
+        head, tail = posixpath.split(path)
+        if re.fullmatch(r"[*?.\[\]!^]+", tail) and (
+            head in PROTECTED_PATHS or _is_home(head) or head == ""
+        ):
+            return True
+    return False
+
+
+def is_disk(word: str) -> bool:
+    path = canonical_path(word) or word
+    if path in HARMLESS_DEVICES:
+        return False
+    if _DISK_RE.match(path):
+        return True
+    # a glob over block devices: /dev/sd*
+    return path.startswith("/dev/") and _has_glob(path) and fnmatch.fnmatchcase("/dev/sda", path)
+
+
+def is_critical_file(word: str) -> bool:
+    path = canonical_path(word)
+    if path is None:
+        return False
+    if path in CRITICAL_FILES or path == "/boot" or path.startswith("/boot/"):
+        return True
+    if _has_glob(path):
+        return any(fnmatch.fnmatchcase(c, path) for c in CRITICAL_FILES)
+    return False
+
+
+def _could_match_secret(component: str) -> bool:
+    """A literal component that is a secret name, or a glob that could reach one."""
+    if _has_glob(component):
+        if not component.strip("*?[]!^.-"):
+            # `*`, `*.*`, `.*`: too broad to name a secret (a known limit: see docs).
+            return False
+        return any(fnmatch.fnmatchcase(s, component) for s in SECRET_SAMPLES)
+    return any(fnmatch.fnmatchcase(component, pat) for pat in SECRET_NAMES)
+
+
+# A second net for paths embedded in larger arguments (`load("/etc/shadow")`,
+# `--config=x,~/.aws/credentials`): these substrings anywhere need approval.
+_SECRET_SUBSTRING = re.compile(
+    r"\.ssh(/|$)|/etc/(g?shadow|sudoers)|\.aws/|\.kube/|\.docker/config|\.gnupg|"
+    r"\.git-credentials|\.netrc|\.pgpass|/environ\b|\bid_(rsa|dsa|ecdsa|ed25519)|"
+    r"(^|[^\w.])\.env(\b|$)|\.config/(gcloud|gh)/"
+)
+
+
+def secret_reason(word: str) -> str | None:
+    """Why reading `word` could expose a credential, or None."""
+    if _SECRET_SUBSTRING.search(word):
+        return f"`{word}` names a secret location"
+    candidates = [word]
+    if word.startswith("-") and "=" in word:
+        candidates.append(word.split("=", 1)[1])
+    elif word.startswith("-") and not word.startswith("--") and len(word) > 2:
+        candidates.append(word[2:])  # -f/etc/shadow
+    for cand in candidates:
+        reason = _secret_path_reason(cand)
+        if reason:
+            return reason
+    return None
+
+
+def _secret_path_reason(word: str) -> str | None:
+    if not word or word == "-":
+        return None
+    path = canonical_path(word) or word
+    if is_disk(path) and path.startswith("/dev/"):
+        return f"`{word}` is a raw disk device"
+    if path in ("/dev/mem", "/dev/kmem", "/dev/port"):
+        return f"`{word}` exposes memory"
+    if path == "/proc" or path.startswith("/proc/"):
+        parts = [p for p in path.split("/") if p][1:]
+        if not parts or _has_glob(path):
+            return f"`{word}` may reach other processes' environments"
+        leaf_ok = parts[-1] in PROC_SAFE_LEAVES or parts[0] in ("net", "sys", "pressure")
+        if not leaf_ok or "environ" in parts or "fd" in parts or "mem" in parts:
+            return f"`{word}` may expose a process's secrets"
+    components = [c for c in re.split(r"[/:,]", path) if c]
+    for i, comp in enumerate(components):
+        if comp in SECRET_DIRS or (
+            _has_glob(comp)
+            and comp.strip("*?[]!^.-")
+            and any(fnmatch.fnmatchcase(d, comp) for d in SECRET_DIRS)
+        ):
+            return f"`{word}` is in a credentials directory"
+        if i + 1 < len(components) and (comp, components[i + 1]) in SECRET_DIR_PAIRS:
+            return f"`{word}` is in a credentials directory"
+        if _could_match_secret(comp):
+            return f"`{word}` looks like a secret (keys, tokens or passwords)"
+    return None
+
+
+def _outside_workspace(word: str) -> bool:
+    """A write target that may be outside the workspace."""
+    if "$" in word or "`" in word:
+        return True
+    path = canonical_path(word)
+    if path is None:
+        return ".." in word.split("/")
+    return not (path.startswith("/tmp/") or path.startswith("/var/tmp/") or path == "/tmp")

@@ -1,0 +1,80 @@
+"""Words: one argument of a simple command and what the shell will do to it.
+
+An `Arg` records whether a word is literal or is globbed, brace-expanded,
+parameter-expanded, substituted or tilde-expanded, so the analyser can tell
+a word it knows from one only known at run time.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from runtime.tools.shell.paths import _has_glob
+
+
+@dataclass
+class Arg:
+    """One word of a simple command, with what the shell will do to it."""
+
+    word: str
+    raw: str
+    params: list[str] = field(default_factory=list)
+    glob: bool = False  # unquoted * ? [
+    brace: bool = False  # unquoted { (brace expansion)
+    expand: bool = False  # $ or ` outside single quotes
+    subst: bool = False  # $(…) `…` <(…) >(…)
+    tilde: bool = False
+
+    @property
+    def literal(self) -> bool:
+        return not (self.glob or self.brace or self.expand or self.subst or self.tilde)
+
+    @classmethod
+    def plain(cls, word: str) -> Arg:
+        """A word from a re-split string (`env -S`, `watch`): judged as literal text."""
+        a = cls(word, word)
+        a.glob = _has_glob(word)
+        a.expand = "$" in word or "`" in word
+        return a
+
+
+def _raw_features(raw: str) -> tuple[bool, bool, bool]:
+    """(glob, brace, expand) for the unquoted/double-quoted parts of a raw word."""
+    glob = brace = expand = False
+    quote: str | None = None
+    i = 0
+    while i < len(raw):
+        c = raw[i]
+        if quote is None:
+            if c == "\\":
+                i += 2
+                continue
+            if c in "'\"":
+                quote = c
+            elif c in "*?[":
+                glob = True
+            elif c == "{":
+                brace = True
+            elif c in "$`":
+                expand = True
+                if raw[i + 1 : i + 2] == "{":  # ${NAME}: a parameter, not brace expansion
+                    end = raw.find("}", i)
+                    i = end + 1 if end > 0 else len(raw)
+                    continue
+        elif quote == "'":
+            if c == "'":
+                quote = None
+        else:
+            if c == "\\":
+                i += 2
+                continue
+            if c == '"':
+                quote = None
+            elif c in "$`":
+                expand = True
+        i += 1
+    return glob, brace, expand
+
+
+_PLAIN_PARAM = re.compile(r"[A-Za-z][A-Za-z0-9_]*|_[A-Za-z0-9_]+")
