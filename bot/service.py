@@ -22,6 +22,7 @@ from bot.policy import AccessPolicy
 from runtime.approvals import ApprovalError
 from runtime.factory import Runtime
 from runtime.loop import ChatResult, PendingApproval
+from runtime.store import StoreError
 from runtime.store.models import Approval, Event, Schedule
 from runtime.tools.shell_rules import describe_rule, rule_for_command
 
@@ -324,6 +325,16 @@ class ChatService:
             await self._safely(backend.working(thread, "on it…"))
             try:
                 result = await turn
+            except StoreError as exc:  # disk full, read-only file: an operator must act
+                logger.error("database failure in %s: %s", thread.key, exc)
+                await self._safely(
+                    backend.send(
+                        thread,
+                        f"DuckLM could not save its work, so it stopped: {exc}. An operator "
+                        "needs to check the database (disk space, permissions).",
+                    )
+                )
+                return
             except Exception:  # the runtime turns failures into results; this is a bug
                 logger.exception("task in %s crashed", thread.key)
                 await self._safely(

@@ -333,6 +333,11 @@ class SlackPlatform(Platform, ChatBackend):
         except Exception:
             logger.exception("Slack request failed")
             return web.json_response({"error": "internal error"}, status=500)
+        if response.status >= 500 and _malformed_actions(bolt_request.body):
+            # bolt builds every listener argument up front, and `actions` that is
+            # not a list of objects crashes that into a 500, which Slack retries.
+            # The signature was checked first (a forgery still gets a 401).
+            return web.json_response({"error": "malformed actions"}, status=400)
         return await to_aiohttp_response(response)
 
     async def _connect(self, app: AsyncApp) -> None:
@@ -806,3 +811,11 @@ def _ack_text(job: asyncio.Task[str | None]) -> str:
     if job.exception() is not None:
         return "Sorry, that command failed inside DuckLM; the log has the details."
     return job.result() or "Running it in a thread in this channel."
+
+
+def _malformed_actions(body: Any) -> bool:
+    """A block_actions payload whose `actions` is not a non-empty list of objects."""
+    if not isinstance(body, dict) or body.get("type") != "block_actions":
+        return False
+    actions = body.get("actions")
+    return not (isinstance(actions, list) and actions and all(isinstance(a, dict) for a in actions))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -231,26 +232,28 @@ class RuntimeLoop:
         *,
         mode: str,
     ) -> Task:
-        task = await self.task_store.create_task(
-            message,
-            workspace,
-            debug,
-            conversation=conversation,
-            requested_by=requested_by,
-            history_messages=list(history or []),
-        )
-        await self._emit(
-            task.task_id,
-            "task_created",
-            {
-                "message": message,
-                "workspace": workspace,
-                "debug": debug,
-                "mode": mode,
-                "conversation": conversation,
-                "requested_by": requested_by,
-            },
-        )
+        async with self._atomic():
+            task = await self.task_store.create_task(
+                message,
+                workspace,
+                debug,
+                conversation=conversation,
+                requested_by=requested_by,
+                history_messages=list(history or []),
+            )
+            event = await self.event_store.append(
+                task.task_id,
+                "task_created",
+                {
+                    "message": message,
+                    "workspace": workspace,
+                    "debug": debug,
+                    "mode": mode,
+                    "conversation": conversation,
+                    "requested_by": requested_by,
+                },
+            )
+        await self._notify(event)
         return task
 
     async def _guard(self, task: Task, turn: Awaitable[ChatResult]) -> ChatResult:
@@ -525,12 +528,18 @@ class RuntimeLoop:
         pending = next((o for o in reversed(observations) if o.get("approval_id")), None)
         if pending is None:
             return None
-        await self.task_store.waiting_for_approval(task.task_id)
-        await self._emit(
-            task.task_id,
-            "task_waiting_for_approval",
-            {"approval_id": pending["approval_id"], "direct": direct, "observations": observations},
-        )
+        async with self._atomic():
+            await self.task_store.waiting_for_approval(task.task_id)
+            event = await self.event_store.append(
+                task.task_id,
+                "task_waiting_for_approval",
+                {
+                    "approval_id": pending["approval_id"],
+                    "direct": direct,
+                    "observations": observations,
+                },
+            )
+        await self._notify(event)
         assert self.approval_service is not None
         approval = await self.approval_service.get(pending["approval_id"])
         return ChatResult(
@@ -543,17 +552,21 @@ class RuntimeLoop:
     async def _finish(
         self, task: Task, final_response: str, reasoning_content: str | None = None
     ) -> ChatResult:
-        await self.task_store.complete_task(task.task_id, final_response)
-        await self._emit(
-            task.task_id,
-            "task_completed",
-            {"final_response": final_response, "reasoning_content": reasoning_content},
-        )
+        async with self._atomic():
+            await self.task_store.complete_task(task.task_id, final_response)
+            event = await self.event_store.append(
+                task.task_id,
+                "task_completed",
+                {"final_response": final_response, "reasoning_content": reasoning_content},
+            )
+        await self._notify(event)
         return ChatResult(task.task_id, "completed", final_response, reasoning_content)
 
     async def _fail(self, task_id: str, error: str) -> ChatResult:
-        await self.task_store.fail_task(task_id, error)
-        await self._emit(task_id, "task_failed", {"error": error})
+        async with self._atomic():
+            await self.task_store.fail_task(task_id, error)
+            event = await self.event_store.append(task_id, "task_failed", {"error": error})
+        await self._notify(event)
         return ChatResult(task_id, "failed", error)
 
     # -- plumbing ---------------------------------------------------------
@@ -575,15 +588,24 @@ class RuntimeLoop:
             gateway = self._gateways[key] = self._gateway_factory(key)
         return gateway
 
+    def _atomic(self) -> AbstractAsyncContextManager[None]:
+        """A status change and its audit event commit together or not at all (a
+        full disk must not leave a finished task without its final event).
+        Listeners are told only after the commit, outside the transaction."""
+        db = self.task_store.db
+        return db.transaction() if db is self.event_store.db else nullcontext()
+
     async def _emit(self, task_id: str, event_type: str, payload: dict[str, Any]) -> None:
-        event = await self.event_store.append(task_id, event_type, payload)
+        await self._notify(await self.event_store.append(task_id, event_type, payload))
+
+    async def _notify(self, event: Event) -> None:
         for listener in self._listeners:
             try:
                 outcome = listener(event)
                 if inspect.isawaitable(outcome):
                     await outcome
             except Exception:  # a broken progress display must not break the task
-                logger.exception("event listener failed on %s", event_type)
+                logger.exception("event listener failed on %s", event.event_type)
 
 
 def _command_of(action: dict[str, Any], payload: dict[str, Any]) -> str | None:

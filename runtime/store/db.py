@@ -272,6 +272,23 @@ def _precheck(given: str | Path) -> str:
 Params = Sequence[Any]
 
 
+def _bindable(params: Params) -> Params:
+    """Text SQLite can store. A lone surrogate ('\\ud800', legal in the JSON that
+    Slack or Matrix send) cannot be encoded as UTF-8 and would make sqlite3 refuse
+    the whole statement; it becomes U+FFFD instead, like any undecodable byte."""
+    if not any(isinstance(p, str) for p in params):
+        return params
+    return [_valid_text(p) if isinstance(p, str) else p for p in params]
+
+
+def _valid_text(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return text
+
+
 class Database:
     """One long-lived connection. Use `await Database.open(path)`."""
 
@@ -385,7 +402,7 @@ class Database:
     # -- statements --------------------------------------------------------
 
     async def _raw(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
-        return list(await self._conn.execute_fetchall(sql, params))
+        return list(await self._conn.execute_fetchall(sql, _bindable(params)))
 
     async def fetchall(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
         """Run one statement and return its rows (writes use RETURNING to report rows)."""

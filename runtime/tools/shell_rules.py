@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import bashlex
 
-from runtime.tools.shell import INTERPRETERS, MAX_PARSE_CHARS, SHELLS, classify
+from runtime.tools.shell import INTERPRETERS, MAX_COMMAND_CHARS, MAX_PARSE_CHARS, SHELLS, classify
 from runtime.tools.shell.programs import _PYTHON_RE
 
 RULE_KINDS = ("exact", "prefix")
@@ -305,7 +305,7 @@ def _prefix_covers(part: _Part, rule_part: _Part) -> bool:
 
 def rule_covers(command: str, rules: Sequence[RuleLike]) -> bool:
     """Whether the rules allow this command forever. Blocked commands: never."""
-    if not isinstance(command, str) or not command.strip():
+    if not isinstance(command, str) or not command.strip() or len(command) > MAX_COMMAND_CHARS:
         return False
     verdict = classify(command)
     if verdict.blocked:

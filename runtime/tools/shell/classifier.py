@@ -52,7 +52,16 @@ def _classify(command: str) -> Classification:
             )
         )
     if len(command) > MAX_COMMAND_CHARS:
-        extra.append(Verdict("unknown", "high", "The command is too long to review."))
+        # Never parsed: the tool refuses to run it anyway, and analysing
+        # megabytes of model output would stall the whole bot.
+        return Classification(
+            action_type="unknown",
+            risk_level="high",
+            requires_approval=True,
+            blocked=False,
+            reason=f"The command is too long to review ({len(command):,} characters; "
+            f"the limit is {MAX_COMMAND_CHARS:,}).",
+        )
     text = command.replace("\x00", " ")
     analyzer.analyze(text)
     verdicts = analyzer.verdicts + extra
