@@ -782,14 +782,8 @@ class MatrixPlatform(Platform, ChatBackend):
         return await self.service.approvals.find_by_card_ref(card_ref)
 
     async def _thread_of_task(self, task_id: str) -> Thread | None:
-        task = await self.service.tasks.get_task(task_id)
-        if task is None or not task.conversation:
-            return None
-        try:
-            thread = Thread.parse(task.conversation)
-        except ValueError:
-            return None
-        return thread if thread.platform == PLATFORM else None
+        thread = await self.service.thread_of(task_id)
+        return thread if thread is not None and thread.platform == PLATFORM else None
 
     # -- encrypted rooms ---------------------------------------------------------
 

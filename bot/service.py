@@ -119,7 +119,7 @@ class ChatService:
             return str(exc)
         if not outcome.taken or outcome.approval is None:
             return _already_decided(outcome.approval or approval)
-        thread = await self._thread_of(approval.task_id)
+        thread = await self.thread_of(approval.task_id)
         if thread is not None:
             await self._resolve_card(thread, outcome.approval)
             self._spawn(self._continue(thread, approval.task_id, approval_id))
@@ -159,7 +159,7 @@ class ChatService:
         approval = await self.approvals.get(approval_id)
         if approval is None or approval.decision is not None:
             return
-        thread = await self._thread_of(approval.task_id)
+        thread = await self.thread_of(approval.task_id)
         if thread is None or not await self.approvals.mark_reminded(approval_id):
             return
         backend = self.backends[thread.platform]
@@ -186,7 +186,7 @@ class ChatService:
         if approval is None:
             return
         await self.tasks.claim_status(approval.task_id, "waiting_for_approval", "expired")
-        thread = await self._thread_of(approval.task_id)
+        thread = await self.thread_of(approval.task_id)
         if thread is None:
             return
         await self._resolve_card(thread, approval)
@@ -254,7 +254,7 @@ class ChatService:
         """At start, after a crash: interrupted tasks are told so in their thread, and
         decisions taken just before the crash are carried out (exactly once)."""
         for task in await self.tasks.mark_interrupted():
-            thread = await self._thread_of(task.task_id)
+            thread = await self.thread_of(task.task_id)
             if thread is not None:
                 await self._safely(
                     self.backends[thread.platform].send(
@@ -269,7 +269,7 @@ class ChatService:
                 for a in await self.approvals.list_for_task(task.task_id)
                 if a.decision in ("approve", "always", "deny") and a.executed_at is None
             ]
-            thread = await self._thread_of(task.task_id)
+            thread = await self.thread_of(task.task_id)
             if decided and thread is not None:
                 self._spawn(self._continue(thread, task.task_id, decided[-1].approval_id))
 
@@ -401,7 +401,8 @@ class ChatService:
 
     # -- helpers --------------------------------------------------------------
 
-    async def _thread_of(self, task_id: str) -> Thread | None:
+    async def thread_of(self, task_id: str) -> Thread | None:
+        """The thread a task lives in, if a platform this process serves owns it."""
         task = await self.tasks.get_task(task_id)
         if task is None or not task.conversation:
             return None
