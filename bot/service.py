@@ -327,11 +327,13 @@ class ChatService:
                 result = await turn
             except StoreError as exc:  # disk full, read-only file: an operator must act
                 logger.error("database failure in %s: %s", thread.key, exc)
+                # The cause, not the file's path: the channel needn't see the server's layout.
                 await self._safely(
                     backend.send(
                         thread,
-                        f"DuckLM could not save its work, so it stopped: {exc}. An operator "
-                        "needs to check the database (disk space, permissions).",
+                        f"DuckLM could not save its work to its database, so it stopped "
+                        f"({exc.cause}). An operator needs to check the bot's database "
+                        "(disk space, permissions) and its log.",
                     )
                 )
                 return

@@ -144,6 +144,11 @@ SCHEMA_VERSION = len(MIGRATIONS)
 class StoreError(Exception):
     """The store cannot do what was asked; the message is meant for a person."""
 
+    @property
+    def cause(self) -> str:
+        """The underlying error without the file's path, for chat users."""
+        return str(self.__cause__) if self.__cause__ is not None else str(self)
+
 
 # -- values ----------------------------------------------------------------
 
