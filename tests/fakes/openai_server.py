@@ -23,7 +23,6 @@ import contextlib
 import inspect
 import itertools
 import json
-import socket
 import threading
 import time
 from collections import deque
@@ -33,6 +32,8 @@ from typing import Any
 
 import pytest_asyncio
 from aiohttp import web
+
+from tests.fakes.loopback import serve_on_loopback
 
 __all__ = [
     "Drop",
@@ -198,16 +199,7 @@ class FakeModelServer:
         runner = web.AppRunner(
             app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5
         )
-        await runner.setup()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-            await web.SockSite(runner, sock).start()
-        except BaseException:
-            sock.close()
-            await runner.cleanup()
-            raise
+        port = await serve_on_loopback(runner)
         self._runner = runner
         self.base_url = f"http://127.0.0.1:{port}/v1"
 

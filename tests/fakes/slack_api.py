@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import itertools
 import json
-import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -37,6 +36,8 @@ from urllib.parse import parse_qsl, urlencode
 import aiohttp
 from aiohttp import web
 from slack_sdk.signature import SignatureVerifier
+
+from tests.fakes.loopback import serve_on_loopback
 
 __all__ = [
     "APP_TOKEN",
@@ -260,16 +261,7 @@ class FakeSlack:
         app.router.add_post("/upload/{file_id}", self._upload)
         app.router.add_post("/webhook/{name}", self._webhook)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await runner.setup()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-            await web.SockSite(runner, sock).start()
-        except BaseException:
-            sock.close()
-            await runner.cleanup()
-            raise
+        port = await serve_on_loopback(runner)
         self._runner = runner
         self.base_url = f"http://127.0.0.1:{port}"
 
