@@ -353,7 +353,7 @@ class ChatService:
         if result.already_handled:
             return
         if result.status == "waiting_for_approval" and result.pending_approval:
-            card = await self._card(result.pending_approval)
+            card = self._card(result.pending_approval)
             ref = await self._safely(backend.send_card(thread, card))
             if ref:
                 await self.approvals.set_card_ref(card.approval_id, ref)
@@ -366,15 +366,15 @@ class ChatService:
 
     # -- cards --------------------------------------------------------------
 
-    async def _card(self, pending: PendingApproval) -> ApprovalCard:
-        approval = await self.approvals.get(pending.approval_id)
+    @staticmethod
+    def _card(pending: PendingApproval) -> ApprovalCard:
         risk = pending.risk_level or "high"
         always_rule = None
         if pending.tool == "shell_exec_safe" and pending.command:
             always_rule = describe_rule(*rule_for_command(pending.command))
         return ApprovalCard(
             approval_id=pending.approval_id,
-            task_id=approval.task_id if approval else "",
+            task_id=pending.task_id,
             tool=pending.tool,
             command=pending.command,
             risk_level=risk,
@@ -384,13 +384,13 @@ class ChatService:
             requested_by=pending.requested_by,
             always_offered=risk != "critical",
             always_rule=always_rule,
-            expires_at=approval.expires_at if approval else None,
+            expires_at=pending.expires_at,
         )
 
     async def _resolve_card(self, thread: Thread, approval: Approval) -> None:
         if not approval.card_ref:
             return
-        card = await self._card(PendingApproval.from_approval(approval))
+        card = self._card(PendingApproval.from_approval(approval))
         resolution = CardResolution(
             approval.decision or "?",
             approval.decided_by,

@@ -19,6 +19,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
+from datetime import datetime
 from functools import partial
 from typing import Any
 
@@ -49,6 +50,7 @@ class PendingApproval:
     """What a chat adapter needs to draw an approval card."""
 
     approval_id: str
+    task_id: str
     index: int
     tool: str
     command: str | None
@@ -57,11 +59,13 @@ class PendingApproval:
     action_type: str | None
     model_reason: str | None  # why the model wants it
     requested_by: str | None
+    expires_at: datetime | None
 
     @classmethod
     def from_approval(cls, approval: Approval) -> PendingApproval:
         return cls(
             approval_id=approval.approval_id,
+            task_id=approval.task_id,
             index=approval.index,
             tool=approval.tool,
             command=approval.command,
@@ -70,6 +74,7 @@ class PendingApproval:
             action_type=approval.action_type,
             model_reason=approval.action.get("reason"),
             requested_by=approval.requested_by,
+            expires_at=approval.expires_at,
         )
 
 
