@@ -262,24 +262,18 @@ class InstantModelServer:
 
 
 def settings_for(tmp: Path, base_url: str | None, **overrides: Any) -> Any:
-    """Settings from explicit values only (never the developer's environment)."""
-    from runtime.settings import Settings
+    """The tests' explicit-values Settings, with the bench's model names, no retries
+    (a benchmark must not hide a failing call) and a longer model timeout."""
+    from tests.conftest import make_settings
 
-    workspace = tmp / "workspace"
-    workspace.mkdir(parents=True, exist_ok=True)
     values: dict[str, Any] = {
-        "db": tmp / "ducklm.db",
-        "workspace": workspace,
         "thinker_model": THINKER_MODEL,
         "action_model": ACTION_MODEL,
         "model_max_retries": 0,
         "model_timeout": 30,
+        **overrides,
     }
-    if base_url is not None:
-        values["model_base_url"] = base_url
-        values["model_api_key"] = "sk-bench"
-    values.update(overrides)
-    return Settings(_env_file=None, **values)
+    return make_settings(tmp, base_url, **values)
 
 
 def bench_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -35,7 +35,7 @@ def shell(command: str, reason: str = "test") -> dict[str, Any]:
 def make_settings(tmp_path: Path, base_url: str | None = None, **overrides: Any) -> Settings:
     """Settings built from explicit values only, never from the developer's environment."""
     workspace = tmp_path / "workspace"
-    workspace.mkdir(exist_ok=True)
+    workspace.mkdir(parents=True, exist_ok=True)
     values: dict[str, Any] = {
         "db": tmp_path / "ducklm.db",
         "workspace": workspace,
