@@ -256,40 +256,6 @@ def store_sql_autocommit_rate(db_path: Path, rows: dict[str, Any], count: int) -
     return elapsed / count
 
 
-async def store_sql_aiosqlite_rate(db_path: Path, rows: dict[str, Any], count: int) -> float:
-    """The same statements through aiosqlite (one worker-thread round trip each),
-    without the stores' Python around them."""
-    import aiosqlite
-
-    conn = await aiosqlite.connect(db_path, isolation_level=None)
-    try:
-        await conn.execute("PRAGMA synchronous = NORMAL")
-        await conn.execute("PRAGMA foreign_keys = ON")
-        started = time.perf_counter()
-        for i in range(count):
-            task_id, ts = uuid.uuid4().hex, time.time()
-            await conn.execute_fetchall(
-                _INSERT_TASK,
-                (
-                    task_id,
-                    rows["message"],
-                    rows["workspace"],
-                    f"bench:C1|{i}",
-                    json.dumps(rows["history"]),
-                    ts,
-                    ts,
-                ),
-            )
-            for kind, payload in rows["events"]:
-                await conn.execute_fetchall(
-                    _APPEND, (task_id, kind, json.dumps(payload, ensure_ascii=False), ts, task_id)
-                )
-            await conn.execute_fetchall(_COMPLETE, (rows["final"], ts, task_id))
-        return (time.perf_counter() - started) / count
-    finally:
-        await conn.close()
-
-
 def _swap(value: Any, old: str, new: str) -> Any:
     if value == old:
         return new
@@ -384,13 +350,9 @@ async def scenario(
     await db.close()
     raw_per_task = raw_insert_rate(raw_db, rows, args.tasks)
     breakdown = {}
-    for label in ("autocommit", "aiosqlite"):
-        path = tmp / f"{name}-{label}.db"
-        await (await Database.open(path)).close()
-        if label == "autocommit":
-            breakdown[label] = store_sql_autocommit_rate(path, rows, args.tasks)
-        else:
-            breakdown[label] = await store_sql_aiosqlite_rate(path, rows, args.tasks)
+    path = tmp / f"{name}-autocommit.db"
+    await (await Database.open(path)).close()
+    breakdown["autocommit"] = store_sql_autocommit_rate(path, rows, args.tasks)
     replay_stores = await open_stores(tmp / f"{name}-replay.db")
     try:
         await store_replay_rate(replay_stores, trace, 50)
@@ -438,7 +400,6 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
     steps = [
         ("raw inserts, one transaction per task", r["raw"]),
         ("the stores' SQL, one autocommit tx per statement", r["breakdown"]["autocommit"]),
-        ("  ... through aiosqlite (a thread round trip each)", r["breakdown"]["aiosqlite"]),
         ("  ... as the loop makes them (stores, transactions)", r["replay"]),
         ("  ... inside the running loop (contention)", r["store_in_loop"]),
     ]

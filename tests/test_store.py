@@ -87,7 +87,10 @@ async def test_connection_settings(stores: Stores) -> None:
     assert await pragma("journal_mode") == "wal"
     assert await pragma("foreign_keys") == 1
     assert await pragma("synchronous") == 1  # NORMAL
-    assert await pragma("busy_timeout") == 5000
+    # Waits for the write lock happen in asyncio (see test_waiting_for_the_write_lock…),
+    # and checkpoints in a worker thread, so SQLite itself never blocks the loop.
+    assert await pragma("busy_timeout") == 0
+    assert await pragma("wal_autocheckpoint") == 0
 
 
 async def test_processes_opening_a_fresh_file_together(tmp_path: Path) -> None:
@@ -516,3 +519,190 @@ async def test_rule_rows(stores: Stores) -> None:
     assert every[0].revoked_by == "admin2" and not every[0].active
     with pytest.raises(ValueError):
         await stores.rules.insert("x", "regex", ".*", "admin")
+
+
+# -- inline statements, the write lock and background work ---------------------
+
+
+class LockHolder:
+    """Another connection (as another process's would) holding the write lock
+    until told to let go."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.locked = asyncio.Event()
+        self.release = asyncio.Event()
+        self._thread: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> LockHolder:
+        loop = asyncio.get_running_loop()
+
+        def hold() -> None:
+            other = sqlite3.connect(self.path, isolation_level=None)
+            try:
+                other.execute("BEGIN IMMEDIATE")
+                other.execute("INSERT INTO deliveries (key, claimed_at) VALUES ('held', 0)")
+                loop.call_soon_threadsafe(self.locked.set)
+                asyncio.run_coroutine_threadsafe(self.release.wait(), loop).result(timeout=30)
+                other.execute("COMMIT")
+            finally:
+                other.close()
+
+        self._thread = asyncio.create_task(asyncio.to_thread(hold))
+        await asyncio.wait_for(self.locked.wait(), 10)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release.set()
+        assert self._thread is not None
+        await asyncio.wait_for(self._thread, 10)
+
+
+async def test_waiting_for_the_write_lock_does_not_block_the_loop(tmp_path: Path) -> None:
+    path = tmp_path / "duck.db"
+    async with await open_stores(path) as s:
+        task = await s.tasks.create_task("q")
+        async with LockHolder(path):
+            append = asyncio.create_task(s.events.append(task.task_id, "while_locked"))
+            claim = asyncio.create_task(s.deliveries.claim("during the wait"))
+            ticks = 0
+            for _ in range(20):  # the loop keeps running while both writes wait
+                await asyncio.sleep(0.005)
+                ticks += 1
+            assert ticks == 20
+            assert not append.done() and not claim.done()
+            # Reads do not wait for the write lock in WAL mode.
+            assert (await s.tasks.get_task(task.task_id)) is not None
+        event = await asyncio.wait_for(append, 10)
+        assert event.seq == 1
+        assert await asyncio.wait_for(claim, 10) is True
+        assert [e.event_type for e in await s.events.list_events(task.task_id)] == ["while_locked"]
+        assert await s.deliveries.claim("held") is False  # the other connection's write landed
+
+
+async def test_a_lock_held_past_the_busy_timeout_is_a_store_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("runtime.store.db.BUSY_TIMEOUT_S", 0.2)
+    path = tmp_path / "duck.db"
+    async with await open_stores(path) as s:
+        task = await s.tasks.create_task("q")
+        async with LockHolder(path):
+            with pytest.raises(StoreError, match="stayed locked by another connection"):
+                await s.events.append(task.task_id, "too late")
+            with pytest.raises(StoreError, match="stayed locked"):
+                async with s.db.transaction():
+                    await s.events.append(task.task_id, "too late either")
+        assert await s.events.list_events(task.task_id) == []
+        assert (await s.events.append(task.task_id, "after")).seq == 1
+
+
+async def test_checkpoints_run_in_the_background(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Automatic checkpoints are off on the inline connection; the store starts one
+    # in a worker thread after enough writes, which moves pages into the main file.
+    monkeypatch.setattr("runtime.store.db.CHECKPOINT_EVERY_CHANGES", 100)
+    path = tmp_path / "duck.db"
+    async with await open_stores(path) as s:
+        before = path.stat().st_size
+        task = await s.tasks.create_task("q")
+        for n in range(300):
+            await s.events.append(task.task_id, "big", {"n": n, "data": "x" * 2000})
+        for _ in range(500):
+            if path.stat().st_size > before + 300 * 1000:
+                break
+            await asyncio.sleep(0.01)
+        assert path.stat().st_size > before + 300 * 1000
+        assert len(await s.events.list_events(task.task_id)) == 300
+
+
+async def test_an_explicit_checkpoint_and_close_leave_a_complete_file(tmp_path: Path) -> None:
+    path = tmp_path / "duck.db"
+    s = await open_stores(path)
+    task = await s.tasks.create_task("q")
+    await s.events.append(task.task_id, "one")
+    await s.db.checkpoint()
+    await s.close()
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("SELECT count(*) FROM events").fetchone() == (1,)
+        assert raw.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+async def test_retention_deletes_in_chunks_and_spares_unfinished_tasks(stores: Stores) -> None:
+    from runtime.store.retention import CHUNK_TASKS, delete_finished_tasks
+
+    finished = []
+    for i in range(CHUNK_TASKS * 2 + 7):
+        task = await stores.tasks.create_task(f"old {i}")
+        await stores.events.append(task.task_id, "task_created")
+        await stores.tasks.complete_task(task.task_id, "done")
+        finished.append(task.task_id)
+    running = await stores.tasks.create_task("still running")
+    await stores.events.append(running.task_id, "task_created")
+    # A cutoff in the future: every finished task is "old".
+    assert await delete_finished_tasks(stores.db, -60) == len(finished)
+    assert await stores.tasks.get_task(finished[0]) is None
+    assert await stores.events.list_events(finished[-1]) == []
+    assert await stores.tasks.get_task(running.task_id) is not None
+    assert len(await stores.events.list_events(running.task_id)) == 1
+    assert await delete_finished_tasks(stores.db, -60) == 0
+
+
+async def test_background_work_on_a_closed_database_is_a_store_error(tmp_path: Path) -> None:
+    from runtime.store.retention import delete_finished_tasks
+
+    s = await open_stores(tmp_path / "duck.db")
+    await s.close()
+    with pytest.raises(StoreError, match="closed"):
+        await delete_finished_tasks(s.db, 0)
+
+
+async def test_append_many_numbers_a_group_consecutively(stores: Stores) -> None:
+    task = await stores.tasks.create_task("q")
+    await stores.events.append(task.task_id, "first")
+    stamps = [1_700_000_000.0, 1_700_000_001.5]
+    written = await stores.events.append_many(
+        task.task_id, [("a", {"x": 1}), ("b", None)], at=stamps
+    )
+    assert [(e.seq, e.event_type, e.payload) for e in written] == [(2, "a", {"x": 1}), (3, "b", {})]
+    stored = await stores.events.list_events(task.task_id)
+    assert stored[1:] == written
+    assert [e.created_at.timestamp() for e in stored[1:]] == stamps
+    assert await stores.events.append_many(task.task_id, []) == []
+    with pytest.raises(ValueError, match="one time per event"):
+        await stores.events.append_many(task.task_id, [("c", {})], at=[])
+
+
+async def test_append_many_splits_huge_groups_in_one_transaction(stores: Stores) -> None:
+    from runtime.store.events import MAX_EVENTS_PER_STATEMENT
+
+    task = await stores.tasks.create_task("q")
+    count = MAX_EVENTS_PER_STATEMENT * 2 + 3
+    written = await stores.events.append_many(
+        task.task_id, [("step", {"n": n}) for n in range(count)]
+    )
+    assert [e.seq for e in written] == list(range(1, count + 1))
+    stored = await stores.events.list_events(task.task_id)
+    assert [e.payload["n"] for e in stored] == list(range(count))
+
+
+async def test_append_many_is_all_or_nothing(stores: Stores) -> None:
+    with pytest.raises(StoreError, match="task that does not exist"):
+        await stores.events.append_many("no-such-task", [("a", {}), ("b", {})])
+    assert await stores.events.list_events("no-such-task") == []
+
+
+async def test_concurrent_groups_stay_contiguous(stores: Stores) -> None:
+    task = await stores.tasks.create_task("q")
+
+    async def writer(who: str) -> None:
+        for n in range(10):
+            await stores.events.append_many(task.task_id, [(who, {"n": n}), (who, {"n": n})])
+            await asyncio.sleep(0)
+
+    await asyncio.gather(*(writer(f"w{k}") for k in range(5)))
+    events = await stores.events.list_events(task.task_id)
+    assert [e.seq for e in events] == list(range(1, 101))
+    for first, second in zip(events[::2], events[1::2], strict=True):
+        assert (first.event_type, first.payload) == (second.event_type, second.payload)

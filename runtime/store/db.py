@@ -1,29 +1,52 @@
 """The SQLite connection: opening, migrations, statement helpers and transactions.
 
-One `Database` holds one aiosqlite connection for the life of the process, in
-autocommit mode: a single statement is its own transaction, so most store
-methods are one statement and need no lock. Multi-statement transactions go
-through `transaction()`, which serializes them with an asyncio.Lock and
-`BEGIN IMMEDIATE` (so a second process on the same file waits on the write
-lock up to `busy_timeout` instead of failing half-way).
+Statements run inline, on the event loop's thread. A DuckLM statement is small
+and indexed, and in WAL mode with synchronous=NORMAL a commit is a write() into
+the WAL file with no fsync, so running it directly takes microseconds; handing
+every statement to a worker thread and back (what aiosqlite does) took 50-100 µs
+each on a busy 2-core machine, which was most of a task's store cost
+(docs/performance.md). Nothing slow is allowed on the loop, though:
+
+- Waiting for another connection's write lock: the inline connection has
+  busy_timeout 0, so SQLite answers BUSY at once, and the statement is retried
+  after an `asyncio.sleep`, for up to BUSY_TIMEOUT_S in all.
+- Slow work: WAL checkpoints (automatic checkpoints are off on the inline
+  connection) and bulk deletes run on a second connection in a worker thread
+  (`checkpoint`, `background_transaction`).
+
+Single statements are their own transaction (autocommit). Multi-statement
+transactions go through `transaction()`, which serializes them with an
+asyncio.Lock and `BEGIN IMMEDIATE`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sqlite3
+import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import aiosqlite
+logger = logging.getLogger("ducklm.store")
+T = TypeVar("T")
 
 BUSY_TIMEOUT_S = 5.0
+# Retry delays while another connection holds the write lock (doubling, capped).
+FIRST_RETRY_S = 0.001
+MAX_RETRY_S = 0.05
+# Rows written between two background checkpoints; at DuckLM's row sizes this
+# keeps the WAL around the size of SQLite's own default (1000 pages).
+CHECKPOINT_EVERY_CHANGES = 2000
+# A WAL that once grew large (a burst of big tool outputs) is cut back to this
+# size after a checkpoint instead of keeping its high-water mark on disk.
+JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
 SQLITE_HEADER = b"SQLite format 3\x00"
 # RETURNING (3.35) is what makes compare-and-set and sequence numbers one statement.
 MIN_SQLITE = (3, 35, 0)
@@ -294,16 +317,45 @@ def _valid_text(text: str) -> str:
     return text
 
 
-class Database:
-    """One long-lived connection. Use `await Database.open(path)`."""
+def _is_busy(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
-    def __init__(self, conn: aiosqlite.Connection, path: str) -> None:
+
+def _connect(path: str, busy_timeout_s: float) -> sqlite3.Connection:
+    # check_same_thread=False: the inline connection is closed from a worker
+    # thread, and the background one moves between the default executor's threads
+    # (one at a time, under its lock).
+    conn = sqlite3.connect(
+        path,
+        isolation_level=None,
+        timeout=busy_timeout_s,
+        check_same_thread=False,
+        cached_statements=256,
+    )
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+class Database:
+    """One long-lived connection, used inline on the event loop. Use `await Database.open(path)`."""
+
+    def __init__(self, conn: sqlite3.Connection, path: str, *, memory: bool = False) -> None:
         self._conn = conn
         self.path = path
+        self._memory = memory
         self._lock = asyncio.Lock()
         # The task running the current transaction; its statements bypass the lock.
         self._tx_owner: asyncio.Task[Any] | None = None
         self._closed = False
+        # The second connection, for work that must not run on the loop. Its
+        # thread lock is held for the whole of each piece of work, so a caller
+        # cancelled mid-way never leaves it to two threads at once.
+        self._background: sqlite3.Connection | None = None
+        self._background_lock = threading.Lock()
+        self._background_closed = False
+        self._changes_at_checkpoint = 0
+        self._checkpointing: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, path: str | Path) -> Database:
@@ -316,15 +368,12 @@ class Database:
         memory = str(path) == ":memory:"
         shown = str(path) if memory else _precheck(path)
         try:
-            conn = await aiosqlite.connect(
-                shown, isolation_level=None, timeout=BUSY_TIMEOUT_S, cached_statements=256
-            )
+            conn = _connect(shown, 0)
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(_describe(shown, exc)) from exc
-        conn.row_factory = sqlite3.Row
-        db = cls(conn, shown)
+        db = cls(conn, shown, memory=memory)
         try:
-            await db._configure(memory)
+            await db._configure()
             await db._migrate()
         except BaseException as exc:
             await db.close()
@@ -333,38 +382,26 @@ class Database:
             raise
         return db
 
-    async def _configure(self, memory: bool) -> None:
-        await self._raw(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-        if not memory:
-            mode = await self._enable_wal()
+    async def _configure(self) -> None:
+        # Busy waits happen in `_run`, with asyncio.sleep, never inside SQLite.
+        await self._run("PRAGMA busy_timeout = 0")
+        if not self._memory:
+            # Two processes starting together on a fresh file both try to switch
+            # it to WAL; the loser sees BUSY and `_run` retries.
+            rows = await self._run("PRAGMA journal_mode = WAL")
+            mode = rows[0][0] if rows else None
             if str(mode).lower() != "wal":
                 raise StoreError(
                     f"database {self.path}: cannot switch to WAL mode (got {mode!r}); "
                     "is it on a network file system?"
                 )
+            # Checkpoints run in a worker thread (see `_checkpoint_soon`).
+            await self._run("PRAGMA wal_autocheckpoint = 0")
+            await self._run(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
         # WAL + NORMAL: no fsync per commit, still crash-safe (a power loss may drop
         # the last commits, never corrupt the file).
-        await self._raw("PRAGMA synchronous = NORMAL")
-        await self._raw("PRAGMA foreign_keys = ON")
-
-    async def _enable_wal(self) -> object:
-        # Switching a fresh file to WAL takes an exclusive lock and SQLite does not
-        # call the busy handler for it, so two processes starting together would
-        # see "database is locked" at once; retry for as long as busy_timeout.
-        deadline = time.monotonic() + BUSY_TIMEOUT_S
-        delay = 0.005
-        while True:
-            try:
-                rows = await self._raw("PRAGMA journal_mode = WAL")
-                return rows[0][0] if rows else None
-            except sqlite3.OperationalError as exc:
-                code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
-                if code not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-                    raise
-                if time.monotonic() >= deadline:
-                    raise
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.1)
+        await self._run("PRAGMA synchronous = NORMAL")
+        await self._run("PRAGMA foreign_keys = ON")
 
     async def _migrate(self) -> None:
         version = await self.user_version()
@@ -377,8 +414,8 @@ class Database:
             self._check_version(version)
             for statements in MIGRATIONS[version:]:
                 for statement in statements:
-                    await self._raw(statement)
-            await self._raw(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                    await self._run(statement)
+            await self._run(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _check_version(self, version: int) -> None:
         if version > SCHEMA_VERSION:
@@ -392,13 +429,25 @@ class Database:
         return int(rows[0][0])
 
     async def close(self) -> None:
+        """Finish background work and close both connections (off the loop: the
+        last connection to a file checkpoints it on close)."""
         if self._closed:
             return
         self._closed = True
-        try:
-            await self._conn.close()
-        except (sqlite3.Error, ValueError):
-            pass  # closing a broken connection has nothing left to save
+        if self._checkpointing is not None:
+            await asyncio.gather(self._checkpointing, return_exceptions=True)
+        await asyncio.to_thread(self._close_connections)
+
+    def _close_connections(self) -> None:
+        with self._background_lock:
+            self._background_closed = True
+            for conn in (self._background, self._conn):
+                if conn is None:
+                    continue
+                try:
+                    conn.close()
+                except sqlite3.Error:
+                    pass  # closing a broken connection has nothing left to save
 
     @property
     def closed(self) -> bool:
@@ -406,24 +455,42 @@ class Database:
 
     # -- statements --------------------------------------------------------
 
-    async def _raw(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
-        return list(await self._conn.execute_fetchall(sql, _bindable(params)))
+    async def _run(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
+        """Run one statement inline. While another connection holds the write
+        lock, wait for it with asyncio.sleep (the loop keeps serving), up to
+        BUSY_TIMEOUT_S in all; a failed attempt changed nothing, so a retry is safe."""
+        params = _bindable(params)
+        me = asyncio.current_task()
+        deadline: float | None = None
+        delay = FIRST_RETRY_S
+        while True:
+            while self._tx_owner is not None and self._tx_owner is not me:
+                # Wait out another task's transaction, or this statement would run
+                # inside it (one connection) and share its fate on rollback.
+                async with self._lock:
+                    pass
+            try:
+                rows = self._conn.execute(sql, params).fetchall()
+                break
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    raise
+                if deadline is None:
+                    deadline = time.monotonic() + BUSY_TIMEOUT_S
+                elif time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_RETRY_S)
+        self._checkpoint_soon()
+        return rows
 
     async def fetchall(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
         """Run one statement and return its rows (writes use RETURNING to report rows)."""
         if self._closed:
             raise StoreError(f"database {self.path} is closed")
-        if self._tx_owner is not None and self._tx_owner is not asyncio.current_task():
-            # Wait out another task's transaction, or this statement would run
-            # inside it (one connection) and share its fate on rollback.
-            async with self._lock:
-                pass
-        # No await between the check above and the enqueue inside _raw, and the
-        # connection's worker runs statements in FIFO order, so a transaction
-        # that starts later cannot swallow this statement.
         try:
-            return await self._raw(sql, params)
-        except (sqlite3.Error, ValueError) as exc:
+            return await self._run(sql, params)
+        except (sqlite3.Error, ValueError, OverflowError) as exc:
             raise StoreError(_describe(self.path, exc)) from exc
 
     async def fetchone(self, sql: str, params: Params = ()) -> sqlite3.Row | None:
@@ -450,30 +517,103 @@ class Database:
         async with self._lock:
             self._tx_owner = me
             try:
-                try:
-                    await self._raw("BEGIN IMMEDIATE")
-                except (sqlite3.Error, ValueError) as exc:
-                    raise StoreError(_describe(self.path, exc)) from exc
-                except BaseException:
-                    # Cancelled while BEGIN was queued: it will still run, so undo it.
-                    await self._rollback()
-                    raise
+                await self.fetchall("BEGIN IMMEDIATE")
                 try:
                     yield
                 except BaseException:
-                    await self._rollback()
+                    self._rollback()
                     raise
                 try:
-                    await self._raw("COMMIT")
-                except (sqlite3.Error, ValueError) as exc:
-                    await self._rollback()
-                    raise StoreError(_describe(self.path, exc)) from exc
+                    await self.fetchall("COMMIT")
+                except StoreError:
+                    self._rollback()
+                    raise
             finally:
                 self._tx_owner = None
 
-    async def _rollback(self) -> None:
-        # Enqueued before any await, so it runs even if this task is cancelled again.
+    def _rollback(self) -> None:
+        if not self._conn.in_transaction:
+            return  # SQLite already rolled back (it does on some errors)
         try:
-            await self._raw("ROLLBACK")
-        except (sqlite3.Error, ValueError):
-            pass  # nothing active (SQLite may already have rolled back on error)
+            self._conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+    # -- off the loop ------------------------------------------------------
+
+    async def background_transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work(connection)` as one write transaction on a second connection
+        in a worker thread: for bulk work (retention) that would stall the loop.
+
+        `work` runs SQL on the connection it is given and nothing else. Keep each
+        call short (delete in chunks): inline writers wait for it, up to
+        BUSY_TIMEOUT_S.
+        """
+        if self._memory:  # a second connection would see another, empty database
+            async with self.transaction():
+                try:
+                    return work(self._conn)
+                except (sqlite3.Error, ValueError, OverflowError) as exc:
+                    raise StoreError(_describe(self.path, exc)) from exc
+
+        def transact(conn: sqlite3.Connection) -> T:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return result
+
+        return await self._in_background(transact)
+
+    async def checkpoint(self) -> None:
+        """Copy committed pages from the WAL into the database file, in a worker
+        thread. PASSIVE: it neither waits for nor blocks readers and writers."""
+        if self._memory:
+            return
+        await self._in_background(
+            lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        )
+
+    def _checkpoint_soon(self) -> None:
+        """Start a background checkpoint once enough rows were written since the last."""
+        if self._memory or self._closed:
+            return
+        changes = self._conn.total_changes
+        if changes - self._changes_at_checkpoint < CHECKPOINT_EVERY_CHANGES:
+            return
+        if self._checkpointing is not None and not self._checkpointing.done():
+            return
+        self._changes_at_checkpoint = changes
+        self._checkpointing = asyncio.get_running_loop().create_task(self._logged_checkpoint())
+
+    async def _logged_checkpoint(self) -> None:
+        if self._closed:
+            return  # closing the last connection checkpoints the file anyway
+        try:
+            await self.checkpoint()
+        except StoreError as exc:  # the next one retries; the WAL only grows meanwhile
+            logger.warning("WAL checkpoint failed: %s", exc)
+
+    async def _in_background(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closed:
+            raise StoreError(f"database {self.path} is closed")
+
+        def run() -> T:
+            with self._background_lock:
+                if self._background_closed:
+                    raise StoreError(f"database {self.path} is closed")
+                if self._background is None:
+                    conn = _connect(self.path, BUSY_TIMEOUT_S)
+                    conn.execute("PRAGMA synchronous = NORMAL")
+                    conn.execute("PRAGMA foreign_keys = ON")
+                    self._background = conn
+                return work(self._background)
+
+        try:
+            return await asyncio.to_thread(run)
+        except (sqlite3.Error, ValueError, OverflowError, OSError) as exc:
+            raise StoreError(_describe(self.path, exc)) from exc

@@ -29,7 +29,11 @@ class DeliveryStore:
         )
 
     async def prune(self, older_than: float = DEFAULT_KEEP_SECONDS) -> int:
-        """Forget deliveries claimed more than `older_than` seconds ago."""
-        return await self.db.execute(
-            "DELETE FROM deliveries WHERE claimed_at < ? RETURNING 1", (now() - older_than,)
+        """Forget deliveries claimed more than `older_than` seconds ago (off the loop:
+        a busy week can be a lot of rows)."""
+        cutoff = now() - older_than
+        return await self.db.background_transaction(
+            lambda conn: (
+                conn.execute("DELETE FROM deliveries WHERE claimed_at < ?", (cutoff,)).rowcount
+            )
         )

@@ -6,13 +6,25 @@ There is deliberately no method that updates or deletes an event.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from runtime.store.db import Database, dump_json, load_json, now, to_datetime
 from runtime.store.models import Event
 
 _COLUMNS = "task_id, seq, event_type, payload, created_at"
+# An event to record: its type and its payload.
+NewEvent = tuple[str, Mapping[str, Any] | None]
+# SQLite allows 32766 bound parameters per statement; 4 per event.
+MAX_EVENTS_PER_STATEMENT = 1000
+
+
+def _as_payload(payload: Any) -> dict[str, Any]:
+    if payload is None:
+        return {}
+    if isinstance(payload, Mapping):
+        return dict(payload)
+    return {"value": payload}
 
 
 def _event(row: sqlite3.Row) -> Event:
@@ -33,33 +45,65 @@ class EventStore:
     async def append(
         self, task_id: str | None, event_type: str, payload: Mapping[str, Any] | None = None
     ) -> Event:
-        """Record one event. `task_id` None is the global stream (admin actions).
+        """Record one event. `task_id` None is the global stream (admin actions)."""
+        (event,) = await self.append_many(task_id, [(event_type, payload)])
+        return event
 
-        The sequence number is computed inside the INSERT itself: SQLite runs a
+    async def append_many(
+        self, task_id: str | None, events: Sequence[NewEvent], *, at: Sequence[float] | None = None
+    ) -> list[Event]:
+        """Record several events of one task, in order, in one statement (so one
+        commit): they get consecutive sequence numbers or none is written.
+
+        `at` gives each event's time when it happened earlier than now (events a
+        caller collected before writing them); by default they are stamped now.
+
+        The sequence numbers are computed inside the INSERT itself: SQLite runs a
         write statement under the database write lock, so two connections (or
         processes) can never both read the same MAX(seq).
         """
-        if payload is None:
-            payload = {}
-        elif not isinstance(payload, Mapping):
-            payload = {"value": payload}
-        text = dump_json(dict(payload))
-        ts = now()
-        row = await self.db.fetchone(
+        if not events:
+            return []
+        times = list(at) if at is not None else [now()] * len(events)
+        if len(times) != len(events):
+            raise ValueError("append_many: one time per event")
+        if len(events) > MAX_EVENTS_PER_STATEMENT:
+            step = MAX_EVENTS_PER_STATEMENT
+            async with self.db.transaction():
+                written: list[Event] = []
+                for i in range(0, len(events), step):
+                    written += await self.append_many(
+                        task_id, events[i : i + step], at=times[i : i + step]
+                    )
+                return written
+        texts = [dump_json(_as_payload(payload)) for _, payload in events]
+        params: list[Any] = []
+        for n, ((event_type, _), text, ts) in enumerate(zip(events, texts, times, strict=True), 1):
+            params += (n, event_type, text, ts)
+        values = ", ".join(["(?, ?, ?, ?)"] * len(events))
+        rows = await self.db.fetchall(
+            f"WITH new (n, event_type, payload, created_at) AS (VALUES {values}) "
             "INSERT INTO events (task_id, seq, event_type, payload, created_at) "
-            "SELECT ?, COALESCE(MAX(seq), 0) + 1, ?, ?, ? FROM events WHERE task_id IS ? "
-            "RETURNING seq",
-            (task_id, event_type, text, ts, task_id),
+            "SELECT ?, base.last + new.n, new.event_type, new.payload, new.created_at "
+            "FROM new, (SELECT COALESCE(MAX(seq), 0) AS last FROM events "
+            "WHERE task_id IS ?) AS base ORDER BY new.n RETURNING seq",
+            (*params, task_id, task_id),
         )
-        assert row is not None  # an INSERT … RETURNING that succeeded returns its row
-        stored = load_json(text, {})
-        return Event(
-            task_id=task_id,
-            seq=row["seq"],
-            event_type=event_type,
-            payload=stored if isinstance(stored, dict) else {"value": stored},
-            created_at=to_datetime(ts),
-        )
+        # RETURNING's row order is unspecified; the numbers are consecutive from base.
+        first = min(row["seq"] for row in rows)
+        written = []
+        for n, ((event_type, _), text, ts) in enumerate(zip(events, texts, times, strict=True)):
+            stored = load_json(text, {})
+            written.append(
+                Event(
+                    task_id=task_id,
+                    seq=first + n,
+                    event_type=event_type,
+                    payload=stored if isinstance(stored, dict) else {"value": stored},
+                    created_at=to_datetime(ts),
+                )
+            )
+        return written
 
     async def list_events(self, task_id: str | None) -> list[Event]:
         """A task's events (None: the global ones) in order."""

@@ -3,12 +3,19 @@
 The event log is append-only for everyone else; only finished tasks older than
 the configured retention go, together with their events and approvals. A task
 that is running or waiting for approval is never touched.
+
+The deletes run off the event loop, a chunk of tasks per transaction, so a
+first run over a year of history neither stalls the bot nor holds the write
+lock for long.
 """
 
 from __future__ import annotations
 
+import sqlite3
+
 from runtime.store.db import Database, now
 
+CHUNK_TASKS = 500
 _FINISHED = "('completed', 'failed', 'expired', 'interrupted')"
 
 
@@ -16,11 +23,22 @@ async def delete_finished_tasks(db: Database, older_than_seconds: float) -> int:
     """Delete finished tasks last updated more than `older_than_seconds` ago, with
     their events and approvals. Returns the number of tasks deleted."""
     cutoff = now() - older_than_seconds
-    old = f"SELECT task_id FROM tasks WHERE status IN {_FINISHED} AND updated_at < ?"
-    async with db.transaction():
-        await db.execute(f"DELETE FROM events WHERE task_id IN ({old}) RETURNING 1", (cutoff,))
-        await db.execute(f"DELETE FROM approvals WHERE task_id IN ({old}) RETURNING 1", (cutoff,))
-        return await db.execute(
-            f"DELETE FROM tasks WHERE status IN {_FINISHED} AND updated_at < ? RETURNING 1",
-            (cutoff,),
-        )
+    deleted = 0
+    while True:
+        chunk = await db.background_transaction(lambda conn: _delete_chunk(conn, cutoff))
+        deleted += chunk
+        if chunk < CHUNK_TASKS:
+            return deleted
+
+
+def _delete_chunk(conn: sqlite3.Connection, cutoff: float) -> int:
+    rows = conn.execute(
+        f"SELECT task_id FROM tasks WHERE status IN {_FINISHED} AND updated_at < ? "
+        "ORDER BY updated_at LIMIT ?",
+        (cutoff, CHUNK_TASKS),
+    ).fetchall()
+    ids = [(row[0],) for row in rows]
+    conn.executemany("DELETE FROM events WHERE task_id = ?", ids)
+    conn.executemany("DELETE FROM approvals WHERE task_id = ?", ids)
+    conn.executemany("DELETE FROM tasks WHERE task_id = ?", ids)
+    return len(ids)
