@@ -55,7 +55,7 @@ from bench._common import (
 READ_TOOL = {"tool": "read_file", "args": {"path": "notes.txt"}, "reason": "look at the notes"}
 STORE_METHODS = {
     "tasks": ("create_task", "complete_task", "fail_task", "waiting_for_approval", "get_task"),
-    "events": ("append", "list_events"),
+    "events": ("append", "append_many", "list_events"),
     "approvals": ("insert", "get"),
     "rules": ("active_for_tool",),
 }
@@ -72,6 +72,7 @@ class StoreClock:
         self.enabled = False
         self.recording = False
         self.trace: list[tuple[Any, ...]] = []
+        self._depth = 0  # a store method calling another (append -> append_many) counts once
 
     def install(self, stores: Any) -> None:
         for store_name, methods in STORE_METHODS.items():
@@ -85,16 +86,19 @@ class StoreClock:
     ) -> Callable[..., Awaitable[Any]]:
         @functools.wraps(method)
         async def timed(*args: Any, **kwargs: Any) -> Any:
+            if self._depth:
+                return await method(*args, **kwargs)
             if self.recording:
                 self.trace.append(("call", store, name, args, kwargs))
-            if not self.enabled:
-                return await method(*args, **kwargs)
             started = time.perf_counter()
+            self._depth += 1
             try:
                 return await method(*args, **kwargs)
             finally:
-                self.seconds += time.perf_counter() - started
-                self.calls += 1
+                self._depth -= 1
+                if self.enabled:
+                    self.seconds += time.perf_counter() - started
+                    self.calls += 1
 
         return timed
 

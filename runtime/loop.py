@@ -10,12 +10,20 @@ The shape follows the seed design (two model roles, an action loop of up to
   compare-and-set on its status, the approval must be the one the task waits
   on, and the approval's execution is claimed in the store before running;
 - no secret travels through the loop (the seed's `password` is gone).
+
+Events are recorded as the task goes and written in groups, one commit per
+group: everything recorded since the last write goes to the store right before
+the task next does something outside this process (calls the model, runs a
+tool), or together with its next status change. The audit log therefore always
+shows what was about to happen before it happens, and a task costs a handful of
+commits instead of one per event.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
@@ -144,6 +152,8 @@ class RuntimeLoop:
             self._gateway(default_workspace).specs()
         )
         self._listeners: list[EventListener] = []
+        # Per task: events recorded since its last write (type, payload, time).
+        self._unwritten: dict[str, list[tuple[str, dict[str, Any], float]]] = {}
 
     # -- public API -------------------------------------------------------
 
@@ -178,7 +188,7 @@ class RuntimeLoop:
         task = await self._create(
             command, workspace, False, None, conversation, requested_by, mode="direct"
         )
-        await self._emit(
+        self._record(
             task.task_id, "direct_command", {"command": command, "model": None, "via": "direct"}
         )
         return await self._guard(task, self._direct_turn(task, command))
@@ -213,7 +223,7 @@ class RuntimeLoop:
                 "Already handled.",
                 already_handled=True,
             )
-        await self._emit(
+        self._record(
             task_id,
             "task_continued",
             {
@@ -270,6 +280,10 @@ class RuntimeLoop:
         except Exception as exc:
             logger.exception("task %s crashed", task.task_id)
             return await self._fail(task.task_id, f"Internal error: {type(exc).__name__}: {exc}")
+        finally:
+            # Only a cancelled turn (or a store that failed even to record the
+            # failure) leaves events behind; they cannot be written now.
+            self._unwritten.pop(task.task_id, None)
 
     async def _model_turn(self, task: Task, observations: list[dict[str, Any]]) -> ChatResult:
         if self.model_client is None:
@@ -319,7 +333,7 @@ class RuntimeLoop:
                 observations.append(observation)
                 if observation.get("approval_id"):
                     return observations
-        await self._emit(
+        self._record(
             task.task_id,
             "tool_iteration_limit_reached",
             {"max_tool_iterations": self.max_tool_iterations},
@@ -331,13 +345,13 @@ class RuntimeLoop:
         try:
             directive = parse_directive(response.content)
         except DirectiveError as exc:
-            await self._emit(
+            self._record(
                 task_id,
                 "action_directive_failed",
                 {"error": str(exc), "content": response.content[:2000]},
             )
             return None
-        await self._emit(
+        self._record(
             task_id, "action_directive", {"actions": [a.model_dump() for a in directive.actions]}
         )
         return directive
@@ -354,10 +368,11 @@ class RuntimeLoop:
         self, task_id: str, role: str, messages: list[dict[str, str]]
     ) -> ModelResponse:
         assert self.model_client is not None
-        await self._emit(task_id, "model_call_started", {"role": role})
+        self._record(task_id, "model_call_started", {"role": role})
+        await self._flush(task_id)
         response = await self.model_client.chat(role, self.context_builder.for_role(role, messages))
         if role == "thinker":
-            await self._emit(
+            self._record(
                 task_id,
                 "cognition_response",
                 {
@@ -366,7 +381,7 @@ class RuntimeLoop:
                     "reasoning_content": response.reasoning_content,
                 },
             )
-        await self._emit(
+        self._record(
             task_id,
             "model_call_finished",
             {
@@ -389,7 +404,7 @@ class RuntimeLoop:
         except ToolArgumentError as exc:
             return {"index": index, "ok": False, "error": str(exc)}
         tool = action["tool"]
-        await self._emit(
+        self._record(
             task.task_id,
             "tool_call_started",
             {"index": index, "tool": tool, "args": action["args"]},
@@ -397,6 +412,7 @@ class RuntimeLoop:
         by_rule = bool(
             self.approval_service and await self.approval_service.is_allowed_forever(action)
         )
+        await self._flush(task.task_id)
         result = await self._gateway(task.workspace).run_action(action, approved=by_rule)
         payload = result.model_dump()
         await self._audit(
@@ -409,7 +425,7 @@ class RuntimeLoop:
             "result": payload,
         }
         if not result.metadata.get("pending_approval"):
-            await self._emit(
+            self._record(
                 task.task_id,
                 "tool_call_finished",
                 {"index": index, "tool": tool, "result": payload},
@@ -428,7 +444,7 @@ class RuntimeLoop:
                 reason=result.metadata.get("reason"),
                 requested_by=task.requested_by,
             )
-        await self._emit(
+        self._record(
             task.task_id,
             "tool_approval_requested",
             {
@@ -452,7 +468,7 @@ class RuntimeLoop:
         if approval.decision in ("approve", "always"):
             if not await self.approval_service.claim_execution(approval.approval_id):
                 raise RuntimeError("this approval's action was already run")
-            await self._emit(
+            self._record(
                 task.task_id,
                 "tool_call_started",
                 {
@@ -462,6 +478,7 @@ class RuntimeLoop:
                     "approval_id": approval.approval_id,
                 },
             )
+            await self._flush(task.task_id)
             result = await self._gateway(task.workspace).run_action(action, approved=True)
         else:
             note = f": {approval.decision_note}" if approval.decision_note else ""
@@ -478,7 +495,7 @@ class RuntimeLoop:
             payload,
             approved_by=approval.decided_by if approval.decision != "deny" else None,
         )
-        await self._emit(
+        self._record(
             task.task_id, "tool_call_finished", {"index": index, "tool": tool, "result": payload}
         )
         return {
@@ -503,7 +520,7 @@ class RuntimeLoop:
         if action.get("tool") != SHELL_TOOL:
             return
         metadata = payload.get("metadata") or {}
-        await self._emit(
+        self._record(
             task_id,
             "command_audit",
             {
@@ -533,18 +550,18 @@ class RuntimeLoop:
         pending = next((o for o in reversed(observations) if o.get("approval_id")), None)
         if pending is None:
             return None
-        async with self._atomic():
-            await self.task_store.waiting_for_approval(task.task_id)
-            event = await self.event_store.append(
-                task.task_id,
+        await self._write(
+            task.task_id,
+            partial(self.task_store.waiting_for_approval, task.task_id),
+            (
                 "task_waiting_for_approval",
                 {
                     "approval_id": pending["approval_id"],
                     "direct": direct,
                     "observations": observations,
                 },
-            )
-        await self._notify(event)
+            ),
+        )
         assert self.approval_service is not None
         approval = await self.approval_service.get(pending["approval_id"])
         return ChatResult(
@@ -557,21 +574,22 @@ class RuntimeLoop:
     async def _finish(
         self, task: Task, final_response: str, reasoning_content: str | None = None
     ) -> ChatResult:
-        async with self._atomic():
-            await self.task_store.complete_task(task.task_id, final_response)
-            event = await self.event_store.append(
-                task.task_id,
+        await self._write(
+            task.task_id,
+            partial(self.task_store.complete_task, task.task_id, final_response),
+            (
                 "task_completed",
                 {"final_response": final_response, "reasoning_content": reasoning_content},
-            )
-        await self._notify(event)
+            ),
+        )
         return ChatResult(task.task_id, "completed", final_response, reasoning_content)
 
     async def _fail(self, task_id: str, error: str) -> ChatResult:
-        async with self._atomic():
-            await self.task_store.fail_task(task_id, error)
-            event = await self.event_store.append(task_id, "task_failed", {"error": error})
-        await self._notify(event)
+        await self._write(
+            task_id,
+            partial(self.task_store.fail_task, task_id, error),
+            ("task_failed", {"error": error}),
+        )
         return ChatResult(task_id, "failed", error)
 
     # -- plumbing ---------------------------------------------------------
@@ -594,14 +612,44 @@ class RuntimeLoop:
         return gateway
 
     def _atomic(self) -> AbstractAsyncContextManager[None]:
-        """A status change and its audit event commit together or not at all (a
-        full disk must not leave a finished task without its final event).
-        Listeners are told only after the commit, outside the transaction."""
+        """One transaction when the tasks and the events share a database."""
         db = self.task_store.db
         return db.transaction() if db is self.event_store.db else nullcontext()
 
-    async def _emit(self, task_id: str, event_type: str, payload: dict[str, Any]) -> None:
-        await self._notify(await self.event_store.append(task_id, event_type, payload))
+    def _record(self, task_id: str, event_type: str, payload: dict[str, Any]) -> None:
+        """Note an event now; it is written with the task's next write."""
+        self._unwritten.setdefault(task_id, []).append((event_type, payload, time.time()))
+
+    async def _flush(self, task_id: str) -> None:
+        """Write what the task recorded, before it does something outside this process."""
+        await self._write(task_id)
+
+    async def _write(
+        self,
+        task_id: str,
+        status_change: Callable[[], Awaitable[object]] | None = None,
+        last: tuple[str, dict[str, Any]] | None = None,
+    ) -> None:
+        """Write the task's recorded events, then `last`, in one commit together
+        with `status_change` (a task's status and the event saying so commit
+        together or not at all: a full disk must not leave a finished task
+        without its final event). Listeners are told after the commit."""
+        recorded = self._unwritten.get(task_id, [])
+        events = [(kind, payload) for kind, payload, _ in recorded]
+        times = [at for _, _, at in recorded]
+        if last is not None:
+            events.append(last)
+            times.append(time.time())
+        if status_change is None and not events:
+            return
+        async with self._atomic() if status_change is not None else nullcontext():
+            if status_change is not None:
+                await status_change()
+            written = await self.event_store.append_many(task_id, events, at=times)
+        # Dropped only once committed: if the write failed, `_fail` tries them again.
+        self._unwritten.pop(task_id, None)
+        for event in written:
+            await self._notify(event)
 
     async def _notify(self, event: Event) -> None:
         for listener in self._listeners:

@@ -416,3 +416,90 @@ async def test_direct_commands_need_no_model(tmp_path: Path, clean_env: None) ->
     audit = next(e.payload for e in blocked_events if e.event_type == "command_audit")
     assert audit["blocked"] and audit["risk_level"] == "critical"
     assert done.status == "completed" and (tmp_path / "workspace" / "direct.txt").exists()
+
+
+# -- what is on disk before each outside effect ------------------------------------
+
+
+def committed_types(db: Path, task_id: str) -> list[str]:
+    """The task's events as another connection (another process) sees them: only
+    what is committed."""
+    import sqlite3
+
+    with sqlite3.connect(db) as other:
+        rows = other.execute(
+            "SELECT event_type FROM events WHERE task_id = ? ORDER BY seq", (task_id,)
+        ).fetchall()
+    return [row[0] for row in rows]
+
+
+async def test_events_are_committed_before_each_model_call(
+    runtime: Runtime, model_server: FakeModelServer
+) -> None:
+    seen: dict[str, list[str]] = {}
+    task_ids: list[str] = []
+    runtime.loop.add_listener(
+        lambda e: task_ids.append(e.task_id) if e.event_type == "task_created" else None
+    )
+
+    def answer(role: str, reply: str):
+        def handler(request: RecordedRequest) -> Text:
+            seen[role] = committed_types(runtime.settings.db, task_ids[0])
+            return Text(reply)
+
+        return handler
+
+    model_server.set_handler(ACTION, answer("action", NO_ACTIONS))
+    model_server.set_handler(THINKER, answer("thinker", "done"))
+    result = await runtime.loop.run_chat("q")
+
+    assert result.status == "completed"
+    assert seen["action"] == ["task_created", "model_call_started"]
+    assert seen["thinker"] == [
+        "task_created",
+        "model_call_started",
+        "model_call_finished",
+        "action_directive",
+        "model_call_started",
+    ]
+    # Recorded times are kept: each event has the time it happened, in order.
+    events = await events_of(runtime, result.task_id)
+    stamps = [e.created_at for e in events]
+    assert stamps == sorted(stamps)
+
+
+async def test_a_tool_starts_only_after_its_start_is_committed(
+    tmp_path: Path, model_server: FakeModelServer, clean_env: None
+) -> None:
+    # The database lives in the workspace, so a read-only command can look for
+    # its own `tool_call_started` in the files (the pattern does not match the
+    # command's own text, which is also stored).
+    settings = make_settings(tmp_path, model_server.base_url)
+    settings.db = settings.workspace / "duck.db"
+    rt = await build_runtime(settings)
+    try:
+        look = "grep -a -o -h 'tool_call_starte[d]' duck.db duck.db-wal"
+        model_server.reply(ACTION, Text(directive(shell(look))), Text(NO_ACTIONS))
+        model_server.reply(THINKER, Text("seen"))
+        result = await rt.loop.run_chat("look")
+        events = await events_of(rt, result.task_id)
+        output = next(e for e in events if e.event_type == "tool_call_finished").payload["result"][
+            "output"
+        ]
+        assert "tool_call_started" in output
+
+        # An approved action: the process counts the committed starts itself.
+        count = (
+            "python3 -c \"import sqlite3; print('starts:', sqlite3.connect('duck.db')"
+            ".execute(\\\"SELECT count(*) FROM events WHERE event_type = 'tool_call_started' "
+            "AND json_extract(payload, '$.approval_id') IS NOT NULL\\\").fetchone()[0])\""
+        )
+        waiting = await rt.loop.run_command(count)
+        assert waiting.status == "waiting_for_approval" and waiting.pending_approval
+        approval_id = waiting.pending_approval.approval_id
+        assert (await rt.approvals.decide(approval_id, "approve", "console:bob")).taken
+        done = await rt.loop.continue_after_approval(waiting.task_id, approval_id)
+        assert done.status == "completed"
+        assert "starts: 1" in done.final_response
+    finally:
+        await rt.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import shutil
 import sqlite3
@@ -602,7 +603,7 @@ async def test_checkpoints_run_in_the_background(
 ) -> None:
     # Automatic checkpoints are off on the inline connection; the store starts one
     # in a worker thread after enough writes, which moves pages into the main file.
-    monkeypatch.setattr("runtime.store.db.CHECKPOINT_EVERY_CHANGES", 100)
+    monkeypatch.setattr("runtime.store.db.CHECKPOINT_EVERY_COMMITS", 20)
     path = tmp_path / "duck.db"
     async with await open_stores(path) as s:
         before = path.stat().st_size
@@ -706,3 +707,31 @@ async def test_concurrent_groups_stay_contiguous(stores: Stores) -> None:
     assert [e.seq for e in events] == list(range(1, 101))
     for first, second in zip(events[::2], events[1::2], strict=True):
         assert (first.event_type, first.payload) == (second.event_type, second.payload)
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size
+
+
+async def test_the_wal_starts_over_under_a_steady_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A passive checkpoint beside a writer that never pauses does not catch up,
+    # so the WAL never starts over and grows with every write (over 80 MB here).
+    # The RESTART that follows a long WAL lets it start over; each start cuts
+    # the file back to JOURNAL_SIZE_LIMIT, which is what this test watches.
+    monkeypatch.setattr("runtime.store.db.CHECKPOINT_EVERY_COMMITS", 20)
+    monkeypatch.setattr("runtime.store.db.RESTART_AFTER_FRAMES", 200)
+    monkeypatch.setattr("runtime.store.db.JOURNAL_SIZE_LIMIT", 256 * 1024)
+    path = tmp_path / "duck.db"
+    wal = Path(f"{path}-wal")
+    async with await open_stores(path) as s:
+        task = await s.tasks.create_task("q")
+        sizes = []
+        for n in range(4000):
+            await s.events.append(task.task_id, "step", {"n": n, "data": "x" * 3000})
+            await asyncio.sleep(0)
+            sizes.append(_size(wal))
+        starts = sum(later < earlier for earlier, later in itertools.pairwise(sizes))
+        assert starts >= 1, f"the WAL never started over; it reached {sizes[-1]} bytes"
+        assert len(await s.events.list_events(task.task_id)) == 4000

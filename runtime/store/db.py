@@ -41,12 +41,19 @@ BUSY_TIMEOUT_S = 5.0
 # Retry delays while another connection holds the write lock (doubling, capped).
 FIRST_RETRY_S = 0.001
 MAX_RETRY_S = 0.05
-# Rows written between two background checkpoints; at DuckLM's row sizes this
-# keeps the WAL around the size of SQLite's own default (1000 pages).
-CHECKPOINT_EVERY_CHANGES = 2000
+# Commits between two background checkpoints. A DuckLM commit writes about 5-10
+# pages, so this keeps the WAL near SQLite's own default of 1000 pages.
+CHECKPOINT_EVERY_COMMITS = 150
+# A WAL longer than this (frames of 4 KiB) after a passive checkpoint gets a
+# RESTART checkpoint, which lets the next write start it over (see `checkpoint`).
+RESTART_AFTER_FRAMES = 4000
+# How long a checkpoint may wait for readers still on old WAL frames (while it
+# holds the write lock, so inline writers wait too) before it gives up until
+# the next one.
+CHECKPOINT_WAIT_MS = 100
 # A WAL that once grew large (a burst of big tool outputs) is cut back to this
 # size after a checkpoint instead of keeping its high-water mark on disk.
-JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
+JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024
 SQLITE_HEADER = b"SQLite format 3\x00"
 # RETURNING (3.35) is what makes compare-and-set and sequence numbers one statement.
 MIN_SQLITE = (3, 35, 0)
@@ -354,7 +361,8 @@ class Database:
         self._background: sqlite3.Connection | None = None
         self._background_lock = threading.Lock()
         self._background_closed = False
-        self._changes_at_checkpoint = 0
+        self._changes = 0  # total_changes after the last statement
+        self._commits_since_checkpoint = 0
         self._checkpointing: asyncio.Task[None] | None = None
 
     @classmethod
@@ -395,7 +403,7 @@ class Database:
                     f"database {self.path}: cannot switch to WAL mode (got {mode!r}); "
                     "is it on a network file system?"
                 )
-            # Checkpoints run in a worker thread (see `_checkpoint_soon`).
+            # Checkpoints run in a worker thread instead (see `checkpoint`).
             await self._run("PRAGMA wal_autocheckpoint = 0")
             await self._run(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
         # WAL + NORMAL: no fsync per commit, still crash-safe (a power loss may drop
@@ -481,7 +489,7 @@ class Database:
                     raise
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_RETRY_S)
-        self._checkpoint_soon()
+        self._count_commit()
         return rows
 
     async def fetchall(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
@@ -570,24 +578,45 @@ class Database:
         return await self._in_background(transact)
 
     async def checkpoint(self) -> None:
-        """Copy committed pages from the WAL into the database file, in a worker
-        thread. PASSIVE: it neither waits for nor blocks readers and writers."""
+        """Copy the WAL into the database file, in a worker thread, so the WAL
+        can start over from its beginning.
+
+        PASSIVE first: it neither waits for nor blocks anyone. Beside a busy
+        writer it may never catch up completely (new frames keep arriving), and
+        the WAL would then grow without end; so when the WAL is still longer
+        than RESTART_AFTER_FRAMES, a RESTART follows. That one holds the write
+        lock while it copies the few frames left (inline writers wait, without
+        blocking the loop) and waits at most CHECKPOINT_WAIT_MS for readers."""
         if self._memory:
             return
-        await self._in_background(
-            lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        )
 
-    def _checkpoint_soon(self) -> None:
-        """Start a background checkpoint once enough rows were written since the last."""
+        def run(conn: sqlite3.Connection) -> None:
+            busy, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if busy or frames < RESTART_AFTER_FRAMES:
+                return
+            conn.execute(f"PRAGMA busy_timeout = {CHECKPOINT_WAIT_MS}")
+            try:
+                conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+
+        await self._in_background(run)
+
+    def _count_commit(self) -> None:
+        """After a statement: count it if it committed a change, and start a
+        background checkpoint every CHECKPOINT_EVERY_COMMITS commits."""
+        changes = self._conn.total_changes
+        if changes == self._changes or self._conn.in_transaction:
+            return  # a read, or a statement inside a transaction not yet committed
+        self._changes = changes
+        self._commits_since_checkpoint += 1
         if self._memory or self._closed:
             return
-        changes = self._conn.total_changes
-        if changes - self._changes_at_checkpoint < CHECKPOINT_EVERY_CHANGES:
+        if self._commits_since_checkpoint < CHECKPOINT_EVERY_COMMITS:
             return
         if self._checkpointing is not None and not self._checkpointing.done():
             return
-        self._changes_at_checkpoint = changes
+        self._commits_since_checkpoint = 0
         self._checkpointing = asyncio.get_running_loop().create_task(self._logged_checkpoint())
 
     async def _logged_checkpoint(self) -> None:
