@@ -54,7 +54,14 @@ from bench._common import (
 
 READ_TOOL = {"tool": "read_file", "args": {"path": "notes.txt"}, "reason": "look at the notes"}
 STORE_METHODS = {
-    "tasks": ("create_task", "complete_task", "fail_task", "waiting_for_approval", "get_task"),
+    "tasks": (
+        "create_task",
+        "insert",
+        "complete_task",
+        "fail_task",
+        "waiting_for_approval",
+        "get_task",
+    ),
     "events": ("append", "append_many", "list_events"),
     "approvals": ("insert", "get"),
     "rules": ("active_for_tool",),
@@ -282,19 +289,20 @@ async def replay(stores: Any, trace: list[tuple[Any, ...]], task_id: str, i: int
                 stack = contextlib.AsyncExitStack()
                 continue
             _, store, name, args, kwargs = step
-            if new_id is not None:
+            if name == "insert":  # the task row: a fresh id for each replay
+                new_id = uuid.uuid4().hex
+                args = (
+                    args[0].model_copy(update={"task_id": new_id, "conversation": f"bench:C1|{i}"}),
+                )
+            elif new_id is not None:
                 args = tuple(_swap(a, task_id, new_id) for a in args)
-            if name == "create_task":
-                kwargs = {**kwargs, "conversation": f"bench:C1|{i}"}
-            result = await getattr(getattr(stores, store), name)(*args, **kwargs)
-            if name == "create_task":
-                new_id = result.task_id
+            await getattr(getattr(stores, store), name)(*args, **kwargs)
 
 
 async def store_replay_rate(stores: Any, trace: list[tuple[Any, ...]], count: int) -> float:
     """Seconds per task for the same store calls the loop made for one task
     (recorded), replayed through fresh stores with no model and no loop around."""
-    task_id = next(s[3][0] for s in trace if s[0] == "call" and s[2] == "append")
+    task_id = next(s[3][0].task_id for s in trace if s[0] == "call" and s[2] == "insert")
     started = time.perf_counter()
     for i in range(count):
         await replay(stores, trace, task_id, i)

@@ -14,9 +14,10 @@ The shape follows the seed design (two model roles, an action loop of up to
 Events are recorded as the task goes and written in groups, one commit per
 group: everything recorded since the last write goes to the store right before
 the task next does something outside this process (calls the model, runs a
-tool), or together with its next status change. The audit log therefore always
-shows what was about to happen before it happens, and a task costs a handful of
-commits instead of one per event.
+tool), or together with its next status change. A new task's row is stored with
+its first group. The audit log therefore always shows what was about to happen
+before it happens, and a task costs a handful of commits instead of one per
+event.
 """
 
 from __future__ import annotations
@@ -152,8 +153,10 @@ class RuntimeLoop:
             self._gateway(default_workspace).specs()
         )
         self._listeners: list[EventListener] = []
-        # Per task: events recorded since its last write (type, payload, time).
+        # Per task: events recorded since its last write (type, payload, time),
+        # and tasks created but not yet stored.
         self._unwritten: dict[str, list[tuple[str, dict[str, Any], float]]] = {}
+        self._unstored: dict[str, Task] = {}
 
     # -- public API -------------------------------------------------------
 
@@ -247,28 +250,29 @@ class RuntimeLoop:
         *,
         mode: str,
     ) -> Task:
-        async with self._atomic():
-            task = await self.task_store.create_task(
-                message,
-                workspace,
-                debug,
-                conversation=conversation,
-                requested_by=requested_by,
-                history_messages=list(history or []),
-            )
-            event = await self.event_store.append(
-                task.task_id,
-                "task_created",
-                {
-                    "message": message,
-                    "workspace": workspace,
-                    "debug": debug,
-                    "mode": mode,
-                    "conversation": conversation,
-                    "requested_by": requested_by,
-                },
-            )
-        await self._notify(event)
+        # Stored with the task's first write (before its first model call or
+        # tool), in the same commit as the events recorded until then.
+        task = self.task_store.new_task(
+            message,
+            workspace,
+            debug,
+            conversation=conversation,
+            requested_by=requested_by,
+            history_messages=list(history or []),
+        )
+        self._unstored[task.task_id] = task
+        self._record(
+            task.task_id,
+            "task_created",
+            {
+                "message": message,
+                "workspace": workspace,
+                "debug": debug,
+                "mode": mode,
+                "conversation": conversation,
+                "requested_by": requested_by,
+            },
+        )
         return task
 
     async def _guard(self, task: Task, turn: Awaitable[ChatResult]) -> ChatResult:
@@ -284,6 +288,7 @@ class RuntimeLoop:
             # Only a cancelled turn (or a store that failed even to record the
             # failure) leaves events behind; they cannot be written now.
             self._unwritten.pop(task.task_id, None)
+            self._unstored.pop(task.task_id, None)
 
     async def _model_turn(self, task: Task, observations: list[dict[str, Any]]) -> ChatResult:
         if self.model_client is None:
@@ -631,9 +636,11 @@ class RuntimeLoop:
         last: tuple[str, dict[str, Any]] | None = None,
     ) -> None:
         """Write the task's recorded events, then `last`, in one commit together
-        with `status_change` (a task's status and the event saying so commit
-        together or not at all: a full disk must not leave a finished task
-        without its final event). Listeners are told after the commit."""
+        with the task itself if it is new and with `status_change` (a task's
+        status and the event saying so commit together or not at all: a full
+        disk must not leave a finished task without its final event). Listeners
+        are told after the commit."""
+        new_task = self._unstored.get(task_id)
         recorded = self._unwritten.get(task_id, [])
         events = [(kind, payload) for kind, payload, _ in recorded]
         times = [at for _, _, at in recorded]
@@ -642,11 +649,15 @@ class RuntimeLoop:
             times.append(time.time())
         if status_change is None and not events:
             return
-        async with self._atomic() if status_change is not None else nullcontext():
+        several = new_task is not None or status_change is not None
+        async with self._atomic() if several else nullcontext():
+            if new_task is not None:
+                await self.task_store.insert(new_task)
             if status_change is not None:
                 await status_change()
             written = await self.event_store.append_many(task_id, events, at=times)
         # Dropped only once committed: if the write failed, `_fail` tries them again.
+        self._unstored.pop(task_id, None)
         self._unwritten.pop(task_id, None)
         for event in written:
             await self._notify(event)

@@ -203,7 +203,8 @@ def dump_json(value: Any) -> str:
     """Encode for a TEXT column; never raises, so an odd payload cannot break its caller."""
     try:
         text = json.dumps(value, default=str, ensure_ascii=False)
-        text.encode("utf-8")  # lone surrogates pass json.dumps but not SQLite's binding
+        if not text.isascii():
+            text.encode("utf-8")  # lone surrogates pass json.dumps but not SQLite's binding
         return text
     except UnicodeEncodeError:
         pass
@@ -317,6 +318,8 @@ def _bindable(params: Params) -> Params:
 
 
 def _valid_text(text: str) -> str:
+    if text.isascii():  # O(1): CPython keeps the flag on the string
+        return text
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

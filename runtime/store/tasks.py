@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, get_args
 from uuid import uuid4
 
-from runtime.store.db import Database, dump_json, load_json, now, to_datetime
+from runtime.store.db import Database, dump_json, load_json, now, to_datetime, to_timestamp
 from runtime.store.models import Task, TaskStatus
 
 TASK_STATUSES: frozenset[str] = frozenset(get_args(TaskStatus))
@@ -80,8 +80,30 @@ class TaskStore:
         requested_by: str | None = None,
         history_messages: Iterable[Mapping[str, Any]] | None = None,
     ) -> Task:
-        ts = now()
-        task = Task(
+        task = self.new_task(
+            message,
+            workspace,
+            debug,
+            conversation=conversation,
+            requested_by=requested_by,
+            history_messages=history_messages,
+        )
+        await self.insert(task)
+        return task
+
+    @staticmethod
+    def new_task(
+        message: str,
+        workspace: str | Path | None = None,
+        debug: bool = False,
+        *,
+        conversation: str | None = None,
+        requested_by: str | None = None,
+        history_messages: Iterable[Mapping[str, Any]] | None = None,
+    ) -> Task:
+        """A running task with a fresh id, not yet stored (see `insert`)."""
+        ts = to_datetime(now())
+        return Task(
             task_id=uuid4().hex,
             message=message,
             workspace=None if workspace is None else str(workspace),
@@ -89,11 +111,14 @@ class TaskStore:
             conversation=conversation,
             requested_by=requested_by,
             history_messages=_clean_history(history_messages),
-            created_at=to_datetime(ts),
-            updated_at=to_datetime(ts),
+            created_at=ts,
+            updated_at=ts,
         )
+
+    async def insert(self, task: Task) -> None:
+        """Store a task built by `new_task`."""
         await self.db.execute(
-            f"INSERT INTO tasks ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?)",
+            f"INSERT INTO tasks ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 task.task_id,
                 task.message,
@@ -103,11 +128,12 @@ class TaskStore:
                 task.conversation,
                 task.requested_by,
                 dump_json(task.history_messages),
-                ts,
-                ts,
+                task.final_response,
+                task.error,
+                to_timestamp(task.created_at),
+                to_timestamp(task.updated_at),
             ),
         )
-        return task
 
     async def get_task(self, task_id: str) -> Task | None:
         row = await self.db.fetchone(f"SELECT {_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,))
