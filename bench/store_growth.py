@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._common import print_header, verdict
+from runtime.store.tasks import conversation_group
 
 EVENTS_PER_TASK = 10
 TASK_EVENTS = [
@@ -86,10 +87,18 @@ async def build(path: Path, events: int, seed: int) -> dict[str, Any]:
     task_ids = [f"{seed:02d}{i:030d}" for i in range(tasks)]
     conn.executemany(
         "INSERT INTO tasks (task_id, message, workspace, debug, status, conversation, "
-        "requested_by, history_messages, final_response, error, created_at, updated_at) "
-        "VALUES (?, ?, '/srv', 0, 'completed', ?, 'slack:U1', '[]', 'All good.', NULL, ?, ?)",
+        "requested_by, history_messages, final_response, error, created_at, updated_at, "
+        "conversation_group) "
+        "VALUES (?, ?, '/srv', 0, 'completed', ?, 'slack:U1', '[]', 'All good.', NULL, ?, ?, ?)",
         (
-            (tid, f"why is web-{i % 50} slow?", conversation(i), base + i, base + i + 1)
+            (
+                tid,
+                f"why is web-{i % 50} slow?",
+                conversation(i),
+                base + i,
+                base + i + 1,
+                conversation_group(conversation(i)),
+            )
             for i, tid in enumerate(task_ids)
         ),
     )
@@ -207,9 +216,9 @@ PLANS = {
         (100,),
     ),
     "tasks.list_recent(20, channel)": (
-        "SELECT * FROM tasks WHERE conversation >= ? AND substr(conversation, 1, ?) = ? "
-        "AND conversation < ? ORDER BY created_at DESC, rowid DESC LIMIT ?",
-        ("slack:C0001|", 12, "slack:C0001|", "slack:C0001}", 20),
+        "SELECT * FROM tasks WHERE conversation_group = ? "
+        "ORDER BY created_at DESC, rowid DESC LIMIT ?",
+        ("slack:C0001", 20),
     ),
 }
 

@@ -407,6 +407,73 @@ async def test_list_recent_and_by_conversation(stores: Stores) -> None:
     assert [t.task_id for t in by_conversation] == [again.task_id, made[0].task_id]
 
 
+async def test_channel_listing_matches_a_plain_prefix_filter(stores: Stores) -> None:
+    conversations = [
+        "slack:C1|1700.1",
+        "slack:C1|1700.2",
+        "slack:C1x|1700.3",  # another channel that starts the same
+        "slack:C2|1700.1",
+        "slack:C1",  # no thread part
+        "slack:C1|1700.1|odd",
+        "matrix:!r:hs|$e1",
+        None,
+    ]
+    made = []
+    for round_ in range(3):
+        for conversation in conversations:
+            made.append(await stores.tasks.create_task(f"q{round_}", conversation=conversation))
+    await stores.tasks.complete_task(made[0].task_id, "ok")
+    for prefix in ["slack:C1|", "slack:C1", "slack:C1|1700.1", "matrix:!r:hs|", "slack:", "|"]:
+        for status in (None, "completed"):
+            expected = [
+                t.task_id
+                for t in reversed(made)
+                if t.conversation is not None
+                and t.conversation.startswith(prefix)
+                and (status is None or t.task_id == made[0].task_id)
+            ][:5]
+            listed = await stores.tasks.list_recent(5, conversation_prefix=prefix, status=status)
+            assert [t.task_id for t in listed] == expected, (prefix, status)
+
+
+async def test_a_channel_listing_uses_its_index(stores: Stores) -> None:
+    rows = await stores.db.fetchall(
+        "EXPLAIN QUERY PLAN SELECT task_id FROM tasks WHERE conversation_group = ? "
+        "ORDER BY created_at DESC, rowid DESC LIMIT 20",
+        ("slack:C1",),
+    )
+    plan = " ".join(row["detail"] for row in rows)
+    assert "tasks_conversation_group" in plan and "TEMP B-TREE" not in plan
+
+
+async def test_migrating_a_v3_database_fills_the_conversation_group(tmp_path: Path) -> None:
+    from runtime.store.db import MIGRATIONS
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as raw:
+        for statements in MIGRATIONS[:3]:
+            for statement in statements:
+                raw.execute(statement)
+        for n, conversation in enumerate(["slack:C1|1", "slack:C2|1", "console:local", None]):
+            raw.execute(
+                "INSERT INTO tasks (task_id, message, status, conversation, created_at, "
+                "updated_at) VALUES (?, 'q', 'completed', ?, ?, ?)",
+                (f"t{n}", conversation, n, n),
+            )
+        raw.execute("PRAGMA user_version = 3")
+    async with await open_stores(path) as s:
+        assert await s.db.user_version() == SCHEMA_VERSION
+        listed = await s.tasks.list_recent(conversation_prefix="slack:C1|")
+        assert [t.task_id for t in listed] == ["t0"]
+        groups = await s.db.fetchall("SELECT task_id, conversation_group FROM tasks ORDER BY 1")
+        assert [tuple(row) for row in groups] == [
+            ("t0", "slack:C1"),
+            ("t1", "slack:C2"),
+            ("t2", None),
+            ("t3", None),
+        ]
+
+
 async def test_mark_interrupted(stores: Stores) -> None:
     running = [await stores.tasks.create_task(f"r{i}") for i in range(3)]
     waiting = await stores.tasks.create_task("w")

@@ -167,6 +167,16 @@ MIGRATIONS: list[tuple[str, ...]] = [
         "CREATE INDEX tasks_finished ON tasks (updated_at) "
         "WHERE status IN ('completed', 'failed', 'expired', 'interrupted')",
     ),
+    (
+        # v4: the part of a conversation key before its first "|" (the chat
+        # channel, for keys like "slack:C1|1700.1"), so the newest tasks of one
+        # channel come from an index instead of sorting every task it ever had.
+        "ALTER TABLE tasks ADD COLUMN conversation_group TEXT",
+        "UPDATE tasks SET conversation_group = "
+        "substr(conversation, 1, instr(conversation, '|') - 1) WHERE instr(conversation, '|') > 0",
+        "CREATE INDEX tasks_conversation_group ON tasks (conversation_group, created_at) "
+        "WHERE conversation_group IS NOT NULL",
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

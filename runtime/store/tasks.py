@@ -49,6 +49,20 @@ def _task(row: sqlite3.Row) -> Task:
     )
 
 
+GROUP_SEPARATOR = "|"
+
+
+def conversation_group(conversation: str | None) -> str | None:
+    """The part of a conversation key before its first "|" (None without one).
+
+    Keys are opaque to the runtime, but the chat layer's have the form
+    `<platform>:<channel>|<thread>`; listing a channel's tasks is then a prefix
+    `<group>|`, which an index on the group answers without a sort."""
+    if conversation is None or GROUP_SEPARATOR not in conversation:
+        return None
+    return conversation.split(GROUP_SEPARATOR, 1)[0]
+
+
 def _prefix_bounds(prefix: str) -> str | None:
     """The smallest string above every string starting with `prefix` (None: no bound).
 
@@ -118,7 +132,8 @@ class TaskStore:
     async def insert(self, task: Task) -> None:
         """Store a task built by `new_task`."""
         await self.db.execute(
-            f"INSERT INTO tasks ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO tasks ({_COLUMNS}, conversation_group) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 task.task_id,
                 task.message,
@@ -132,6 +147,7 @@ class TaskStore:
                 task.error,
                 to_timestamp(task.created_at),
                 to_timestamp(task.updated_at),
+                conversation_group(task.conversation),
             ),
         )
 
@@ -199,7 +215,13 @@ class TaskStore:
         (case-sensitive, no wildcards) and/or one status."""
         where: list[str] = []
         params: list[Any] = []
-        if conversation_prefix is not None:
+        if conversation_prefix and conversation_prefix.find(GROUP_SEPARATOR) == len(
+            conversation_prefix
+        ) - len(GROUP_SEPARATOR):
+            # "<group>|": exactly the keys of that group, newest first from its index.
+            where.append("conversation_group = ?")
+            params.append(conversation_prefix[: -len(GROUP_SEPARATOR)])
+        elif conversation_prefix is not None:
             where.append("conversation >= ? AND substr(conversation, 1, ?) = ?")
             params += [conversation_prefix, len(conversation_prefix), conversation_prefix]
             bound = _prefix_bounds(conversation_prefix)
