@@ -14,10 +14,10 @@ The shape follows the seed design (two model roles, an action loop of up to
 Events are recorded as the task goes and written in groups, one commit per
 group: everything recorded since the last write goes to the store right before
 the task next does something outside this process (calls the model, runs a
-tool), or together with its next status change. A new task's row is stored with
-its first group. The audit log therefore always shows what was about to happen
-before it happens, and a task costs a handful of commits instead of one per
-event.
+tool other than an in-process read), or together with its next status change.
+A new task's row is stored with its first group. The audit log therefore always
+shows what was about to happen before it happens, and a task costs a handful of
+commits instead of one per event.
 """
 
 from __future__ import annotations
@@ -417,8 +417,10 @@ class RuntimeLoop:
         by_rule = bool(
             self.approval_service and await self.approval_service.is_allowed_forever(action)
         )
-        await self._flush(task.task_id)
-        result = await self._gateway(task.workspace).run_action(action, approved=by_rule)
+        gateway = self._gateway(task.workspace)
+        if gateway.leaves_the_process(action):
+            await self._flush(task.task_id)
+        result = await gateway.run_action(action, approved=by_rule)
         payload = result.model_dump()
         await self._audit(
             task.task_id, index, action, payload, approved_by="rule" if by_rule else None

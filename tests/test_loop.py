@@ -503,3 +503,38 @@ async def test_a_tool_starts_only_after_its_start_is_committed(
         assert "starts: 1" in done.final_response
     finally:
         await rt.close()
+
+
+async def test_an_in_process_read_is_written_with_the_next_group(
+    runtime: Runtime, model_server: FakeModelServer
+) -> None:
+    # read_file neither starts a process nor changes anything, so its start and
+    # finish are written together, before the next model call, not before it runs.
+    (runtime.settings.workspace / "notes.txt").write_text("load 0.3\n")
+    gateway = runtime.loop._gateway(str(runtime.settings.workspace))
+    assert not gateway.leaves_the_process({"tool": "read_file", "args": {}})
+    assert gateway.leaves_the_process({"tool": "shell_exec_safe", "args": {}})
+    assert gateway.leaves_the_process({"tool": "no_such_tool", "args": {}})
+
+    seen: list[list[str]] = []
+    task_ids: list[str] = []
+    runtime.loop.add_listener(
+        lambda e: task_ids.append(e.task_id) if e.event_type == "task_created" else None
+    )
+    replies = iter([directive({"tool": "read_file", "args": {"path": "notes.txt"}}), NO_ACTIONS])
+
+    def action(request: RecordedRequest) -> Text:
+        seen.append(committed_types(runtime.settings.db, task_ids[0]))
+        return Text(next(replies))
+
+    model_server.set_handler(ACTION, action)
+    model_server.reply(THINKER, Text("fine"))
+    result = await runtime.loop.run_chat("how is the load?")
+
+    assert result.status == "completed"
+    assert seen[1][-4:] == [
+        "action_directive",
+        "tool_call_started",
+        "tool_call_finished",
+        "model_call_started",
+    ]

@@ -37,6 +37,9 @@ class Tool(ABC):
     description: ClassVar[str]
     # JSON schema of `args`, shown to the action model in its prompt.
     args_schema: ClassVar[dict[str, Any]]
+    # True when a call only reads, inside this process (no child process, no
+    # change anywhere): the loop then need not write its audit events first.
+    in_process_read: ClassVar[bool] = False
 
     @abstractmethod
     def assess(self, args: dict[str, Any]) -> Assessment:

@@ -55,6 +55,8 @@ def _is_secret(path: Path) -> bool:
 
 
 class _WorkspaceTool(Tool):
+    in_process_read: ClassVar[bool] = True
+
     def __init__(self, workspace: Path) -> None:
         self.workspace = Path(workspace)
 

@@ -76,6 +76,12 @@ class ToolGateway:
             raise ToolArgumentError(f"unknown tool '{action['tool']}' (available: {known})")
         return tool, tool.assess(action["args"])
 
+    def leaves_the_process(self, action: dict[str, Any]) -> bool:
+        """Whether running this normalized action does anything beyond reading
+        inside this process (unknown tools count as leaving: be safe)."""
+        tool = self.tools.get(action.get("tool", ""))
+        return tool is None or not tool.in_process_read
+
     async def run_action(self, action: Any, approved: bool = False) -> ToolResult:
         """Run an action if it may run now.
 
