@@ -68,14 +68,7 @@ class EventStore:
         if len(times) != len(events):
             raise ValueError("append_many: one time per event")
         if len(events) > MAX_EVENTS_PER_STATEMENT:
-            step = MAX_EVENTS_PER_STATEMENT
-            async with self.db.transaction():
-                written: list[Event] = []
-                for i in range(0, len(events), step):
-                    written += await self.append_many(
-                        task_id, events[i : i + step], at=times[i : i + step]
-                    )
-                return written
+            return await self._append_in_chunks(task_id, events, times)
         texts = [dump_json(_as_payload(payload)) for _, payload in events]
         params: list[Any] = []
         for n, ((event_type, _), text, ts) in enumerate(zip(events, texts, times, strict=True), 1):
@@ -91,18 +84,27 @@ class EventStore:
         )
         # RETURNING's row order is unspecified; the numbers are consecutive from base.
         first = min(row["seq"] for row in rows)
-        written = []
-        for n, ((event_type, _), text, ts) in enumerate(zip(events, texts, times, strict=True)):
-            stored = load_json(text, {})
-            written.append(
-                Event(
-                    task_id=task_id,
-                    seq=first + n,
-                    event_type=event_type,
-                    payload=stored if isinstance(stored, dict) else {"value": stored},
-                    created_at=to_datetime(ts),
-                )
+        return [
+            Event(
+                task_id=task_id,
+                seq=first + n,
+                event_type=event_type,
+                payload=load_json(text, {}),  # what was stored, not the caller's object
+                created_at=to_datetime(ts),
             )
+            for n, ((event_type, _), text, ts) in enumerate(zip(events, texts, times, strict=True))
+        ]
+
+    async def _append_in_chunks(
+        self, task_id: str | None, events: Sequence[NewEvent], times: Sequence[float]
+    ) -> list[Event]:
+        step = MAX_EVENTS_PER_STATEMENT
+        written: list[Event] = []
+        async with self.db.transaction():
+            for i in range(0, len(events), step):
+                written += await self.append_many(
+                    task_id, events[i : i + step], at=times[i : i + step]
+                )
         return written
 
     async def list_events(self, task_id: str | None) -> list[Event]:
