@@ -248,10 +248,20 @@ def load_json(text: str | None, default: Any) -> Any:
 # -- errors ----------------------------------------------------------------
 
 
+# What the sqlite3 module raises for a statement it could not run: its own
+# errors, NUL characters in SQL (ValueError), integers too large to bind.
+_STATEMENT_ERRORS = (sqlite3.Error, ValueError, OverflowError)
+
+
+def _primary_code(exc: BaseException) -> int | None:
+    """SQLite's primary result code (SQLITE_BUSY, …) without the extended bits."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(code, int) else None
+
+
 def _describe(path: str, exc: BaseException) -> str:
     """A sentence naming the file and the likely cause, for a person to act on."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    primary = code & 0xFF if isinstance(code, int) else None
+    primary = _primary_code(exc)
     text = str(exc)
     if primary == sqlite3.SQLITE_FULL or "disk is full" in text:
         return f"database {path}: the disk is full ({text})"
@@ -338,8 +348,7 @@ def _valid_text(text: str) -> str:
 
 
 def _is_busy(exc: sqlite3.Error) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    return isinstance(code, int) and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return _primary_code(exc) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def _connect(path: str, busy_timeout_s: float) -> sqlite3.Connection:
@@ -511,7 +520,7 @@ class Database:
             raise StoreError(f"database {self.path} is closed")
         try:
             return await self._run(sql, params)
-        except (sqlite3.Error, ValueError, OverflowError) as exc:
+        except _STATEMENT_ERRORS as exc:
             raise StoreError(_describe(self.path, exc)) from exc
 
     async def fetchone(self, sql: str, params: Params = ()) -> sqlite3.Row | None:
@@ -574,7 +583,7 @@ class Database:
             async with self.transaction():
                 try:
                     return work(self._conn)
-                except (sqlite3.Error, ValueError, OverflowError) as exc:
+                except _STATEMENT_ERRORS as exc:
                     raise StoreError(_describe(self.path, exc)) from exc
 
         def transact(conn: sqlite3.Connection) -> T:
@@ -657,5 +666,5 @@ class Database:
 
         try:
             return await asyncio.to_thread(run)
-        except (sqlite3.Error, ValueError, OverflowError, OSError) as exc:
+        except (*_STATEMENT_ERRORS, OSError) as exc:
             raise StoreError(_describe(self.path, exc)) from exc

@@ -215,12 +215,11 @@ class TaskStore:
         (case-sensitive, no wildcards) and/or one status."""
         where: list[str] = []
         params: list[Any] = []
-        if conversation_prefix and conversation_prefix.find(GROUP_SEPARATOR) == len(
-            conversation_prefix
-        ) - len(GROUP_SEPARATOR):
+        group, separator, rest = (conversation_prefix or "").partition(GROUP_SEPARATOR)
+        if separator and not rest:
             # "<group>|": exactly the keys of that group, newest first from its index.
             where.append("conversation_group = ?")
-            params.append(conversation_prefix[: -len(GROUP_SEPARATOR)])
+            params.append(group)
         elif conversation_prefix is not None:
             where.append("conversation >= ? AND substr(conversation, 1, ?) = ?")
             params += [conversation_prefix, len(conversation_prefix), conversation_prefix]
