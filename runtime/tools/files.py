@@ -11,16 +11,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
 from runtime.tools.base import Assessment, Tool, ToolArgumentError, ToolResult
+from runtime.tools.secrets import is_secret_path
 
 DEFAULT_MAX_BYTES = 64 * 1024
 MAX_DIR_ENTRIES = 500
-
-# Reading these needs a human even inside the workspace; the shell tool
-# applies the same policy to `cat`.
-SECRET_NAMES = frozenset(
-    {".env", "id_rsa", "id_ed25519", "id_ecdsa", "id_dsa", "credentials", ".netrc", ".pgpass"}
-)
-SECRET_SUFFIXES = (".pem", ".key", ".p12", ".pfx", ".kdbx")
 
 
 class WorkspaceEscapeError(ToolArgumentError):
@@ -45,13 +39,8 @@ def resolve_in_workspace(workspace: Path, raw: object) -> Path:
 
 
 def _is_secret(path: Path) -> bool:
-    name = path.name.lower()
-    return (
-        name in SECRET_NAMES
-        or name.startswith(".env.")
-        or name.endswith(SECRET_SUFFIXES)
-        or ".ssh" in path.parts
-    )
+    # The shell tool applies the same list to `cat` (runtime/tools/secrets.py).
+    return is_secret_path(path)
 
 
 class _WorkspaceTool(Tool):

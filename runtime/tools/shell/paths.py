@@ -14,7 +14,7 @@ import os
 import posixpath
 import re
 
-from runtime.tools.shell.options import _opts
+from runtime.tools.secrets import SECRET_DIR_PAIRS, SECRET_DIRS, SECRET_NAMES, SECRET_SAMPLES
 
 # Deleting, moving or recursively re-permissioning any of these wipes the system.
 PROTECTED_PATHS = frozenset(
@@ -40,27 +40,6 @@ HARMLESS_DEVICES = frozenset(
     {"/dev/null", "/dev/stdout", "/dev/stderr", "/dev/tty", "/dev/fd/1", "/dev/fd/2"}
 )
 
-# Secret locations. Directory components that hold credentials:
-SECRET_DIRS = frozenset(
-    {".ssh", ".gnupg", ".aws", ".azure", ".kube", ".docker", ".password-store", "sudoers.d",
-     ".vault", ".gcloud", "keyrings"}
-)  # fmt: skip
-SECRET_DIR_PAIRS = frozenset({(".config", "gcloud"), (".config", "gh"), (".config", "hub")})
-# File names (fnmatch patterns) that hold credentials:
-SECRET_NAMES = _opts(
-    "id_rsa* id_dsa* id_ecdsa* id_ed25519* *.pem *.key *.p12 *.pfx *.kdbx *.jks *.keystore .env "
-    ".env.* *.env .envrc .netrc _netrc .pgpass .git-credentials .npmrc .pypirc credentials "
-    "credentials.json *credentials*.json .vault-token shadow shadow- gshadow gshadow- sudoers "
-    "environ ssh_host_*_key .htpasswd master.key *.tfstate *.tfstate.backup kubeconfig .dockercfg "
-    "service-account*.json .my.cnf secrets.yml secrets.yaml secrets.json *.ovpn authorized_keys "
-    "known_hosts"
-)
-# Concrete samples, to test whether a glob (`~/.ss*/*`, `*.pe?`) could reach a secret.
-SECRET_SAMPLES = _opts(
-    "id_rsa id_dsa id_ecdsa id_ed25519 x.pem x.key x.p12 x.pfx .env .env.local prod.env .netrc "
-    ".pgpass .git-credentials .npmrc .pypirc credentials credentials.json .vault-token shadow "
-    "gshadow sudoers environ x.tfstate .ssh .aws .gnupg .kube .docker"
-)
 # Under /proc only these leaves are plain system information; the rest
 # (environ, mem, fd/, whole directories read recursively) may hold secrets.
 PROC_SAFE_LEAVES = frozenset(
