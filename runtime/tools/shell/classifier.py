@@ -18,6 +18,7 @@ import bashlex
 
 from runtime.tools.shell.analyzer import _Analyzer
 from runtime.tools.shell.limits import MAX_COMMAND_CHARS
+from runtime.tools.shell.profiles import profile_for
 from runtime.tools.shell.verdict import Classification, Verdict, worst
 from runtime.tools.shell.words import _raw_features
 
@@ -94,6 +95,9 @@ def _classify(command: str) -> Classification:
         reason=reason,
         commands=analyzer.commands,
         simple=simple,
+        sandbox_profile=profile_for(c[0] for c in analyzer.commands if c)
+        if decider.risk == "low"
+        else None,
     )
 
 

@@ -26,6 +26,9 @@ class Classification(BaseModel):
     commands: list[list[str]] = Field(default_factory=list)
     # One simple command with literal words only: runnable as argv without a shell.
     simple: bool = False
+    # The sandbox profile (`profiles.PROGRAM_PROFILES`) a read-only run of this
+    # command needs beyond the default sandbox (network for a cluster client…).
+    sandbox_profile: str | None = None
 
     def assessment(self) -> Assessment:
         return Assessment(
