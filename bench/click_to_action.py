@@ -48,8 +48,8 @@ def decide(body: dict) -> str:
 
 
 async def run(args: argparse.Namespace) -> None:
-    from bot.slack import parse_card_ref
-    from bot.slack_blocks import ACTION_APPROVE
+    from bot.slack.blocks import ACTION_APPROVE
+    from bot.slack.parsing import parse_card_ref
 
     with SlackHarness(decide) as harness:
         harness.start_bare()

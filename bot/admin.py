@@ -8,29 +8,15 @@ task thread, so the surfaces handle those themselves.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from bot import commands as c
+from bot.policy import Actor
 from runtime.approvals import ApprovalError, ApprovalService
 from runtime.store import EventStore, ScheduleStore, TaskStore
 from runtime.store.models import Approval, Event, Rule, Schedule, Task
 
 MAX_LISTED = 20
-
-
-@dataclass(frozen=True)
-class Actor:
-    """Who is asking, with what they may do. `id` is platform-qualified (`slack:U1`)."""
-
-    id: str
-    is_admin: bool = False
-    is_approver: bool = False
-    is_scheduler: bool = False
-
-    @property
-    def may_schedule(self) -> bool:
-        return self.is_admin or self.is_scheduler
 
 
 def when(moment: datetime | None) -> str:
@@ -219,7 +205,7 @@ class CommandRunner:
     async def _schedule_add(
         self, command: c.ScheduleAdd, actor: Actor, conversation_prefix: str | None
     ) -> str:
-        from bot.scheduler import cron_trigger
+        from bot.cron import cron_trigger  # imports APScheduler: only when needed
 
         if self.schedules is None or conversation_prefix is None:
             return (

@@ -14,7 +14,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from bot import commands as c
-from bot.admin import Actor, CommandRunner, describe_event
+from bot.admin import CommandRunner, describe_event
+from bot.policy import Actor
 from runtime.factory import Runtime, build_runtime
 from runtime.settings import Settings
 from runtime.store import StoreError
@@ -95,7 +96,7 @@ async def _with_runtime(settings: Settings, body: Callable[[Runtime], Awaitable[
 
 
 async def _console(runtime: Runtime) -> int:
-    from bot.console import Console
+    from bot.console.terminal import Console
 
     return await Console(runtime).serve()
 

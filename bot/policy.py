@@ -8,10 +8,24 @@ CLI still can; they are the operator).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
-from bot.admin import Actor
 from runtime.store.models import Approval
 from runtime.tools.base import RISK_ORDER
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who is asking, with what they may do. `id` is platform-qualified (`slack:U1`)."""
+
+    id: str
+    is_admin: bool = False
+    is_approver: bool = False
+    is_scheduler: bool = False
+
+    @property
+    def may_schedule(self) -> bool:
+        return self.is_admin or self.is_scheduler
 
 
 class AccessPolicy:

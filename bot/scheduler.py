@@ -13,10 +13,10 @@ from zoneinfo import ZoneInfo
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.base import BaseTrigger
-from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
+from bot.cron import cron_trigger
 from bot.service import ChatService
 from runtime.store.models import Approval, Event, Schedule
 from runtime.store.retention import delete_finished_tasks
@@ -29,20 +29,6 @@ HOUSEKEEPING_FIRST_DELAY = timedelta(minutes=1)
 MISSED_SLACK = timedelta(seconds=30)
 
 TriggerFactory = Callable[[Schedule], BaseTrigger]
-
-
-def cron_trigger(cron: str, timezone: str) -> CronTrigger:
-    """A standard five-field cron expression in a time zone; ValueError if invalid."""
-    fields = cron.split()
-    if len(fields) != 5:
-        raise ValueError(
-            f"`{cron}` is not a five-field cron expression (minute hour day month weekday)"
-        )
-    try:
-        zone = ZoneInfo(timezone)
-    except Exception as exc:
-        raise ValueError(f"unknown time zone `{timezone}`") from exc
-    return CronTrigger.from_crontab(cron, timezone=zone)
 
 
 def schedule_trigger(schedule: Schedule) -> BaseTrigger:

@@ -21,11 +21,11 @@ logger = logging.getLogger("ducklm.server")
 def configured_platforms(service: ChatService, settings: Settings) -> list[Platform]:
     platforms: list[Platform] = []
     if settings.slack_configured:
-        from bot.slack import SlackPlatform
+        from bot.slack.platform import SlackPlatform
 
         platforms.append(SlackPlatform(service, settings))
     if settings.matrix_configured:
-        from bot.matrix import MatrixPlatform
+        from bot.matrix.platform import MatrixPlatform
 
         platforms.append(MatrixPlatform(service, settings))
     return platforms

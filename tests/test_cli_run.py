@@ -12,7 +12,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bot.slack_blocks import ACTION_APPROVE
+from bot.slack.blocks import ACTION_APPROVE
 from tests.conftest import ACTION, THINKER, directive, shell
 from tests.fakes.openai_server import FakeModelServer, Text
 from tests.fakes.slack_api import (

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from bot.slack_blocks import ACTION_APPROVE, ACTION_DENY
+from bot.slack.blocks import ACTION_APPROVE, ACTION_DENY
 from runtime.store.models import Event
 from tests.fakes.slack_api import FakeSlack
 from tests.test_slack import ADMIN, CHANNEL, Bot, start_bot, stop_bot

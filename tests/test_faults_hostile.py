@@ -26,9 +26,10 @@ import pytest
 import pytest_asyncio
 
 from bot import commands as c
-from bot.admin import Actor, CommandRunner
+from bot.admin import CommandRunner
 from bot.backend import Thread
-from bot.console import Console
+from bot.console.terminal import Console
+from bot.policy import Actor
 from bot.service import ChatService
 from runtime.factory import Runtime, build_runtime
 from tests.conftest import ACTION, THINKER, directive, make_settings, shell
@@ -432,8 +433,8 @@ class SlackBot:
 async def slack_bot(
     tmp_path: Path, model_server: FakeModelServer, slack: Any
 ) -> AsyncIterator[SlackBot]:
-    pytest.importorskip("bot.slack")
-    from bot.slack import SlackPlatform
+    pytest.importorskip("bot.slack.platform")
+    from bot.slack.platform import SlackPlatform
     from tests.fakes.slack_api import BOT_TOKEN, SIGNING_SECRET, SlackSender
 
     echo_model(model_server)
@@ -476,7 +477,7 @@ def hostile_payloads(approval_id: str, card_ts: str, channel: str) -> list[str]:
 
     rng = random.Random(SEED + 5)
     texts = hostile_inputs(COUNT, SEED + 5)
-    from bot.slack_blocks import (
+    from bot.slack.blocks import (
         ACTION_DENY_REASON,
         DECISIONS,
         DENY_REASON_VIEW,
@@ -533,7 +534,7 @@ def hostile_payloads(approval_id: str, card_ts: str, channel: str) -> list[str]:
 async def test_hostile_slack_interaction_payloads(
     slack_bot: SlackBot, slack: Any, tmp_path: Path
 ) -> None:
-    from bot.slack_blocks import ACTION_DENY
+    from bot.slack.blocks import ACTION_DENY
     from tests.fakes.slack_api import (
         BOT_USER,
         block_actions_payload,

@@ -17,7 +17,8 @@ import pytest
 import pytest_asyncio
 
 from bot.backend import PlatformStartError, Thread
-from bot.matrix import ENCRYPTED_NOTICE, MatrixPlatform
+from bot.matrix.events import ENCRYPTED_NOTICE
+from bot.matrix.platform import MatrixPlatform
 from bot.service import ChatService
 from runtime.factory import Runtime, build_runtime
 from tests.conftest import ACTION, THINKER, directive, make_settings, shell

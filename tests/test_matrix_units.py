@@ -11,13 +11,7 @@ from pathlib import Path
 import pytest
 
 from bot.backend import ApprovalCard, CardResolution
-from bot.matrix import (
-    command_text,
-    normalize_reaction,
-    strip_reply_fallback,
-    user_matches,
-)
-from bot.matrix_format import (
+from bot.matrix.format import (
     MAX_EVENT_CONTENT_BYTES,
     addressed_content,
     card_markdown,
@@ -26,7 +20,13 @@ from bot.matrix_format import (
     render_html,
     resolution_markdown,
 )
-from bot.matrix_state import MatrixState, Session
+from bot.matrix.parsing import (
+    command_text,
+    normalize_reaction,
+    strip_reply_fallback,
+    user_matches,
+)
+from bot.matrix.state import MatrixState, Session
 
 
 def card(**changes: object) -> ApprovalCard:

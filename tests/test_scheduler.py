@@ -21,7 +21,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from bot.backend import Thread
 from bot.scheduler import Scheduler, cron_trigger
-from bot.slack_blocks import ACTION_APPROVE
+from bot.slack.blocks import ACTION_APPROVE
 from runtime.store.models import Schedule
 from runtime.store.retention import delete_finished_tasks
 from tests.conftest import ACTION, THINKER

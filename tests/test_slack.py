@@ -19,14 +19,14 @@ import pytest_asyncio
 
 from bot.backend import PlatformStartError, Thread
 from bot.service import ChatService
-from bot.slack import MAX_INPUT_CHARS, SlackPlatform
-from bot.slack_blocks import (
+from bot.slack.blocks import (
     ACTION_ALWAYS,
     ACTION_APPROVE,
     ACTION_DENY,
     ACTION_DENY_REASON,
     DENY_REASON_VIEW,
 )
+from bot.slack.platform import MAX_INPUT_CHARS, SlackPlatform
 from runtime.factory import Runtime, build_runtime
 from tests.conftest import ACTION, THINKER, directive, make_settings, shell
 from tests.fakes.openai_server import FakeModelServer, Text

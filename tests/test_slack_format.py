@@ -10,7 +10,7 @@ import jsonschema
 import yaml
 
 from bot.backend import ApprovalCard, CardResolution
-from bot.slack_blocks import (
+from bot.slack.blocks import (
     ACTION_ALWAYS,
     ACTION_APPROVE,
     ACTION_DENY,
@@ -20,7 +20,7 @@ from bot.slack_blocks import (
     reason_from_view,
     resolved_blocks,
 )
-from bot.slack_format import MESSAGE_LIMIT, clip_mrkdwn, split_mrkdwn, to_mrkdwn
+from bot.slack.format import MESSAGE_LIMIT, clip_mrkdwn, split_mrkdwn, to_mrkdwn
 
 ROOT = Path(__file__).resolve().parent.parent
 # Slack's published manifest schema, vendored unchanged (MIT licence) from
@@ -190,7 +190,7 @@ def test_schema_rejects_a_broken_manifest() -> None:
 
 
 def test_manifest_declares_what_the_code_uses() -> None:
-    from bot.slack import COMMAND
+    from bot.slack.platform import COMMAND
 
     data = manifest()
     settings = data["settings"]
@@ -217,7 +217,7 @@ def test_manifest_declares_what_the_code_uses() -> None:
 
 
 def test_incoming_slack_text_reads_as_typed() -> None:
-    from bot.slack import plain_text
+    from bot.slack.parsing import plain_text
 
     text = (
         "<@UBOT> check <https://grafana/d?a=1&amp;b=2|the board> and <https://x.io> "

@@ -52,7 +52,7 @@ from bot.backend import (
     Thread,
 )
 from bot.service import ChatService
-from bot.slack_blocks import (
+from bot.slack.blocks import (
     ACTION_DENY_REASON,
     DECISIONS,
     DENY_REASON_VIEW,
@@ -64,7 +64,18 @@ from bot.slack_blocks import (
     resolution_text,
     resolved_blocks,
 )
-from bot.slack_format import MESSAGE_LIMIT, clip_mrkdwn, split_mrkdwn, to_mrkdwn
+from bot.slack.format import MESSAGE_LIMIT, clip_mrkdwn, split_mrkdwn, to_mrkdwn
+from bot.slack.parsing import (
+    PLATFORM,
+    card_ref,
+    clicker,
+    malformed_actions,
+    parse_card_ref,
+    plain_text,
+    slack_user_id,
+    text_field,
+    ts_key,
+)
 from runtime.settings import Settings
 
 logger = logging.getLogger("ducklm.slack")
@@ -74,7 +85,6 @@ T = TypeVar("T")
 EVENTS_PATH = "/slack/events"
 COMMAND = "/duck"
 DEFAULT_API_URL = "https://slack.com/api/"
-PLATFORM = "slack"
 
 # Message subtypes that are still a person writing; everything else (edits,
 # deletions, joins, bot messages, …) is ignored.
@@ -88,58 +98,6 @@ SOCKET_CONNECT_TIMEOUT = 15.0
 STOP_GRACE = 5.0
 RATE_LIMIT_RETRIES = 5
 MAX_SEEN_IN_MEMORY = 10_000
-
-
-def _user_id(qualified: str) -> str | None:
-    return qualified[len(PLATFORM) + 1 :] if qualified.startswith(PLATFORM + ":") else None
-
-
-def card_ref(channel: str, ts: str) -> str:
-    """Where a card lives, stored with the approval: `C024BE91L:1700000000.000100`
-    (Slack channel ids never contain a colon)."""
-    return f"{channel}:{ts}"
-
-
-def parse_card_ref(ref: str) -> tuple[str, str]:
-    channel, sep, ts = ref.partition(":")
-    if not (channel and sep and ts):
-        raise ValueError(f"not a Slack card reference: {ref!r}")
-    return channel, ts
-
-
-def _ts_key(ts: str) -> tuple[int, int]:
-    # Slack ts strings are "seconds.micro"; compare them exactly, not as floats.
-    seconds, _, micro = ts.partition(".")
-    try:
-        return int(seconds), int(micro or 0)
-    except ValueError:
-        return (0, 0)
-
-
-_SLACK_LINK = re.compile(r"<([^<>|]+)(?:\|([^<>]*))?>")
-
-
-def plain_text(text: str, bot_user_id: str | None = None) -> str:
-    """Slack message text → what a person typed: the bot's mention removed,
-    links and channel/user references readable, entities decoded."""
-
-    def replace(m: re.Match[str]) -> str:
-        target, label = m.group(1), m.group(2)
-        if bot_user_id and target == f"@{bot_user_id}":
-            return ""
-        if target.startswith("#"):
-            return f"#{label}" if label else target
-        if target.startswith("!"):  # <!here>, <!subteam^S1|@oncall>
-            return "@" + (label or target[1:].split("^")[0]).lstrip("@")
-        if target.startswith("@"):
-            return f"<{target}>"  # other people stay addressable for the model
-        if label and label != target:
-            return f"{label} ({target})"
-        return target
-
-    text = _SLACK_LINK.sub(replace, text or "")
-    text = text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
-    return re.sub(r"[ \t]{2,}", " ", text).strip()
 
 
 @dataclass
@@ -333,7 +291,7 @@ class SlackPlatform(Platform, ChatBackend):
         except Exception:
             logger.exception("Slack request failed")
             return web.json_response({"error": "internal error"}, status=500)
-        if response.status >= 500 and _malformed_actions(bolt_request.body):
+        if response.status >= 500 and malformed_actions(bolt_request.body):
             # bolt builds every listener argument up front, and `actions` that is
             # not a list of objects crashes that into a 500, which Slack retries.
             # The signature was checked first (a forgery still gets a 401).
@@ -426,13 +384,13 @@ class SlackPlatform(Platform, ChatBackend):
         if event.get("bot_id") or event.get("bot_profile"):
             return  # other bots (and us): no bot-to-bot loops
         user, channel, ts = (
-            _text_field(event, "user"),
-            _text_field(event, "channel"),
-            _text_field(event, "ts"),
+            text_field(event, "user"),
+            text_field(event, "channel"),
+            text_field(event, "ts"),
         )
         if not (user and channel and ts) or user == self.bot_user_id:
             return
-        thread_ts = _text_field(event, "thread_ts")
+        thread_ts = text_field(event, "thread_ts")
         thread = Thread(PLATFORM, channel, thread_ts or ts)
         if not mentioned and event.get("channel_type") != "im":
             # In channels only replies in a thread the bot works in are for it;
@@ -442,7 +400,7 @@ class SlackPlatform(Platform, ChatBackend):
         if not await self._claim(f"slack:msg:{channel}:{ts}"):
             return  # the same message, delivered as app_mention and as message
         who = f"{PLATFORM}:{user}"
-        text = plain_text(_text_field(event, "text") or "", self.bot_user_id)
+        text = plain_text(text_field(event, "text") or "", self.bot_user_id)
         if thread_ts and await self.service.handle_thread_reply(thread, who, text):
             return
         if not text:  # a bare mention (or a file without words)
@@ -467,7 +425,7 @@ class SlackPlatform(Platform, ChatBackend):
         history: list[dict[str, str]] = []
         for message in reply.get("messages") or []:
             ts = message.get("ts")
-            if not isinstance(ts, str) or _ts_key(ts) >= _ts_key(before):
+            if not isinstance(ts, str) or ts_key(ts) >= ts_key(before):
                 continue
             if ts in self._status_ts or message.get("subtype") not in _PERSON_SUBTYPES | {
                 "bot_message"
@@ -491,7 +449,7 @@ class SlackPlatform(Platform, ChatBackend):
         self._spawn(self._decide_click(body, action), "button click")
 
     async def _decide_click(self, body: dict[str, Any], action: dict[str, Any]) -> None:
-        user = _clicker(body)
+        user = clicker(body)
         approval_id = action.get("value")
         decision = DECISIONS.get(str(action.get("action_id")))
         if not user or not isinstance(approval_id, str) or decision is None:
@@ -499,7 +457,7 @@ class SlackPlatform(Platform, ChatBackend):
             return
         refusal = await self.service.handle_decision(approval_id, f"{PLATFORM}:{user}", decision)
         if refusal:
-            await self._tell_clicker(body, user, refusal)
+            await self._tellclicker(body, user, refusal)
 
     async def _on_deny_reason_click(
         self, ack: Callable[..., Awaitable[Any]], body: dict[str, Any], action: dict[str, Any]
@@ -509,7 +467,7 @@ class SlackPlatform(Platform, ChatBackend):
 
     async def _open_reason_modal(self, body: dict[str, Any], action: dict[str, Any]) -> None:
         assert self.client is not None
-        user, approval_id = _clicker(body), action.get("value")
+        user, approval_id = clicker(body), action.get("value")
         trigger_id = body.get("trigger_id")
         if not user or not isinstance(approval_id, str) or not isinstance(trigger_id, str):
             logger.warning("malformed deny-with-reason click ignored")
@@ -517,7 +475,7 @@ class SlackPlatform(Platform, ChatBackend):
         # Say "no" before someone types a reason that cannot be used.
         refusal, what = await self._precheck(approval_id, f"{PLATFORM}:{user}", "deny")
         if refusal:
-            await self._tell_clicker(body, user, refusal)
+            await self._tellclicker(body, user, refusal)
             return
         await self.client.views_open(
             trigger_id=trigger_id, view=deny_reason_modal(approval_id, what)
@@ -526,7 +484,7 @@ class SlackPlatform(Platform, ChatBackend):
     async def _on_deny_reason_submit(
         self, ack: Callable[..., Awaitable[Any]], body: dict[str, Any], view: dict[str, Any]
     ) -> None:
-        user = _clicker(body)
+        user = clicker(body)
         approval_id = view.get("private_metadata")
         if not user or not isinstance(approval_id, str) or not approval_id:
             await ack()
@@ -545,7 +503,7 @@ class SlackPlatform(Platform, ChatBackend):
             return
         # Lost a race with another decision: tell them next to the card.
         approval = await self.service.approvals.get(approval_id)
-        user = _user_id(who)
+        user = slack_user_id(who)
         if approval is not None and approval.card_ref and user:
             channel, ts = parse_card_ref(approval.card_ref)
             thread = await self._thread_of_card(approval.task_id, channel, ts)
@@ -579,7 +537,7 @@ class SlackPlatform(Platform, ChatBackend):
         actions = body.get("actions") if isinstance(body.get("actions"), list) else []
         logger.warning("unknown Slack action ignored: %r", [a.get("action_id") for a in actions])
 
-    async def _tell_clicker(self, body: dict[str, Any], user: str, text: str) -> None:
+    async def _tellclicker(self, body: dict[str, Any], user: str, text: str) -> None:
         """An ephemeral answer where the click happened (in the card's thread)."""
         container = body.get("container") if isinstance(body.get("container"), dict) else {}
         message = body.get("message") if isinstance(body.get("message"), dict) else {}
@@ -685,7 +643,7 @@ class SlackPlatform(Platform, ChatBackend):
 
     async def tell(self, thread: Thread, user: str, text: str) -> None:
         assert self.client is not None
-        user_id = _user_id(user)
+        user_id = slack_user_id(user)
         if user_id is None:  # not a Slack user: say it in the thread, addressed
             await self.send(thread, f"{user}: {text}")
             return
@@ -793,29 +751,9 @@ class SlackPlatform(Platform, ChatBackend):
             logger.info("reaction %s on %s/%s: %s", emoji, channel, ts, exc.response.get("error"))
 
 
-def _text_field(data: dict[str, Any], key: str) -> str | None:
-    """A non-empty string field of a Slack payload, else None (payloads are untrusted)."""
-    value = data.get(key)
-    return value if isinstance(value, str) and value else None
-
-
-def _clicker(body: dict[str, Any]) -> str | None:
-    user = body.get("user")
-    user_id = user.get("id") if isinstance(user, dict) else None
-    return user_id if isinstance(user_id, str) and user_id else None
-
-
 def _ack_text(job: asyncio.Task[str | None]) -> str:
     if job.cancelled():
         return "Sorry, that command was interrupted."
     if job.exception() is not None:
         return "Sorry, that command failed inside DuckLM; the log has the details."
     return job.result() or "Running it in a thread in this channel."
-
-
-def _malformed_actions(body: Any) -> bool:
-    """A block_actions payload whose `actions` is not a non-empty list of objects."""
-    if not isinstance(body, dict) or body.get("type") != "block_actions":
-        return False
-    actions = body.get("actions")
-    return not (isinstance(actions, list) and actions and all(isinstance(a, dict) for a in actions))

@@ -12,7 +12,9 @@ import sys
 from typing import TextIO
 
 from bot import commands as c
-from bot.admin import Actor, CommandRunner
+from bot.admin import CommandRunner
+from bot.console.format import render_card
+from bot.policy import Actor
 from runtime.approvals import ApprovalError
 from runtime.factory import Runtime
 from runtime.loop import ChatResult, PendingApproval
@@ -32,21 +34,6 @@ NO_MODEL_REMINDER = (
 )
 
 GREETING = "DuckLM console. Ask a question, `run <command>`, `/duck help`, or `exit`."
-
-
-def render_card(pending: PendingApproval) -> str:
-    what = pending.command or pending.tool
-    lines = [
-        f"Approval needed ({pending.risk_level or '?'} risk, {pending.action_type or '?'}):",
-        f"  $ {what}" if pending.command else f"  {what}",
-    ]
-    if pending.reason:
-        lines.append(f"  why it needs approval: {pending.reason}")
-    if pending.model_reason:
-        lines.append(f"  why the agent wants it: {pending.model_reason}")
-    always = " / a[l]ways" if pending.risk_level != "critical" else ""
-    lines.append(f"  [a]pprove / [d]eny [reason]{always}   (approval {pending.approval_id})")
-    return "\n".join(lines)
 
 
 class Console:

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bot.backend import ApprovalCard, CardResolution
-from bot.slack_format import clip_plain, escape, mention, to_mrkdwn
+from bot.slack.format import clip_plain, escape, mention, to_mrkdwn
 
 ACTION_APPROVE = "duck_approve"
 ACTION_DENY = "duck_deny"

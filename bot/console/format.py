@@ -1,0 +1,23 @@
+"""How the console draws an approval card: plain text, keys in brackets."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from runtime.loop import PendingApproval
+
+
+def render_card(pending: PendingApproval) -> str:
+    what = pending.command or pending.tool
+    lines = [
+        f"Approval needed ({pending.risk_level or '?'} risk, {pending.action_type or '?'}):",
+        f"  $ {what}" if pending.command else f"  {what}",
+    ]
+    if pending.reason:
+        lines.append(f"  why it needs approval: {pending.reason}")
+    if pending.model_reason:
+        lines.append(f"  why the agent wants it: {pending.model_reason}")
+    always = " / a[l]ways" if pending.risk_level != "critical" else ""
+    lines.append(f"  [a]pprove / [d]eny [reason]{always}   (approval {pending.approval_id})")
+    return "\n".join(lines)

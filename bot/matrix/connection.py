@@ -1,0 +1,447 @@
+"""The bot's connection to its homeserver: login, the sync loop, the
+dispatcher, invites and joins (numbered pitfalls as in research/platforms.md §3).
+
+    sync loop ──SyncResponse──▶ inbox ──▶ dispatcher ──▶ RoomEvents
+    (own loop, backoff,           (queue)    (one batch at a time; then the
+     never raises)                            sync token is written to disk)
+
+- nio runs event callbacks inline in its sync loop and a raising callback ends
+  `sync_forever` (M1), and a SyncError is returned, not raised, so it would spin
+  (M2). So the bot runs its own loop around `client.sync()`, registers no nio
+  callbacks, and only queues each response; the dispatcher hands the events on.
+- The sync token is saved by us after a batch was handled (M4), so a restart
+  resumes with `since=token, full_state=True`: nothing is answered twice and
+  nothing sent while the bot was down is missed.
+- History is never answered (M3): the first sync of a start without a saved
+  token is history as a whole (only invites in it are acted on), and in a room
+  the bot just joined everything before its own join event is ignored. Both
+  are structural, so a skewed clock cannot let old messages through.
+
+Every background job of the Matrix side is started with `spawn`, so `stop`
+ends them all and none is garbage-collected mid-run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import aiohttp
+from nio import (
+    AsyncClient,
+    AsyncClientConfig,
+    JoinResponse,
+    LoginResponse,
+    MatrixRoom,
+    ProfileGetDisplayNameResponse,
+    SyncResponse,
+    WhoamiResponse,
+)
+
+from bot.backend import PlatformStartError
+from bot.matrix.parsing import user_matches
+from bot.matrix.retry import backoff, error_text, is_token_error
+from bot.matrix.state import MatrixState, Session
+
+if TYPE_CHECKING:
+    from runtime.settings import Settings
+
+logger = logging.getLogger("ducklm.matrix")
+
+DEVICE_NAME = "DuckLM"
+SYNC_TIMEOUT_MS = 30_000  # long-poll; the server answers at once when something happens
+REQUEST_TIMEOUT = 45.0  # per request; a sync gets its long-poll time on top (nio adds it)
+START_TIMEOUT = 60.0  # login + first sync, before `ducklm run` gives up with a message
+TOKEN_ERROR_BACKOFF = 300.0
+STOP_TIMEOUT = 10.0
+
+
+class RoomEvents(Protocol):
+    """What the dispatcher hands a room's new events to (`bot/matrix/events.py`)."""
+
+    async def on_room_event(self, room: MatrixRoom, source: dict[str, Any]) -> None: ...
+
+    async def encrypted_room_notice(self, room: MatrixRoom, cause_event_id: str) -> None: ...
+
+
+class MatrixConnection:
+    def __init__(self, settings: Settings, *, allowed_inviters: Iterable[str]) -> None:
+        self.settings = settings
+        self.homeserver = (settings.matrix_homeserver or "").strip().rstrip("/")
+        self.user_id = (settings.matrix_user_id or "").strip()
+        self.allowed_inviters = tuple(allowed_inviters)
+        self.state = MatrixState(settings.matrix_state_dir)
+        self.client: AsyncClient | None = None
+        self.display_name: str | None = None
+        self.device_id: str | None = None
+        self.running = False
+        self._handler: RoomEvents | None = None
+        # (response, history_only): a first sync without a saved token is all history.
+        self._inbox: asyncio.Queue[tuple[SyncResponse, bool]] = asyncio.Queue()
+        # Strong references to everything we start (the loops, joins, typing
+        # keepers, history fetches): a bare create_task may be garbage-collected.
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._joining: set[str] = set()
+
+    # -- start / stop ----------------------------------------------------------
+
+    async def start(self, events: RoomEvents) -> None:
+        """Log in and sync once (so a dead server fails the start), then run the
+        sync loop and the dispatcher, which hands new room events to `events`."""
+        self._check_settings()
+        self._handler = events
+        config = AsyncClientConfig(
+            # nio retries timeouts forever by default, which would hang `ducklm run`
+            # on a dead homeserver; we retry ourselves, with backoff, where it helps.
+            max_timeouts=2,
+            max_timeout_retry_wait_time=5,
+            request_timeout=REQUEST_TIMEOUT,
+            max_limit_exceeded=10,  # 429s honour retry_after_ms a few times
+        )
+        self.client = AsyncClient(self.homeserver, self.user_id, config=config)
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                await self._login()
+                await self._load_profile()
+                first, history_only = await self._first_sync()
+        except PlatformStartError:
+            await self._close_client()
+            raise
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            await self._close_client()
+            raise PlatformStartError(
+                f"Matrix: cannot reach MATRIX_HOMESERVER={self.homeserver} "
+                f"({type(exc).__name__}: {exc or 'no answer'}). Check the URL and that the "
+                "homeserver is up."
+            ) from exc
+        self.running = True
+        self._inbox.put_nowait((first, history_only))
+        self.spawn(self._supervise("dispatcher", self._dispatch_forever))
+        self.spawn(self._supervise("sync", self._sync_forever))
+        logger.info("matrix: serving as %s (device %s)", self.user_id, self.device_id)
+
+    async def stop(self) -> None:
+        """End every spawned job, then close the client."""
+        self.running = False
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=STOP_TIMEOUT)
+        await self._close_client()
+
+    def spawn(self, job: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Start a background job that lives at most as long as the connection."""
+        task = asyncio.get_running_loop().create_task(job)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def require_client(self) -> AsyncClient:
+        if self.client is None:
+            raise RuntimeError("the Matrix platform is not started")
+        return self.client
+
+    def _check_settings(self) -> None:
+        if not self.homeserver:
+            raise PlatformStartError(
+                "Matrix: MATRIX_HOMESERVER is not set (e.g. https://matrix.example.org)."
+            )
+        if not self.homeserver.startswith(("http://", "https://")):
+            raise PlatformStartError(
+                f"Matrix: MATRIX_HOMESERVER={self.homeserver} must start with https:// "
+                "(or http:// for a local server)."
+            )
+        if not re.fullmatch(r"@[^:\s]+:\S+", self.user_id):
+            raise PlatformStartError(
+                f"Matrix: MATRIX_USER_ID={self.user_id or '(unset)'} must be a full user id "
+                "such as @duck:example.org."
+            )
+        if not (self.settings.matrix_password or self.settings.matrix_access_token):
+            raise PlatformStartError(
+                "Matrix: set MATRIX_PASSWORD (the bot logs in and keeps its session) or "
+                "MATRIX_ACCESS_TOKEN for the bot account."
+            )
+
+    async def _close_client(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.close(), STOP_TIMEOUT)
+
+    # -- login ---------------------------------------------------------------
+
+    async def _login(self) -> None:
+        """Token from the environment, else the saved session, else the password."""
+        client = self.require_client()
+        saved = await asyncio.to_thread(self.state.load_session, self.homeserver, self.user_id)
+        device_id = saved.device_id if saved else None
+        token = self.settings.matrix_access_token
+        if token:
+            who = await self._whoami(token, device_id)
+            if not isinstance(who, WhoamiResponse):
+                raise PlatformStartError(
+                    f"Matrix: the homeserver rejected MATRIX_ACCESS_TOKEN for "
+                    f"MATRIX_USER_ID={self.user_id} ({error_text(who)}). Create a new token "
+                    "or set MATRIX_PASSWORD instead."
+                )
+            self._check_owner(who.user_id, "MATRIX_ACCESS_TOKEN")
+            self.device_id = who.device_id or device_id
+            client.device_id = self.device_id or ""
+            # The token belongs to the environment; only the device id is ours to keep.
+            await self._save_session(Session(self.homeserver, self.user_id, self.device_id))
+            return
+        if saved and saved.access_token:
+            who = await self._whoami(saved.access_token, device_id)
+            if isinstance(who, WhoamiResponse):
+                self._check_owner(who.user_id, "the saved session")
+                self.device_id = who.device_id or device_id
+                return
+            if not is_token_error(who):
+                raise PlatformStartError(
+                    f"Matrix: MATRIX_HOMESERVER={self.homeserver} did not accept the saved "
+                    f"session ({error_text(who)})."
+                )
+            logger.info("matrix: saved access token expired; logging in again")
+        await self._password_login(device_id)
+
+    async def _whoami(self, token: str, device_id: str | None) -> Any:
+        client = self.require_client()
+        client.restore_login(self.user_id, device_id or "", token)
+        return await client.whoami()
+
+    async def _password_login(self, device_id: str | None) -> None:
+        client = self.require_client()
+        client.access_token = ""
+        # Reusing the saved device id keeps one device per bot, not one per restart.
+        client.device_id = device_id or ""
+        response = await client.login(
+            password=self.settings.matrix_password or "", device_name=DEVICE_NAME
+        )
+        if not isinstance(response, LoginResponse):
+            raise PlatformStartError(
+                f"Matrix: login as MATRIX_USER_ID={self.user_id} failed "
+                f"({error_text(response)}). Check MATRIX_PASSWORD (or set "
+                "MATRIX_ACCESS_TOKEN)."
+            )
+        self._check_owner(response.user_id, "MATRIX_PASSWORD")
+        self.device_id = response.device_id
+        await self._save_session(
+            Session(self.homeserver, self.user_id, response.device_id, response.access_token)
+        )
+
+    def _check_owner(self, user_id: str, source: str) -> None:
+        if user_id != self.user_id:
+            raise PlatformStartError(
+                f"Matrix: {source} belongs to {user_id}, not MATRIX_USER_ID={self.user_id}."
+            )
+
+    async def _save_session(self, session: Session) -> None:
+        try:
+            await asyncio.to_thread(self.state.save_session, session)
+        except OSError as exc:
+            raise PlatformStartError(
+                f"Matrix: cannot write the session to {self.state.directory} ({exc}); it "
+                "lives next to DUCKLM_DB."
+            ) from exc
+
+    async def _load_profile(self) -> None:
+        response = await self.require_client().get_displayname(self.user_id)
+        if isinstance(response, ProfileGetDisplayNameResponse) and response.displayname:
+            self.display_name = response.displayname
+
+    async def _first_sync(self) -> tuple[SyncResponse, bool]:
+        """One sync before `start` returns, so a dead server fails the start.
+        Returns the response and whether it is history only (no saved token)."""
+        client = self.require_client()
+        token = await asyncio.to_thread(self.state.load_sync_token, self.user_id)
+        if token:
+            # full_state rebuilds the rooms' state; the timeline still starts at
+            # the token, so exactly the events we have not handled arrive.
+            response = await client.sync(timeout=0, since=token, full_state=True)
+            if isinstance(response, SyncResponse):
+                return response, False
+            logger.warning("matrix: saved sync token refused (%s); starting fresh", response)
+        # No token: everything already in the rooms happened before this start, so
+        # it is history (M3). Marking the batch, rather than comparing timestamps
+        # with our clock, is immune to clock skew. Ask for little of it.
+        response = await client.sync(
+            timeout=0, full_state=True, sync_filter={"room": {"timeline": {"limit": 1}}}
+        )
+        if not isinstance(response, SyncResponse):
+            raise PlatformStartError(
+                f"Matrix: the first sync with MATRIX_HOMESERVER={self.homeserver} failed "
+                f"({error_text(response)})."
+            )
+        return response, True
+
+    # -- the sync loop and the dispatcher ----------------------------------------
+
+    async def _supervise(self, what: str, loop: Callable[[], Awaitable[None]]) -> None:
+        """Restart a loop that died of a bug instead of going deaf (M1)."""
+        failures = 0
+        while self.running:
+            try:
+                await loop()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                failures += 1
+                logger.exception("matrix: %s loop crashed; restarting", what)
+                await asyncio.sleep(backoff(failures))
+
+    async def _sync_forever(self) -> None:
+        client = self.require_client()
+        failures = 0
+        while self.running:
+            try:
+                response = await client.sync(timeout=SYNC_TIMEOUT_MS)
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+                # Homeserver restarting, network gone, a proxy's HTML error page.
+                failures += 1
+                delay = backoff(failures)
+                logger.warning("matrix: sync failed (%s); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            if isinstance(response, SyncResponse):
+                failures = 0
+                self._inbox.put_nowait((response, False))
+                continue
+            failures += 1
+            if is_token_error(response):
+                if await self._relogin():
+                    continue
+                delay = backoff(failures, TOKEN_ERROR_BACKOFF)
+                logger.error(
+                    "matrix: the homeserver no longer accepts the bot's access token; set "
+                    "MATRIX_PASSWORD or a new MATRIX_ACCESS_TOKEN (retrying in %.0f s)",
+                    delay,
+                )
+            else:
+                delay = backoff(failures)
+                logger.warning("matrix: sync error %s; retrying in %.1f s", response, delay)
+            # A SyncError is *returned*; without this sleep the loop would spin (M2).
+            await asyncio.sleep(delay)
+
+    async def _relogin(self) -> bool:
+        if not self.settings.matrix_password:
+            return False
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(self.state.forget_access_token, self.homeserver, self.user_id)
+        try:
+            await self._password_login(self.device_id)
+        except (PlatformStartError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            logger.error("matrix: logging in again failed: %s", exc)
+            return False
+        logger.info("matrix: logged in again after the token was revoked")
+        return True
+
+    async def _dispatch_forever(self) -> None:
+        while True:
+            response, history_only = await self._inbox.get()
+            await self._handle_sync(response, history_only)
+            # Only now is the batch handled, so only now may a restart skip it (M4).
+            try:
+                await asyncio.to_thread(
+                    self.state.save_sync_token, self.user_id, response.next_batch
+                )
+            except OSError:
+                logger.exception("matrix: cannot save the sync token")
+
+    async def _handle_sync(self, response: SyncResponse, history_only: bool = False) -> None:
+        for room_id, invite in response.rooms.invite.items():
+            await self._guarded(self._on_invite(room_id, invite.invite_state))
+        if history_only:
+            return
+        handler = self._handler
+        if handler is None:
+            return
+        for room_id, info in response.rooms.join.items():
+            room = self.require_client().rooms.get(room_id)
+            if room is None:
+                continue
+            events = [getattr(event, "source", None) or {} for event in info.timeline.events]
+            start = self._after_own_join(events)
+            if start and room.encrypted:
+                joined = str(events[start - 1].get("event_id") or "")
+                await self._guarded(handler.encrypted_room_notice(room, joined))
+            for source in events[start:]:
+                await self._guarded(handler.on_room_event(room, source))
+
+    def _after_own_join(self, events: list[dict[str, Any]]) -> int:
+        """Index after the bot's own (re)join in this batch, or 0: a room just
+        joined replays its history, which is never for us (M3)."""
+        start = 0
+        for index, source in enumerate(events):
+            if (
+                source.get("type") == "m.room.member"
+                and source.get("state_key") == self.user_id
+                and (source.get("content") or {}).get("membership") == "join"
+                and _prev_membership(source) != "join"  # a display-name change is no join
+            ):
+                start = index + 1
+        return start
+
+    @staticmethod
+    async def _guarded(call: Coroutine[Any, Any, Any]) -> None:
+        """One bad event must not stop the others (nor the dispatcher)."""
+        try:
+            await call
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("matrix: handling an event failed")
+
+    # -- membership ------------------------------------------------------------
+
+    async def _on_invite(self, room_id: str, invite_state: list[Any]) -> None:
+        if room_id in self._joining:
+            return  # nio repeats the invite in every sync until we have joined
+        inviter = None
+        for event in invite_state:
+            # nio pops `content` out of an invite event's source; read its fields.
+            if (
+                getattr(event, "state_key", None) == self.user_id
+                and getattr(event, "membership", None) == "invite"
+            ):
+                inviter = getattr(event, "sender", None)
+        if not user_matches(inviter, self.allowed_inviters):
+            logger.warning("matrix: declining invite to %s from %s", room_id, inviter)
+            self._joining.add(room_id)
+            self.spawn(self._decline(room_id))
+            return
+        self._joining.add(room_id)
+        self.spawn(self._join(room_id, inviter))
+
+    async def _join(self, room_id: str, inviter: str | None) -> None:
+        try:
+            for attempt in range(1, 6):
+                try:
+                    response = await self.require_client().join(room_id)
+                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    response = exc
+                if isinstance(response, JoinResponse):
+                    logger.info("matrix: joined %s (invited by %s)", room_id, inviter)
+                    return
+                logger.warning("matrix: joining %s failed: %s", room_id, response)
+                await asyncio.sleep(backoff(attempt))
+        finally:
+            self._joining.discard(room_id)
+
+    async def _decline(self, room_id: str) -> None:
+        try:
+            await self.require_client().room_leave(room_id)
+        finally:
+            self._joining.discard(room_id)
+
+
+def _prev_membership(source: dict[str, Any]) -> str | None:
+    unsigned = source.get("unsigned") or {}
+    prev = unsigned.get("prev_content") or source.get("prev_content") or {}
+    membership = prev.get("membership") if isinstance(prev, dict) else None
+    return membership if isinstance(membership, str) else None

@@ -1,0 +1,297 @@
+"""Turning Matrix room events into service calls.
+
+    !duck …                          -> service.handle_command
+    approve / deny … / always        -> service.handle_thread_reply
+    (a thread reply under a card)
+    a mention, a direct message, or  -> service.submit_message
+    a reply in one of the bot's threads
+    ✅ ❌ ♾️ on an approval card       -> service.handle_decision
+
+- The bot's own events come back through sync (M5) and are skipped; it sends
+  `m.notice` and ignores incoming notices, so two bots never loop (M6).
+- Every event the bot acts on is claimed once in the store
+  (`matrix:event:<id>`), so a replayed batch never runs anything twice.
+- Encrypted rooms get a notice saying the bot cannot read them (M7: no e2e).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from typing import TYPE_CHECKING, Any
+
+from nio import MatrixRoom, RoomGetEventResponse
+from nio.api import RelationshipType
+
+from bot import commands as c
+from bot.backend import ChatBackend, Thread
+from bot.matrix.connection import MatrixConnection
+from bot.matrix.parsing import PLATFORM, command_text, reaction_decision, strip_reply_fallback
+from bot.matrix.sending import Lru, MatrixSender
+
+if TYPE_CHECKING:
+    from bot.service import ChatService
+    from runtime.store.models import Approval
+
+logger = logging.getLogger("ducklm.matrix")
+
+HISTORY_TIMEOUT = 10.0
+MAX_HISTORY_EVENTS = 40
+ENCRYPTED_NOTICE_INTERVAL = 600.0  # at most one "cannot read this" notice per room per 10 min
+
+ENCRYPTED_NOTICE = (
+    "I can't read end-to-end encrypted messages, so I did not see what was said here. "
+    "DuckLM works in unencrypted rooms only: ask me in a room (or direct chat) without "
+    "encryption."
+)
+EMPTY_MENTION_REPLY = "Ask me something after the mention, or send `!duck help` for the commands."
+
+
+class MatrixEvents:
+    """The dispatcher's `RoomEvents`: reads each new event and calls the service;
+    answers go out through `backend` (the platform)."""
+
+    def __init__(
+        self,
+        service: ChatService,
+        connection: MatrixConnection,
+        sender: MatrixSender,
+        backend: ChatBackend,
+    ) -> None:
+        self.service = service
+        self.connection = connection
+        self.sender = sender
+        self.backend = backend
+        self.cards = Lru()  # card event id -> approval id, as soon as it is posted
+        self._reply_roots = Lru()  # replied-to event -> its thread root
+        self._encrypted_notice_at: dict[str, float] = {}
+
+    async def on_room_event(self, room: MatrixRoom, source: dict[str, Any]) -> None:
+        if source.get("sender") == self.connection.user_id:
+            return  # our own notices, reactions and edits come back through sync (M5)
+        kind = source.get("type")
+        if kind == "m.room.message":
+            await self._on_message(room, source)
+        elif kind == "m.reaction":
+            await self._on_reaction(room, source)
+        elif kind == "m.room.encrypted":
+            await self._on_encrypted(room, source)
+        elif kind == "m.room.encryption" and source.get("state_key") == "":
+            await self.encrypted_room_notice(room, str(source.get("event_id") or ""))
+
+    # -- messages --------------------------------------------------------------
+
+    async def _on_message(self, room: MatrixRoom, source: dict[str, Any]) -> None:
+        content = source.get("content") or {}
+        if content.get("msgtype") != "m.text":
+            return  # m.notice is other bots talking (M6); media is nothing we read
+        relates = content.get("m.relates_to") or {}
+        if relates.get("rel_type") == "m.replace":
+            return  # an edit of an earlier message, which was answered already
+        event_id = str(source.get("event_id") or "")
+        sender = str(source.get("sender") or "")
+        if not event_id or not sender:
+            return
+        body = str(content.get("body") or "")
+        if "m.in_reply_to" in relates:
+            body = strip_reply_fallback(body)
+        text = body.strip()
+        user = f"{PLATFORM}:{sender}"
+        thread = await self._thread_of(room.room_id, event_id, relates)
+        self.sender.latest.put(thread.key, event_id)
+
+        command = command_text(text)
+        if command is not None:
+            if await self._claim(event_id):
+                reply = await self.service.handle_command(thread, user, command)
+                if reply:
+                    await self.backend.send(thread, reply)
+            return
+
+        in_thread = thread.root != event_id
+        claimed = False
+        if in_thread and c.parse_decision(text) is not None:
+            if not await self._claim(event_id):
+                return
+            claimed = True
+            if await self.service.handle_thread_reply(thread, user, text):
+                return
+        addressed = (
+            self._mentions_me(content)
+            or self._is_direct(room)
+            or (in_thread and await self.service.is_bot_thread(thread))
+        )
+        if not addressed:
+            return
+        if not claimed and not await self._claim(event_id):
+            return
+        question = self._without_mention(text)
+        if not question:
+            await self.backend.send(thread, EMPTY_MENTION_REPLY)
+            return
+        self.connection.spawn(self._submit(thread, user, question, event_id if in_thread else None))
+
+    async def _submit(self, thread: Thread, user: str, text: str, current: str | None) -> None:
+        """Fetch the thread so far (for follow-ups), then hand the question over."""
+        history: list[dict[str, str]] = []
+        if current is not None and thread.root:
+            try:
+                history = await asyncio.wait_for(
+                    self._thread_history(thread.channel, thread.root, current), HISTORY_TIMEOUT
+                )
+            except Exception as exc:  # history is a help, not a condition
+                logger.warning("matrix: reading thread history failed: %s", exc)
+        self.service.submit_message(thread, user, text, history)
+
+    async def _thread_of(self, room_id: str, event_id: str, relates: dict[str, Any]) -> Thread:
+        """`Thread(matrix, room, root)`: the thread root if the message is in a
+        thread, else the message itself (its answer starts a thread under it)."""
+        if relates.get("rel_type") == "m.thread" and relates.get("event_id"):
+            return Thread(PLATFORM, room_id, str(relates["event_id"]))
+        target = (relates.get("m.in_reply_to") or {}).get("event_id")
+        if target:
+            # A plain reply, from a client without threads: it belongs to the
+            # thread of what it answers (e.g. `approve` in reply to a card).
+            root = await self._root_of(room_id, str(target))
+            if root is not None:
+                return Thread(PLATFORM, room_id, root)
+        return Thread(PLATFORM, room_id, event_id)
+
+    async def _root_of(self, room_id: str, event_id: str) -> str | None:
+        if event_id in self._reply_roots:
+            return self._reply_roots[event_id]  # type: ignore[no-any-return]
+        root: str | None = None
+        response = await self.connection.require_client().room_get_event(room_id, event_id)
+        if isinstance(response, RoomGetEventResponse):
+            relates = (response.event.source.get("content") or {}).get("m.relates_to") or {}
+            if relates.get("rel_type") == "m.thread" and relates.get("event_id"):
+                root = str(relates["event_id"])
+            elif await self.service.is_bot_thread(Thread(PLATFORM, room_id, event_id)):
+                root = event_id
+        self._reply_roots.put(event_id, root)
+        return root
+
+    async def _thread_history(self, room_id: str, root: str, current: str) -> list[dict[str, str]]:
+        """The thread's earlier messages as model turns (the bot's are `assistant`)."""
+        client = self.connection.require_client()
+        sources: list[dict[str, Any]] = []
+        first = await client.room_get_event(room_id, root)
+        if isinstance(first, RoomGetEventResponse):
+            sources.append(first.event.source)
+        async for event in client.room_get_event_relations(
+            room_id, root, RelationshipType.thread, "m.room.message", limit=MAX_HISTORY_EVENTS
+        ):
+            sources.append(event.source)
+            if len(sources) > MAX_HISTORY_EVENTS:
+                break
+        sources.sort(key=lambda s: int(s.get("origin_server_ts") or 0))
+        history = []
+        for source in sources:
+            content = source.get("content") or {}
+            if source.get("event_id") == current or source.get("type") != "m.room.message":
+                continue
+            if (content.get("m.relates_to") or {}).get("rel_type") == "m.replace":
+                continue
+            body = strip_reply_fallback(str(content.get("body") or "")).strip()
+            if not body:
+                continue
+            if source.get("sender") == self.connection.user_id:
+                history.append({"role": "assistant", "content": body})
+            else:
+                history.append({"role": "user", "content": self._without_mention(body)})
+        return history
+
+    def _mentions_me(self, content: dict[str, Any]) -> bool:
+        me = self.connection.user_id
+        mentions = content.get("m.mentions")
+        if isinstance(mentions, dict) and me in (mentions.get("user_ids") or []):
+            return True
+        formatted = str(content.get("formatted_body") or "")
+        if f"matrix.to/#/{me}" in formatted or (f"matrix.to/#/%40{me[1:]}" in formatted):
+            return True  # a pill
+        body = str(content.get("body") or "")
+        if me.lower() in body.lower():
+            return True
+        return self._name_prefix().match(body) is not None
+
+    def _name_prefix(self) -> re.Pattern[str]:
+        """`Duck: …`, `@duck, …` at the start, as people type a name without a pill."""
+        names = {self.connection.user_id.partition(":")[0].lstrip("@")}
+        if self.connection.display_name:
+            names.add(self.connection.display_name)
+        alternatives = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True) if n)
+        return re.compile(rf"^\s*@?(?:{alternatives})(?![\w-])[:,]?\s*", re.IGNORECASE)
+
+    def _without_mention(self, text: str) -> str:
+        text = re.sub(re.escape(self.connection.user_id) + r"[:,]?", "", text, flags=re.IGNORECASE)
+        return self._name_prefix().sub("", text, count=1).strip()
+
+    def _is_direct(self, room: MatrixRoom) -> bool:
+        return room.member_count <= 2
+
+    # -- reactions ---------------------------------------------------------------
+
+    async def _on_reaction(self, room: MatrixRoom, source: dict[str, Any]) -> None:
+        relates = (source.get("content") or {}).get("m.relates_to") or {}
+        if relates.get("rel_type") != "m.annotation" or not relates.get("event_id"):
+            return
+        decision = reaction_decision(str(relates.get("key") or ""))
+        if decision is None:
+            return
+        approval = await self._approval_for_card(str(relates["event_id"]))
+        if approval is None:
+            return  # a reaction to anything but an approval card is just a reaction
+        if not await self._claim(str(source.get("event_id") or "")):
+            return
+        user = f"{PLATFORM}:{source.get('sender')}"
+        refusal = await self.service.handle_decision(approval.approval_id, user, decision)
+        if refusal:
+            thread = await self._thread_of_task(approval.task_id) or Thread(
+                PLATFORM, room.room_id, None
+            )
+            await self.backend.tell(thread, user, refusal)
+
+    async def _approval_for_card(self, card_ref: str) -> Approval | None:
+        approval_id = self.cards.get(card_ref)
+        if approval_id is not None:
+            return await self.service.approvals.get(approval_id)
+        return await self.service.approvals.find_by_card_ref(card_ref)
+
+    async def _thread_of_task(self, task_id: str) -> Thread | None:
+        thread = await self.service.thread_of(task_id)
+        return thread if thread is not None and thread.platform == PLATFORM else None
+
+    # -- encrypted rooms ---------------------------------------------------------
+
+    async def _on_encrypted(self, room: MatrixRoom, source: dict[str, Any]) -> None:
+        """Answer an unreadable message — at most once per room per interval, as the
+        bot cannot tell whether it was even addressed."""
+        event_id = str(source.get("event_id") or "")
+        if not self._encrypted_notice_due(room.room_id) or not await self._claim(event_id):
+            return
+        relates = (source.get("content") or {}).get("m.relates_to") or {}  # cleartext
+        root = event_id
+        if relates.get("rel_type") == "m.thread" and relates.get("event_id"):
+            root = str(relates["event_id"])
+        self._encrypted_notice_at[room.room_id] = time.monotonic()
+        await self.backend.send(Thread(PLATFORM, room.room_id, root), ENCRYPTED_NOTICE)
+
+    async def encrypted_room_notice(self, room: MatrixRoom, cause_event_id: str) -> None:
+        """Say so at once when the bot joins an encrypted room or encryption is
+        switched on (once per cause, even across restarts)."""
+        if await self._claim(cause_event_id):
+            await self.backend.send(Thread(PLATFORM, room.room_id, None), ENCRYPTED_NOTICE)
+
+    def _encrypted_notice_due(self, room_id: str) -> bool:
+        last = self._encrypted_notice_at.get(room_id)
+        return last is None or time.monotonic() - last >= ENCRYPTED_NOTICE_INTERVAL
+
+    # -- once only ---------------------------------------------------------------
+
+    async def _claim(self, event_id: str) -> bool:
+        """True the first time the bot acts on this event, across restarts."""
+        if not event_id:
+            return False
+        return await self.service.runtime.stores.deliveries.claim(f"{PLATFORM}:event:{event_id}")

@@ -1,0 +1,151 @@
+"""`MatrixPlatform`: the Matrix connection (`Platform`) and the service's output
+for Matrix (`ChatBackend`), wired from the parts of this package:
+
+    MatrixConnection ──room events──▶ MatrixEvents ──▶ ChatService
+          ▲                                               │
+          └────────────── MatrixSender ◀── send / card / tell / working
+
+Approvals are cards with pre-seeded reactions ✅ ❌ ♾️; an approver's reaction,
+or a thread reply `approve` / `deny [reason]` / `always`, decides once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from bot.backend import ApprovalCard, CardResolution, ChatBackend, Platform, Thread
+from bot.matrix.connection import MatrixConnection
+from bot.matrix.events import MatrixEvents
+from bot.matrix.format import (
+    ALWAYS_KEY,
+    APPROVE_KEY,
+    DENY_KEY,
+    addressed_content,
+    card_markdown,
+    message_content,
+    resolution_markdown,
+    with_mentions,
+)
+from bot.matrix.parsing import PLATFORM
+from bot.matrix.sending import MatrixSender
+from bot.matrix.state import MatrixState
+
+if TYPE_CHECKING:
+    from bot.service import ChatService
+    from runtime.settings import Settings
+
+MAX_MENTIONED_APPROVERS = 10
+
+
+class MatrixPlatform(Platform, ChatBackend):
+    """The Matrix connection (Platform) and its output side (ChatBackend)."""
+
+    name = PLATFORM
+    platform = PLATFORM
+
+    def __init__(
+        self,
+        service: ChatService,
+        settings: Settings,
+        *,
+        allowed_inviters: Iterable[str] | None = None,
+    ) -> None:
+        self.service = service
+        self.settings = settings
+        if allowed_inviters is None:
+            # DUCKLM_MATRIX_ALLOWED_INVITERS; empty (the default) lets anybody invite.
+            allowed_inviters = settings.matrix_allowed_inviters
+        self.connection = MatrixConnection(settings, allowed_inviters=allowed_inviters)
+        self.sender = MatrixSender(self.connection)
+        self.events = MatrixEvents(service, self.connection, self.sender, self)
+        service.add_backend(self)
+
+    # The connection's facts, as the platform's (tests and logs read them here).
+
+    @property
+    def user_id(self) -> str:
+        return self.connection.user_id
+
+    @property
+    def device_id(self) -> str | None:
+        return self.connection.device_id
+
+    @property
+    def state(self) -> MatrixState:
+        return self.connection.state
+
+    # -- Platform ------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.connection.start(self.events)
+
+    async def stop(self) -> None:
+        await self.connection.stop()
+        self.sender.clear()
+
+    # -- ChatBackend ---------------------------------------------------------
+
+    async def send(self, thread: Thread, text: str) -> str | None:
+        content = message_content(text)
+        content["m.mentions"] = {}  # an answer quoting user ids must not ping them
+        return await self.sender.post(thread, content)
+
+    async def send_card(self, thread: Thread, card: ApprovalCard) -> str:
+        # Approvers in the room are mentioned, so the card notifies them.
+        content = with_mentions(
+            message_content(card_markdown(card)), "Approvers", self._approvers_in(thread.channel)
+        )
+        card_id = await self.sender.post(thread, content)
+        # The service stores the card's id only after we return, but a quick
+        # approver can react before that: remember it here at once.
+        self.events.cards.put(card_id, card.approval_id)
+        keys = [APPROVE_KEY, DENY_KEY] + ([ALWAYS_KEY] if card.always_offered else [])
+        self.connection.spawn(self.sender.seed_reactions(thread.channel, card_id, keys))
+        return card_id
+
+    def _approvers_in(self, room_id: str) -> dict[str, str | None]:
+        room = self.connection.require_client().rooms.get(room_id)
+        if room is None:
+            return {}
+        approvers = {}
+        for qualified in sorted(self.service.policy.approvers):
+            user_id = qualified.removeprefix(f"{PLATFORM}:")
+            if qualified.startswith(f"{PLATFORM}:") and user_id in room.users:
+                approvers[user_id] = room.user_name(user_id)
+        return dict(list(approvers.items())[:MAX_MENTIONED_APPROVERS])
+
+    async def resolve_card(
+        self, thread: Thread, card_ref: str, card: ApprovalCard, resolution: CardResolution
+    ) -> None:
+        new = message_content(resolution_markdown(card, resolution))
+        new["m.mentions"] = {}
+        content: dict[str, Any] = {
+            **{k: v for k, v in new.items() if k != "m.mentions"},
+            "body": "* " + new["body"],
+            "m.new_content": new,
+            # m.replace only: the card keeps its thread relation (the server keeps
+            # the original m.relates_to); it must not go inside m.new_content.
+            "m.relates_to": {"rel_type": "m.replace", "event_id": card_ref},
+            "m.mentions": {},
+        }
+        if "formatted_body" in content:
+            content["formatted_body"] = "* " + content["formatted_body"]
+        await self.sender.send_event(thread.channel, "m.room.message", content)
+
+    def mention(self, user: str) -> str:
+        # Text goes through Markdown, so the bare Matrix id is what readers see.
+        return user.removeprefix("matrix:")
+
+    async def tell(self, thread: Thread, user: str, text: str) -> None:
+        """Matrix has no private replies in a room: answer in the thread, with a mention."""
+        mxid = user.removeprefix(f"{PLATFORM}:")
+        if not mxid.startswith("@"):
+            await self.send(thread, text)
+            return
+        room = self.connection.require_client().rooms.get(thread.channel)
+        name = room.user_name(mxid) if room is not None else None
+        await self.sender.post(thread, addressed_content(mxid, text, name))
+
+    async def working(self, thread: Thread, status: str | None) -> None:
+        await self.sender.typing(thread, status)
