@@ -11,8 +11,10 @@ each on a busy 2-core machine, which was most of a task's store cost
   busy_timeout 0, so SQLite answers BUSY at once, and the statement is retried
   after an `asyncio.sleep`, for up to BUSY_TIMEOUT_S in all.
 - Slow work: WAL checkpoints (automatic checkpoints are off on the inline
-  connection) and bulk deletes run on a second connection in a worker thread
-  (`checkpoint`, `background_transaction`).
+  connection) and bulk deletes run on a second connection, an aiosqlite one:
+  its statements run in aiosqlite's own thread while the loop goes on
+  (`checkpoint`, `background_transaction`). There the thread hop costs
+  nothing that matters, and the work is slow enough to need it.
 
 Single statements are their own transaction (autocommit). Multi-statement
 transactions go through `transaction()`, which serializes them with an
@@ -26,13 +28,14 @@ import json
 import logging
 import os
 import sqlite3
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
+
+import aiosqlite
 
 logger = logging.getLogger("ducklm.store")
 T = TypeVar("T")
@@ -55,6 +58,8 @@ CHECKPOINT_WAIT_MS = 100
 # size after a checkpoint instead of keeping its high-water mark on disk.
 JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024
 SQLITE_HEADER = b"SQLite format 3\x00"
+# Rows per hop when the background connection iterates a cursor (aiosqlite's default).
+BACKGROUND_CHUNK_ROWS = 64
 # RETURNING (3.35) is what makes compare-and-set and sequence numbers one statement.
 MIN_SQLITE = (3, 35, 0)
 
@@ -353,8 +358,8 @@ def _is_busy(exc: sqlite3.Error) -> bool:
 
 def _connect(path: str, busy_timeout_s: float) -> sqlite3.Connection:
     # check_same_thread=False: the inline connection is closed from a worker
-    # thread, and the background one moves between the default executor's threads
-    # (one at a time, under its lock).
+    # thread (closing the last connection checkpoints the file), and an
+    # in-memory database's background work runs on it in aiosqlite's thread.
     conn = sqlite3.connect(
         path,
         isolation_level=None,
@@ -377,11 +382,13 @@ class Database:
         # The task running the current transaction; its statements bypass the lock.
         self._tx_owner: asyncio.Task[Any] | None = None
         self._closed = False
-        # The second connection, for work that must not run on the loop. Its
-        # thread lock is held for the whole of each piece of work, so a caller
-        # cancelled mid-way never leaves it to two threads at once.
-        self._background: sqlite3.Connection | None = None
-        self._background_lock = threading.Lock()
+        # The second connection (aiosqlite), for work that must not run on the
+        # loop, opened on first use. One piece of work at a time holds it (the
+        # lock), and each runs as a task of its own that a cancelled caller does
+        # not interrupt, so no transaction is ever left open on it.
+        self._background: aiosqlite.Connection | None = None
+        self._background_lock = asyncio.Lock()
+        self._background_jobs: set[asyncio.Task[Any]] = set()
         self._background_closed = False
         self._changes = 0  # total_changes after the last statement
         self._commits_since_checkpoint = 0
@@ -459,25 +466,30 @@ class Database:
         return int(rows[0][0])
 
     async def close(self) -> None:
-        """Finish background work and close both connections (off the loop: the
-        last connection to a file checkpoints it on close)."""
+        """Finish background work and close both connections (the inline one off
+        the loop: the last connection to a file checkpoints it on close)."""
         if self._closed:
             return
         self._closed = True
         if self._checkpointing is not None:
             await asyncio.gather(self._checkpointing, return_exceptions=True)
-        await asyncio.to_thread(self._close_connections)
-
-    def _close_connections(self) -> None:
-        with self._background_lock:
+        if self._background_jobs:
+            await asyncio.gather(*self._background_jobs, return_exceptions=True)
+        async with self._background_lock:
             self._background_closed = True
-            for conn in (self._background, self._conn):
-                if conn is None:
-                    continue
-                try:
-                    conn.close()
-                except sqlite3.Error:
-                    pass  # closing a broken connection has nothing left to save
+            background, self._background = self._background, None
+        if background is not None:
+            try:
+                await background.close()
+            except (sqlite3.Error, ValueError):
+                pass  # closing a broken connection has nothing left to save
+        await asyncio.to_thread(self._close_inline)
+
+    def _close_inline(self) -> None:
+        try:
+            self._conn.close()
+        except sqlite3.Error:
+            pass  # likewise
 
     @property
     def closed(self) -> bool:
@@ -571,37 +583,41 @@ class Database:
 
     # -- off the loop ------------------------------------------------------
 
-    async def background_transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `work(connection)` as one write transaction on a second connection
-        in a worker thread: for bulk work (retention) that would stall the loop.
+    async def background_transaction(
+        self, work: Callable[[aiosqlite.Connection], Awaitable[T]]
+    ) -> T:
+        """Run `await work(connection)` as one write transaction on the background
+        connection (aiosqlite: its statements run in aiosqlite's thread), for
+        bulk work (retention) that would stall the loop.
 
         `work` runs SQL on the connection it is given and nothing else. Keep each
         call short (delete in chunks): inline writers wait for it, up to
         BUSY_TIMEOUT_S.
         """
-        if self._memory:  # a second connection would see another, empty database
+        if self._memory:
+            # An in-memory database is private to its connection, so the work runs
+            # on the inline one (in aiosqlite's thread), inside an inline
+            # transaction: other tasks' statements wait for its end, as they would
+            # for a background writer's lock.
             async with self.transaction():
-                try:
-                    return work(self._conn)
-                except _STATEMENT_ERRORS as exc:
-                    raise StoreError(_describe(self.path, exc)) from exc
+                return await self._in_background(work)
 
-        def transact(conn: sqlite3.Connection) -> T:
-            conn.execute("BEGIN IMMEDIATE")
+        async def transact(conn: aiosqlite.Connection) -> T:
+            await conn.execute("BEGIN IMMEDIATE")
             try:
-                result = work(conn)
-                conn.execute("COMMIT")
+                result = await work(conn)
+                await conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                    await conn.execute("ROLLBACK")
                 raise
             return result
 
         return await self._in_background(transact)
 
     async def checkpoint(self) -> None:
-        """Copy the WAL into the database file, in a worker thread, so the WAL
-        can start over from its beginning.
+        """Copy the WAL into the database file, on the background connection, so
+        the WAL can start over from its beginning.
 
         PASSIVE first: it neither waits for nor blocks anyone. Beside a busy
         writer it may never catch up completely (new frames keep arriving), and
@@ -612,15 +628,16 @@ class Database:
         if self._memory:
             return
 
-        def run(conn: sqlite3.Connection) -> None:
-            busy, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        async def run(conn: aiosqlite.Connection) -> None:
+            async with conn.execute("PRAGMA wal_checkpoint(PASSIVE)") as cursor:
+                busy, frames, _ = await cursor.fetchone()  # type: ignore[misc]
             if busy or frames < RESTART_AFTER_FRAMES:
                 return
-            conn.execute(f"PRAGMA busy_timeout = {CHECKPOINT_WAIT_MS}")
+            await conn.execute(f"PRAGMA busy_timeout = {CHECKPOINT_WAIT_MS}")
             try:
-                conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+                await conn.execute_fetchall("PRAGMA wal_checkpoint(RESTART)")
             finally:
-                conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+                await conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
 
         await self._in_background(run)
 
@@ -649,22 +666,48 @@ class Database:
         except StoreError as exc:  # the next one retries; the WAL only grows meanwhile
             logger.warning("WAL checkpoint failed: %s", exc)
 
-    async def _in_background(self, work: Callable[[sqlite3.Connection], T]) -> T:
+    async def _in_background(self, work: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
+        """Run `work` on the background connection, as a task of its own: a caller
+        cancelled half-way leaves it to finish (or roll back) and release the
+        connection, instead of leaving a transaction open on it."""
         if self._closed:
             raise StoreError(f"database {self.path} is closed")
-
-        def run() -> T:
-            with self._background_lock:
-                if self._background_closed:
-                    raise StoreError(f"database {self.path} is closed")
-                if self._background is None:
-                    conn = _connect(self.path, BUSY_TIMEOUT_S)
-                    conn.execute("PRAGMA synchronous = NORMAL")
-                    conn.execute("PRAGMA foreign_keys = ON")
-                    self._background = conn
-                return work(self._background)
-
+        job = asyncio.get_running_loop().create_task(self._serialized(work))
+        self._background_jobs.add(job)
+        job.add_done_callback(_forget_job(self._background_jobs))
         try:
-            return await asyncio.to_thread(run)
+            return await asyncio.shield(job)
         except (*_STATEMENT_ERRORS, OSError) as exc:
             raise StoreError(_describe(self.path, exc)) from exc
+
+    async def _serialized(self, work: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
+        async with self._background_lock:
+            if self._background_closed:
+                raise StoreError(f"database {self.path} is closed")
+            return await work(await self._background_connection())
+
+    async def _background_connection(self) -> aiosqlite.Connection:
+        if self._background is not None:
+            return self._background
+        if self._memory:
+            inline = self._conn
+            conn = await aiosqlite.Connection(lambda: inline, BACKGROUND_CHUNK_ROWS)
+        else:
+            conn = await aiosqlite.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_S)
+            await conn.execute("PRAGMA synchronous = NORMAL")
+            await conn.execute("PRAGMA foreign_keys = ON")
+        self._background = conn
+        return conn
+
+
+def _forget_job(jobs: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
+    """A done-callback that drops a background job from `jobs`, and reads its
+    exception: a caller that was cancelled never will, and asyncio would log it
+    as never retrieved."""
+
+    def forget(job: asyncio.Task[Any]) -> None:
+        jobs.discard(job)
+        if not job.cancelled():
+            job.exception()
+
+    return forget

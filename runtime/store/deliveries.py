@@ -7,6 +7,8 @@ processes.
 
 from __future__ import annotations
 
+import aiosqlite
+
 from runtime.store.db import Database, now
 
 # Slack retries for about five minutes and Matrix replays within a sync window;
@@ -32,8 +34,11 @@ class DeliveryStore:
         """Forget deliveries claimed more than `older_than` seconds ago (off the loop:
         a busy week can be a lot of rows)."""
         cutoff = now() - older_than
-        return await self.db.background_transaction(
-            lambda conn: (
-                conn.execute("DELETE FROM deliveries WHERE claimed_at < ?", (cutoff,)).rowcount
-            )
-        )
+
+        async def delete(conn: aiosqlite.Connection) -> int:
+            async with conn.execute(
+                "DELETE FROM deliveries WHERE claimed_at < ?", (cutoff,)
+            ) as cur:
+                return cur.rowcount
+
+        return await self.db.background_transaction(delete)

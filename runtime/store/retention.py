@@ -4,14 +4,14 @@ The event log is append-only for everyone else; only finished tasks older than
 the configured retention go, together with their events and approvals. A task
 that is running or waiting for approval is never touched.
 
-The deletes run off the event loop, a chunk of tasks per transaction, so a
-first run over a year of history neither stalls the bot nor holds the write
-lock for long.
+The deletes run on the store's background connection (aiosqlite, off the
+event loop), a chunk of tasks per transaction, so a first run over a year of
+history neither stalls the bot nor holds the write lock for long.
 """
 
 from __future__ import annotations
 
-import sqlite3
+import aiosqlite
 
 from runtime.store.db import Database, now
 
@@ -31,14 +31,14 @@ async def delete_finished_tasks(db: Database, older_than_seconds: float) -> int:
             return deleted
 
 
-def _delete_chunk(conn: sqlite3.Connection, cutoff: float) -> int:
-    rows = conn.execute(
+async def _delete_chunk(conn: aiosqlite.Connection, cutoff: float) -> int:
+    rows = await conn.execute_fetchall(
         f"SELECT task_id FROM tasks WHERE status IN {_FINISHED} AND updated_at < ? "
         "ORDER BY updated_at LIMIT ?",
         (cutoff, CHUNK_TASKS),
-    ).fetchall()
+    )
     ids = [(row[0],) for row in rows]
-    conn.executemany("DELETE FROM events WHERE task_id = ?", ids)
-    conn.executemany("DELETE FROM approvals WHERE task_id = ?", ids)
-    conn.executemany("DELETE FROM tasks WHERE task_id = ?", ids)
+    await conn.executemany("DELETE FROM events WHERE task_id = ?", ids)
+    await conn.executemany("DELETE FROM approvals WHERE task_id = ?", ids)
+    await conn.executemany("DELETE FROM tasks WHERE task_id = ?", ids)
     return len(ids)
