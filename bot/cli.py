@@ -1,24 +1,29 @@
-"""`ducklm`: the command-line entry point."""
+"""`ducklm`: the command-line entry point.
+
+Start-up time is part of the interface: `ducklm --help` and the read-only
+subcommands should answer about as fast as Python starts. So this module
+imports only the standard library at the top. Everything else is imported
+where a subcommand needs it: the settings after the arguments parsed, the
+stores alone (no runtime loop, so no shell parser and no model client) for
+`tasks`, `events`, `approvals` and `rules`, the whole runtime for `console`,
+and the platform libraries only in `ducklm run` (bot/server.py).
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
-
-from bot import commands as c
-from bot.admin import CommandRunner, describe_event
-from bot.policy import Actor
-from runtime.factory import Runtime, build_runtime
-from runtime.settings import Settings
-from runtime.store import StoreError
+if TYPE_CHECKING:
+    from bot import commands as c
+    from bot.policy import Actor
+    from runtime.factory import Runtime
+    from runtime.settings import Settings
+    from runtime.store import Stores
 
 EXIT_USAGE = 2
 
@@ -74,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    from runtime.settings import Settings
+
     overrides = {}
     if args.db is not None:
         overrides["db"] = args.db
@@ -83,16 +90,32 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _operator() -> Actor:
+    from bot.policy import Actor
+
     user = os.environ.get("USER") or "operator"
     return Actor(f"cli:{user}", is_admin=True, is_approver=True)
 
 
 async def _with_runtime(settings: Settings, body: Callable[[Runtime], Awaitable[int]]) -> int:
+    from runtime.factory import build_runtime
+
     runtime = await build_runtime(settings)
     try:
         return await body(runtime)
     finally:
         await runtime.close()
+
+
+async def _with_stores(settings: Settings, body: Callable[[Stores], Awaitable[int]]) -> int:
+    """The store alone, for subcommands that read or manage it: no runtime loop,
+    so neither the shell parser nor the model client is imported."""
+    from runtime.store import open_stores
+
+    stores = await open_stores(settings.db)
+    try:
+        return await body(stores)
+    finally:
+        await stores.close()
 
 
 async def _console(runtime: Runtime) -> int:
@@ -101,23 +124,27 @@ async def _console(runtime: Runtime) -> int:
     return await Console(runtime).serve()
 
 
-async def _admin(runtime: Runtime, command: c.Command, **kwargs: object) -> int:
+async def _admin(stores: Stores, settings: Settings, command: c.Command, **kwargs: object) -> int:
+    from bot.admin import CommandRunner
+    from runtime.approvals import ApprovalService
+
+    approvals = ApprovalService.from_stores(stores, ttl=settings.approval_ttl)
     runner = CommandRunner(
-        runtime.stores.tasks,
-        runtime.stores.events,
-        runtime.approvals,
-        runtime.stores.schedules,
-        timezone=runtime.settings.timezone,
+        stores.tasks, stores.events, approvals, stores.schedules, timezone=settings.timezone
     )
     print(await runner.execute(command, _operator(), **kwargs))  # type: ignore[arg-type]
     return 0
 
 
-async def _events(runtime: Runtime, task_id: str, as_json: bool) -> int:
-    if await runtime.stores.tasks.get_task(task_id) is None:
+async def _events(stores: Stores, task_id: str, as_json: bool) -> int:
+    import json
+
+    from bot.admin import describe_event
+
+    if await stores.tasks.get_task(task_id) is None:
         print(f"No task {task_id}.", file=sys.stderr)
         return 1
-    for event in await runtime.stores.events.list_events(task_id):
+    for event in await stores.events.list_events(task_id):
         if as_json:
             print(json.dumps(event.model_dump(mode="json"), ensure_ascii=False))
         else:
@@ -129,7 +156,10 @@ def _serve_platforms(settings: Settings) -> int:
     if not (settings.slack_configured or settings.matrix_configured):
         print(NO_PLATFORM, file=sys.stderr)
         return EXIT_USAGE
+    import asyncio
+
     from bot.server import serve
+    from runtime.store import StoreError
 
     try:
         return asyncio.run(serve(settings))
@@ -140,6 +170,10 @@ def _serve_platforms(settings: Settings) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    import logging
+
+    from pydantic import ValidationError
+
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -152,13 +186,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "run":
         return _serve_platforms(settings)
+    if args.command == "console":
+        return _run(_with_runtime(settings, _console))
 
-    async def body(runtime: Runtime) -> int:
+    from bot import commands as c
+
+    async def body(stores: Stores) -> int:
         match args.command:
-            case "console":
-                return await _console(runtime)
             case "tasks":
-                recent = await runtime.stores.tasks.list_recent(
+                recent = await stores.tasks.list_recent(
                     args.limit, conversation_prefix=args.conversation
                 )
                 from bot.admin import describe_task
@@ -166,24 +202,33 @@ def main(argv: list[str] | None = None) -> int:
                 print("\n".join(describe_task(t) for t in recent) or "No tasks yet.")
                 return 0
             case "events":
-                return await _events(runtime, args.task_id, args.json)
+                return await _events(stores, args.task_id, args.json)
             case "approvals":
-                return await _admin(runtime, c.Approvals())
+                return await _admin(stores, settings, c.Approvals())
             case "rules":
                 if args.rules_command == "add":
                     pattern = " ".join(args.pattern).strip()
                     if not pattern:
                         print("Usage: ducklm rules add exact|prefix COMMAND", file=sys.stderr)
                         return EXIT_USAGE
-                    return await _admin(runtime, c.RulesAdd(args.kind, pattern))
+                    return await _admin(stores, settings, c.RulesAdd(args.kind, pattern))
                 if args.rules_command == "revoke":
-                    return await _admin(runtime, c.RulesRevoke(args.rule_id))
+                    return await _admin(stores, settings, c.RulesRevoke(args.rule_id))
                 include = bool(getattr(args, "all", False))
-                return await _admin(runtime, c.RulesList(include_revoked=include))
+                return await _admin(stores, settings, c.RulesList(include_revoked=include))
         raise AssertionError(args.command)
 
+    return _run(_with_stores(settings, body))
+
+
+def _run(job: Awaitable[int]) -> int:
+    """Run a subcommand's coroutine; a store problem is one line, not a traceback."""
+    import asyncio
+
+    from runtime.store import StoreError
+
     try:
-        return asyncio.run(_with_runtime(settings, body))
+        return asyncio.run(job)  # type: ignore[arg-type]  # every caller passes a coroutine
     except StoreError as exc:
         print(f"Database error: {exc}", file=sys.stderr)
         return 1

@@ -158,10 +158,10 @@ def test_just_under_the_size_limit_parses() -> None:
     ],
 )
 def test_deep_nesting_is_refused_not_recursed(opener: str, depth: int) -> None:
-    started = time.monotonic()
+    started = time.thread_time()
     with pytest.raises(DirectiveError, match="nested deeper"):
         parse_directive(opener * depth)
-    assert time.monotonic() - started < 2
+    assert time.thread_time() - started < 2  # CPU time: other load does not count
 
 
 def test_deep_but_balanced_nesting_is_refused() -> None:
@@ -191,12 +191,12 @@ def test_nesting_within_the_limit_is_fine() -> None:
     ],
 )
 def test_hostile_text_is_fast_and_only_raises_directive_error(text: str) -> None:
-    started = time.monotonic()
+    started = time.thread_time()
     try:
         parse_directive(text)
     except DirectiveError:
         pass
-    assert time.monotonic() - started < 2
+    assert time.thread_time() - started < 2  # CPU time: other load does not count
 
 
 def test_non_string_input_is_a_directive_error() -> None:

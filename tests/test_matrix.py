@@ -221,7 +221,7 @@ def content_answers(model_server: FakeModelServer) -> None:
     model_server.set_handler(THINKER, thinker)
 
 
-async def poll(read: Callable[[], Any], what: str, within: float = 10.0) -> Any:
+async def poll(read: Callable[[], Any], what: str, within: float = 30.0) -> Any:
     """`read()` once it returns something truthy, within a bound."""
     deadline = time.monotonic() + within
     while not (value := read()):
@@ -358,7 +358,7 @@ async def test_always_by_reaction_creates_a_rule(
 ) -> None:
     bot = await bots()
     room = await room_with_bot(alice, duck, bob)
-    _, card = await ask_for_approval(model_server, bob, room, duck, "touch always.txt")
+    question, card = await ask_for_approval(model_server, bob, room, duck, "touch always.txt")
 
     model_server.reply(ACTION, Text(NO_ACTIONS))
     model_server.reply(THINKER, Text("Done once."))
@@ -366,6 +366,9 @@ async def test_always_by_reaction_creates_a_rule(
     await alice.wait_for(edit_of(card["event_id"], "Always allowed"), "the card's edit")
     (rule,) = await bot.runtime.approvals.list_rules()
     assert rule.created_by == alice.qualified
+    # The card is edited before the approved command runs: the answer is what
+    # says it ran.
+    await alice.wait_for(bot_notice(duck, question, "Done once"), "the first answer")
 
     # the same action again needs no approval
     (tmp_path / "workspace" / "always.txt").unlink()
@@ -660,8 +663,7 @@ async def test_network_faults_are_retried(
         # The homeserver "goes away" under the sync long-poll; the bot keeps trying.
         proxy.cut()
         during = await alice.say(room, "still there?", mention=duck)
-        await asyncio.sleep(1.5)
-        assert proxy.refused > 0
+        await poll(lambda: proxy.refused > 0, "sync attempt through the cut proxy", within=30)
         proxy.restore()
         await alice.wait_for(bot_notice(duck, during, "answer to: still there?"), "the answer")
 

@@ -279,7 +279,7 @@ async def test_429_retry_after_is_honoured(
     )
     started = time.monotonic()
     assert (await client.chat("thinker", QUESTION)).content == "ok"
-    assert 0.9 <= time.monotonic() - started < 5
+    assert 0.9 <= time.monotonic() - started < 10
     assert len(model_server.requests) == 2
 
 
@@ -290,7 +290,7 @@ async def test_retry_after_ms_is_preferred(
     model_server.reply(THINKER, Error(429, "slow down", headers=headers), Text("ok"))
     started = time.monotonic()
     assert (await client.chat("thinker", QUESTION)).content == "ok"
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 10  # not the 30 s of Retry-After
 
 
 @pytest.mark.parametrize(
@@ -311,7 +311,7 @@ async def test_too_long_retry_after_gives_up_quickly(
     started = time.monotonic()
     with pytest.raises(ModelError) as caught:
         await client.chat("thinker", QUESTION)
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < 10  # not the hour (or two) asked for
     assert caught.value.status == 429
     assert "You exceeded your current quota" in str(caught.value)
     assert "gives up" in str(caught.value)
@@ -339,7 +339,7 @@ async def test_hang_past_timeout_is_a_timeout_error_after_retries(
     async with make_client(model_server, timeout=0.2, max_retries=1) as client:
         with pytest.raises(ModelTimeoutError) as caught:
             await client.chat("thinker", QUESTION)
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 8  # not the 10 s the server hangs
     assert caught.value.retryable
     assert "did not answer within 0.2 s" in str(caught.value)
     assert len(model_server.requests) == 2
@@ -704,7 +704,7 @@ async def test_fake_server_hang_is_released_by_stop() -> None:
     await asyncio.wait_for(arrived.wait(), 5)
     started = time.monotonic()
     await server.stop()
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 10  # not the 30 s the handler hangs
     try:
         await asyncio.wait_for(task, 5)
     except httpx.HTTPError:

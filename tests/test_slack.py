@@ -282,7 +282,6 @@ async def test_read_only_question_is_answered_in_the_thread(
 ) -> None:
     model.reply(ACTION, Text(directive(shell("df -h", reason="check disks"))))
     model.reply(THINKER, Text("# Disks\n**/** is fine, see [the runbook](https://wiki/x?a=1&b=2)"))
-    sent = time.monotonic()
     ts, _ = await bot.mention("how full are the disks?")
 
     answer = await bot.wait_text(ts, "is fine")
@@ -290,7 +289,10 @@ async def test_read_only_question_is_answered_in_the_thread(
     # "on it" at once, as a reaction on the question, and gone at the end
     (added,) = slack.calls_to("reactions.add")
     assert added.params == {"channel": CHANNEL, "timestamp": ts, "name": "eyes"}
-    assert added.at - sent < 1.0
+    # "At once" is an order, not a time (a loaded machine makes any time a guess):
+    # the reaction comes before anything is posted in the thread.
+    methods = [c.method for c in slack.calls]
+    assert methods.index("reactions.add") < methods.index("chat.postMessage")
     await bot.settle()
     (removed,) = slack.calls_to("reactions.remove")
     assert removed.params == added.params

@@ -186,7 +186,7 @@ class FakeSlack:
         return None
 
     async def wait_for(
-        self, predicate: Callable[[], Any], within: float = 10.0, what: str = "condition"
+        self, predicate: Callable[[], Any], within: float = 30.0, what: str = "condition"
     ) -> Any:
         """Poll `predicate` (re-checked whenever a call arrives) until it is truthy."""
         deadline = time.monotonic() + within
@@ -204,7 +204,7 @@ class FakeSlack:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), min(remaining, 0.2))
 
-    async def wait_for_calls(self, method: str, count: int = 1, within: float = 10.0) -> list[Call]:
+    async def wait_for_calls(self, method: str, count: int = 1, within: float = 30.0) -> list[Call]:
         await self.wait_for(
             lambda: len(self.calls_to(method)) >= count, within, f"{count} × {method}"
         )
@@ -212,7 +212,7 @@ class FakeSlack:
 
     # -- Socket Mode ----------------------------------------------------------
 
-    async def wait_for_socket(self, within: float = 10.0) -> None:
+    async def wait_for_socket(self, within: float = 30.0) -> None:
         await asyncio.wait_for(self._socket_connected.wait(), within)
 
     async def push(
@@ -242,7 +242,7 @@ class FakeSlack:
             await ws.send_str(json.dumps(envelope))
         return envelope_id
 
-    async def wait_for_ack(self, envelope_id: str, within: float = 10.0) -> dict[str, Any]:
+    async def wait_for_ack(self, envelope_id: str, within: float = 30.0) -> dict[str, Any]:
         return await self.wait_for(
             lambda: next((a for a in self.acks if a.get("envelope_id") == envelope_id), None),
             within,
