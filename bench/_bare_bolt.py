@@ -2,7 +2,7 @@
 
     python -m bench._bare_bolt PORT SLACK_API_URL
 
-Same framework, same HTTP adapter (aiohttp + bolt's adapter, as bot/slack.py
+Same framework, same HTTP adapter (aiohttp + bolt's adapter, as bot/slack/platform.py
 serves it), same signing secret; every event and every button click is acked
 and nothing else happens. Prints "ready" once it listens.
 """

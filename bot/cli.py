@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from bot import commands as c
@@ -170,6 +170,7 @@ def _serve_platforms(settings: Settings) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Only now: `--help` and usage errors have exited already without them.
     import logging
 
     from pydantic import ValidationError
@@ -221,14 +222,14 @@ def main(argv: list[str] | None = None) -> int:
     return _run(_with_stores(settings, body))
 
 
-def _run(job: Awaitable[int]) -> int:
+def _run(job: Coroutine[Any, Any, int]) -> int:
     """Run a subcommand's coroutine; a store problem is one line, not a traceback."""
     import asyncio
 
     from runtime.store import StoreError
 
     try:
-        return asyncio.run(job)  # type: ignore[arg-type]  # every caller passes a coroutine
+        return asyncio.run(job)
     except StoreError as exc:
         print(f"Database error: {exc}", file=sys.stderr)
         return 1
