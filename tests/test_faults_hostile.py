@@ -283,7 +283,10 @@ async def test_hostile_chat_messages(hostile_runtime: Runtime, tmp_path: Path) -
     service = ChatService(rt, max_concurrent_tasks=4)
     service.add_backend(backend)
     inputs = hostile_inputs()
-    started = time.monotonic()
+    # CPU time of this process (the bot, its store and the fake model server run
+    # here): a stalling input shows in it, while other load on the machine does
+    # not. A hang shows in the bounded waits instead.
+    started = time.process_time()
     try:
         jobs = []
         for i, text in enumerate(inputs):
@@ -300,7 +303,7 @@ async def test_hostile_chat_messages(hostile_runtime: Runtime, tmp_path: Path) -
         await service.submit_message(normal, "test:alice", "cat notes.txt")
     finally:
         await service.close()
-    elapsed = time.monotonic() - started
+    elapsed = time.process_time() - started
     assert not [t for _, t in backend.sent if CRASH_TEXT in t]
     # Every message got an answer or an approval card in its own thread.
     answered = {key for key, _ in backend.sent} | set(backend.card_threads)
@@ -309,7 +312,7 @@ async def test_hostile_chat_messages(hostile_runtime: Runtime, tmp_path: Path) -
     statuses = {t.status for t in await rt.stores.tasks.list_recent(2000)}
     assert statuses <= {"completed", "failed", "waiting_for_approval"}, statuses
     no_action_happened(rt, [tmp_path])
-    assert elapsed < 60, f"1,000 hostile chat messages took {elapsed:.1f} s"
+    assert elapsed < 60, f"1,000 hostile chat messages took {elapsed:.1f} s of CPU"
 
 
 async def test_hostile_console_lines(hostile_runtime: Runtime, tmp_path: Path) -> None:
@@ -564,7 +567,7 @@ async def test_hostile_slack_interaction_payloads(
     approval_id = pending[0].approval_id
 
     statuses: dict[int, int] = {}
-    started = time.monotonic()
+    started = time.process_time()  # CPU time, as in test_hostile_chat_messages
     payloads = hostile_payloads(approval_id, card["ts"], channel)
     for i in range(0, len(payloads), 8):
         answers = await asyncio.gather(*(bot.sender.interaction(p) for p in payloads[i : i + 8]))
@@ -580,7 +583,7 @@ async def test_hostile_slack_interaction_payloads(
         statuses[answer.status] = statuses.get(answer.status, 0) + 1
     await asyncio.wait_for(bot.platform.drain(), 60)
     await asyncio.wait_for(bot.service.drain(), 60)
-    elapsed = time.monotonic() - started
+    elapsed = time.process_time() - started
 
     # Bad requests are acked or refused, never an internal error (Slack retries a 5xx).
     assert set(statuses) <= {200, 400, 401, 404}, statuses
@@ -616,7 +619,7 @@ async def test_hostile_slack_interaction_payloads(
     await asyncio.wait_for(bot.service.drain(), 30)
     approval = await bot.runtime.approvals.get(approval_id)
     assert approval is not None and approval.decision == "deny"
-    assert elapsed < 60, f"{len(payloads)} hostile payloads took {elapsed:.1f} s"
+    assert elapsed < 60, f"{len(payloads)} hostile payloads took {elapsed:.1f} s of CPU"
 
 
 async def test_malformed_actions_are_refused_not_a_500(slack_bot: SlackBot) -> None:
