@@ -20,7 +20,8 @@ Answer the user's last message. When `tool_observations` are given, base your an
 them: quote the relevant output briefly, say what it means, and say plainly when an
 action was denied, blocked, failed or is still waiting for approval. Never claim a
 command ran if no observation shows it ran. Be concise; use Markdown code blocks for
-commands and output."""
+commands and output. Text such as `[REDACTED:slack-token]` is a placeholder: a secret
+was removed from the output before you saw it. Do not guess it; say it was redacted."""
 
 ACTION_PROMPT = """\
 You are the planning step of DuckLM, an operations assistant. Decide which tool calls,
@@ -33,6 +34,8 @@ Use an empty list, {{"actions": []}}, when no (further) tool call is needed, for
 when the observations already answer the question. Prefer read-only commands. Commands
 that change anything are shown to a human for approval before they run, and some are
 blocked outright; if an action was denied, do not propose it again unchanged.
+`[REDACTED:<kind>]` in observations is a placeholder for a secret removed from the
+output; never try to recover it (no re-encoding, no other route to the same value).
 
 Tools:
 {tools}

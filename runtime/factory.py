@@ -11,6 +11,7 @@ from runtime.model import ModelClient
 from runtime.settings import Settings
 from runtime.store import Stores, open_stores
 from runtime.tools.gateway import ToolGateway
+from runtime.tools.redaction import Redactor
 
 
 @dataclass
@@ -20,6 +21,14 @@ class Runtime:
     approvals: ApprovalService
     model: ModelClient | None
     loop: RuntimeLoop
+
+    @property
+    def redactor(self) -> Redactor:
+        """The process's one Redactor (shared by the loop and every gateway).
+        A platform that learns a credential at run time, such as the access
+        token a Matrix login returns, adds it: `runtime.redactor.add_literal(
+        token, "matrix-access-token")`."""
+        return self.loop.redactor
 
     async def close(self) -> None:
         if self.model is not None:
@@ -32,6 +41,8 @@ async def build_runtime(settings: Settings) -> Runtime:
     try:
         approvals = ApprovalService.from_stores(stores, ttl=settings.approval_ttl)
         model = ModelClient.from_settings(settings) if settings.model_configured else None
+        # Every credential field of Settings, matched literally in all output.
+        redactor = Redactor.from_settings(settings)
         loop = RuntimeLoop(
             stores.tasks,
             stores.events,
@@ -42,8 +53,10 @@ async def build_runtime(settings: Settings) -> Runtime:
                 ToolGateway.default,
                 shell_timeout=settings.shell_timeout,
                 shell_max_output=settings.shell_max_output,
+                redactor=redactor,
             ),
             default_workspace=str(settings.workspace),
+            redactor=redactor,
         )
     except BaseException:
         await stores.close()

@@ -40,6 +40,7 @@ from runtime.store import EventStore, TaskStore
 from runtime.store.models import Approval, Event, Task
 from runtime.tools.base import ToolArgumentError, ToolResult
 from runtime.tools.gateway import ToolGateway, normalize_action
+from runtime.tools.redaction import COUNT_KEY, Redactor
 
 logger = logging.getLogger("ducklm.runtime")
 
@@ -69,21 +70,38 @@ class PendingApproval:
     model_reason: str | None  # why the model wants it
     requested_by: str | None
     expires_at: datetime | None
+    # Secrets replaced in what the card shows (command, reasons). The stored
+    # action is untouched: approving runs the command as the model wrote it.
+    redacted: int = 0
 
     @classmethod
-    def from_approval(cls, approval: Approval) -> PendingApproval:
+    def from_approval(cls, approval: Approval, redactor: Redactor | None = None) -> PendingApproval:
+        command, reason = approval.command, approval.reason
+        model_reason = approval.action.get("reason")
+        redacted = 0
+        if redactor is not None:
+            (command, reason, model_reason), redacted, _ = redactor.redact_value(
+                (command, reason, model_reason)
+            )
+            if redacted:
+                reason = (
+                    f"{reason or 'it may change something'} (note: {redacted} secret "
+                    "value(s) in this request are shown as [REDACTED:…]; approving runs "
+                    "the command with the real value)"
+                )
         return cls(
             approval_id=approval.approval_id,
             task_id=approval.task_id,
             index=approval.index,
             tool=approval.tool,
-            command=approval.command,
-            reason=approval.reason,
+            command=command,
+            reason=reason,
             risk_level=approval.risk_level,
             action_type=approval.action_type,
-            model_reason=approval.action.get("reason"),
+            model_reason=model_reason,
             requested_by=approval.requested_by,
             expires_at=approval.expires_at,
+            redacted=redacted,
         )
 
 
@@ -140,6 +158,7 @@ class RuntimeLoop:
         *,
         gateway_factory: GatewayFactory | None = None,
         default_workspace: str = ".",
+        redactor: Redactor | None = None,
     ) -> None:
         self.task_store = task_store
         self.event_store = event_store
@@ -147,7 +166,13 @@ class RuntimeLoop:
         self.approval_service = approval_service
         self.max_tool_iterations = max_tool_iterations
         self.default_workspace = default_workspace
-        self._gateway_factory: GatewayFactory = gateway_factory or partial(ToolGateway.default)
+        # Secrets are kept out of every event, answer and card this loop writes
+        # (tool results are already redacted by the gateway). Share it with the
+        # gateways so credentials learnt at run time apply everywhere.
+        self.redactor = redactor if redactor is not None else Redactor()
+        self._gateway_factory: GatewayFactory = gateway_factory or partial(
+            ToolGateway.default, redactor=self.redactor
+        )
         self._gateways: dict[str, ToolGateway] = {}
         self.context_builder = context_builder or ContextBuilder(
             self._gateway(default_workspace).specs()
@@ -210,7 +235,7 @@ class RuntimeLoop:
                 task_id,
                 "waiting_for_approval",
                 WAITING_TEXT,
-                pending_approval=PendingApproval.from_approval(approval),
+                pending_approval=PendingApproval.from_approval(approval, self.redactor),
             )
         if approval.decision == "expired":
             return ChatResult(task_id, task.status, "This approval expired before anyone answered.")
@@ -306,7 +331,9 @@ class RuntimeLoop:
         waiting = await self._wait_if_pending(task, observations, direct=True)
         if waiting is not None:
             return waiting
-        return await self._finish(task, format_direct_result(command, observations[-1]))
+        return await self._finish(
+            task, format_direct_result(command, observations[-1]), observations=observations
+        )
 
     async def _resume(self, task: Task, approval: Approval, state: _WaitingState) -> ChatResult:
         decided = await self._run_decided(task, approval)
@@ -317,7 +344,9 @@ class RuntimeLoop:
         observations.sort(key=lambda o: o.get("index", 0))
         if state.direct:
             return await self._finish(
-                task, format_direct_result(approval.command or task.message, decided)
+                task,
+                format_direct_result(approval.command or task.message, decided),
+                observations=observations,
             )
         return await self._model_turn(task, observations)
 
@@ -367,7 +396,9 @@ class RuntimeLoop:
         response = await self._call_model(
             task.task_id, "thinker", self.context_builder.with_observations(messages, observations)
         )
-        return await self._finish(task, response.content, response.reasoning_content)
+        return await self._finish(
+            task, response.content, response.reasoning_content, observations=observations
+        )
 
     async def _call_model(
         self, task_id: str, role: str, messages: list[dict[str, str]]
@@ -445,7 +476,8 @@ class RuntimeLoop:
                 task.task_id,
                 action,
                 index=index,
-                command=_command_of(action, payload),
+                # From the action, never the (redacted) result: rules are made from it.
+                command=_command_of(action, {}),
                 risk_level=result.metadata.get("risk_level"),
                 action_type=result.metadata.get("action_type"),
                 reason=result.metadata.get("reason"),
@@ -575,12 +607,22 @@ class RuntimeLoop:
             task.task_id,
             "waiting_for_approval",
             WAITING_TEXT,
-            pending_approval=PendingApproval.from_approval(approval) if approval else None,
+            pending_approval=PendingApproval.from_approval(approval, self.redactor)
+            if approval
+            else None,
         )
 
     async def _finish(
-        self, task: Task, final_response: str, reasoning_content: str | None = None
+        self,
+        task: Task,
+        final_response: str,
+        reasoning_content: str | None = None,
+        *,
+        observations: list[dict[str, Any]] | None = None,
     ) -> ChatResult:
+        final_response = self._redacted_answer(final_response, observations or [])
+        if reasoning_content:
+            reasoning_content = self.redactor.redact(reasoning_content).text
         await self._write(
             task.task_id,
             partial(self.task_store.complete_task, task.task_id, final_response),
@@ -592,6 +634,7 @@ class RuntimeLoop:
         return ChatResult(task.task_id, "completed", final_response, reasoning_content)
 
     async def _fail(self, task_id: str, error: str) -> ChatResult:
+        error = self.redactor.redact(error).text
         await self._write(
             task_id,
             partial(self.task_store.fail_task, task_id, error),
@@ -623,8 +666,28 @@ class RuntimeLoop:
         db = self.task_store.db
         return db.transaction() if db is self.event_store.db else nullcontext()
 
+    def _redacted_answer(self, answer: str, observations: list[dict[str, Any]]) -> str:
+        """The answer with secrets replaced (a user can paste a token, a model can
+        echo one), and one line saying so when anything the task saw or said was
+        redacted: a reader must know the placeholders are not the real output."""
+        seen = sum(
+            int(((o.get("result") or {}).get("metadata") or {}).get(COUNT_KEY) or 0)
+            for o in observations
+        )
+        found = self.redactor.redact(answer)
+        notes = []
+        if seen:
+            notes.append(f"({seen} secret value(s) in tool output were redacted.)")
+        if found.count:
+            notes.append(f"({found.count} secret value(s) in this answer were redacted.)")
+        return "\n\n".join([found.text, *notes]) if notes else found.text
+
     def _record(self, task_id: str, event_type: str, payload: dict[str, Any]) -> None:
-        """Note an event now; it is written with the task's next write."""
+        """Note an event now; it is written with the task's next write. Its payload
+        is redacted first: the audit log never holds a secret, even one the user
+        or the model typed into a command (the stored approval keeps the real
+        action, which is what runs)."""
+        payload, _, _ = self.redactor.redact_value(payload)
         self._unwritten.setdefault(task_id, []).append((event_type, payload, time.time()))
 
     async def _flush(self, task_id: str) -> None:

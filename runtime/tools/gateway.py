@@ -13,6 +13,7 @@ from typing import Any
 
 from runtime.tools.base import Assessment, Tool, ToolArgumentError, ToolResult
 from runtime.tools.files import ListDirTool, ReadFileTool
+from runtime.tools.redaction import Redactor
 from runtime.tools.shell import ShellTool
 
 logger = logging.getLogger("ducklm.tools")
@@ -41,8 +42,10 @@ def _assessment_metadata(assessment: Assessment) -> dict[str, Any]:
 
 
 class ToolGateway:
-    def __init__(self, tools: Iterable[Tool]) -> None:
+    def __init__(self, tools: Iterable[Tool], *, redactor: Redactor | None = None) -> None:
         self.tools: dict[str, Tool] = {tool.name: tool for tool in tools}
+        # Without the bot's credentials it still redacts well-known secret formats.
+        self.redactor = redactor if redactor is not None else Redactor()
 
     @classmethod
     def default(
@@ -51,6 +54,7 @@ class ToolGateway:
         *,
         shell_timeout: float = 60.0,
         shell_max_output: int = 64 * 1024,
+        redactor: Redactor | None = None,
     ) -> ToolGateway:
         root = Path(workspace)
         return cls(
@@ -58,7 +62,8 @@ class ToolGateway:
                 ShellTool(root, timeout=shell_timeout, max_output=shell_max_output),
                 ReadFileTool(root),
                 ListDirTool(root),
-            ]
+            ],
+            redactor=redactor,
         )
 
     def specs(self) -> list[dict[str, Any]]:
@@ -87,7 +92,15 @@ class ToolGateway:
 
         Results that stop before running carry `pending_approval` (a person must
         decide) or `blocked` (nobody can) in their metadata.
+
+        Every result leaves redacted (output, error and metadata; the metadata
+        says `redacted: <count>` and the kinds): this is the one door between a
+        tool and what the loop records, shows the model and returns to chat.
+        The action itself is never altered.
         """
+        return self.redactor.redact_result(await self._run_action(action, approved))
+
+    async def _run_action(self, action: Any, approved: bool) -> ToolResult:
         try:
             normalized = normalize_action(action)
             tool, assessment = self.assess(normalized)
