@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
+from runtime.approvals import ApprovalError
+from runtime.factory import Runtime, build_runtime
 from runtime.tools.shell_rules import (
     describe_rule,
     normalize_command,
@@ -13,6 +18,9 @@ from runtime.tools.shell_rules import (
     rule_for_command,
     validate_rule,
 )
+from tests.conftest import make_settings
+
+SHELL = "shell_exec_safe"
 
 
 @dataclass
@@ -593,3 +601,199 @@ def test_exact_rule_for_a_compound_command() -> None:
     assert not rule_covers("cd app && git pull && make build && make deploy", rules)
     assert not rule_covers("git pull && make build", rules)
     assert not rule_covers("cd app && git pull", rules)
+
+
+# -- real runs: the loop, the gateway, the store, real processes ---------------
+
+
+@pytest.fixture
+async def rt(tmp_path: Path, clean_env: None):  # type: ignore[no-untyped-def]
+    runtime = await build_runtime(make_settings(tmp_path))
+    try:
+        yield runtime
+    finally:
+        await runtime.close()
+
+
+async def audit_of(rt: Runtime, task_id: str) -> dict:
+    events = await rt.stores.events.list_events(task_id)
+    return next(e.payload for e in events if e.event_type == "command_audit")
+
+
+async def test_an_uncovered_suffix_comes_back_pending_and_nothing_runs(
+    rt: Runtime, tmp_path: Path
+) -> None:
+    ws = rt.settings.workspace
+    (ws / "build").mkdir()
+    (ws / "build" / "keep.o").write_text("x")
+    (ws / "dist").mkdir()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("precious")
+    (tmp_path / "build").mkdir()  # what `cd .. && rm -rf build` would remove
+    await rt.approvals.add_rule(SHELL, "prefix", "rm -rf build", "test:admin")
+
+    attacks = [
+        "rm -rf build ../other",
+        f"rm -rf build {other}",
+        "rm -rf build ~/nothing-here",
+        "rm -rf build *",
+        "rm -rf build $(touch pwned)",
+        "rm -rf build `touch pwned`",
+        "rm -rf build; touch pwned",
+        "rm -rf build && touch pwned",
+        "rm -rf build | tee pwned",
+        "rm -rf build\ntouch pwned".replace("\\n", "\n"),
+        "rm -rf build > pwned",
+        "FOO=1 rm -rf build",
+        "rm -rf build --interactive=never ../other",
+        "cd .. && rm -rf build",
+        "cd .. ; rm -rf build other",
+    ]
+    for command in attacks:
+        result = await rt.loop.run_command(command, requested_by="test:mallory")
+        assert result.status == "waiting_for_approval", (command, result.final_response)
+        assert result.pending_approval is not None
+    assert (other / "keep.txt").read_text() == "precious"
+    assert (ws / "build" / "keep.o").exists() and (tmp_path / "build").is_dir()
+    assert not (ws / "pwned").exists() and not (tmp_path / "pwned").exists()
+
+    # What the rule does cover runs at once, approved by the rule.
+    covered = await rt.loop.run_command("rm -rf build dist")
+    assert covered.status == "completed", covered.final_response
+    assert not (ws / "build").exists() and not (ws / "dist").exists()
+    assert (await audit_of(rt, covered.task_id))["approved_by"] == "rule"
+    assert (other / "keep.txt").exists() and (tmp_path / "build").is_dir()
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@example.org", *args],
+        cwd=cwd,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+
+
+@pytest.fixture
+def repo(rt: Runtime, tmp_path: Path) -> Path:
+    """The workspace as a clone of a local origin with one commit to pull."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    git(origin, "init", "-q", "-b", "main")
+    (origin / "README.md").write_text("one\n")
+    git(origin, "add", "README.md")
+    git(origin, "commit", "-q", "-m", "one")
+    ws = rt.settings.workspace
+    git(tmp_path, "clone", "-q", str(origin), str(ws))
+    (origin / "README.md").write_text("two\n")
+    git(origin, "commit", "-q", "-am", "two")
+    return ws
+
+
+async def test_git_pull_rule_does_not_cover_upload_pack(
+    rt: Runtime, repo: Path, tmp_path: Path
+) -> None:
+    canary = tmp_path / "upload-pack-ran"
+    await rt.approvals.add_rule(SHELL, "prefix", "git pull", "test:admin")
+    for command in (
+        f"git pull --upload-pack='touch {canary}; git-upload-pack'",
+        f"git pull --upload-p='touch {canary}; git-upload-pack'",
+        f"git pull '--upload-pack'='touch {canary}; git-upload-pack' origin",
+        f"git -c core.sshCommand='touch {canary}' pull",
+        f"GIT_SSH_COMMAND='touch {canary}' git pull",
+        f"git pull origin main; touch {canary}",
+    ):
+        result = await rt.loop.run_command(command)
+        assert result.status == "waiting_for_approval", (command, result.final_response)
+    assert not canary.exists()
+    assert (repo / "README.md").read_text() == "one\n"
+
+    pulled = await rt.loop.run_command("git pull")
+    assert pulled.status == "completed", pulled.final_response
+    assert (await audit_of(rt, pulled.task_id))["approved_by"] == "rule"
+    assert (repo / "README.md").read_text() == "two\n"
+
+
+async def test_a_rule_approved_command_gets_the_unasked_hardening(
+    rt: Runtime, repo: Path, tmp_path: Path
+) -> None:
+    # The repository names a filesystem monitor that writes a canary: git runs
+    # it on `git add`, unless the command runs with the hardening (no fsmonitor,
+    # no pager) that unasked commands get.
+    canary = tmp_path / "fsmonitor-ran"
+    hook = tmp_path / "fsmonitor.sh"
+    hook.write_text(f"#!/bin/sh\ntouch {canary}\n")
+    hook.chmod(0o755)
+    git(repo, "config", "core.fsmonitor", str(hook))
+    git(repo, "config", "core.pager", f"touch {canary}; cat")
+    (repo / "notes.txt").write_text("n\n")
+    await rt.approvals.add_rule(SHELL, "prefix", "git add", "test:admin")
+
+    result = await rt.loop.run_command("git add notes.txt")
+    assert result.status == "completed", result.final_response
+    audit = await audit_of(rt, result.task_id)
+    assert audit["approved_by"] == "rule" and audit["ok"], audit
+    assert "notes.txt" in git(repo, "diff", "--cached", "--name-only")
+    assert not canary.exists(), "a rule-approved git command ran the repository's fsmonitor"
+
+
+async def test_always_makes_an_exact_rule_that_keeps_its_cd(rt: Runtime, tmp_path: Path) -> None:
+    ws = rt.settings.workspace
+    first = await rt.loop.run_command("touch made.txt")
+    assert first.status == "waiting_for_approval" and first.pending_approval
+    outcome = await rt.approvals.decide(first.pending_approval.approval_id, "always", "test:bob")
+    assert outcome.rule is not None
+    assert (outcome.rule.kind, outcome.rule.pattern) == ("exact", "touch made.txt")
+    await rt.loop.continue_after_approval(first.task_id, first.pending_approval.approval_id)
+    assert (ws / "made.txt").exists()
+
+    for command in ("cd .. && touch made.txt", "touch made.txt ../made.txt", "touch made.txt x"):
+        result = await rt.loop.run_command(command)
+        assert result.status == "waiting_for_approval", command
+    assert not (tmp_path / "made.txt").exists() and not (ws / "x").exists()
+    again = await rt.loop.run_command("touch  'made.txt' && ls")
+    assert again.status == "completed"
+
+
+async def test_always_on_a_shell_string_allows_that_string_only(rt: Runtime) -> None:
+    ws = rt.settings.workspace
+    first = await rt.loop.run_command("bash -lc 'touch a.txt'")
+    assert first.status == "waiting_for_approval" and first.pending_approval
+    outcome = await rt.approvals.decide(first.pending_approval.approval_id, "always", "test:bob")
+    assert outcome.rule is not None and outcome.rule.kind == "exact"
+    result = await rt.loop.run_command("bash -lc 'touch b.txt'")
+    assert result.status == "waiting_for_approval"
+    assert not (ws / "b.txt").exists()
+
+
+async def test_rules_add_refuses_with_the_reason_and_stores_nothing(rt: Runtime) -> None:
+    from bot import commands as c
+    from bot.admin import Actor, CommandRunner
+
+    for pattern, why in [
+        ("bash -lc", "code flag"),
+        ("sudo -u deploy", "nothing specific"),
+        ("kubectl exec", "inside a pod"),
+        ("ssh web-1", "another machine"),
+    ]:
+        with pytest.raises(ApprovalError, match="refused") as refused:
+            await rt.approvals.add_rule(SHELL, "prefix", pattern, "test:admin")
+        assert why in str(refused.value)
+    assert await rt.approvals.list_rules(include_revoked=True) == []
+
+    # `/duck rules add` in chat (and `ducklm rules add`, which runs the same
+    # command) shows that reason as it is.
+    runner = CommandRunner(rt.stores.tasks, rt.stores.events, rt.approvals)
+    admin = Actor("test:admin", is_admin=True)
+    reply = await runner.execute(c.RulesAdd("prefix", "python3 -c"), admin)
+    assert reply.startswith("Rule not added: Invalid rule:"), reply
+    assert "would allow arbitrary code" in reply and "code flag" in reply
+    assert "make an exact rule" in reply
+    reply = await runner.execute(c.RulesAdd("prefix", "rm -rf build"), admin)
+    assert reply.startswith("Added rule"), reply
+    assert [r.pattern for r in await rt.approvals.list_rules()] == ["rm -rf build"]
