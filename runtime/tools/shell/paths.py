@@ -14,7 +14,16 @@ import os
 import posixpath
 import re
 
-from runtime.tools.secrets import SECRET_DIR_PAIRS, SECRET_DIRS, SECRET_NAMES, SECRET_SAMPLES
+from runtime.tools.secrets import (
+    SECRET_DIR_PAIRS,
+    SECRET_DIR_PATTERNS,
+    SECRET_DIRS,
+    SECRET_NAMES,
+    SECRET_PATH_SAMPLES,
+    SECRET_ROOTS,
+    SECRET_SAMPLES,
+    SYSTEM_SECRETS,
+)
 
 # Deleting, moving or recursively re-permissioning any of these wipes the system.
 PROTECTED_PATHS = frozenset(
@@ -53,6 +62,11 @@ PROC_SAFE_LEAVES = frozenset(
 )  # fmt: skip
 
 
+# Parts of /proc/<pid> that open another process's memory, files or environment.
+_PROC_DOORS = frozenset(
+    {"environ", "fd", "fdinfo", "mem", "root", "cwd", "map_files", "exe", "kcore", "pagemap",
+     "maps", "smaps", "auxv", "syscall", "personality"}
+)  # fmt: skip
 _GLOB_CHARS = frozenset("*?[")
 _HOME = os.path.expanduser("~")
 
@@ -159,14 +173,52 @@ def is_critical_file(word: str) -> bool:
     return False
 
 
+def glob_component_matches(name: str, pattern: str) -> bool:
+    """Whether bash would match one path component `name` with `pattern`.
+
+    Unlike fnmatch, a leading `.` must be matched literally (bash's default,
+    no dotglob): `*` does not reach `.env`, `.*` does.
+    """
+    if name.startswith(".") and not pattern.startswith("."):
+        return False
+    return fnmatch.fnmatchcase(name, pattern)
+
+
 def _could_match_secret(component: str) -> bool:
     """A literal component that is a secret name, or a glob that could reach one."""
     if _has_glob(component):
-        if not component.strip("*?[]!^.-"):
-            # `*`, `*.*`, `.*`: too broad to name a secret (a known limit: see docs).
+        if not component.strip("*"):
+            # `*` alone: every file, so no particular secret; whole paths are
+            # matched against the known secret paths instead (`/etc/*`), and the
+            # sandbox hides the rest (a known limit: see docs).
             return False
-        return any(fnmatch.fnmatchcase(s, component) for s in SECRET_SAMPLES)
-    return any(fnmatch.fnmatchcase(component, pat) for pat in SECRET_NAMES)
+        if not component.strip("*?[]!^"):
+            return True  # `????`, `?*`: only the length is known, any short name fits
+        return any(glob_component_matches(s, component) for s in SECRET_SAMPLES) or any(
+            glob_component_matches(s, component) for s in SECRET_DIRS
+        )
+    return any(fnmatch.fnmatchcase(component, pat) for pat in SECRET_NAMES) or any(
+        fnmatch.fnmatchcase(component, pat) for pat in SECRET_DIR_PATTERNS
+    )
+
+
+def _glob_reaches_secret_path(path: str) -> bool:
+    """Whether an absolute (or `~`) path glob could match a known secret path."""
+    parts = path.split("/")
+    for sample in SECRET_PATH_SAMPLES:
+        sample_parts = sample.split("/")
+        if len(sample_parts) != len(parts):
+            continue  # recursive reads below a glob are the sandbox's to stop
+        if all(
+            glob_component_matches(name, pat) if _has_glob(pat) else name == pat
+            for name, pat in zip(sample_parts, parts, strict=False)
+        ):
+            return True
+    return False
+
+
+def _under(path: str, roots: tuple[str, ...] | frozenset[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
 
 
 # A second net for paths embedded in larger arguments (`load("/etc/shadow")`,
@@ -198,6 +250,20 @@ def _secret_path_reason(word: str) -> str | None:
     if not word or word == "-":
         return None
     path = canonical_path(word) or word
+    if not path.startswith(("/", "~")) and _escapes(path):
+        # `../../proc/1/mem` from the workspace: how far up the climb ends is not
+        # known, so judge the rest as if it reached `/`.
+        rest = [p for p in path.split("/") if p not in ("", ".", "..")]
+        climbed = "/" + "/".join(rest)
+        if climbed != "/" and _secret_path_reason(climbed):
+            return f"`{word}` climbs out of the workspace to a secret location"
+    if path.startswith(("/", "~")):
+        if _under(path, SECRET_ROOTS) or _under(
+            path, tuple(p for p in SYSTEM_SECRETS if not _has_glob(p))
+        ):
+            return f"`{word}` is a secret location"
+        if _has_glob(path) and _glob_reaches_secret_path(path):
+            return f"`{word}` could match a secret location"
     if is_disk(path) and path.startswith("/dev/"):
         return f"`{word}` is a raw disk device"
     if path in ("/dev/mem", "/dev/kmem", "/dev/port"):
@@ -207,7 +273,7 @@ def _secret_path_reason(word: str) -> str | None:
         if not parts or _has_glob(path):
             return f"`{word}` may reach other processes' environments"
         leaf_ok = parts[-1] in PROC_SAFE_LEAVES or parts[0] in ("net", "sys", "pressure")
-        if not leaf_ok or "environ" in parts or "fd" in parts or "mem" in parts:
+        if not leaf_ok or _PROC_DOORS.intersection(parts):
             return f"`{word}` may expose a process's secrets"
     components = [c for c in re.split(r"[/:,]", path) if c]
     for i, comp in enumerate(components):

@@ -18,10 +18,15 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from runtime.tools.shell.options import getopt
+from runtime.tools.shell.options import Opts, getopt, has_flag
+from runtime.tools.shell.verdict import Verdict
 
 # A shape gets an option's value and returns why it is not allowed, or None.
 Shape = Callable[[str], str | None]
+# A language check gets argv and its parsed options, and judges what the
+# options and operands say beyond their shapes (a sed script, a find
+# expression): None when read-only, else the Verdict that needs approval.
+Language = Callable[[Sequence[str], Opts], Verdict | None]
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,22 @@ class Spec:
     operand: Shape | None = None  # every operand must have this shape (None: any word)
     stop_at_positional: bool = False
     long_abbrev: bool = True
+    # options taking two words (jq's `--arg NAME VALUE`); the shape judges the second
+    pairs: Mapping[str, Shape] = field(default_factory=dict)
+    # `-20` means this option with the value 20 (`head -20` is `head -n 20`)
+    numeric: str | None = None
+    numbers_are_operands: bool = False  # `seq -5 5`
+    lenient: bool = False  # unknown options are printed, not parsed (`echo -x`)
+    # exact words read as another option (xxd's `-cols` is `-c`)
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    # Whether a glob operand may be left unguarded by `--`: true only when no
+    # option of the real program (listed or not) can write, run a program or
+    # reach the network, so a file named like an option does no harm.
+    glob_safe: bool = False
+    language: Language | None = None
+    # Options left out on purpose, with the verdict that says why (`sed -i`
+    # writes): only the reason and risk of the approval, never a permission.
+    dangers: Mapping[str, Verdict] = field(default_factory=dict)
 
 
 def spec(
@@ -47,6 +68,14 @@ def spec(
     operand: Shape | None = None,
     stop_at_positional: bool = False,
     long_abbrev: bool = True,
+    pairs: Mapping[str, Shape] | None = None,
+    numeric: str | None = None,
+    numbers_are_operands: bool = False,
+    lenient: bool = False,
+    aliases: Mapping[str, str] | None = None,
+    glob_safe: bool = False,
+    language: Language | None = None,
+    dangers: Mapping[str, Verdict] | None = None,
 ) -> Spec:
     """A `Spec` with its flags written as one string: `spec("-a -l --all", {"-n": NUM})`."""
     return Spec(
@@ -57,6 +86,14 @@ def spec(
         operand=operand,
         stop_at_positional=stop_at_positional,
         long_abbrev=long_abbrev,
+        pairs=dict(pairs or {}),
+        numeric=numeric,
+        numbers_are_operands=numbers_are_operands,
+        lenient=lenient,
+        aliases=dict(aliases or {}),
+        glob_safe=glob_safe,
+        language=language,
+        dangers=dict(dangers or {}),
     )
 
 
@@ -65,20 +102,76 @@ def with_values(shape: Shape, names: str) -> dict[str, Shape]:
     return {name: shape for name in names.split()}
 
 
-def check(name: str, s: Spec, argv: Sequence[str]) -> str | None:
-    """Why this call of `name` is outside its allow-list, or None when every part is listed."""
-    opts = getopt(
-        argv,
+def normalize(s: Spec, argv: Sequence[str]) -> list[str]:
+    """argv with the spec's aliases and numeric options (`-20`) spelled the ordinary way.
+
+    Indices stay the same (one word in, one word out), so `Opts.positionals`
+    still point into the caller's argv.
+    """
+    if not s.aliases and s.numeric is None:
+        return list(argv)
+    out = [argv[0]] if argv else []
+    done = False
+    for word in argv[1:]:
+        if not done and word == "--":
+            done = True
+        elif not done and word in s.aliases:
+            word = s.aliases[word]
+        elif not done and s.numeric and _NUMERIC.fullmatch(word):
+            word = s.numeric + ("=" if s.numeric.startswith("--") else "") + word[1:]
+        out.append(word)
+    return out
+
+
+_NUMERIC = re.compile(r"-[0-9]+")
+
+
+def parse(s: Spec, argv: Sequence[str]) -> Opts:
+    """argv parsed against the spec (unknown options set `error`)."""
+    return getopt(
+        normalize(s, argv),
         flags=s.flags,
         values=tuple(s.values),
         optional=tuple(s.optional),
         stop_at_positional=s.stop_at_positional,
         long_abbrev=s.long_abbrev,
+        pairs=tuple(s.pairs),
+        numbers_are_operands=s.numbers_are_operands,
+        lenient=s.lenient,
     )
+
+
+def check(name: str, s: Spec, argv: Sequence[str]) -> str | None:
+    """Why this call of `name` is outside its allow-list, or None when every part is listed."""
+    return _check_parsed(name, s, argv, parse(s, argv))
+
+
+def judge(name: str, s: Spec, argv: Sequence[str]) -> Verdict | None:
+    """The allow-list and the spec's language check together: None when read-only.
+
+    An option outside the list needs approval as a `medium` unknown: it may be
+    harmless, but nobody has looked at it.
+    """
+    opts = parse(s, argv)
+    problem = _check_parsed(name, s, argv, opts)
+    if problem:
+        for option, verdict in s.dangers.items():
+            long = option.startswith("--")
+            if has_flag(argv, "" if long else option[1:], {option} if long else set()):
+                return verdict
+        return Verdict(
+            "unknown", "medium", f"{problem[:1].upper()}{problem[1:]}; it needs approval."
+        )
+    if s.language is not None:
+        return s.language(argv, opts)
+    return None
+
+
+def _check_parsed(name: str, s: Spec, argv: Sequence[str], opts: Opts) -> str | None:
     if opts.error:
         return f"`{name}` with an {opts.error}"
     for option, value in opts.options:
-        shape = s.values.get(option) or s.optional.get(option)
+        shape = s.values.get(option) or s.optional.get(option) or s.pairs.get(option)
         if shape is None or value is None:
             continue
         problem = shape(value)
