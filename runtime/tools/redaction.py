@@ -50,7 +50,6 @@ from detect_secrets.plugins.discord import DiscordBotTokenDetector
 from detect_secrets.plugins.github_token import GitHubTokenDetector
 from detect_secrets.plugins.gitlab_token import GitLabTokenDetector
 from detect_secrets.plugins.jwt import JwtTokenDetector
-from detect_secrets.plugins.mailchimp import MailchimpDetector
 from detect_secrets.plugins.npm import NpmDetector
 from detect_secrets.plugins.openai import OpenAIDetector
 from detect_secrets.plugins.private_key import PrivateKeyDetector
@@ -92,9 +91,17 @@ class _Pattern:
     # the reader *what* was hidden: `https://deploy:[REDACTED:basic-auth]@host`.
     group: int = 0
     # A literal the pattern cannot match without; the regex runs only when it
-    # occurs (lower-cased text when `fold`). None: always run.
+    # occurs. None: always run.
     trigger: str | None = None
+    # Case-insensitive patterns run case-sensitively on a lower-cased copy of
+    # the text (same length, so the same positions): Python's IGNORECASE
+    # search is several times slower. `trigger` is then lower case too.
     fold: bool = False
+
+    def __post_init__(self) -> None:
+        if self.fold:
+            folded = re.compile(self.regex.pattern, self.regex.flags & ~re.IGNORECASE)
+            object.__setattr__(self, "regex", folded)
 
 
 def _jwt_span(text: str, start: int, end: int) -> int | None:
@@ -119,9 +126,9 @@ _BLOCK_END = {
     "BEGIN PGP PRIVATE KEY BLOCK": re.compile(r"-----END PGP PRIVATE KEY BLOCK-----"),
 }
 _PEM_END = re.compile(r"-----END [A-Z0-9 ]*PRIVATE KEY-----")
-_PEM_HEADERS = re.compile(
-    "|".join(f"(?:-----)?{p.pattern}(?:-----)?" for p in PrivateKeyDetector.denylist)
-)
+_PEM_HEADERS = re.compile("|".join(p.pattern for p in PrivateKeyDetector.denylist))
+# Where a header can start: each detect-secrets header begins with one of these.
+_HEADER_STARTS = ("BEGIN ", "PuTTY-User-Key-File-")
 
 
 def _plugin(detector: type, index: int = 0) -> re.Pattern[str]:
@@ -139,6 +146,9 @@ _KEYWORD_FORWARD: tuple[tuple[re.Pattern[str], int], ...] = tuple(
 # `"value" == password`: the keyword comes after the value.
 _KEYWORD_COMPARED = ds_keyword.PRECEDED_BY_EQUAL_COMPARISON_SIGNS_QUOTES_REQUIRED_REGEX
 _KEYWORD_START = re.compile(ds_keyword.DENYLIST_REGEX)
+# What must follow a keyword for any forward pattern to match: closing quotes
+# or brackets, spaces, then `:`, `=` or `!=`.
+_ASSIGNED = re.compile(r"""[]'"]{0,2}\s*[:=!]""")
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 _PATTERNS: tuple[_Pattern, ...] = (
@@ -155,7 +165,7 @@ _PATTERNS: tuple[_Pattern, ...] = (
     ),
     # Chat and forge tokens.
     _Pattern("slack-token", _plugin(SlackDetector, 0), trigger="xox", fold=True),
-    _Pattern("slack-webhook", _plugin(SlackDetector, 1), trigger="hooks.slack.com", fold=True),
+    _Pattern("slack-webhook", _plugin(SlackDetector, 1), trigger="hooks.slack.com"),
     # App-level (xapp-) and rotating (xoxe) tokens, which SlackDetector does not know.
     _Pattern("slack-token", re.compile(r"xapp-\d+-[A-Za-z0-9-]{10,}"), trigger="xapp-"),
     _Pattern(
@@ -179,7 +189,6 @@ _PATTERNS: tuple[_Pattern, ...] = (
     _Pattern("stripe-key", _plugin(StripeDetector), trigger="k_live_"),
     *(_Pattern("twilio-key", p) for p in TwilioKeyDetector.denylist),
     _Pattern("sendgrid-key", _plugin(SendGridDetector), trigger="SG."),
-    _Pattern("mailchimp-key", _plugin(MailchimpDetector), trigger="-us"),
     _Pattern("square-secret", _plugin(SquareOAuthDetector), trigger="sq0csp-"),
     _Pattern("npm-token", _plugin(NpmDetector), group=1, trigger="_authToken"),
     _Pattern("pypi-token", _plugin(PypiTokenDetector, 0), trigger="pypi-"),
@@ -191,9 +200,8 @@ _PATTERNS: tuple[_Pattern, ...] = (
     _Pattern(
         "authorization",
         re.compile(
-            r"\bauthorization\s*[:=]\s*[\"']?(?:bearer|basic|token|bot|apikey)\s+"
-            r"([A-Za-z0-9._~+/=-]{8,})",
-            re.IGNORECASE,
+            r"authorization\s*[:=]\s*[\"']?(?:bearer|basic|token|bot|apikey)\s+"
+            r"([a-z0-9._~+/=-]{8,})",
         ),
         group=1,
         trigger="authorization",
@@ -321,16 +329,12 @@ class Redactor:
             while start != -1:
                 spans.append((start, start + len(literal), kind))
                 start = text.find(literal, start + len(literal))
-        folded: str | None = None
+        folded = _lower(text)
         for pattern in _PATTERNS:
-            if pattern.trigger is not None:
-                if pattern.fold:
-                    folded = text.lower() if folded is None else folded
-                    if pattern.trigger not in folded:
-                        continue
-                elif pattern.trigger not in text:
-                    continue
-            for match in pattern.regex.finditer(text):
+            searched = folded if pattern.fold else text
+            if pattern.trigger is not None and pattern.trigger not in searched:
+                continue
+            for match in pattern.regex.finditer(searched):
                 start, end = match.span(pattern.group)
                 if start != end and start >= 0:
                     spans.append((start, end, pattern.kind))
@@ -340,7 +344,7 @@ class Redactor:
                 if end is not None:
                     spans.append((match.start(), end, _JWT.kind))
         spans.extend(_private_key_spans(text))
-        spans.extend(_keyword_spans(text))
+        spans.extend(_keyword_spans(text, folded))
         return spans
 
     # -- structures -----------------------------------------------------------
@@ -409,36 +413,60 @@ def _merge(spans: Iterable[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
     return merged
 
 
+def _lower(text: str) -> str:
+    """Lower case with every character at the same position. `str.lower` is
+    fast but can lengthen a few non-ASCII letters (İ); then only ASCII is folded."""
+    folded = text.lower()
+    return folded if len(folded) == len(text) else text.translate(_ASCII_LOWER)
+
+
 def _private_key_spans(text: str) -> list[tuple[int, int, str]]:
+    """Whole key blocks. The headers are found with `str.find` (a search with
+    detect-secrets' alternation of headers is slow on 64 KiB) and checked with
+    the plugin's patterns; the block starts at the header's dashes."""
     if "PRIVATE KEY" not in text and "PuTTY-User-Key-File" not in text:
         return []
-    spans = []
-    position = 0
-    while True:
-        header = _PEM_HEADERS.search(text, position)
-        if header is None:
-            return spans
-        ender = next(
-            (regex for name, regex in _BLOCK_END.items() if name in header.group(0)), _PEM_END
-        )
-        end = ender.search(text, header.end())
-        stop = end.end() if end else len(text)
-        spans.append((header.start(), stop, "private-key"))
-        position = stop
+    spans: list[tuple[int, int, str]] = []
+    for marker in _HEADER_STARTS:
+        position = text.find(marker)
+        while position != -1:
+            header = _PEM_HEADERS.match(text, position)
+            if header is None:
+                position = text.find(marker, position + 1)
+                continue
+            start = position
+            while start > 0 and text[start - 1] == "-" and position - start < 5:
+                start -= 1
+            ender = next(
+                (regex for name, regex in _BLOCK_END.items() if name in header.group(0)),
+                _PEM_END,
+            )
+            end = ender.search(text, header.end())
+            stop = end.end() if end else len(text)
+            spans.append((start, stop, "private-key"))
+            position = text.find(marker, stop)
+    return spans
 
 
-def _keyword_spans(text: str) -> list[tuple[int, int, str]]:
+def _keyword_spans(text: str, folded: str) -> list[tuple[int, int, str]]:
     """`password=…` and friends. detect-secrets' patterns are case-insensitive
     alternations, slow to search 64 KiB with; so the keywords are found first
-    in an ASCII-lower-cased copy (same length, so same positions) with a
+    in the lower-cased copy (same length, so same positions) with a
     case-sensitive search, and each pattern is then only tried at those places,
     bounded to the line (their value class would otherwise run across lines)."""
-    folded = text.translate(_ASCII_LOWER)
     spans: list[tuple[int, int, str]] = []
     for hit in _KEYWORD_START.finditer(folded):
-        line_start = text.rfind("\n", 0, hit.start()) + 1
         line_end = text.find("\n", hit.end())
         line_end = len(text) if line_end == -1 else line_end
+        line_start = text.rfind("\n", 0, hit.start()) + 1
+        if (
+            not _ASSIGNED.match(folded, hit.end(), line_end)
+            and ";" not in text[hit.end() : line_end]
+        ):
+            # "Failed password for …": no assignment follows the keyword. Every
+            # forward pattern needs one (or, in code, a quoted value and a `;`).
+            if "==" not in text[line_start:line_end]:
+                continue
         for regex, group in _KEYWORD_FORWARD:
             match = regex.match(text, hit.start(), line_end)
             if match is not None:
