@@ -459,7 +459,8 @@ class RuntimeLoop:
         observation: dict[str, Any] = {
             "index": index,
             "tool": tool,
-            "reason": action["reason"],
+            # The model sees its observations again: no secret in them either.
+            "reason": self._shown(action["reason"]),
             "result": payload,
         }
         if not result.metadata.get("pending_approval"):
@@ -540,10 +541,10 @@ class RuntimeLoop:
         return {
             "index": index,
             "tool": tool,
-            "reason": action.get("reason"),
+            "reason": self._shown(action.get("reason")),
             "decision": approval.decision,
             "decided_by": approval.decided_by,
-            "note": approval.decision_note,
+            "note": self._shown(approval.decision_note),
             "result": payload,
         }
 
@@ -666,6 +667,9 @@ class RuntimeLoop:
         db = self.task_store.db
         return db.transaction() if db is self.event_store.db else nullcontext()
 
+    def _shown(self, text: str | None) -> str | None:
+        return self.redactor.redact(text).text if text else text
+
     def _redacted_answer(self, answer: str, observations: list[dict[str, Any]]) -> str:
         """The answer with secrets replaced (a user can paste a token, a model can
         echo one), and one line saying so when anything the task saw or said was
@@ -710,7 +714,8 @@ class RuntimeLoop:
         events = [(kind, payload) for kind, payload, _ in recorded]
         times = [at for _, _, at in recorded]
         if last is not None:
-            events.append(last)
+            # Redacted like every recorded event (see `_record`).
+            events.append((last[0], self.redactor.redact_value(last[1])[0]))
             times.append(time.time())
         if status_change is None and not events:
             return
