@@ -426,7 +426,8 @@ async def test_approval_card_shows_redacted_command_but_runs_the_real_one(
 
     assert done.status == "completed", done.final_response
     assert (settings.workspace / "token.txt").read_text() == ghp
-    assert ghp not in json.dumps([e.payload for e in events])
+    leaked = [e.event_type for e in events if ghp in json.dumps(e.payload)]
+    assert not leaked, leaked
     started = [e.payload for e in events if e.event_type == "tool_call_started"]
     assert started[0]["args"]["command"] == "printf '%s' [REDACTED:github-token] > token.txt"
     assert ghp not in json.dumps([r.body for r in model_server.requests_for(THINKER)])
