@@ -12,6 +12,7 @@ from runtime.settings import Settings
 from runtime.store import Stores, open_stores
 from runtime.tools.gateway import ToolGateway
 from runtime.tools.redaction import Redactor
+from runtime.tools.shell.sandbox import SandboxConfig
 
 
 @dataclass
@@ -54,6 +55,7 @@ async def build_runtime(settings: Settings) -> Runtime:
                 shell_timeout=settings.shell_timeout,
                 shell_max_output=settings.shell_max_output,
                 redactor=redactor,
+                sandbox=SandboxConfig.from_settings(settings),
             ),
             default_workspace=str(settings.workspace),
             redactor=redactor,

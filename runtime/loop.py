@@ -579,8 +579,23 @@ class RuntimeLoop:
                 "timed_out": bool(metadata.get("timed_out")),
                 "truncated": bool(metadata.get("truncated")),
                 "reason": metadata.get("reason") or payload.get("error"),
+                "sandboxed": bool(metadata.get("sandboxed")),
+                "sandbox_profile": metadata.get("sandbox_profile"),
             },
         )
+        # What the sandbox stopped (best-effort detection, see shell/refusals.py).
+        if metadata.get("sandbox_refusals"):
+            self._record(
+                task_id,
+                "sandbox_refusal",
+                {
+                    "index": index,
+                    "command": _command_of(action, payload),
+                    "refused": list(metadata["sandbox_refusals"]),
+                    "sandbox_profile": metadata.get("sandbox_profile"),
+                    "returncode": metadata.get("returncode"),
+                },
+            )
 
     # -- endings ----------------------------------------------------------
 

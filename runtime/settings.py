@@ -57,6 +57,25 @@ class Settings(BaseSettings):
         default=64 * 1024, ge=1024, validation_alias="DUCKLM_SHELL_MAX_OUTPUT"
     )
 
+    # Sandbox (runtime/tools/shell/sandbox.py): `unasked` sandboxes every command
+    # nobody approved; `all` approved ones too (workspace writable); `off` none.
+    sandbox: str = Field(default="unasked", validation_alias="DUCKLM_SANDBOX")
+    bwrap: str = Field(default="bwrap", validation_alias="DUCKLM_BWRAP")
+    sandbox_cpu_seconds: int = Field(default=30, ge=1, validation_alias="DUCKLM_SANDBOX_CPU")
+    sandbox_memory: int = Field(
+        default=1 << 30, ge=16 << 20, validation_alias="DUCKLM_SANDBOX_MEMORY"
+    )
+    sandbox_file_size: int = Field(
+        default=1 << 30, ge=1 << 20, validation_alias="DUCKLM_SANDBOX_FILE_SIZE"
+    )
+    sandbox_processes: int = Field(default=256, ge=8, validation_alias="DUCKLM_SANDBOX_PROCESSES")
+    sandbox_open_files: int = Field(
+        default=1024, ge=64, validation_alias="DUCKLM_SANDBOX_OPEN_FILES"
+    )
+    sandbox_tmp_size: int = Field(
+        default=64 << 20, ge=1 << 20, validation_alias="DUCKLM_SANDBOX_TMP_SIZE"
+    )
+
     # Who may do what in chat
     approvers: Annotated[list[str], NoDecode] = Field(
         default_factory=list, validation_alias="DUCKLM_APPROVERS"
@@ -131,6 +150,28 @@ class Settings(BaseSettings):
     def matrix_state_dir(self) -> Path:
         """Device id, access token and sync token live next to the database."""
         return self.db.parent / f"{self.db.stem}-matrix"
+
+    @field_validator("sandbox")
+    @classmethod
+    def _sandbox(cls, value: str) -> str:
+        value = (value or "").strip().lower() or "unasked"
+        if value not in {"unasked", "all", "off"}:
+            raise ValueError("must be 'unasked', 'all' or 'off'")
+        return value
+
+    @field_validator("sandbox_memory", "sandbox_file_size", "sandbox_tmp_size", mode="before")
+    @classmethod
+    def _bytes(cls, value: object) -> object:
+        """Accept `512M`, `1G`, `64k` (powers of 1024) as well as plain bytes."""
+        if isinstance(value, str):
+            text = value.strip().upper().removesuffix("B").removesuffix("I")
+            units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+            if text and text[-1] in units:
+                try:
+                    return int(float(text[:-1]) * units[text[-1]])
+                except ValueError:
+                    raise ValueError(f"not a size: {value!r} (use bytes or 512M, 1G)") from None
+        return value
 
     @field_validator("timezone")
     @classmethod

@@ -15,6 +15,7 @@ from runtime.tools.base import Assessment, Tool, ToolArgumentError, ToolResult
 from runtime.tools.files import ListDirTool, ReadFileTool
 from runtime.tools.redaction import Redactor
 from runtime.tools.shell import ShellTool
+from runtime.tools.shell.sandbox import SandboxConfig
 
 logger = logging.getLogger("ducklm.tools")
 
@@ -55,11 +56,14 @@ class ToolGateway:
         shell_timeout: float = 60.0,
         shell_max_output: int = 64 * 1024,
         redactor: Redactor | None = None,
+        sandbox: SandboxConfig | None = None,
     ) -> ToolGateway:
         root = Path(workspace)
         return cls(
             [
-                ShellTool(root, timeout=shell_timeout, max_output=shell_max_output),
+                ShellTool(
+                    root, timeout=shell_timeout, max_output=shell_max_output, sandbox=sandbox
+                ),
                 ReadFileTool(root),
                 ListDirTool(root),
             ],

@@ -1,0 +1,305 @@
+"""The bubblewrap sandbox: what a command that nobody approved may see and do.
+
+`SandboxConfig` says when commands are sandboxed (`DUCKLM_SANDBOX`) and with
+which limits; `probe` finds out, once per bwrap binary, whether bwrap really
+works here (it is run, not just looked up: a container may forbid namespaces);
+`command_prefix` builds the bwrap argv that wraps one command.
+
+The profile (every command): the whole filesystem read-only, the workspace
+read-only too (writable only for approved commands under `DUCKLM_SANDBOX=all`),
+a private small /tmp and /dev/shm, a minimal /dev, new PID/IPC/UTS/cgroup/user
+namespaces with a fresh /proc (so no process of the bot, nor its environment,
+is visible), no network namespace of the host, no capabilities, a new session,
+and death with the bot. Hidden: every secret location `secrets.hidden_paths`
+names (for the bot's $HOME and every /home/* directory), system secret files,
+the bot's own database, its directory and Matrix session files, its `.env`,
+the kubeconfig, and every control socket (container engines, D-Bus, systemd)
+under /run. A profile (`profiles`) adds exactly what its programs need.
+
+Order matters to bwrap (later mounts cover earlier ones), so: hide everything
+outside the workspace, bind the workspace back (it may lie under a hidden
+directory, /tmp or /root), hide what lies inside it, then bind back the few
+files a profile needs (a kubeconfig under a hidden ~/.kube).
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import os
+import shutil
+import stat
+import subprocess
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from runtime.tools.secrets import hidden_paths
+from runtime.tools.shell.limits import ResourceLimits
+from runtime.tools.shell.profiles import CONTROL_SOCKETS, PROFILES, Profile
+
+if TYPE_CHECKING:
+    from runtime.settings import Settings
+
+SANDBOX_MODES = ("unasked", "all", "off")
+_DEFAULT_PROFILE = Profile("default", "no network, no control socket")
+# Hidden directories are covered by a tiny tmpfs (writable, but empty and gone
+# when the command ends).
+_HIDE_SIZE = 64 * 1024
+# Places the sandbox replaces anyway: nothing there needs hiding twice.
+_REPLACED = ("/tmp", "/dev", "/proc")
+# System files only root can read: hidden because the sandbox runs as the bot's
+# user, and a root bot's uid 0 reads them even without capabilities.
+_SYSTEM_SECRETS = (
+    "/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/sudoers",
+    "/etc/sudoers.d", "/etc/ssl/private", "/etc/ssh/ssh_host_*_key", "/etc/security/opasswd",
+    "/var/lib/kubelet/pki", "/etc/kubernetes/pki", "/etc/kubernetes/admin.conf",
+    "/var/lib/docker/swarm", "/etc/docker/key.json",
+)  # fmt: skip
+_SOCKET_SCAN_ROOTS = ("/run",)
+_SOCKET_SCAN_MAX = 4096  # entries looked at under /run; a bigger /run is cut short
+_PROBE_TIMEOUT = 15.0
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """When commands are sandboxed and with what. Plain values, so tests can build one."""
+
+    mode: str = "unasked"  # unasked | all | off
+    bwrap: str = "bwrap"  # a name looked up on PATH, or a path
+    # The bot's own files and directories (database, its directory, Matrix
+    # session files, .env): hidden like secrets.
+    bot_files: tuple[str, ...] = ()
+    limits: ResourceLimits = field(default_factory=ResourceLimits)
+
+    def __post_init__(self) -> None:
+        if self.mode not in SANDBOX_MODES:
+            raise ValueError(f"sandbox mode must be one of {', '.join(SANDBOX_MODES)}")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SandboxConfig:
+        return cls(
+            mode=settings.sandbox,
+            bwrap=settings.bwrap,
+            bot_files=tuple(bot_files(settings)),
+            limits=ResourceLimits(
+                cpu_seconds=settings.sandbox_cpu_seconds,
+                address_space=settings.sandbox_memory,
+                file_size=settings.sandbox_file_size,
+                processes=settings.sandbox_processes,
+                open_files=settings.sandbox_open_files,
+                tmp_size=settings.sandbox_tmp_size,
+            ),
+        )
+
+    def applies(self, *, approved: bool) -> bool:
+        """Whether a command (approved by a person or rule, or not) runs sandboxed."""
+        if self.mode == "off":
+            return False
+        return self.mode == "all" or not approved
+
+    @property
+    def status(self) -> SandboxStatus:
+        return probe(self.bwrap)
+
+    @property
+    def required_but_missing(self) -> bool:
+        """Unasked commands must be sandboxed and cannot be: they need approval instead."""
+        return self.mode != "off" and not self.status.available
+
+    def missing_reason(self) -> str:
+        return (
+            f"no sandbox available ({self.status.detail}); "
+            "set DUCKLM_SANDBOX=off to run read-only commands unsandboxed"
+        )
+
+
+@dataclass(frozen=True)
+class SandboxStatus:
+    available: bool
+    path: str | None
+    detail: str
+
+
+def bot_files(settings: Settings) -> list[str]:
+    """The bot's own files a command must not see: the database (its directory, its
+    -wal/-shm/-journal files and the Matrix session files beside it) and .env."""
+    out: list[str] = []
+    db = str(settings.db)
+    if "://" not in db:
+        path = Path(db).absolute()
+        out += [str(path.parent), str(path)]
+        out += [f"{path}{suffix}" for suffix in ("-wal", "-shm", "-journal")]
+        out.append(str(settings.matrix_state_dir.absolute()))
+    out += [str(Path.cwd() / ".env"), str(Path(settings.workspace).absolute() / ".env")]
+    return out
+
+
+@functools.cache
+def probe(bwrap: str = "bwrap") -> SandboxStatus:
+    """Whether bwrap runs here with the namespaces the sandbox needs (tried once, cached)."""
+    path = shutil.which(bwrap) if "/" not in bwrap else bwrap
+    if path is None or not os.access(path, os.X_OK):
+        return SandboxStatus(False, None, f"bwrap not found: {bwrap!r}")
+    true = shutil.which("true") or "/bin/true"
+    argv = [path, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    argv += ["--unshare-all", "--cap-drop", "ALL", "--new-session", "--die-with-parent"]
+    argv += ["--", true]
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=_PROBE_TIMEOUT, stdin=subprocess.DEVNULL
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        return SandboxStatus(False, path, f"{path} could not run: {exc}")
+    if done.returncode != 0:
+        first = (done.stderr or "").strip().splitlines()
+        why = first[0] if first else f"exit status {done.returncode}"
+        return SandboxStatus(False, path, f"{path} cannot create namespaces here: {why}")
+    return SandboxStatus(True, path, f"bubblewrap at {path}")
+
+
+def sandbox_notice(config: SandboxConfig) -> str | None:
+    """The one line `ducklm run`/`console` print at start, or None when all is well."""
+    if config.mode == "off":
+        return (
+            "Sandbox off (DUCKLM_SANDBOX=off): read-only commands run without bubblewrap, "
+            "approved commands as before."
+        )
+    status = config.status
+    if not status.available:
+        return (
+            f"No sandbox: {status.detail}. Every command needs approval; install bubblewrap "
+            "(apt-get install bubblewrap) or set DUCKLM_SANDBOX=off to run read-only "
+            "commands unsandboxed."
+        )
+    return None
+
+
+def kubeconfigs(environ: Mapping[str, str]) -> list[str]:
+    """The kubeconfig files kubectl would read: $KUBECONFIG's entries, else ~/.kube/config."""
+    value = environ.get("KUBECONFIG")
+    if value:
+        return [os.path.abspath(p) for p in value.split(":") if p]
+    home = environ.get("HOME") or os.path.expanduser("~")
+    return [os.path.join(home, ".kube", "config")]
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _sockets_under(roots: Iterable[str]) -> list[str]:
+    """Every socket file under /run (bounded): sockets pass through a read-only mount."""
+    found: list[str] = []
+    seen = 0
+    for root in roots:
+        for top, dirs, files in os.walk(root, onerror=lambda _e: None):
+            seen += len(dirs) + len(files)
+            if seen > _SOCKET_SCAN_MAX:
+                return found
+            for name in files:
+                full = os.path.join(top, name)
+                try:
+                    if stat.S_ISSOCK(os.lstat(full).st_mode):
+                        found.append(full)
+                except OSError:
+                    continue
+    return found
+
+
+def _concrete(paths: Iterable[str]) -> list[str]:
+    """Resolved, existing, deduplicated; never the root itself."""
+    out: list[str] = []
+    for raw in paths:
+        for candidate in glob.glob(raw) if glob.has_magic(raw) else [raw]:
+            real = os.path.realpath(candidate)
+            if real != "/" and os.path.exists(real) and real not in out:
+                out.append(real)
+    return out
+
+
+def hidden_for(config: SandboxConfig, profile: Profile, environ: Mapping[str, str]) -> list[str]:
+    """Every concrete path this profile hides on this host, right now."""
+    home = environ.get("HOME") or os.path.expanduser("~")
+    extra = list(config.bot_files) + _concrete(_SYSTEM_SECRETS)
+    if not profile.kubeconfig:
+        extra += kubeconfigs(environ)
+    candidates = hidden_paths(home, extra)
+    try:
+        homes = sorted(e.path for e in os.scandir("/home") if e.is_dir(follow_symlinks=False))
+    except OSError:
+        homes = []
+    for other in homes:
+        candidates += hidden_paths(other)
+    kept = set(_concrete(profile.sockets))
+    sockets = _concrete(list(CONTROL_SOCKETS) + _sockets_under(_SOCKET_SCAN_ROOTS))
+    candidates += [s for s in sockets if s not in kept]
+    return _concrete(candidates)
+
+
+def _outermost(paths: list[str]) -> list[str]:
+    """Drop paths inside another hidden directory (already covered), shallow ones first."""
+    dirs = [p for p in paths if os.path.isdir(p)]
+    kept = [p for p in paths if not any(d != p and _inside(p, d) for d in dirs)]
+    return sorted(kept, key=lambda p: p.count("/"))
+
+
+def _hide(path: str) -> list[str]:
+    if os.path.isdir(path):
+        return ["--size", str(_HIDE_SIZE), "--tmpfs", path]
+    return ["--ro-bind", "/dev/null", path]
+
+
+@dataclass(frozen=True)
+class SandboxPlan:
+    """How one command is wrapped: bwrap's argv (ending with `--`), what to add to
+    the command's environment, and what is hidden (for the refusal audit)."""
+
+    argv: list[str]
+    env: dict[str, str]
+    hidden: list[str]
+    profile: str
+    network: bool
+
+
+def command_prefix(
+    config: SandboxConfig,
+    *,
+    workspace: Path,
+    profile: str | None,
+    writable: bool,
+    environ: Mapping[str, str],
+) -> SandboxPlan:
+    """The sandbox for one command in `workspace` under `profile`.
+
+    `environ` is the bot's own environment (for $HOME and $KUBECONFIG); the
+    command's environment is built by the caller.
+    """
+    status = config.status
+    if not status.available or status.path is None:
+        raise RuntimeError(config.missing_reason())
+    chosen = PROFILES.get(profile or "", _DEFAULT_PROFILE)
+    ws = os.path.realpath(workspace)
+    tmp = str(config.limits.tmp_size)
+    argv = [status.path, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    argv += ["--size", tmp, "--tmpfs", "/tmp", "--size", tmp, "--tmpfs", "/dev/shm"]
+    argv += ["--unshare-all"] + (["--share-net"] if chosen.network else [])
+    argv += ["--cap-drop", "ALL", "--new-session", "--die-with-parent"]
+    hidden = hidden_for(config, chosen, environ)
+    inside = [p for p in hidden if _inside(p, ws) and p != ws]
+    outside = [p for p in hidden if p not in inside and not any(_inside(p, r) for r in _REPLACED)]
+    for path in _outermost(outside):
+        argv += _hide(path)
+    argv += ["--bind" if writable else "--ro-bind", ws, ws]
+    for path in _outermost(inside):
+        argv += _hide(path)
+    env: dict[str, str] = {}
+    if chosen.kubeconfig:
+        files = [p for p in kubeconfigs(environ) if os.path.isfile(p)]
+        for path in files:
+            argv += ["--ro-bind", path, path]
+        if environ.get("KUBECONFIG") and files:
+            env["KUBECONFIG"] = ":".join(files)
+    argv += ["--chdir", ws, "--"]
+    return SandboxPlan(argv, env, hidden, chosen.name, chosen.network)
