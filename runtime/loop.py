@@ -446,7 +446,11 @@ class RuntimeLoop:
             {"index": index, "tool": tool, "args": action["args"]},
         )
         by_rule = bool(
-            self.approval_service and await self.approval_service.is_allowed_forever(action)
+            self.approval_service
+            # The workspace: the operands a prefix rule lets a command add resolve there.
+            and await self.approval_service.is_allowed_forever(
+                action, task.workspace or self.default_workspace
+            )
         )
         gateway = self._gateway(task.workspace)
         if gateway.leaves_the_process(action):
