@@ -378,7 +378,9 @@ async def test_shell_rules_added_by_an_admin(stores: Stores, service: ApprovalSe
 
     # No rule, however broad, allows a blocked command.
     broad = await stores.rules.insert(SHELL, "prefix", "rm", "test")
-    assert await service.is_allowed_forever(shell_action("rm build.log"))
-    assert not await service.is_allowed_forever(shell_action("rm -rf /"))
+    ws = "/srv/workspace"  # where the command would run: added operands resolve there
+    assert await service.is_allowed_forever(shell_action("rm build.log"), ws)
+    assert not await service.is_allowed_forever(shell_action("rm build.log"))  # no workspace
+    assert not await service.is_allowed_forever(shell_action("rm -rf /"), ws)
     assert await service.revoke_rule(broad.rule_id, "slack:UADMIN")
-    assert not await service.is_allowed_forever(shell_action("rm build.log"))
+    assert not await service.is_allowed_forever(shell_action("rm build.log"), ws)

@@ -463,8 +463,33 @@ RULES = [
         ("ls -la", False),
     ],
 )
-def test_rule_covers(command: str, covered: bool) -> None:
-    assert rule_covers(command, RULES) is covered
+def test_rule_covers(command: str, covered: bool, tmp_path: Path) -> None:
+    assert rule_covers(command, RULES, tmp_path) is covered
+
+
+def test_added_operands_are_resolved_in_the_workspace(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    (ws / "logs").mkdir(parents=True)
+    (ws / "logs" / "app.log").write_text("x")
+    (ws / "logs" / "passwd").symlink_to("/etc/passwd")
+    (ws / "up").symlink_to("..")
+    (ws / "creds").symlink_to(".git")
+    (ws / "dotenv").symlink_to(".env")
+    rules = [prefix("truncate -s 0 logs/app.log"), prefix("chmod 644")]
+    assert rule_covers("truncate -s 0 logs/app.log logs/other.log", rules, ws)
+    assert rule_covers("chmod 644 logs/app.log", rules, ws)
+    for command in (
+        "truncate -s 0 logs/app.log logs/passwd",
+        "chmod 644 logs/passwd",
+        "chmod 644 up/secret",
+        "chmod 644 up",
+        "chmod 644 creds/config",
+        "chmod 644 dotenv",
+    ):
+        assert not rule_covers(command, rules, ws), command
+    # Without the workspace, a prefix covers only its own words.
+    assert rule_covers("truncate -s 0 logs/app.log", rules)
+    assert not rule_covers("truncate -s 0 logs/app.log logs/other.log", rules)
 
 
 # -- rule_covers: a command is covered only as a whole, with its cd ----------
@@ -545,8 +570,8 @@ def test_blocked_is_never_covered_even_by_a_forged_rule() -> None:
         "bash -c 'rm -rf /'",
     ):
         assert not rule_covers(command, forged), command
-    assert rule_covers("rm build.log", forged)  # `rm` plus a plain operand
-    assert not rule_covers("rm -rf build", forged)  # `-rf` is an option `rm` did not name
+    assert rule_covers("rm build.log", forged, "/srv/ws")  # `rm` plus a plain operand
+    assert not rule_covers("rm -rf build", forged, "/srv/ws")  # `-rf`: an option `rm` did not name
 
 
 def test_stored_rules_that_validation_refuses_cover_nothing() -> None:

@@ -19,6 +19,7 @@ Everything is judged on the quote-removed words (`'--upload-pack'=x` is
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from pathlib import PurePosixPath
@@ -35,7 +36,7 @@ _PYTHON = re.compile(r"^python[0-9.]*$")
 # package, host, target or argument the rule did not name: not covered.
 PATH_OPERAND_PROGRAMS: dict[str, int] = {
     **dict.fromkeys(
-        ("rm", "rmdir", "unlink", "cp", "mv", "mkdir", "touch", "ln", "truncate", "cat", "head",
+        ("rm", "rmdir", "unlink", "cp", "mv", "mkdir", "touch", "truncate", "cat", "head",
          "tail", "wc", "ls", "stat", "file", "du", "md5sum", "sha1sum", "sha256sum",
          "sha512sum", "b2sum", "cksum", "gzip", "gunzip", "bzip2", "bunzip2", "xz", "unxz",
          "zstd", "unzstd"),
@@ -312,8 +313,13 @@ def prefix_problem(values: Sequence[str]) -> str | None:
     return None
 
 
-def plain_operand_problem(value: str) -> str | None:
-    """Why an added (quote-removed, literal) word is not a plain operand inside the workspace."""
+def plain_operand_problem(value: str, workspace: str | os.PathLike[str] | None) -> str | None:
+    """Why an added (quote-removed, literal) word is not a plain operand inside the workspace.
+
+    The word is resolved in the workspace, symbolic links included, so a link
+    that a pull brought in (`logs/x -> /etc/passwd`) does not lead a `chmod` or
+    `truncate` rule outside it. Without the workspace nothing can be added.
+    """
     if not value:
         return "an empty word"
     if value.startswith("-"):
@@ -331,4 +337,13 @@ def plain_operand_problem(value: str) -> str | None:
         return f"`{value}` is inside `.git` (hooks and config run code)"
     if is_secret_path(value):
         return f"`{value}` is a secret location"
+    if workspace is None:
+        return "the workspace is not known, so no added path can be checked"
+    root = os.path.realpath(workspace)
+    resolved = os.path.realpath(os.path.join(root, value))
+    if os.path.commonpath([root, resolved]) != root or resolved == root:
+        return f"`{value}` leads outside the workspace (a symbolic link)"
+    inside = os.path.relpath(resolved, root)
+    if ".git" in PurePosixPath(inside).parts or is_secret_path(inside):
+        return f"`{value}` leads to `{inside}`"
     return None

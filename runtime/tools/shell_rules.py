@@ -27,6 +27,7 @@ What a prefix may be is decided in `runtime.tools.rule_prefixes`.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from collections.abc import Sequence
@@ -340,7 +341,7 @@ def describe_rule(kind: str, pattern: str) -> str:
 _HARMLESS_REDIRECT = re.compile(r"^([12]?>&[12]|[12]?>>? /dev/null|&>>? /dev/null)$")
 
 
-def _prefix_covers(part: _Part, rule: _Part) -> bool:
+def _prefix_covers(part: _Part, rule: _Part, workspace: str | os.PathLike[str] | None) -> bool:
     n = len(rule.words)
     if n == 0 or part.words[:n] != rule.words:
         return False
@@ -355,7 +356,9 @@ def _prefix_covers(part: _Part, rule: _Part) -> bool:
         return True
     if not path_operands_allowed(rule.values):
         return False  # an added unit, resource, target or argument the rule did not name
-    return all(part.literal[i] and plain_operand_problem(part.values[i]) is None for i in extra)
+    return all(
+        part.literal[i] and plain_operand_problem(part.values[i], workspace) is None for i in extra
+    )
 
 
 def _changes_context(part: _Part) -> bool:
@@ -391,8 +394,17 @@ def _usable(rules: Sequence[RuleLike]) -> _Rules:
     return out
 
 
-def rule_covers(command: str, rules: Sequence[RuleLike]) -> bool:
-    """Whether the rules allow this command forever. Blocked commands: never."""
+def rule_covers(
+    command: str,
+    rules: Sequence[RuleLike],
+    workspace: str | os.PathLike[str] | None = None,
+) -> bool:
+    """Whether the rules allow this command forever. Blocked commands: never.
+
+    `workspace` is the directory the command runs in; the operands a prefix
+    rule lets a command add are resolved there. Without it, a prefix covers
+    only its own words.
+    """
     if not isinstance(command, str) or not command.strip() or len(command) > MAX_COMMAND_CHARS:
         return False
     if _parse(command) is None:
@@ -412,7 +424,12 @@ def rule_covers(command: str, rules: Sequence[RuleLike]) -> bool:
     covered_any = False
     context_changed = False
     for part in parts:
-        if not context_changed and not part.piped_in and part.words and _part_covered(part, usable):
+        if (
+            not context_changed
+            and not part.piped_in
+            and part.words
+            and _part_covered(part, usable, workspace)
+        ):
             covered_any = True
             continue
         uncovered.append(part)
@@ -426,9 +443,9 @@ def rule_covers(command: str, rules: Sequence[RuleLike]) -> bool:
     return not (rest.blocked or rest.requires_approval)
 
 
-def _part_covered(part: _Part, usable: _Rules) -> bool:
+def _part_covered(part: _Part, usable: _Rules, workspace: str | os.PathLike[str] | None) -> bool:
     if _changes_context(part):
         return False  # only an exact rule for the whole command names a `cd`
     if normalize_command(part.text) in usable.exact:
         return True
-    return any(_prefix_covers(part, rule) for rule in usable.prefixes)
+    return any(_prefix_covers(part, rule, workspace) for rule in usable.prefixes)
