@@ -693,7 +693,17 @@ async def test_an_uncovered_suffix_comes_back_pending_and_nothing_runs(
 
 def git(cwd: Path, *args: str) -> str:
     return subprocess.run(
-        ["git", "-c", "user.name=t", "-c", "user.email=t@example.org", *args],
+        # The test's own git calls never run the repository's fsmonitor.
+        [
+            "git",
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@example.org",
+            "-c",
+            "core.fsmonitor=false",
+            *args,
+        ],
         cwd=cwd,
         check=True,
         capture_output=True,
