@@ -65,7 +65,7 @@ COUNT = matches(r"[0-9]{1,6}", "a count")
 SECONDS = matches(r"[0-9]{1,6}(\.[0-9]{1,3})?", "a number of seconds")
 PIDS = matches(r"[0-9]+([, ][0-9]+)*", "a list of process ids")
 FIELDS = matches(r"[A-Za-z0-9_%:,=+.-]{1,512}", "a list of fields")
-HOSTNAME = matches(r"[A-Za-z0-9_][A-Za-z0-9_.:%-]{0,252}", "a host name or address")
+HOSTNAME = matches(r"[A-Za-z0-9_:][A-Za-z0-9_.:%-]{0,252}", "a host name or address")
 IFACE = matches(r"[A-Za-z0-9_.:@-]{1,32}", "an interface name")
 DATE_TEXT = matches(r"[A-Za-z0-9 :+.,_/-]{1,64}", "a date or time")
 NOT_OPTION = matches(r"[^-].*|-", "an operand")
@@ -312,15 +312,15 @@ LSBLK = spec(
     optional={"--tree": NAME},
     **_EXACT,
 )
+# `-e[=list]`/`-p[=list]`: a list only as `--extended=list`/`--parse=list`.
 LSCPU = spec(
     "-a --all -b --online -c --offline -B --bytes -C -J --json -x --hex -y --physical -V "
-    "--version -h --help --output-all",
+    "--version -h --help --output-all -e -p",
     {"-s": _path, "--sysroot": _path},
-    optional={"-e": FIELDS, "--extended": FIELDS, "-p": FIELDS, "--parse": FIELDS,
-              "--caches": FIELDS},
+    optional={"--extended": FIELDS, "--parse": FIELDS, "--caches": FIELDS},
     max_operands=0,
     **_EXACT,
-)  # fmt: skip
+)
 # `lspci -q/-Q` asks a DNS server about ids: not listed.
 LSPCI = spec(
     "-m -mm -t -v -vv -vvv -k -x -xxx -xxxx -b -D -P -PP -n -nn -M -version -i -F -A",

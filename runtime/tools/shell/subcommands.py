@@ -79,7 +79,14 @@ def _spec(
     )
 
 
-def _merge(*specs: Spec, max_operands: int | None = None, operand: Shape | None = None) -> Spec:
+_FIRST = -1  # "as the first spec says"
+
+
+def _merge(*specs: Spec, max_operands: int | None = _FIRST, operand: Shape | None = None) -> Spec:
+    """One `Spec` holding every option of `specs`; operand rules from the first one."""
+    if max_operands == _FIRST:
+        max_operands = specs[0].max_operands
+    operand = operand or specs[0].operand
     return Spec(
         flags=tuple(f for s in specs for f in s.flags),
         values={k: v for s in specs for k, v in s.values.items()},
@@ -1122,7 +1129,7 @@ def _policy_openssl(argv: list[str]) -> Verdict | None:
 # Package tools: local queries only
 # ---------------------------------------------------------------------------
 
-_PKG = matches(r"[A-Za-z0-9_][A-Za-z0-9_.+:~*?\[\]=/@-]{0,255}", "a package name or pattern")
+_PKG = matches(r"[A-Za-z0-9_/][A-Za-z0-9_.+:~*?\[\]=/@-]{0,255}", "a package name, path or pattern")
 _APT_SHARED = "-q --quiet -qq -h --help -v --version --no-all-versions"
 _APT_VERBS: dict[str, Spec] = {
     "list": _spec("--installed --upgradable --all-versions -a --manual-installed " + _APT_SHARED,
