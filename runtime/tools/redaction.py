@@ -68,6 +68,9 @@ MIN_LITERAL = 8
 # are cheaper to scan than to remember.
 _CLEAN_CACHE = 32
 _CLEAN_MIN_CHARS = 512
+# Short strings (event fields: tool names, reasons, commands) repeat a lot;
+# their redactions are remembered outright, up to this many.
+_SHORT_CACHE = 4096
 PLACEHOLDER = "[REDACTED:{kind}]"
 # Metadata keys the redactor writes itself; never scanned.
 COUNT_KEY = "redacted"
@@ -262,6 +265,7 @@ class Redactor:
         # value -> kind; every encoding of a literal maps to the literal's kind.
         self._literals: dict[str, str] = {}
         self._clean: OrderedDict[str, None] = OrderedDict()
+        self._short: dict[str, Redaction] = {}
         for kind, value in (literals or {}).items():
             self.add_literal(value, kind)
 
@@ -284,7 +288,9 @@ class Redactor:
         for encoded in _encodings(value.strip()):
             merged.setdefault(encoded, label)
         self._literals = dict(sorted(merged.items(), key=lambda item: -len(item[0])))
-        self._clean.clear()  # what was clean before may hold the new literal
+        # What was clean before may hold the new literal.
+        self._clean.clear()
+        self._short.clear()
         return True
 
     # -- text ---------------------------------------------------------------
@@ -292,6 +298,16 @@ class Redactor:
     def redact(self, text: str) -> Redaction:
         if not text:
             return Redaction(text, 0, ())
+        if len(text) < _CLEAN_MIN_CHARS:
+            known = self._short.get(text)
+            if known is None:
+                if len(self._short) >= _SHORT_CACHE:
+                    self._short.clear()
+                known = self._short[text] = self._redact(text)
+            return known
+        return self._redact(text)
+
+    def _redact(self, text: str) -> Redaction:
         remember = len(text) >= _CLEAN_MIN_CHARS
         if remember and text in self._clean:
             self._clean.move_to_end(text)
