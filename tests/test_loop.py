@@ -473,8 +473,9 @@ async def test_a_tool_starts_only_after_its_start_is_committed(
 ) -> None:
     # The database lives in the workspace, so a read-only command can look for
     # its own `tool_call_started` in the files (the pattern does not match the
-    # command's own text, which is also stored).
-    settings = make_settings(tmp_path, model_server.base_url)
+    # command's own text, which is also stored). The sandbox hides the bot's own
+    # database from unasked commands, so it is off here (tests/test_sandbox.py).
+    settings = make_settings(tmp_path, model_server.base_url, sandbox="off")
     settings.db = settings.workspace / "duck.db"
     rt = await build_runtime(settings)
     try:
