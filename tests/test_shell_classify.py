@@ -455,7 +455,7 @@ APPROVE = [
     "systemctl -H status restart nginx",
     "service nginx restart",
     "kill 1234",
-    "kill -9 1",
+    "kill -9 1234",
     "pkill nginx",
     "killall nginx",
     "kubectl delete pod x",
@@ -633,7 +633,9 @@ APPROVE = [
 ]
 
 BLOCK = [
-    "rm -rf /",
+    # signals to init or to every process (issue 13, item 5); `kill -9 1` was
+    # "approval" before and is blocked now
+    "kill -9 1",
     "rm -rf /*",
     "rm -rf / ",
     "rm -fr /",
@@ -858,7 +860,7 @@ def test_reason_is_one_sentence(command: str) -> None:
         ("cp a /etc/nginx/nginx.conf", "write", "high"),
         ("rm -rf $DIR/", "write", "high"),
         ("systemctl restart nginx", "process", "high"),
-        ("kill -9 1", "process", "high"),
+        ("kill -9 1234", "process", "high"),
         ("kubectl delete pod x", "process", "high"),
         ("apt-get install nginx", "package", "high"),
         ("pip install x", "package", "high"),

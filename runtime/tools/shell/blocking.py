@@ -8,11 +8,23 @@ into. Everything here is `critical` and refused, even with approval.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from runtime.tools.shell.options import _long_hit, _opts, has_flag
-from runtime.tools.shell.paths import canonical_path, is_critical_file, is_disk, is_protected
-from runtime.tools.shell.programs import POWER_PROGRAMS, SYSTEMCTL_POWER
+from runtime.tools.shell.paths import (
+    canonical_path,
+    is_critical_file,
+    is_disk,
+    is_protected,
+    is_watchdog,
+)
+from runtime.tools.shell.programs import (
+    _PYTHON_RE,
+    INTERPRETERS,
+    POWER_PROGRAMS,
+    SYSTEMCTL_POWER,
+)
 
 
 def _positionals(argv: Sequence[str]) -> list[str]:
@@ -62,13 +74,40 @@ def blocked_reason(name: str, argv: Sequence[str], cwd: str | None = None) -> st
         argv = [argv[0], *(resolve_operand(a, cwd) for a in argv[1:])]
     if name in POWER_PROGRAMS:
         return f"`{name}` shuts down or restarts the machine"
+    for word in argv[1:]:
+        if is_watchdog(word.removeprefix("of=").removeprefix("if=")):
+            return f"opening the watchdog device `{word}` reboots the machine when not fed"
     pos = _positionals(argv)
-    if name == "systemctl" and any(p in SYSTEMCTL_POWER for p in pos):
-        return "`systemctl` would shut down or restart the machine"
-    if name == "loginctl" and any(p in ("poweroff", "reboot", "halt") for p in pos):
-        return "`loginctl` would shut down or restart the machine"
-    if name in ("init", "telinit") and any(p in ("0", "6") for p in pos):
-        return f"`{name} {pos[0]}` shuts down or restarts the machine"
+    if name == "systemctl":
+        reason = _systemctl_power(argv, pos)
+        if reason:
+            return reason
+    if name == "loginctl" and any(p in _SLEEP_VERBS for p in pos):
+        return "`loginctl` would shut down, restart or suspend the machine"
+    if name in ("init", "telinit") and any(p in ("0", "6", "1", "s", "S") for p in pos):
+        return f"`{name} {pos[0]}` shuts down, restarts or isolates the machine"
+    if name == "killall5":
+        return "`killall5` signals every process on the machine"
+    if name == "kill":
+        reason = _kill_everything(argv)
+        if reason:
+            return reason
+    if name in ("pkill", "killall"):
+        reason = _pkill_everything(name, argv)
+        if reason:
+            return reason
+    if name == "rsync":
+        reason = _rsync_delete_root(argv)
+        if reason:
+            return reason
+    if name in _DBUS_CLIENTS:
+        reason = _dbus_power(name, argv)
+        if reason:
+            return reason
+    if name in INTERPRETERS or _PYTHON_RE.match(name):
+        reason = _interpreter_fork_bomb(name, argv)
+        if reason:
+            return reason
     if name == "rm":
         if "--no-preserve-root" in argv and _recursive(argv):
             return "`rm --no-preserve-root` deletes the whole system"
@@ -124,6 +163,158 @@ def blocked_reason(name: str, argv: Sequence[str], cwd: str | None = None) -> st
     for target in _output_options(name, argv):
         if is_critical_file(target) or is_disk(target):
             return f"`{name}` would overwrite `{target}`"
+    return None
+
+
+# systemd targets (and `systemctl` verbs) that stop the machine or drop it to
+# a rescue shell, which takes every service down at once.
+_POWER_TARGETS = frozenset(
+    {"poweroff", "reboot", "halt", "kexec", "rescue", "emergency", "suspend", "hibernate",
+     "hybrid-sleep", "suspend-then-hibernate", "sleep", "soft-reboot", "ctrl-alt-del", "exit",
+     "shutdown", "final", "umount", "runlevel0", "runlevel1", "runlevel6", "factory-reset"}
+)  # fmt: skip
+_SLEEP_VERBS = frozenset(
+    {"poweroff", "reboot", "halt", "kexec", "suspend", "hibernate", "hybrid-sleep",
+     "suspend-then-hibernate", "sleep", "soft-reboot"}
+)  # fmt: skip
+# Verbs after which systemctl's operands are units it starts (and so the
+# target's machine-wide effect happens).
+_SYSTEMCTL_STARTS = frozenset(
+    {"start", "restart", "try-restart", "reload-or-restart", "try-reload-or-restart",
+     "force-reload", "isolate", "enable", "reenable", "set-default", "link", "add-wants",
+     "add-requires"}
+)  # fmt: skip
+
+
+def _target_name(unit: str, verb: str) -> str | None:
+    """The power or rescue target a unit operand names, or None."""
+    base = unit.removesuffix(".target")
+    if unit.endswith(".target") or verb == "isolate":  # isolate assumes `.target`
+        return base if base in _POWER_TARGETS else None
+    return None
+
+
+def _systemctl_power(argv: Sequence[str], pos: list[str]) -> str | None:
+    if any(p in SYSTEMCTL_POWER or p in _SLEEP_VERBS for p in pos[:1]):
+        return "`systemctl` would shut down, restart or suspend the machine"
+    if pos[:1] in (["rescue"], ["emergency"], ["default"]):
+        return f"`systemctl {pos[0]}` stops every service not in that target"
+    if any(p in SYSTEMCTL_POWER for p in pos):
+        return "`systemctl` would shut down or restart the machine"
+    verb = pos[0] if pos else ""
+    if verb in _SYSTEMCTL_STARTS:
+        for unit in pos[1:]:
+            target = _target_name(unit, verb)
+            if target:
+                return f"`systemctl {verb} {unit}` shuts the machine down or isolates it"
+    return None
+
+
+_SIGNAL_WORD = re.compile(r"-(SIG)?[A-Za-z]+[0-9+-]*|-[0-9]+")
+# PID 1 and -1 ("every process I may signal"), in the spellings kill accepts.
+_EVERYONE = re.compile(r"\+?0*1|-0*1")
+
+
+def _kill_everything(argv: Sequence[str]) -> str | None:
+    """`kill … 1` or `kill … -1` in every spelling: a signal to init or to every process."""
+    words = list(argv[1:])
+    i = 0
+    pids: list[str] = []
+    signal_seen = False
+    while i < len(words):
+        w = words[i]
+        if w == "--":
+            pids.extend(words[i + 1 :])
+            break
+        if w in ("-l", "-L", "--list", "--table"):
+            return None
+        if w in ("-s", "-n", "--signal", "-q", "--queue", "--timeout"):
+            i += 2 if w != "--timeout" else 3
+            signal_seen = True
+            continue
+        if w.startswith("--signal=") or w.startswith("--queue="):
+            signal_seen = True
+            i += 1
+            continue
+        if not signal_seen and not pids and _SIGNAL_WORD.fullmatch(w):
+            signal_seen = True  # `-9`, `-KILL`, `-SIGKILL`: the signal, first word only
+            i += 1
+            continue
+        if w in ("-a", "--all", "-p", "--pid", "--verbose", "-r", "--require-handler"):
+            i += 1
+            continue
+        pids.append(w)
+        i += 1
+    for pid in pids:
+        if _EVERYONE.fullmatch(pid):
+            which = (
+                "init (PID 1)"
+                if not pid.lstrip("+0").startswith("-") and "-" not in pid
+                else "every process"
+            )
+            return f"`kill {pid}` signals {which}, which takes the machine down"
+    return None
+
+
+def _pkill_everything(name: str, argv: Sequence[str]) -> str | None:
+    words = list(argv[1:])
+    for i, w in enumerate(words):
+        value = None
+        if w in ("-P", "--parent", "-s", "--session", "-g", "--pgroup") and i + 1 < len(words):
+            value = words[i + 1]
+        elif w.startswith(("-P", "--parent=")) and len(w) > 2:
+            value = w.split("=", 1)[1] if "=" in w else w[2:]
+        if value is not None and any(v.strip() in ("0", "1") for v in value.split(",")):
+            return f"`{name} {w} {value}` signals init and the whole system"
+    operands = [w for w in words if not w.startswith("-")]
+    if any(o.strip("^$") in ("init", "systemd", "1") for o in operands):
+        return f"`{name}` would signal init, which takes the machine down"
+    return None
+
+
+_RSYNC_DELETE = frozenset(
+    _opts("--delete --del --delete-before --delete-during --delete-delay --delete-after "
+          "--delete-excluded --delete-missing-args --remove-source-files")
+)  # fmt: skip
+
+
+def _rsync_delete_root(argv: Sequence[str]) -> str | None:
+    if not any(a.split("=", 1)[0] in _RSYNC_DELETE for a in argv[1:]):
+        return None
+    pos = [a for a in _positionals(argv) if ":" not in a or a.startswith("/")]
+    if pos and is_protected(pos[-1]):
+        return f"`rsync --delete` into `{pos[-1]}` would delete the system"
+    return None
+
+
+_DBUS_CLIENTS = frozenset({"busctl", "dbus-send", "gdbus", "qdbus", "dbus", "qdbus6"})
+_DBUS_POWER = re.compile(
+    r"(^|[.\s/])(Reboot|PowerOff|Halt|KExec|Suspend|Hibernate|HybridSleep|"
+    r"SuspendThenHibernate|SoftReboot|Sleep)(WithFlags)?$"
+)
+
+
+def _dbus_power(name: str, argv: Sequence[str]) -> str | None:
+    words = list(argv[1:])
+    if any(_DBUS_POWER.search(w) for w in words):
+        return f"`{name}` asks systemd over D-Bus to shut down, restart or suspend the machine"
+    if any(w in ("StartUnit", "RestartUnit", "StartUnitReplace") or w.endswith(
+        (".StartUnit", ".RestartUnit")) for w in words):  # fmt: skip
+        for w in words:
+            if w.endswith(".target") and w.removesuffix(".target") in _POWER_TARGETS:
+                return f"`{name}` starts `{w}` over D-Bus"
+    return None
+
+
+# In an interpreter's code: a fork inside a loop (or a loop made of forks).
+_FORK = re.compile(r"\bfork\b|\bspawn\b|Process\.fork|os\.fork|child_process")
+_LOOP = re.compile(r"\bwhile\b|\bloop\b|\bfor\b|\buntil\b|\bredo\b|\bgoto\b|\.times\b")
+
+
+def _interpreter_fork_bomb(name: str, argv: Sequence[str]) -> str | None:
+    code = " ".join(argv[1:])
+    if _FORK.search(code) and _LOOP.search(code):
+        return f"the `{name}` code forks in a loop: a fork bomb"
     return None
 
 

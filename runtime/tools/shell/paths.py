@@ -43,8 +43,23 @@ CRITICAL_FILES = frozenset(
 )  # fmt: skip
 _DISK_RE = re.compile(
     r"^/dev/(sd[a-z]|hd[a-z]|vd[a-z]|xvd[a-z]|nvme\d|mmcblk\d|disk|dm-\d|md\d|mapper/|loop\d|"
-    r"root$|sr\d|nbd\d|rbd\d|zram\d|bcache)"
+    r"root$|sr\d|nbd\d|rbd\d|zram\d|bcache|block/|ram\d|sg\d|st\d|nst\d|ubd|mtd|"
+    r"watchdog)"
 )
+# Character devices under /dev that are not storage. Any other /dev path may be
+# a block device under a name nobody can predict (`/dev/vg0/root`, a udev
+# symlink), so writing it is treated as writing a disk.
+_NOT_A_DISK = re.compile(
+    r"^/dev/(null|zero|full|random|urandom|tty\d*|console|ptmx|stdin|stdout|stderr|kmsg|"
+    r"fd|fd/\d+|pts|pts/\d+|shm(/.*)?|mqueue(/.*)?|hugepages(/.*)?|tcp/.*|udp/.*)$"
+)
+# Writing under these changes the running kernel's devices or power state at once:
+# `echo mem > /sys/power/state`, `echo 1 > /sys/block/sda/device/delete`.
+_CRITICAL_PREFIXES = (
+    "/sys/power/", "/sys/block/", "/sys/class/block/", "/sys/class/watchdog/",
+    "/proc/sysrq-trigger", "/dev/watchdog",
+)  # fmt: skip
+_WATCHDOG_RE = re.compile(r"^/dev/watchdog\d*$|^/dev/watchdog")
 HARMLESS_DEVICES = frozenset(
     {"/dev/null", "/dev/stdout", "/dev/stderr", "/dev/tty", "/dev/fd/1", "/dev/fd/2"}
 )
@@ -158,8 +173,18 @@ def is_disk(word: str) -> bool:
         return False
     if _DISK_RE.match(path):
         return True
+    if path.startswith("/dev/") and not _has_glob(path) and not _NOT_A_DISK.match(path):
+        return True
     # a glob over block devices: /dev/sd*
     return path.startswith("/dev/") and _has_glob(path) and fnmatch.fnmatchcase("/dev/sda", path)
+
+
+def is_watchdog(word: str) -> bool:
+    """Whether `word` names a watchdog device: opening one and not feeding it reboots."""
+    path = canonical_path(word) or ""
+    if _has_glob(path):
+        return path.startswith("/dev/") and fnmatch.fnmatchcase("/dev/watchdog", path)
+    return bool(_WATCHDOG_RE.match(path))
 
 
 def is_critical_file(word: str) -> bool:
@@ -167,6 +192,10 @@ def is_critical_file(word: str) -> bool:
     if path is None:
         return False
     if path in CRITICAL_FILES or path == "/boot" or path.startswith("/boot/"):
+        return True
+    if path.startswith(_CRITICAL_PREFIXES) or path in ("/sys/power", "/sys/block"):
+        return True
+    if path.startswith("/sys/devices/") and "/block/" in path:
         return True
     if _has_glob(path):
         return any(fnmatch.fnmatchcase(c, path) for c in CRITICAL_FILES)
