@@ -18,6 +18,7 @@ from bot.admin import Actor, CommandRunner, describe_event
 from runtime.factory import Runtime, build_runtime
 from runtime.settings import Settings
 from runtime.store import StoreError
+from runtime.tools.shell.sandbox import SandboxConfig, sandbox_notice
 
 EXIT_USAGE = 2
 
@@ -94,9 +95,17 @@ async def _with_runtime(settings: Settings, body: Callable[[Runtime], Awaitable[
         await runtime.close()
 
 
+def _sandbox_notice(settings: Settings) -> None:
+    """One line at start when unasked commands cannot be (or are not) sandboxed."""
+    notice = sandbox_notice(SandboxConfig.from_settings(settings))
+    if notice:
+        print(notice, file=sys.stderr)
+
+
 async def _console(runtime: Runtime) -> int:
     from bot.console import Console
 
+    _sandbox_notice(runtime.settings)
     return await Console(runtime).serve()
 
 
@@ -128,6 +137,7 @@ def _serve_platforms(settings: Settings) -> int:
     if not (settings.slack_configured or settings.matrix_configured):
         print(NO_PLATFORM, file=sys.stderr)
         return EXIT_USAGE
+    _sandbox_notice(settings)
     from bot.server import serve
 
     try:
