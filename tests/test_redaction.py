@@ -431,3 +431,23 @@ async def test_approval_card_shows_redacted_command_but_runs_the_real_one(
     started = [e.payload for e in events if e.event_type == "tool_call_started"]
     assert started[0]["args"]["command"] == "printf '%s' [REDACTED:github-token] > token.txt"
     assert ghp not in json.dumps([r.body for r in model_server.requests_for(THINKER)])
+
+
+async def test_a_credential_learnt_at_run_time_is_redacted_everywhere(
+    tmp_path: Path, clean_env: None
+) -> None:
+    settings = make_settings(tmp_path)
+    token = "syn_" + rand(ALNUM, 40)  # e.g. the access token a Matrix login returned
+    (settings.workspace / "sync.log").write_text(f"GET /sync?access_token={token} 200\n")
+    rt = await build_runtime(settings)
+    try:
+        before = await rt.loop.run_command("cat sync.log")
+        assert token in before.final_response  # not a known format, not yet known
+        assert rt.redactor.add_literal(token, "matrix-access-token")
+        after = await rt.loop.run_command("cat sync.log")
+        events = await rt.stores.events.list_events(after.task_id)
+    finally:
+        await rt.close()
+    assert token not in after.final_response
+    assert "access_token=[REDACTED:matrix-access-token] 200" in after.final_response
+    assert not [e.event_type for e in events if token in json.dumps(e.payload)]
