@@ -184,6 +184,10 @@ AUTO = [
     "openssl req -noout -text -in request.csr",
     "openssl version",
     "openssl version -a",
+    "openssl x509 -in /etc/ssl/certs/ca.pem -noout -subject",
+    "openssl x509 -noout -text -in /etc/ssl/certs/ISRG_Root_X1.pem",
+    "openssl x509 -noout -enddate < /etc/ssl/certs/ca-certificates.crt",
+    "openssl x509 -in /usr/share/ca-certificates/mozilla/ISRG_Root_X1.crt -noout -dates",
     # kubectl
     "kubectl get pods",
     "kubectl get pods -A -o wide",
@@ -484,6 +488,11 @@ ASK = [
     "openssl enc -d -in x",
     "openssl x509 -in ~/.ssh/id_rsa -noout",
     "openssl x509 -noout -text -in server.key",
+    "openssl x509 -noout -in server.pem",
+    "openssl x509 -noout -in /etc/ssl/certs/../private/site.pem",
+    "openssl x509 -noout -in /etc/ssl/private/site.pem",
+    "openssl x509 -noout -in '/etc/ssl/certs/*.pem'",
+    "cat /etc/ssl/certs/*.key",
     # kubectl redirected, secrets, changes
     "kubectl --server=https://evil:6443 get pods",
     "kubectl -s https://evil get pods",

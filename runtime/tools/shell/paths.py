@@ -304,6 +304,8 @@ def _secret_path_reason(word: str) -> str | None:
         leaf_ok = parts[-1] in PROC_SAFE_LEAVES or parts[0] in ("net", "sys", "pressure")
         if not leaf_ok or _PROC_DOORS.intersection(parts):
             return f"`{word}` may expose a process's secrets"
+    if _is_public_certificate(path):
+        return None
     components = [c for c in re.split(r"[/:,]", path) if c]
     for i, comp in enumerate(components):
         if comp in SECRET_DIRS or (
@@ -317,6 +319,29 @@ def _secret_path_reason(word: str) -> str | None:
         if _could_match_secret(comp):
             return f"`{word}` looks like a secret (keys, tokens or passwords)"
     return None
+
+
+# Directories of the system's trusted CA certificates: public by design (the
+# private keys live in /etc/ssl/private), so `openssl x509 -in
+# /etc/ssl/certs/x.pem` is not a secret read although `*.pem` usually is.
+PUBLIC_CERT_DIRS = (
+    "/etc/ssl/certs",
+    "/usr/share/ca-certificates",
+    "/usr/local/share/ca-certificates",
+    "/etc/ca-certificates",
+    "/etc/pki/ca-trust/extracted",
+    "/etc/pki/tls/certs",
+)
+
+
+def _is_public_certificate(path: str) -> bool:
+    """A literal certificate file (`*.pem`, `*.crt`) under a CA certificate directory."""
+    return (
+        not _has_glob(path)
+        and ".." not in path.split("/")
+        and path.endswith((".pem", ".crt", ".cer"))
+        and _under(path, PUBLIC_CERT_DIRS)
+    )
 
 
 def _outside_workspace(word: str) -> bool:
