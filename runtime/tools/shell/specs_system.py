@@ -229,6 +229,8 @@ def _interval_count(name: str, s: Spec, numbers_from: int = 0) -> Policy:
                 return _approval("unknown", "medium", f"`{name} {word}` needs approval")
         if len(numbers) > 2:
             return _approval("unknown", "medium", f"`{name}` takes an interval and a count")
+        if len(numbers) == 2 and float(numbers[1]) < 1:
+            return _approval("process", "medium", f"`{name}` with a count of 0 never ends")
         if len(numbers) == 1 and not (name == "sar" and opts.has("-f")):
             return _approval(
                 "process", "medium", f"`{name} {numbers[0]}` without a count never ends"
@@ -515,8 +517,9 @@ CRONTAB = spec("-l", {"-u": NAME}, max_operands=0)
 
 
 def _policy_crontab(argv: list[str]) -> Verdict | None:
-    problem = check("crontab", CRONTAB, argv)
-    if problem is None and "-l" in "".join(a for a in argv[1:] if a.startswith("-") and a != "-u"):
+    if check("crontab", CRONTAB, argv) is None and getopt(
+        argv, flags=CRONTAB.flags, values=tuple(CRONTAB.values)
+    ).has("-l"):
         return None
     return _approval("process", "high", "`crontab` other than `crontab -l` changes scheduled jobs")
 

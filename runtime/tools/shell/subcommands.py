@@ -585,16 +585,26 @@ _COMPOSE_GLOBAL = _spec("", {**with_values(PLAIN, "-p --project-name")})
 _TEMPLATE_ACTION = re.compile(r"\{\{-?\s*(.*?)\s*-?\}\}", re.S)
 _SAFE_ACTION = re.compile(
     r"((json|upper|lower|title|len|println)\s+)?\.[A-Z][A-Za-z0-9]*(\.[A-Za-z0-9_]+)*"
-    r"|range\s+\.[A-Z][A-Za-z0-9.]*|end|\$[a-z]*"
+    r"|range\s+\.[A-Z][A-Za-z0-9.]*|end"
     r"|index\s+\.[A-Z][A-Za-z0-9.]*\s+\"[A-Za-z0-9_./-]+\"(\s+\"[A-Za-z0-9_./-]+\")?"
 )
 
 
+_FIELD_PATH = re.compile(r"\.[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
+# The whole configuration (`.Config`, `.ContainerConfig`) or any `Env` holds the environment.
+_ENV_HOLDERS = frozenset({"Config", "ContainerConfig"})
+
+
 def _template_is_safe(template: str) -> bool:
     actions = _TEMPLATE_ACTION.findall(template)
-    return bool(actions) and all(
-        _SAFE_ACTION.fullmatch(a) and "Config" not in a and "Env" not in a for a in actions
-    )
+    if not actions or not all(_SAFE_ACTION.fullmatch(a) for a in actions):
+        return False
+    for action in actions:
+        for match in _FIELD_PATH.finditer(action):
+            parts = match.group(0)[1:].split(".")
+            if "Env" in parts or parts[-1] in _ENV_HOLDERS:
+                return False
+    return True
 
 
 _DOCKER_TOP_ARGS = frozenset({"-ef", "-eF", "-ely", "-eLf", "aux", "auxw", "auxww", "-eo", "-o"})
@@ -1015,9 +1025,9 @@ def _policy_git(argv: list[str]) -> Verdict | None:
 # Listing only. `-Z` (with `-L` it zeroes the counters), every command that
 # changes a chain, `-M` (names a modprobe program) are not listed.
 IPTABLES = _spec(
-    "-L --list -S --list-rules -n --numeric -v --verbose -x --exact --line-numbers -4 -6",
-    {**with_values(choice("filter", "nat", "mangle", "raw", "security"), "-t --table"),
-     "-w": NUM, "--wait": NUM},
+    "-L --list -S --list-rules -n --numeric -v --verbose -x --exact --line-numbers -4 -6 "
+    "-w --wait",
+    {**with_values(choice("filter", "nat", "mangle", "raw", "security"), "-t --table")},
     max_operands=1,
     operand=PLAIN,
 )  # fmt: skip
