@@ -451,3 +451,20 @@ async def test_a_credential_learnt_at_run_time_is_redacted_everywhere(
     assert token not in after.final_response
     assert "access_token=[REDACTED:matrix-access-token] 200" in after.final_response
     assert not [e.event_type for e in events if token in json.dumps(e.payload)]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "password=<your password>",
+        "password: ********",
+        "db_password = {{ vault_db_password }}",
+        "secret: {secret}",
+        "-----BEGIN CERTIFICATE-----",
+        "Public-Key: (2048 bit)",
+        "sudo: a password is required",
+        "Accepted publickey for deploy from 192.0.2.7 port 51234 ssh2: ED25519 SHA256:4Fq",
+    ],
+)
+def test_templates_masks_and_public_material_are_not_secrets(line: str) -> None:
+    assert Redactor().redact(line).text == line

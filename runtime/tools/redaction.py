@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+from detect_secrets.filters.heuristic import is_not_alphanumeric_string, is_templated_secret
 from detect_secrets.plugins import keyword as ds_keyword
 from detect_secrets.plugins.aws import AWSKeyDetector
 from detect_secrets.plugins.azure_storage_key import AzureStorageKeyDetector
@@ -429,6 +430,13 @@ def _merge(spans: Iterable[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
     return merged
 
 
+def _placeholder_value(value: str) -> bool:
+    """detect-secrets' own filters for values that are not secrets: templates
+    (`{x}`, `<x>`, `${x}`) and masks (`********`). Showing them helps the reader."""
+    value = value.strip()
+    return is_templated_secret(value) or is_not_alphanumeric_string(value)
+
+
 def _lower(text: str) -> str:
     """Lower case with every character at the same position. `str.lower` is
     fast but can lengthen a few non-ASCII letters (İ); then only ASCII is folded."""
@@ -486,6 +494,8 @@ def _keyword_spans(text: str, folded: str) -> list[tuple[int, int, str]]:
         for regex, group in _KEYWORD_FORWARD:
             match = regex.match(text, hit.start(), line_end)
             if match is not None:
+                if _placeholder_value(match.group(group)):
+                    break
                 spans.append((*match.span(group), "secret-value"))
                 break
         if "==" in text[line_start:line_end]:
