@@ -59,8 +59,19 @@ from runtime.tools.shell.programs import (
     SYSTEM_BIN_DIRS,
     WRITE_PROGRAMS,
 )
+from runtime.tools.shell.specs import Spec, judge
+from runtime.tools.shell.specs_system import SYSTEM_POLICIES, SYSTEM_SPECS
+from runtime.tools.shell.specs_text import TEXT_SPECS
 from runtime.tools.shell.verdict import Verdict, _block, _cap, _read, _worse, worst
 from runtime.tools.shell.words import _PLAIN_PARAM, Arg, _raw_features
+
+# Every program with an option allow-list: the system programs' (`specs_system`)
+# and the file and text tools' (`specs_text`).
+ALLOW_LISTS: dict[str, Spec] = {**TEXT_SPECS, **SYSTEM_SPECS}
+# What can run unasked: the policies' programs plus every allow-listed one.
+_READ_ONLY = READ_ONLY_PROGRAMS | set(ALLOW_LISTS) | set(SYSTEM_POLICIES)
+# `$NAME`, `${NAME}`, `${NAME:-x}`, `$1`, `$?`: a parameter inside a word.
+_PARAM_TEXT = re.compile(r"\$\{[^}]*\}|\$[A-Za-z_][A-Za-z0-9_]*|\$.")
 
 # --------------------------------------------------------------------------
 # The analyser
@@ -79,6 +90,10 @@ class _Analyzer:
         self.cwd: str | None = None
         self.simple_count = 0
         self.text = ""
+        # Files an earlier part of the command downloaded (`curl -o x URL`,
+        # `wget URL`, `curl URL > x`), by full word and by base name: running
+        # one later (`sh x`, `./x`) runs unreviewed code and is blocked.
+        self.downloads: set[str] = set()
 
     # -- entry -----------------------------------------------------------
 
@@ -123,6 +138,7 @@ class _Analyzer:
     def sub(self, text: str) -> _Analyzer:
         inner = _Analyzer(self.depth + 1)
         inner.cwd = self.cwd
+        inner.downloads = self.downloads
         inner.analyze(text)
         self.merge(inner)
         return inner
@@ -186,6 +202,10 @@ class _Analyzer:
             return None
         if kind in ("for", "if", "while", "until"):
             self.complex = True
+            if kind in ("while", "until") and _endless_spawner(node, kind):
+                self.add(
+                    _block(f"An endless `{kind}` loop that starts background jobs: a fork bomb.")
+                )
             for part in node.parts:
                 if part.kind == "reservedword":
                     continue
@@ -198,6 +218,7 @@ class _Analyzer:
             self.complex = True
             name = node.name.word
             body = _Analyzer(self.depth + 1)
+            body.downloads = self.downloads
             body.node(node.body)
             self.merge(body)
             if name in body.programs or any(c and c[0] == name for c in body.commands):
@@ -377,6 +398,12 @@ class _Analyzer:
         if not argv:
             return None
         verdict, effective = self.judge(args)
+        if effective:
+            ran = self._runs_download(effective)
+            if ran:
+                verdict = _block(f"`{ran}` was downloaded earlier in the command; running it "
+                                 "runs unreviewed code.")  # fmt: skip
+            self._note_downloads(effective, node)
         if stdin and effective and _runs_stdin_as_code(effective):
             runner = _prog_name(effective[0])
             if stdin[0] == "download":
@@ -387,6 +414,43 @@ class _Analyzer:
                 verdict = _worse(verdict, worst(inner.verdicts))
         self.add(verdict)
         return effective
+
+    # -- downloads, then run ---------------------------------------------
+
+    def _note_downloads(self, argv: list[str], node: Any) -> None:
+        name = _prog_name(argv[0])
+        if name not in DOWNLOADERS:
+            return
+        files = _download_targets(name, argv)
+        for part in node.parts:
+            if part.kind == "redirect" and part.type in (">", ">>", ">|", "&>", "&>>"):
+                out = part.output
+                if not isinstance(out, (str, int)):
+                    files.append(out.word)
+        for f in files:
+            if f and f != "-":
+                self.downloads.add(f)
+                self.downloads.add(posixpath.basename(f.rstrip("/")))
+
+    def _runs_download(self, argv: list[str]) -> str | None:
+        """The downloaded file this command runs, if any."""
+        if not self.downloads:
+            return None
+        name = _prog_name(argv[0])
+        if argv[0] in self.downloads or ("/" in argv[0] and name in self.downloads):
+            return argv[0]
+        if (
+            name in SHELLS
+            or name in INTERPRETERS
+            or _PYTHON_RE.match(name)
+            or name in ("source", ".", "exec", "nohup", "setsid")
+        ):
+            for word in argv[1:]:
+                if not word.startswith("-") and (
+                    word in self.downloads or posixpath.basename(word) in self.downloads
+                ):
+                    return word
+        return None
 
     # -- simple commands -------------------------------------------------
 
@@ -466,7 +530,7 @@ class _Analyzer:
         argv = [a.word for a in args]
         argv[0] = name
         secret = self._secret(name, args)
-        if name in READ_ONLY_PROGRAMS:
+        if name in _READ_ONLY:
             v = self._read_only(name, argv, args)
             if v.risk == "low" and secret:
                 return secret
@@ -523,15 +587,16 @@ class _Analyzer:
                 targets = [Arg.plain(t) for t in _output_options(name, argv)]
                 return _worse(v, self._write_outside(name, targets, v.reason))
             return v
-        fn = POLICIES.get(name)
+        fn = SYSTEM_POLICIES.get(name) or POLICIES.get(name)
         if fn is not None:
             v = fn(argv)
             if v is not None:
-                reason = v.reason if v.reason.endswith(".") else v.reason + "."
-                v = Verdict(v.action, v.risk, _cap(reason))
-                if v.action == "write" and v.risk == "medium":
-                    return _worse(v, self._write_outside(name, args[1:], v.reason))
-                return v
+                return self._policy_verdict(name, v, args)
+        allow = ALLOW_LISTS.get(name)
+        if allow is not None:
+            v = judge(name, allow, argv)
+            if v is not None:
+                return self._policy_verdict(name, v, args)
         if name in _CTL_READ:
             if len(argv) > 1 and argv[1] not in _CTL_READ[name]:
                 return Verdict("privileged", "high", f"`{name} {argv[1]}` changes system settings.")
@@ -544,9 +609,28 @@ class _Analyzer:
             label = f"{name} {verb}" if verb else name
         return _read(f"`{label}` only reads.")
 
+    def _policy_verdict(self, name: str, v: Verdict, args: list[Arg]) -> Verdict:
+        reason = v.reason if v.reason.endswith(".") else v.reason + "."
+        v = Verdict(v.action, v.risk, _cap(reason))
+        if v.action == "write" and v.risk == "medium":
+            return _worse(v, self._write_outside(name, args[1:], v.reason))
+        return v
+
     def _word_problem(self, name: str, args: list[Arg]) -> Verdict | None:
-        sensitive = name in FLAG_SENSITIVE
+        allow = ALLOW_LISTS.get(name)
+        # Every allow-listed program parses options, so a word that could
+        # become one at run time (a glob matching a file named `-exec`, an
+        # unknown variable) is a question, unless it comes after `--` or the
+        # program has no harmful option at all (`Spec.glob_safe`).
+        sensitive = name in FLAG_SENSITIVE or allow is not None
+        glob_ok = allow is not None and allow.glob_safe
+        after_dashes = False
         for a in args[1:]:
+            if a.word == "--" and a.literal:
+                after_dashes = True
+                continue
+            if after_dashes:
+                sensitive = False
             if a.subst:
                 continue  # already judged as a substitution
             if a.brace:
@@ -566,7 +650,7 @@ class _Analyzer:
                 return Verdict(
                     "unknown", "medium", f"The expansion in `{a.raw}` is not understood."
                 )
-            if sensitive and a.glob and a.raw[:1] in "*?[":
+            if sensitive and not glob_ok and a.glob and a.raw[:1] in "*?[":
                 return Verdict(
                     "unknown",
                     "medium",
@@ -575,13 +659,49 @@ class _Analyzer:
         return None
 
     def _secret(self, name: str, args: list[Arg]) -> Verdict | None:
+        """A word that names, or could name, a secret location: `high`, approval.
+
+        Checked after every expansion the classifier can prove: the directory
+        a `cd` moved to (`cd /proc/1 && cat environ`), and variables read as
+        "anything" (an unset `$X` in `.e${X}nv` is empty, so `.env`). A word
+        made only of unknown variables names nothing provable.
+        """
         if name in NON_READING:
             return None
         for a in args[1:]:
-            reason = secret_reason(a.word)
-            if reason:
-                return Verdict("read", "high", f"{reason}; reading it needs approval.")
+            for word in self._readings(a):
+                reason = secret_reason(word) if word else None
+                if reason:
+                    return Verdict("read", "high", f"{reason}; reading it needs approval.")
+                if word is None:
+                    return Verdict(
+                        "read",
+                        "medium",
+                        f"`{a.raw}` is only known at run time and could name a secret.",
+                    )
+            if self.cwd == "?" and not a.word.startswith(("-", "/", "~")) and a.word:
+                if name not in ("cd", "pushd"):
+                    return Verdict(
+                        "read",
+                        "medium",
+                        f"`{a.raw}` is read from a directory only known at run time.",
+                    )
         return None
+
+    def _readings(self, a: Arg) -> list[str | None]:
+        """The spellings of one word worth checking for secrets (None: unprovable)."""
+        words: list[str | None] = [a.word]
+        if self.cwd not in (None, "?") and a.word and not a.word.startswith(("-", "/", "~")):
+            words.append(resolve_operand(a.word, self.cwd))
+        unknown = [p for p in a.params if not p.startswith("<") and p not in SAFE_VARIABLES]
+        if unknown or a.subst:
+            anything = _PARAM_TEXT.sub("*", a.word)
+            if a.subst:
+                anything = re.sub(r"\$\(.*\)|`[^`]*`", "*", anything)
+            words.append(anything)
+            if not anything.replace("*", "").strip("/"):
+                words.append(None)  # nothing but unknowns: could be any path
+        return words
 
     def _write_outside(self, name: str, operands: list[Arg], reason: str) -> Verdict | None:
         """A `high` verdict when a write reaches outside the workspace, else None."""
@@ -708,6 +828,65 @@ class _Analyzer:
                 self.add(_block(reason[0].upper() + reason[1:] + "."))
                 return
         self._pipe_to_shell(effective)
+
+
+def _download_targets(name: str, argv: list[str]) -> list[str]:
+    """The files a download command writes (`-o F`, `-O`, wget's default name)."""
+    out: list[str] = []
+    urls = [a for a in argv[1:] if re.match(r"[a-z][a-z0-9+.-]*://", a)]
+    remote = [posixpath.basename(u.split("?", 1)[0].rstrip("/")) or "index.html" for u in urls]
+    writes_remote_name = name == "wget" or name == "axel" or name == "aria2c"
+    words = argv[1:]
+    for i, a in enumerate(words):
+        nxt = words[i + 1] if i + 1 < len(words) else ""
+        if a in ("-o", "--output", "-O", "--output-document") and nxt:
+            if name == "curl" and a == "-O":
+                writes_remote_name = True
+            else:
+                out.append(nxt)
+        elif a.startswith(("--output=", "--output-document=")):
+            out.append(a.split("=", 1)[1])
+        elif a.startswith("-o") and len(a) > 2 and not a.startswith("--"):
+            out.append(a[2:])
+        elif name == "wget" and a.startswith("-O") and len(a) > 2:
+            out.append(a[2:])
+        elif a in ("--remote-name", "--remote-name-all") or (
+            name == "curl" and a.startswith("-") and not a.startswith("--") and "O" in a
+        ):
+            writes_remote_name = True
+    if writes_remote_name:
+        out.extend(remote)
+    return out
+
+
+def _endless_spawner(node: Any, kind: str) -> bool:
+    """`while true; do x & done`: a loop with a constant condition that backgrounds jobs."""
+    parts = [p for p in node.parts if p.kind != "reservedword"]
+    if len(parts) < 2:
+        return False
+    cond = parts[0]
+    words = _words_of(cond)
+    constant = words in (["true"], [":"], ["1"]) if kind == "while" else words == ["false"]
+    return constant and _has_background(parts[1])
+
+
+def _words_of(node: Any) -> list[str]:
+    if node.kind == "list":
+        node = next((p for p in node.parts if p.kind != "operator"), node)
+    if node.kind != "command":
+        return []
+    return [p.word for p in node.parts if p.kind == "word"]
+
+
+def _has_background(node: Any) -> bool:
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if getattr(n, "kind", None) == "operator" and getattr(n, "op", None) == "&":
+            return True
+        stack.extend(getattr(n, "parts", None) or [])
+        stack.extend(getattr(n, "list", None) or [])
+    return False
 
 
 def _is_bash_socket(target: str) -> bool:
