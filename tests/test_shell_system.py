@@ -357,6 +357,13 @@ ASK = [
     "ps -ef e",
     "ps axe -o pid,cmd",
     "ps --foo",
+    # globs and variables that could become options
+    "openssl x509 -noout -in *",
+    "helm list $X",
+    "iostat *",
+    "dig $NAME",
+    "nft list $X",
+    "apt list *",
     # never-ending or interactive
     "top",
     "top -b",

@@ -36,6 +36,7 @@ from collections.abc import Callable
 
 from runtime.tools.shell.options import getopt
 from runtime.tools.shell.paths import secret_reason
+from runtime.tools.shell.programs import FLAG_SENSITIVE
 from runtime.tools.shell.specs import (
     ANY,
     NAME,
@@ -734,6 +735,39 @@ SYSTEM_POLICIES: dict[str, Policy] = {
     "dig": _policy_dig,
     "nslookup": _policy_nslookup,
 }
+
+
+def _no_late_options(policy: Policy) -> Policy:
+    """A word that could become an option at run time needs approval.
+
+    The analyser asks about globs and variables for the programs in
+    `FLAG_SENSITIVE` and the allow-listed ones; the other programs here get
+    the same rule from this wrapper: a glob that starts with a wildcard
+    (a file named `-out` would become an option) or any expansion.
+    """
+
+    def guarded(argv: list[str]) -> Verdict | None:
+        for i, word in enumerate(argv[1:], 1):
+            if argv[0] == "dpkg-query" and (
+                word.startswith(("-f", "--showformat")) or argv[i - 1] in ("-f", "--showformat")
+            ):
+                continue  # `${Package}` is dpkg-query's own format syntax (always quoted)
+            if word[:1] in ("*", "?", "[") or "$" in word or "`" in word:
+                return _approval(
+                    "unknown", "medium", f"`{word}` could expand to an option of `{argv[0]}`"
+                )
+        return policy(argv)
+
+    return guarded
+
+
+SYSTEM_POLICIES.update(
+    {
+        name: _no_late_options(policy)
+        for name, policy in SYSTEM_POLICIES.items()
+        if name not in FLAG_SENSITIVE and name not in SYSTEM_SPECS
+    }
+)
 
 # Programs whose read-only use needs more than the default sandbox (see the
 # module docstring); for helper A's `profiles.PROGRAM_PROFILES`.
