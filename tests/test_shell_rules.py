@@ -298,6 +298,7 @@ def test_describe_rule() -> None:
         describe_rule("prefix", "rm -rf build")
         == "`rm -rf build`, optionally followed by more files inside the workspace"
     )
+    assert describe_rule("prefix", "bash -c").startswith("`bash -c` (covers nothing: ")
 
 
 # -- rule_covers: what a prefix adds ------------------------------------------
@@ -417,6 +418,16 @@ RULES = [
         ("(git pull)", False),
         ("{ git pull; }", False),
         ("for x in 1; do git pull; done", False),
+        ("git() { sh; }; git pull", False),
+        ("function git { sh; }; git pull", False),
+        ("alias git=sh; git pull", False),
+        ("if true; then git pull; fi", False),
+        ("git pull $'\\x2e\\x2e'", False),
+        ("rm -rf build $'\\x2e\\x2e'", False),
+        ("rm -rf build $((1))", False),
+        ("rm -rf build a#b", False),
+        ("rm -rf build \\.\\.", False),
+        ("rm -rf build .\\./x", False),
         ("git pull > out", False),
         ("git pull >> ../x", False),
         ("git pull 2> /tmp/x", False),

@@ -331,7 +331,11 @@ def describe_rule(kind: str, pattern: str) -> str:
         return f"exactly `{pattern}`"
     if kind == "prefix":
         part = _prefix_part(pattern)
-        if part is not None and path_operands_allowed(part.values):
+        refusal = "it is not one simple command" if part is None else _prefix_refusal(part)
+        if refusal:
+            return f"`{pattern}` (covers nothing: {refusal})"
+        assert part is not None
+        if path_operands_allowed(part.values):
             return f"`{pattern}`, optionally followed by more files inside the workspace"
         return f"`{pattern}` (its options and operands exactly as named)"
     return f"{kind} `{pattern}`"
