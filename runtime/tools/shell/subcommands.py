@@ -29,6 +29,7 @@ Decisions worth knowing (docs/shell-policy.md repeats them):
 
 from __future__ import annotations
 
+import posixpath
 import re
 from collections.abc import Callable, Mapping, Sequence
 
@@ -898,6 +899,32 @@ _GIT_WRITE_REASONS = {
 }
 
 
+# Subcommands that only list in some forms (judged below).
+_GIT_LISTING = frozenset({"branch", "tag", "remote", "config", "stash", "reflog", "worktree"})
+# World-writable places where anyone can plant a repository with a hostile config.
+_PLANTABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/user")
+
+
+def _foreign_repository(dirs: list[str], git_dir: bool) -> str | None:
+    """Why a read-only git command on another repository needs approval, or None.
+
+    A repository's config can make even read commands run programs (a diff
+    driver, a clean filter, `core.fsmonitor`). The workspace's repository and
+    one named with `-C` are the operator's; `--git-dir`/`--work-tree` and a
+    `-C` into a world-writable directory can be anyone's.
+    """
+    if git_dir:
+        return (
+            "`git --git-dir`/`--work-tree` reads another repository's config, "
+            "which can run programs"
+        )
+    for d in dirs:
+        path = posixpath.normpath(d)
+        if any(path == root or path.startswith(root + "/") for root in _PLANTABLE):
+            return f"`git -C {d}`: a repository anyone can write has a config that can run programs"
+    return None
+
+
 def _git_read(sub: str, rest: list[str]) -> Verdict | None:
     """The allow-list of one read-only git subcommand."""
     label = f"git {sub}"
@@ -934,6 +961,9 @@ def _policy_git(argv: list[str]) -> Verdict | None:
     idx = opts.positionals[0]
     sub, rest = argv[idx], argv[idx + 1 :]
     sub_argv = [f"git {sub}", *rest]
+    foreign = _foreign_repository(opts.values("-C"), opts.has("--git-dir", "--work-tree"))
+    if foreign and (sub in GIT_READ or sub in _GIT_LISTING):
+        return _approval("process", "high", foreign)
     if sub in GIT_READ:
         if sub == "grep" and has_flag(sub_argv, "O", {"--open-files-in-pager"}):
             return _approval("process", "high", "`git grep -O` runs a pager program")
