@@ -137,6 +137,12 @@ def test_validate_rule_refusals(kind: str, pattern: str, message: str) -> None:
         ("perl -e", "code flag"),
         ("ruby -e", "code flag"),
         ("php -r", "code flag"),
+        ("perl -pe", "code flag"),
+        ("ruby -ne", "code flag"),
+        ("python3 -Bc", "code flag"),
+        ("node -pe", "code flag"),
+        ("node --eval=x", "code flag"),
+        ("python3 -i", "code flag"),
         ("sudo bash -c", "code flag"),
         ("env FOO=1 python3 -c", "code flag"),
         # a wrapper followed by nothing specific
@@ -843,3 +849,40 @@ async def test_rules_add_refuses_with_the_reason_and_stores_nothing(rt: Runtime)
     reply = await runner.execute(c.RulesAdd("prefix", "rm -rf build"), admin)
     assert reply.startswith("Added rule"), reply
     assert [r.pattern for r in await rt.approvals.list_rules()] == ["rm -rf build"]
+
+
+async def test_the_cli_refuses_a_dangerous_prefix_and_says_why(tmp_path: Path) -> None:
+    import asyncio
+    import os
+    import sys
+
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("DUCKLM_", "SLACK_", "MATRIX_"))
+    }
+    (tmp_path / "workspace").mkdir()
+    env.update(DUCKLM_DB=str(tmp_path / "ducklm.db"), DUCKLM_WORKSPACE=str(tmp_path / "workspace"))
+
+    async def ducklm(*args: str) -> tuple[int, str]:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bot.cli",
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            cwd=tmp_path,
+            env=env,
+        )
+        out, _ = await asyncio.wait_for(process.communicate(), 120)
+        assert process.returncode is not None
+        return process.returncode, out.decode()
+
+    _, out = await ducklm("rules", "add", "prefix", "bash", "-lc")
+    assert "Rule not added" in out and "code flag" in out and "make an exact rule" in out, out
+    _, out = await ducklm("rules", "add", "prefix", "kubectl", "exec")
+    assert "Rule not added" in out and "inside a pod" in out, out
+    code, out = await ducklm("rules", "add", "exact", "bash -lc 'systemctl reload nginx'")
+    assert code == 0 and "Added rule" in out, out
+    _, out = await ducklm("rules", "list")
+    assert "bash -lc 'systemctl reload nginx'" in out and "kubectl" not in out, out

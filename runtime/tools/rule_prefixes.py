@@ -140,9 +140,10 @@ _LANGUAGES = frozenset(
      "expect", "gdb", "pypy", "pypy3"}
 )  # fmt: skip
 _SHELL_CODE_FLAG = re.compile(r"^-[A-Za-z]*[cs][A-Za-z]*$|^--(command|init-file|rcfile)")
-_INTERPRETER_CODE_FLAGS = frozenset(
-    {"-c", "-e", "-E", "-r", "-p", "-x", "--eval", "--print", "--command", "--exec", "-i"}
-)
+# A short option bundle holding one of these letters (`-c`, `-pe`, `-Bc`, `-ne`)
+# gives the interpreter code to run, or makes it read code from its input.
+_INTERPRETER_CODE_FLAG = re.compile(r"^-[A-Za-z]*[ceEprxi][A-Za-z]*$")
+_INTERPRETER_CODE_LONG = ("--eval", "--print", "--command", "--exec", "--interactive")
 # git options that run a program or set configuration (which can name one).
 _GIT_CODE_OPTIONS = ("--config-env", "--exec-path", "--upload-pack", "--receive-pack", "--exec",
                      "--extcmd", "--ext-diff", "--tool")  # fmt: skip
@@ -228,7 +229,12 @@ def _code_problem(argv: Sequence[str]) -> str | None:
     if name in SHELLS and any(_SHELL_CODE_FLAG.match(a) for a in rest):
         return f"`{name}` with its code flag runs any command string"
     if _is_interpreter(name) and name not in SHELLS:
-        if any(a in _INTERPRETER_CODE_FLAGS or _long_hit(a, ("--eval", "--print")) for a in rest):
+        if any(
+            _INTERPRETER_CODE_FLAG.match(a)
+            or a.split("=", 1)[0] in _INTERPRETER_CODE_LONG
+            or _long_hit(a, _INTERPRETER_CODE_LONG)
+            for a in rest
+        ):
             return f"`{name}` with its code flag runs any code"
     if _is_interpreter(name) and not _positionals(argv):
         return f"`{name}` alone reads code from its input or arguments"
