@@ -616,7 +616,6 @@ APPROVE = [
     "kubectl get all,secret",
     "ip -n x addr",
     "ls | sh",
-    "echo rm -rf / | sh",
     "cd .. && rm -rf x",
     "cd /var/www && rm -rf cache",
     "cd /etc && touch x",
@@ -636,6 +635,8 @@ BLOCK = [
     # signals to init or to every process (issue 13, item 5); `kill -9 1` was
     # "approval" before and is blocked now
     "kill -9 1",
+    # the echoed text piped into a shell is the script (was "approval")
+    "echo rm -rf / | sh",
     "rm -rf /*",
     "rm -rf / ",
     "rm -fr /",

@@ -30,6 +30,7 @@ from runtime.tools.shell.paths import (
     _escapes,
     _outside_workspace,
     canonical_path,
+    holds_secrets,
     is_critical_file,
     is_disk,
     secret_reason,
@@ -59,7 +60,7 @@ from runtime.tools.shell.programs import (
     SYSTEM_BIN_DIRS,
     WRITE_PROGRAMS,
 )
-from runtime.tools.shell.specs import Spec, judge
+from runtime.tools.shell.specs import Spec, judge, parse
 from runtime.tools.shell.specs_system import SYSTEM_POLICIES, SYSTEM_SPECS
 from runtime.tools.shell.specs_text import TEXT_SPECS
 from runtime.tools.shell.verdict import Verdict, _block, _cap, _read, _worse, worst
@@ -94,6 +95,9 @@ class _Analyzer:
         # `wget URL`, `curl URL > x`), by full word and by base name: running
         # one later (`sh x`, `./x`) runs unreviewed code and is blocked.
         self.downloads: set[str] = set()
+        # `cd src` moved below the workspace root: `.` is no longer the root
+        # where a project keeps its `.env`.
+        self.subdir = False
 
     # -- entry -----------------------------------------------------------
 
@@ -139,6 +143,7 @@ class _Analyzer:
         inner = _Analyzer(self.depth + 1)
         inner.cwd = self.cwd
         inner.downloads = self.downloads
+        inner.subdir = self.subdir
         inner.analyze(text)
         self.merge(inner)
         return inner
@@ -235,6 +240,12 @@ class _Analyzer:
 
     def _pipe_to_shell(self, effective: list[list[str] | None]) -> None:
         for i, left in enumerate(effective):
+            if left and _prog_name(left[0]) in ("echo", "printf") and i + 1 < len(effective):
+                right = effective[i + 1]
+                if right and _runs_stdin_as_code(right):
+                    # `echo ':(){ :|:& };:' | bash`: the echoed text is the script
+                    words = [w for w in left[1:] if not (w.startswith("-") and w == left[1])]
+                    self.sub(" ".join(words))
             if not left or _prog_name(left[0]) not in DOWNLOADERS:
                 continue
             for right in effective[i + 1 :]:
@@ -251,7 +262,7 @@ class _Analyzer:
         """Scan a word node: substitutions are analysed as commands of their own."""
         raw = self.text[node.pos[0] : node.pos[1]] if hasattr(node, "pos") else node.word
         glob, brace, expand = _raw_features(raw)
-        arg = Arg(node.word, raw, glob=glob, brace=brace, expand=expand)
+        arg = Arg(_unquoted(node.word, raw, expand), raw, glob=glob, brace=brace, expand=expand)
         stack = list(getattr(node, "parts", None) or [])
         while stack:
             part = stack.pop()
@@ -321,6 +332,8 @@ class _Analyzer:
             reason = secret_reason(target)
             if reason:
                 self.add(Verdict("read", "high", f"{reason}; reading it needs approval."))
+            elif canonical_path(target) in ENDLESS_DEVICES:
+                self.add(Verdict("process", "medium", f"Reading `{target}` never ends."))
             elif not target_arg.literal and not target_arg.tilde:
                 self.add(
                     Verdict("read", "medium", f"The input file `{target}` is computed at run time.")
@@ -370,8 +383,9 @@ class _Analyzer:
                 args.append(self.word(part))
             elif pk == "assignment":
                 self.complex = True
-                self.word(part)  # substitutions inside the value
-                assigns.append(part.word)
+                value = self.word(part)  # substitutions inside the value
+                if not (value.literal and _harmless_assignment(part.word)):
+                    assigns.append(part.word)
             elif pk == "redirect":
                 stdin = self.redirect(part) or stdin
             else:
@@ -515,7 +529,8 @@ class _Analyzer:
             self.cwd = "~"
             return
         target = operands[0]
-        if target.word == "-" or target.subst or (target.expand and not target.params):
+        unknown = [p for p in target.params if p not in SAFE_VARIABLES]
+        if target.word == "-" or target.subst or (target.expand and not target.params) or unknown:
             self.cwd = "?"
             return
         path = canonical_path(target.word)
@@ -523,6 +538,8 @@ class _Analyzer:
             self.cwd = path
         elif self.cwd is None:
             self.cwd = "?" if _escapes(target.word) else None
+            if self.cwd is None and target.word.strip("./"):
+                self.subdir = True  # below the workspace root (`cd src`)
         elif self.cwd != "?":
             self.cwd = canonical_path(resolve_operand(target.word, self.cwd)) or "?"
 
@@ -603,6 +620,12 @@ class _Analyzer:
         words = self._word_problem(name, args)
         if words:
             return words
+        endless = _endless_input(name, argv)
+        if endless:
+            return endless
+        recursive = _recursive_secret_read(name, argv, self.subdir and self.cwd is None)
+        if recursive:
+            return recursive
         label = name
         if name in _SUBCOMMAND_PROGRAMS:
             verb = next((a for a in argv[1:] if not a.startswith("-")), None)
@@ -830,6 +853,95 @@ class _Analyzer:
         self._pipe_to_shell(effective)
 
 
+# Devices that never run dry: reading one to its end is a runaway.
+ENDLESS_DEVICES = frozenset({"/dev/zero", "/dev/urandom", "/dev/random", "/dev/full"})
+_HEAD_BOUND = re.compile(r"[0-9]{1,7}")  # `head -c 32 /dev/urandom`: a bounded read
+
+
+def _endless_input(name: str, argv: list[str]) -> Verdict | None:
+    """`cat /dev/zero`, `sort /dev/urandom`: a read that never ends (or fills memory)."""
+    hits = [w for w in argv[1:] if canonical_path(w.rsplit("=", 1)[-1]) in ENDLESS_DEVICES]
+    if not hits:
+        return None
+    if name == "head":
+        counts = [argv[i + 1] for i, w in enumerate(argv[:-1]) if w in ("-c", "-n")]
+        counts += [w[2:] for w in argv[1:] if w[:2] in ("-c", "-n") and len(w) > 2]
+        if counts and all(_HEAD_BOUND.fullmatch(c) for c in counts):
+            return None
+    return Verdict("process", "medium", f"Reading `{hits[0]}` with `{name}` never ends.")
+
+
+# Variables that only change how a program formats its output (locale, time
+# zone, width, colour), given a plain value: `LC_ALL=C sort`. Anything else
+# (`PATH=`, `LD_PRELOAD=`, `PAGER=`, `GIT_*`) can change what runs.
+_HARMLESS_VARIABLE = re.compile(
+    r"(LANG|LANGUAGE|LC_[A-Z]+|TZ|COLUMNS|LINES|NO_COLOR|TERM|POSIXLY_CORRECT)="
+    r"(?![:/])(?!.*\.\.)[A-Za-z0-9_.@+/-]{0,64}"
+)
+
+
+def _harmless_assignment(word: str) -> bool:
+    return bool(_HARMLESS_VARIABLE.fullmatch(word))
+
+
+_GREPS = frozenset({"grep", "egrep", "fgrep", "zgrep", "zegrep", "zfgrep"})
+
+
+def _recursive_secret_read(name: str, argv: list[str], in_subdir: bool) -> Verdict | None:
+    """`grep -r x /etc`, `grep -r x .`, `rg --hidden x`: every file under a tree with secrets.
+
+    grep's recursion includes hidden files (the workspace's `.env`); ripgrep
+    skips hidden ones unless told (`--hidden`, `-uu`), but not `/etc/shadow`.
+    """
+    if name not in _GREPS and name != "rg":
+        return None
+    allow = ALLOW_LISTS[name]
+    opts = parse(allow, argv)
+    if opts.error:
+        return None  # the allow-list already asked
+    operands = [argv[i] for i in opts.positionals]
+    if not opts.has("-e", "--regexp", "-f", "--file") and operands and not opts.has("--files"):
+        operands = operands[1:]  # the pattern
+    if name in _GREPS:
+        recursive = opts.has("-r", "-R", "--recursive", "--dereference-recursive") or any(
+            v == "recurse" for v in opts.values("-d", "--directories")
+        )
+        if not recursive:
+            return None
+        hidden = True
+    else:
+        u_count = sum(w.count("u") for w in argv[1:] if w[:1] == "-" and w[1:2] != "-")
+        hidden = opts.has("--hidden") or u_count >= 2
+    for start in operands or ["."]:
+        relative = canonical_path(start) is None
+        if relative and in_subdir and not _escapes(start):
+            continue  # `cd src && grep -r x .`: a subdirectory, not the root
+        if (hidden or not relative) and holds_secrets(start):
+            return Verdict(
+                "read",
+                "high",
+                f"`{name}` reads every file under `{start}`, where secrets are kept.",
+            )
+    return None
+
+
+def _unquoted(word: str, raw: str, expand: bool) -> str:
+    """The word bash passes on, for a word without expansions.
+
+    bashlex leaves the quotes of a single-quoted piece that follows a
+    double-quoted one (`"/etc/sh"'ad'ow` comes back as `/etc/sh'ad'ow`), which
+    would hide `/etc/shadow` from the secret check; shlex removes quotes the
+    way bash does when nothing in the word expands.
+    """
+    if expand or ("'" not in raw and '"' not in raw):
+        return word
+    try:
+        split = shlex.split(raw, comments=False, posix=True)
+    except ValueError:
+        return word
+    return split[0] if len(split) == 1 else word
+
+
 def _download_targets(name: str, argv: list[str]) -> list[str]:
     """The files a download command writes (`-o F`, `-O`, wget's default name)."""
     out: list[str] = []
@@ -971,7 +1083,8 @@ def _wrap(
     # NAME=value words right after the wrapper are environment assignments.
     assigns = []
     while inner_args and re.match(r"[A-Za-z_][A-Za-z0-9_]*=", inner_args[0].word):
-        assigns.append(inner_args[0].word.split("=", 1)[0])
+        if not (inner_args[0].literal and _harmless_assignment(inner_args[0].word)):
+            assigns.append(inner_args[0].word.split("=", 1)[0])
         inner_args = inner_args[1:]
     if not inner_args:
         return _worse(alone, floor) if assigns and floor.risk != "low" else alone, argv

@@ -8,6 +8,7 @@ into. Everything here is `critical` and refused, even with approval.
 
 from __future__ import annotations
 
+import posixpath
 import re
 from collections.abc import Sequence
 
@@ -70,6 +71,8 @@ def resolve_operand(word: str, cwd: str | None) -> str:
 
 def blocked_reason(name: str, argv: Sequence[str], cwd: str | None = None) -> str | None:
     """Why this simple command (program `name`) destroys the system, or None."""
+    if any("{" in a for a in argv[1:]):
+        argv = [argv[0], *(w for a in argv[1:] for w in brace_expand(a))]
     if cwd is not None and name in _FILE_OPERAND_PROGRAMS:
         argv = [argv[0], *(resolve_operand(a, cwd) for a in argv[1:])]
     if name in POWER_PROGRAMS:
@@ -160,9 +163,71 @@ def blocked_reason(name: str, argv: Sequence[str], cwd: str | None = None) -> st
         starts = [a for a in argv[1:] if not a.startswith("-") and a not in ("(", ")", "!")]
         if starts and is_protected(starts[0]):
             return f"`find {starts[0]} -delete` would delete the system"
+    if name == "find":
+        reason = _find_exec_blocked(argv)
+        if reason:
+            return reason
     for target in _output_options(name, argv):
         if is_critical_file(target) or is_disk(target):
             return f"`{name}` would overwrite `{target}`"
+    return None
+
+
+_BRACE = re.compile(r"\{([^{}]*,[^{}]*)\}")
+_MAX_EXPANSIONS = 256
+
+
+def brace_expand(word: str) -> list[str]:
+    """The words bash's brace expansion makes of `word` (`/{bin,etc}` → `/bin`, `/etc`).
+
+    Comma lists only, nested ones from the inside out; `{a..z}` sequences and
+    anything beyond `_MAX_EXPANSIONS` words are left as they are. Used so a
+    blocked form written with braces (`rm -rf /{bin,etc,usr}`) stays blocked.
+    """
+    words = [word]
+    for _ in range(16):
+        out: list[str] = []
+        changed = False
+        for w in words:
+            m = _BRACE.search(w)
+            if m is None:
+                out.append(w)
+                continue
+            changed = True
+            out.extend(w[: m.start()] + part + w[m.end() :] for part in m.group(1).split(","))
+        if not changed or len(out) > _MAX_EXPANSIONS:
+            return words if len(out) > _MAX_EXPANSIONS else out
+        words = out
+    return words
+
+
+_FIND_EXEC = frozenset({"-exec", "-execdir", "-ok", "-okdir"})
+
+
+def _find_exec_blocked(argv: Sequence[str]) -> str | None:
+    """`find / -exec rm -rf {} +`: the command find runs, with `{}` as each start point."""
+    words = list(argv[1:])
+    starts = []
+    for w in words:
+        if w.startswith("-") or w in ("(", ")", "!", ","):
+            break
+        starts.append(w)
+    starts = starts or ["."]
+    i = 0
+    while i < len(words):
+        if words[i] in _FIND_EXEC:
+            j = i + 1
+            while j < len(words) and words[j] not in (";", "+"):
+                j += 1
+            inner = words[i + 1 : j]
+            if inner:
+                for start in starts:
+                    filled = [w.replace("{}", start) for w in inner]
+                    reason = blocked_reason(posixpath.basename(filled[0]), filled)
+                    if reason:
+                        return f"`find {start} {words[i]}` runs a command that {reason}"
+            i = j
+        i += 1
     return None
 
 
@@ -186,12 +251,30 @@ _SYSTEMCTL_STARTS = frozenset(
 )  # fmt: skip
 
 
+# The services behind the power targets: starting one is the same as the target.
+_POWER_SERVICES = frozenset(
+    f"systemd-{v}" for v in ("reboot", "poweroff", "halt", "kexec", "suspend", "hibernate",
+                             "hybrid-sleep", "suspend-then-hibernate", "soft-reboot")
+)  # fmt: skip
+
+
 def _target_name(unit: str, verb: str) -> str | None:
-    """The power or rescue target a unit operand names, or None."""
+    """The power or rescue target a unit operand names, or None.
+
+    A bare `rescue`/`emergency` means the service of that name, which puts a
+    root shell on the console and stops what conflicts with it: blocked too.
+    """
     base = unit.removesuffix(".target")
     if unit.endswith(".target") or verb == "isolate":  # isolate assumes `.target`
         return base if base in _POWER_TARGETS else None
+    service = unit.removesuffix(".service")
+    if service in _POWER_SERVICES or service in ("rescue", "emergency"):
+        return service
     return None
+
+
+# Units whose every process is the machine: init itself, the root slice.
+_WHOLE_MACHINE_UNITS = frozenset({"init.scope", "-.slice", "system.slice"})
 
 
 def _systemctl_power(argv: Sequence[str], pos: list[str]) -> str | None:
@@ -202,6 +285,10 @@ def _systemctl_power(argv: Sequence[str], pos: list[str]) -> str | None:
     if any(p in SYSTEMCTL_POWER for p in pos):
         return "`systemctl` would shut down or restart the machine"
     verb = pos[0] if pos else ""
+    if verb in ("kill", "stop", "freeze", "clean") and any(
+        u in _WHOLE_MACHINE_UNITS for u in pos[1:]
+    ):
+        return f"`systemctl {verb}` of init or the root slice takes every service down"
     if verb in _SYSTEMCTL_STARTS:
         for unit in pos[1:]:
             target = _target_name(unit, verb)

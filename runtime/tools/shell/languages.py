@@ -36,6 +36,9 @@ def sed_script_problem(script: str) -> str | None:
     problem, so a trick it misses needs approval instead of running.
     """
     s, n, i = script, len(script), 0
+    # label -> whether input was read (`n`/`N`) since it: a branch back to a
+    # label with no read in between loops forever (`:a;s/^/x/;ta`, `:a;ba`).
+    labels: dict[str, bool] = {}
 
     def read_delimited(j: int, delim: str) -> int:
         # returns the index just past the closing delimiter, or -1
@@ -101,6 +104,8 @@ def sed_script_problem(script: str) -> str | None:
             i += 1
             continue
         if c in _SED_SIMPLE:
+            if c in "nN":
+                labels = dict.fromkeys(labels, True)
             i += 1
             while i < n and s[i].isdigit():  # q5, l40
                 i += 1
@@ -125,7 +130,12 @@ def sed_script_problem(script: str) -> str | None:
             while i < n and s[i] in " \t" and c != ":":
                 i += 1
             label = _SED_LABEL.match(s, i)
+            name = label.group() if label else ""
             i = label.end() if label else i
+            if c == ":":
+                labels[name] = False
+            elif c in "btT" and name and labels.get(name) is False:
+                return f"branches back to `:{name}` without reading input, so it may never end"
             while i < n and s[i] in " \t":
                 i += 1
             if i < n and s[i] not in ";\n}":
@@ -172,6 +182,8 @@ def sed_language(argv: Sequence[str], opts: Opts) -> Verdict | None:
         scripts = [argv[opts.positionals[0]]]
     for script in scripts:
         problem = sed_script_problem(script)
+        if problem and "never end" in problem:
+            return Verdict("process", "medium", f"The `sed` script {problem}.")
         if problem:
             return Verdict("write", "high", f"The `sed` script {problem}.")
     return None
@@ -298,6 +310,10 @@ def awk_program_problem(prog: str) -> str | None:
     return None
 
 
+# Loops whose condition is a constant: `while(1)`, `for(;;)`, `while ("x")`.
+_AWK_ENDLESS = re.compile(r'while\s*\(\s*([1-9][0-9]*|"[^"]+")\s*\)|for\s*\([^;()]*;\s*;')
+
+
 def awk_language(argv: Sequence[str], opts: Opts) -> Verdict | None:
     """The program of an awk call (`-e`/`--source`, or the first operand) and its assignments."""
     programs = opts.values("-e", "--source")
@@ -310,6 +326,14 @@ def awk_language(argv: Sequence[str], opts: Opts) -> Verdict | None:
         problem = awk_program_problem(prog)
         if problem:
             return Verdict("process", "high", f"The `{argv[0]}` program {problem}.")
+        endless = _AWK_ENDLESS.search(prog)
+        if endless:
+            return Verdict(
+                "process",
+                "medium",
+                f"The `{argv[0]}` program loops on a constant (`{endless.group()}`): "
+                "it may never end.",
+            )
     assignments = opts.values("-v", "--assign") + [
         w for w in operands if re.match(r"[A-Za-z_][A-Za-z0-9_]*=", w)
     ]
@@ -341,6 +365,14 @@ _YQ_FORBIDDEN = re.compile(
 )
 
 
+# Filters that produce without end or fill memory from nothing: generators
+# with no bound of their own, and numbers big enough to be a runaway on purpose.
+_JQ_ENDLESS = re.compile(r"(?<![.\w$])(repeat|while|until|recurse\s*\(|infinite)")
+_JQ_NUMBER = re.compile(r"(?<![\w.$])[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+_JQ_DEF = re.compile(r"\bdef\s+([A-Za-z_][A-Za-z0-9_]*)\s*(\([^)]*\))?\s*:([^;]*)")
+_JQ_BIG = 10_000_000
+
+
 def jq_filter_problem(program: str, *, yq: bool = False) -> str | None:
     """Why a jq (or yq) filter reaches outside its input, or None."""
     hit = _JQ_FORBIDDEN.search(program) or (yq and _YQ_FORBIDDEN.search(program))
@@ -349,13 +381,35 @@ def jq_filter_problem(program: str, *, yq: bool = False) -> str | None:
     return None
 
 
+def jq_runaway(program: str) -> str | None:
+    """Why a jq filter may never end or fill memory, or None."""
+    hit = _JQ_ENDLESS.search(program)
+    if hit:
+        return f"uses `{hit.group().rstrip('( ')}`, which may never end"
+    for number in _JQ_NUMBER.finditer(program):
+        try:
+            big = float(number.group()) >= _JQ_BIG
+        except ValueError:
+            big = True
+        if big:
+            return f"counts to `{number.group()}`, which may fill memory or never end"
+    for d in _JQ_DEF.finditer(program):
+        if re.search(rf"(?<![.\w$]){re.escape(d.group(1))}\b", d.group(3)):
+            return f"defines `{d.group(1)}` in terms of itself, which may never end"
+    return None
+
+
 def jq_language(argv: Sequence[str], opts: Opts) -> Verdict | None:
     """The filter of a jq call: the first operand (a `-f` program file is refused by the spec)."""
     if not opts.positionals:
         return None
-    problem = jq_filter_problem(argv[opts.positionals[0]])
+    program = argv[opts.positionals[0]]
+    problem = jq_filter_problem(program)
     if problem:
         return Verdict("read", "high", f"The `jq` filter {problem}.")
+    runaway = jq_runaway(program)
+    if runaway:
+        return Verdict("process", "medium", f"The `jq` filter {runaway}.")
     return None
 
 

@@ -73,7 +73,8 @@ PROC_SAFE_LEAVES = frozenset(
      "oom_score", "oom_adj", "oom_score_adj", "wchan", "stack", "devices", "buddyinfo",
      "zoneinfo", "slabinfo", "softirqs", "cgroups", "crypto", "misc", "locks", "consoles",
      "execdomains", "kallsyms", "key-users", "net", "sys", "pressure", "cpu", "memory",
-     "psi", "tty", "driver", "fs", "kernel", "vm"}
+     "psi", "tty", "driver", "fs", "kernel", "vm", "mdstat", "ioports", "dma", "pagetypeinfo",
+     "scsi", "drbd", "irq", "bus", "sysvipc"}
 )  # fmt: skip
 
 
@@ -244,6 +245,30 @@ def _glob_reaches_secret_path(path: str) -> bool:
         ):
             return True
     return False
+
+
+# Where secrets live, as directories a recursive read may start above.
+_SECRET_HOLDERS = (
+    *SECRET_PATH_SAMPLES, *SECRET_ROOTS, "/proc/1/environ", "/home/user/.ssh/id_rsa",
+    "/root/.ssh/id_rsa",
+)  # fmt: skip
+
+
+def holds_secrets(word: str) -> bool:
+    """Whether a recursive read starting at directory `word` reaches a secret location.
+
+    The workspace itself (`.`, or a climb out of it with `..`) counts: a `.env`
+    usually sits at a project's root. A named subdirectory (`src`) does not; a
+    secret file inside one is left to the sandbox (a known limit).
+    """
+    path = canonical_path(word)
+    if path is None:
+        stripped = word.rstrip("/")
+        return stripped in ("", ".", "./") or _escapes(word)
+    if path in ("/", "~") or _is_home(path):
+        return True
+    prefix = path.rstrip("/") + "/"
+    return any(h.startswith(prefix) or h == path for h in _SECRET_HOLDERS)
 
 
 def _under(path: str, roots: tuple[str, ...] | frozenset[str]) -> bool:

@@ -20,6 +20,8 @@ Options that name a file to read (`grep -f`, `wc --files0-from`) take
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from runtime.tools.shell.languages import (
     awk_language,
     compress_language,
@@ -29,6 +31,7 @@ from runtime.tools.shell.languages import (
     test_language,
     yq_language,
 )
+from runtime.tools.shell.options import Opts
 from runtime.tools.shell.specs import (
     ANY,
     NAME,
@@ -531,14 +534,55 @@ _OLD_SUM = spec("-r -s --sysv --help --version", glob_safe=True)
 _ECHO = spec("-n -e -E", lenient=True, stop_at_positional=True)
 _PRINTF = spec("", lenient=True, stop_at_positional=True)  # no `-v VAR`: bash's printf assigns
 _IGNORES_ARGS = spec(lenient=True)  # true, false
+MAX_SLEEP_SECONDS = 300  # longer only meets the command timeout (60 s by default)
+MAX_SEQ_LINES = 10_000_000
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _sleep_bounded(argv: Sequence[str], opts: Opts) -> Verdict | None:
+    """A sleep of more than a few minutes is a runaway: it needs approval."""
+    total = 0.0
+    for i in opts.positionals:
+        word = argv[i]
+        unit = word[-1] if word[-1:] in "smhd" else ""
+        try:
+            total += float(word[: len(word) - len(unit)]) * _UNIT_SECONDS[unit]
+        except ValueError:
+            return Verdict("unknown", "medium", f"`sleep {word}` is not a duration.")
+    if total > MAX_SLEEP_SECONDS:
+        return Verdict(
+            "process", "medium", f"`sleep` for {total:g} s outlasts any command timeout."
+        )
+    return None
+
+
+def _seq_bounded(argv: Sequence[str], opts: Opts) -> Verdict | None:
+    """`seq 1 1e12` prints without end, for practical purposes."""
+    try:
+        numbers = [float(argv[i]) for i in opts.positionals]
+    except ValueError:
+        return None  # the operand shape already refused it
+    if not numbers:
+        return None
+    first, step, last = (
+        (1.0, 1.0, numbers[0])
+        if len(numbers) == 1
+        else ((numbers[0], 1.0, numbers[1]) if len(numbers) == 2 else tuple(numbers[:3]))
+    )
+    if step == 0 or (last - first) / step > MAX_SEQ_LINES:
+        return Verdict("process", "medium", "`seq` would print too many lines.")
+    return None
+
+
 _SEQ = spec(
     "-w --equal-width --help --version",
     {**with_values(FORMAT, "-f --format"), **with_values(ANY, "-s --separator")},
     numbers_are_operands=True,
     max_operands=3,
     operand=NUMBER,
+    language=_seq_bounded,
 )
-_SLEEP = spec("--help --version", operand=DURATION)  # a long sleep only meets the timeout
+_SLEEP = spec("--help --version", operand=DURATION, language=_sleep_bounded)
 _EXPR = spec(lenient=True, numbers_are_operands=True)  # arithmetic and string operators
 _REALPATH = spec(
     "-e --canonicalize-existing -m --canonicalize-missing -L --logical -P --physical "
@@ -647,6 +691,28 @@ def _compressor(extra_flags: str) -> Spec:
     )
 
 
+_GETENT_DATABASES = frozenset(
+    "hosts ahosts ahostsv4 ahostsv6 networks protocols services passwd group netgroup rpc "
+    "ethers aliases initgroups".split()
+)
+
+
+def _getent_database(argv: Sequence[str], opts: Opts) -> Verdict | None:
+    """`getent shadow` prints password hashes; the other databases are public."""
+    if not opts.positionals:
+        return Verdict("unknown", "medium", "`getent` needs a database name.")
+    database = argv[opts.positionals[0]]
+    if database in _GETENT_DATABASES:
+        return None
+    return Verdict("read", "high", f"`getent {database}` may print secrets; it needs approval.")
+
+
+_GETENT = spec(
+    "-i --no-idn -h --help -V --version",
+    with_values(NAME, "-s --service"),
+    language=_getent_database,
+)
+
 TEXT_SPECS: dict[str, Spec] = {
     "ls": _LS,
     "cat": _CAT,
@@ -743,4 +809,5 @@ TEXT_SPECS: dict[str, Spec] = {
     "printenv": _PRINTENV,
     "tsort": _TSORT,
     "cd": _CD,
+    "getent": _GETENT,
 }
