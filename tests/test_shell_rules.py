@@ -522,6 +522,12 @@ def test_added_operands_are_resolved_in_the_workspace(tmp_path: Path) -> None:
         ("cd app && make build", False),  # another directory: another Makefile
         ("cd && make build", False),
         ("pushd /tmp && make build", False),
+        ("builtin cd /etc && make build", False),
+        ("command cd /etc && make build", False),
+        ("\\cd /etc && make build", False),
+        ("'cd' /etc && make build", False),
+        ("eval cd /etc && make build", False),
+        ("$CD /etc && make build", False),
         ("cd app; cd ..; make build", False),
         ("cd /etc && rm -rf build", False),
         ("cd /etc && rm -rf build x", False),

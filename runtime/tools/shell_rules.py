@@ -369,8 +369,10 @@ def _changes_context(part: _Part) -> bool:
     """`cd`, `export`, `alias`, …: the parts after it run in a context no rule named."""
     if not part.words:
         return True  # a bare assignment sets a variable for what follows
-    first = part.values[0] if part.literal[0] else part.words[0]
-    return program_name(first) in CONTEXT_BUILTINS or not part.literal[0]
+    if not part.literal[0]:
+        return True
+    # `builtin cd /etc` and `command cd /etc` reach the same builtins.
+    return program_name(part.values[0]) in CONTEXT_BUILTINS | {"builtin", "command"}
 
 
 @dataclass
