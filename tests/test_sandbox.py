@@ -564,3 +564,16 @@ def test_bad_sandbox_settings_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="not a size"):
         make_settings(tmp_path, sandbox_memory="lotsG")
     assert make_settings(tmp_path, sandbox_memory="512M").sandbox_memory == 512 << 20
+
+
+async def test_owners_show_as_they_are(tmp_path: Path) -> None:
+    # A root bot's sandbox has no user namespace (that would show every owner but
+    # root as `nobody`); a non-root bot's does, and sees its own uid.
+    owned = tmp_path / "owned"
+    owned.write_text("x")
+    uid = 12345 if os.geteuid() == 0 else os.geteuid()
+    if os.geteuid() == 0:
+        os.chown(owned, uid, uid)
+    result = await execute("stat -c %u owned", classify("stat -c %u owned"), workspace=tmp_path)
+    assert result.metadata["sandboxed"], result.metadata
+    assert result.output.strip() == str(uid)

@@ -30,6 +30,7 @@ import os
 import shutil
 import stat
 import subprocess
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,8 +145,8 @@ def probe(bwrap: str = "bwrap") -> SandboxStatus:
         return SandboxStatus(False, None, f"bwrap not found: {bwrap!r}")
     true = shutil.which("true") or "/bin/true"
     argv = [path, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
-    argv += ["--unshare-all", "--cap-drop", "ALL", "--new-session", "--die-with-parent"]
-    argv += ["--", true]
+    argv += _namespaces(network=False)
+    argv += ["--cap-drop", "ALL", "--new-session", "--die-with-parent", "--", true]
     try:
         done = subprocess.run(
             argv, capture_output=True, text=True, timeout=_PROBE_TIMEOUT, stdin=subprocess.DEVNULL
@@ -238,6 +239,41 @@ def hidden_for(config: SandboxConfig, profile: Profile, environ: Mapping[str, st
     return _concrete(candidates)
 
 
+def _namespaces(*, network: bool) -> list[str]:
+    """New PID, IPC, UTS, cgroup (and network) namespaces; a user namespace too
+    unless the bot is root. A root bot's user namespace would map only uid 0, so
+    every other owner would show as `nobody` (`ls -l`, `ps`); root gains nothing
+    from it that `--cap-drop ALL` (bounding set included) and bwrap's read-only
+    /proc/sys do not already give. Unprivileged bwrap needs one anyway."""
+    if os.geteuid() != 0:
+        return ["--unshare-all"] + (["--share-net"] if network else [])
+    out = ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
+    return out + ([] if network else ["--unshare-net"])
+
+
+# The hidden set of a (profile, environment) is reused for a moment: scanning
+# $HOME, /home/* and /run costs a few milliseconds, and commands come in bursts.
+# A secret created in that moment is still refused by the classifier's names.
+_HIDDEN_TTL = 1.0
+_hidden_cache: dict[tuple[object, ...], tuple[float, list[str]]] = {}
+
+
+def _hidden_cached(
+    config: SandboxConfig, profile: Profile, environ: Mapping[str, str], *, rescan: bool
+) -> list[str]:
+    key = (config.bot_files, profile.name, environ.get("HOME"), environ.get("KUBECONFIG"))
+    now = time.monotonic()
+    hit = _hidden_cache.get(key)
+    if hit is not None and now - hit[0] < _HIDDEN_TTL and not rescan:
+        # What vanished since is dropped (bwrap cannot cover a missing path).
+        return [p for p in hit[1] if os.path.lexists(p)]
+    hidden = hidden_for(config, profile, environ)
+    if len(_hidden_cache) > 64:
+        _hidden_cache.clear()
+    _hidden_cache[key] = (now, hidden)
+    return hidden
+
+
 def _outermost(paths: list[str]) -> list[str]:
     """Drop paths inside another hidden directory (already covered), shallow ones first."""
     dirs = [p for p in paths if os.path.isdir(p)]
@@ -270,6 +306,7 @@ def command_prefix(
     profile: str | None,
     writable: bool,
     environ: Mapping[str, str],
+    rescan: bool = False,
 ) -> SandboxPlan:
     """The sandbox for one command in `workspace` under `profile`.
 
@@ -284,9 +321,9 @@ def command_prefix(
     tmp = str(config.limits.tmp_size)
     argv = [status.path, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
     argv += ["--size", tmp, "--tmpfs", "/tmp", "--size", tmp, "--tmpfs", "/dev/shm"]
-    argv += ["--unshare-all"] + (["--share-net"] if chosen.network else [])
+    argv += _namespaces(network=chosen.network)
     argv += ["--cap-drop", "ALL", "--new-session", "--die-with-parent"]
-    hidden = hidden_for(config, chosen, environ)
+    hidden = _hidden_cached(config, chosen, environ, rescan=rescan)
     inside = [p for p in hidden if _inside(p, ws) and p != ws]
     outside = [p for p in hidden if p not in inside and not any(_inside(p, r) for r in _REPLACED)]
     for path in _outermost(outside):
