@@ -23,12 +23,15 @@ uuid and base64 blob in a log would be "a secret", so the output the bot
 exists to read would be unreadable), and plugins whose patterns hit ordinary
 words (Artifactory's `AP[0-9A-F]…` matches upper-case identifiers) or need
 context this layer has not got (IBM, Cloudant, SoftLayer: keyword-plus-host
-heuristics).
+heuristics). Mailchimp and Telegram are left out too: each cost a millisecond
+or more per 64 KiB for tokens a chat-ops host rarely prints.
 
 The pass is built to be cheap on 64 KiB of output (bench/redaction.py): each
 pattern is skipped unless a literal it cannot match without occurs in the
-text, the keyword assignment patterns only run on lines that hold one of
-their keywords, and the literals are found with `str.find`.
+text, case-insensitive patterns run on a lower-cased copy, the keyword
+assignment patterns are tried only where a keyword is followed by `:`/`=`,
+private-key headers and the literals are found with `str.find`, and text
+already redacted is remembered (events record the same output again).
 """
 
 from __future__ import annotations
