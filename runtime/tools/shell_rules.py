@@ -296,7 +296,8 @@ def _prefix_refusal(part: _Part) -> str | None:
 
 
 def validate_rule(kind: str, pattern: str) -> str:
-    """Check a rule an admin (or an Always click) wants; return its normalized pattern.
+    """Check a rule an admin wants (`ducklm rules add`, `/duck rules add`); return its
+    normalized pattern. ("Always" makes an exact rule, `rule_for_command`.)
 
     Raises ValueError with the reason, which `rules add` shows as it is.
     """
