@@ -13,14 +13,16 @@ it names:
   (`rule_prefixes.PATH_OPERAND_PROGRAMS`): never an added option, expansion,
   glob, `~`, absolute path, `..`, `.git`, secret, unit, resource or target;
   never an environment assignment or redirection the rule does not contain
-  (besides `2>&1`-style duplications and `/dev/null`);
+  (besides `2>&1`-style duplications and `/dev/null`). Added operands are
+  resolved in the workspace, symbolic links included;
 - a compound command (a list or pipeline of simple commands) is covered only
   when every part is covered or read-only. A part is covered by a rule only
   when no `cd` (or other context builtin, `export`, `alias`, …) comes before
   it and it does not read a pipe (`echo 'rm -rf ~' | bash` is not covered by
   a rule for `bash`). The parts no rule covers are judged together by the
   classifier, so `cd /proc/1 && cat environ` after a covered part still needs
-  approval.
+  approval. A command no rule names any part of is not covered (read-only
+  ones run unasked, in the sandbox).
 
 What a prefix may be is decided in `runtime.tools.rule_prefixes`.
 """
