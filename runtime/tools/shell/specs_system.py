@@ -528,8 +528,10 @@ def _policy_crontab(argv: list[str]) -> Verdict | None:
 def _policy_kill(argv: list[str]) -> Verdict | None:
     # Listing signal names is the only read-only use; sending signals is PROCESS.
     rest = argv[1:]
-    if rest[:1] in (["-l"], ["-L"], ["--list"], ["--table"]) and all(
-        re.fullmatch(r"[0-9]{1,3}|[A-Z0-9+-]{1,12}", a) for a in rest[1:]
+    if (
+        rest[:1] in (["-l"], ["-L"], ["--list"], ["--table"])
+        and all(re.fullmatch(r"[0-9]{1,3}|[A-Z][A-Z0-9+]{0,11}", a) for a in rest[1:2])
+        and len(rest) <= 2
     ):
         return None
     return _approval("process", "high", "`kill` signals processes")
@@ -540,10 +542,11 @@ def _policy_kill(argv: list[str]) -> Verdict | None:
 # ---------------------------------------------------------------------------
 
 # `-f` floods, `-p` fills packets with chosen bytes (a covert channel), `-i`
-# below 0.2 s needs privileges and floods: not listed. A count or deadline is
+# below 0.2 s needs privileges and floods, `-b` pings a broadcast address,
+# `-l` preloads a burst: not listed. A count or deadline is
 # required, or ping never ends.
 PING = spec(
-    "-4 -6 -n -q -v -D -O -A -a -b -d -R -U -L -H",
+    "-4 -6 -n -q -v -D -O -A -a -d -R -U -L -H",
     {
         "-c": matches(r"[1-9][0-9]?|100", "a count from 1 to 100"),
         "-w": matches(r"[1-9][0-9]?|1[0-9]{2}", "a deadline up to 199 seconds"),
@@ -591,8 +594,8 @@ _DIG_PLUS = re.compile(
     r"multi|dnssec|tcp|vc|recurse|trace|nssearch|search|defname|ttlid|ttlunits|identify|cd|"
     r"cdflag|ad|adflag|aaflag|aaonly|edns|nsid|besteffort|class|crypto|rrcomments|split|"
     r"onesoa|expire|subnet|cookie|qr|showsearch|unknownformat|zflag|fail|idnin|idnout|"
-    r"header-only|opcode|rdflag|raflag|tcflag|keepopen|badcookie|ednsflags|ednsnegotiation)"
-    r"|\+(time|tries|retry|ndots|bufsize|edns|split|subnet|opcode)=[0-9A-Za-z./:]{1,40}"
+    r"header-only|rdflag|raflag|tcflag|keepopen|badcookie|ednsflags|ednsnegotiation)"
+    r"|\+(time|tries|retry|ndots|bufsize|edns|split|subnet)=[0-9A-Za-z./:]{1,40}"
 )
 DIG = spec(
     "-4 -6 -h -v -r -u -m -i",

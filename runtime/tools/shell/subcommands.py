@@ -145,7 +145,8 @@ _IP_OBJECTS = frozenset(
      "n", "ne", "nei", "neig", "neigh", "neighbor", "neighbour", "ru", "rul", "rule", "ma",
      "maddr", "maddress", "netconf", "netns", "tunnel", "tun", "mr", "mroute", "ntable"}
 )  # fmt: skip
-_IP_VERBS = frozenset({"show", "list", "lst", "ls"})
+# `s`/`sh`/`sho` abbreviate show for every object; `l` is left out (ambiguous in places).
+_IP_VERBS = frozenset({"s", "sh", "sho", "show", "list", "lst", "ls"})
 # `-n/-netns` runs ip in another namespace, `-b/-batch` reads commands from a
 # file, `-force` goes on after errors: none listed.
 _IP_OPTIONS = frozenset(
@@ -996,12 +997,15 @@ def _policy_git(argv: list[str]) -> Verdict | None:
         if all(a in ("-v", "--verbose") for a in rest):
             return None
         pos = [a for a in rest if a not in ("-v", "--verbose")]
+        # `git remote show NAME` asks the remote over the network unless `-n`
         if (
             pos
-            and pos[0] in ("show", "get-url")
+            and (pos[0] == "get-url" or (pos[0] == "show" and ("-n" in pos[1:] or len(pos) == 1)))
             and all(not a.startswith("-") or a in ("-n", "--push", "--all") for a in pos[1:])
         ):
             return None
+        if pos[:1] == ["show"]:
+            return Verdict("network", "medium", "`git remote show` asks the remote (use `-n`)")
         return Verdict("write", "medium", "`git remote` with those arguments changes remotes")
     if sub == "config":
         o = getopt(sub_argv, flags=_GIT_CONFIG_FLAGS, values=_GIT_CONFIG_VALUES, long_abbrev=False)
