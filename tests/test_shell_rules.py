@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from runtime.approvals import ApprovalError
 from runtime.factory import Runtime, build_runtime
@@ -892,3 +894,45 @@ async def test_the_cli_refuses_a_dangerous_prefix_and_says_why(tmp_path: Path) -
     assert code == 0 and "Added rule" in out, out
     _, out = await ducklm("rules", "list")
     assert "bash -lc 'systemctl reload nginx'" in out and "kubectl" not in out, out
+
+
+# -- properties: whatever is appended, the rule covers only what it names -------
+
+SAFE_OPERANDS = [" dist", " a/b", " x.log", " 'src'", " node_modules/.cache"]
+HOSTILE_OPERANDS = [
+    " --now", " -v", " '--x'=1", " --upload-p=x", " \\--force", " --", " ../x", " a/../../x",
+    " /etc", " //etc", " ~", " ~/x", " *", " b?", " [ab]", " {a,b}", " $(id)", " `id`",
+    " $HOME", " ${X}", " .git", " .git/config", " .env", " id_rsa", " .", " ./", " ''",
+    " a:b", " x=y", " a\u00a0b", " \u0430", " 'a b'", " a\\ b", " <(ls)",
+]  # fmt: skip
+SAFE_TAILS = ["", " 2>&1", " >/dev/null", "; ls", " | head -n 1", " && git status"]
+HOSTILE_TAILS = [
+    "; touch x", " && rm -rf x", " | sh", " > out", " >> ../log", " &", "\ntouch x",
+    "; cd /proc/1 && cat environ", " < /etc/shadow", " | xargs rm", "; rm -rf /",
+]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    operands=st.lists(st.sampled_from(SAFE_OPERANDS + HOSTILE_OPERANDS), max_size=4),
+    tail=st.sampled_from(SAFE_TAILS + HOSTILE_TAILS),
+)
+def test_a_path_prefix_covers_exactly_the_plain_operands(operands: list[str], tail: str) -> None:
+    rules = [prefix("rm -rf build")]
+    command = "rm -rf build" + "".join(operands) + tail
+    expected = all(o in SAFE_OPERANDS for o in operands) and tail in SAFE_TAILS
+    assert rule_covers(command, rules, "/srv/ws") is expected, command
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    operands=st.lists(st.sampled_from(SAFE_OPERANDS + HOSTILE_OPERANDS), max_size=3),
+    tail=st.sampled_from(SAFE_TAILS + HOSTILE_TAILS),
+    rule=st.sampled_from(["systemctl restart nginx", "git pull", "make build", "kubectl get pods"]),
+)
+def test_a_prefix_of_another_program_adds_nothing(
+    operands: list[str], tail: str, rule: str
+) -> None:
+    command = rule + "".join(operands) + tail
+    expected = not operands and tail in SAFE_TAILS
+    assert rule_covers(command, [prefix(rule)], "/srv/ws") is expected, command
