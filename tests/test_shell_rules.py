@@ -112,6 +112,9 @@ def test_validate_rule_normalizes() -> None:
         ("prefix", "ls | head", "one simple command"),
         ("prefix", "for x in 1; do ls; done", "one simple command"),
         ("prefix", "$CMD build", "plain word"),
+        ("prefix", "ls " + "x" * 20_000, "limited to"),
+        ("exact", "ls\x00 -la", "cannot be parsed"),
+        ("exact", "ls (", "cannot be parsed"),
     ],
 )
 def test_validate_rule_refusals(kind: str, pattern: str, message: str) -> None:
