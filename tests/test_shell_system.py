@@ -8,6 +8,12 @@ that never ends) that must wait for a person.
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
+import subprocess
+from collections.abc import Iterator
+
 import pytest
 
 from runtime.tools.shell import classify
@@ -23,6 +29,11 @@ AUTO = [
     "ps -u www-data",
     "ps auxww",
     "ps -eLf",
+    "ps -aux",
+    "ps -ux",
+    "ps -e -u www-data",
+    "ps -ef --forest",
+    "ps -x -o pid,cmd",
     "top -b -n 1",
     "top -bn1",
     "top -b -n 1 -o %MEM",
@@ -359,6 +370,19 @@ ASK = [
     "ps -ef e",
     "ps axe -o pid,cmd",
     "ps --foo",
+    # procps re-reads a failing UNIX command line as BSD options: `e` then prints environments
+    "ps -aeux",
+    "ps -eux",
+    "ps -auxe",
+    "ps -exu",
+    "ps -e -x",
+    "ps -ex",
+    "ps -e -ux",
+    "ps -e -gx",
+    "ps -e -sx",
+    "ps -ue",
+    "ps -x -o pid,cmd -e",
+    "ps -ewwux",
     # globs and variables that could become options
     "openssl x509 -noout -in *",
     "helm list $X",
@@ -778,3 +802,43 @@ def test_abbreviated_long_options_are_not_guessed() -> None:
     # abbreviation of an allow-listed `--output-…` option; abbreviations ask.
     for command in ("git diff --stat --out=/tmp/x", "journalctl --fol", "ss --ki", "df --outp"):
         assert classify(command).requires_approval, command
+
+
+# The `ps` spellings above, run against the real procps: the ones classified
+# auto never print another process's environment, and the detector works
+# (a known environment-printing spelling does print it).
+_PS_AUTO = [c for c in AUTO if c.startswith("ps ") and "|" not in c]
+_PS_ENV = [c for c in ASK if c.startswith("ps ") and "e" in c.split()[1]]
+
+
+@pytest.fixture(scope="module")
+def marked_process() -> Iterator[str]:
+    if shutil.which("ps") is None:
+        pytest.skip("no ps on this machine")
+    marker = f"DUCKLM_PS_MARKER_{os.getpid()}"
+    env = {**os.environ, marker: "1"}
+    proc = subprocess.Popen(["sleep", "120"], env=env)
+    try:
+        yield marker
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def _ps_output(command: str) -> str:
+    # wide output: without a terminal ps cuts lines, which would hide the marker
+    env = {**os.environ, "COLUMNS": "100000"}
+    run = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=30, env=env)
+    return run.stdout
+
+
+@pytest.mark.parametrize("command", _PS_AUTO)
+def test_auto_ps_spellings_print_no_environment(marked_process: str, command: str) -> None:
+    assert not classify(command).requires_approval
+    assert marked_process not in _ps_output(command)
+
+
+def test_the_environment_detector_sees_ps_e(marked_process: str) -> None:
+    printed = [c for c in _PS_ENV if marked_process in _ps_output(c)]
+    # (`ps eww` and `ps -ue` show only processes on a terminal: none here)
+    assert {"ps -aeux", "ps auxe", "ps -e -x", "ps -e -ux"} <= set(printed), printed

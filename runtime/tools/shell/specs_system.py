@@ -102,7 +102,44 @@ PS = spec(
 _PS_BSD = re.compile(r"[aAcCfhjlmrsSTuvwxXnLMZH]+")
 
 
+_PS_VALUE_LETTERS = frozenset(o[1] for o in PS.values if len(o) == 2)
+
+
+def _may_turn_bsd(argv: list[str]) -> bool:
+    """Whether procps could re-read this command line as BSD options with an `e`.
+
+    procps re-parses the whole command line BSD-style (dashes dropped) when the
+    UNIX reading fails: `-x` is no UNIX option, and a glued value that is no
+    user or group (`-ux`, `-gx`, `-sx`) fails too. `ps -aeux` then prints every
+    process's environment. An `e` in a dash bundle is harmless only if nothing
+    can trigger that fallback (measured with procps-ng 4).
+    """
+    has_e = has_x = glued = False
+    skip = False
+    for arg in argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if not arg.startswith("-") or arg.startswith("--") or arg == "-":
+            continue
+        letters = arg[1:]
+        has_e = has_e or "e" in letters
+        for j, ch in enumerate(letters):
+            if ch in _PS_VALUE_LETTERS:
+                glued = glued or j < len(letters) - 1
+                skip = j == len(letters) - 1
+                break
+            has_x = has_x or ch == "x"
+    return has_e and (has_x or glued)
+
+
 def _policy_ps(argv: list[str]) -> Verdict | None:
+    if _may_turn_bsd(argv):
+        return _approval(
+            "read",
+            "high",
+            "`ps` may read these options BSD-style, where `e` shows other processes' environments",
+        )
     problem = check("ps", PS, argv)
     if problem is None:
         opts = getopt(argv, flags=PS.flags, values=tuple(PS.values), long_abbrev=False)
