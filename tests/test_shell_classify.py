@@ -168,7 +168,7 @@ AUTO = [
     "docker ps -a",
     "docker images",
     "docker logs web --tail 50",
-    "docker inspect web",
+    "docker inspect --format '{{.State.Status}}' web",
     "docker stats --no-stream",
     "docker version",
     "docker info",
@@ -191,7 +191,7 @@ AUTO = [
     "git tag",
     "git tag -l 'v1.*'",
     "git remote -v",
-    "git remote show origin",
+    "git remote show -n origin",
     "git remote get-url origin",
     "git rev-parse HEAD",
     "git blame file.py",
@@ -456,6 +456,10 @@ APPROVE = [
     "service nginx restart",
     "kill 1234",
     "kill -9 1234",
+    # stricter since the system allow-lists (specs_system): `docker inspect` prints
+    # the container environment, `git remote show` asks the remote
+    "docker inspect web",
+    "git remote show origin",
     "pkill nginx",
     "killall nginx",
     "kubectl delete pod x",

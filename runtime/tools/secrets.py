@@ -30,7 +30,7 @@ SECRET_DIRS = frozenset(
     {".ssh", ".gnupg", ".aws", ".azure", ".kube", ".docker", ".password-store", "sudoers.d",
      ".vault", ".gcloud", "keyrings", ".oci", ".terraform.d", "serviceaccount",
      "ducklm-matrix", ".aliyun", ".oraclebm", ".bluemix", ".doctl", ".linode-cli",
-     ".op", ".1password", ".mozilla", ".thunderbird"}
+     ".op", ".1password", ".mozilla", ".thunderbird", "wireguard", "system-connections"}
 )  # fmt: skip
 # Directory names by pattern: the bot's own Matrix session directory is
 # `<database stem>-matrix` (`runtime.settings.Settings.matrix_state_dir`).
@@ -59,7 +59,9 @@ SECRET_NAMES = _words(
     "secrets.json *.ovpn authorized_keys known_hosts ducklm.db ducklm.db-* session.json "
     ".bash_history .zsh_history .sh_history .history .python_history .psql_history "
     ".mysql_history .node_repl_history .lesshst .rediscli_history .sqlite_history "
-    ".irb_history .php_history .wget-hsts .viminfo token"
+    ".irb_history .php_history .wget-hsts .viminfo token chap-secrets pap-secrets "
+    "ipsec.secrets debian.cnf gitlab-secrets.json k3s.yaml sasl_passwd user-data "
+    "user-data.txt config.v2.json smbpasswd secrets.tdb passdb.tdb"
 )
 # Concrete samples, to test whether a glob (`~/.ss*/*`, `*.pe?`) could reach a secret.
 SECRET_SAMPLES = _words(
@@ -80,7 +82,14 @@ SYSTEM_SECRETS = (
     "/etc/sudoers.d", "/etc/ssl/private", "/etc/ssh/ssh_host_*_key", "/etc/security/opasswd",
     "/var/lib/kubelet/pki", "/etc/kubernetes/pki", "/etc/kubernetes/admin.conf",
     "/var/lib/docker/swarm", "/etc/docker/key.json", "/etc/krb5.keytab",
-    "/var/run/secrets/kubernetes.io/serviceaccount/token",
+    "/var/run/secrets/kubernetes.io/serviceaccount/token", "/etc/rancher/k3s/k3s.yaml",
+    "/var/lib/rancher/k3s/server/token", "/etc/kubernetes/kubelet.conf",
+    "/etc/kubernetes/controller-manager.conf", "/etc/kubernetes/scheduler.conf",
+    "/etc/mysql/debian.cnf", "/etc/wireguard", "/etc/NetworkManager/system-connections",
+    "/etc/ppp/chap-secrets", "/etc/ppp/pap-secrets", "/etc/ipsec.secrets",
+    "/etc/gitlab/gitlab-secrets.json", "/var/lib/docker/containers", "/var/lib/cloud/instance",
+    "/var/lib/cloud/instances", "/etc/postfix/sasl_passwd", "/var/lib/samba/private",
+    "/etc/letsencrypt/live", "/etc/letsencrypt/archive",
 )  # fmt: skip
 # Concrete secret paths to test a path glob against, component by component
 # (`/etc/*` reaches `/etc/shadow`; `~/*` does not reach `~/.ssh`).

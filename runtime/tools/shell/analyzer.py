@@ -14,6 +14,7 @@ share one module rather than a deferred import.
 
 from __future__ import annotations
 
+import itertools
 import posixpath
 import re
 import shlex
@@ -95,6 +96,8 @@ class _Analyzer:
         # `wget URL`, `curl URL > x`), by full word and by base name: running
         # one later (`sh x`, `./x`) runs unreviewed code and is blocked.
         self.downloads: set[str] = set()
+        # Scripts an earlier part wrote from known text (`echo '…' > b.sh`).
+        self.scripts: dict[str, str] = {}
         # `cd src` moved below the workspace root: `.` is no longer the root
         # where a project keeps its `.env`.
         self.subdir = False
@@ -143,6 +146,7 @@ class _Analyzer:
         inner = _Analyzer(self.depth + 1)
         inner.cwd = self.cwd
         inner.downloads = self.downloads
+        inner.scripts = self.scripts
         inner.subdir = self.subdir
         inner.analyze(text)
         self.merge(inner)
@@ -183,6 +187,12 @@ class _Analyzer:
                     continue
                 effective.append(self.node(part))
             self._pipe_to_shell(effective)
+            raw = [_words_of(p) for p in node.parts if p.kind == "command"]
+            for left, right in itertools.pairwise(raw):
+                if left[:1] == ["yes"] and right[:1] == ["xargs"] and _unbounded_parallel(right):
+                    self.add(
+                        _block("Endless input into `xargs -P 0` starts processes without end.")
+                    )
             return None
         if kind == "command":
             return self.command(node)
@@ -240,6 +250,12 @@ class _Analyzer:
 
     def _pipe_to_shell(self, effective: list[list[str] | None]) -> None:
         for i, left in enumerate(effective):
+            right = effective[i + 1] if i + 1 < len(effective) else None
+            if left and right and _prog_name(left[0]) in DOWNLOADERS:
+                if _prog_name(right[0]) in _EXTRACTORS:
+                    # `curl … | tar xz`: files nobody has seen, under names nobody knows
+                    self.downloads.add(_ANY_FILE)
+
             if left and _prog_name(left[0]) in ("echo", "printf") and i + 1 < len(effective):
                 right = effective[i + 1]
                 if right and _runs_stdin_as_code(right):
@@ -413,8 +429,13 @@ class _Analyzer:
             return None
         verdict, effective = self.judge(args)
         if effective:
+            written = self._runs_written_script(effective)
+            if written is not None and written.rank > verdict.rank:
+                verdict = written
             ran = self._runs_download(effective)
-            if ran:
+            if ran and _ANY_FILE in self.downloads and ran not in self.downloads:
+                verdict = _block(f"`{ran}` runs code fetched earlier in the command, unreviewed.")
+            elif ran:
                 verdict = _block(f"`{ran}` was downloaded earlier in the command; running it "
                                  "runs unreviewed code.")  # fmt: skip
             self._note_downloads(effective, node)
@@ -433,6 +454,12 @@ class _Analyzer:
 
     def _note_downloads(self, argv: list[str], node: Any) -> None:
         name = _prog_name(argv[0])
+        if name in ("echo", "printf"):
+            self._note_script(argv, node)
+            return
+        if _fetches_a_tree(name, argv):
+            self.downloads.add(_ANY_FILE)  # a cloned tree: its scripts and Makefile
+            return
         if name not in DOWNLOADERS:
             return
         files = _download_targets(name, argv)
@@ -446,11 +473,50 @@ class _Analyzer:
                 self.downloads.add(f)
                 self.downloads.add(posixpath.basename(f.rstrip("/")))
 
+    def _note_script(self, argv: list[str], node: Any) -> None:
+        """`echo '…' > f.sh`: remember the text, to judge it when `f.sh` is run."""
+        words = argv[1:]
+        if words and words[0].startswith("-") and argv[0] == "echo":
+            words = words[1:]
+        for part in node.parts:
+            if part.kind == "redirect" and part.type in (">", ">>", ">|"):
+                out = part.output
+                if not isinstance(out, (str, int)):
+                    self.scripts[out.word] = " ".join(words)
+                    self.scripts[posixpath.basename(out.word)] = " ".join(words)
+
+    def _runs_written_script(self, argv: list[str]) -> Verdict | None:
+        """The verdict of a script this command wrote earlier and now runs (`bash b.sh`)."""
+        if not self.scripts:
+            return None
+        name = _prog_name(argv[0])
+        targets = [argv[0]] if "/" in argv[0] or argv[0] in self.scripts else []
+        if name in SHELLS or name in ("source", "."):
+            targets += [w for w in argv[1:] if not w.startswith("-")][:1]
+        for t in targets:
+            text = self.scripts.get(t) or self.scripts.get(posixpath.basename(t))
+            if text is not None:
+                inner = _Analyzer(self.depth + 1)
+                inner.analyze(text)
+                return worst(inner.verdicts)
+        return None
+
     def _runs_download(self, argv: list[str]) -> str | None:
         """The downloaded file this command runs, if any."""
         if not self.downloads:
             return None
         name = _prog_name(argv[0])
+        if _ANY_FILE in self.downloads:
+            runs_code = name in SHELLS or name in INTERPRETERS or _PYTHON_RE.match(name)
+            if (
+                runs_code
+                or name in ("source", ".")
+                or (
+                    "/" in argv[0]
+                    and not argv[0].startswith(tuple(d + "/" for d in SYSTEM_BIN_DIRS))
+                )
+            ):
+                return argv[0]
         if argv[0] in self.downloads or ("/" in argv[0] and name in self.downloads):
             return argv[0]
         if (
@@ -614,6 +680,9 @@ class _Analyzer:
             v = judge(name, allow, argv)
             if v is not None:
                 return self._policy_verdict(name, v, args)
+        elif fn is None and name not in _CTL_READ:
+            # fail closed: a program that can run unasked has its options listed
+            return Verdict("unknown", "medium", f"`{name}` has no option allow-list yet.")
         if name in _CTL_READ:
             if len(argv) > 1 and argv[1] not in _CTL_READ[name]:
                 return Verdict("privileged", "high", f"`{name} {argv[1]}` changes system settings.")
@@ -649,7 +718,7 @@ class _Analyzer:
         glob_ok = allow is not None and allow.glob_safe
         after_dashes = False
         for a in args[1:]:
-            if a.word == "--" and a.literal:
+            if a.word == "--" and a.literal and (allow is None or allow.honours_dashes):
                 after_dashes = True
                 continue
             if after_dashes:
@@ -893,13 +962,23 @@ def _recursive_secret_read(name: str, argv: list[str], in_subdir: bool) -> Verdi
     grep's recursion includes hidden files (the workspace's `.env`); ripgrep
     skips hidden ones unless told (`--hidden`, `-uu`), but not `/etc/shadow`.
     """
-    if name not in _GREPS and name != "rg":
+    if name not in _GREPS and name not in ("rg", "diff"):
         return None
     allow = ALLOW_LISTS[name]
     opts = parse(allow, argv)
     if opts.error:
         return None  # the allow-list already asked
     operands = [argv[i] for i in opts.positionals]
+    if name == "diff":
+        # `diff -r /etc ./backup` prints the lines of every file that differs
+        if not opts.has("-r", "--recursive"):
+            return None
+        for start in operands:
+            if canonical_path(start) is not None and holds_secrets(start):
+                return Verdict(
+                    "read", "high", f"`diff -r` reads every file under `{start}`, secrets too."
+                )
+        return None
     if not opts.has("-e", "--regexp", "-f", "--file") and operands and not opts.has("--files"):
         operands = operands[1:]  # the pattern
     if name in _GREPS:
@@ -940,6 +1019,32 @@ def _unquoted(word: str, raw: str, expand: bool) -> str:
     except ValueError:
         return word
     return split[0] if len(split) == 1 else word
+
+
+_ANY_FILE = "\0any"  # in `downloads`: some files under unknown names
+_EXTRACTORS = frozenset({"tar", "bsdtar", "unzip", "cpio", "7z", "gunzip", "unxz", "bunzip2"})
+
+
+def _fetches_a_tree(name: str, argv: list[str]) -> bool:
+    """`git clone URL`, `svn checkout URL`, `hg clone URL`: code arrives under a new name."""
+    words = [w for w in argv[1:] if not w.startswith("-")]
+    if name == "git":
+        return bool(words) and words[0] == "clone"
+    if name == "svn":
+        return bool(words) and words[0] in ("checkout", "co", "export")
+    if name == "hg":
+        return bool(words) and words[0] == "clone"
+    return False
+
+
+def _unbounded_parallel(argv: list[str]) -> bool:
+    """`xargs -P 0` / `-P0` / `--max-procs=0`: as many processes at once as input lines."""
+    for i, w in enumerate(argv[1:], 1):
+        if w in ("-P", "--max-procs") and i + 1 < len(argv) and argv[i + 1] == "0":
+            return True
+        if w in ("-P0", "--max-procs=0"):
+            return True
+    return False
 
 
 def _download_targets(name: str, argv: list[str]) -> list[str]:

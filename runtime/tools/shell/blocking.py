@@ -78,7 +78,8 @@ def blocked_reason(name: str, argv: Sequence[str], cwd: str | None = None) -> st
     if name in POWER_PROGRAMS:
         return f"`{name}` shuts down or restarts the machine"
     for word in argv[1:]:
-        if is_watchdog(word.removeprefix("of=").removeprefix("if=")):
+        word = resolve_operand(word.removeprefix("of=").removeprefix("if="), cwd)
+        if is_watchdog(word):
             return f"opening the watchdog device `{word}` reboots the machine when not fed"
     pos = _positionals(argv)
     if name == "systemctl":
@@ -95,7 +96,7 @@ def blocked_reason(name: str, argv: Sequence[str], cwd: str | None = None) -> st
         reason = _kill_everything(argv)
         if reason:
             return reason
-    if name in ("pkill", "killall"):
+    if name in ("pkill", "killall", "skill", "snice"):
         reason = _pkill_everything(name, argv)
         if reason:
             return reason
@@ -103,6 +104,13 @@ def blocked_reason(name: str, argv: Sequence[str], cwd: str | None = None) -> st
         reason = _rsync_delete_root(argv)
         if reason:
             return reason
+    if name == "fuser":
+        reason = _fuser_kill_root(argv)
+        if reason:
+            return reason
+    reason = _disk_erase(name, argv)
+    if reason:
+        return reason
     if name in _DBUS_CLIENTS:
         reason = _dbus_power(name, argv)
         if reason:
@@ -353,9 +361,65 @@ def _pkill_everything(name: str, argv: Sequence[str]) -> str | None:
             value = w.split("=", 1)[1] if "=" in w else w[2:]
         if value is not None and any(v.strip() in ("0", "1") for v in value.split(",")):
             return f"`{name} {w} {value}` signals init and the whole system"
-    operands = [w for w in words if not w.startswith("-")]
+    value_options = {"-u", "-U", "--euid", "--uid", "-g", "-G", "--group", "-t", "--terminal",
+                     "-s", "--session", "-P", "--parent", "-n", "--ns", "-o", "--older",
+                     "-y", "--younger", "--signal", "-c", "--context"}  # fmt: skip
+    operands = []
+    skip = False
+    for w in words:
+        if skip:
+            skip = False
+        elif w in value_options:
+            skip = True
+        elif not w.startswith("-") or w == "-":
+            operands.append(w)
     if any(o.strip("^$") in ("init", "systemd", "1") for o in operands):
         return f"`{name}` would signal init, which takes the machine down"
+    if any(_MATCHES_ALL.fullmatch(o) for o in operands):
+        return f"`{name}` with a pattern that matches every process takes the machine down"
+    users = [words[i + 1] for i, w in enumerate(words[:-1]) if w in ("-u", "-U", "--euid",
+                                                                   "--uid", "--user")]  # fmt: skip
+    users += [w.split("=", 1)[1] for w in words if w.startswith(("--euid=", "--uid=", "--user="))]
+    if any(u in ("root", "0") for u in users) and not [o for o in operands if o != "-"]:
+        return f"`{name}` for every process of root takes the machine down"
+    return None
+
+
+# Patterns that match every process name (pkill's regex, killall -r).
+_MATCHES_ALL = re.compile(r"\^?(\.\*?|\.\+|)\$?|\^|\$|\[[^]]*\]\*")
+
+
+def _fuser_kill_root(argv: Sequence[str]) -> str | None:
+    """`fuser -k /`, `fuser -km /`: kills every process using the root filesystem."""
+    kills = (
+        any(w.startswith("-") and not w.startswith("--") and "k" in w for w in argv[1:])
+        or "--kill" in argv
+    )
+    if kills and any(is_protected(p) for p in _positionals(argv)):
+        return "`fuser -k` on a system directory kills every process using it"
+    return None
+
+
+# Disk tools' subcommands and options that erase a device or its metadata.
+_DISK_ERASE = {
+    "hdparm": re.compile(r"--security-erase(-enhanced)?|--trim-sector-ranges(-stdin)?|"
+                         r"--write-sector|--dco-restore|--fwdownload\S*|--make-bad-sector"),
+    "nvme": re.compile(r"format|sanitize|write-zeroes|delete-ns|fw-download|fw-commit"),
+    "cryptsetup": re.compile(r"luksErase|erase|luksKillSlot|luksFormat|reencrypt"),
+    "mdadm": re.compile(r"--zero-superblock"),
+    "sg_format": re.compile(r".*"),
+    "sg_sanitize": re.compile(r".*"),
+}  # fmt: skip
+
+
+def _disk_erase(name: str, argv: Sequence[str]) -> str | None:
+    pattern = _DISK_ERASE.get(name)
+    if pattern is None:
+        return None
+    if any(pattern.fullmatch(w) for w in argv[1:]) and (
+        name.startswith("sg_") or any(is_disk(w) for w in argv[1:])
+    ):
+        return f"`{name}` would erase a disk or its metadata"
     return None
 
 
@@ -368,8 +432,14 @@ _RSYNC_DELETE = frozenset(
 def _rsync_delete_root(argv: Sequence[str]) -> str | None:
     if not any(a.split("=", 1)[0] in _RSYNC_DELETE for a in argv[1:]):
         return None
-    pos = [a for a in _positionals(argv) if ":" not in a or a.startswith("/")]
-    if pos and is_protected(pos[-1]):
+    pos = _positionals(argv)
+    if not pos:
+        return None
+    dest = pos[-1]
+    remote = re.match(r"(?:[^/:@]+@)?[^/:]+::?(.*)", dest)
+    if remote and not dest.startswith("/"):
+        dest = remote.group(1) or "~"  # `host:` is the remote home, `host:/` its root
+    if is_protected(dest):
         return f"`rsync --delete` into `{pos[-1]}` would delete the system"
     return None
 
@@ -388,7 +458,8 @@ def _dbus_power(name: str, argv: Sequence[str]) -> str | None:
     if any(w in ("StartUnit", "RestartUnit", "StartUnitReplace") or w.endswith(
         (".StartUnit", ".RestartUnit")) for w in words):  # fmt: skip
         for w in words:
-            if w.endswith(".target") and w.removesuffix(".target") in _POWER_TARGETS:
+            unit = w.rsplit(":", 1)[-1]  # dbus-send's `string:reboot.target`
+            if unit.endswith(".target") and unit.removesuffix(".target") in _POWER_TARGETS:
                 return f"`{name}` starts `{w}` over D-Bus"
     return None
 

@@ -53,6 +53,9 @@ class Spec:
     # option of the real program (listed or not) can write, run a program or
     # reach the network, so a file named like an option does no harm.
     glob_safe: bool = False
+    # Whether `--` ends the options: a glob after it cannot become one. Not so
+    # for find (its expression follows) or test (`--` is a string to it).
+    honours_dashes: bool = True
     language: Language | None = None
     # Options left out on purpose, with the verdict that says why (`sed -i`
     # writes): only the reason and risk of the approval, never a permission.
@@ -74,6 +77,7 @@ def spec(
     lenient: bool = False,
     aliases: Mapping[str, str] | None = None,
     glob_safe: bool = False,
+    honours_dashes: bool = True,
     language: Language | None = None,
     dangers: Mapping[str, Verdict] | None = None,
 ) -> Spec:
@@ -92,6 +96,7 @@ def spec(
         lenient=lenient,
         aliases=dict(aliases or {}),
         glob_safe=glob_safe,
+        honours_dashes=honours_dashes,
         language=language,
         dangers=dict(dangers or {}),
     )

@@ -371,6 +371,7 @@ _FIND = spec(
     stop_at_positional=True,
     lenient=True,  # the expression (`-name x`) is parsed by find_language
     language=find_language,
+    honours_dashes=False,  # `--` ends find's options, not its expression
 )
 
 _FD = spec(
@@ -393,7 +394,7 @@ _FD = spec(
     },
 )
 
-_TEST = spec(lenient=True, stop_at_positional=True, language=test_language)
+_TEST = spec(lenient=True, stop_at_positional=True, language=test_language, honours_dashes=False)
 
 _STAT = spec(
     "-L --dereference -f --file-system -t --terse --help --version",
@@ -532,7 +533,7 @@ _OLD_SUM = spec("-r -s --sysv --help --version", glob_safe=True)
 
 # Programs that print their arguments or ignore them.
 _ECHO = spec("-n -e -E", lenient=True, stop_at_positional=True)
-_PRINTF = spec("", lenient=True, stop_at_positional=True)  # no `-v VAR`: bash's printf assigns
+_PRINTF = spec("", stop_at_positional=True)  # no `-v VAR`: bash's printf assigns
 _IGNORES_ARGS = spec(lenient=True)  # true, false
 MAX_SLEEP_SECONDS = 300  # longer only meets the command timeout (60 s by default)
 MAX_SEQ_LINES = 10_000_000
@@ -713,6 +714,75 @@ _GETENT = spec(
     language=_getent_database,
 )
 
+# Small system-information programs nobody else lists.
+_NO_ARGS = spec("--help --version", max_operands=0)
+_GETCONF = spec("-a --all", {"-v": NAME}, max_operands=2)
+_LAST = spec(
+    "-a --hostlast -d --dns -F --fulltimes -i --ip -w --fullnames -x --system -R "
+    "--nohostname --help -V --version",
+    {
+        **with_values(NUM, "-n --limit"),
+        **with_values(ANY, "-s --since -t --until -p --present --time-format"),
+        **with_values(FILE, "-f --file"),
+    },
+    numeric="-n",
+)
+_LASTLOG = spec(  # not -C (clears records) nor -S (sets them)
+    "-h --help", {**with_values(NUM, "-b --before -t --time"), **with_values(NAME, "-u --user")}
+)
+_LOCALE = spec(
+    "-a --all-locales -m --charmaps -c --category-name -k --keyword-name -v --verbose --help "
+    "-V --version"
+)
+_TTY = spec("-s --silent --quiet --help --version", max_operands=0)
+_USERS = spec("--help --version", max_operands=1)
+_NPROC = spec("--all --help --version", {"--ignore": NUM}, max_operands=0)
+_PGREP = spec(  # pkill's options, minus signalling; not --env (probes other processes' env)
+    "-l --list-name -a --list-full -c --count -f --full -i --ignore-case -n --newest "
+    "-o --oldest -v --inverse -w --lightweight -x --exact -A --ignore-ancestors --help "
+    "-V --version",
+    {
+        **with_values(
+            ANY,
+            "-d --delimiter -g --pgroup -G --group -P --parent -s --session "
+            "-t --terminal -u --euid -U --uid --ns --nslist -r --runstates "
+            "--cgroup",
+        ),
+        **with_values(FILE, "-F --pidfile"),
+    },
+)
+_PIDOF = spec("-s -c -n -x -z -q", with_values(ANY, "-o --omit-pid -S --separator"))
+
+
+def _shuf_bounded(argv: Sequence[str], opts: Opts) -> Verdict | None:
+    """`shuf -r` without `-n` repeats forever."""
+    if opts.has("-r", "--repeat") and not opts.has("-n", "--head-count"):
+        return Verdict("process", "medium", "`shuf -r` without `-n` never ends.")
+    return None
+
+
+_SHUF = spec(  # not -o (writes a file)
+    "-e --echo -r --repeat -z --zero-terminated --help --version",
+    {
+        **with_values(ANY, "-i --input-range"),
+        **with_values(NUM, "-n --head-count"),
+        "--random-source": FILE,
+    },
+    language=_shuf_bounded,
+)
+_W = spec(
+    "-h --no-header -u --no-current -s --short -f --from -o --old-style -i --ip-addr "
+    "-p --pids --help -V --version",
+    max_operands=1,
+)
+_WHEREIS = spec("-b -m -s -u -l -f", with_values(ANY, "-B -M -S"))
+_WHO = spec(
+    "-a --all -b --boot -d --dead -H --heading -l --login --lookup -m -p --process -q "
+    "--count -r --runlevel -s --short -t --time -T -w --mesg --writable -u --users --ips "
+    "--help --version",
+    max_operands=2,
+)
+
 TEXT_SPECS: dict[str, Spec] = {
     "ls": _LS,
     "cat": _CAT,
@@ -810,4 +880,19 @@ TEXT_SPECS: dict[str, Spec] = {
     "tsort": _TSORT,
     "cd": _CD,
     "getent": _GETENT,
+    "arch": _NO_ARGS,
+    "logname": _NO_ARGS,
+    "getconf": _GETCONF,
+    "last": _LAST,
+    "lastlog": _LASTLOG,
+    "locale": _LOCALE,
+    "tty": _TTY,
+    "users": _USERS,
+    "nproc": _NPROC,
+    "pgrep": _PGREP,
+    "pidof": _PIDOF,
+    "shuf": _SHUF,
+    "w": _W,
+    "whereis": _WHEREIS,
+    "who": _WHO,
 }
