@@ -507,6 +507,20 @@ def _policy_lsof(argv: list[str]) -> Verdict | None:
     return None
 
 
+# Showing an interface's settings; every option that changes one (`-s`, `-K`,
+# `-G`, `-A`, `-C`, `-L`, `-E`, `-f` flashes firmware, `-t` runs a self-test
+# that drops the link, `-p` blinks, `-r` restarts negotiation) is not listed.
+ETHTOOL = spec(
+    "-i --driver -S --statistics -k --show-features --show-offload -g --show-ring -a "
+    "--show-pause -c --show-coalesce -l --show-channels -T --show-time-stamping -P "
+    "--show-permaddr --show-fec --show-eee --json -I --include-statistics -h --help "
+    "--version",
+    max_operands=1,
+    operand=IFACE,
+    **_EXACT,
+)
+
+
 # ---------------------------------------------------------------------------
 # Clock, host, kernel, schedules, signals
 # ---------------------------------------------------------------------------
@@ -707,6 +721,7 @@ SYSTEM_SPECS: dict[str, Spec] = {
     "lspci": LSPCI,
     "lsusb": LSUSB,
     "lsmod": LSMOD,
+    "ethtool": ETHTOOL,
     "findmnt": FINDMNT,
     "dmesg": DMESG,
     "hostname": HOSTNAME_SPEC,
@@ -716,6 +731,7 @@ SYSTEM_SPECS: dict[str, Spec] = {
 
 _ACTIONS = {
     "hostname": ("privileged", "high"),
+    "ethtool": ("network", "high"),
     "sysctl": ("privileged", "high"),
     "dmesg": ("process", "medium"),
     "host": ("network", "medium"),
@@ -794,5 +810,7 @@ SYSTEM_POLICIES.update(
 NEEDS_NETWORK = frozenset(
     {"dig", "host", "nslookup", "ping", "ping6"}
 )  # fmt: skip
-NEEDS_HOST_NETNS = frozenset({"ip", "ss", "netstat", "iptables", "ip6tables", "nft", "lsof"})
+NEEDS_HOST_NETNS = frozenset(
+    {"ip", "ss", "netstat", "iptables", "ip6tables", "nft", "lsof", "ethtool"}
+)
 NEEDS_SYSTEM_BUS = frozenset({"systemctl", "loginctl", "timedatectl", "hostnamectl", "localectl"})
