@@ -1255,7 +1255,7 @@ _RPM = _spec(
     operand=_PKG,
 )  # fmt: skip
 _PACMAN_Q = re.compile(r"-Q[cdegiklmnopqstu]*|-S[sigl]+q?|-Sq[sigl]+")
-_PACMAN = _spec("-q --quiet --color=never --noconfirm", {"--color": ANY}, operand=ANY)
+_PACMAN = _spec("-q --quiet", {"--color": choice("never", "auto", "always")}, operand=ANY)
 
 
 def _policy_package(argv: list[str]) -> Verdict | None:
