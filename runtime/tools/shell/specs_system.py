@@ -17,13 +17,14 @@ these programs needs more than the default sandbox, and their options are
 allow-listed so that nothing can point them somewhere else:
 
 - `dig`, `host`, `nslookup`, `ping -c N`: the network (DNS to the configured
-  resolver; ICMP echo). `traceroute`/`tracepath`/`mtr` always need approval. A query to a
-  server named on the command line (`dig @1.2.3.4`, `host name server`,
-  `nslookup name server`) needs approval; so does `dig -f file` (it sends a
-  file's lines as queries) and `dig -k`/`-y` (TSIG keys).
-- `ip`, `ss`, `netstat`, `iptables -L`, `nft list`, `lsof -i`: no network
-  traffic at all, but they describe the *host's* network namespace; in a
-  private one they only see the sandbox's loopback.
+  resolver; ICMP echo). A query to a server named on the command line
+  (`dig @1.2.3.4`, `host name server`, `nslookup name server`) needs
+  approval; so do `dig -f file` (it sends a file's lines as queries) and
+  `dig -k`/`-y` (TSIG keys). `traceroute`/`tracepath`/`mtr` always need
+  approval: they probe every hop and often outlast the timeout.
+- `ip`, `ss`, `netstat`, `iptables -L`, `nft list`, `lsof -i`, `ethtool`: no
+  network traffic at all, but they describe the *host's* network namespace;
+  in a private one they only see the sandbox's loopback.
 - `systemctl`, `loginctl`, `timedatectl`, `hostnamectl`, `localectl`: the
   system D-Bus socket (`/run/dbus/system_bus_socket`) and `/run/systemd`, no
   network. `journalctl` reads `/var/log/journal` and `/run/log/journal` files.
