@@ -30,6 +30,7 @@ from runtime.store.models import Event
 from runtime.tools.shell import cgroups, classify, execute
 from runtime.tools.shell import execution as execution_module
 from runtime.tools.shell import tool as tool_module
+from runtime.tools.shell.limits import ResourceLimits
 from runtime.tools.shell.sandbox import SandboxConfig, probe, sandbox_notice
 from runtime.tools.shell.verdict import Classification
 from tests.conftest import make_settings
@@ -429,7 +430,7 @@ async def test_background_jobs_die_with_the_command(tmp_path: Path, bypass: Any)
 
 
 async def test_cpu_time_is_limited(tmp_path: Path, bypass: Any) -> None:
-    config = SandboxConfig(limits=SandboxConfig().limits.__class__(cpu_seconds=1))
+    config = SandboxConfig(limits=ResourceLimits(cpu_seconds=1))
     result = await execute(
         "while :; do :; done", classify("x"), workspace=tmp_path, timeout=30, sandbox=config
     )
@@ -438,7 +439,7 @@ async def test_cpu_time_is_limited(tmp_path: Path, bypass: Any) -> None:
 
 
 async def test_file_size_is_limited(tmp_path: Path, bypass: Any) -> None:
-    limits = SandboxConfig().limits.__class__(file_size=1 << 20)
+    limits = ResourceLimits(file_size=1 << 20)
     config = SandboxConfig(limits=limits)
     result = await execute(
         "head -c 5000000 /dev/zero > /tmp/big", classify("x"), workspace=tmp_path, sandbox=config
@@ -452,21 +453,22 @@ async def test_file_size_is_limited(tmp_path: Path, bypass: Any) -> None:
     reason="root without a pids cgroup: RLIMIT_NPROC does not bind root (documented limit)",
 )
 async def test_a_fork_bomb_is_contained(tmp_path: Path, bypass: Any) -> None:
-    limits = SandboxConfig().limits.__class__(processes=64)
+    limits = ResourceLimits(processes=64)
     config = SandboxConfig(limits=limits)
+    name = f"bomb_{uuid.uuid4().hex[:10]}"
     started = time.monotonic()
     result = await execute(
-        "bomb() { bomb | bomb & }; bomb",
+        f"{name}() {{ {name} | {name} & }}; {name}; sleep 60",
         classify("x"),
         workspace=tmp_path,
         timeout=5,
         sandbox=config,
     )
     assert time.monotonic() - started < 30
-    assert result.metadata["sandboxed"]
+    assert result.metadata["sandboxed"] and result.metadata["timed_out"]
     assert "process limit" in result.metadata["sandbox_refusals"]
-    # Nothing of it is left on the host.
-    assert await _until_gone("bomb") == []
+    # Nothing of it is left on the host (each copy's cmdline carries the name).
+    assert await _until_gone(name) == []
 
 
 # -- approved commands, modes, and the fail-safe path ---------------------------------

@@ -338,5 +338,7 @@ def command_prefix(
             argv += ["--ro-bind", path, path]
         if environ.get("KUBECONFIG") and files:
             env["KUBECONFIG"] = ":".join(files)
+        # kubectl's discovery cache would go to ~/.kube/cache, a tiny hidden tmpfs.
+        env["KUBECACHEDIR"] = "/tmp/.kube-cache"
     argv += ["--chdir", ws, "--"]
     return SandboxPlan(argv, env, hidden, chosen.name, chosen.network)
