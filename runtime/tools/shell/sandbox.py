@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from runtime.tools.secrets import hidden_paths
+from runtime.tools.shell import cgroups
 from runtime.tools.shell.limits import ResourceLimits
 from runtime.tools.shell.profiles import CONTROL_SOCKETS, PROFILES, Profile
 
@@ -173,6 +174,11 @@ def sandbox_notice(config: SandboxConfig) -> str | None:
             f"No sandbox: {status.detail}. Every command needs approval; install bubblewrap "
             "(apt-get install bubblewrap) or set DUCKLM_SANDBOX=off to run read-only "
             "commands unsandboxed."
+        )
+    if os.geteuid() == 0 and not cgroups.available():
+        return (
+            "Sandbox on, but no pids cgroup can be made here, and RLIMIT_NPROC does not bind "
+            "root: a runaway fork is stopped only by DUCKLM_SHELL_TIMEOUT."
         )
     return None
 
