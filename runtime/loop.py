@@ -482,7 +482,8 @@ class RuntimeLoop:
                 action,
                 index=index,
                 # From the action, never the (redacted) result: rules are made from it.
-                command=_command_of(action, {}),
+                # Other tools get their one-line description (MCP: `mcp server/tool {args}`).
+                command=gateway.describe(action),
                 risk_level=result.metadata.get("risk_level"),
                 action_type=result.metadata.get("action_type"),
                 reason=result.metadata.get("reason"),

@@ -57,18 +57,23 @@ class ToolGateway:
         shell_max_output: int = 64 * 1024,
         redactor: Redactor | None = None,
         sandbox: SandboxConfig | None = None,
+        extra_tools: Iterable[Tool] = (),
     ) -> ToolGateway:
+        """The built-in tools for `workspace`, plus `extra_tools` (MCP servers'
+        tools, shared by every workspace's gateway)."""
         root = Path(workspace)
-        return cls(
-            [
-                ShellTool(
-                    root, timeout=shell_timeout, max_output=shell_max_output, sandbox=sandbox
-                ),
-                ReadFileTool(root),
-                ListDirTool(root),
-            ],
-            redactor=redactor,
-        )
+        builtin: list[Tool] = [
+            ShellTool(root, timeout=shell_timeout, max_output=shell_max_output, sandbox=sandbox),
+            ReadFileTool(root),
+            ListDirTool(root),
+        ]
+        extra = list(extra_tools)
+        names = [tool.name for tool in builtin + extra]
+        clash = sorted({name for name in names if names.count(name) > 1})
+        if clash:
+            # A later tool must never silently replace another (least of all the shell).
+            raise ValueError(f"two tools share a name: {', '.join(clash)}")
+        return cls(builtin + extra, redactor=redactor)
 
     def specs(self) -> list[dict[str, Any]]:
         """What the action model is told about each tool."""
@@ -84,6 +89,22 @@ class ToolGateway:
             known = ", ".join(sorted(self.tools))
             raise ToolArgumentError(f"unknown tool '{action['tool']}' (available: {known})")
         return tool, tool.assess(action["args"])
+
+    def describe(self, action: dict[str, Any]) -> str | None:
+        """The one line a card shows for a normalized action: the command of a
+        shell action, or what a tool with a `describe` method says (MCP tools:
+        `mcp server/tool {args}`)."""
+        tool = self.tools.get(action.get("tool", ""))
+        args = action.get("args") or {}
+        describe = getattr(tool, "describe", None)
+        if callable(describe):
+            try:
+                return describe(args)
+            except Exception:  # a card without a line beats no card
+                logger.exception("describing %s failed", action.get("tool"))
+                return None
+        command = args.get("command") if isinstance(args, dict) else None
+        return command if isinstance(command, str) else None
 
     def leaves_the_process(self, action: dict[str, Any]) -> bool:
         """Whether running this normalized action does anything beyond reading
