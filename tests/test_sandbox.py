@@ -579,3 +579,47 @@ async def test_owners_show_as_they_are(tmp_path: Path) -> None:
     result = await execute("stat -c %u owned", classify("stat -c %u owned"), workspace=tmp_path)
     assert result.metadata["sandboxed"], result.metadata
     assert result.output.strip() == str(uid)
+
+
+async def test_network_only_for_a_profile_that_names_it(rt: Runtime, bypass: Any) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(5)
+        listener.settimeout(10)
+        port = listener.getsockname()[1]
+        bypass("dns")  # dig/host/nslookup keep the host's network
+        _, audit, _ = await _run(rt, f"bash -c 'echo hello > /dev/tcp/127.0.0.1/{port}'")
+        assert audit["sandbox_profile"] == "dns" and audit["ok"] is True
+        listener.accept()[0].close()  # it did arrive
+
+
+@pytest.fixture
+def db_dir() -> Iterator[Path]:
+    """A database directory outside /tmp (which the sandbox replaces anyway)."""
+    base = Path("/var/tmp") / f"ducklm-db-{uuid.uuid4().hex[:8]}"
+    base.mkdir()
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_database_directory_and_matrix_files_are_hidden(
+    tmp_path: Path, clean_env: None, bypass: Any, db_dir: Path
+) -> None:
+    settings = make_settings(tmp_path, db=db_dir / "ducklm.db")
+    settings.matrix_state_dir.mkdir()
+    (settings.matrix_state_dir / "session.json").write_text(f'{{"token": "{MARK}"}}')
+    (db_dir / "backup.txt").write_text(MARK)
+    runtime = await build_runtime(settings)
+    try:
+        before = _sha(settings.db)
+        result, _, events = await _run(
+            runtime, f"ls -a {db_dir}; cat {db_dir}/*/session.json {db_dir}/backup.txt"
+        )
+        assert MARK not in result.final_response
+        assert "ducklm.db" not in result.final_response  # the listing is of an empty tmpfs
+        assert _sha(settings.db) == before
+        assert any(r.startswith(f"hidden path {db_dir}") for r in _refused(events))
+    finally:
+        await runtime.close()
