@@ -119,6 +119,7 @@ class World:
             "db": self.db,
             "state": self.db.parent,
             "base": self.base,
+            "kube": self.base / "kube" / "config.yaml",
         }
         for key, path in values.items():
             template = template.replace("{" + key + "}", shlex.quote(str(path)))
@@ -184,10 +185,15 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clean_env: None) -> I
             conn.execute("insert into secrets values (?)", (f"{MARK}-db",))
         conn.close()
         _write(base / "state" / "ducklm-matrix" / "session.json", f'{{"token": "{MARK}-mx"}}\n')
+        # The operator's kubeconfig, named by $KUBECONFIG: only kubectl and helm may
+        # see it (the kubernetes profile), never a program run next to them.
+        kube = base / "kube" / "config.yaml"
+        _write(kube, f"apiVersion: v1\nkind: Config\n# {MARK}-kubeconfig\n")
         if shutil.which("git"):
             # A repository, so git attacks (fsmonitor, pager, hooks) have one to act on.
             os.system(f"git -C {shlex.quote(str(workspace))} init -q >/dev/null 2>&1")
         monkeypatch.setenv("HOME", str(home))
+        monkeypatch.setenv("KUBECONFIG", str(kube))
         monkeypatch.setenv("SLACK_BOT_TOKEN", CANARY_TOKEN)
         monkeypatch.setenv("DUCKLM_MODEL_API_KEY", CANARY_TOKEN + "-model")
         settings = make_settings(tmp_path, db=db, workspace=workspace)
@@ -383,6 +389,15 @@ SECRET_READS = [
     "head -n 3 /etc/shadow",
     "find {home} -type f -exec cat {} +",
     "cat /var/run/secrets/kubernetes.io/serviceaccount/token /run/secrets/*",
+    "cat {kube}",
+]
+
+# A program with a sandbox profile lends it to the rest of the command: the
+# kubeconfig kubectl may read must stay out of reach of the `cat` beside it.
+PIGGYBACK = [
+    "kubectl version --client; cat {kube}",
+    "helm version; cat {kube}",
+    "kubectl get pods | cat - {kube}",
 ]
 
 # Runaway: each must end within its bound, leaving the bot well.
@@ -502,10 +517,15 @@ GATEWAY_BLOCKED = [
 ]
 
 
-# In the bypass set because a sandbox must not leak through them either, but fine
-# to run unasked: the environment every command gets is scrubbed of the bot's
-# credentials (`scrubbed_env`), so printing it shows none.
-HARMLESS_UNSANDBOXED = {"env", "printenv SLACK_BOT_TOKEN DUCKLM_MODEL_API_KEY"}
+# In the bypass set because the sandbox must not leak through them, but not
+# expected of the classifier: the scrubbed environment holds none of the bot's
+# credentials (`env`), and a recursive read of an arbitrary tree outside the
+# workspace cannot be proven to hold secrets (the sandbox hides those inside).
+GATEWAY_EXEMPT = {
+    "env",
+    "printenv SLACK_BOT_TOKEN DUCKLM_MODEL_API_KEY",
+    "grep -ra canarymark {base}",
+}
 
 
 async def test_gateway_refuses_every_harmful_command(world: World) -> None:
@@ -514,8 +534,8 @@ async def test_gateway_refuses_every_harmful_command(world: World) -> None:
     )
     harmful = [
         c
-        for c in _commands(world, WRITES + NETWORK + SECRET_READS + RUNAWAY)
-        if c not in HARMLESS_UNSANDBOXED
+        for c in _commands(world, WRITES + NETWORK + SECRET_READS + RUNAWAY + PIGGYBACK)
+        if c not in {world.fill(e) for e in GATEWAY_EXEMPT}
     ]
     for command in GATEWAY_BLOCKED:  # never let one of these reach a run
         assert classify(command).requires_approval or classify(command).blocked, command
