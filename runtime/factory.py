@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 from runtime.approvals import ApprovalService
 from runtime.loop import RuntimeLoop
@@ -14,6 +15,9 @@ from runtime.tools.gateway import ToolGateway
 from runtime.tools.redaction import Redactor
 from runtime.tools.shell.sandbox import SandboxConfig
 
+if TYPE_CHECKING:
+    from runtime.tools.mcp.toolbox import McpToolbox
+
 
 @dataclass
 class Runtime:
@@ -22,6 +26,12 @@ class Runtime:
     approvals: ApprovalService
     model: ModelClient | None
     loop: RuntimeLoop
+    # MCP servers started from DUCKLM_MCP_CONFIG (None when unset or not wanted).
+    mcp: McpToolbox | None = None
+
+    def startup_notices(self) -> list[str]:
+        """Lines to print at start (one per MCP server, or the config error)."""
+        return self.mcp.report() if self.mcp is not None else []
 
     @property
     def redactor(self) -> Redactor:
@@ -32,18 +42,35 @@ class Runtime:
         return self.loop.redactor
 
     async def close(self) -> None:
+        if self.mcp is not None:
+            await self.mcp.close()
         if self.model is not None:
             await self.model.aclose()
         await self.stores.close()
 
 
-async def build_runtime(settings: Settings) -> Runtime:
+async def _start_mcp(settings: Settings) -> McpToolbox:
+    # Imported here: without DUCKLM_MCP_CONFIG nothing of MCP (or its SDK) loads.
+    from runtime.tools.mcp.toolbox import McpToolbox
+
+    assert settings.mcp_config is not None
+    return await McpToolbox.start(settings.mcp_config, max_output=settings.shell_max_output)
+
+
+async def build_runtime(settings: Settings, *, mcp: bool = True) -> Runtime:
+    """A ready runtime. `mcp=False` skips starting MCP servers (for commands that
+    only read the store, such as `ducklm tasks`)."""
     stores = await open_stores(settings.db)
+    toolbox: McpToolbox | None = None
     try:
+        if mcp and settings.mcp_config is not None:
+            toolbox = await _start_mcp(settings)
         approvals = ApprovalService.from_stores(stores, ttl=settings.approval_ttl)
         model = ModelClient.from_settings(settings) if settings.model_configured else None
         # Every credential field of Settings, matched literally in all output.
         redactor = Redactor.from_settings(settings)
+        for value in toolbox.secret_values() if toolbox else []:
+            redactor.add_literal(value, "mcp-config-credential")
         loop = RuntimeLoop(
             stores.tasks,
             stores.events,
@@ -56,11 +83,14 @@ async def build_runtime(settings: Settings) -> Runtime:
                 shell_max_output=settings.shell_max_output,
                 redactor=redactor,
                 sandbox=SandboxConfig.from_settings(settings),
+                extra_tools=tuple(toolbox.tools) if toolbox else (),
             ),
             default_workspace=str(settings.workspace),
             redactor=redactor,
         )
     except BaseException:
+        if toolbox is not None:
+            await toolbox.close()
         await stores.close()
         raise
-    return Runtime(settings, stores, approvals, model, loop)
+    return Runtime(settings, stores, approvals, model, loop, mcp=toolbox)

@@ -1,0 +1,320 @@
+"""Connections to MCP servers: started with the runtime, kept open, closed with it.
+
+This is the only module that imports the `mcp` SDK; the package is imported
+only when DUCKLM_MCP_CONFIG is set, so `ducklm tasks` and friends never pay for
+it.
+
+Each server is owned by one asyncio task that enters the SDK's `Client` and
+holds it open until `close()`: the SDK's transports are anyio task groups and
+cancel scopes, which must be left by the task that entered them. Calls come
+from any task of the same event loop (one session answers concurrent calls).
+
+A server that fails to start, or dies later, never takes the runtime down: its
+state says why, its calls return that reason, and the others keep working.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Literal
+
+from runtime.tools.mcp.config import McpConfig, ServerConfig
+
+logger = logging.getLogger("ducklm.mcp")
+
+State = Literal["starting", "ready", "failed", "dead", "closed"]
+
+# Bounded waits for a server's own shutdown (the SDK kills a stdio server's
+# process group when it does not exit on its own).
+_CLOSE_WAIT = 10.0
+_LIST_PAGES = 50
+_STDERR_TAIL = 600
+
+
+class McpUnavailableError(RuntimeError):
+    """The server cannot take calls now (it failed to start, died, or was closed)."""
+
+
+@dataclass(frozen=True)
+class ListedTool:
+    """One tool as the server listed it (its own word, untrusted)."""
+
+    name: str
+    description: str
+    input_schema: dict[str, Any]
+    read_only_hint: bool | None = None
+    destructive_hint: bool | None = None
+
+
+@dataclass
+class CallOutcome:
+    text: str
+    is_error: bool
+    duration_ms: int
+    content_types: list[str] = field(default_factory=list)
+
+
+def _describe_error(exc: BaseException) -> str:
+    """A one-line reason from whatever the SDK raised (often an exception group)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _render(result: Any) -> tuple[str, list[str]]:
+    """The text of a CallToolResult: text blocks as they are, other blocks named."""
+    parts: list[str] = []
+    kinds: list[str] = []
+    for block in result.content or []:
+        kind = getattr(block, "type", "unknown")
+        kinds.append(kind)
+        if kind == "text":
+            parts.append(block.text)
+        elif kind == "resource":
+            resource = block.resource
+            text = getattr(resource, "text", None)
+            parts.append(text if text is not None else f"[resource {resource.uri}]")
+        elif kind == "resource_link":
+            parts.append(f"[resource link {block.uri}]")
+        else:  # image, audio: the model cannot use the bytes as text
+            mime = getattr(block, "mime_type", "?")
+            size = len(getattr(block, "data", "") or "")
+            parts.append(f"[{kind} {mime}, {size} base64 characters, not shown]")
+    if not parts and result.structured_content is not None:
+        parts.append(json.dumps(result.structured_content, ensure_ascii=False, sort_keys=True))
+        kinds.append("structured")
+    return "\n".join(parts), kinds
+
+
+class McpServer:
+    """One configured server and its live session."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.state: State = "starting"
+        self.error: str | None = None
+        self.tools: list[ListedTool] = []
+        self.protocol_version: str | None = None
+        self._client: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self._stderr: BinaryIO | None = None
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect and list tools, within the server's startup_timeout. Never raises."""
+        ready = asyncio.Event()
+        self._task = asyncio.create_task(self._own(ready), name=f"mcp-server-{self.name}")
+        try:
+            await asyncio.wait_for(ready.wait(), self.config.startup_timeout)
+        except TimeoutError:
+            self._task.cancel()
+            await asyncio.wait({self._task}, timeout=_CLOSE_WAIT)
+            self.state = "failed"
+            self.error = (
+                f"did not connect and list its tools within {self.config.startup_timeout:g} s"
+                + self._stderr_note()
+            )
+
+    async def _own(self, ready: asyncio.Event) -> None:
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                client = await stack.enter_async_context(self._make_client())
+                self.tools = await self._list_tools(client)
+                self.protocol_version = client.protocol_version
+                self._client = client
+                self.state = "ready"
+                ready.set()
+                await self._stop.wait()
+        except Exception as exc:  # the SDK raises groups, OSError, MCPError...
+            if self.state == "starting":
+                self.state = "failed"
+                self.error = _describe_error(exc) + self._stderr_note()
+            else:
+                self._mark_dead(_describe_error(exc))
+        finally:
+            self._client = None
+            if self.state == "ready":
+                if self._stop.is_set():
+                    self.state = "closed"
+                else:
+                    self._mark_dead("its session ended")
+            ready.set()
+
+    def _make_client(self) -> Any:
+        from mcp import Client, StdioServerParameters
+        from mcp.client.stdio import stdio_client
+
+        config = self.config
+        if config.command is not None:
+            # Kept for the report: why a server would not start is usually on stderr.
+            self._stderr = tempfile.TemporaryFile()  # closed in close()
+            params = StdioServerParameters(
+                command=config.command,
+                args=list(config.args),
+                # The SDK passes only HOME, PATH, USER and the like, never the
+                # bot's own tokens; the file's `env` adds what the server needs.
+                env=dict(config.env),
+                cwd=config.cwd,
+            )
+            return Client(stdio_client(params, errlog=self._stderr))  # type: ignore[arg-type]
+        import httpx2
+        from mcp.client.streamable_http import streamable_http_client
+
+        http = httpx2.AsyncClient(
+            headers=dict(config.headers),
+            timeout=httpx2.Timeout(30.0, read=max(300.0, config.timeout)),
+        )
+        return _HttpClient(http, Client(streamable_http_client(config.url, http_client=http)))
+
+    async def _list_tools(self, client: Any) -> list[ListedTool]:
+        listed: list[ListedTool] = []
+        cursor: str | None = None
+        for _ in range(_LIST_PAGES):
+            page = await client.list_tools(cursor=cursor)
+            for tool in page.tools:
+                hints = tool.annotations
+                listed.append(
+                    ListedTool(
+                        name=tool.name,
+                        description=(tool.description or tool.title or "").strip(),
+                        input_schema=dict(tool.input_schema or {}),
+                        read_only_hint=hints.read_only_hint if hints else None,
+                        destructive_hint=hints.destructive_hint if hints else None,
+                    )
+                )
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        return listed
+
+    async def close(self) -> None:
+        """Stop the session (and a stdio server's process), bounded."""
+        self._stop.set()
+        task = self._task
+        if task is not None and not task.done():
+            await asyncio.wait({task}, timeout=_CLOSE_WAIT)
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=_CLOSE_WAIT)
+        if self.state in ("ready", "starting"):
+            self.state = "closed"
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+
+    # -- calls --------------------------------------------------------------
+
+    async def call(self, tool: str, args: dict[str, Any]) -> CallOutcome:
+        """Call a tool. Raises McpUnavailableError when the server cannot answer."""
+        client = self._client
+        if self.state != "ready" or client is None:
+            raise McpUnavailableError(self.unavailable_reason())
+        from mcp import MCPError
+        from mcp_types import CONNECTION_CLOSED, REQUEST_TIMEOUT
+
+        started = time.monotonic()
+        timeout = self.config.timeout
+        try:
+            # The SDK's own timeout, and ours around it in case a transport ignores it.
+            result = await asyncio.wait_for(
+                client.call_tool(tool, args, read_timeout_seconds=timeout), timeout + 5
+            )
+        except TimeoutError:
+            raise McpUnavailableError(
+                f"MCP server '{self.name}' did not answer {tool} within {timeout:g} s"
+            ) from None
+        except MCPError as exc:
+            if exc.code == REQUEST_TIMEOUT:
+                raise McpUnavailableError(
+                    f"MCP server '{self.name}' did not answer {tool} within {timeout:g} s"
+                ) from None
+            if exc.code == CONNECTION_CLOSED:
+                self._mark_dead(f"the connection closed during a call to {tool}")
+                raise McpUnavailableError(self.unavailable_reason()) from None
+            # A protocol-level error about this call (unknown tool, bad params):
+            # the server is fine, the call is not.
+            return CallOutcome(
+                f"MCP error {exc.code}: {exc.message}",
+                True,
+                int((time.monotonic() - started) * 1000),
+            )
+        except (OSError, EOFError) as exc:
+            self._mark_dead(f"{type(exc).__name__} during a call to {tool}")
+            raise McpUnavailableError(self.unavailable_reason()) from None
+        text, kinds = _render(result)
+        return CallOutcome(
+            text, bool(result.is_error), int((time.monotonic() - started) * 1000), kinds
+        )
+
+    # -- reporting ----------------------------------------------------------
+
+    def _mark_dead(self, why: str) -> None:
+        if self.state in ("closed", "failed", "dead"):
+            return
+        self.state = "dead"
+        self.error = why + self._stderr_note()
+        logger.warning("mcp: server '%s' stopped working: %s", self.name, self.error)
+
+    def _stderr_note(self) -> str:
+        """The end of a stdio server's stderr, for a report (one line)."""
+        if self._stderr is None:
+            return ""
+        try:
+            fd = self._stderr.fileno()
+            size = os.fstat(fd).st_size
+            raw = os.pread(fd, _STDERR_TAIL, max(0, size - _STDERR_TAIL))
+        except (OSError, ValueError):
+            return ""
+        lines = [line.strip() for line in raw.decode("utf-8", "replace").splitlines()]
+        tail = [line for line in lines if line][-2:]
+        return f" (stderr: {' | '.join(tail)})" if tail else ""
+
+    def unavailable_reason(self) -> str:
+        where = self.config.command or self.config.url or "?"
+        if self.state == "failed":
+            return f"MCP server '{self.name}' ({where}) failed to start: {self.error}"
+        if self.state == "dead":
+            return (
+                f"MCP server '{self.name}' ({where}) is not running any more: {self.error}. "
+                "Its tools are unavailable until DuckLM restarts."
+            )
+        return f"MCP server '{self.name}' is {self.state}"
+
+
+class _HttpClient(contextlib.AbstractAsyncContextManager[Any]):
+    """An SDK Client over streamable HTTP that also closes the httpx client it uses."""
+
+    def __init__(self, http: Any, client: Any) -> None:
+        self._http = http
+        self._client = client
+
+    async def __aenter__(self) -> Any:
+        try:
+            return await self._client.__aenter__()
+        except BaseException:
+            await self._http.aclose()
+            raise
+
+    async def __aexit__(self, *exc: Any) -> None:
+        try:
+            await self._client.__aexit__(*exc)
+        finally:
+            await self._http.aclose()
+
+
+async def start_servers(config: McpConfig) -> list[McpServer]:
+    """Start every enabled server at once; each ends ready or failed, within its timeout."""
+    servers = [McpServer(server) for server in config.active]
+    await asyncio.gather(*(server.start() for server in servers))
+    return servers
