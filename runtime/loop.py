@@ -33,9 +33,9 @@ from functools import partial
 from typing import Any
 
 from runtime.approvals import ApprovalService
-from runtime.context import ContextBuilder
-from runtime.directive import Directive, DirectiveError, parse_directive
+from runtime.context import CALL_KEYS, ContextBuilder
 from runtime.model import ModelClient, ModelError, ModelResponse
+from runtime.planner import ActionPlanner
 from runtime.store import EventStore, TaskStore
 from runtime.store.models import Approval, Event, Task
 from runtime.tools.base import ToolArgumentError, ToolResult
@@ -176,6 +176,10 @@ class RuntimeLoop:
         self._gateways: dict[str, ToolGateway] = {}
         self.context_builder = context_builder or ContextBuilder(
             self._gateway(default_workspace).specs()
+        )
+        # The action step (either protocol); None without a model.
+        self.planner = (
+            ActionPlanner(model_client, self.context_builder) if model_client is not None else None
         )
         self._listeners: list[EventListener] = []
         # Per task: events recorded since its last write (type, payload, time),
@@ -319,11 +323,11 @@ class RuntimeLoop:
         if self.model_client is None:
             return await self._fail(task.task_id, NO_MODEL_TEXT)
         messages = self.context_builder.build_basic_messages(task)
-        observations = await self._action_loop(task, messages, observations)
+        observations, planning_failed = await self._action_loop(task, messages, observations)
         waiting = await self._wait_if_pending(task, observations, direct=False)
         if waiting is not None:
             return waiting
-        return await self._answer(task, messages, observations)
+        return await self._answer(task, messages, observations, planning_failed=planning_failed)
 
     async def _direct_turn(self, task: Task, command: str) -> ChatResult:
         action = {"tool": SHELL_TOOL, "args": {"command": command}, "reason": "direct command"}
@@ -337,6 +341,10 @@ class RuntimeLoop:
 
     async def _resume(self, task: Task, approval: Approval, state: _WaitingState) -> ChatResult:
         decided = await self._run_decided(task, approval)
+        # A native tool call keeps its id, so its result answers that call.
+        for waiting in state.observations:
+            if waiting.get("approval_id") == approval.approval_id:
+                decided.update({k: waiting[k] for k in (*CALL_KEYS, "function") if k in waiting})
         observations = [
             o for o in state.observations if o.get("approval_id") != approval.approval_id
         ]
@@ -354,59 +362,98 @@ class RuntimeLoop:
 
     async def _action_loop(
         self, task: Task, messages: list[dict[str, str]], observations: list[dict[str, Any]]
-    ) -> list[dict[str, Any]]:
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Plan and act for up to `max_tool_iterations` rounds. Returns the
+        observations and, when the action model's replies could not be used
+        even after the repair round, why (the thinker is told)."""
+        assert self.planner is not None
         observations = list(observations)
-        for _ in range(self.max_tool_iterations):
-            directive = await self._plan(
-                task.task_id, self.context_builder.with_observations(messages, observations)
-            )
-            if directive is None or not directive.actions:
-                return observations
-            for action in directive.actions:
-                observation = await self._act(task, len(observations) + 1, action.model_dump())
+        call = partial(self._call_model, task.task_id)
+        record = partial(self._record, task.task_id)
+        for round_number in range(1, self.max_tool_iterations + 1):
+            plan = await self.planner.plan(call, record, messages, observations)
+            if plan.failed is not None:
+                return observations, plan.failed
+            if not plan.actions:
+                return observations, None
+            # Rounds are numbered across continuations, so replayed tool calls
+            # keep their grouping after an approval.
+            round_id = f"{len(observations)}.{round_number}"
+            for proposed in plan.actions:
+                action = {k: proposed.get(k) for k in ("tool", "args", "reason")}
+                observation = await self._act(task, len(observations) + 1, action)
+                if proposed.get("call_id"):
+                    observation.setdefault("tool", proposed["tool"])
+                    observation.update(
+                        call_id=proposed["call_id"],
+                        round=round_id,
+                        args=proposed.get("args") or {},
+                        function=proposed.get("function") or proposed["tool"],
+                    )
                 observations.append(observation)
                 if observation.get("approval_id"):
-                    return observations
+                    return observations, None
         self._record(
             task.task_id,
             "tool_iteration_limit_reached",
             {"max_tool_iterations": self.max_tool_iterations},
         )
-        return observations
-
-    async def _plan(self, task_id: str, messages: list[dict[str, str]]) -> Directive | None:
-        response = await self._call_model(task_id, "action", messages)
-        try:
-            directive = parse_directive(response.content)
-        except DirectiveError as exc:
-            self._record(
-                task_id,
-                "action_directive_failed",
-                {"error": str(exc), "content": response.content[:2000]},
-            )
-            return None
-        self._record(
-            task_id, "action_directive", {"actions": [a.model_dump() for a in directive.actions]}
-        )
-        return directive
+        return observations, None
 
     async def _answer(
-        self, task: Task, messages: list[dict[str, str]], observations: list[dict[str, Any]]
+        self,
+        task: Task,
+        messages: list[dict[str, str]],
+        observations: list[dict[str, Any]],
+        *,
+        planning_failed: str | None = None,
     ) -> ChatResult:
-        response = await self._call_model(
-            task.task_id, "thinker", self.context_builder.with_observations(messages, observations)
-        )
+        thinker_messages = self.context_builder.with_observations(messages, observations)
+        if planning_failed is not None:
+            thinker_messages = [
+                *thinker_messages,
+                {
+                    "role": "user",
+                    "content": (
+                        "planning_failed: the planning step could not produce usable tool "
+                        f"calls, even after one repair round ({planning_failed}). No further "
+                        "tool ran. Tell the user plainly that planning failed, and answer "
+                        "only from what is known."
+                    ),
+                },
+            ]
+        response = await self._call_model(task.task_id, "thinker", thinker_messages)
+        answer = response.content
+        notes = []
+        if planning_failed is not None:
+            notes.append(
+                f"(Planning failed: the action model's reply could not be used, twice: "
+                f"{planning_failed}. No further tool ran.)"
+            )
+        if response.finish_reason == "length":
+            notes.append(
+                "(This answer was cut off: the model reached its token limit, "
+                "DUCKLM_THINKER_MAX_TOKENS.)"
+            )
+        elif response.finish_reason == "content_filter":
+            notes.append("(This answer was cut off by the model provider's content filter.)")
+        if notes:
+            answer = "\n\n".join([answer.rstrip(), *notes] if answer.strip() else notes)
         return await self._finish(
-            task, response.content, response.reasoning_content, observations=observations
+            task, answer, response.reasoning_content, observations=observations
         )
 
     async def _call_model(
-        self, task_id: str, role: str, messages: list[dict[str, str]]
+        self, task_id: str, role: str, messages: list[dict[str, Any]], **options: Any
     ) -> ModelResponse:
+        """One model call with its events. Action calls arrive with their
+        system prompt (the planner picks it per protocol); thinker calls get it here."""
         assert self.model_client is not None
         self._record(task_id, "model_call_started", {"role": role})
         await self._flush(task_id)
-        response = await self.model_client.chat(role, self.context_builder.for_role(role, messages))
+        if role == "thinker":
+            messages = self.context_builder.for_role(role, messages)
+        response = await self.model_client.chat(role, messages, **options)
         if role == "thinker":
             self._record(
                 task_id,
@@ -427,6 +474,7 @@ class RuntimeLoop:
                 "prompt_tokens": response.prompt_tokens,
                 "completion_tokens": response.completion_tokens,
                 "total_tokens": response.total_tokens,
+                "finish_reason": response.finish_reason,
             },
         )
         return response

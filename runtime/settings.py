@@ -8,7 +8,7 @@ tests can construct any component without touching the environment.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -50,6 +50,26 @@ class Settings(BaseSettings):
     max_tool_iterations: int = Field(
         default=4, ge=1, le=50, validation_alias="DUCKLM_MAX_TOOL_ITERATIONS"
     )
+    # How the action model proposes tool calls (runtime/planner.py): `directive`
+    # (JSON text), `tools` (native tool calling) or `auto` (tools where honoured).
+    action_protocol: Literal["directive", "tools", "auto"] = Field(
+        default="auto", validation_alias="DUCKLM_ACTION_PROTOCOL"
+    )
+    # Bounded, deterministic requests: without max_tokens some servers generate
+    # up to the context size; a directive is short, an answer longer.
+    action_max_tokens: int = Field(
+        default=1024, ge=16, le=131072, validation_alias="DUCKLM_ACTION_MAX_TOKENS"
+    )
+    thinker_max_tokens: int = Field(
+        default=2048, ge=16, le=131072, validation_alias="DUCKLM_THINKER_MAX_TOKENS"
+    )
+    action_temperature: float = Field(
+        default=0.0, ge=0, le=2, validation_alias="DUCKLM_ACTION_TEMPERATURE"
+    )
+    thinker_temperature: float = Field(
+        default=0.2, ge=0, le=2, validation_alias="DUCKLM_THINKER_TEMPERATURE"
+    )
+
 
     # Shell tool
     shell_timeout: float = Field(default=60.0, gt=0, validation_alias="DUCKLM_SHELL_TIMEOUT")
