@@ -120,6 +120,9 @@ class Settings(BaseSettings):
         default=8, ge=1, le=256, validation_alias="DUCKLM_MAX_CONCURRENT_TASKS"
     )
 
+    # MCP servers whose tools the agent may use (runtime/tools/mcp/config.py).
+    mcp_config: Path | None = Field(default=None, validation_alias="DUCKLM_MCP_CONFIG")
+
     # Slack
     slack_bot_token: str | None = Field(default=None, validation_alias="SLACK_BOT_TOKEN")
     slack_app_token: str | None = Field(default=None, validation_alias="SLACK_APP_TOKEN")
@@ -204,6 +207,11 @@ class Settings(BaseSettings):
         except (ZoneInfoNotFoundError, ValueError) as exc:
             raise ValueError(f"unknown time zone {value!r} (use an IANA name)") from exc
         return value
+
+    @field_validator("mcp_config", mode="before")
+    @classmethod
+    def _no_mcp(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("retention_days", mode="before")
     @classmethod
