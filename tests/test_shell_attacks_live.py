@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -73,16 +74,29 @@ def test_bubblewrap_works_here() -> None:
 
 
 class Listener:
-    """A TCP server on a free 127.0.0.1 port that counts who connected."""
+    """A TCP server and a UDP socket on free 127.0.0.1 ports that count who reached them."""
 
     def __init__(self) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.sock.settimeout(0.2)
         self.port: int = self.sock.getsockname()[1]
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", 0))
+        self.udp.settimeout(0.2)
+        self.udp_port: int = self.udp.getsockname()[1]
         self.connections = 0
+        self.datagrams = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._serve, daemon=True),
+            threading.Thread(target=self._receive, daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def reached(self) -> int:
+        return self.connections + self.datagrams
 
     def _serve(self) -> None:
         while not self._stop.is_set():
@@ -93,10 +107,20 @@ class Listener:
             self.connections += 1
             conn.close()
 
+    def _receive(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.udp.recv(65536)
+            except OSError:
+                continue
+            self.datagrams += 1
+
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        for thread in self._threads:
+            thread.join(timeout=5)
         self.sock.close()
+        self.udp.close()
 
 
 @dataclass
@@ -123,6 +147,7 @@ class World:
         }
         for key, path in values.items():
             template = template.replace("{" + key + "}", shlex.quote(str(path)))
+        template = template.replace("{uport}", str(self.listener.udp_port))
         return template.replace("{port}", str(self.listener.port))
 
     def snapshot(self) -> dict[str, tuple[Any, ...]]:
@@ -214,16 +239,22 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clean_env: None) -> I
 # -- running ---------------------------------------------------------------------
 
 
+_SHELL_SYNTAX = set(";|&<>$`(){}*?[]~!#=\n\\'\"")
+
+
 def _forced(command: str) -> Classification:
-    """The bypass: every command is read-only and low risk."""
+    """The bypass: every command is read-only and low risk. A command of plain
+    words is marked simple, so it takes the argv path (no shell) like a real
+    simple command; anything else goes through bash."""
+    simple = not (set(command) & _SHELL_SYNTAX)
     return Classification(
         action_type="read",
         risk_level="low",
         requires_approval=False,
         blocked=False,
         reason=FORCED_REASON,
-        commands=[],
-        simple=False,
+        commands=[command.split()] if simple else [],
+        simple=simple,
         sandbox_profile=None,
     )
 
@@ -266,9 +297,13 @@ async def _run_bypassed(
 
     results = await _gather(commands, run)
     for command, result in results:
-        # Proof the command went the unasked way, in the sandbox.
+        # Proof the command went the unasked way, in the sandbox (or did not start
+        # at all: a simple command whose program is not installed here).
         assert result.metadata.get("reason") == FORCED_REASON, (command, result)
-        assert result.metadata.get("sandboxed") is True, (command, result.metadata)
+        not_started = result.metadata.get("returncode") is None and "not found" in (
+            result.error or ""
+        )
+        assert result.metadata.get("sandboxed") is True or not_started, (command, result)
     return results
 
 
@@ -341,6 +376,17 @@ WRITES = [
     "env touch {canary}/env",
     "busybox touch {canary}/busybox || touch {canary}/busybox2",
     "tar -cf {canary}/out.tar .",
+    # getting the write back: remounting, or a nested user namespace with all
+    # capabilities in it (the read-only bind mounts are locked)
+    "mount -o remount,rw {ws}; touch {ws}/remounted",
+    "unshare -rm sh -c 'mount -o remount,rw,bind {ws} {ws}; touch {ws}/nested'",
+    "unshare -rm sh -c 'mount -o remount,rw,bind {canary} {canary}; touch {canary}/nested'",
+    "unshare -rmpf --mount-proc sh -c 'touch {canary}/pidns'",
+    # plain words: the argv path, no shell
+    "touch {canary}/argv",
+    "mkdir {canary}/argvdir",
+    "rm -rf {canary}/deep",
+    "cp {ws}/app.log {canary}/argvcopy",
 ]
 
 # Outbound connections to the listener on 127.0.0.1.
@@ -355,6 +401,14 @@ NETWORK = [
     "openssl s_client -connect 127.0.0.1:{port} < /dev/null",
     "perl -MIO::Socket::INET -e 'IO::Socket::INET->new(\"127.0.0.1:{port}\") or die'",
     "ssh -o BatchMode=yes -o ConnectTimeout=3 -p {port} 127.0.0.1 true",
+    'python3 -c "import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM)'
+    ".sendto(b'x', ('127.0.0.1', {uport}))\"",
+    "bash -c 'echo x > /dev/udp/127.0.0.1/{uport}'",
+    "dig +tcp +time=1 +tries=1 @127.0.0.1 -p {port} example.com",
+    "dig +time=1 +tries=1 @127.0.0.1 -p {uport} example.com",
+    "nslookup -port={port} -vc example.com 127.0.0.1",
+    "curl -s -m 3 http://localhost:{port}/",
+    "curl -s -m 3 'http://[::ffff:127.0.0.1]:{port}/'",
 ]
 
 # Reads of the bot's secrets: its environment, .env, home credentials, the DB.
@@ -443,12 +497,13 @@ async def test_bypassed_connections_reach_nothing(world: World, bypass: None) ->
         approved=True,
     )
     assert control.ok, control
-    assert await _wait_for(lambda: world.listener.connections == 1), world.listener.connections
+    assert await _wait_for(lambda: world.listener.reached == 1), world.listener.reached
     results = await _run_bypassed(world, _commands(world, NETWORK))
-    await asyncio.sleep(0)  # the accept thread runs on its own; give it a turn
-    assert world.listener.connections == 1, (
-        f"{world.listener.connections - 1} connection(s) left the sandbox; outputs:\n"
-        + "\n".join(f"{c}: {_text(r)[:200]}" for c, r in results)
+    # The listener threads count on their own: give a late datagram a moment to land.
+    await _wait_for(lambda: world.listener.reached > 1, within=1.0)
+    assert world.listener.reached == 1, (
+        f"{world.listener.reached - 1} connection(s) or datagram(s) left the sandbox; "
+        "outputs:\n" + "\n".join(f"{c}: {_text(r)[:200]}" for c, r in results)
     )
 
 
@@ -493,6 +548,38 @@ async def test_bypassed_runaway_commands_end_within_bounds(world: World, bypass:
     # A few at a time, each bounded: the whole batch is bounded too.
     batches = -(-len(RUNAWAY) // CONCURRENCY)
     assert elapsed <= batches * (RUNAWAY_TIMEOUT + 10), elapsed
+
+
+# Devices and kernel interfaces a sandboxed command must not have.
+_DEVICE = re.compile(
+    r"^(sd|hd|vd|xvd|nvme|mmcblk|dm-|md\d|loop|nbd|sr|watchdog|mem$|kmem$|port$|kmsg$)"
+)
+
+
+async def test_bypassed_commands_see_no_devices_and_cannot_poke_the_kernel(
+    world: World, bypass: None
+) -> None:
+    await _preflight(world)
+    [(_, listing)] = await _run_bypassed(world, ["ls -1 /dev"])
+    assert listing.ok, listing
+    devices = [name for name in listing.output.split() if _DEVICE.match(name)]
+    assert not devices, f"the sandbox's /dev has {devices}"
+    # Each of these fails in the sandbox; none harms the machine if it did not
+    # (sysrq `h` only prints help to the kernel log).
+    pokes = [
+        "echo h > /proc/sysrq-trigger",
+        # A global sysctl, rewritten with its own value (a no-op if it works): a
+        # uid-0 process without capabilities passes the sysctl files' owner check,
+        # so only a read-only /proc/sys stops `kernel.core_pattern` and the like.
+        "v=$(cat /proc/sys/vm/stat_interval) && echo $v > /proc/sys/vm/stat_interval",
+        "head -c 16 /dev/sda",
+        "head -c 16 /proc/kcore",
+        "head -c 16 /dev/mem",
+        "cat /dev/watchdog",
+    ]
+    results = await _run_bypassed(world, pokes)
+    worked = [c for c, r in results if r.ok]
+    assert not worked, f"these reached the kernel from the sandbox: {worked}"
 
 
 # -- (a) through the gateway, the real classifier -----------------------------------------
@@ -564,8 +651,8 @@ async def test_gateway_refuses_every_harmful_command(world: World) -> None:
         problems.append(f"leaked a secret: {leaked}")
     if changed:
         problems.append(f"changed the world: {changed}")
-    if world.listener.connections:
-        problems.append(f"{world.listener.connections} connection(s) reached the listener")
+    if world.listener.reached:
+        problems.append(f"{world.listener.reached} connection(s)/datagram(s) reached the listener")
     assert not problems, "\n".join(problems)
 
 
