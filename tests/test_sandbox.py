@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -46,24 +47,28 @@ CANARY = "xoxb-canary-" + uuid.uuid4().hex
 MARK = "plainmark" + str(uuid.uuid4().int)[:8]
 
 
-def _forced(profile: str | None = None):
-    """A classifier that calls everything read-only: the bypass the issue asks for."""
+def _forced(profile: str | None = None, claim: str | None = None):
+    """A classifier that calls everything read-only: the bypass the issue asks for.
+
+    Its parse is rough (split at `;`, `&&`, `||`, `|`, `&`); `claim` makes it
+    also misread the whole command as that one program (a fooled classifier)."""
 
     def classify_everything_read_only(command: str) -> Classification:
-        spaced = command
-        for operator in (";", "&&", "||", "|", "&"):
-            spaced = spaced.replace(operator, " ")
-        try:
-            words = shlex.split(spaced)
-        except ValueError:
-            words = spaced.split()
+        parts: list[list[str]] = []
+        for part in re.split(r"&&|\|\||[;|&]", command):
+            try:
+                words = shlex.split(part)
+            except ValueError:
+                words = part.split()
+            if words:
+                parts.append(words)
         return Classification(
             action_type="read",
             risk_level="low",
             requires_approval=False,
             blocked=False,
             reason="forced read-only (classifier bypassed by the test)",
-            commands=[words],
+            commands=[[claim]] if claim else parts,
             simple=False,
             sandbox_profile=profile,
         )
@@ -75,8 +80,8 @@ def _forced(profile: str | None = None):
 def bypass(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """Force "read-only" where tool.py and execution.py import `classify`."""
 
-    def force(profile: str | None = None) -> None:
-        fake = _forced(profile)
+    def force(profile: str | None = None, claim: str | None = None) -> None:
+        fake = _forced(profile, claim)
         monkeypatch.setattr(tool_module, "classify", fake)
         monkeypatch.setattr(execution_module, "classify", fake)
 
@@ -269,7 +274,7 @@ async def test_kubeconfig_visible_only_in_the_kubernetes_profile(
     command = f"cat {home}/.kube/config; cat {home}/.ssh/id_rsa"
     result, _, _ = await _run(rt, command)
     assert MARK not in result.final_response
-    bypass("kubernetes")
+    bypass("kubernetes", claim="kubectl")
     result, audit, _ = await _run(rt, command)
     assert audit["sandbox_profile"] == "kubernetes"
     assert f"kube {MARK}" in result.final_response
@@ -285,7 +290,7 @@ async def test_kubeconfig_named_by_the_environment(
     monkeypatch.setenv("KUBECONFIG", str(elsewhere))
     result, _, _ = await _run(rt, f"cat {elsewhere}")
     assert MARK not in result.final_response
-    bypass("kubernetes")
+    bypass("kubernetes", claim="kubectl")
     result, _, _ = await _run(rt, 'cat "$KUBECONFIG"')
     assert f"prod {MARK}" in result.final_response
 
@@ -304,7 +309,7 @@ async def test_kubeconfig_under_a_hidden_root_home(
         (home / "other").write_text(f"other {MARK}\n")
         monkeypatch.setenv("HOME", str(home))
         monkeypatch.delenv("KUBECONFIG", raising=False)
-        bypass("kubernetes")
+        bypass("kubernetes", claim="kubectl")
         result, audit, _ = await _run(rt, f"cat {home}/.kube/config {home}/other")
         assert audit["sandbox_profile"] == "kubernetes"
         assert f"kube {MARK}" in result.final_response
@@ -372,7 +377,7 @@ async def test_docker_socket_only_in_the_docker_profile(
     command = f"{python} -c \"import socket; socket.socket(socket.AF_UNIX).connect('{sock}')\""
     hidden = await execute(command, classify("x"), workspace=tmp_path)
     assert hidden.metadata["sandboxed"] and not hidden.ok
-    bypass("docker")
+    bypass("docker", claim="docker")
     shown = await execute(command, classify("x"), workspace=tmp_path)
     assert shown.metadata["sandbox_profile"] == "docker"
     assert shown.ok, shown.output
@@ -587,7 +592,7 @@ async def test_network_only_for_a_profile_that_names_it(rt: Runtime, bypass: Any
         listener.listen(5)
         listener.settimeout(10)
         port = listener.getsockname()[1]
-        bypass("dns")  # dig/host/nslookup keep the host's network
+        bypass("dns", claim="dig")  # dig/host/nslookup keep the host's network
         _, audit, _ = await _run(rt, f"bash -c 'echo hello > /dev/tcp/127.0.0.1/{port}'")
         assert audit["sandbox_profile"] == "dns" and audit["ok"] is True
         listener.accept()[0].close()  # it did arrive
@@ -623,3 +628,30 @@ async def test_database_directory_and_matrix_files_are_hidden(
         assert any(r.startswith(f"hidden path {db_dir}") for r in _refused(events))
     finally:
         await runtime.close()
+
+
+async def test_a_profile_is_not_lent_to_the_other_parts_of_a_command(
+    rt: Runtime, bypass: Any, home: Path
+) -> None:
+    # The classifier (bypassed) parses right but calls it read-only: kubectl's
+    # profile must still not show its kubeconfig to `cat` beside it.
+    bypass("kubernetes")
+    result, audit, events = await _run(rt, f"kubectl version --client; cat {home}/.kube/config")
+    assert MARK not in result.final_response
+    assert audit["sandbox_profile"] == "default"
+    assert any("kubernetes profile withheld" in r for r in _refused(events))
+    # A plain filter in a pipe keeps it (here the kubeconfig is visible again).
+    bypass("kubernetes")
+    _, audit, events = await _run(rt, "kubectl version --client | grep -i client")
+    assert audit["sandbox_profile"] == "kubernetes"
+    assert not any("withheld" in r for r in _refused(events))
+
+
+async def test_kernel_knobs_are_read_only(tmp_path: Path, bypass: Any) -> None:
+    # A root bot's commands are uid 0: /proc/sys (mode 0644 root) must still refuse.
+    # (Writing `1` to drop_caches would only drop clean caches, were it to get through.)
+    result = await execute("echo 1 > /proc/sys/vm/drop_caches", classify("x"), workspace=tmp_path)
+    assert result.metadata["sandboxed"] and not result.ok
+    assert "read-only filesystem" in result.metadata["sandbox_refusals"]
+    readable = await execute("cat /proc/sys/vm/swappiness", classify("x"), workspace=tmp_path)
+    assert readable.ok and readable.output.strip().isdigit()

@@ -284,7 +284,8 @@ async def execute(
         return decided
     sandboxed = decided
     prepared = _prepare(command, fresh, Path(workspace))
-    if isinstance(prepared, ToolResult):
+    if isinstance(prepared, ToolResult):  # not found, no workspace: it went this way
+        prepared.metadata["sandboxed"] = sandboxed
         return prepared
     argv, executable, env = prepared
     # Twice at most: when bwrap itself could not set up (a socket or file it was
@@ -300,6 +301,7 @@ async def execute(
                 writable=approved,
                 environ=os.environ,
                 rescan=attempt > 1,
+                commands=fresh.commands,
             )
             run_env.update(plan.env)
             # bwrap looks the program up on PATH inside the sandbox, where a copy
@@ -442,7 +444,7 @@ async def _run(
     }
     if plan is not None:
         metadata["sandbox_profile"] = plan.profile
-        metadata["sandbox_refusals"] = refusals.detect(
+        metadata["sandbox_refusals"] = plan.notes + refusals.detect(
             command=command,
             words=[w for c in fresh.commands for w in c[1:]],
             returncode=returncode,

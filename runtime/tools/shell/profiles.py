@@ -94,6 +94,17 @@ PROFILES: dict[str, Profile] = {
 }
 
 
+# Programs that may share a command with a profile's own programs and leave it
+# the profile: filters that read their input and print (`kubectl get pods | grep
+# web`). Anything else beside them (`; cat <kubeconfig>`, `; ping 10.0.0.1`)
+# would borrow the network or the credentials the profile gives, so such a
+# command runs with the default sandbox instead (the client then fails cleanly).
+PROFILE_COMPANIONS = frozenset(
+    "grep egrep fgrep head tail sort uniq wc cut tr column cat nl tac fold fmt rev expand "
+    "unexpand paste jq".split()
+)
+
+
 def profile_for(programs: Iterable[str]) -> str | None:
     """The one profile the given programs need, or None (none, or more than one)."""
     names = {

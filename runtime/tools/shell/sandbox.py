@@ -31,7 +31,7 @@ import shutil
 import stat
 import subprocess
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,7 +39,13 @@ from typing import TYPE_CHECKING
 from runtime.tools.secrets import hidden_paths
 from runtime.tools.shell import cgroups
 from runtime.tools.shell.limits import ResourceLimits
-from runtime.tools.shell.profiles import CONTROL_SOCKETS, PROFILES, Profile
+from runtime.tools.shell.profiles import (
+    CONTROL_SOCKETS,
+    PROFILE_COMPANIONS,
+    PROFILES,
+    PROGRAM_PROFILES,
+    Profile,
+)
 
 if TYPE_CHECKING:
     from runtime.settings import Settings
@@ -59,6 +65,21 @@ _SYSTEM_SECRETS = (
     "/var/lib/kubelet/pki", "/etc/kubernetes/pki", "/etc/kubernetes/admin.conf",
     "/var/lib/docker/swarm", "/etc/docker/key.json",
 )  # fmt: skip
+# The fresh /proc is writable where its files' owner may write, and a root
+# bot's commands run as uid 0 (caps or not, /proc/sys/* is mode 0644 root):
+# `echo 1 > /proc/sys/vm/drop_caches` would reach the kernel. So the kernel's
+# knobs are the host's, read-only (sysctl -a still reads them), and the sysrq
+# trigger is /dev/null.
+_PROC_COVERS: list[str] = [
+    arg
+    for sub in ("sys", "irq", "bus", "fs", "sysvipc", "tty", "acpi", "scsi", "driver")
+    if os.path.isdir(f"/proc/{sub}")
+    for arg in ("--ro-bind", f"/proc/{sub}", f"/proc/{sub}")
+] + (
+    ["--ro-bind", "/dev/null", "/proc/sysrq-trigger"]
+    if os.path.exists("/proc/sysrq-trigger")
+    else []
+)
 _SOCKET_SCAN_ROOTS = ("/run",)
 _SOCKET_SCAN_MAX = 4096  # entries looked at under /run; a bigger /run is cut short
 _PROBE_TIMEOUT = 15.0
@@ -303,6 +324,39 @@ class SandboxPlan:
     hidden: list[str]
     profile: str
     network: bool
+    # Refusals decided before the run (a profile withheld), for the audit.
+    notes: list[str] = field(default_factory=list)
+
+
+_EXPANSION_CHARS = frozenset("$`*?[~{")
+
+
+def profile_withheld(
+    profile: str, commands: Sequence[Sequence[str]], workspace: Path
+) -> str | None:
+    """Why this command may not have the profile's extra rights, or None.
+
+    The classifier names the profile for the command as a whole; the rights
+    (network, a kubeconfig, a socket) must still go only to the programs that
+    need them. So every other part must be a plain filter (`PROFILE_COMPANIONS`)
+    whose words name no existing file and expand to nothing unknown.
+    """
+    for argv in commands:
+        if not argv:
+            continue
+        program = os.path.basename(argv[0])
+        if PROGRAM_PROFILES.get(program) == profile:
+            continue
+        if program not in PROFILE_COMPANIONS:
+            return f"`{program}` would share its {profile} profile"
+        for word in argv[1:]:
+            if _EXPANSION_CHARS.intersection(word):
+                return f"`{program} {word}` may expand to a file"
+            candidates = {word, word.partition("=")[2], word.lstrip("-")}
+            for candidate in filter(None, candidates):
+                if os.path.lexists(os.path.join(workspace, os.path.expanduser(candidate))):
+                    return f"`{program}` names a file ({candidate})"
+    return None
 
 
 def command_prefix(
@@ -313,6 +367,7 @@ def command_prefix(
     writable: bool,
     environ: Mapping[str, str],
     rescan: bool = False,
+    commands: Sequence[Sequence[str]] = (),
 ) -> SandboxPlan:
     """The sandbox for one command in `workspace` under `profile`.
 
@@ -322,10 +377,15 @@ def command_prefix(
     status = config.status
     if not status.available or status.path is None:
         raise RuntimeError(config.missing_reason())
+    notes: list[str] = []
+    if profile and (why := profile_withheld(profile, commands, workspace)):
+        notes.append(f"{profile} profile withheld: {why}")
+        profile = None
     chosen = PROFILES.get(profile or "", _DEFAULT_PROFILE)
     ws = os.path.realpath(workspace)
     tmp = str(config.limits.tmp_size)
     argv = [status.path, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    argv += _PROC_COVERS
     argv += ["--size", tmp, "--tmpfs", "/tmp", "--size", tmp, "--tmpfs", "/dev/shm"]
     argv += _namespaces(network=chosen.network)
     argv += ["--cap-drop", "ALL", "--new-session", "--die-with-parent"]
@@ -347,4 +407,4 @@ def command_prefix(
         # kubectl's discovery cache would go to ~/.kube/cache, a tiny hidden tmpfs.
         env["KUBECACHEDIR"] = "/tmp/.kube-cache"
     argv += ["--chdir", ws, "--"]
-    return SandboxPlan(argv, env, hidden, chosen.name, chosen.network)
+    return SandboxPlan(argv, env, hidden, chosen.name, chosen.network, notes)
