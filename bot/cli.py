@@ -87,8 +87,11 @@ def _operator() -> Actor:
     return Actor(f"cli:{user}", is_admin=True, is_approver=True)
 
 
-async def _with_runtime(settings: Settings, body: Callable[[Runtime], Awaitable[int]]) -> int:
-    runtime = await build_runtime(settings)
+async def _with_runtime(
+    settings: Settings, body: Callable[[Runtime], Awaitable[int]], *, mcp: bool = False
+) -> int:
+    # MCP servers only start for the console: `ducklm tasks` and friends read the store.
+    runtime = await build_runtime(settings, mcp=mcp)
     try:
         return await body(runtime)
     finally:
@@ -106,6 +109,8 @@ async def _console(runtime: Runtime) -> int:
     from bot.console import Console
 
     _sandbox_notice(runtime.settings)
+    for line in runtime.startup_notices():  # one line per MCP server
+        print(line, file=sys.stderr)
     return await Console(runtime).serve()
 
 
@@ -192,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         raise AssertionError(args.command)
 
     try:
-        return asyncio.run(_with_runtime(settings, body))
+        return asyncio.run(_with_runtime(settings, body, mcp=args.command == "console"))
     except StoreError as exc:
         print(f"Database error: {exc}", file=sys.stderr)
         return 1

@@ -61,8 +61,8 @@ def observations_in(request: RecordedRequest) -> list[dict[str, Any]]:
     return json.loads(content.split("\n", 1)[1])
 
 
-async def wait_for(predicate: Any, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
+async def wait_for(predicate: Any, limit: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + limit
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
@@ -449,8 +449,13 @@ async def test_streamable_http_server(
     tmp_path: Path, state: Path, model_server: FakeModelServer, clean_env: None
 ) -> None:
     port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "tests.fakes.mcp_server", str(state), "--http", str(port)],
+    server = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.fakes.mcp_server",
+        str(state),
+        "--http",
+        str(port),
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -461,7 +466,7 @@ async def test_streamable_http_server(
             with socket.socket() as sock:
                 return sock.connect_ex(("127.0.0.1", port)) == 0
 
-        await wait_for(listening, timeout=30, what="the HTTP MCP server")
+        await wait_for(listening, limit=30, what="the HTTP MCP server")
         config = {
             "mcpServers": {
                 "demo": {
@@ -492,7 +497,7 @@ async def test_streamable_http_server(
             await rt.close()
     finally:
         server.terminate()
-        server.wait(timeout=10)
+        await asyncio.wait_for(server.wait(), 10)
 
 
 def test_no_config_loads_nothing_of_mcp(tmp_path: Path) -> None:
@@ -502,7 +507,8 @@ def test_no_config_loads_nothing_of_mcp(tmp_path: Path) -> None:
         "from runtime.settings import Settings\n"
         f"s = Settings(_env_file=None, db={str(tmp_path / 'x.db')!r})\n"
         "rt = asyncio.run(build_runtime(s))\n"
-        "print(sorted(m for m in sys.modules if m == 'mcp' or m.startswith(('mcp.', 'runtime.tools.mcp'))))\n"
+        "names = ('mcp', 'mcp.', 'mcp_types', 'runtime.tools.mcp')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(names)))\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("DUCKLM_")}
     out = subprocess.run(
@@ -510,3 +516,73 @@ def test_no_config_loads_nothing_of_mcp(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+async def _cli(tmp_path: Path, *args: str, stdin: str = "", **extra: str) -> tuple[int, str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DUCKLM_", "SLACK_", "MATRIX_", "OPENAI_"))
+    }
+    workspace = tmp_path / "workspace"
+    workspace.mkdir(exist_ok=True)
+    env.update(DUCKLM_DB=str(tmp_path / "ducklm.db"), DUCKLM_WORKSPACE=str(workspace), **extra)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bot.cli",
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=REPO,
+        env=env,
+    )
+    out, err = await asyncio.wait_for(process.communicate(stdin.encode()), 120)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_console_reports_servers_at_start_and_approves_an_mcp_call(
+    tmp_path: Path, state: Path, model_server: FakeModelServer
+) -> None:
+    path = tmp_path / "mcp.json"
+    path.write_text(
+        json.dumps(
+            {
+                "mcpServers": {
+                    "demo": demo_server(state),
+                    "broken": {"command": str(tmp_path / "no-such-mcp-server")},
+                }
+            }
+        )
+    )
+    model_server.reply(
+        ACTION, Text(directive(mcp("write_note", text="from the console"))), Text(NO_ACTIONS)
+    )
+    model_server.set_default(THINKER, Text("Noted."))
+
+    code, out, err = await _cli(
+        tmp_path,
+        "console",
+        stdin="take a note\napprove\nexit\n",
+        DUCKLM_MCP_CONFIG=str(path),
+        DUCKLM_MODEL_BASE_URL=model_server.base_url,
+        DUCKLM_MODEL_API_KEY="sk-test",
+        DUCKLM_THINKER_MODEL=THINKER,
+        DUCKLM_ACTION_MODEL=ACTION,
+        DUCKLM_ACTION_PROTOCOL="directive",
+    )
+
+    assert code == 0, err
+    assert "mcp: server 'demo' ready (stdio" in err
+    assert "mcp: MCP server 'broken'" in err and "failed to start" in err
+    assert '\n  mcp demo/write_note {"text": "from the console"}\n' in out
+    assert "Noted." in out
+    assert (state / "notes.txt").read_text() == "from the console\n"
+
+    # Store-only commands do not start MCP servers.
+    (state / "started.txt").unlink()
+    code, out, err = await _cli(tmp_path, "tasks", DUCKLM_MCP_CONFIG=str(path))
+    assert code == 0, err
+    assert "mcp:" not in err and not (state / "started.txt").exists()
