@@ -655,3 +655,21 @@ async def test_kernel_knobs_are_read_only(tmp_path: Path, bypass: Any) -> None:
     assert "read-only filesystem" in result.metadata["sandbox_refusals"]
     readable = await execute("cat /proc/sys/vm/swappiness", classify("x"), workspace=tmp_path)
     assert readable.ok and readable.output.strip().isdigit()
+
+
+async def test_only_tmp_and_shm_are_writable_and_they_are_bounded(
+    tmp_path: Path, bypass: Any
+) -> None:
+    config = SandboxConfig(limits=ResourceLimits(tmp_size=1 << 20))
+    result = await execute(
+        "echo x > /dev/filler; head -c 3000000 /dev/zero > /tmp/fill; ls -s /tmp/fill; "
+        "echo ok > /dev/null && echo devnull-works",
+        classify("x"),
+        workspace=tmp_path,
+        sandbox=config,
+    )
+    assert result.metadata["sandboxed"]
+    assert "/dev/filler: Read-only file system" in result.output
+    assert "No space left on device" in result.output  # /tmp holds 1 MiB here
+    assert "devnull-works" in result.output
+    assert "tmp space limit" in result.metadata["sandbox_refusals"]

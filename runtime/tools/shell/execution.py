@@ -449,6 +449,7 @@ async def _run(
             words=[w for c in fresh.commands for w in c[1:]],
             returncode=returncode,
             output=output,
+            stderr=err_text,
             timed_out=timed_out,
             process_limit_hit=cgroup is not None and cgroup.limit_hit(),
             workspace=workspace,

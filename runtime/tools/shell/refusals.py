@@ -38,6 +38,8 @@ _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ),
     ("file size limit", re.compile(r"File too large|File size limit exceeded|\bEFBIG\b")),
     ("CPU time limit", re.compile(r"CPU time limit exceeded")),
+    # The only writable places are the small private /tmp and /dev/shm.
+    ("tmp space limit", re.compile(r"No space left on device|\bENOSPC\b")),
     (
         "process limit",
         re.compile(
@@ -89,6 +91,7 @@ def detect(
     words: Iterable[str],
     returncode: int | None,
     output: str,
+    stderr: str,
     timed_out: bool,
     process_limit_hit: bool,
     workspace: Path,
@@ -98,12 +101,15 @@ def detect(
     """The refusals a sandboxed command's outcome shows, e.g. ["read-only filesystem"]."""
     found: list[str] = []
     ok = returncode == 0 and not timed_out
+    # A failed command: anything it printed; a successful one (whose last part
+    # succeeded): its error output only, so a `grep` of a log is not a refusal.
+    text = stderr if ok else output
+    for kind, pattern in _PATTERNS:
+        if kind == "network" and network:
+            continue  # a profile with network: a refused connection is the server's
+        if pattern.search(text):
+            found.append(kind)
     if not ok:
-        for kind, pattern in _PATTERNS:
-            if kind == "network" and network:
-                continue  # a profile with network: a refused connection is the server's
-            if pattern.search(output):
-                found.append(kind)
         sig = _signal_of(returncode)
         if sig in _SIGNALS and not (sig == signal.SIGKILL and timed_out):
             kind = _SIGNALS[signal.Signals(sig)]

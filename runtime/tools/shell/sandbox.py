@@ -387,6 +387,9 @@ def command_prefix(
     argv = [status.path, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
     argv += _PROC_COVERS
     argv += ["--size", tmp, "--tmpfs", "/tmp", "--size", tmp, "--tmpfs", "/dev/shm"]
+    # bwrap's /dev is an unbounded tmpfs the command's uid owns: read-only (its
+    # devices still work, /dev/shm above stays the one bounded writable place).
+    argv += ["--remount-ro", "/dev"]
     argv += _namespaces(network=chosen.network)
     argv += ["--cap-drop", "ALL", "--new-session", "--die-with-parent"]
     hidden = _hidden_cached(config, chosen, environ, rescan=rescan)
