@@ -470,10 +470,11 @@ async def test_auto_uses_tools_where_honoured(
     assert "action_directive_failed" not in types(events)
 
 
+@pytest.mark.parametrize("server", ["ollama", "vllm", "llama-server"])
 async def test_auto_falls_back_when_the_server_refuses_tools(
-    auto_rt: Runtime, model_server: FakeModelServer
+    auto_rt: Runtime, model_server: FakeModelServer, server: str
 ) -> None:
-    model_server.quirks.reject_tools = True  # Ollama, a model without tool support
+    model_server.quirks.reject_tools = server
     model_server.reply(ACTION, Text(directive(shell("echo ollama"))), Text(NO_ACTIONS))
     model_server.reply(THINKER, Text("ok"))
     result = await auto_rt.loop.run_chat("q")
@@ -486,7 +487,7 @@ async def test_auto_falls_back_when_the_server_refuses_tools(
 async def test_tools_forced_on_a_server_without_them_fails_clearly(
     tools_rt: Runtime, model_server: FakeModelServer
 ) -> None:
-    model_server.quirks.reject_tools = True
+    model_server.quirks.reject_tools = "ollama"
     result = await tools_rt.loop.run_chat("q")
     assert result.status == "failed"
     assert "refused native tool calling" in result.final_response
@@ -496,7 +497,7 @@ async def test_tools_forced_on_a_server_without_them_fails_clearly(
 async def test_tools_unsupported_is_remembered_by_the_client(
     model_server: FakeModelServer,
 ) -> None:
-    model_server.quirks.reject_tools = True
+    model_server.quirks.reject_tools = "ollama"
     tools = [{"type": "function", "function": {"name": "x", "parameters": {}}}]
     async with ModelClient(model_server.base_url, None, {"action": ACTION}) as c:
         for _ in range(2):

@@ -101,8 +101,10 @@ class Quirks:
     # llama-cpp-python: with `tool_choice` "auto" (or absent) `tools` are
     # ignored and the model answers in text; a forced function still works.
     ignore_tools_auto: bool = False
-    # Ollama with a model that has no tool template: 400 "does not support tools".
-    reject_tools: bool = False
+    # A server that refuses `tools`, in its own words and body shape: "ollama"
+    # (a model without a tool template, 400), "vllm" (started without
+    # --enable-auto-tool-choice, 400), "llama-server" (without --jinja, 500).
+    reject_tools: str | None = None
     # The response_format forms accepted ("json_schema", "json_object_schema",
     # "json_object"); None accepts all (OpenAI takes both of its own, and
     # ignores a stray "schema" key). llama-cpp-python: {"json_object",
@@ -395,11 +397,8 @@ class FakeModelServer:
 
         tools = body.get("tools")
         if tools is not None:
-            if self.quirks.reject_tools:
-                # Ollama's words for a model without a tool template.
-                return refuse(
-                    400, f"registry.ollama.ai/library/{body['model']} does not support tools"
-                )
+            if self.quirks.reject_tools is not None:
+                return _tools_refusal(self.quirks.reject_tools, body["model"])
             if not isinstance(tools, list) or not tools:
                 return refuse(
                     400,
@@ -663,6 +662,34 @@ class FakeModelServer:
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+
+def _tools_refusal(server: str, model: str) -> web.Response:
+    if server == "ollama":
+        message = f"registry.ollama.ai/library/{model} does not support tools"
+        return web.Response(
+            status=400, text=_error_json(400, message), content_type="application/json"
+        )
+    if server == "vllm":
+        body = {
+            "object": "error",
+            "message": '"auto" tool choice requires --enable-auto-tool-choice and '
+            "--tool-call-parser to be set",
+            "type": "BadRequestError",
+            "param": None,
+            "code": 400,
+        }
+        return web.json_response(body, status=400)
+    if server == "llama-server":
+        body = {
+            "error": {
+                "code": 500,
+                "message": "tools param requires --jinja flag",
+                "type": "server_error",
+            }
+        }
+        return web.json_response(body, status=500)
+    raise ValueError(f"fake model server: no such tools refusal {server!r}")
 
 
 def _form_of(response_format: Any) -> str | None:
