@@ -673,3 +673,12 @@ async def test_only_tmp_and_shm_are_writable_and_they_are_bounded(
     assert "No space left on device" in result.output  # /tmp holds 1 MiB here
     assert "devnull-works" in result.output
     assert "tmp space limit" in result.metadata["sandbox_refusals"]
+
+
+async def test_system_secrets_are_hidden(tmp_path: Path, bypass: Any) -> None:
+    if not os.path.exists("/etc/shadow"):
+        pytest.skip("no /etc/shadow here")
+    result = await execute("cat /etc/shadow", classify("x"), workspace=tmp_path)
+    assert result.metadata["sandboxed"] and not result.ok
+    assert "root:" not in result.output
+    assert "hidden path /etc/shadow" in result.metadata["sandbox_refusals"]

@@ -61,9 +61,14 @@ _REPLACED = ("/tmp", "/dev", "/proc")
 # user, and a root bot's uid 0 reads them even without capabilities.
 _SYSTEM_SECRETS = (
     "/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/sudoers",
-    "/etc/sudoers.d", "/etc/ssl/private", "/etc/ssh/ssh_host_*_key", "/etc/security/opasswd",
-    "/var/lib/kubelet/pki", "/etc/kubernetes/pki", "/etc/kubernetes/admin.conf",
-    "/var/lib/docker/swarm", "/etc/docker/key.json",
+    "/etc/sudoers.d", "/etc/security/opasswd", "/etc/ssh/ssh_host_*_key", "/etc/ssl/private",
+    "/etc/pki/tls/private", "/etc/letsencrypt/archive", "/etc/letsencrypt/live",
+    "/etc/krb5.keytab", "/etc/ipsec.secrets", "/etc/wireguard",
+    "/etc/NetworkManager/system-connections", "/etc/kubernetes/pki", "/etc/kubernetes/*.conf",
+    "/var/lib/kubelet/pki", "/var/lib/kubelet/pods",
+    "/etc/rancher/k3s/k3s.yaml", "/var/lib/rancher/k3s/server", "/var/lib/docker/containers",
+    "/var/lib/docker/swarm", "/etc/docker/key.json", "/var/lib/containers/storage/secrets",
+    "/var/lib/sss/secrets", "/var/lib/jenkins/secrets",
 )  # fmt: skip
 # The fresh /proc is writable where its files' owner may write, and a root
 # bot's commands run as uid 0 (caps or not, /proc/sys/* is mode 0644 root):
