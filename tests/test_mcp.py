@@ -124,7 +124,7 @@ async def test_tools_listed_reported_and_offered_to_the_model(
     report = rt.startup_notices()
     assert len(report) == 3
     ready = next(line for line in report if "'demo' ready" in line)
-    assert "7 tool(s), 2 run unasked" in ready  # wipe is read_only but says destructive
+    assert "9 tool(s), 2 run unasked" in ready  # wipe is read_only but says destructive
     assert "'wipe' is read_only in the config but the server says it changes things" in ready
     broken = next(line for line in report if "'broken'" in line)
     assert "failed to start" in broken and "no-such-mcp-server" in broken
@@ -586,3 +586,117 @@ async def test_console_reports_servers_at_start_and_approves_an_mcp_call(
     code, out, err = await _cli(tmp_path, "tasks", DUCKLM_MCP_CONFIG=str(path))
     assert code == 0, err
     assert "mcp:" not in err and not (state / "started.txt").exists()
+
+
+async def test_slow_calls_time_out_and_long_output_is_cut(
+    tmp_path: Path, state: Path, model_server: FakeModelServer, clean_env: None
+) -> None:
+    path = tmp_path / "mcp.json"
+    path.write_text(
+        json.dumps(
+            {"mcpServers": {"demo": demo_server(state, read_only=["nap", "big"], timeout=1)}}
+        )
+    )
+    settings = make_settings(
+        tmp_path,
+        model_server.base_url,
+        mcp_config=path,
+        action_protocol="directive",
+        shell_max_output=2048,
+    )
+    model_server.set_default(THINKER, Text("Done."))
+    rt = await build_runtime(settings)
+    try:
+        model_server.reply(
+            ACTION,
+            Text(directive(mcp("nap", seconds=30))),
+            Text(directive(mcp("big", size=5000))),
+            Text(NO_ACTIONS),
+        )
+        started = time.monotonic()
+        result = await rt.loop.run_chat("be slow")
+        assert time.monotonic() - started < 20
+        assert result.status == "completed"
+        slow, big = (o["result"] for o in observations_in(model_server.requests_for(THINKER)[0]))
+        assert not slow["ok"] and "did not answer nap within 1 s" in slow["error"]
+        # The server itself is fine: the next call works.
+        assert big["ok"] and big["metadata"]["truncated"]
+        assert big["output"].startswith("x" * 2048) and "output cut at 2048" in big["output"]
+        assert rt.mcp is not None and rt.mcp.servers[0].state == "ready"
+    finally:
+        await rt.close()
+
+
+async def test_a_server_that_never_answers_does_not_hold_up_the_start(
+    tmp_path: Path, model_server: FakeModelServer, clean_env: None
+) -> None:
+    pidfile = tmp_path / "hung.pid"
+    config = {
+        "mcpServers": {
+            "hung": {
+                "command": "/bin/sh",
+                "args": ["-c", f"echo $$ > {pidfile}; echo about to hang >&2; exec sleep 300"],
+                "startup_timeout": 1.5,
+            },
+            "quits": {"command": "/bin/sh", "args": ["-c", "echo bad flag >&2; exit 2"]},
+        }
+    }
+    started = time.monotonic()
+    rt = await build(tmp_path, model_server, config)
+    try:
+        assert time.monotonic() - started < 25
+        hung, quits = sorted(rt.startup_notices())
+        assert "'hung'" in hung and "within 1.5 s" in hung and "about to hang" in hung
+        assert "'quits'" in quits and "failed to start" in quits and "bad flag" in quits
+        await wait_for(lambda: not pid_alive(int(pidfile.read_text())), what="the hung server")
+    finally:
+        await rt.close()
+
+
+async def test_a_pending_mcp_approval_survives_a_restart(
+    tmp_path: Path, state: Path, model_server: FakeModelServer, clean_env: None
+) -> None:
+    config = {"mcpServers": {"demo": demo_server(state)}}
+    model_server.set_default(THINKER, Text("Done."))
+    first = await build(tmp_path, model_server, config)
+    first_pid = int((state / "started.txt").read_text())
+    try:
+        model_server.reply(ACTION, Text(directive(mcp("write_note", text="later"))))
+        waiting = await first.loop.run_chat("note later")
+        approval_id = waiting.pending_approval.approval_id  # type: ignore[union-attr]
+    finally:
+        await first.close()
+
+    second = await build(tmp_path, model_server, config)  # a new server process
+    try:
+        await second.approvals.decide(approval_id, "approve", "console:bob")
+        model_server.reply(ACTION, Text(NO_ACTIONS))
+        done = await second.loop.continue_after_approval(waiting.task_id, approval_id)
+        assert done.status == "completed"
+        assert (state / "notes.txt").read_text() == "later\n"
+        # It ran once, in the new server process, not the one that was asked first.
+        (call,) = calls(state)
+        assert call["pid"] == int((state / "started.txt").read_text()) != first_pid
+    finally:
+        await second.close()
+
+
+def test_unusable_input_schemas_and_urls_with_credentials(tmp_path: Path) -> None:
+    from runtime.tools.mcp.session import ListedTool, McpServer
+    from runtime.tools.mcp.tool import McpTool
+
+    config = parse_config(
+        {"mcpServers": {"w": {"url": "https://me:pw@mcp.example.org/mcp?key=k"}}},
+        tmp_path / "mcp.json",
+        environ={},
+    )
+    server = McpServer(config.servers[0])
+    assert server.config.where == "https://mcp.example.org/mcp"
+    for schema, why in [
+        ({"type": "array"}, "not an object schema"),
+        ({"type": "object", "properties": {"a": {"type": "nonsense"}}}, "not valid JSON Schema"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            McpTool(server, ListedTool("t", "", schema), name="mcp__w__t", read_only=False)
+    with pytest.raises(ValueError, match="not a valid tool name"):
+        McpTool(server, ListedTool("t", "", {"type": "object"}), name="a b", read_only=False)

@@ -12,6 +12,7 @@ its own word, not the client's, is the evidence). The tools:
 - `sneaky_write(text)`: writes too, but *claims* `readOnlyHint: true`.
 - `wipe(target)`: `destructiveHint: true`.
 - `show_env(name)`: prints one of its environment variables (redaction tests).
+- `nap(seconds)`, `big(size)`: a slow answer, a long one.
 - `die()`: the server process exits at once (a server that dies mid-run).
 - `fail()`: a tool-level error (`isError: true`).
 """
@@ -24,6 +25,7 @@ import os
 import time
 from pathlib import Path
 
+import anyio
 from mcp.server.mcpserver import MCPServer
 from mcp.types import ToolAnnotations
 
@@ -69,6 +71,17 @@ def build(state: Path) -> MCPServer:
     def show_env(name: str) -> str:
         record("show_env", {"name": name})
         return f"{name}={os.environ.get(name, '')}"
+
+    @server.tool(description="Sleep, then answer (a tool that takes too long).")
+    async def nap(seconds: float) -> str:
+        record("nap", {"seconds": seconds})
+        await anyio.sleep(seconds)
+        return f"slept {seconds}"
+
+    @server.tool(description="Answer with `size` characters.")
+    def big(size: int) -> str:
+        record("big", {"size": size})
+        return "x" * size
 
     @server.tool(description="Exit the server process at once.")
     def die() -> str:

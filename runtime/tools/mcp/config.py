@@ -105,6 +105,15 @@ class ServerConfig(BaseModel):
     def active(self) -> bool:
         return self.enabled and not self.disabled
 
+    @property
+    def where(self) -> str:
+        """The command or URL as reports show it: a URL without user:password@
+        or query (either may hold a credential)."""
+        if self.command is not None:
+            return self.command
+        assert self.url is not None
+        return re.sub(r"^(https?://)[^/@\s]*@", r"\1", self.url).split("?", 1)[0]
+
     def secret_values(self) -> list[str]:
         """Values that are credentials: `env` and `headers` entries whose name says
         so (a `LOG_LEVEL=debug` must not be redacted everywhere), and the token

@@ -200,6 +200,9 @@ class McpServer:
 
     async def close(self) -> None:
         """Stop the session (and a stdio server's process), bounded."""
+        if self.state in ("ready", "starting"):
+            # First, so a call cut short by the shutdown is not reported as a death.
+            self.state = "closed"
         self._stop.set()
         task = self._task
         if task is not None and not task.done():
@@ -207,8 +210,6 @@ class McpServer:
             if not task.done():
                 task.cancel()
                 await asyncio.wait({task}, timeout=_CLOSE_WAIT)
-        if self.state in ("ready", "starting"):
-            self.state = "closed"
         if self._stderr is not None:
             self._stderr.close()
             self._stderr = None
@@ -281,7 +282,7 @@ class McpServer:
         return f" (stderr: {' | '.join(tail)})" if tail else ""
 
     def unavailable_reason(self) -> str:
-        where = self.config.command or self.config.url or "?"
+        where = self.config.where
         if self.state == "failed":
             return f"MCP server '{self.name}' ({where}) failed to start: {self.error}"
         if self.state == "dead":

@@ -83,9 +83,9 @@ class McpToolbox:
                 notes.append(f"read_only names no tool of this server: {', '.join(unknown)}")
             tools.extend(mine)
             auto = sum(1 for t in mine if t.read_only and not stricter_than_config(t.listed))
-            where = server.config.command or server.config.url
             line = (
-                f"mcp: server '{server.name}' ready ({server.config.transport}, {where}): "
+                f"mcp: server '{server.name}' ready "
+                f"({server.config.transport}, {server.config.where}): "
                 f"{len(mine)} tool(s), {auto} run unasked, the rest need approval"
             )
             report.append("; ".join([line, *notes]))
