@@ -14,6 +14,7 @@ share one module rather than a deferred import.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import posixpath
 import re
@@ -659,6 +660,10 @@ class _Analyzer:
         )
 
     def _read_only(self, name: str, argv: list[str], args: list[Arg]) -> Verdict:
+        if name == "find":
+            found = self._find_exec(argv, args)
+            if found is not None:
+                return found
         policy = FLAG_POLICIES.get(name)
         if policy and has_flag(argv, policy[0], policy[1]):
             action = "write" if "writ" in policy[2] or "edit" in policy[2] else "process"
@@ -700,6 +705,51 @@ class _Analyzer:
             verb = next((a for a in argv[1:] if not a.startswith("-")), None)
             label = f"{name} {verb}" if verb else name
         return _read(f"`{label}` only reads.")
+
+    def _find_exec(self, argv: list[str], args: list[Arg]) -> Verdict | None:
+        """`find … -exec CMD {} +`: approval, and no lower than what CMD itself needs.
+
+        The file names find passes start with a start point (`./x`, `/var/log/x`),
+        never with `-`, so they cannot become options of CMD. `-ok`/`-okdir`
+        prompt on a terminal and stay with the expression check (approval).
+        """
+        if "-exec" not in argv and "-execdir" not in argv:
+            return None
+        kept: list[int] = [0]  # indices of the words find itself gets
+        commands: list[list[Arg]] = []
+        i = 1
+        while i < len(argv):
+            if argv[i] in ("-exec", "-execdir"):
+                j = i + 1
+                while j < len(argv) and argv[j] not in (";", "+"):
+                    j += 1
+                if j >= len(argv) or j == i + 1:
+                    return None  # unterminated: the expression check says why
+                commands.append([_found(a) for a in args[i + 1 : j]])
+                i = j + 1
+                continue
+            kept.append(i)
+            i += 1
+        verdicts = []
+        for command in commands:
+            inner = _Analyzer(self.depth + 1)
+            inner.text = " ".join(a.raw for a in command)
+            verdict, _ = inner.judge(command)
+            verdicts.append(_worse(verdict, worst(inner.verdicts)))
+        decider = worst(verdicts)
+        if decider is not None and decider.risk != "low":
+            return Verdict(
+                decider.action,
+                "high" if decider.risk == "low" else decider.risk,
+                f"`find -exec {commands[0][0].word}`: {decider.reason}",
+                blocked=decider.blocked,
+            )
+        v = self._read_only("find", [argv[k] for k in kept], [args[k] for k in kept])
+        if v.risk != "low":
+            return v
+        names = ", ".join(f"`{c[0].word}`" for c in commands)
+        # read-only or not, a command run per file found is for a person to allow
+        return Verdict("process", "medium", f"`find -exec` runs {names} on every file found.")
 
     def _policy_verdict(self, name: str, v: Verdict, args: list[Arg]) -> Verdict:
         reason = v.reason if v.reason.endswith(".") else v.reason + "."
@@ -1019,6 +1069,15 @@ def _unquoted(word: str, raw: str, expand: bool) -> str:
     except ValueError:
         return word
     return split[0] if len(split) == 1 else word
+
+
+def _found(a: Arg) -> Arg:
+    """An argument of `find -exec` with `{}` (the file found, never a brace expansion)."""
+    if "{}" not in a.word:
+        return a
+    raw = a.raw.replace("{}", "./found")
+    return dataclasses.replace(a, word=a.word.replace("{}", "./found"), raw=raw,
+                               brace=a.brace and "{" in raw)  # fmt: skip
 
 
 _ANY_FILE = "\0any"  # in `downloads`: some files under unknown names

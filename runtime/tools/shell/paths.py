@@ -327,6 +327,10 @@ def _secret_path_reason(word: str) -> str | None:
         if not parts or _has_glob(path):
             return f"`{word}` may reach other processes' environments"
         leaf_ok = parts[-1] in PROC_SAFE_LEAVES or parts[0] in ("net", "sys", "pressure")
+        if parts[-1] == "cmdline" and parts[0] not in ("self", "thread-self", "cmdline"):
+            # another process's command line: in a container PID 1 may be the bot,
+            # started with its tokens as arguments
+            leaf_ok = False
         if not leaf_ok or _PROC_DOORS.intersection(parts):
             return f"`{word}` may expose a process's secrets"
     if _is_public_certificate(path):

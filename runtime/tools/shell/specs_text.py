@@ -758,6 +758,9 @@ def _shuf_bounded(argv: Sequence[str], opts: Opts) -> Verdict | None:
     """`shuf -r` without `-n` repeats forever."""
     if opts.has("-r", "--repeat") and not opts.has("-n", "--head-count"):
         return Verdict("process", "medium", "`shuf -r` without `-n` never ends.")
+    counts = opts.values("-n", "--head-count")
+    if opts.has("-r", "--repeat") and any(int(c) > MAX_SEQ_LINES for c in counts):
+        return Verdict("process", "medium", "`shuf -r` would print too many lines.")
     return None
 
 
