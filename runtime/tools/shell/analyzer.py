@@ -697,7 +697,7 @@ class _Analyzer:
         endless = _endless_input(name, argv)
         if endless:
             return endless
-        recursive = _recursive_secret_read(name, argv, self.subdir and self.cwd is None)
+        recursive = _recursive_secret_read(name, argv, self.subdir and self.cwd is None, self.cwd)
         if recursive:
             return recursive
         label = name
@@ -1006,7 +1006,9 @@ def _harmless_assignment(word: str) -> bool:
 _GREPS = frozenset({"grep", "egrep", "fgrep", "zgrep", "zegrep", "zfgrep"})
 
 
-def _recursive_secret_read(name: str, argv: list[str], in_subdir: bool) -> Verdict | None:
+def _recursive_secret_read(
+    name: str, argv: list[str], in_subdir: bool, cwd: str | None = None
+) -> Verdict | None:
     """`grep -r x /etc`, `grep -r x .`, `rg --hidden x`: every file under a tree with secrets.
 
     grep's recursion includes hidden files (the workspace's `.env`); ripgrep
@@ -1042,6 +1044,14 @@ def _recursive_secret_read(name: str, argv: list[str], in_subdir: bool) -> Verdi
         u_count = sum(w.count("u") for w in argv[1:] if w[:1] == "-" and w[1:2] != "-")
         hidden = opts.has("--hidden") or u_count >= 2
     for start in operands or ["."]:
+        if cwd is not None and canonical_path(start) is None:
+            if cwd == "?":
+                return Verdict(
+                    "read",
+                    "medium",
+                    f"`{name}` reads a tree in a directory known only at run time.",
+                )
+            start = canonical_path(resolve_operand(start, cwd)) or start
         relative = canonical_path(start) is None
         if relative and in_subdir and not _escapes(start):
             continue  # `cd src && grep -r x .`: a subdirectory, not the root

@@ -407,7 +407,7 @@ _STAT = spec(
 _FILE = spec(
     "-b --brief -i --mime --mime-type --mime-encoding -L --dereference -h --no-dereference "
     "-z --uncompress -Z --uncompress-noreport -s --special-files -k --keep-going -r --raw "
-    "-0 --print0 -N --no-pad -n --no-buffer -E --extension --apple -S --no-sandbox -l --list "
+    "-0 --print0 -N --no-pad -n --no-buffer -E --extension --apple -l --list "
     "-v --version --help",
     {
         **with_values(ANY, "-e --exclude -P --parameter -F --separator --exclude-quiet"),
