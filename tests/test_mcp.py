@@ -26,7 +26,7 @@ from runtime.factory import Runtime, build_runtime
 from runtime.tools.mcp.config import McpConfigError, load_config, parse_config
 from runtime.tools.mcp.tool import model_name
 from tests.conftest import ACTION, THINKER, directive, make_settings, shell
-from tests.fakes.openai_server import FakeModelServer, RecordedRequest, Text
+from tests.fakes.openai_server import FakeModelServer, RecordedRequest, Text, ToolCalls
 
 REPO = Path(__file__).resolve().parent.parent
 NO_ACTIONS = directive()
@@ -423,6 +423,11 @@ def test_config_variables_secrets_and_other_clients_keys(tmp_path: Path) -> None
     assert b.headers["Authorization"] == "Bearer tok-123456789"
     assert set(b.secret_values()) == {"Bearer tok-123456789", "tok-123456789"}
     assert [s.name for s in config.active] == ["a"] and b.transport == "http"
+    assert a.cwd is None
+    relative = parse_config(
+        {"mcpServers": {"r": {"command": "srv", "cwd": "servers/r"}}}, tmp_path / "mcp.json", {}
+    )
+    assert relative.servers[0].cwd == str(tmp_path / "servers" / "r")
 
 
 def test_model_names_fit_function_name_rules() -> None:
@@ -700,3 +705,47 @@ def test_unusable_input_schemas_and_urls_with_credentials(tmp_path: Path) -> Non
             McpTool(server, ListedTool("t", "", schema), name="mcp__w__t", read_only=False)
     with pytest.raises(ValueError, match="not a valid tool name"):
         McpTool(server, ListedTool("t", "", {"type": "object"}), name="a b", read_only=False)
+
+
+async def test_native_tool_calling_reaches_mcp_tools(
+    tmp_path: Path, state: Path, model_server: FakeModelServer, clean_env: None
+) -> None:
+    path = tmp_path / "mcp.json"
+    path.write_text(json.dumps({"mcpServers": {"demo": demo_server(state)}}))
+    settings = make_settings(
+        tmp_path, model_server.base_url, mcp_config=path, action_protocol="tools"
+    )
+    model_server.set_default(THINKER, Text("Done."))
+    rt = await build_runtime(settings)
+    try:
+        model_server.reply(
+            ACTION,
+            ToolCalls(
+                [
+                    ("mcp__demo__lookup", {"key": "n1", "reason": "need n1"}),
+                    ("mcp__demo__write_note", {"text": "native", "reason": "keep it"}),
+                ]
+            ),
+            Text(NO_ACTIONS),
+        )
+        waiting = await rt.loop.run_chat("native calls")
+
+        functions = {
+            t["function"]["name"]: t["function"]
+            for t in model_server.requests_for(ACTION)[0].body["tools"]
+        }
+        lookup = functions["mcp__demo__lookup"]
+        assert lookup["parameters"]["properties"]["key"]["type"] == "string"
+        assert "from MCP server 'demo'" in lookup["description"]
+        assert waiting.status == "waiting_for_approval"
+        pending = waiting.pending_approval
+        assert pending is not None and pending.model_reason == "keep it"
+        assert pending.command == 'mcp demo/write_note {"text": "native"}'
+        assert [c["args"] for c in calls(state)] == [{"key": "n1"}]  # reason is not an arg
+
+        await rt.approvals.decide(pending.approval_id, "approve", "console:bob")
+        done = await rt.loop.continue_after_approval(waiting.task_id, pending.approval_id)
+        assert done.status == "completed"
+        assert (state / "notes.txt").read_text() == "native\n"
+    finally:
+        await rt.close()

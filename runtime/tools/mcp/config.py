@@ -177,6 +177,9 @@ def parse_config(data: Any, path: Path, environ: dict[str, str] | None = None) -
             if first["type"] == "extra_forbidden":
                 message = "unknown key (DuckLM does not read it; remove it)"
             raise McpConfigError(f"{path}: mcpServers.{name}.{field}: {message}") from None
+        if server.cwd is not None and not Path(server.cwd).is_absolute():
+            # Relative to the file, not to wherever DuckLM happens to be started.
+            server.cwd = str(path.parent / server.cwd)
         # Expanded after validation so the messages above never show a secret.
         where = f"{path}: mcpServers.{name}"
         server.env = {k: _expand(v, f"{where}.env.{k}", environ) for k, v in server.env.items()}
