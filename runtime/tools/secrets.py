@@ -61,7 +61,8 @@ SECRET_NAMES = _words(
     ".mysql_history .node_repl_history .lesshst .rediscli_history .sqlite_history "
     ".irb_history .php_history .wget-hsts .viminfo token chap-secrets pap-secrets "
     "ipsec.secrets debian.cnf gitlab-secrets.json k3s.yaml sasl_passwd user-data "
-    "user-data.txt config.v2.json smbpasswd secrets.tdb passdb.tdb"
+    "user-data.txt config.v2.json smbpasswd secrets.tdb passdb.tdb *kubeconfig* "
+    "kube.conf kube.config"
 )
 # Concrete samples, to test whether a glob (`~/.ss*/*`, `*.pe?`) could reach a secret.
 SECRET_SAMPLES = _words(

@@ -96,6 +96,8 @@ class _Analyzer:
         # Files an earlier part of the command downloaded (`curl -o x URL`,
         # `wget URL`, `curl URL > x`), by full word and by base name: running
         # one later (`sh x`, `./x`) runs unreviewed code and is blocked.
+        # Files read through `<` redirections (a profile must not be lent to them).
+        self.inputs: list[str] = []
         self.downloads: set[str] = set()
         # Scripts an earlier part wrote from known text (`echo '…' > b.sh`).
         self.scripts: dict[str, str] = {}
@@ -139,6 +141,7 @@ class _Analyzer:
         self.verdicts.append(verdict)
 
     def merge(self, other: _Analyzer) -> None:
+        self.inputs.extend(other.inputs)
         self.verdicts.extend(other.verdicts)
         self.commands.extend(other.commands)
         self.programs.extend(other.programs)
@@ -346,6 +349,8 @@ class _Analyzer:
             stdin = None
             if any(p.startswith("<") and p[1:-1] in DOWNLOADERS for p in target_arg.params):
                 stdin = ("download", "")
+            if canonical_path(target) not in HARMLESS_DEVICES and target != "/dev/null":
+                self.inputs.append(target)
             reason = secret_reason(target)
             if reason:
                 self.add(Verdict("read", "high", f"{reason}; reading it needs approval."))

@@ -72,6 +72,15 @@ def _classify(command: str) -> Classification:
     profile = profile_for(c[0] for c in analyzer.commands if c)
     if profile is not None:
         verdicts.extend(_profile_companions(analyzer.commands))
+        if analyzer.inputs:
+            verdicts.append(
+                Verdict(
+                    "read",
+                    "medium",
+                    f"`{analyzer.inputs[0]}` is read next to a client with a sandbox profile "
+                    "(network, credentials) it would share; run it on its own.",
+                )
+            )
     decider = worst(verdicts) or Verdict("unknown", "high", "Nothing to judge.")
     if decider.risk == "low":
         names = list(dict.fromkeys(c[0] for c in analyzer.commands if c))
