@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import re
-import shlex
 import shutil
 import socket
 import sqlite3
@@ -29,6 +27,7 @@ import pytest_asyncio
 from runtime.factory import Runtime, build_runtime
 from runtime.store.models import Event
 from runtime.tools.shell import cgroups, classify, execute
+from runtime.tools.shell import classify as real_classify
 from runtime.tools.shell import execution as execution_module
 from runtime.tools.shell import tool as tool_module
 from runtime.tools.shell.limits import ResourceLimits
@@ -50,27 +49,23 @@ MARK = "plainmark" + str(uuid.uuid4().int)[:8]
 def _forced(profile: str | None = None, claim: str | None = None):
     """A classifier that calls everything read-only: the bypass the issue asks for.
 
-    Its parse is rough (split at `;`, `&&`, `||`, `|`, `&`); `claim` makes it
-    also misread the whole command as that one program (a fooled classifier)."""
+    The parse (the simple commands found) stays the real classifier's; only the
+    verdict is forced. `claim` makes it also misread the whole command as that
+    one program (a fooled parse), to reach a profile's own rights."""
 
     def classify_everything_read_only(command: str) -> Classification:
-        parts: list[list[str]] = []
-        for part in re.split(r"&&|\|\||[;|&]", command):
-            try:
-                words = shlex.split(part)
-            except ValueError:
-                words = part.split()
-            if words:
-                parts.append(words)
-        return Classification(
-            action_type="read",
-            risk_level="low",
-            requires_approval=False,
-            blocked=False,
-            reason="forced read-only (classifier bypassed by the test)",
-            commands=[[claim]] if claim else parts,
-            simple=False,
-            sandbox_profile=profile,
+        parsed = real_classify(command)
+        return parsed.model_copy(
+            update={
+                "action_type": "read",
+                "risk_level": "low",
+                "requires_approval": False,
+                "blocked": False,
+                "reason": "forced read-only (classifier bypassed by the test)",
+                "commands": [[claim]] if claim else parsed.commands,
+                "simple": False,
+                "sandbox_profile": profile,
+            }
         )
 
     return classify_everything_read_only
@@ -593,7 +588,9 @@ async def test_network_only_for_a_profile_that_names_it(rt: Runtime, bypass: Any
         listener.settimeout(10)
         port = listener.getsockname()[1]
         bypass("dns", claim="dig")  # dig/host/nslookup keep the host's network
-        _, audit, _ = await _run(rt, f"bash -c 'echo hello > /dev/tcp/127.0.0.1/{port}'")
+        python = shutil.which("python3", path="/usr/bin:/bin")
+        connect = f"import socket; socket.create_connection(('127.0.0.1', {port}), 5)"
+        _, audit, _ = await _run(rt, f'{python} -c "{connect}"')
         assert audit["sandbox_profile"] == "dns" and audit["ok"] is True
         listener.accept()[0].close()  # it did arrive
 
@@ -681,3 +678,16 @@ async def test_system_secrets_are_hidden(tmp_path: Path, bypass: Any) -> None:
     assert result.metadata["sandboxed"] and not result.ok
     assert "root:" not in result.output
     assert "hidden path /etc/shadow" in result.metadata["sandbox_refusals"]
+
+
+async def test_a_profile_is_not_lent_through_a_redirection(
+    rt: Runtime, bypass: Any, home: Path
+) -> None:
+    bypass("kubernetes")
+    result, audit, events = await _run(rt, f"kubectl version --client; cat < {home}/.kube/config")
+    assert MARK not in result.final_response
+    assert audit["sandbox_profile"] == "default"
+    assert any("redirection" in r for r in _refused(events))
+    bypass("kubernetes")
+    _, audit, _ = await _run(rt, "kubectl version --client 2>&1 | grep -i client")
+    assert audit["sandbox_profile"] == "kubernetes"

@@ -302,6 +302,7 @@ async def execute(
                 environ=os.environ,
                 rescan=attempt > 1,
                 commands=fresh.commands,
+                command=command,
             )
             run_env.update(plan.env)
             # bwrap looks the program up on PATH inside the sandbox, where a copy

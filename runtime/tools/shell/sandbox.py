@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import glob
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -336,16 +337,25 @@ class SandboxPlan:
 _EXPANSION_CHARS = frozenset("$`*?[~{")
 
 
+# Redirections that touch no file: merging stderr into stdout, discarding output.
+_HARMLESS_REDIRECTION = re.compile(r"(?<![<>&\w])(?:[12]?>&[12]|(?:[12]|&)?>\s*/dev/null)(?![\w/])")
+
+
 def profile_withheld(
-    profile: str, commands: Sequence[Sequence[str]], workspace: Path
+    profile: str, commands: Sequence[Sequence[str]], workspace: Path, command: str = ""
 ) -> str | None:
     """Why this command may not have the profile's extra rights, or None.
 
     The classifier names the profile for the command as a whole; the rights
     (network, a kubeconfig, a socket) must still go only to the programs that
     need them. So every other part must be a plain filter (`PROFILE_COMPANIONS`)
-    whose words name no existing file and expand to nothing unknown.
+    whose words name no existing file and expand to nothing unknown, and the
+    command may redirect nothing but stderr into stdout or output to /dev/null
+    (`cat < kubeconfig`, `> /dev/tcp/…` would use the rights through the shell).
     """
+    rest = _HARMLESS_REDIRECTION.sub(" ", command)
+    if "<" in rest or ">" in rest:
+        return "a redirection beside its programs"
     for argv in commands:
         if not argv:
             continue
@@ -373,6 +383,7 @@ def command_prefix(
     environ: Mapping[str, str],
     rescan: bool = False,
     commands: Sequence[Sequence[str]] = (),
+    command: str = "",
 ) -> SandboxPlan:
     """The sandbox for one command in `workspace` under `profile`.
 
@@ -383,7 +394,7 @@ def command_prefix(
     if not status.available or status.path is None:
         raise RuntimeError(config.missing_reason())
     notes: list[str] = []
-    if profile and (why := profile_withheld(profile, commands, workspace)):
+    if profile and (why := profile_withheld(profile, commands, workspace, command)):
         notes.append(f"{profile} profile withheld: {why}")
         profile = None
     chosen = PROFILES.get(profile or "", _DEFAULT_PROFILE)
