@@ -136,7 +136,7 @@ def _clean_history(history: Sequence[Any] | None) -> list[dict[str, str]]:
 
 # Keys the loop adds to an observation of a native tool call so the call can be
 # replayed to the model; nobody else needs them.
-CALL_KEYS = ("call_id", "round", "args")
+CALL_KEYS = ("call_id", "round", "args", "function")
 
 
 def _trim_observation(observation: dict[str, Any]) -> dict[str, Any]:
@@ -215,7 +215,7 @@ class ContextBuilder:
                 }
             )
             for o in calls:
-                shown = {k: v for k, v in _trim_observation(o).items() if k != "function"}
+                shown = _trim_observation(o)
                 out.append(
                     {
                         "role": "tool",

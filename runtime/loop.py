@@ -344,7 +344,7 @@ class RuntimeLoop:
         # A native tool call keeps its id, so its result answers that call.
         for waiting in state.observations:
             if waiting.get("approval_id") == approval.approval_id:
-                decided.update({k: waiting[k] for k in (*CALL_KEYS, "function") if k in waiting})
+                decided.update({k: waiting[k] for k in CALL_KEYS if k in waiting})
         observations = [
             o for o in state.observations if o.get("approval_id") != approval.approval_id
         ]

@@ -301,7 +301,8 @@ class ModelClient:
         self._check_configured(role)
         if tools is not None and self.tools_supported is False:
             raise ModelToolsUnsupportedError(
-                f"The model API at {self.base_url} does not take native tool calls."
+                f"The model API at {self.base_url} does not take native tool calls; "
+                "set DUCKLM_ACTION_PROTOCOL=directive (or auto)."
             )
         model = self.models[role]
         outgoing = [_outgoing_message(m) for m in messages]
@@ -488,7 +489,8 @@ class ModelClient:
             return _ResponseFormatRejected(detail)
         if refusal and "tools" in payload and _mentions(body, _TOOLS_MARKERS):
             return ModelToolsUnsupportedError(
-                f"The model API refused native tool calling (HTTP {status}): {detail}.",
+                f"The model API refused native tool calling (HTTP {status}): {detail}. "
+                "Set DUCKLM_ACTION_PROTOCOL=directive (or auto).",
                 status=status,
             )
         if status in (401, 403):

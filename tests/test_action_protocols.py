@@ -491,6 +491,7 @@ async def test_tools_forced_on_a_server_without_them_fails_clearly(
     result = await tools_rt.loop.run_chat("q")
     assert result.status == "failed"
     assert "refused native tool calling" in result.final_response
+    assert "DUCKLM_ACTION_PROTOCOL=directive" in result.final_response
     assert len(model_server.requests_for(ACTION)) == 1  # not retried
 
 
@@ -584,3 +585,39 @@ async def test_tools_protocol_never_takes_prose_for_no_tools_before_seeing_a_cal
     assert len(of_type(events, "action_directive_failed")) == 1
     assert of_type(events, "action_directive")[0]["repaired"] is True
     assert result.final_response == "answer"
+
+
+async def test_tool_names_outside_openai_pattern_are_aliased_and_mapped_back(
+    model_server: FakeModelServer,
+) -> None:
+    # The fake refuses function names OpenAI refuses; a tool of another kind
+    # (an MCP server's, say) may be named so. It is sent under an alias.
+    from runtime.context import ContextBuilder
+    from runtime.planner import ActionPlanner
+
+    specs = [
+        {
+            "tool": "db.query",
+            "description": "Run a read-only SQL query.",
+            "args": {"type": "object", "properties": {"sql": {"type": "string"}}},
+        }
+    ]
+    model_server.reply(ACTION, ToolCalls([("db_query", {"sql": "select 1", "reason": "probe"})]))
+    recorded: list[tuple[str, dict[str, Any]]] = []
+    async with ModelClient(
+        model_server.base_url, None, {"action": ACTION}, action_protocol="tools"
+    ) as client:
+        planner = ActionPlanner(client, ContextBuilder(specs))
+        plan = await planner.plan(
+            client.chat, lambda kind, payload: recorded.append((kind, payload)), QUESTION, []
+        )
+    sent = model_server.requests[0].body["tools"]
+    assert [t["function"]["name"] for t in sent] == ["db_query"]
+    assert [(a["tool"], a["args"], a["reason"]) for a in plan.actions] == [
+        ("db.query", {"sql": "select 1"}, "probe")
+    ]
+    assert recorded[0][0] == "action_directive" and recorded[0][1]["protocol"] == "tools"
+    assert (
+        "- db.query: Run a read-only SQL query."
+        in model_server.requests[0].body["messages"][0]["content"]
+    )
