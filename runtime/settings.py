@@ -70,7 +70,6 @@ class Settings(BaseSettings):
         default=0.2, ge=0, le=2, validation_alias="DUCKLM_THINKER_TEMPERATURE"
     )
 
-
     # Shell tool
     shell_timeout: float = Field(default=60.0, gt=0, validation_alias="DUCKLM_SHELL_TIMEOUT")
     shell_max_output: int = Field(
@@ -224,6 +223,12 @@ class Settings(BaseSettings):
     @classmethod
     def _ids(cls, value: object) -> object:
         return _split_ids(value)
+
+    @field_validator("action_protocol", mode="before")
+    @classmethod
+    def _protocol(cls, value: object) -> object:
+        # `TOOLS` or ` auto ` in a .env file mean what they say.
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("four_eyes_risk")
     @classmethod
