@@ -301,32 +301,41 @@ async def test_secrets_from_the_config_are_redacted_from_tool_output(
     assert "redacted" in result.final_response
 
 
-async def test_a_server_that_dies_gives_a_clear_error_and_the_rest_keeps_working(
+async def test_a_server_that_dies_gives_a_clear_error_is_restarted_once_and_the_rest_works(
     tmp_path: Path, state: Path, model_server: FakeModelServer, clean_env: None
 ) -> None:
     config = {"mcpServers": {"demo": demo_server(state, read_only=["lookup", "die"])}}
     model_server.set_default(THINKER, Text("Done."))
     rt = await build(tmp_path, model_server, config)
     try:
+        first_pid = int((state / "started.txt").read_text())
         model_server.reply(
             ACTION,
-            Text(directive(mcp("die"))),
-            Text(directive(mcp("lookup", key="after"), shell("echo still-here"))),
+            Text(directive(mcp("die"), mcp("lookup", key="after"), shell("echo still-here"))),
+            Text(directive(mcp("die"), mcp("lookup", key="again"))),
             Text(NO_ACTIONS),
         )
         result = await rt.loop.run_chat("kill it")
 
         assert result.status == "completed"
-        died, lookup, echo = (
+        died, lookup, echo, died_again, too_soon = (
             o["result"] for o in observations_in(model_server.requests_for(THINKER)[0])
         )
         assert not died["ok"] and "MCP server 'demo'" in died["error"]
         assert "not running any more" in died["error"]
-        assert not lookup["ok"] and "not running any more" in lookup["error"]
-        assert lookup["metadata"]["server_unavailable"]
+        assert "the connection closed during a call to die" in died["error"]
+        # The next call started it again; the call that killed it was not repeated.
+        assert lookup["ok"] and "value-of-after" in lookup["output"]
         assert echo["ok"] and "still-here" in echo["output"]
-        assert [c["tool"] for c in calls(state)] == ["die"]
+        assert not died_again["ok"] and "not running any more" in died_again["error"]
+        # A second death within RESTART_PAUSE: no restart loop, a clear error.
+        assert not too_soon["ok"] and too_soon["metadata"]["server_unavailable"]
+        assert "starts it again on a later call (at most every 30 s)" in too_soon["error"]
+        made = calls(state)
+        assert [c["tool"] for c in made] == ["die", "lookup", "die"]
+        assert made[0]["pid"] == first_pid != made[1]["pid"] == made[2]["pid"]
         assert rt.mcp is not None and rt.mcp.servers[0].state == "dead"
+        assert rt.mcp.servers[0].restarts == 1
     finally:
         await rt.close()
 

@@ -36,6 +36,9 @@ State = Literal["starting", "ready", "failed", "dead", "closed"]
 _CLOSE_WAIT = 10.0
 _LIST_PAGES = 50
 _STDERR_TAIL = 600
+# A dead server is started again on the next call to it, at most this often
+# (seconds): a server that crashes on every call is not restarted in a loop.
+RESTART_PAUSE = 30.0
 
 
 class McpUnavailableError(RuntimeError):
@@ -108,6 +111,9 @@ class McpServer:
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._stderr: BinaryIO | None = None
+        self._restart_lock = asyncio.Lock()
+        self._last_restart: float | None = None
+        self.restarts = 0
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -125,6 +131,44 @@ class McpServer:
                 f"did not connect and list its tools within {self.config.startup_timeout:g} s"
                 + self._stderr_note()
             )
+
+    async def _restart(self) -> None:
+        """Start a dead server again, at most once per RESTART_PAUSE. Never raises.
+
+        Only a later call restarts a server: the call during which it died is
+        not repeated (it may have done part of its work)."""
+        async with self._restart_lock:
+            now = time.monotonic()
+            if self.state != "dead" or (
+                self._last_restart is not None and now - self._last_restart < RESTART_PAUSE
+            ):
+                return  # another call restarted it, or it is too soon
+            self._last_restart = now
+            died = self.error
+            await self._end_session()
+            self._stop = asyncio.Event()
+            self.state = "starting"
+            await self.start()
+            if self.state == "ready":
+                self.restarts += 1
+                logger.warning("mcp: server '%s' restarted (it had stopped: %s)", self.name, died)
+            else:
+                self.state = "dead"
+                self.error = f"{died}; starting it again failed: {self.error}"
+                logger.warning("mcp: server '%s' could not be restarted: %s", self.name, self.error)
+
+    async def _end_session(self) -> None:
+        """Leave the SDK client (its owner task does), bounded; then drop the stderr file."""
+        self._stop.set()
+        task = self._task
+        if task is not None and not task.done():
+            await asyncio.wait({task}, timeout=_CLOSE_WAIT)
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=_CLOSE_WAIT)
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
 
     async def _own(self, ready: asyncio.Event) -> None:
         try:
@@ -203,21 +247,14 @@ class McpServer:
         if self.state in ("ready", "starting"):
             # First, so a call cut short by the shutdown is not reported as a death.
             self.state = "closed"
-        self._stop.set()
-        task = self._task
-        if task is not None and not task.done():
-            await asyncio.wait({task}, timeout=_CLOSE_WAIT)
-            if not task.done():
-                task.cancel()
-                await asyncio.wait({task}, timeout=_CLOSE_WAIT)
-        if self._stderr is not None:
-            self._stderr.close()
-            self._stderr = None
+        await self._end_session()
 
     # -- calls --------------------------------------------------------------
 
     async def call(self, tool: str, args: dict[str, Any]) -> CallOutcome:
         """Call a tool. Raises McpUnavailableError when the server cannot answer."""
+        if self.state == "dead":
+            await self._restart()
         client = self._client
         if self.state != "ready" or client is None:
             raise McpUnavailableError(self.unavailable_reason())
@@ -288,7 +325,7 @@ class McpServer:
         if self.state == "dead":
             return (
                 f"MCP server '{self.name}' ({where}) is not running any more: {self.error}. "
-                "Its tools are unavailable until DuckLM restarts."
+                f"DuckLM starts it again on a later call (at most every {RESTART_PAUSE:g} s)."
             )
         return f"MCP server '{self.name}' is {self.state}"
 
