@@ -291,6 +291,7 @@ class _Analyzer:
                 arg.subst = True
                 self.complex = True
                 before = len(self.programs)
+                judged = len(self.verdicts)
                 self.node(part.command)
                 inner = self.programs[before:]
                 what = (
@@ -298,7 +299,12 @@ class _Analyzer:
                     if pk == "commandsubstitution"
                     else "Process substitution"
                 )
-                self.add(Verdict("unknown", "medium", f"{what} (`{raw}`) needs approval."))
+                # `diff <(sort a) <(sort b)`: a read-only command's output read as a
+                # file is a pipe by another name. Its text never becomes words of the
+                # outer command (as `$(…)` does), so it only needs what its command needs.
+                reads_only = all(v.risk == "low" for v in self.verdicts[judged:])
+                if not (pk == "processsubstitution" and raw.startswith("<(") and reads_only):
+                    self.add(Verdict("unknown", "medium", f"{what} (`{raw}`) needs approval."))
                 arg.params.extend(f"<{p}>" for p in inner)
             elif pk == "parameter":
                 arg.params.append(part.value)
@@ -588,7 +594,7 @@ class _Analyzer:
             if self._subst_download(args):
                 return _block(f"`{name}` of a download runs unreviewed code."), argv
             return Verdict("process", "high", f"`{name}` runs a shell script in this shell."), argv
-        if name in ("cd", "type"):
+        if name in ("cd", "type", "ulimit"):
             self.complex = True  # shell builtins: run through bash
         verdict = self._program(name, args)
         if verdict.risk != "low" and not verdict.blocked:

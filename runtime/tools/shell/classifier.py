@@ -66,7 +66,7 @@ def _classify(command: str) -> Classification:
             reason=f"The command is too long to review ({len(command):,} characters; "
             f"the limit is {MAX_COMMAND_CHARS:,}).",
         )
-    text = command.replace("\x00", " ")
+    text, arithmetic = _plain_arithmetic(command.replace("\x00", " "))
     analyzer.analyze(text)
     verdicts = analyzer.verdicts + extra
     profile = profile_for(c[0] for c in analyzer.commands if c)
@@ -100,6 +100,7 @@ def _classify(command: str) -> Classification:
         and len(analyzer.commands) == 1
         and analyzer.simple_count == 1
         and not extra
+        and not arithmetic
         and _argv_matches(text, analyzer.commands[0])
     )
     return Classification(
@@ -159,6 +160,50 @@ def _profile_companions(commands: list[list[str]]) -> list[Verdict]:
             )
             break
     return out
+
+
+# Stands for an arithmetic result: big, so that a bound on a number (`seq`,
+# `sleep`, `shuf -n`) is never met by a value only bash would compute.
+_UNKNOWN_NUMBER = "99999999999"
+_ARITHMETIC_CHARS = frozenset("0123456789+-*/%<>=!&|^~?:, \t()")
+
+
+def _plain_arithmetic(text: str) -> tuple[str, bool]:
+    """`$((1024 * 1024))` with numbers and operators only, read as a number.
+
+    bashlex cannot parse arithmetic expansion. One made of digits and
+    operators cannot name a variable (whose array subscript could run code) or
+    a file, so for judging it is just a (large) number; anything else is left for the
+    parser to refuse. Returns the text to judge and whether it was changed
+    (then the command must run through bash, not as argv).
+    """
+    if "$((" not in text:
+        return text, False
+    out: list[str] = []
+    i, changed = 0, False
+    while i < len(text):
+        start = text.find("$((", i)
+        if start < 0:
+            out.append(text[i:])
+            break
+        out.append(text[i:start])
+        j, depth = start + 3, 0
+        while j < len(text) and text[j] in _ARITHMETIC_CHARS:
+            if text[j] == "(":
+                depth += 1
+            elif text[j] == ")":
+                if depth == 0:
+                    break
+                depth -= 1
+            j += 1
+        if text[j : j + 2] == "))" and depth == 0 and j > start + 3:
+            out.append(_UNKNOWN_NUMBER)
+            changed = True
+            i = j + 2
+        else:
+            out.append("$((")
+            i = start + 3
+    return "".join(out), changed
 
 
 def _argv_matches(text: str, argv: list[str]) -> bool:

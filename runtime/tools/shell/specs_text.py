@@ -786,6 +786,10 @@ _WHO = spec(
     max_operands=2,
 )
 
+# bash's `ulimit`: with no value it only prints the limit (a value would set it).
+_ULIMIT = spec("-a -b -c -d -e -f -i -k -l -m -n -p -q -r -s -t -u -v -x -P -R -T -H -S",
+               max_operands=0)  # fmt: skip
+
 TEXT_SPECS: dict[str, Spec] = {
     "ls": _LS,
     "cat": _CAT,
@@ -898,4 +902,5 @@ TEXT_SPECS: dict[str, Spec] = {
     "w": _W,
     "whereis": _WHEREIS,
     "who": _WHO,
+    "ulimit": _ULIMIT,
 }
