@@ -652,7 +652,11 @@ async def test_a_server_that_never_answers_does_not_hold_up_the_start(
                 "args": ["-c", f"echo $$ > {pidfile}; echo about to hang >&2; exec sleep 300"],
                 "startup_timeout": 1.5,
             },
-            "quits": {"command": "/bin/sh", "args": ["-c", "echo bad flag >&2; exit 2"]},
+            # Much on stderr before the reason: only the end is kept and shown.
+            "quits": {
+                "command": "/bin/sh",
+                "args": ["-c", "seq 1 40000 >&2; echo bad flag >&2; exit 2"],
+            },
         }
     }
     started = time.monotonic()
@@ -662,6 +666,7 @@ async def test_a_server_that_never_answers_does_not_hold_up_the_start(
         hung, quits = sorted(rt.startup_notices())
         assert "'hung'" in hung and "within 1.5 s" in hung and "about to hang" in hung
         assert "'quits'" in quits and "failed to start" in quits and "bad flag" in quits
+        assert "40000 | bad flag" in quits and len(quits) < 600
         await wait_for(lambda: not pid_alive(int(pidfile.read_text())), what="the hung server")
     finally:
         await rt.close()

@@ -20,7 +20,6 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Literal
@@ -97,6 +96,55 @@ def _render(result: Any) -> tuple[str, list[str]]:
     return "\n".join(parts), kinds
 
 
+class _StderrTail:
+    """A stdio server's stderr, kept as its last few hundred bytes (why a server
+    would not start is usually there) and logged at debug level; never piling
+    up, however chatty the server is over weeks."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._read, write = os.pipe()
+        os.set_blocking(self._read, False)
+        # Handed to the SDK for the child's stderr; our copy closes once spawned.
+        self.writer: BinaryIO | None = os.fdopen(write, "wb", buffering=0)
+        self._tail = bytearray()
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._read, self._drain)
+        self._open = True
+
+    def spawned(self) -> None:
+        """The child has its copy (or never will): ours must go, or EOF never comes."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def _drain(self) -> None:
+        while self._open:
+            try:
+                chunk = os.read(self._read, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:  # every writer is gone
+                self._loop.remove_reader(self._read)
+                return
+            self._tail += chunk
+            del self._tail[:-_STDERR_TAIL]
+            logger.debug("mcp server '%s' stderr: %s", self._name, chunk.decode("utf-8", "replace"))
+
+    def text(self) -> str:
+        self._drain()  # what the server wrote just before it exited
+        return self._tail.decode("utf-8", "replace")
+
+    def close(self) -> None:
+        self.spawned()
+        if self._open:
+            self._open = False
+            self._loop.remove_reader(self._read)
+            os.close(self._read)
+
+
 class McpServer:
     """One configured server and its live session."""
 
@@ -110,7 +158,7 @@ class McpServer:
         self._client: Any = None
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
-        self._stderr: BinaryIO | None = None
+        self._stderr: _StderrTail | None = None
         self._restart_lock = asyncio.Lock()
         self._last_restart: float | None = None
         self.restarts = 0
@@ -173,7 +221,11 @@ class McpServer:
     async def _own(self, ready: asyncio.Event) -> None:
         try:
             async with contextlib.AsyncExitStack() as stack:
-                client = await stack.enter_async_context(self._make_client())
+                try:
+                    client = await stack.enter_async_context(self._make_client())
+                finally:
+                    if self._stderr is not None:
+                        self._stderr.spawned()
                 self.tools = await self._list_tools(client)
                 self.protocol_version = client.protocol_version
                 self._client = client
@@ -201,8 +253,7 @@ class McpServer:
 
         config = self.config
         if config.command is not None:
-            # Kept for the report: why a server would not start is usually on stderr.
-            self._stderr = tempfile.TemporaryFile()  # closed in close()
+            self._stderr = _StderrTail(self.name)  # closed by _end_session
             params = StdioServerParameters(
                 command=config.command,
                 args=list(config.args),
@@ -211,7 +262,7 @@ class McpServer:
                 env=dict(config.env),
                 cwd=config.cwd,
             )
-            return Client(stdio_client(params, errlog=self._stderr))  # type: ignore[arg-type]
+            return Client(stdio_client(params, errlog=self._stderr.writer))  # type: ignore[arg-type]
         import httpx2
         from mcp.client.streamable_http import streamable_http_client
 
@@ -308,13 +359,7 @@ class McpServer:
         """The end of a stdio server's stderr, for a report (one line)."""
         if self._stderr is None:
             return ""
-        try:
-            fd = self._stderr.fileno()
-            size = os.fstat(fd).st_size
-            raw = os.pread(fd, _STDERR_TAIL, max(0, size - _STDERR_TAIL))
-        except (OSError, ValueError):
-            return ""
-        lines = [line.strip() for line in raw.decode("utf-8", "replace").splitlines()]
+        lines = [line.strip() for line in self._stderr.text().splitlines()]
         tail = [line for line in lines if line][-2:]
         return f" (stderr: {' | '.join(tail)})" if tail else ""
 
