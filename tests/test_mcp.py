@@ -44,6 +44,8 @@ def demo_server(state: Path, **extra: Any) -> dict[str, Any]:
         "cwd": str(REPO),
         "read_only": ["lookup", "show_env", "wipe"],
         "env": {"DEMO_API_TOKEN": SECRET, "DEMO_LEVEL": "debug"},
+        # A loaded CI machine can take a while to start Python and the SDK.
+        "startup_timeout": 120,
         **extra,
     }
 
@@ -487,6 +489,7 @@ async def test_streamable_http_server(
                     "url": f"http://127.0.0.1:{port}/mcp",
                     "headers": {"X-Api-Key": SECRET},
                     "read_only": ["lookup"],
+                    "startup_timeout": 120,
                 }
             }
         }
@@ -763,3 +766,14 @@ async def test_native_tool_calling_reaches_mcp_tools(
         assert (state / "notes.txt").read_text() == "native\n"
     finally:
         await rt.close()
+
+
+def test_setting_is_read_from_the_environment(
+    tmp_path: Path, clean_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runtime.settings import Settings
+
+    monkeypatch.setenv("DUCKLM_MCP_CONFIG", str(tmp_path / "mcp.json"))
+    assert Settings(_env_file=None).mcp_config == tmp_path / "mcp.json"
+    monkeypatch.setenv("DUCKLM_MCP_CONFIG", "  ")
+    assert Settings(_env_file=None).mcp_config is None
