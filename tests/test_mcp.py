@@ -63,7 +63,7 @@ def observations_in(request: RecordedRequest) -> list[dict[str, Any]]:
     return json.loads(content.split("\n", 1)[1])
 
 
-async def wait_for(predicate: Any, limit: float = 20.0, what: str = "condition") -> None:
+async def wait_for(predicate: Any, limit: float = 30.0, what: str = "condition") -> None:
     deadline = time.monotonic() + limit
     while not predicate():
         if time.monotonic() > deadline:
@@ -482,7 +482,7 @@ async def test_streamable_http_server(
             with socket.socket() as sock:
                 return sock.connect_ex(("127.0.0.1", port)) == 0
 
-        await wait_for(listening, limit=30, what="the HTTP MCP server")
+        await wait_for(listening, limit=90, what="the HTTP MCP server")
         config = {
             "mcpServers": {
                 "demo": {
