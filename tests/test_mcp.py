@@ -632,7 +632,7 @@ async def test_slow_calls_time_out_and_long_output_is_cut(
         )
         started = time.monotonic()
         result = await rt.loop.run_chat("be slow")
-        assert time.monotonic() - started < 20
+        assert time.monotonic() - started < 25  # the nap alone is 30 s
         assert result.status == "completed"
         slow, big = (o["result"] for o in observations_in(model_server.requests_for(THINKER)[0]))
         assert not slow["ok"] and "did not answer nap within 1 s" in slow["error"]
