@@ -777,3 +777,27 @@ def test_setting_is_read_from_the_environment(
     assert Settings(_env_file=None).mcp_config == tmp_path / "mcp.json"
     monkeypatch.setenv("DUCKLM_MCP_CONFIG", "  ")
     assert Settings(_env_file=None).mcp_config is None
+
+
+async def test_the_config_file_is_hidden_from_unasked_commands(
+    tmp_path: Path, model_server: FakeModelServer, clean_env: None
+) -> None:
+    from runtime.tools.shell.sandbox import probe
+
+    if not probe("bwrap").available:
+        pytest.skip(f"bubblewrap does not work here: {probe('bwrap').detail}")
+    mark = "plainmark" + str(os.getpid()) + "x" + str(time.monotonic_ns())
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    path = workspace / "mcp.json"
+    path.write_text(json.dumps({"mcpServers": {"s": {"command": mark, "enabled": False}}}))
+    (workspace / "other.txt").write_text("visible")
+    settings = make_settings(tmp_path, model_server.base_url, mcp_config=path)
+    rt = await build_runtime(settings)
+    try:
+        result = await rt.loop.run_command("cat other.txt; echo; cat mcp.json")
+        assert result.status == "completed"
+        assert "visible" in result.final_response
+        assert mark not in result.final_response
+    finally:
+        await rt.close()

@@ -153,7 +153,8 @@ class SandboxStatus:
 
 def bot_files(settings: Settings) -> list[str]:
     """The bot's own files a command must not see: the database (its directory, its
-    -wal/-shm/-journal files and the Matrix session files beside it) and .env."""
+    -wal/-shm/-journal files and the Matrix session files beside it), .env and
+    the MCP config file."""
     out: list[str] = []
     db = str(settings.db)
     if "://" not in db:
@@ -162,6 +163,8 @@ def bot_files(settings: Settings) -> list[str]:
         out += [f"{path}{suffix}" for suffix in ("-wal", "-shm", "-journal")]
         out.append(str(settings.matrix_state_dir.absolute()))
     out += [str(Path.cwd() / ".env"), str(Path(settings.workspace).absolute() / ".env")]
+    if settings.mcp_config is not None:  # may hold MCP servers' tokens
+        out.append(str(Path(settings.mcp_config).absolute()))
     return out
 
 
