@@ -95,9 +95,16 @@ class McpTool(Tool):
         return f"{self.server.name}/{self.listed.name}"
 
     def _validate(self, args: dict[str, Any]) -> None:
-        errors = sorted(self._check.iter_errors(args), key=lambda e: list(e.absolute_path))
+        from jsonschema.exceptions import best_match
+
+        try:
+            errors = list(self._check.iter_errors(args))
+        except (RecursionError, ValueError, TypeError) as exc:  # absurd nesting, odd values
+            raise ToolArgumentError(
+                f"{self.name}: arguments for MCP tool {self.label} cannot be checked: {exc}"
+            ) from None
         if errors:
-            first = errors[0]
+            first = best_match(errors)
             where = "/".join(str(p) for p in first.absolute_path) or "(arguments)"
             more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
             raise ToolArgumentError(
