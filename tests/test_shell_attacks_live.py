@@ -586,6 +586,49 @@ async def test_bypassed_secret_reads_print_no_secret(world: World, bypass: None)
     assert not _changes(before, world.snapshot())
 
 
+async def test_links_in_the_workspace_and_open_files_lead_to_no_secret(world: World) -> None:
+    """Symbolic links in the workspace to every canary secret, read by commands the
+    real classifier runs at once (the link's name is harmless); and the bot's open
+    database descriptor, looked for from inside. The sandbox hides the targets."""
+    targets = {
+        "notes/a.txt": world.home / ".ssh" / "id_rsa",
+        "notes/b.txt": world.home / ".bash_history",
+        "notes/c.txt": world.db,
+        "notes/d.txt": world.db.parent / "ducklm-matrix" / "session.json",
+        "notes/e.txt": world.base / "kube" / "config.yaml",
+        "notes/f.txt": world.workspace / ".env",
+        "notes/g.txt": Path("/etc/shadow"),
+        "notes/h.txt": Path("/proc/1/environ"),
+    }
+    for name, target in targets.items():
+        (world.workspace / name).symlink_to(target)
+    (world.workspace / "notes" / "home").symlink_to(world.home)
+    gateway = ToolGateway.default(
+        world.workspace, shell_timeout=TIMEOUT, shell_max_output=MAX_OUTPUT, sandbox=world.sandbox
+    )
+    commands = [f"cat {name}" for name in targets]
+    commands += ["cat notes/*.txt", "grep -r . notes", "cat notes/home/.ssh/id_rsa"]
+    commands += ["ls -l /proc/self/fd/ /proc/1/fd/", "head -c 200 /proc/self/fd/3"]
+    db = sqlite3.connect(world.db)  # the bot holds its database open while commands run
+    try:
+        db.execute("select count(*) from secrets").fetchone()
+
+        async def run(command: str) -> ToolResult:
+            return await gateway.run_action(
+                {"tool": "shell_exec_safe", "args": {"command": command}}
+            )
+
+        results = await _gather(commands, run)
+    finally:
+        db.close()
+    leaked = [(c, _leaks(world, r)) for c, r in results if _leaks(world, r)]
+    assert not leaked, f"read through a link or a descriptor: {leaked}"
+    mentions = [c for c, r in results if "ducklm.db" in (r.output or "")]
+    assert not mentions, f"the bot's database is reachable by descriptor: {mentions}"
+    ran = [c for c, r in results if r.metadata.get("sandboxed")]
+    assert len(ran) >= len(targets), f"too few ran to prove anything: {ran}"
+
+
 async def test_bypassed_runaway_commands_end_within_bounds(world: World, bypass: None) -> None:
     await _preflight(world)
     before = world.snapshot()
