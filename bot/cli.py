@@ -96,10 +96,13 @@ def _operator() -> Actor:
     return Actor(f"cli:{user}", is_admin=True, is_approver=True)
 
 
-async def _with_runtime(settings: Settings, body: Callable[[Runtime], Awaitable[int]]) -> int:
+async def _with_runtime(
+    settings: Settings, body: Callable[[Runtime], Awaitable[int]], *, mcp: bool = False
+) -> int:
     from runtime.factory import build_runtime
 
-    runtime = await build_runtime(settings)
+    # MCP servers only start for the console: `ducklm tasks` and friends read the store.
+    runtime = await build_runtime(settings, mcp=mcp)
     try:
         return await body(runtime)
     finally:
@@ -118,9 +121,22 @@ async def _with_stores(settings: Settings, body: Callable[[Stores], Awaitable[in
         await stores.close()
 
 
+def _sandbox_notice(settings: Settings) -> None:
+    """One line at start when unasked commands cannot be (or are not) sandboxed."""
+    # Here, not at the top: it loads the shell tool, which only `run` and `console` use.
+    from runtime.tools.shell.sandbox import SandboxConfig, sandbox_notice
+
+    notice = sandbox_notice(SandboxConfig.from_settings(settings))
+    if notice:
+        print(notice, file=sys.stderr)
+
+
 async def _console(runtime: Runtime) -> int:
     from bot.console.terminal import Console
 
+    _sandbox_notice(runtime.settings)
+    for line in runtime.startup_notices():  # one line per MCP server
+        print(line, file=sys.stderr)
     return await Console(runtime).serve()
 
 
@@ -156,6 +172,7 @@ def _serve_platforms(settings: Settings) -> int:
     if not (settings.slack_configured or settings.matrix_configured):
         print(NO_PLATFORM, file=sys.stderr)
         return EXIT_USAGE
+    _sandbox_notice(settings)
     import asyncio
 
     from bot.server import serve
@@ -188,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         return _serve_platforms(settings)
     if args.command == "console":
-        return _run(_with_runtime(settings, _console))
+        return _run(_with_runtime(settings, _console, mcp=True))
 
     from bot import commands as c
 

@@ -44,6 +44,8 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
     for warning in service.policy.startup_warnings():
         logger.warning(warning)
         print(f"warning: {warning}", file=sys.stderr)
+    for line in runtime.startup_notices():  # one line per MCP server
+        print(line, file=sys.stderr)
     if runtime.model is None:
         print(
             "warning: no model is configured (DUCKLM_MODEL_BASE_URL); only direct "

@@ -141,7 +141,9 @@ class ChatService:
             if open_thread:
                 root = await self.backends[thread.platform].send(
                     Thread(thread.platform, thread.channel),
-                    f"{user} asked to run `{clip(command.command, 300)}`",
+                    # A slash command is private until this posts it: no secret in it.
+                    f"{user} asked to run "
+                    f"`{clip(self.loop.redactor.redact(command.command).text, 300)}`",
                 )
                 if root is None:
                     return "Could not open a thread for that command."
@@ -173,7 +175,7 @@ class ChatService:
         await self._safely(
             backend.send(
                 thread,
-                f"Reminder for {who}: `{clip(approval.command or approval.tool, 200)}` is still "
+                f"Reminder for {who}: `{clip(self._shown(approval), 200)}` is still "
                 f"waiting for approval.{expiry}",
             )
         )
@@ -194,7 +196,7 @@ class ChatService:
             self.backends[thread.platform].send(
                 thread,
                 f"This approval expired at {when(approval.decided_at)} without an answer; "
-                f"`{clip(approval.command or approval.tool, 200)}` did not run. Ask again "
+                f"`{clip(self._shown(approval), 200)}` did not run. Ask again "
                 "if it is still needed.",
             )
         )
@@ -390,7 +392,7 @@ class ChatService:
     async def _resolve_card(self, thread: Thread, approval: Approval) -> None:
         if not approval.card_ref:
             return
-        card = self._card(PendingApproval.from_approval(approval))
+        card = self._card(PendingApproval.from_approval(approval, self.loop.redactor))
         resolution = CardResolution(
             approval.decision or "?",
             approval.decided_by,
@@ -402,6 +404,10 @@ class ChatService:
         )
 
     # -- helpers --------------------------------------------------------------
+
+    def _shown(self, approval: Approval) -> str:
+        """An approval's command as chat may show it: secrets redacted."""
+        return self.loop.redactor.redact(approval.command or approval.tool).text
 
     async def thread_of(self, task_id: str) -> Thread | None:
         """The thread a task lives in, if a platform this process serves owns it."""

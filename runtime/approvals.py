@@ -237,8 +237,11 @@ class ApprovalService:
 
     # -- rules -----------------------------------------------------------------
 
-    async def is_allowed_forever(self, action: Mapping[str, Any]) -> bool:
-        """Whether an active rule covers this normalized action."""
+    async def is_allowed_forever(
+        self, action: Mapping[str, Any], workspace: str | None = None
+    ) -> bool:
+        """Whether an active rule covers this normalized action. `workspace` is where a
+        shell command would run: the operands a prefix rule lets it add are resolved there."""
         tool = action.get("tool")
         if not isinstance(tool, str):
             return False
@@ -253,7 +256,7 @@ class ApprovalService:
             from runtime.tools.shell_rules import rule_covers
 
             # rule_covers itself refuses blocked commands, whatever the rules say.
-            return rule_covers(command, rules)
+            return rule_covers(command, rules, workspace)
         try:
             pattern = exact_args_pattern(args)
         except (TypeError, ValueError):

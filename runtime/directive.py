@@ -9,19 +9,32 @@ fences, add a sentence before or after it, answer a single action object, or
 a bare list. `parse_directive` accepts those and refuses everything else with
 a `DirectiveError` that says what was wrong, so the runtime can log it (and
 tell the model). It never raises anything else: a model's answer is untrusted
-input.
+input. Given the tool names, it refuses an action naming any other tool: weak
+models copy lines of the tool list back as actions with invented names, and
+such a directive goes back to the model to be repaired, not to a tool.
+
+`directive_schema` is the JSON Schema of the same shape (the tool names as an
+enum), sent as structured output so a server that can constrain the reply does.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-__all__ = ["MAX_ACTIONS", "Action", "Directive", "DirectiveError", "parse_directive"]
+__all__ = [
+    "MAX_ACTIONS",
+    "Action",
+    "Directive",
+    "DirectiveError",
+    "check_tool_names",
+    "directive_schema",
+    "parse_directive",
+]
 
 MAX_ACTIONS = 20
 MAX_TEXT_BYTES = 256 * 1024
@@ -55,14 +68,67 @@ class Directive(BaseModel):
     actions: list[Action]
 
 
-def parse_directive(text: str) -> Directive:
-    """Parse the action model's answer into a Directive, or raise DirectiveError."""
+def parse_directive(text: str, tools: Collection[str] | None = None) -> Directive:
+    """Parse the action model's answer into a Directive, or raise DirectiveError.
+
+    With `tools`, every action must name one of them (None accepts any name)."""
     try:
-        return _parse(text)
+        directive = _parse(text)
     except DirectiveError:
         raise
     except Exception as exc:  # a bug here must not crash the task loop
         raise DirectiveError(f"could not parse the directive ({type(exc).__name__})") from exc
+    if tools is not None:
+        check_tool_names(directive, tools)
+    return directive
+
+
+def check_tool_names(directive: Directive, tools: Collection[str]) -> None:
+    """Raise DirectiveError naming the first action whose tool does not exist."""
+    for number, action in enumerate(directive.actions, 1):
+        if action.tool not in tools:
+            known = ", ".join(sorted(tools)) or "none"
+            shown = action.tool if len(action.tool) <= 80 else action.tool[:79] + "…"
+            raise DirectiveError(
+                f"action {number} names an unknown tool {shown!r} (the tools are: {known})"
+            )
+
+
+def directive_schema(tool_specs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The JSON Schema of a directive for these tools (`ToolGateway.specs()` form).
+
+    Each action is one branch of an `anyOf`: the tool name as a constant and
+    that tool's own argument schema, so a grammar-constrained server (llama.cpp)
+    cannot pair one tool's name with another's arguments."""
+    branches = []
+    for spec in tool_specs:
+        args = spec.get("args") if isinstance(spec.get("args"), dict) else {"type": "object"}
+        branches.append(
+            {
+                "type": "object",
+                "properties": {
+                    "tool": {"type": "string", "enum": [spec["tool"]]},
+                    "args": args,
+                    "reason": {"type": "string"},
+                },
+                "required": ["tool", "args", "reason"],
+                "additionalProperties": False,
+            }
+        )
+    if not branches:  # no tools: the only valid directive is an empty one
+        return {
+            "type": "object",
+            "properties": {"actions": {"type": "array", "maxItems": 0}},
+            "required": ["actions"],
+            "additionalProperties": False,
+        }
+    item: dict[str, Any] = branches[0] if len(branches) == 1 else {"anyOf": branches}
+    return {
+        "type": "object",
+        "properties": {"actions": {"type": "array", "items": item, "maxItems": MAX_ACTIONS}},
+        "required": ["actions"],
+        "additionalProperties": False,
+    }
 
 
 def _parse(text: str) -> Directive:

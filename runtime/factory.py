@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 from runtime.approvals import ApprovalService
 from runtime.loop import RuntimeLoop
@@ -11,6 +12,11 @@ from runtime.model import ModelClient
 from runtime.settings import Settings
 from runtime.store import Stores, open_stores
 from runtime.tools.gateway import ToolGateway
+from runtime.tools.redaction import Redactor
+from runtime.tools.shell.sandbox import SandboxConfig
+
+if TYPE_CHECKING:
+    from runtime.tools.mcp.toolbox import McpToolbox
 
 
 @dataclass
@@ -20,18 +26,51 @@ class Runtime:
     approvals: ApprovalService
     model: ModelClient | None
     loop: RuntimeLoop
+    # MCP servers started from DUCKLM_MCP_CONFIG (None when unset or not wanted).
+    mcp: McpToolbox | None = None
+
+    def startup_notices(self) -> list[str]:
+        """Lines to print at start (one per MCP server, or the config error)."""
+        return self.mcp.report() if self.mcp is not None else []
+
+    @property
+    def redactor(self) -> Redactor:
+        """The process's one Redactor (shared by the loop and every gateway).
+        A platform that learns a credential at run time, such as the access
+        token a Matrix login returns, adds it: `runtime.redactor.add_literal(
+        token, "matrix-access-token")`."""
+        return self.loop.redactor
 
     async def close(self) -> None:
+        if self.mcp is not None:
+            await self.mcp.close()
         if self.model is not None:
             await self.model.aclose()
         await self.stores.close()
 
 
-async def build_runtime(settings: Settings) -> Runtime:
+async def _start_mcp(settings: Settings) -> McpToolbox:
+    # Imported here: without DUCKLM_MCP_CONFIG nothing of MCP (or its SDK) loads.
+    from runtime.tools.mcp.toolbox import McpToolbox
+
+    assert settings.mcp_config is not None
+    return await McpToolbox.start(settings.mcp_config, max_output=settings.shell_max_output)
+
+
+async def build_runtime(settings: Settings, *, mcp: bool = True) -> Runtime:
+    """A ready runtime. `mcp=False` skips starting MCP servers (for commands that
+    only read the store, such as `ducklm tasks`)."""
     stores = await open_stores(settings.db)
+    toolbox: McpToolbox | None = None
     try:
+        if mcp and settings.mcp_config is not None:
+            toolbox = await _start_mcp(settings)
         approvals = ApprovalService.from_stores(stores, ttl=settings.approval_ttl)
         model = ModelClient.from_settings(settings) if settings.model_configured else None
+        # Every credential field of Settings, matched literally in all output.
+        redactor = Redactor.from_settings(settings)
+        for value in toolbox.secret_values() if toolbox else []:
+            redactor.add_literal(value, "mcp-config-credential")
         loop = RuntimeLoop(
             stores.tasks,
             stores.events,
@@ -42,10 +81,16 @@ async def build_runtime(settings: Settings) -> Runtime:
                 ToolGateway.default,
                 shell_timeout=settings.shell_timeout,
                 shell_max_output=settings.shell_max_output,
+                redactor=redactor,
+                sandbox=SandboxConfig.from_settings(settings),
+                extra_tools=tuple(toolbox.tools) if toolbox else (),
             ),
             default_workspace=str(settings.workspace),
+            redactor=redactor,
         )
     except BaseException:
+        if toolbox is not None:
+            await toolbox.close()
         await stores.close()
         raise
-    return Runtime(settings, stores, approvals, model, loop)
+    return Runtime(settings, stores, approvals, model, loop, mcp=toolbox)

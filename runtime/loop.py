@@ -33,13 +33,14 @@ from functools import partial
 from typing import Any
 
 from runtime.approvals import ApprovalService
-from runtime.context import ContextBuilder
-from runtime.directive import Directive, DirectiveError, parse_directive
+from runtime.context import CALL_KEYS, ContextBuilder
 from runtime.model import ModelClient, ModelError, ModelResponse
+from runtime.planner import ActionPlanner
 from runtime.store import EventStore, TaskStore
 from runtime.store.models import Approval, Event, Task
 from runtime.tools.base import ToolArgumentError, ToolResult
 from runtime.tools.gateway import ToolGateway, normalize_action
+from runtime.tools.redaction import COUNT_KEY, Redactor
 
 logger = logging.getLogger("ducklm.runtime")
 
@@ -69,21 +70,38 @@ class PendingApproval:
     model_reason: str | None  # why the model wants it
     requested_by: str | None
     expires_at: datetime | None
+    # Secrets replaced in what the card shows (command, reasons). The stored
+    # action is untouched: approving runs the command as the model wrote it.
+    redacted: int = 0
 
     @classmethod
-    def from_approval(cls, approval: Approval) -> PendingApproval:
+    def from_approval(cls, approval: Approval, redactor: Redactor | None = None) -> PendingApproval:
+        command, reason = approval.command, approval.reason
+        model_reason = approval.action.get("reason")
+        redacted = 0
+        if redactor is not None:
+            (command, reason, model_reason), redacted, _ = redactor.redact_value(
+                (command, reason, model_reason)
+            )
+            if redacted:
+                reason = (
+                    f"{reason or 'it may change something'} (note: {redacted} secret "
+                    "value(s) in this request are shown as [REDACTED:…]; approving runs "
+                    "the command with the real value)"
+                )
         return cls(
             approval_id=approval.approval_id,
             task_id=approval.task_id,
             index=approval.index,
             tool=approval.tool,
-            command=approval.command,
-            reason=approval.reason,
+            command=command,
+            reason=reason,
             risk_level=approval.risk_level,
             action_type=approval.action_type,
-            model_reason=approval.action.get("reason"),
+            model_reason=model_reason,
             requested_by=approval.requested_by,
             expires_at=approval.expires_at,
+            redacted=redacted,
         )
 
 
@@ -140,6 +158,7 @@ class RuntimeLoop:
         *,
         gateway_factory: GatewayFactory | None = None,
         default_workspace: str = ".",
+        redactor: Redactor | None = None,
     ) -> None:
         self.task_store = task_store
         self.event_store = event_store
@@ -147,10 +166,20 @@ class RuntimeLoop:
         self.approval_service = approval_service
         self.max_tool_iterations = max_tool_iterations
         self.default_workspace = default_workspace
-        self._gateway_factory: GatewayFactory = gateway_factory or partial(ToolGateway.default)
+        # Secrets are kept out of every event, answer and card this loop writes
+        # (tool results are already redacted by the gateway). Share it with the
+        # gateways so credentials learnt at run time apply everywhere.
+        self.redactor = redactor if redactor is not None else Redactor()
+        self._gateway_factory: GatewayFactory = gateway_factory or partial(
+            ToolGateway.default, redactor=self.redactor
+        )
         self._gateways: dict[str, ToolGateway] = {}
         self.context_builder = context_builder or ContextBuilder(
             self._gateway(default_workspace).specs()
+        )
+        # The action step (either protocol); None without a model.
+        self.planner = (
+            ActionPlanner(model_client, self.context_builder) if model_client is not None else None
         )
         self._listeners: list[EventListener] = []
         # Per task: events recorded since its last write (type, payload, time),
@@ -210,7 +239,7 @@ class RuntimeLoop:
                 task_id,
                 "waiting_for_approval",
                 WAITING_TEXT,
-                pending_approval=PendingApproval.from_approval(approval),
+                pending_approval=PendingApproval.from_approval(approval, self.redactor),
             )
         if approval.decision == "expired":
             return ChatResult(task_id, task.status, "This approval expired before anyone answered.")
@@ -294,11 +323,11 @@ class RuntimeLoop:
         if self.model_client is None:
             return await self._fail(task.task_id, NO_MODEL_TEXT)
         messages = self.context_builder.build_basic_messages(task)
-        observations = await self._action_loop(task, messages, observations)
+        observations, planning_failed = await self._action_loop(task, messages, observations)
         waiting = await self._wait_if_pending(task, observations, direct=False)
         if waiting is not None:
             return waiting
-        return await self._answer(task, messages, observations)
+        return await self._answer(task, messages, observations, planning_failed=planning_failed)
 
     async def _direct_turn(self, task: Task, command: str) -> ChatResult:
         action = {"tool": SHELL_TOOL, "args": {"command": command}, "reason": "direct command"}
@@ -306,10 +335,16 @@ class RuntimeLoop:
         waiting = await self._wait_if_pending(task, observations, direct=True)
         if waiting is not None:
             return waiting
-        return await self._finish(task, format_direct_result(command, observations[-1]))
+        return await self._finish(
+            task, format_direct_result(command, observations[-1]), observations=observations
+        )
 
     async def _resume(self, task: Task, approval: Approval, state: _WaitingState) -> ChatResult:
         decided = await self._run_decided(task, approval)
+        # A native tool call keeps its id, so its result answers that call.
+        for waiting in state.observations:
+            if waiting.get("approval_id") == approval.approval_id:
+                decided.update({k: waiting[k] for k in CALL_KEYS if k in waiting})
         observations = [
             o for o in state.observations if o.get("approval_id") != approval.approval_id
         ]
@@ -317,7 +352,9 @@ class RuntimeLoop:
         observations.sort(key=lambda o: o.get("index", 0))
         if state.direct:
             return await self._finish(
-                task, format_direct_result(approval.command or task.message, decided)
+                task,
+                format_direct_result(approval.command or task.message, decided),
+                observations=observations,
             )
         return await self._model_turn(task, observations)
 
@@ -325,57 +362,98 @@ class RuntimeLoop:
 
     async def _action_loop(
         self, task: Task, messages: list[dict[str, str]], observations: list[dict[str, Any]]
-    ) -> list[dict[str, Any]]:
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Plan and act for up to `max_tool_iterations` rounds. Returns the
+        observations and, when the action model's replies could not be used
+        even after the repair round, why (the thinker is told)."""
+        assert self.planner is not None
         observations = list(observations)
-        for _ in range(self.max_tool_iterations):
-            directive = await self._plan(
-                task.task_id, self.context_builder.with_observations(messages, observations)
-            )
-            if directive is None or not directive.actions:
-                return observations
-            for action in directive.actions:
-                observation = await self._act(task, len(observations) + 1, action.model_dump())
+        call = partial(self._call_model, task.task_id)
+        record = partial(self._record, task.task_id)
+        for round_number in range(1, self.max_tool_iterations + 1):
+            plan = await self.planner.plan(call, record, messages, observations)
+            if plan.failed is not None:
+                return observations, plan.failed
+            if not plan.actions:
+                return observations, None
+            # Rounds are numbered across continuations, so replayed tool calls
+            # keep their grouping after an approval.
+            round_id = f"{len(observations)}.{round_number}"
+            for proposed in plan.actions:
+                action = {k: proposed.get(k) for k in ("tool", "args", "reason")}
+                observation = await self._act(task, len(observations) + 1, action)
+                if proposed.get("call_id"):
+                    observation.setdefault("tool", proposed["tool"])
+                    observation.update(
+                        call_id=proposed["call_id"],
+                        round=round_id,
+                        args=proposed.get("args") or {},
+                        function=proposed.get("function") or proposed["tool"],
+                    )
                 observations.append(observation)
                 if observation.get("approval_id"):
-                    return observations
+                    return observations, None
         self._record(
             task.task_id,
             "tool_iteration_limit_reached",
             {"max_tool_iterations": self.max_tool_iterations},
         )
-        return observations
-
-    async def _plan(self, task_id: str, messages: list[dict[str, str]]) -> Directive | None:
-        response = await self._call_model(task_id, "action", messages)
-        try:
-            directive = parse_directive(response.content)
-        except DirectiveError as exc:
-            self._record(
-                task_id,
-                "action_directive_failed",
-                {"error": str(exc), "content": response.content[:2000]},
-            )
-            return None
-        self._record(
-            task_id, "action_directive", {"actions": [a.model_dump() for a in directive.actions]}
-        )
-        return directive
+        return observations, None
 
     async def _answer(
-        self, task: Task, messages: list[dict[str, str]], observations: list[dict[str, Any]]
+        self,
+        task: Task,
+        messages: list[dict[str, str]],
+        observations: list[dict[str, Any]],
+        *,
+        planning_failed: str | None = None,
     ) -> ChatResult:
-        response = await self._call_model(
-            task.task_id, "thinker", self.context_builder.with_observations(messages, observations)
+        thinker_messages = self.context_builder.with_observations(messages, observations)
+        if planning_failed is not None:
+            thinker_messages = [
+                *thinker_messages,
+                {
+                    "role": "user",
+                    "content": (
+                        "planning_failed: the planning step could not produce usable tool "
+                        f"calls, even after one repair round ({planning_failed}). No further "
+                        "tool ran. Tell the user plainly that planning failed, and answer "
+                        "only from what is known."
+                    ),
+                },
+            ]
+        response = await self._call_model(task.task_id, "thinker", thinker_messages)
+        answer = response.content
+        notes = []
+        if planning_failed is not None:
+            notes.append(
+                f"(Planning failed: the action model's reply could not be used, twice: "
+                f"{planning_failed}. No further tool ran.)"
+            )
+        if response.finish_reason == "length":
+            notes.append(
+                "(This answer was cut off: the model reached its token limit, "
+                "DUCKLM_THINKER_MAX_TOKENS.)"
+            )
+        elif response.finish_reason == "content_filter":
+            notes.append("(This answer was cut off by the model provider's content filter.)")
+        if notes:
+            answer = "\n\n".join([answer.rstrip(), *notes] if answer.strip() else notes)
+        return await self._finish(
+            task, answer, response.reasoning_content, observations=observations
         )
-        return await self._finish(task, response.content, response.reasoning_content)
 
     async def _call_model(
-        self, task_id: str, role: str, messages: list[dict[str, str]]
+        self, task_id: str, role: str, messages: list[dict[str, Any]], **options: Any
     ) -> ModelResponse:
+        """One model call with its events. Action calls arrive with their
+        system prompt (the planner picks it per protocol); thinker calls get it here."""
         assert self.model_client is not None
         self._record(task_id, "model_call_started", {"role": role})
         await self._flush(task_id)
-        response = await self.model_client.chat(role, self.context_builder.for_role(role, messages))
+        if role == "thinker":
+            messages = self.context_builder.for_role(role, messages)
+        response = await self.model_client.chat(role, messages, **options)
         if role == "thinker":
             self._record(
                 task_id,
@@ -396,6 +474,7 @@ class RuntimeLoop:
                 "prompt_tokens": response.prompt_tokens,
                 "completion_tokens": response.completion_tokens,
                 "total_tokens": response.total_tokens,
+                "finish_reason": response.finish_reason,
             },
         )
         return response
@@ -415,7 +494,11 @@ class RuntimeLoop:
             {"index": index, "tool": tool, "args": action["args"]},
         )
         by_rule = bool(
-            self.approval_service and await self.approval_service.is_allowed_forever(action)
+            self.approval_service
+            # The workspace: the operands a prefix rule lets a command add resolve there.
+            and await self.approval_service.is_allowed_forever(
+                action, task.workspace or self.default_workspace
+            )
         )
         gateway = self._gateway(task.workspace)
         if gateway.leaves_the_process(action):
@@ -428,7 +511,8 @@ class RuntimeLoop:
         observation: dict[str, Any] = {
             "index": index,
             "tool": tool,
-            "reason": action["reason"],
+            # The model sees its observations again: no secret in them either.
+            "reason": self._shown(action["reason"]),
             "result": payload,
         }
         if not result.metadata.get("pending_approval"):
@@ -445,7 +529,9 @@ class RuntimeLoop:
                 task.task_id,
                 action,
                 index=index,
-                command=_command_of(action, payload),
+                # From the action, never the (redacted) result: rules are made from it.
+                # Other tools get their one-line description (MCP: `mcp server/tool {args}`).
+                command=gateway.describe(action),
                 risk_level=result.metadata.get("risk_level"),
                 action_type=result.metadata.get("action_type"),
                 reason=result.metadata.get("reason"),
@@ -508,10 +594,10 @@ class RuntimeLoop:
         return {
             "index": index,
             "tool": tool,
-            "reason": action.get("reason"),
+            "reason": self._shown(action.get("reason")),
             "decision": approval.decision,
             "decided_by": approval.decided_by,
-            "note": approval.decision_note,
+            "note": self._shown(approval.decision_note),
             "result": payload,
         }
 
@@ -546,8 +632,23 @@ class RuntimeLoop:
                 "timed_out": bool(metadata.get("timed_out")),
                 "truncated": bool(metadata.get("truncated")),
                 "reason": metadata.get("reason") or payload.get("error"),
+                "sandboxed": bool(metadata.get("sandboxed")),
+                "sandbox_profile": metadata.get("sandbox_profile"),
             },
         )
+        # What the sandbox stopped (best-effort detection, see shell/refusals.py).
+        if metadata.get("sandbox_refusals"):
+            self._record(
+                task_id,
+                "sandbox_refusal",
+                {
+                    "index": index,
+                    "command": _command_of(action, payload),
+                    "refused": list(metadata["sandbox_refusals"]),
+                    "sandbox_profile": metadata.get("sandbox_profile"),
+                    "returncode": metadata.get("returncode"),
+                },
+            )
 
     # -- endings ----------------------------------------------------------
 
@@ -575,12 +676,22 @@ class RuntimeLoop:
             task.task_id,
             "waiting_for_approval",
             WAITING_TEXT,
-            pending_approval=PendingApproval.from_approval(approval) if approval else None,
+            pending_approval=PendingApproval.from_approval(approval, self.redactor)
+            if approval
+            else None,
         )
 
     async def _finish(
-        self, task: Task, final_response: str, reasoning_content: str | None = None
+        self,
+        task: Task,
+        final_response: str,
+        reasoning_content: str | None = None,
+        *,
+        observations: list[dict[str, Any]] | None = None,
     ) -> ChatResult:
+        final_response = self._redacted_answer(final_response, observations or [])
+        if reasoning_content:
+            reasoning_content = self.redactor.redact(reasoning_content).text
         await self._write(
             task.task_id,
             partial(self.task_store.complete_task, task.task_id, final_response),
@@ -592,6 +703,7 @@ class RuntimeLoop:
         return ChatResult(task.task_id, "completed", final_response, reasoning_content)
 
     async def _fail(self, task_id: str, error: str) -> ChatResult:
+        error = self.redactor.redact(error).text
         await self._write(
             task_id,
             partial(self.task_store.fail_task, task_id, error),
@@ -623,8 +735,31 @@ class RuntimeLoop:
         db = self.task_store.db
         return db.transaction() if db is self.event_store.db else nullcontext()
 
+    def _shown(self, text: str | None) -> str | None:
+        return self.redactor.redact(text).text if text else text
+
+    def _redacted_answer(self, answer: str, observations: list[dict[str, Any]]) -> str:
+        """The answer with secrets replaced (a user can paste a token, a model can
+        echo one), and one line saying so when anything the task saw or said was
+        redacted: a reader must know the placeholders are not the real output."""
+        seen = sum(
+            int(((o.get("result") or {}).get("metadata") or {}).get(COUNT_KEY) or 0)
+            for o in observations
+        )
+        found = self.redactor.redact(answer)
+        notes = []
+        if seen:
+            notes.append(f"({seen} secret value(s) in tool output were redacted.)")
+        if found.count:
+            notes.append(f"({found.count} secret value(s) in this answer were redacted.)")
+        return "\n\n".join([found.text, *notes]) if notes else found.text
+
     def _record(self, task_id: str, event_type: str, payload: dict[str, Any]) -> None:
-        """Note an event now; it is written with the task's next write."""
+        """Note an event now; it is written with the task's next write. Its payload
+        is redacted first: the audit log never holds a secret, even one the user
+        or the model typed into a command (the stored approval keeps the real
+        action, which is what runs)."""
+        payload, _, _ = self.redactor.redact_value(payload)
         self._unwritten.setdefault(task_id, []).append((event_type, payload, time.time()))
 
     async def _flush(self, task_id: str) -> None:
@@ -647,7 +782,8 @@ class RuntimeLoop:
         events = [(kind, payload) for kind, payload, _ in recorded]
         times = [at for _, _, at in recorded]
         if last is not None:
-            events.append(last)
+            # Redacted like every recorded event (see `_record`).
+            events.append((last[0], self.redactor.redact_value(last[1])[0]))
             times.append(time.time())
         if status_change is None and not events:
             return

@@ -2,7 +2,14 @@
 
 One client talks to one endpoint (OpenAI, DeepSeek, Ollama, vLLM, llama.cpp
 server, OpenRouter, ...) and holds one model name per role: the *thinker*
-writes answers, the *action* model answers with a JSON directive.
+writes answers, the *action* model proposes tool calls (a JSON directive, or
+native `tool_calls`; runtime/planner.py decides which).
+
+Requests are bounded per role (`max_tokens`, `temperature`), and what a server
+accepts is negotiated once and remembered by the client (one client, one base
+URL): the structured-output form of an action call (OpenAI `json_schema`, then
+llama.cpp's `json_object` + `schema`, then plain JSON mode, then none) and
+whether it takes `tools` at all.
 
 Every failure surfaces as a `ModelError` subclass whose `str()` is a short
 sentence a chat user can act on; the provider's own error text is kept (cut to
@@ -28,6 +35,7 @@ if TYPE_CHECKING:
     from runtime.settings import Settings
 
 __all__ = [
+    "RESPONSE_FORMS",
     "ModelAuthError",
     "ModelClient",
     "ModelConnectionError",
@@ -36,6 +44,8 @@ __all__ = [
     "ModelResponse",
     "ModelResponseError",
     "ModelTimeoutError",
+    "ModelToolsUnsupportedError",
+    "ToolCall",
     "parse_retry_after",
 ]
 
@@ -56,6 +66,23 @@ _DEFAULT_MODELS = {"thinker": "gpt-4o-mini", "action": "gpt-4o-mini"}
 _ROLE_ENV = {"thinker": "DUCKLM_THINKER_MODEL", "action": "DUCKLM_ACTION_MODEL"}
 _NOT_A_COMPLETION = "The model API returned something that is not a chat completion"
 
+# Structured-output forms for an action call, strongest first. Servers refuse
+# the ones they do not know in different ways (400, 422, or llama-cpp-python's
+# 500 naming the field), so each refusal moves one step down, for good.
+RESPONSE_FORMS = ("json_schema", "json_object_schema", "json_object", "none")
+# Words in an error body that say the server refused response_format itself
+# rather than failing for another reason.
+_FORMAT_MARKERS = ("response_format", "response format", "json_object", "json mode", "json_schema")
+_TOOLS_MARKERS = ("tools", "tool_choice", "tool choice", "function calling", "functions")
+
+
+class ToolCall(BaseModel):
+    """One native tool call of a reply; `arguments` is the JSON text as sent."""
+
+    id: str
+    name: str
+    arguments: str = ""
+
 
 class ModelResponse(BaseModel):
     # The client role that made the call ("thinker" or "action"), as in the
@@ -71,6 +98,13 @@ class ModelResponse(BaseModel):
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
+    # "stop", "length", "content_filter", "tool_calls", ... or None when the
+    # server did not say (some proxies drop it).
+    finish_reason: str | None = None
+    tool_calls: list[ToolCall] = []
+    # The structured-output form this reply was asked with (RESPONSE_FORMS),
+    # or None when none was asked for.
+    response_form: str | None = None
 
 
 class ModelError(Exception):
@@ -110,6 +144,10 @@ class ModelNotConfiguredError(ModelError):
     """No usable endpoint, key or model name is configured."""
 
 
+class ModelToolsUnsupportedError(ModelError):
+    """The server refused a request because of `tools` (no native tool calling)."""
+
+
 class _ResponseFormatRejected(Exception):
     """Internal: the server refuses `response_format`; retry without it."""
 
@@ -136,6 +174,9 @@ class ModelClient:
         max_backoff: float = 30.0,
         stream: bool = False,
         transport: httpx.AsyncBaseTransport | None = None,
+        max_tokens: Mapping[str, int] | None = None,
+        temperature: Mapping[str, float] | None = None,
+        action_protocol: str = "auto",
     ) -> None:
         models = dict(_DEFAULT_MODELS if models is None else models)
         unknown = set(models) - set(self.ROLES)
@@ -153,9 +194,19 @@ class ModelClient:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.stream = stream
-        # Flipped once a server refuses response_format (llama.cpp, older
-        # Ollama), so later action calls do not pay a failed request each.
-        self.json_mode_supported = True
+        # Per role; a role missing here sends no bound (the server's default).
+        self.max_tokens: dict[str, int] = dict(max_tokens or {})
+        self.temperature: dict[str, float] = dict(temperature or {})
+        if action_protocol not in ("directive", "tools", "auto"):
+            raise ValueError("action_protocol must be directive, tools or auto")
+        # Read by the planner; kept here because it is a fact about the endpoint.
+        self.action_protocol = action_protocol
+        # Index into RESPONSE_FORMS of the strongest form this server has not
+        # refused: moved down once per refusal, so later action calls do not pay
+        # a failed request each.
+        self.response_form_index = 0
+        # None until known; False once the server refused `tools`.
+        self.tools_supported: bool | None = None
         # Set by from_settings when the settings name no usable model; chat()
         # then refuses with this sentence instead of sending a doomed request.
         self._not_configured: str | None = None
@@ -180,6 +231,15 @@ class ModelClient:
             {"thinker": settings.thinker_model, "action": settings.action_model},
             timeout=settings.model_timeout,
             max_retries=settings.model_max_retries,
+            max_tokens={
+                "action": settings.action_max_tokens,
+                "thinker": settings.thinker_max_tokens,
+            },
+            temperature={
+                "action": settings.action_temperature,
+                "thinker": settings.thinker_temperature,
+            },
+            action_protocol=settings.action_protocol,
         )
         if not settings.model_configured:
             client._not_configured = (
@@ -205,36 +265,67 @@ class ModelClient:
 
     # -- the call ------------------------------------------------------------
 
-    async def chat(self, role: str, messages: list[dict[str, str]]) -> ModelResponse:
+    @property
+    def json_mode_supported(self) -> bool:
+        """Whether the server still takes some `response_format` (JSON mode or stronger)."""
+        return RESPONSE_FORMS[self.response_form_index] != "none"
+
+    @property
+    def response_form(self) -> str:
+        """The structured-output form the next action call will use."""
+        return RESPONSE_FORMS[self.response_form_index]
+
+    async def chat(
+        self,
+        role: str,
+        messages: list[dict[str, Any]],
+        *,
+        schema: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> ModelResponse:
         """Send `messages` to the model for `role` and return its reply.
 
-        Only `role` and `content` of each message are sent: reasoning_content
-        from an earlier reply must not go back (DeepSeek rejects it) and other
-        keys are ours, not the API's.
+        Only the API's own keys of each message are sent (`role`, `content`,
+        and `tool_calls` / `tool_call_id` for native tool calling):
+        reasoning_content from an earlier reply must not go back (DeepSeek
+        rejects it) and other keys are ours.
+
+        Action calls ask for structured output: with `schema` (a JSON Schema of
+        the directive) the strongest form the server has not refused, else
+        plain JSON mode. With `tools` (OpenAI function specs) the call uses
+        native tool calling instead, `tool_choice: auto`, and a server that
+        refuses `tools` raises ModelToolsUnsupportedError (remembered).
         """
         if role not in self.ROLES:
             raise ValueError(f"unknown model role {role!r}; roles are {self.ROLES}")
         self._check_configured(role)
+        if tools is not None and self.tools_supported is False:
+            raise ModelToolsUnsupportedError(
+                f"The model API at {self.base_url} does not take native tool calls; "
+                "set DUCKLM_ACTION_PROTOCOL=directive (or auto)."
+            )
         model = self.models[role]
         outgoing = [_outgoing_message(m) for m in messages]
-        json_mode = role == "action"
+        structured = role == "action" and tools is None
         started = time.monotonic()
         attempt = 0
         while True:
-            payload = self._payload(model, outgoing, json_mode and self.json_mode_supported)
+            form = self._form(schema) if structured else None
+            payload = self._payload(model, role, outgoing, form, schema, tools)
             try:
                 reply = await self._request(payload, role)
             except _ResponseFormatRejected as rejected:
-                # Warning, not info: OpenAI also says this when no message
-                # mentions "JSON", which is a prompt bug worth seeing.
+                self._refuse_form(form, rejected)
+                continue  # not a retry: the same attempt, one form weaker
+            except ModelToolsUnsupportedError as exc:
                 logger.warning(
-                    "model API at %s refused response_format (%s); "
-                    "sending action calls without it from now on",
+                    "model API at %s refused native tool calling (%s); "
+                    "using the JSON directive from now on",
                     self.base_url,
-                    rejected,
+                    exc,
                 )
-                self.json_mode_supported = False
-                continue  # not a retry: the same attempt, without the option
+                self.tools_supported = False
+                raise
             except ModelError as exc:
                 if not exc.retryable or exc._stop_retrying or attempt >= self.max_retries:
                     raise
@@ -251,10 +342,34 @@ class ModelClient:
                 )
                 await asyncio.sleep(delay)
                 continue
+            if tools is not None and reply.get("tool_calls"):
+                self.tools_supported = True
             reply["role"] = role
             reply["latency_ms"] = int((time.monotonic() - started) * 1000)
+            reply["response_form"] = form if form != "none" else None
             reply.setdefault("model", model)
             return ModelResponse(**reply)
+
+    def _form(self, schema: dict[str, Any] | None) -> str:
+        form = RESPONSE_FORMS[self.response_form_index]
+        if schema is None and form in ("json_schema", "json_object_schema"):
+            return "json_object"  # nothing to send a schema of
+        return form
+
+    def _refuse_form(self, form: str | None, rejected: _ResponseFormatRejected) -> None:
+        if form is None or form == "none":  # pragma: no cover - nothing was sent
+            raise ModelResponseError(str(rejected))
+        weaker = RESPONSE_FORMS.index(form) + 1
+        self.response_form_index = max(self.response_form_index, weaker)
+        # Warning, not info, and once per step down: OpenAI also refuses JSON
+        # mode when no message mentions "JSON", which is a prompt bug worth seeing.
+        logger.warning(
+            "model API at %s refused response_format %s (%s); using %s from now on",
+            self.base_url,
+            form,
+            rejected,
+            RESPONSE_FORMS[self.response_form_index],
+        )
 
     def _check_configured(self, role: str) -> None:
         if self._not_configured is not None:
@@ -272,10 +387,34 @@ class ModelClient:
             )
 
     def _payload(
-        self, model: str, messages: list[dict[str, Any]], json_mode: bool
+        self,
+        model: str,
+        role: str,
+        messages: list[dict[str, Any]],
+        form: str | None,
+        schema: dict[str, Any] | None,
+        tools: list[dict[str, Any]] | None,
     ) -> dict[str, Any]:
         payload: dict[str, Any] = {"model": model, "messages": messages}
-        if json_mode:
+        # `max_tokens`, not `max_completion_tokens`: every compatible server
+        # (llama.cpp, vLLM, Ollama, DeepSeek) and OpenAI's chat models take it.
+        if role in self.max_tokens:
+            payload["max_tokens"] = self.max_tokens[role]
+        if role in self.temperature:
+            payload["temperature"] = self.temperature[role]
+        if tools is not None:
+            payload["tools"] = tools
+            payload["tool_choice"] = "auto"
+        if form == "json_schema" and schema is not None:
+            # strict: false, because strict mode demands every property be
+            # required and closed, which tool arguments with optional keys are not.
+            payload["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "directive", "schema": schema, "strict": False},
+            }
+        elif form == "json_object_schema" and schema is not None:
+            payload["response_format"] = {"type": "json_object", "schema": schema}
+        elif form in ("json_object", "json_object_schema", "json_schema"):
             payload["response_format"] = {"type": "json_object"}
         if self.stream:
             payload["stream"] = True
@@ -343,12 +482,17 @@ class ModelClient:
         status = response.status_code
         detail = self._scrub(_provider_message(body) or response.reason_phrase or "no detail")
         detail = detail.rstrip(". ")  # it is followed by our own period
-        if (
-            status in (400, 422)
-            and "response_format" in payload
-            and _mentions_response_format(body)
-        ):
+        # llama-cpp-python answers an unknown response_format with a 500 that
+        # names it; a 500 naming nothing of the kind is a real failure (retried).
+        refusal = status in (400, 422) or (status == 500 and detail != "no detail")
+        if refusal and "response_format" in payload and _mentions(body, _FORMAT_MARKERS):
             return _ResponseFormatRejected(detail)
+        if refusal and "tools" in payload and _mentions(body, _TOOLS_MARKERS):
+            return ModelToolsUnsupportedError(
+                f"The model API refused native tool calling (HTTP {status}): {detail}. "
+                "Set DUCKLM_ACTION_PROTOCOL=directive (or auto).",
+                status=status,
+            )
         if status in (401, 403):
             if not self.api_key:
                 text = (
@@ -417,7 +561,15 @@ class ModelClient:
 
 def _outgoing_message(message: Mapping[str, Any]) -> dict[str, Any]:
     content = message.get("content")
-    return {"role": message.get("role"), "content": "" if content is None else content}
+    outgoing: dict[str, Any] = {
+        "role": message.get("role"),
+        "content": "" if content is None else content,
+    }
+    if message.get("role") == "assistant" and message.get("tool_calls"):
+        outgoing["tool_calls"] = message["tool_calls"]
+    if message.get("role") == "tool":
+        outgoing["tool_call_id"] = message.get("tool_call_id")
+    return outgoing
 
 
 def _describe(exc: BaseException) -> str:
@@ -455,12 +607,9 @@ def _provider_message(body: bytes) -> str:
     return _clip(text)
 
 
-def _mentions_response_format(body: bytes) -> bool:
+def _mentions(body: bytes, markers: tuple[str, ...]) -> bool:
     text = body.decode("utf-8", errors="replace").lower()
-    return any(
-        marker in text
-        for marker in ("response_format", "response format", "json_object", "json mode")
-    )
+    return any(marker in text for marker in markers)
 
 
 def _retry_after(headers: httpx.Headers) -> float | None:
@@ -601,9 +750,12 @@ def _parse_completion(body: bytes, response: httpx.Response) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise _garbage(body, response)
     reasoning = _text_of(message.get("reasoning_content")) or _text_of(message.get("reasoning"))
+    finish = choices[0].get("finish_reason")
     reply: dict[str, Any] = {
         "content": _text_of(message.get("content")) or "",
         "reasoning_content": reasoning or None,
+        "finish_reason": finish if isinstance(finish, str) else None,
+        "tool_calls": _tool_calls(message.get("tool_calls")),
         **_usage(data),
     }
     if isinstance(data.get("model"), str) and data["model"]:
@@ -619,6 +771,9 @@ async def _read_event_stream(response: httpx.Response) -> dict[str, Any]:
     """
     content: list[str] = []
     reasoning: list[str] = []
+    # Tool calls arrive in pieces keyed by their index: the id and name in the
+    # first delta, the arguments spread over many.
+    calls: dict[int, dict[str, Any]] = {}
     reply: dict[str, Any] = {}
     size = 0
     buffer = b""
@@ -665,6 +820,24 @@ async def _read_event_stream(response: httpx.Response) -> dict[str, Any]:
         thought = _text_of(delta.get("reasoning_content")) or _text_of(delta.get("reasoning"))
         if thought:
             reasoning.append(thought)
+        finish = choice.get("finish_reason")
+        if isinstance(finish, str) and finish:
+            reply["finish_reason"] = finish
+        pieces = delta.get("tool_calls")
+        for position, piece_call in enumerate(pieces if isinstance(pieces, list) else []):
+            if not isinstance(piece_call, dict):
+                continue
+            key = piece_call.get("index")
+            key = key if isinstance(key, int) else position
+            call = calls.setdefault(key, {"id": "", "name": "", "arguments": []})
+            if isinstance(piece_call.get("id"), str) and piece_call["id"]:
+                call["id"] = piece_call["id"]
+            function = piece_call.get("function")
+            if isinstance(function, dict):
+                if isinstance(function.get("name"), str) and function["name"]:
+                    call["name"] = function["name"]
+                if isinstance(function.get("arguments"), str):
+                    call["arguments"].append(function["arguments"])
 
     async for raw in response.aiter_bytes():
         size += len(raw)
@@ -686,4 +859,42 @@ async def _read_event_stream(response: httpx.Response) -> dict[str, Any]:
         raise ModelResponseError(f"{_NOT_A_COMPLETION} (an event stream with no chunks).")
     reply["content"] = "".join(content)
     reply["reasoning_content"] = "".join(reasoning) or None
+    reply["tool_calls"] = _tool_calls(
+        [
+            {
+                "id": call["id"],
+                "function": {"name": call["name"], "arguments": "".join(call["arguments"])},
+            }
+            for _, call in sorted(calls.items())
+        ]
+    )
     return reply
+
+
+def _tool_calls(raw: Any) -> list[ToolCall]:
+    """The reply's tool calls, in order. Arguments stay text (OpenAI sends a
+    JSON string; some servers send an object, which is turned back into JSON);
+    the planner decides what is usable. A call without an id gets one, since a
+    `tool` message must name the call it answers."""
+    if not isinstance(raw, list):
+        return []
+    calls: list[ToolCall] = []
+    for number, item in enumerate(raw, 1):
+        if not isinstance(item, dict):
+            continue
+        function = item.get("function")
+        if not isinstance(function, dict):
+            continue
+        name = function.get("name")
+        arguments = function.get("arguments")
+        if not isinstance(arguments, str):
+            arguments = "" if arguments is None else json.dumps(arguments, ensure_ascii=False)
+        ident = item.get("id")
+        calls.append(
+            ToolCall(
+                id=ident if isinstance(ident, str) and ident else f"call_{number}",
+                name=name if isinstance(name, str) else "",
+                arguments=arguments,
+            )
+        )
+    return calls

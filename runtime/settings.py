@@ -8,7 +8,7 @@ tests can construct any component without touching the environment.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -50,11 +50,49 @@ class Settings(BaseSettings):
     max_tool_iterations: int = Field(
         default=4, ge=1, le=50, validation_alias="DUCKLM_MAX_TOOL_ITERATIONS"
     )
+    # How the action model proposes tool calls (runtime/planner.py): `directive`
+    # (JSON text), `tools` (native tool calling) or `auto` (tools where honoured).
+    action_protocol: Literal["directive", "tools", "auto"] = Field(
+        default="auto", validation_alias="DUCKLM_ACTION_PROTOCOL"
+    )
+    # Bounded, deterministic requests: without max_tokens some servers generate
+    # up to the context size; a directive is short, an answer longer.
+    action_max_tokens: int = Field(
+        default=1024, ge=16, le=131072, validation_alias="DUCKLM_ACTION_MAX_TOKENS"
+    )
+    thinker_max_tokens: int = Field(
+        default=2048, ge=16, le=131072, validation_alias="DUCKLM_THINKER_MAX_TOKENS"
+    )
+    action_temperature: float = Field(
+        default=0.0, ge=0, le=2, validation_alias="DUCKLM_ACTION_TEMPERATURE"
+    )
+    thinker_temperature: float = Field(
+        default=0.2, ge=0, le=2, validation_alias="DUCKLM_THINKER_TEMPERATURE"
+    )
 
     # Shell tool
     shell_timeout: float = Field(default=60.0, gt=0, validation_alias="DUCKLM_SHELL_TIMEOUT")
     shell_max_output: int = Field(
         default=64 * 1024, ge=1024, validation_alias="DUCKLM_SHELL_MAX_OUTPUT"
+    )
+
+    # Sandbox (runtime/tools/shell/sandbox.py): `unasked` sandboxes every command
+    # nobody approved; `all` approved ones too (workspace writable); `off` none.
+    sandbox: str = Field(default="unasked", validation_alias="DUCKLM_SANDBOX")
+    bwrap: str = Field(default="bwrap", validation_alias="DUCKLM_BWRAP")
+    sandbox_cpu_seconds: int = Field(default=30, ge=1, validation_alias="DUCKLM_SANDBOX_CPU")
+    sandbox_memory: int = Field(
+        default=1 << 30, ge=16 << 20, validation_alias="DUCKLM_SANDBOX_MEMORY"
+    )
+    sandbox_file_size: int = Field(
+        default=1 << 30, ge=1 << 20, validation_alias="DUCKLM_SANDBOX_FILE_SIZE"
+    )
+    sandbox_processes: int = Field(default=256, ge=8, validation_alias="DUCKLM_SANDBOX_PROCESSES")
+    sandbox_open_files: int = Field(
+        default=1024, ge=64, validation_alias="DUCKLM_SANDBOX_OPEN_FILES"
+    )
+    sandbox_tmp_size: int = Field(
+        default=64 << 20, ge=1 << 20, validation_alias="DUCKLM_SANDBOX_TMP_SIZE"
     )
 
     # Who may do what in chat
@@ -80,6 +118,9 @@ class Settings(BaseSettings):
     max_concurrent_tasks: int = Field(
         default=8, ge=1, le=256, validation_alias="DUCKLM_MAX_CONCURRENT_TASKS"
     )
+
+    # MCP servers whose tools the agent may use (runtime/tools/mcp/config.py).
+    mcp_config: Path | None = Field(default=None, validation_alias="DUCKLM_MCP_CONFIG")
 
     # Slack
     slack_bot_token: str | None = Field(default=None, validation_alias="SLACK_BOT_TOKEN")
@@ -132,6 +173,28 @@ class Settings(BaseSettings):
         """Device id, access token and sync token live next to the database."""
         return self.db.parent / f"{self.db.stem}-matrix"
 
+    @field_validator("sandbox")
+    @classmethod
+    def _sandbox(cls, value: str) -> str:
+        value = (value or "").strip().lower() or "unasked"
+        if value not in {"unasked", "all", "off"}:
+            raise ValueError("must be 'unasked', 'all' or 'off'")
+        return value
+
+    @field_validator("sandbox_memory", "sandbox_file_size", "sandbox_tmp_size", mode="before")
+    @classmethod
+    def _bytes(cls, value: object) -> object:
+        """Accept `512M`, `1G`, `64k` (powers of 1024) as well as plain bytes."""
+        if isinstance(value, str):
+            text = value.strip().upper().removesuffix("B").removesuffix("I")
+            units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+            if text and text[-1] in units:
+                try:
+                    return int(float(text[:-1]) * units[text[-1]])
+                except ValueError:
+                    raise ValueError(f"not a size: {value!r} (use bytes or 512M, 1G)") from None
+        return value
+
     @field_validator("timezone")
     @classmethod
     def _timezone(cls, value: str) -> str:
@@ -144,6 +207,11 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown time zone {value!r} (use an IANA name)") from exc
         return value
 
+    @field_validator("mcp_config", mode="before")
+    @classmethod
+    def _no_mcp(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("retention_days", mode="before")
     @classmethod
     def _forever(cls, value: object) -> object:
@@ -155,6 +223,12 @@ class Settings(BaseSettings):
     @classmethod
     def _ids(cls, value: object) -> object:
         return _split_ids(value)
+
+    @field_validator("action_protocol", mode="before")
+    @classmethod
+    def _protocol(cls, value: object) -> object:
+        # `TOOLS` or ` auto ` in a .env file mean what they say.
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("four_eyes_risk")
     @classmethod

@@ -365,7 +365,9 @@ async def test_always_on_a_blocked_shell_command_is_refused(
 async def test_shell_rules_added_by_an_admin(stores: Stores, service: ApprovalService) -> None:
     rule = await service.add_rule(SHELL, "prefix", "  git   pull ", "slack:UADMIN")
     assert (rule.kind, rule.pattern) == ("prefix", "git pull")
-    assert await service.is_allowed_forever(shell_action("git pull --rebase origin main"))
+    assert await service.is_allowed_forever(shell_action("git pull"))
+    # A prefix adds no option and, for git pull, no operand (issue 13, item 4).
+    assert not await service.is_allowed_forever(shell_action("git pull --rebase origin main"))
     assert not await service.is_allowed_forever(shell_action("git push"))
     assert not await service.is_allowed_forever(shell_action("git pull && rm -rf build"))
 
@@ -376,7 +378,9 @@ async def test_shell_rules_added_by_an_admin(stores: Stores, service: ApprovalSe
 
     # No rule, however broad, allows a blocked command.
     broad = await stores.rules.insert(SHELL, "prefix", "rm", "test")
-    assert await service.is_allowed_forever(shell_action("rm build.log"))
-    assert not await service.is_allowed_forever(shell_action("rm -rf /"))
+    ws = "/srv/workspace"  # where the command would run: added operands resolve there
+    assert await service.is_allowed_forever(shell_action("rm build.log"), ws)
+    assert not await service.is_allowed_forever(shell_action("rm build.log"))  # no workspace
+    assert not await service.is_allowed_forever(shell_action("rm -rf /"), ws)
     assert await service.revoke_rule(broad.rule_id, "slack:UADMIN")
-    assert not await service.is_allowed_forever(shell_action("rm build.log"))
+    assert not await service.is_allowed_forever(shell_action("rm build.log"), ws)

@@ -14,6 +14,7 @@ from runtime.directive import (
     Action,
     Directive,
     DirectiveError,
+    directive_schema,
     parse_directive,
 )
 
@@ -284,3 +285,41 @@ def test_a_cut_off_directive_never_yields_one_of_its_actions() -> None:
         parse_directive(cut)
     with pytest.raises(DirectiveError):
         parse_directive("```json\n" + cut + "\n```")
+
+
+# -- issue 17: known tool names only, and the schema -------------------------------
+
+
+def test_known_tools_only_when_the_names_are_given() -> None:
+    text = json.dumps({"actions": [SHELL, {"tool": "teleport", "args": {}}]})
+    assert len(parse_directive(text).actions) == 2  # no names: any tool
+    with pytest.raises(DirectiveError, match=r"action 2 names an unknown tool 'teleport'"):
+        parse_directive(text, ["shell", "read_file"])
+    assert parse_directive(json.dumps(SHELL), {"shell"}).actions[0].tool == "shell"
+
+
+def test_a_copied_tool_line_is_not_an_action() -> None:
+    # What a weak model did with the old prompt: the tool list came back.
+    copied = '{"tool": "shell_exec_safe: Run one shell command", "args": {}, "reason": "<why>"}'
+    with pytest.raises(DirectiveError, match="unknown tool"):
+        parse_directive(copied, ["shell_exec_safe"])
+
+
+def test_directive_schema_names_each_tool_with_its_arguments() -> None:
+    specs = [
+        {
+            "tool": "shell",
+            "args": {"type": "object", "properties": {"command": {"type": "string"}}},
+        },
+        {"tool": "list_dir", "args": {"type": "object", "properties": {}}},
+    ]
+    schema = directive_schema(specs)
+    assert schema["required"] == ["actions"] and schema["additionalProperties"] is False
+    items = schema["properties"]["actions"]
+    assert items["maxItems"] == MAX_ACTIONS
+    branches = items["items"]["anyOf"]
+    assert [b["properties"]["tool"]["enum"] for b in branches] == [["shell"], ["list_dir"]]
+    assert branches[0]["properties"]["args"] == specs[0]["args"]
+    only = directive_schema(specs[:1])["properties"]["actions"]["items"]
+    assert only["properties"]["tool"]["enum"] == ["shell"]
+    assert directive_schema([])["properties"]["actions"]["maxItems"] == 0

@@ -400,7 +400,8 @@ async def test_garbage_directive_is_logged_and_the_task_still_answers(
 ) -> None:
     rt = await rt_factory()
     noise = "".join(chr(c) for c in range(32, 0x3000, 7)) * 200  # ~1 MB of odd text
-    model_server.reply(ACTION, Text(noise))
+    # Every action request gets the noise: the first, and its repair round (issue 17).
+    model_server.set_default(ACTION, Text(noise))
     model_server.reply(THINKER, Text("could not plan, answering directly"))
     result = await rt.loop.run_chat("is web-1 up?", str(rt.settings.workspace))
     assert result.status == "completed", result

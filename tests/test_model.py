@@ -734,3 +734,92 @@ def test_fake_server_in_a_thread() -> None:
     assert len(server.requests) == 2
     with pytest.raises(httpx.ConnectError):
         httpx.post(url, json={"model": "m"}, timeout=2)
+
+
+# -- issue 17: bounds, finish_reason, tool calls -------------------------------------
+
+
+async def test_bounds_and_finish_reason_per_role(model_server: FakeModelServer) -> None:
+    model_server.reply(ACTION, Text('{"actions": []}'))
+    model_server.reply(THINKER, Text("cut", finish_reason="length"))
+    async with make_client(
+        model_server, max_tokens={"action": 64, "thinker": 512}, temperature={"action": 0.0}
+    ) as client:
+        action = await client.chat("action", QUESTION)
+        thinker = await client.chat("thinker", QUESTION)
+    assert (action.finish_reason, thinker.finish_reason) == ("stop", "length")
+    sent_action, sent_thinker = (r.body for r in model_server.requests)
+    assert (sent_action["max_tokens"], sent_action["temperature"]) == (64, 0.0)
+    assert sent_thinker["max_tokens"] == 512 and "temperature" not in sent_thinker
+
+
+async def test_streamed_finish_reason(model_server: FakeModelServer) -> None:
+    model_server.reply(THINKER, Text("a long answer", finish_reason="length"))
+    async with make_client(model_server, stream=True) as client:
+        reply = await client.chat("thinker", QUESTION)
+    assert (reply.content, reply.finish_reason) == ("a long answer", "length")
+
+
+async def test_tool_calls_with_object_arguments_and_no_id(
+    model_server: FakeModelServer, client: ModelClient
+) -> None:
+    # Some servers send arguments as an object and leave out the id.
+    body = {
+        "choices": [
+            {
+                "message": {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"function": {"name": "ls", "arguments": {"path": "."}}}],
+                },
+                "finish_reason": "tool_calls",
+            }
+        ]
+    }
+    model_server.reply(ACTION, Raw(json.dumps(body).encode()))
+    tools = [{"type": "function", "function": {"name": "ls", "parameters": {}}}]
+    reply = await client.chat("action", QUESTION, tools=tools)
+    assert reply.content == "" and reply.finish_reason == "tool_calls"
+    assert [(c.id, c.name, json.loads(c.arguments)) for c in reply.tool_calls] == [
+        ("call_1", "ls", {"path": "."})
+    ]
+    sent = model_server.requests[0].body
+    assert sent["tools"] == tools and sent["tool_choice"] == "auto"
+    assert "response_format" not in sent  # tools, not structured output
+
+
+async def test_tool_messages_are_sent_and_checked_like_openai(
+    model_server: FakeModelServer, client: ModelClient
+) -> None:
+    model_server.set_default(ACTION, Text('{"actions": []}'))
+    call = {"id": "call_9", "type": "function", "function": {"name": "ls", "arguments": "{}"}}
+    good = [
+        *QUESTION,
+        {"role": "assistant", "content": "", "tool_calls": [call], "ours": "dropped"},
+        {"role": "tool", "tool_call_id": "call_9", "content": "a b c"},
+    ]
+    await client.chat("action", good)
+    sent = model_server.requests[0].body["messages"]
+    assert sent[2] == {"role": "assistant", "content": "", "tool_calls": [call]}
+    assert sent[3] == {"role": "tool", "content": "a b c", "tool_call_id": "call_9"}
+    # A tool message answering no call is refused, as OpenAI refuses it.
+    with pytest.raises(ModelError, match=r"HTTP 400.*role 'tool' must be a response"):
+        await client.chat("action", [*QUESTION, {"role": "tool", "tool_call_id": "x"}])
+    # And a call left unanswered.
+    with pytest.raises(ModelError, match="did not have response messages: call_9"):
+        await client.chat("action", [*QUESTION, good[2]])
+
+
+async def test_from_settings_bounds_and_protocol(
+    model_server: FakeModelServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = _settings(
+        monkeypatch,
+        model_base_url=model_server.base_url,
+        action_protocol="directive",
+        thinker_max_tokens=3000,
+    )
+    async with ModelClient.from_settings(settings) as client:
+        assert client.action_protocol == "directive"
+        assert client.max_tokens == {"action": 1024, "thinker": 3000}
+        assert client.temperature == {"action": 0.0, "thinker": 0.2}

@@ -91,12 +91,43 @@ def compositions(draw: st.DrawFn, must_include: list[str]) -> str:
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+# Clients that get a sandbox profile (network, a kubeconfig, a socket): the
+# profile is lent to the whole command, so they compose only with filters.
+PROFILE_CLIENTS = ["systemctl status nginx", "kubectl get pods"]
+FILTERS = ["grep web", "head -n 5", "sort", "uniq -c", "wc -l", "awk '{print $1}'", "jq ."]
+LOCAL_READ_ONLY = [c for c in READ_ONLY if c not in PROFILE_CLIENTS]
+
+
 @FAST
-@given(st.lists(st.sampled_from(READ_ONLY), min_size=1, max_size=6), st.data())
+@given(st.lists(st.sampled_from(LOCAL_READ_ONLY), min_size=1, max_size=6), st.data())
 def test_read_only_compositions_auto_run(parts: list[str], data: st.DataObject) -> None:
     ops = data.draw(st.lists(st.sampled_from(OPERATORS), min_size=len(parts), max_size=len(parts)))
     c = classify(compose(parts, ops))
     assert not c.requires_approval, c.reason
+
+
+@FAST
+@given(
+    st.sampled_from(PROFILE_CLIENTS),
+    st.lists(st.sampled_from(FILTERS), min_size=0, max_size=4),
+)
+def test_a_profile_client_piped_into_filters_auto_runs(client: str, filters: list[str]) -> None:
+    c = classify(" | ".join([client, *filters]))
+    assert not c.requires_approval, c.reason
+    assert c.sandbox_profile is not None
+
+
+@FAST
+@given(
+    st.sampled_from(PROFILE_CLIENTS),
+    st.sampled_from(["cat /etc/ducklm/kubeconfig.yaml", "ls -la", "ping -c 1 10.0.0.1",
+                     "head -c 100 /work/kube.conf", "grep -r server /etc/ducklm"]),
+    st.sampled_from(OPERATORS),
+)  # fmt: skip
+def test_a_profile_is_not_lent_to_other_readers(client: str, other: str, op: str) -> None:
+    """`kubectl get pods; cat $KUBECONFIG`: the reader would see what only kubectl may."""
+    c = classify(f"{client} {op} {other}")
+    assert c.requires_approval, c.reason
 
 
 @FAST

@@ -12,7 +12,8 @@ def render_card(pending: PendingApproval) -> str:
     what = pending.command or pending.tool
     lines = [
         f"Approval needed ({pending.risk_level or '?'} risk, {pending.action_type or '?'}):",
-        f"  $ {what}" if pending.command else f"  {what}",
+        # `$` only before a shell command (an MCP call reads `mcp server/tool {args}`).
+        f"  $ {what}" if pending.command and pending.tool == "shell_exec_safe" else f"  {what}",
     ]
     if pending.reason:
         lines.append(f"  why it needs approval: {pending.reason}")

@@ -13,7 +13,9 @@ from typing import Any
 
 from runtime.tools.base import Assessment, Tool, ToolArgumentError, ToolResult
 from runtime.tools.files import ListDirTool, ReadFileTool
+from runtime.tools.redaction import Redactor
 from runtime.tools.shell import ShellTool
+from runtime.tools.shell.sandbox import SandboxConfig
 
 logger = logging.getLogger("ducklm.tools")
 
@@ -41,8 +43,10 @@ def _assessment_metadata(assessment: Assessment) -> dict[str, Any]:
 
 
 class ToolGateway:
-    def __init__(self, tools: Iterable[Tool]) -> None:
+    def __init__(self, tools: Iterable[Tool], *, redactor: Redactor | None = None) -> None:
         self.tools: dict[str, Tool] = {tool.name: tool for tool in tools}
+        # Without the bot's credentials it still redacts well-known secret formats.
+        self.redactor = redactor if redactor is not None else Redactor()
 
     @classmethod
     def default(
@@ -51,15 +55,25 @@ class ToolGateway:
         *,
         shell_timeout: float = 60.0,
         shell_max_output: int = 64 * 1024,
+        redactor: Redactor | None = None,
+        sandbox: SandboxConfig | None = None,
+        extra_tools: Iterable[Tool] = (),
     ) -> ToolGateway:
+        """The built-in tools for `workspace`, plus `extra_tools` (MCP servers'
+        tools, shared by every workspace's gateway)."""
         root = Path(workspace)
-        return cls(
-            [
-                ShellTool(root, timeout=shell_timeout, max_output=shell_max_output),
-                ReadFileTool(root),
-                ListDirTool(root),
-            ]
-        )
+        builtin: list[Tool] = [
+            ShellTool(root, timeout=shell_timeout, max_output=shell_max_output, sandbox=sandbox),
+            ReadFileTool(root),
+            ListDirTool(root),
+        ]
+        extra = list(extra_tools)
+        names = [tool.name for tool in builtin + extra]
+        clash = sorted({name for name in names if names.count(name) > 1})
+        if clash:
+            # A later tool must never silently replace another (least of all the shell).
+            raise ValueError(f"two tools share a name: {', '.join(clash)}")
+        return cls(builtin + extra, redactor=redactor)
 
     def specs(self) -> list[dict[str, Any]]:
         """What the action model is told about each tool."""
@@ -76,6 +90,22 @@ class ToolGateway:
             raise ToolArgumentError(f"unknown tool '{action['tool']}' (available: {known})")
         return tool, tool.assess(action["args"])
 
+    def describe(self, action: dict[str, Any]) -> str | None:
+        """The one line a card shows for a normalized action: the command of a
+        shell action, or what a tool with a `describe` method says (MCP tools:
+        `mcp server/tool {args}`)."""
+        tool = self.tools.get(action.get("tool", ""))
+        args = action.get("args") or {}
+        describe = getattr(tool, "describe", None)
+        if callable(describe):
+            try:
+                return describe(args)
+            except Exception:  # a card without a line beats no card
+                logger.exception("describing %s failed", action.get("tool"))
+                return None
+        command = args.get("command") if isinstance(args, dict) else None
+        return command if isinstance(command, str) else None
+
     def leaves_the_process(self, action: dict[str, Any]) -> bool:
         """Whether running this normalized action does anything beyond reading
         inside this process (unknown tools count as leaving: be safe)."""
@@ -87,7 +117,15 @@ class ToolGateway:
 
         Results that stop before running carry `pending_approval` (a person must
         decide) or `blocked` (nobody can) in their metadata.
+
+        Every result leaves redacted (output, error and metadata; the metadata
+        says `redacted: <count>` and the kinds): this is the one door between a
+        tool and what the loop records, shows the model and returns to chat.
+        The action itself is never altered.
         """
+        return self.redactor.redact_result(await self._run_action(action, approved))
+
+    async def _run_action(self, action: Any, approved: bool) -> ToolResult:
         try:
             normalized = normalize_action(action)
             tool, assessment = self.assess(normalized)

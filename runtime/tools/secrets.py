@@ -15,6 +15,7 @@ are components anywhere in a path; pairs are two adjacent components.
 from __future__ import annotations
 
 import fnmatch
+import glob
 import os
 from collections.abc import Iterable
 from pathlib import Path, PurePath
@@ -24,36 +25,91 @@ def _words(text: str) -> tuple[str, ...]:
     return tuple(text.split())
 
 
-# Directory components that hold credentials.
+# Directory components that hold credentials (exact names).
 SECRET_DIRS = frozenset(
     {".ssh", ".gnupg", ".aws", ".azure", ".kube", ".docker", ".password-store", "sudoers.d",
-     ".vault", ".gcloud", "keyrings"}
+     ".vault", ".gcloud", "keyrings", ".oci", ".terraform.d", "serviceaccount",
+     "ducklm-matrix", ".aliyun", ".oraclebm", ".bluemix", ".doctl", ".linode-cli",
+     ".op", ".1password", ".mozilla", ".thunderbird", "wireguard", "system-connections"}
 )  # fmt: skip
-# Two adjacent components that hold credentials (`~/.config/gcloud`).
-SECRET_DIR_PAIRS = frozenset({(".config", "gcloud"), (".config", "gh"), (".config", "hub")})
+# Directory names by pattern: the bot's own Matrix session directory is
+# `<database stem>-matrix` (`runtime.settings.Settings.matrix_state_dir`).
+SECRET_DIR_PATTERNS = ("*-matrix",)
+# Two adjacent components that hold credentials: a tool's directory and its
+# credentials file or directory (`~/.config/gcloud`, `~/.m2/settings.xml`).
+SECRET_DIR_PAIRS = frozenset(
+    {(".config", "gcloud"), (".config", "gh"), (".config", "hub"), (".config", "doctl"),
+     (".config", "rclone"), (".config", "heroku"), (".config", "git-credential-manager"),
+     (".m2", "settings.xml"), (".m2", "settings-security.xml"),
+     (".gradle", "gradle.properties"), (".cargo", "credentials"),
+     (".cargo", "credentials.toml"), (".gem", "credentials"),
+     ("ssl", "private"), ("security", "opasswd"), ("kubernetes", "pki"),
+     ("kubelet", "pki"), ("kubernetes", "admin.conf"), ("docker", "key.json"),
+     ("docker", "swarm"), ("kubernetes.io", "serviceaccount"), ("share", "keyrings")}
+)  # fmt: skip
 # File names (fnmatch patterns) that hold credentials.
 SECRET_NAMES = _words(
-    "id_rsa* id_dsa* id_ecdsa* id_ed25519* *.pem *.key *.p12 *.pfx *.kdbx *.jks *.keystore .env "
-    ".env.* *.env .envrc .netrc _netrc .pgpass .git-credentials .npmrc .pypirc credentials "
-    "credentials.json *credentials*.json .vault-token shadow shadow- gshadow gshadow- sudoers "
-    "environ ssh_host_*_key .htpasswd master.key *.tfstate *.tfstate.backup kubeconfig .dockercfg "
-    "service-account*.json .my.cnf secrets.yml secrets.yaml secrets.json *.ovpn authorized_keys "
-    "known_hosts"
+    "id_rsa* id_dsa* id_ecdsa* id_ed25519* id_xmss* *.pem *.key *.p12 *.pfx *.kdbx *.jks "
+    "*.keystore *.keytab *.ppk .env .env.* *.env .envrc .netrc _netrc .pgpass "
+    ".git-credentials .npmrc .pypirc .yarnrc .yarnrc.yml .gemrc .s3cfg .boto .dockercfg "
+    "credentials credentials.json credentials.toml credentials.tfrc.json *credentials*.json "
+    ".vault-token shadow shadow- shadow~ gshadow gshadow- gshadow~ sudoers sudoers~ "
+    "opasswd environ ssh_host_*_key .htpasswd master.key *.tfstate *.tfstate.backup "
+    "kubeconfig service-account*.json .my.cnf .mylogin.cnf secrets.yml secrets.yaml "
+    "secrets.json *.ovpn authorized_keys known_hosts ducklm.db ducklm.db-* session.json "
+    ".bash_history .zsh_history .sh_history .history .python_history .psql_history "
+    ".mysql_history .node_repl_history .lesshst .rediscli_history .sqlite_history "
+    ".irb_history .php_history .wget-hsts .viminfo token chap-secrets pap-secrets "
+    "ipsec.secrets debian.cnf gitlab-secrets.json k3s.yaml sasl_passwd user-data "
+    "user-data.txt config.v2.json smbpasswd secrets.tdb passdb.tdb *kubeconfig* "
+    "kube.conf kube.config"
 )
 # Concrete samples, to test whether a glob (`~/.ss*/*`, `*.pe?`) could reach a secret.
 SECRET_SAMPLES = _words(
-    "id_rsa id_dsa id_ecdsa id_ed25519 x.pem x.key x.p12 x.pfx .env .env.local prod.env .netrc "
-    ".pgpass .git-credentials .npmrc .pypirc credentials credentials.json .vault-token shadow "
-    "gshadow sudoers environ x.tfstate .ssh .aws .gnupg .kube .docker"
+    "id_rsa id_dsa id_ecdsa id_ed25519 x.pem x.key x.p12 x.pfx x.keytab .env .env.local "
+    "prod.env .netrc .pgpass .git-credentials .npmrc .pypirc .s3cfg .boto credentials "
+    "credentials.json credentials.toml .vault-token shadow gshadow sudoers opasswd environ "
+    "x.tfstate .ssh .aws .gnupg .kube .docker .azure .oci .my.cnf ducklm.db ducklm.db-wal "
+    "session.json .bash_history .zsh_history .python_history .psql_history .mysql_history "
+    ".node_repl_history token ssh_host_rsa_key master.key"
 )
 # Whole directories that only hold secrets, hidden from sandboxed commands.
 SECRET_ROOTS = ("/root", "/run/secrets", "/var/run/secrets")
+# Host files and directories outside any home that hold credentials. The
+# sandbox hides the ones that exist (globs expanded); the classifier reads
+# them as paths (a glob such as `/etc/*` could reach one).
+SYSTEM_SECRETS = (
+    "/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/sudoers",
+    "/etc/sudoers.d", "/etc/ssl/private", "/etc/ssh/ssh_host_*_key", "/etc/security/opasswd",
+    "/var/lib/kubelet/pki", "/etc/kubernetes/pki", "/etc/kubernetes/admin.conf",
+    "/var/lib/docker/swarm", "/etc/docker/key.json", "/etc/krb5.keytab",
+    "/var/run/secrets/kubernetes.io/serviceaccount/token", "/etc/rancher/k3s/k3s.yaml",
+    "/var/lib/rancher/k3s/server/token", "/etc/kubernetes/kubelet.conf",
+    "/etc/kubernetes/controller-manager.conf", "/etc/kubernetes/scheduler.conf",
+    "/etc/mysql/debian.cnf", "/etc/wireguard", "/etc/NetworkManager/system-connections",
+    "/etc/ppp/chap-secrets", "/etc/ppp/pap-secrets", "/etc/ipsec.secrets",
+    "/etc/gitlab/gitlab-secrets.json", "/var/lib/docker/containers", "/var/lib/cloud/instance",
+    "/var/lib/cloud/instances", "/etc/postfix/sasl_passwd", "/var/lib/samba/private",
+    "/etc/letsencrypt/live", "/etc/letsencrypt/archive",
+)  # fmt: skip
+# Concrete secret paths to test a path glob against, component by component
+# (`/etc/*` reaches `/etc/shadow`; `~/*` does not reach `~/.ssh`).
+SECRET_PATH_SAMPLES = (
+    *(p.replace("*", "rsa") for p in SYSTEM_SECRETS),
+    "/proc/kcore", "/dev/mem", "/dev/kmem", "/dev/port",
+    "/root/.bash_history", "/run/secrets/token", "~/.ssh/id_rsa", "~/.aws/credentials",
+    "~/.netrc", "~/.pgpass", "~/.kube/config", "~/.docker/config.json", "~/.bash_history",
+    "~/.config/gh/hosts.yml", "~/.local/share/keyrings/login.keyring", "~/.m2/settings.xml",
+    "~/.cargo/credentials.toml", "~/.gem/credentials", "~/.s3cfg", "~/.my.cnf",
+)  # fmt: skip
 
 
 def is_secret_name(component: str) -> bool:
     """Whether one literal path component is a secret file or credentials directory."""
-    return component in SECRET_DIRS or any(
-        fnmatch.fnmatchcase(component, pattern) for pattern in SECRET_NAMES
+    return (
+        component in SECRET_DIRS
+        or any(fnmatch.fnmatchcase(component, pattern) for pattern in SECRET_NAMES)
+        or any(fnmatch.fnmatchcase(component, pattern) for pattern in SECRET_DIR_PATTERNS)
     )
 
 
@@ -76,6 +132,8 @@ def hidden_paths(home: str | None = None, extra: Iterable[str | Path] = ()) -> l
     """
     home = home if home is not None else os.path.expanduser("~")
     candidates: list[str] = list(SECRET_ROOTS)
+    for pattern in SYSTEM_SECRETS:
+        candidates.extend(sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern])
     if home and home != "/":
         for name in sorted(SECRET_DIRS):
             candidates.append(os.path.join(home, name))

@@ -1,22 +1,35 @@
 """The "always allow" rules for shell commands: normalization and matching.
 
 A rule is `exact` (the whole command, normalized) or `prefix` (an argv
-prefix such as `systemctl restart nginx`, stored shlex-joined). Matching is
-deliberately narrow:
+prefix such as `rm -rf build`, stored shlex-joined). A rule covers only what
+it names:
 
-- a blocked command is never matched, whatever the rules say;
-- an exact rule covers exactly its normalized command (compound or not), and
-  a part of a compound command that is exactly it;
-- otherwise a command is covered only if it is a plain list/pipeline of simple
-  commands and *every* part is read-only or matched by a rule
-  (`git pull` does not cover `git pull && rm -rf build`);
-- a prefix rule covers a part only if the part's redirections and environment
-  assignments are ones the rule itself contains, and any command or process
-  substitution lies inside the matched prefix.
+- a blocked command is never covered, whatever the rules say;
+- an exact rule covers its normalized command as a whole (compound or not,
+  with its `cd`). A one-command exact rule also covers that command as one
+  part of a compound command, under the conditions below;
+- a prefix rule covers its own words plus added *plain operands inside the
+  workspace*, and only for programs whose operands are paths
+  (`rule_prefixes.PATH_OPERAND_PROGRAMS`): never an added option, expansion,
+  glob, `~`, absolute path, `..`, `.git`, secret, unit, resource or target;
+  never an environment assignment or redirection the rule does not contain
+  (besides `2>&1`-style duplications and `/dev/null`). Added operands are
+  resolved in the workspace, symbolic links included;
+- a compound command (a list or pipeline of simple commands) is covered only
+  when every part is covered or read-only. A part is covered by a rule only
+  when no `cd` (or other context builtin, `export`, `alias`, …) comes before
+  it and it does not read a pipe (`echo 'rm -rf ~' | bash` is not covered by
+  a rule for `bash`). The parts no rule covers are judged together by the
+  classifier, so `cd /proc/1 && cat environ` after a covered part still needs
+  approval. A command no rule names any part of is not covered (read-only
+  ones run unasked, in the sandbox).
+
+What a prefix may be is decided in `runtime.tools.rule_prefixes`.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from collections.abc import Sequence
@@ -25,17 +38,16 @@ from typing import Any, Protocol
 
 import bashlex
 
-from runtime.tools.shell import INTERPRETERS, MAX_COMMAND_CHARS, MAX_PARSE_CHARS, SHELLS, classify
-from runtime.tools.shell.programs import _PYTHON_RE
+from runtime.tools.rule_prefixes import (
+    CONTEXT_BUILTINS,
+    path_operands_allowed,
+    plain_operand_problem,
+    prefix_problem,
+    program_name,
+)
+from runtime.tools.shell import MAX_COMMAND_CHARS, MAX_PARSE_CHARS, classify
 
 RULE_KINDS = ("exact", "prefix")
-
-# A prefix rule of just one of these would allow anything at all.
-_TOO_BROAD = frozenset(
-    {*SHELLS, *INTERPRETERS, "sudo", "doas", "su", "pkexec", "env", "eval", "exec", "source",
-     ".", "xargs", "timeout", "nice", "nohup", "command", "builtin", "busybox", "watch",
-     "setsid", "stdbuf", "ionice", "time"}
-)  # fmt: skip
 
 
 class RuleLike(Protocol):
@@ -117,11 +129,14 @@ class _Part:
     """One simple command of a list/pipeline, rendered canonically."""
 
     text: str  # its source text
-    words: list[str] = field(default_factory=list)
+    words: list[str] = field(default_factory=list)  # canonical (re-quoted) words
+    values: list[str] = field(default_factory=list)  # quote-removed words
+    literal: list[bool] = field(default_factory=list)  # word has no expansion at all
     assignments: list[str] = field(default_factory=list)
     redirects: list[str] = field(default_factory=list)
     # index of the first word that holds a substitution, if any
     first_subst: int | None = None
+    piped_in: bool = False  # reads the output of the part before it
 
 
 def _has_subst(node: Any) -> bool:
@@ -140,7 +155,10 @@ def _part(text: str, node: Any) -> _Part:
         if p.kind == "word":
             if _has_subst(p) and part.first_subst is None:
                 part.first_subst = len(part.words)
+            raw = text[p.pos[0] : p.pos[1]]
             part.words.append(_render_word(text, p))
+            part.values.append(p.word)
+            part.literal.append(_literal(raw) and not _has_subst(p))
         elif p.kind == "assignment":
             if _has_subst(p) and part.first_subst is None:
                 part.first_subst = -1  # never inside a prefix
@@ -171,13 +189,19 @@ def _tokens(text: str, node: Any, parts: list[_Part] | None) -> list[str]:
         return out
     if kind == "pipeline":
         out = []
+        after_pipe = False
         for p in node.parts:
             if p.kind == "pipe":
                 out.append(p.pipe)
+                after_pipe = True
             elif p.kind == "reservedword":
                 out.append(p.word)
             else:
+                before = len(parts) if parts is not None else 0
                 out.extend(_tokens(text, p, parts))
+                if parts is not None and after_pipe and len(parts) > before:
+                    parts[before].piped_in = True  # it reads the previous part's output
+                after_pipe = False
         return out
     if kind == "command":
         part = _part(text, node)
@@ -249,37 +273,58 @@ def _split_parts(command: str) -> list[_Part] | None:
 
 
 def rule_for_command(command: str) -> tuple[str, str]:
-    """What an "Always" click creates: an exact rule for this command."""
+    """What an "Always" click creates: an exact rule for this command, never a prefix.
+
+    An exact rule names one command with its `cd` context, so "Always" on
+    `bash -lc '…'` or `kubectl exec …` allows that command again and nothing
+    else. (The caller refuses blocked commands; this never raises, so a card
+    can show the rule.)
+    """
     return "exact", normalize_command(command)
 
 
+def _prefix_part(pattern: str) -> _Part | None:
+    parts = _split_parts(pattern)
+    if parts is None or len(parts) != 1 or not parts[0].words:
+        return None
+    return parts[0]
+
+
+def _prefix_refusal(part: _Part) -> str | None:
+    """Why a prefix rule with these words must not exist (None: it may)."""
+    if not part.literal[0]:
+        return "the program of a prefix rule must be a plain word, not an expansion"
+    return prefix_problem(part.values)
+
+
 def validate_rule(kind: str, pattern: str) -> str:
-    """Check a rule an admin (or an Always click) wants; return its normalized pattern."""
+    """Check a rule an admin wants (`ducklm rules add`, `/duck rules add`); return its
+    normalized pattern. ("Always" makes an exact rule, `rule_for_command`.)
+
+    Raises ValueError with the reason, which `rules add` shows as it is.
+    """
     if kind not in RULE_KINDS:
         raise ValueError(f"unknown rule kind {kind!r}: use exact or prefix")
     if not isinstance(pattern, str) or not pattern.strip():
         raise ValueError("a rule needs a command pattern")
+    shown = _collapse(pattern)[:200]
+    if len(pattern) > MAX_COMMAND_CHARS:
+        raise ValueError(f"a rule pattern is limited to {MAX_COMMAND_CHARS} characters")
     nodes = _parse(pattern)
     if nodes is None:
-        raise ValueError(f"`{_collapse(pattern)[:200]}` cannot be parsed as a shell command")
+        raise ValueError(f"`{shown}` cannot be parsed as a shell command")
     verdict = classify(pattern)
     if verdict.blocked:
-        shown = _collapse(pattern)[:200]
         why = verdict.reason.rstrip(".")
         raise ValueError(f"`{shown}` is blocked ({why}); no rule can allow it")
     normalized = normalize_command(pattern)
     if kind == "prefix":
-        parts = _split_parts(pattern)
-        if parts is None or len(parts) != 1 or not parts[0].words:
+        part = _prefix_part(pattern)
+        if part is None:
             raise ValueError("a prefix rule must be one simple command, such as `git pull`")
-        first = shlex.split(parts[0].words[0])[0] if _literal(parts[0].words[0]) else ""
-        name = first.rsplit("/", 1)[-1]
-        if len(parts[0].words) == 1 and (name in _TOO_BROAD or _PYTHON_RE.match(name)):
-            raise ValueError(
-                f"a prefix rule of just `{name}` would allow any command; name the command too"
-            )
-        if name in _TOO_BROAD and parts[0].words[-1] in ("-c", "'-c'"):
-            raise ValueError(f"a prefix rule `{normalized}` would allow any command string")
+        problem = _prefix_refusal(part)
+        if problem:
+            raise ValueError(f"`{normalized}` refused: {problem}")
     return normalized
 
 
@@ -288,57 +333,128 @@ def describe_rule(kind: str, pattern: str) -> str:
     if kind == "exact":
         return f"exactly `{pattern}`"
     if kind == "prefix":
-        return f"any command starting with `{pattern}`"
+        part = _prefix_part(pattern)
+        refusal = "it is not one simple command" if part is None else _prefix_refusal(part)
+        if refusal:
+            return f"`{pattern}` (covers nothing: {refusal})"
+        assert part is not None
+        if path_operands_allowed(part.values):
+            return f"`{pattern}`, optionally followed by more files inside the workspace"
+        return f"`{pattern}` (its options and operands exactly as named)"
     return f"{kind} `{pattern}`"
 
 
-def _prefix_covers(part: _Part, rule_part: _Part) -> bool:
-    n = len(rule_part.words)
-    if n == 0 or part.words[:n] != rule_part.words:
+# Redirections any covered command may add: they write nothing.
+_HARMLESS_REDIRECT = re.compile(r"^([12]?>&[12]|[12]?>>? /dev/null|&>>? /dev/null)$")
+
+
+def _prefix_covers(part: _Part, rule: _Part, workspace: str | os.PathLike[str] | None) -> bool:
+    n = len(rule.words)
+    if n == 0 or part.words[:n] != rule.words:
         return False
     if part.first_subst is not None and not (0 <= part.first_subst < n):
         return False  # a substitution outside the prefix the rule names
-    if any(a not in rule_part.assignments for a in part.assignments):
+    if any(a not in rule.assignments for a in part.assignments):
         return False
-    return all(r in rule_part.redirects for r in part.redirects)
+    if any(r not in rule.redirects and not _HARMLESS_REDIRECT.match(r) for r in part.redirects):
+        return False
+    extra = range(n, len(part.words))
+    if not extra:
+        return True
+    if not path_operands_allowed(rule.values):
+        return False  # an added unit, resource, target or argument the rule did not name
+    return all(
+        part.literal[i] and plain_operand_problem(part.values[i], workspace) is None for i in extra
+    )
 
 
-def rule_covers(command: str, rules: Sequence[RuleLike]) -> bool:
-    """Whether the rules allow this command forever. Blocked commands: never."""
-    if not isinstance(command, str) or not command.strip() or len(command) > MAX_COMMAND_CHARS:
-        return False
-    verdict = classify(command)
-    if verdict.blocked:
-        return False
-    normalized = normalize_command(command)
-    prefix_parts: list[_Part] = []
-    exact_patterns: set[str] = set()
+def _changes_context(part: _Part) -> bool:
+    """`cd`, `export`, `alias`, …: the parts after it run in a context no rule named."""
+    if not part.words:
+        return True  # a bare assignment sets a variable for what follows
+    if not part.literal[0]:
+        return True
+    # `builtin cd /etc` and `command cd /etc` reach the same builtins.
+    return program_name(part.values[0]) in CONTEXT_BUILTINS | {"builtin", "command"}
+
+
+@dataclass
+class _Rules:
+    exact: set[str] = field(default_factory=set)
+    prefixes: list[_Part] = field(default_factory=list)
+
+
+def _usable(rules: Sequence[RuleLike]) -> _Rules:
+    """The rules, normalized; a stored prefix rule today's checks refuse covers nothing
+    (it may predate them, or have been written to the store by hand)."""
+    out = _Rules()
     for rule in rules:
         kind = getattr(rule, "kind", None)
         pattern = getattr(rule, "pattern", None)
         if not isinstance(pattern, str) or not pattern.strip():
             continue
         if kind == "exact":
-            exact_patterns.add(normalize_command(pattern))
+            if _parse(pattern) is not None:
+                out.exact.add(normalize_command(pattern))
         elif kind == "prefix":
-            parsed = _split_parts(pattern)
-            if parsed and len(parsed) == 1 and parsed[0].words:
-                prefix_parts.append(parsed[0])
-    if normalized in exact_patterns:
-        return True
-    if not prefix_parts and not exact_patterns:
+            part = _prefix_part(pattern)
+            if part is not None and _prefix_refusal(part) is None:
+                out.prefixes.append(part)
+    return out
+
+
+def rule_covers(
+    command: str,
+    rules: Sequence[RuleLike],
+    workspace: str | os.PathLike[str] | None = None,
+) -> bool:
+    """Whether the rules allow this command forever. Blocked commands: never.
+
+    `workspace` is the directory the command runs in; the operands a prefix
+    rule lets a command add are resolved there. Without it, a prefix covers
+    only its own words.
+    """
+    if not isinstance(command, str) or not command.strip() or len(command) > MAX_COMMAND_CHARS:
         return False
+    if _parse(command) is None:
+        return False  # what cannot be parsed cannot be shown to be what a rule named
+    verdict = classify(command)
+    if verdict.blocked:
+        return False
+    usable = _usable(rules)
+    if not usable.exact and not usable.prefixes:
+        return False
+    if normalize_command(command) in usable.exact:
+        return True  # the whole command, exactly as a rule names it (with its `cd`)
     parts = _split_parts(command)
     if not parts:
         return False
+    uncovered: list[_Part] = []
+    covered_any = False
+    context_changed = False
     for part in parts:
-        if not part.words:
-            return False  # a bare assignment
-        if normalize_command(part.text) in exact_patterns:
+        if (
+            not context_changed
+            and not part.piped_in
+            and part.words
+            and _part_covered(part, usable, workspace)
+        ):
+            covered_any = True
             continue
-        if any(_prefix_covers(part, rp) for rp in prefix_parts):
-            continue
-        judged = classify(part.text)
-        if judged.blocked or judged.requires_approval:
-            return False
-    return True
+        uncovered.append(part)
+        context_changed = context_changed or _changes_context(part)
+    if not covered_any:
+        return False  # nothing a rule names: the classifier already asked for approval
+    if not uncovered:
+        return True
+    # The rest is judged together, in order, so the classifier follows its `cd`s.
+    rest = classify(" ; ".join(p.text for p in uncovered))
+    return not (rest.blocked or rest.requires_approval)
+
+
+def _part_covered(part: _Part, usable: _Rules, workspace: str | os.PathLike[str] | None) -> bool:
+    if _changes_context(part):
+        return False  # only an exact rule for the whole command names a `cd`
+    if normalize_command(part.text) in usable.exact:
+        return True
+    return any(_prefix_covers(part, rule, workspace) for rule in usable.prefixes)

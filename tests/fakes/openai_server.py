@@ -14,6 +14,17 @@ its handler answers, then its default, and otherwise the server answers HTTP
 
 `start_in_thread()` / `stop_thread()` run the same server on its own event loop
 in a daemon thread, for tests that drive a subprocess or a synchronous client.
+
+Like OpenAI, the server honours `tools`: a scripted `ToolCalls` is answered
+with `tool_calls` (arguments as a JSON string, several calls in one reply,
+streamed as deltas when the request streams), and it checks what OpenAI checks
+(function names, `tool` messages answering the calls before them, the
+`json_schema` form). A scripted `Text` is answered as text whatever the request
+asked for, as a model that chose not to call a tool is. The quirks of other
+servers are switched on per test through `server.quirks` (see `Quirks`):
+llama-cpp-python ignoring `tools` under `tool_choice: auto`, answering
+`json_schema` with a 500, accepting only its own schema form; Ollama refusing
+`tools` for a model without them; any server cutting a reply at `max_tokens`.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import contextlib
 import inspect
 import itertools
 import json
+import re
 import threading
 import time
 from collections import deque
@@ -40,10 +52,12 @@ __all__ = [
     "Error",
     "FakeModelServer",
     "Hang",
+    "Quirks",
     "Raw",
     "RecordedRequest",
     "Reply",
     "Text",
+    "ToolCalls",
     "model_server",
 ]
 
@@ -61,6 +75,45 @@ class Text:
     reasoning_content: str | None = None
     usage: tuple[int, int] = (10, 5)  # (prompt_tokens, completion_tokens)
     stream: bool | None = None
+    finish_reason: str = "stop"
+
+
+@dataclass
+class ToolCalls:
+    """A reply with native tool calls: `calls` are (name, arguments) pairs, the
+    arguments an object (sent as its JSON string, as OpenAI does) or a string
+    sent verbatim (for broken JSON). `text` is what the model writes instead
+    when the request carries no tools (or the server ignores them); without
+    it such a request is answered with a loud 500."""
+
+    calls: list[tuple[str, dict[str, Any] | str]]
+    text: str | None = None
+    content: str | None = None  # text alongside the calls (some models add a line)
+    usage: tuple[int, int] = (10, 5)
+    stream: bool | None = None
+    finish_reason: str = "tool_calls"
+
+
+@dataclass
+class Quirks:
+    """Behaviours of real servers other than OpenAI, off by default."""
+
+    # llama-cpp-python: with `tool_choice` "auto" (or absent) `tools` are
+    # ignored and the model answers in text; a forced function still works.
+    ignore_tools_auto: bool = False
+    # A server that refuses `tools`, in its own words and body shape: "ollama"
+    # (a model without a tool template, 400), "vllm" (started without
+    # --enable-auto-tool-choice, 400), "llama-server" (without --jinja, 500).
+    reject_tools: str | None = None
+    # The response_format forms accepted ("json_schema", "json_object_schema",
+    # "json_object"); None accepts all (OpenAI takes both of its own, and
+    # ignores a stray "schema" key). llama-cpp-python: {"json_object",
+    # "json_object_schema"} with format_refusal_status 500.
+    response_formats: set[str] | None = None
+    format_refusal_status: int = 400
+    # Cut the content at max_tokens (4 characters a token) with finish_reason
+    # "length", as every server does when the bound is reached.
+    truncate_at_max_tokens: bool = False
 
 
 @dataclass
@@ -94,7 +147,7 @@ class Raw:
     content_type: str = "application/json"
 
 
-Reply = Text | Error | Hang | Drop | Raw
+Reply = Text | ToolCalls | Error | Hang | Drop | Raw
 Handler = Callable[["RecordedRequest"], Reply | Awaitable[Reply]]
 
 
@@ -160,6 +213,7 @@ class FakeModelServer:
         self._handlers: dict[str, Handler] = {}
         self._defaults: dict[str, Reply] = {}
         self._ids = itertools.count(1)
+        self.quirks = Quirks()
         self._runner: web.AppRunner | None = None
         self._closing: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
@@ -307,6 +361,9 @@ class FakeModelServer:
                 content_type="application/json",
             )
 
+        refusal = self._refusal(body)
+        if refusal is not None:
+            return refusal
         scripted = self._next_reply(recorded)
         if scripted is None:
             return web.Response(
@@ -330,9 +387,101 @@ class FakeModelServer:
             reply = scripted
         return await self._answer(request, recorded, reply)
 
+    def _refusal(self, body: dict[str, Any]) -> web.Response | None:
+        """What a real server refuses before the model runs, as it refuses it."""
+
+        def refuse(status: int, message: str, param: str | None = None) -> web.Response:
+            data = json.loads(_error_json(status, message))
+            data["error"]["param"] = param
+            return web.json_response(data, status=status)
+
+        tools = body.get("tools")
+        if tools is not None:
+            if self.quirks.reject_tools is not None:
+                return _tools_refusal(self.quirks.reject_tools, body["model"])
+            if not isinstance(tools, list) or not tools:
+                return refuse(
+                    400,
+                    "Invalid 'tools': empty array. Expected an array with minimum length 1.",
+                    "tools",
+                )
+            for number, tool in enumerate(tools):
+                function = tool.get("function") if isinstance(tool, dict) else None
+                name = function.get("name") if isinstance(function, dict) else None
+                if (
+                    not isinstance(tool, dict)
+                    or tool.get("type") != "function"
+                    or not isinstance(name, str)
+                ):
+                    return refuse(
+                        400,
+                        f"Missing required parameter: 'tools[{number}].function'.",
+                        f"tools[{number}]",
+                    )
+                if not re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", name):
+                    return refuse(
+                        400,
+                        f"Invalid 'tools[{number}].function.name': string does not match pattern. "
+                        "Expected a string that matches the pattern '^[a-zA-Z0-9_-]+$'.",
+                        f"tools[{number}].function.name",
+                    )
+        problem = _message_problem(body.get("messages"))
+        if problem is not None:
+            return refuse(400, problem, "messages")
+        response_format = body.get("response_format")
+        if response_format is not None:
+            form = _form_of(response_format)
+            if form == "json_schema":
+                spec = response_format.get("json_schema")
+                if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+                    return refuse(
+                        400,
+                        "Missing required parameter: 'response_format.json_schema.name'.",
+                        "response_format.json_schema.name",
+                    )
+                if not re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", spec["name"]):
+                    return refuse(
+                        400,
+                        "Invalid 'response_format.json_schema.name': does not match the pattern.",
+                        "response_format.json_schema.name",
+                    )
+            accepted = self.quirks.response_formats
+            if form is None or (accepted is not None and form not in accepted):
+                status = self.quirks.format_refusal_status
+                kind = (
+                    response_format.get("type")
+                    if isinstance(response_format, dict)
+                    else response_format
+                )
+                return refuse(
+                    status, f"Unsupported response_format type: {kind!r}", "response_format"
+                )
+        return None
+
     async def _answer(
         self, request: web.Request, recorded: RecordedRequest, reply: Reply
     ) -> web.StreamResponse:
+        if isinstance(reply, ToolCalls):
+            body = recorded.body
+            ignored = self.quirks.ignore_tools_auto and body.get("tool_choice", "auto") in (
+                "auto",
+                None,
+            )
+            if body.get("tools") and not ignored:
+                return await self._tool_calls(request, recorded, reply)
+            if reply.text is None:
+                return web.Response(
+                    status=500,
+                    text=_error_json(
+                        500,
+                        f"fake model server: ToolCalls scripted for {recorded.model!r} but the "
+                        "request carried no tools (or a quirk ignored them) and no text was given",
+                    ),
+                    content_type="application/json",
+                )
+            return await self._text(
+                request, recorded, Text(reply.text, usage=reply.usage, stream=reply.stream)
+            )
         if isinstance(reply, Text):
             return await self._text(request, recorded, reply)
         if isinstance(reply, Error):
@@ -380,8 +529,16 @@ class FakeModelServer:
         ident = f"chatcmpl-fake-{next(self._ids)}"
         created = int(time.time())
         stream = reply.stream if reply.stream is not None else bool(recorded.body.get("stream"))
+        content, finish = reply.content, reply.finish_reason
+        limit = recorded.body.get("max_tokens")
+        if (
+            self.quirks.truncate_at_max_tokens
+            and isinstance(limit, int)
+            and len(content) > 4 * limit
+        ):
+            content, finish = content[: 4 * limit], "length"
         if not stream:
-            message: dict[str, Any] = {"role": "assistant", "content": reply.content}
+            message: dict[str, Any] = {"role": "assistant", "content": content}
             if reply.reasoning_content is not None:
                 message["reasoning_content"] = reply.reasoning_content
             return web.json_response(
@@ -390,7 +547,7 @@ class FakeModelServer:
                     "object": "chat.completion",
                     "created": created,
                     "model": recorded.model,
-                    "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                    "choices": [{"index": 0, "message": message, "finish_reason": finish}],
                     "usage": usage,
                 }
             )
@@ -412,8 +569,8 @@ class FakeModelServer:
 
         events: list[dict[str, Any]] = [chunk({"role": "assistant", "content": ""})]
         events += [chunk({"reasoning_content": p}) for p in _pieces(reply.reasoning_content or "")]
-        events += [chunk({"content": p}) for p in _pieces(reply.content)]
-        events.append(chunk({}, finish="stop"))
+        events += [chunk({"content": p}) for p in _pieces(content)]
+        events.append(chunk({}, finish=finish))
         events.append(
             {
                 "id": ident,
@@ -429,6 +586,168 @@ class FakeModelServer:
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+    async def _tool_calls(
+        self, request: web.Request, recorded: RecordedRequest, reply: ToolCalls
+    ) -> web.StreamResponse:
+        prompt, completion = reply.usage
+        usage = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+        number = next(self._ids)
+        ident, created = f"chatcmpl-fake-{number}", int(time.time())
+        calls = [
+            {
+                "id": f"call_{number}_{i}",
+                "type": "function",
+                "function": {
+                    "name": name,
+                    "arguments": args if isinstance(args, str) else json.dumps(args),
+                },
+            }
+            for i, (name, args) in enumerate(reply.calls)
+        ]
+        stream = reply.stream if reply.stream is not None else bool(recorded.body.get("stream"))
+        if not stream:
+            message = {"role": "assistant", "content": reply.content, "tool_calls": calls}
+            return web.json_response(
+                {
+                    "id": ident,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": recorded.model,
+                    "choices": [
+                        {"index": 0, "message": message, "finish_reason": reply.finish_reason}
+                    ],
+                    "usage": usage,
+                }
+            )
+        response = web.StreamResponse(
+            status=200,
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"},
+        )
+        await response.prepare(request)
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+            return {
+                "id": ident,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": recorded.model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
+
+        # OpenAI's shape: the id, type and name once, then the arguments in
+        # pieces under the call's index.
+        events = [chunk({"role": "assistant", "content": None})]
+        events += [chunk({"content": p}) for p in _pieces(reply.content or "")]
+        for index, call in enumerate(calls):
+            first = {
+                "index": index,
+                "id": call["id"],
+                "type": "function",
+                "function": {"name": call["function"]["name"], "arguments": ""},
+            }
+            events.append(chunk({"tool_calls": [first]}))
+            events += [
+                chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
+                for piece in _pieces(call["function"]["arguments"], 5)
+            ]
+        events.append(chunk({}, finish=reply.finish_reason))
+        events.append({**chunk({}), "choices": [], "usage": usage})
+        for event in events:
+            await response.write(f"data: {json.dumps(event)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+def _tools_refusal(server: str, model: str) -> web.Response:
+    if server == "ollama":
+        message = f"registry.ollama.ai/library/{model} does not support tools"
+        return web.Response(
+            status=400, text=_error_json(400, message), content_type="application/json"
+        )
+    if server == "vllm":
+        body = {
+            "object": "error",
+            "message": '"auto" tool choice requires --enable-auto-tool-choice and '
+            "--tool-call-parser to be set",
+            "type": "BadRequestError",
+            "param": None,
+            "code": 400,
+        }
+        return web.json_response(body, status=400)
+    if server == "llama-server":
+        body = {
+            "error": {
+                "code": 500,
+                "message": "tools param requires --jinja flag",
+                "type": "server_error",
+            }
+        }
+        return web.json_response(body, status=500)
+    raise ValueError(f"fake model server: no such tools refusal {server!r}")
+
+
+def _form_of(response_format: Any) -> str | None:
+    """Which structured-output form a request's response_format is, or None."""
+    if not isinstance(response_format, dict):
+        return None
+    kind = response_format.get("type")
+    if kind == "json_object":
+        return "json_object_schema" if "schema" in response_format else "json_object"
+    if kind == "json_schema":
+        return "json_schema"
+    if kind == "text":
+        return "text"
+    return None
+
+
+def _message_problem(messages: Any) -> str | None:
+    """OpenAI's checks on a conversation with tool calls, in its words."""
+    if not isinstance(messages, list):
+        return None  # the fake's own tests post bare bodies; nothing to check
+    open_calls: set[str] = set()
+    for number, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return f"Invalid type for 'messages[{number}]': expected an object."
+        role = message.get("role")
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if call_id not in open_calls:
+                return (
+                    "Invalid parameter: messages with role 'tool' must be a response to a "
+                    "preceeding message with 'tool_calls'."
+                )
+            open_calls.discard(call_id)
+            continue
+        if open_calls:
+            return (
+                "An assistant message with 'tool_calls' must be followed by tool messages "
+                "responding to each 'tool_call_id'. The following tool_call_ids did not have "
+                f"response messages: {', '.join(sorted(open_calls))}"
+            )
+        if role == "assistant" and message.get("tool_calls"):
+            for call in message["tool_calls"]:
+                if not isinstance(call, dict) or not isinstance(call.get("id"), str):
+                    return f"Missing required parameter: 'messages[{number}].tool_calls[0].id'."
+                function = call.get("function")
+                if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+                    return (
+                        f"Invalid type for 'messages[{number}].tool_calls[0].function.arguments'"
+                        ": expected a string."
+                    )
+                open_calls.add(call["id"])
+    if open_calls:
+        return (
+            "An assistant message with 'tool_calls' must be followed by tool messages "
+            "responding to each 'tool_call_id'. The following tool_call_ids did not have "
+            f"response messages: {', '.join(sorted(open_calls))}"
+        )
+    return None
 
 
 @pytest_asyncio.fixture

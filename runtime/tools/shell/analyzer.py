@@ -14,6 +14,8 @@ share one module rather than a deferred import.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import posixpath
 import re
 import shlex
@@ -30,6 +32,7 @@ from runtime.tools.shell.paths import (
     _escapes,
     _outside_workspace,
     canonical_path,
+    holds_secrets,
     is_critical_file,
     is_disk,
     secret_reason,
@@ -59,8 +62,19 @@ from runtime.tools.shell.programs import (
     SYSTEM_BIN_DIRS,
     WRITE_PROGRAMS,
 )
+from runtime.tools.shell.specs import Spec, judge, parse
+from runtime.tools.shell.specs_system import SYSTEM_POLICIES, SYSTEM_SPECS
+from runtime.tools.shell.specs_text import TEXT_SPECS
 from runtime.tools.shell.verdict import Verdict, _block, _cap, _read, _worse, worst
 from runtime.tools.shell.words import _PLAIN_PARAM, Arg, _raw_features
+
+# Every program with an option allow-list: the system programs' (`specs_system`)
+# and the file and text tools' (`specs_text`).
+ALLOW_LISTS: dict[str, Spec] = {**TEXT_SPECS, **SYSTEM_SPECS}
+# What can run unasked: the policies' programs plus every allow-listed one.
+_READ_ONLY = READ_ONLY_PROGRAMS | set(ALLOW_LISTS) | set(SYSTEM_POLICIES)
+# `$NAME`, `${NAME}`, `${NAME:-x}`, `$1`, `$?`: a parameter inside a word.
+_PARAM_TEXT = re.compile(r"\$\{[^}]*\}|\$[A-Za-z_][A-Za-z0-9_]*|\$.")
 
 # --------------------------------------------------------------------------
 # The analyser
@@ -79,6 +93,17 @@ class _Analyzer:
         self.cwd: str | None = None
         self.simple_count = 0
         self.text = ""
+        # Files an earlier part of the command downloaded (`curl -o x URL`,
+        # `wget URL`, `curl URL > x`), by full word and by base name: running
+        # one later (`sh x`, `./x`) runs unreviewed code and is blocked.
+        # Files read through `<` redirections (a profile must not be lent to them).
+        self.inputs: list[str] = []
+        self.downloads: set[str] = set()
+        # Scripts an earlier part wrote from known text (`echo '…' > b.sh`).
+        self.scripts: dict[str, str] = {}
+        # `cd src` moved below the workspace root: `.` is no longer the root
+        # where a project keeps its `.env`.
+        self.subdir = False
 
     # -- entry -----------------------------------------------------------
 
@@ -116,6 +141,7 @@ class _Analyzer:
         self.verdicts.append(verdict)
 
     def merge(self, other: _Analyzer) -> None:
+        self.inputs.extend(other.inputs)
         self.verdicts.extend(other.verdicts)
         self.commands.extend(other.commands)
         self.programs.extend(other.programs)
@@ -123,6 +149,9 @@ class _Analyzer:
     def sub(self, text: str) -> _Analyzer:
         inner = _Analyzer(self.depth + 1)
         inner.cwd = self.cwd
+        inner.downloads = self.downloads
+        inner.scripts = self.scripts
+        inner.subdir = self.subdir
         inner.analyze(text)
         self.merge(inner)
         return inner
@@ -162,6 +191,13 @@ class _Analyzer:
                     continue
                 effective.append(self.node(part))
             self._pipe_to_shell(effective)
+            raw = [_words_of(p) for p in node.parts if p.kind == "command"]
+            for left, right in itertools.pairwise(raw):
+                endless = left[:1] in (["yes"], ["seq"]) or left[:2] in (["cat", "/dev/zero"],)
+                if endless and right[:1] == ["xargs"] and _unbounded_parallel(right):
+                    self.add(
+                        _block("Endless input into `xargs -P 0` starts processes without end.")
+                    )
             return None
         if kind == "command":
             return self.command(node)
@@ -186,6 +222,10 @@ class _Analyzer:
             return None
         if kind in ("for", "if", "while", "until"):
             self.complex = True
+            if kind in ("while", "until") and _endless_spawner(node, kind):
+                self.add(
+                    _block(f"An endless `{kind}` loop that starts background jobs: a fork bomb.")
+                )
             for part in node.parts:
                 if part.kind == "reservedword":
                     continue
@@ -198,6 +238,7 @@ class _Analyzer:
             self.complex = True
             name = node.name.word
             body = _Analyzer(self.depth + 1)
+            body.downloads = self.downloads
             body.node(node.body)
             self.merge(body)
             if name in body.programs or any(c and c[0] == name for c in body.commands):
@@ -214,6 +255,18 @@ class _Analyzer:
 
     def _pipe_to_shell(self, effective: list[list[str] | None]) -> None:
         for i, left in enumerate(effective):
+            right = effective[i + 1] if i + 1 < len(effective) else None
+            if left and right and _prog_name(left[0]) in DOWNLOADERS:
+                if _prog_name(right[0]) in _EXTRACTORS:
+                    # `curl … | tar xz`: files nobody has seen, under names nobody knows
+                    self.downloads.add(_ANY_FILE)
+
+            if left and _prog_name(left[0]) in ("echo", "printf") and i + 1 < len(effective):
+                right = effective[i + 1]
+                if right and _runs_stdin_as_code(right):
+                    # `echo ':(){ :|:& };:' | bash`: the echoed text is the script
+                    words = [w for w in left[1:] if not (w.startswith("-") and w == left[1])]
+                    self.sub(" ".join(words))
             if not left or _prog_name(left[0]) not in DOWNLOADERS:
                 continue
             for right in effective[i + 1 :]:
@@ -230,7 +283,7 @@ class _Analyzer:
         """Scan a word node: substitutions are analysed as commands of their own."""
         raw = self.text[node.pos[0] : node.pos[1]] if hasattr(node, "pos") else node.word
         glob, brace, expand = _raw_features(raw)
-        arg = Arg(node.word, raw, glob=glob, brace=brace, expand=expand)
+        arg = Arg(_unquoted(node.word, raw, expand), raw, glob=glob, brace=brace, expand=expand)
         stack = list(getattr(node, "parts", None) or [])
         while stack:
             part = stack.pop()
@@ -239,6 +292,7 @@ class _Analyzer:
                 arg.subst = True
                 self.complex = True
                 before = len(self.programs)
+                judged = len(self.verdicts)
                 self.node(part.command)
                 inner = self.programs[before:]
                 what = (
@@ -246,7 +300,12 @@ class _Analyzer:
                     if pk == "commandsubstitution"
                     else "Process substitution"
                 )
-                self.add(Verdict("unknown", "medium", f"{what} (`{raw}`) needs approval."))
+                # `diff <(sort a) <(sort b)`: a read-only command's output read as a
+                # file is a pipe by another name. Its text never becomes words of the
+                # outer command (as `$(…)` does), so it only needs what its command needs.
+                reads_only = all(v.risk == "low" for v in self.verdicts[judged:])
+                if not (pk == "processsubstitution" and raw.startswith("<(") and reads_only):
+                    self.add(Verdict("unknown", "medium", f"{what} (`{raw}`) needs approval."))
                 arg.params.extend(f"<{p}>" for p in inner)
             elif pk == "parameter":
                 arg.params.append(part.value)
@@ -297,9 +356,13 @@ class _Analyzer:
             stdin = None
             if any(p.startswith("<") and p[1:-1] in DOWNLOADERS for p in target_arg.params):
                 stdin = ("download", "")
+            if canonical_path(target) not in HARMLESS_DEVICES and target != "/dev/null":
+                self.inputs.append(target)
             reason = secret_reason(target)
             if reason:
                 self.add(Verdict("read", "high", f"{reason}; reading it needs approval."))
+            elif canonical_path(target) in ENDLESS_DEVICES:
+                self.add(Verdict("process", "medium", f"Reading `{target}` never ends."))
             elif not target_arg.literal and not target_arg.tilde:
                 self.add(
                     Verdict("read", "medium", f"The input file `{target}` is computed at run time.")
@@ -349,8 +412,9 @@ class _Analyzer:
                 args.append(self.word(part))
             elif pk == "assignment":
                 self.complex = True
-                self.word(part)  # substitutions inside the value
-                assigns.append(part.word)
+                value = self.word(part)  # substitutions inside the value
+                if not (value.literal and _harmless_assignment(part.word)):
+                    assigns.append(part.word)
             elif pk == "redirect":
                 stdin = self.redirect(part) or stdin
             else:
@@ -377,6 +441,17 @@ class _Analyzer:
         if not argv:
             return None
         verdict, effective = self.judge(args)
+        if effective:
+            written = self._runs_written_script(effective)
+            if written is not None and written.rank > verdict.rank:
+                verdict = written
+            ran = self._runs_download(effective)
+            if ran and _ANY_FILE in self.downloads and ran not in self.downloads:
+                verdict = _block(f"`{ran}` runs code fetched earlier in the command, unreviewed.")
+            elif ran:
+                verdict = _block(f"`{ran}` was downloaded earlier in the command; running it "
+                                 "runs unreviewed code.")  # fmt: skip
+            self._note_downloads(effective, node)
         if stdin and effective and _runs_stdin_as_code(effective):
             runner = _prog_name(effective[0])
             if stdin[0] == "download":
@@ -387,6 +462,88 @@ class _Analyzer:
                 verdict = _worse(verdict, worst(inner.verdicts))
         self.add(verdict)
         return effective
+
+    # -- downloads, then run ---------------------------------------------
+
+    def _note_downloads(self, argv: list[str], node: Any) -> None:
+        name = _prog_name(argv[0])
+        if name in ("echo", "printf"):
+            self._note_script(argv, node)
+            return
+        if _fetches_a_tree(name, argv):
+            self.downloads.add(_ANY_FILE)  # a cloned tree: its scripts and Makefile
+            return
+        if name not in DOWNLOADERS:
+            return
+        files = _download_targets(name, argv)
+        for part in node.parts:
+            if part.kind == "redirect" and part.type in (">", ">>", ">|", "&>", "&>>"):
+                out = part.output
+                if not isinstance(out, (str, int)):
+                    files.append(out.word)
+        for f in files:
+            if f and f != "-":
+                self.downloads.add(f)
+                self.downloads.add(posixpath.basename(f.rstrip("/")))
+
+    def _note_script(self, argv: list[str], node: Any) -> None:
+        """`echo '…' > f.sh`: remember the text, to judge it when `f.sh` is run."""
+        words = argv[1:]
+        if words and words[0].startswith("-") and argv[0] == "echo":
+            words = words[1:]
+        for part in node.parts:
+            if part.kind == "redirect" and part.type in (">", ">>", ">|"):
+                out = part.output
+                if not isinstance(out, (str, int)):
+                    self.scripts[out.word] = " ".join(words)
+                    self.scripts[posixpath.basename(out.word)] = " ".join(words)
+
+    def _runs_written_script(self, argv: list[str]) -> Verdict | None:
+        """The verdict of a script this command wrote earlier and now runs (`bash b.sh`)."""
+        if not self.scripts:
+            return None
+        name = _prog_name(argv[0])
+        targets = [argv[0]] if "/" in argv[0] or argv[0] in self.scripts else []
+        if name in SHELLS or name in ("source", "."):
+            targets += [w for w in argv[1:] if not w.startswith("-")][:1]
+        for t in targets:
+            text = self.scripts.get(t) or self.scripts.get(posixpath.basename(t))
+            if text is not None:
+                inner = _Analyzer(self.depth + 1)
+                inner.analyze(text)
+                return worst(inner.verdicts)
+        return None
+
+    def _runs_download(self, argv: list[str]) -> str | None:
+        """The downloaded file this command runs, if any."""
+        if not self.downloads:
+            return None
+        name = _prog_name(argv[0])
+        if _ANY_FILE in self.downloads:
+            runs_code = name in SHELLS or name in INTERPRETERS or _PYTHON_RE.match(name)
+            if (
+                runs_code
+                or name in ("source", ".")
+                or (
+                    "/" in argv[0]
+                    and not argv[0].startswith(tuple(d + "/" for d in SYSTEM_BIN_DIRS))
+                )
+            ):
+                return argv[0]
+        if argv[0] in self.downloads or ("/" in argv[0] and name in self.downloads):
+            return argv[0]
+        if (
+            name in SHELLS
+            or name in INTERPRETERS
+            or _PYTHON_RE.match(name)
+            or name in ("source", ".", "exec", "nohup", "setsid")
+        ):
+            for word in argv[1:]:
+                if not word.startswith("-") and (
+                    word in self.downloads or posixpath.basename(word) in self.downloads
+                ):
+                    return word
+        return None
 
     # -- simple commands -------------------------------------------------
 
@@ -438,7 +595,7 @@ class _Analyzer:
             if self._subst_download(args):
                 return _block(f"`{name}` of a download runs unreviewed code."), argv
             return Verdict("process", "high", f"`{name}` runs a shell script in this shell."), argv
-        if name in ("cd", "type"):
+        if name in ("cd", "type", "ulimit"):
             self.complex = True  # shell builtins: run through bash
         verdict = self._program(name, args)
         if verdict.risk != "low" and not verdict.blocked:
@@ -451,7 +608,8 @@ class _Analyzer:
             self.cwd = "~"
             return
         target = operands[0]
-        if target.word == "-" or target.subst or (target.expand and not target.params):
+        unknown = [p for p in target.params if p not in SAFE_VARIABLES]
+        if target.word == "-" or target.subst or (target.expand and not target.params) or unknown:
             self.cwd = "?"
             return
         path = canonical_path(target.word)
@@ -459,6 +617,8 @@ class _Analyzer:
             self.cwd = path
         elif self.cwd is None:
             self.cwd = "?" if _escapes(target.word) else None
+            if self.cwd is None and target.word.strip("./"):
+                self.subdir = True  # below the workspace root (`cd src`)
         elif self.cwd != "?":
             self.cwd = canonical_path(resolve_operand(target.word, self.cwd)) or "?"
 
@@ -466,7 +626,7 @@ class _Analyzer:
         argv = [a.word for a in args]
         argv[0] = name
         secret = self._secret(name, args)
-        if name in READ_ONLY_PROGRAMS:
+        if name in _READ_ONLY:
             v = self._read_only(name, argv, args)
             if v.risk == "low" and secret:
                 return secret
@@ -512,6 +672,10 @@ class _Analyzer:
         )
 
     def _read_only(self, name: str, argv: list[str], args: list[Arg]) -> Verdict:
+        if name == "find":
+            found = self._find_exec(argv, args)
+            if found is not None:
+                return found
         policy = FLAG_POLICIES.get(name)
         if policy and has_flag(argv, policy[0], policy[1]):
             action = "write" if "writ" in policy[2] or "edit" in policy[2] else "process"
@@ -523,30 +687,104 @@ class _Analyzer:
                 targets = [Arg.plain(t) for t in _output_options(name, argv)]
                 return _worse(v, self._write_outside(name, targets, v.reason))
             return v
-        fn = POLICIES.get(name)
+        fn = SYSTEM_POLICIES.get(name) or POLICIES.get(name)
         if fn is not None:
             v = fn(argv)
             if v is not None:
-                reason = v.reason if v.reason.endswith(".") else v.reason + "."
-                v = Verdict(v.action, v.risk, _cap(reason))
-                if v.action == "write" and v.risk == "medium":
-                    return _worse(v, self._write_outside(name, args[1:], v.reason))
-                return v
+                return self._policy_verdict(name, v, args)
+        allow = ALLOW_LISTS.get(name)
+        if allow is not None:
+            v = judge(name, allow, argv)
+            if v is not None:
+                return self._policy_verdict(name, v, args)
+        elif fn is None and name not in _CTL_READ:
+            # fail closed: a program that can run unasked has its options listed
+            return Verdict("unknown", "medium", f"`{name}` has no option allow-list yet.")
         if name in _CTL_READ:
             if len(argv) > 1 and argv[1] not in _CTL_READ[name]:
                 return Verdict("privileged", "high", f"`{name} {argv[1]}` changes system settings.")
         words = self._word_problem(name, args)
         if words:
             return words
+        endless = _endless_input(name, argv)
+        if endless:
+            return endless
+        recursive = _recursive_secret_read(name, argv, self.subdir and self.cwd is None, self.cwd)
+        if recursive:
+            return recursive
         label = name
         if name in _SUBCOMMAND_PROGRAMS:
             verb = next((a for a in argv[1:] if not a.startswith("-")), None)
             label = f"{name} {verb}" if verb else name
         return _read(f"`{label}` only reads.")
 
+    def _find_exec(self, argv: list[str], args: list[Arg]) -> Verdict | None:
+        """`find … -exec CMD {} +`: approval, and no lower than what CMD itself needs.
+
+        The file names find passes start with a start point (`./x`, `/var/log/x`),
+        never with `-`, so they cannot become options of CMD. `-ok`/`-okdir`
+        prompt on a terminal and stay with the expression check (approval).
+        """
+        if "-exec" not in argv and "-execdir" not in argv:
+            return None
+        kept: list[int] = [0]  # indices of the words find itself gets
+        commands: list[list[Arg]] = []
+        i = 1
+        while i < len(argv):
+            if argv[i] in ("-exec", "-execdir"):
+                j = i + 1
+                while j < len(argv) and argv[j] not in (";", "+"):
+                    j += 1
+                if j >= len(argv) or j == i + 1:
+                    return None  # unterminated: the expression check says why
+                commands.append([_found(a) for a in args[i + 1 : j]])
+                i = j + 1
+                continue
+            kept.append(i)
+            i += 1
+        verdicts = []
+        for command in commands:
+            inner = _Analyzer(self.depth + 1)
+            inner.text = " ".join(a.raw for a in command)
+            verdict, _ = inner.judge(command)
+            verdicts.append(_worse(verdict, worst(inner.verdicts)))
+        decider = worst(verdicts)
+        if decider is not None and decider.risk != "low":
+            return Verdict(
+                decider.action,
+                "high" if decider.risk == "low" else decider.risk,
+                f"`find -exec {commands[0][0].word}`: {decider.reason}",
+                blocked=decider.blocked,
+            )
+        v = self._read_only("find", [argv[k] for k in kept], [args[k] for k in kept])
+        if v.risk != "low":
+            return v
+        names = ", ".join(f"`{c[0].word}`" for c in commands)
+        # read-only or not, a command run per file found is for a person to allow
+        return Verdict("process", "medium", f"`find -exec` runs {names} on every file found.")
+
+    def _policy_verdict(self, name: str, v: Verdict, args: list[Arg]) -> Verdict:
+        reason = v.reason if v.reason.endswith(".") else v.reason + "."
+        v = Verdict(v.action, v.risk, _cap(reason))
+        if v.action == "write" and v.risk == "medium":
+            return _worse(v, self._write_outside(name, args[1:], v.reason))
+        return v
+
     def _word_problem(self, name: str, args: list[Arg]) -> Verdict | None:
-        sensitive = name in FLAG_SENSITIVE
+        allow = ALLOW_LISTS.get(name)
+        # Every allow-listed program parses options, so a word that could
+        # become one at run time (a glob matching a file named `-exec`, an
+        # unknown variable) is a question, unless it comes after `--` or the
+        # program has no harmful option at all (`Spec.glob_safe`).
+        sensitive = name in FLAG_SENSITIVE or allow is not None
+        glob_ok = allow is not None and allow.glob_safe
+        after_dashes = False
         for a in args[1:]:
+            if a.word == "--" and a.literal and (allow is None or allow.honours_dashes):
+                after_dashes = True
+                continue
+            if after_dashes:
+                sensitive = False
             if a.subst:
                 continue  # already judged as a substitution
             if a.brace:
@@ -566,7 +804,7 @@ class _Analyzer:
                 return Verdict(
                     "unknown", "medium", f"The expansion in `{a.raw}` is not understood."
                 )
-            if sensitive and a.glob and a.raw[:1] in "*?[":
+            if sensitive and not glob_ok and a.glob and a.raw[:1] in "*?[":
                 return Verdict(
                     "unknown",
                     "medium",
@@ -575,13 +813,49 @@ class _Analyzer:
         return None
 
     def _secret(self, name: str, args: list[Arg]) -> Verdict | None:
+        """A word that names, or could name, a secret location: `high`, approval.
+
+        Checked after every expansion the classifier can prove: the directory
+        a `cd` moved to (`cd /proc/1 && cat environ`), and variables read as
+        "anything" (an unset `$X` in `.e${X}nv` is empty, so `.env`). A word
+        made only of unknown variables names nothing provable.
+        """
         if name in NON_READING:
             return None
         for a in args[1:]:
-            reason = secret_reason(a.word)
-            if reason:
-                return Verdict("read", "high", f"{reason}; reading it needs approval.")
+            for word in self._readings(a):
+                reason = secret_reason(word) if word else None
+                if reason:
+                    return Verdict("read", "high", f"{reason}; reading it needs approval.")
+                if word is None:
+                    return Verdict(
+                        "read",
+                        "medium",
+                        f"`{a.raw}` is only known at run time and could name a secret.",
+                    )
+            if self.cwd == "?" and not a.word.startswith(("-", "/", "~")) and a.word:
+                if name not in ("cd", "pushd"):
+                    return Verdict(
+                        "read",
+                        "medium",
+                        f"`{a.raw}` is read from a directory only known at run time.",
+                    )
         return None
+
+    def _readings(self, a: Arg) -> list[str | None]:
+        """The spellings of one word worth checking for secrets (None: unprovable)."""
+        words: list[str | None] = [a.word]
+        if self.cwd not in (None, "?") and a.word and not a.word.startswith(("-", "/", "~")):
+            words.append(resolve_operand(a.word, self.cwd))
+        unknown = [p for p in a.params if not p.startswith("<") and p not in SAFE_VARIABLES]
+        if unknown or a.subst:
+            anything = _PARAM_TEXT.sub("*", a.word)
+            if a.subst:
+                anything = re.sub(r"\$\(.*\)|`[^`]*`", "*", anything)
+            words.append(anything)
+            if not anything.replace("*", "").strip("/"):
+                words.append(None)  # nothing but unknowns: could be any path
+        return words
 
     def _write_outside(self, name: str, operands: list[Arg], reason: str) -> Verdict | None:
         """A `high` verdict when a write reaches outside the workspace, else None."""
@@ -710,6 +984,214 @@ class _Analyzer:
         self._pipe_to_shell(effective)
 
 
+# Devices that never run dry: reading one to its end is a runaway.
+ENDLESS_DEVICES = frozenset({"/dev/zero", "/dev/urandom", "/dev/random", "/dev/full"})
+_HEAD_BOUND = re.compile(r"[0-9]{1,7}")  # `head -c 32 /dev/urandom`: a bounded read
+
+
+def _endless_input(name: str, argv: list[str]) -> Verdict | None:
+    """`cat /dev/zero`, `sort /dev/urandom`: a read that never ends (or fills memory)."""
+    hits = [w for w in argv[1:] if canonical_path(w.rsplit("=", 1)[-1]) in ENDLESS_DEVICES]
+    if not hits:
+        return None
+    if name == "head":
+        counts = [argv[i + 1] for i, w in enumerate(argv[:-1]) if w in ("-c", "-n")]
+        counts += [w[2:] for w in argv[1:] if w[:2] in ("-c", "-n") and len(w) > 2]
+        if counts and all(_HEAD_BOUND.fullmatch(c) for c in counts):
+            return None
+    return Verdict("process", "medium", f"Reading `{hits[0]}` with `{name}` never ends.")
+
+
+# Variables that only change how a program formats its output (locale, time
+# zone, width, colour), given a plain value: `LC_ALL=C sort`. Anything else
+# (`PATH=`, `LD_PRELOAD=`, `PAGER=`, `GIT_*`) can change what runs.
+_HARMLESS_VARIABLE = re.compile(
+    r"(LANG|LANGUAGE|LC_[A-Z]+|TZ|COLUMNS|LINES|NO_COLOR|TERM|POSIXLY_CORRECT)="
+    r"(?![:/])(?!.*\.\.)[A-Za-z0-9_.@+/-]{0,64}"
+)
+
+
+def _harmless_assignment(word: str) -> bool:
+    return bool(_HARMLESS_VARIABLE.fullmatch(word))
+
+
+_GREPS = frozenset({"grep", "egrep", "fgrep", "zgrep", "zegrep", "zfgrep"})
+
+
+def _recursive_secret_read(
+    name: str, argv: list[str], in_subdir: bool, cwd: str | None = None
+) -> Verdict | None:
+    """`grep -r x /etc`, `grep -r x .`, `rg --hidden x`: every file under a tree with secrets.
+
+    grep's recursion includes hidden files (the workspace's `.env`); ripgrep
+    skips hidden ones unless told (`--hidden`, `-uu`), but not `/etc/shadow`.
+    """
+    if name not in _GREPS and name not in ("rg", "diff"):
+        return None
+    allow = ALLOW_LISTS[name]
+    opts = parse(allow, argv)
+    if opts.error:
+        return None  # the allow-list already asked
+    operands = [argv[i] for i in opts.positionals]
+    if name == "diff":
+        # `diff -r /etc ./backup` prints the lines of every file that differs
+        if not opts.has("-r", "--recursive"):
+            return None
+        for start in operands:
+            if canonical_path(start) is not None and holds_secrets(start):
+                return Verdict(
+                    "read", "high", f"`diff -r` reads every file under `{start}`, secrets too."
+                )
+        return None
+    if not opts.has("-e", "--regexp", "-f", "--file") and operands and not opts.has("--files"):
+        operands = operands[1:]  # the pattern
+    if name in _GREPS:
+        recursive = opts.has("-r", "-R", "--recursive", "--dereference-recursive") or any(
+            v == "recurse" for v in opts.values("-d", "--directories")
+        )
+        if not recursive:
+            return None
+        hidden = True
+    else:
+        u_count = sum(w.count("u") for w in argv[1:] if w[:1] == "-" and w[1:2] != "-")
+        hidden = opts.has("--hidden") or u_count >= 2
+    for start in operands or ["."]:
+        if cwd is not None and canonical_path(start) is None:
+            if cwd == "?":
+                return Verdict(
+                    "read",
+                    "medium",
+                    f"`{name}` reads a tree in a directory known only at run time.",
+                )
+            start = canonical_path(resolve_operand(start, cwd)) or start
+        relative = canonical_path(start) is None
+        if relative and in_subdir and not _escapes(start):
+            continue  # `cd src && grep -r x .`: a subdirectory, not the root
+        if (hidden or not relative) and holds_secrets(start):
+            return Verdict(
+                "read",
+                "high",
+                f"`{name}` reads every file under `{start}`, where secrets are kept.",
+            )
+    return None
+
+
+def _unquoted(word: str, raw: str, expand: bool) -> str:
+    """The word bash passes on, for a word without expansions.
+
+    bashlex leaves the quotes of a single-quoted piece that follows a
+    double-quoted one (`"/etc/sh"'ad'ow` comes back as `/etc/sh'ad'ow`), which
+    would hide `/etc/shadow` from the secret check; shlex removes quotes the
+    way bash does when nothing in the word expands.
+    """
+    if expand or ("'" not in raw and '"' not in raw):
+        return word
+    try:
+        split = shlex.split(raw, comments=False, posix=True)
+    except ValueError:
+        return word
+    return split[0] if len(split) == 1 else word
+
+
+def _found(a: Arg) -> Arg:
+    """An argument of `find -exec` with `{}` (the file found, never a brace expansion)."""
+    if "{}" not in a.word:
+        return a
+    raw = a.raw.replace("{}", "./found")
+    return dataclasses.replace(a, word=a.word.replace("{}", "./found"), raw=raw,
+                               brace=a.brace and "{" in raw)  # fmt: skip
+
+
+_ANY_FILE = "\0any"  # in `downloads`: some files under unknown names
+_EXTRACTORS = frozenset({"tar", "bsdtar", "unzip", "cpio", "7z", "gunzip", "unxz", "bunzip2"})
+
+
+def _fetches_a_tree(name: str, argv: list[str]) -> bool:
+    """`git clone URL`, `svn checkout URL`, `hg clone URL`: code arrives under a new name."""
+    words = [w for w in argv[1:] if not w.startswith("-")]
+    if name == "git":
+        return bool(words) and words[0] == "clone"
+    if name == "svn":
+        return bool(words) and words[0] in ("checkout", "co", "export")
+    if name == "hg":
+        return bool(words) and words[0] == "clone"
+    return False
+
+
+def _unbounded_parallel(argv: list[str]) -> bool:
+    """`xargs -P 0` / `-P0` / `--max-procs=0`: as many processes at once as input lines."""
+    for i, w in enumerate(argv[1:], 1):
+        if w in ("-P", "--max-procs") and i + 1 < len(argv) and argv[i + 1] == "0":
+            return True
+        if w in ("-P0", "--max-procs=0"):
+            return True
+    return False
+
+
+def _download_targets(name: str, argv: list[str]) -> list[str]:
+    """The files a download command writes (`-o F`, `-O`, wget's default name)."""
+    out: list[str] = []
+    urls = [a for a in argv[1:] if re.match(r"[a-z][a-z0-9+.-]*://", a)]
+    remote = [posixpath.basename(u.split("?", 1)[0].rstrip("/")) or "index.html" for u in urls]
+    writes_remote_name = name == "wget" or name == "axel" or name == "aria2c"
+    words = argv[1:]
+    for i, a in enumerate(words):
+        nxt = words[i + 1] if i + 1 < len(words) else ""
+        if a in ("-o", "--output", "-O", "--output-document") and nxt:
+            if name == "curl" and a == "-O":
+                writes_remote_name = True
+            else:
+                out.append(nxt)
+        elif a.startswith(("--output=", "--output-document=")):
+            out.append(a.split("=", 1)[1])
+        elif a.startswith("-") and not a.startswith("--") and len(a) > 2:
+            # a bundle: `-fsSLo FILE`, `-sLoFILE`, wget's `-qO FILE`
+            letter = "O" if name == "wget" else "o"
+            if letter in a[1:]:
+                value = a[a.index(letter, 1) + 1 :] or nxt
+                if value and value != "-":
+                    out.append(value)
+            if name == "curl" and "O" in a[1:]:
+                writes_remote_name = True
+        elif a in ("--remote-name", "--remote-name-all") or (
+            name == "curl" and a.startswith("-") and not a.startswith("--") and "O" in a
+        ):
+            writes_remote_name = True
+    if writes_remote_name:
+        out.extend(remote)
+    return out
+
+
+def _endless_spawner(node: Any, kind: str) -> bool:
+    """`while true; do x & done`: a loop with a constant condition that backgrounds jobs."""
+    parts = [p for p in node.parts if p.kind != "reservedword"]
+    if len(parts) < 2:
+        return False
+    cond = parts[0]
+    words = _words_of(cond)
+    constant = words in (["true"], [":"], ["1"]) if kind == "while" else words == ["false"]
+    return constant and _has_background(parts[1])
+
+
+def _words_of(node: Any) -> list[str]:
+    if node.kind == "list":
+        node = next((p for p in node.parts if p.kind != "operator"), node)
+    if node.kind != "command":
+        return []
+    return [p.word for p in node.parts if p.kind == "word"]
+
+
+def _has_background(node: Any) -> bool:
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if getattr(n, "kind", None) == "operator" and getattr(n, "op", None) == "&":
+            return True
+        stack.extend(getattr(n, "parts", None) or [])
+        stack.extend(getattr(n, "list", None) or [])
+    return False
+
+
 def _is_bash_socket(target: str) -> bool:
     return target.startswith(("/dev/tcp/", "/dev/udp/"))
 
@@ -792,7 +1274,8 @@ def _wrap(
     # NAME=value words right after the wrapper are environment assignments.
     assigns = []
     while inner_args and re.match(r"[A-Za-z_][A-Za-z0-9_]*=", inner_args[0].word):
-        assigns.append(inner_args[0].word.split("=", 1)[0])
+        if not (inner_args[0].literal and _harmless_assignment(inner_args[0].word)):
+            assigns.append(inner_args[0].word.split("=", 1)[0])
         inner_args = inner_args[1:]
     if not inner_args:
         return _worse(alone, floor) if assigns and floor.risk != "low" else alone, argv

@@ -6,6 +6,14 @@ always in the workspace, with stdin closed, a scrubbed environment
 whole process group. The command is classified again here, and a blocked one
 is refused whatever the caller passed in.
 
+A command that needs no approval (it runs unasked) runs in the bubblewrap
+sandbox (`sandbox`); with no working bwrap it is refused unless the operator
+turned the sandbox off. A command that needed approval reached here because a
+person or a rule approved it: it runs as before, unless `DUCKLM_SANDBOX=all`
+puts it in the sandbox too, with the workspace writable. Every command gets a
+pids cgroup where one can be made (`cgroups`), since root ignores
+RLIMIT_NPROC.
+
 (Named `execution`, not `execute`, so the module does not shadow the function
 the package re-exports.)
 """
@@ -14,16 +22,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import shutil
 import signal
+import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from runtime.tools.base import ToolResult
+from runtime.tools.shell import cgroups, refusals
 from runtime.tools.shell.classifier import classify
+from runtime.tools.shell.limits import ResourceLimits
+from runtime.tools.shell.sandbox import SandboxConfig, SandboxPlan, command_prefix
 from runtime.tools.shell.verdict import Classification
 
 ENV_ALLOWLIST = frozenset(
@@ -56,8 +69,9 @@ def scrubbed_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     return out
 
 
-# Added for commands that run without approval: no pager, no prompts, and git
-# must not start a filesystem monitor named in the repository's config.
+# Added for every command (unasked, rule-approved or approved by a person): no
+# pager, no prompts, and git must not start a filesystem monitor named in the
+# repository's config. Nothing runs with a terminal, so nobody loses anything.
 _AUTO_RUN_ENV = {
     "PAGER": "cat",
     "GIT_PAGER": "cat",
@@ -70,24 +84,88 @@ _AUTO_RUN_ENV = {
     "GIT_CONFIG_VALUE_0": "false",
 }
 
+_BWRAP_EXEC_FAILED = re.compile(r"^bwrap: execvp (\S+): No such file or directory", re.M)
+_BWRAP_SETUP_FAILED = re.compile(r"\A\[stderr\]\nbwrap: (?:Can't|Failed|Creating)", re.M)
+_PRLIMIT_EXEC_FAILED = re.compile(r"\Aprlimit: failed to execute (\S+): (.+)$", re.M)
 _GRACE_SECONDS = 2.0
 _DRAIN_AFTER_EXIT = 2.0
 
 
-def _limits() -> None:  # pragma: no cover - runs in the child
-    try:
+def _rlimits(limits: ResourceLimits, *, sandboxed: bool) -> list[tuple[int, int, int]]:
+    """(resource, soft, hard) for a command. CPU time and address space only bind
+    sandboxed commands: an approved one (a build, a migration) may need more, and a
+    person approved exactly it."""
+    import resource
+
+    out = [
+        (resource.RLIMIT_CORE, 0, 0),
+        (resource.RLIMIT_FSIZE, limits.file_size, limits.file_size),
+        (resource.RLIMIT_NOFILE, limits.open_files, limits.open_files),
+        (resource.RLIMIT_NPROC, limits.processes, limits.processes),
+    ]
+    if sandboxed:
+        # SIGXCPU at the soft limit, SIGKILL a little later for a program ignoring it.
+        out.append((resource.RLIMIT_CPU, limits.cpu_seconds, limits.cpu_seconds + 5))
+        out.append((resource.RLIMIT_AS, limits.address_space, limits.address_space))
+    return out
+
+
+_JOIN_THEN_EXEC = 'echo $$ > "$0" && exec "$@"'
+_PRLIMIT_NAMES = {"RLIMIT_CORE": "core", "RLIMIT_FSIZE": "fsize", "RLIMIT_NOFILE": "nofile",
+                  "RLIMIT_NPROC": "nproc", "RLIMIT_CPU": "cpu", "RLIMIT_AS": "as"}  # fmt: skip
+
+
+@functools.cache
+def _system_tool(name: str) -> str | None:
+    return shutil.which(name, path=DEFAULT_PATH)
+
+
+def _launcher(
+    rlimits: list[tuple[int, int, int]], cgroup: cgroups.PidsCgroup | None
+) -> list[str] | None:
+    """An argv prefix that joins the cgroup (sh) and sets the limits (prlimit), then
+    execs the command; None where those tools are missing (then a preexec_fn does it).
+
+    Why not always a preexec_fn: it makes Python fork the whole bot instead of
+    using vfork, which costs several milliseconds per command in a big process.
+    """
+    import resource
+
+    prlimit, sh = _system_tool("prlimit"), _system_tool("sh")
+    if prlimit is None or sh is None:
+        return None
+    names = {getattr(resource, attr): opt for attr, opt in _PRLIMIT_NAMES.items()}
+    options = []
+    for limit, soft, hard in rlimits:
+        _cur_soft, cur_hard = resource.getrlimit(limit)
+        if cur_hard != resource.RLIM_INFINITY:  # a limit can only be lowered
+            soft, hard = min(soft, cur_hard), min(hard, cur_hard)
+        options.append(f"--{names[limit]}={soft}:{hard}")
+    prefix = [prlimit, *options, "--"]
+    if cgroup is not None:
+        # `&&`: a command that could not join its cgroup does not run at all.
+        prefix = [sh, "-c", _JOIN_THEN_EXEC, str(cgroup.path / "cgroup.procs"), *prefix]
+    return prefix
+
+
+def _child_setup(
+    rlimits: list[tuple[int, int, int]], cgroup: cgroups.PidsCgroup | None
+) -> Callable[[], None]:
+    def setup() -> None:  # pragma: no cover - runs in the child, before exec
         import resource
 
-        for limit, value in (
-            (resource.RLIMIT_CORE, 0),
-            (resource.RLIMIT_FSIZE, 1 << 30),
-            (resource.RLIMIT_NOFILE, 1024),
-        ):
-            _soft, hard = resource.getrlimit(limit)
-            new = value if hard == resource.RLIM_INFINITY else min(value, hard)
-            resource.setrlimit(limit, (new, new if hard == resource.RLIM_INFINITY else hard))
-    except Exception:
-        pass
+        for limit, soft, hard in rlimits:
+            _cur_soft, cur_hard = resource.getrlimit(limit)
+            if cur_hard != resource.RLIM_INFINITY:
+                soft, hard = min(soft, cur_hard), min(hard, cur_hard)
+            try:
+                resource.setrlimit(limit, (soft, hard))
+            except (ValueError, OSError):
+                resource.setrlimit(limit, (min(soft, cur_hard), cur_hard))
+        if cgroup is not None:
+            cgroup.join()  # raises: the command does not start outside its cgroup
+
+    return setup
 
 
 def _killpg(pgid: int, sig: int) -> None:
@@ -121,7 +199,7 @@ def _render(data: bytes, dropped: int) -> str:
     return text
 
 
-def _refusal(command: str, c: Classification, error: str) -> ToolResult:
+def _refusal(command: str, c: Classification, error: str, *, sandboxed: bool = False) -> ToolResult:
     return ToolResult(
         ok=False,
         error=error,
@@ -136,6 +214,7 @@ def _refusal(command: str, c: Classification, error: str) -> ToolResult:
             "duration_ms": 0,
             "truncated": False,
             "timed_out": False,
+            "sandboxed": sandboxed,
         },
     )
 
@@ -152,8 +231,7 @@ def _prepare(
     # A PATH entry inside the workspace would let a file there stand in for `ls`.
     kept = [p for p in env["PATH"].split(":") if not Path(p).resolve().is_relative_to(root)]
     env["PATH"] = ":".join(kept) or DEFAULT_PATH
-    if not fresh.requires_approval:
-        env.update(_AUTO_RUN_ENV)
+    env.update(_AUTO_RUN_ENV)
     if fresh.simple and fresh.commands:
         argv = list(fresh.commands[0])
         program = shutil.which(argv[0], path=env["PATH"]) if "/" not in argv[0] else argv[0]
@@ -164,6 +242,19 @@ def _prepare(
     return ["bash", "--noprofile", "--norc", "-c", command], bash, env
 
 
+def _sandbox_for(
+    command: str, fresh: Classification, config: SandboxConfig, approved: bool
+) -> ToolResult | bool:
+    """Whether this command runs sandboxed, or the refusal when it must and cannot."""
+    if not config.applies(approved=approved):
+        return False
+    if config.status.available:
+        return True
+    if approved:
+        return False  # `all` adds the sandbox to approved commands where it can
+    return _refusal(command, fresh, f"Refused: {config.missing_reason()}")
+
+
 async def execute(
     command: str,
     classification: Classification,
@@ -171,16 +262,101 @@ async def execute(
     workspace: Path,
     timeout: float = 60.0,  # noqa: ASYNC109 - part of the contract
     max_output: int = 64 * 1024,
+    sandbox: SandboxConfig | None = None,
+    approved: bool | None = None,
 ) -> ToolResult:
-    """Run a classified command. Blocked commands are refused here too."""
+    """Run a classified command. Blocked commands are refused here too.
+
+    `sandbox` defaults to `SandboxConfig()`: unasked commands sandboxed with
+    the bwrap found on PATH. `approved` says a person or a rule approved this
+    run; by default, a command that needs approval and reached here was
+    approved (the gateway runs nothing else), one that does not was not.
+    """
     fresh = classify(command)
     if classification.blocked or fresh.blocked:
         reason = fresh.reason if fresh.blocked else classification.reason
         return _refusal(command, fresh, f"Blocked: {reason}")
+    config = sandbox if sandbox is not None else SandboxConfig()
+    if approved is None:
+        approved = fresh.requires_approval
+    decided = _sandbox_for(command, fresh, config, approved)
+    if isinstance(decided, ToolResult):
+        return decided
+    sandboxed = decided
     prepared = _prepare(command, fresh, Path(workspace))
-    if isinstance(prepared, ToolResult):
+    if isinstance(prepared, ToolResult):  # not found, no workspace: it went this way
+        prepared.metadata["sandboxed"] = sandboxed
         return prepared
     argv, executable, env = prepared
+    # Twice at most: when bwrap itself could not set up (a socket or file it was
+    # to cover vanished since the hidden set was taken), nothing ran; retake it.
+    for attempt in (1, 2):
+        plan: SandboxPlan | None = None
+        run_argv, run_executable, run_env = argv, executable, dict(env)
+        if sandboxed:
+            plan = command_prefix(
+                config,
+                workspace=Path(workspace),
+                profile=fresh.sandbox_profile,
+                writable=approved,
+                environ=os.environ,
+                rescan=attempt > 1,
+                commands=fresh.commands,
+                command=command,
+            )
+            run_env.update(plan.env)
+            # bwrap looks the program up on PATH inside the sandbox, where a copy
+            # under a hidden directory (a pyenv shim in /root) is not visible.
+            run_argv, run_executable = plan.argv + argv, plan.argv[0]
+        else:
+            run_argv = [executable, *argv[1:]]  # exactly the program found above
+        cgroup = cgroups.create(config.limits.processes)
+        rlimits = _rlimits(config.limits, sandboxed=sandboxed)
+        launcher = _launcher(rlimits, cgroup)
+        setup: Callable[[], None] | None = None
+        if launcher is None:
+            setup = _child_setup(rlimits, cgroup)
+        else:
+            run_argv, run_executable = launcher + run_argv, launcher[0]
+        try:
+            result = await _run(
+                command,
+                fresh,
+                run_argv,
+                run_executable,
+                run_env,
+                workspace=Path(workspace),
+                timeout=timeout,
+                max_output=max_output,
+                setup=setup,
+                plan=plan,
+                cgroup=cgroup,
+            )
+        finally:
+            if cgroup is not None:
+                cgroup.kill_all()
+                # Off the event loop: emptying a cgroup after a fork bomb takes a moment.
+                await asyncio.to_thread(cgroup.remove)
+        if plan is None or not _BWRAP_SETUP_FAILED.search(result.output):
+            break
+    return result
+
+
+async def _run(
+    command: str,
+    fresh: Classification,
+    argv: list[str],
+    executable: str,
+    env: dict[str, str],
+    *,
+    workspace: Path,
+    timeout: float,  # noqa: ASYNC109 - part of the contract
+    max_output: int,
+    setup: Callable[[], None] | None,
+    plan: SandboxPlan | None,
+    cgroup: cgroups.PidsCgroup | None,
+) -> ToolResult:
+    sandboxed = plan is not None
     started = time.monotonic()
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -192,14 +368,15 @@ async def execute(
             cwd=str(workspace),
             env=env,
             start_new_session=True,
-            preexec_fn=_limits,
+            preexec_fn=setup,
         )
     except FileNotFoundError:
-        return _refusal(command, fresh, f"command not found: {argv[0]}")
+        return _refusal(command, fresh, f"command not found: {argv[0]}", sandboxed=sandboxed)
     except PermissionError:
-        return _refusal(command, fresh, f"permission denied: {argv[0]}")
-    except OSError as exc:
-        return _refusal(command, fresh, f"could not start {argv[0]}: {exc.strerror or exc}")
+        return _refusal(command, fresh, f"permission denied: {argv[0]}", sandboxed=sandboxed)
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "strerror", None) or exc
+        return _refusal(command, fresh, f"could not start {argv[0]}: {detail}", sandboxed=sandboxed)
     out_task = asyncio.create_task(_drain(proc.stdout, max_output))
     err_task = asyncio.create_task(_drain(proc.stderr, max_output))
     timed_out = False
@@ -216,9 +393,14 @@ async def execute(
     finally:
         if proc.returncode is None:  # cancelled: leave nothing behind
             _killpg(proc.pid, signal.SIGKILL)
+            if cgroup is not None:
+                cgroup.kill_all()
     # Whatever the command left in its process group (background jobs) goes too.
+    # (In the sandbox, bwrap's exit has already taken its PID namespace down.)
     _killpg(proc.pid, signal.SIGTERM)
     _killpg(proc.pid, signal.SIGKILL)
+    if cgroup is not None:
+        cgroup.kill_all()  # what left the process group (setsid) is still in the cgroup
     done, pending = await asyncio.wait({out_task, err_task}, timeout=_DRAIN_AFTER_EXIT)
     for task in pending:  # a grandchild that escaped the group still holds the pipe
         task.cancel()
@@ -232,28 +414,47 @@ async def execute(
         output += ("\n" if output and not output.endswith("\n") else "") + "[stderr]\n" + err_text
     ok = returncode == 0 and not timed_out
     error: str | None = None
+    missing = _BWRAP_EXEC_FAILED.search(err_text) if sandboxed else None
+    unstarted = _PRLIMIT_EXEC_FAILED.search(err_text) if returncode else None
     if timed_out:
         error = f"timed out after {timeout:g} s"
+    elif missing is not None:
+        error = f"command not found in the sandbox: {missing.group(1)}"
+    elif unstarted is not None:  # the launcher could not exec the program
+        what = unstarted.group(2).lower()
+        what = "command not found" if "no such file" in what else what
+        error = f"{what}: {unstarted.group(1)}"
     elif returncode == 127 and not fresh.simple:
         error = "exit status 127 (command not found)"
     elif returncode is not None and returncode < 0:
         error = f"killed by signal {-returncode}"
     elif returncode != 0:
         error = f"exit status {returncode}"
-    return ToolResult(
-        ok=ok,
-        output=output,
-        error=error,
-        metadata={
-            "command": command,
-            "action_type": fresh.action_type,
-            "risk_level": fresh.risk_level,
-            "requires_approval": fresh.requires_approval,
-            "blocked": fresh.blocked,
-            "returncode": returncode,
-            "reason": fresh.reason,
-            "duration_ms": duration_ms,
-            "truncated": bool(out_dropped or err_dropped),
-            "timed_out": timed_out,
-        },
-    )
+    metadata = {
+        "command": command,
+        "action_type": fresh.action_type,
+        "risk_level": fresh.risk_level,
+        "requires_approval": fresh.requires_approval,
+        "blocked": fresh.blocked,
+        "returncode": returncode,
+        "reason": fresh.reason,
+        "duration_ms": duration_ms,
+        "truncated": bool(out_dropped or err_dropped),
+        "timed_out": timed_out,
+        "sandboxed": sandboxed,
+    }
+    if plan is not None:
+        metadata["sandbox_profile"] = plan.profile
+        metadata["sandbox_refusals"] = plan.notes + refusals.detect(
+            command=command,
+            words=[w for c in fresh.commands for w in c[1:]],
+            returncode=returncode,
+            output=output,
+            stderr=err_text,
+            timed_out=timed_out,
+            process_limit_hit=cgroup is not None and cgroup.limit_hit(),
+            workspace=workspace,
+            hidden=plan.hidden,
+            network=plan.network,
+        )
+    return ToolResult(ok=ok, output=output, error=error, metadata=metadata)

@@ -9,6 +9,7 @@ word lists) as one string.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -40,15 +41,25 @@ def getopt(
     optional: Sequence[str] = (),
     stop_at_positional: bool = False,
     long_abbrev: bool = True,
+    pairs: Sequence[str] = (),
+    numbers_are_operands: bool = False,
+    lenient: bool = False,
 ) -> Opts:
     """Parse options the way getopt_long does, refusing what it does not know.
 
     `flags` take no value, `values` take one (`-n5`, `-n 5`, `--lines=5`,
     `--lines 5`), `optional` long options take a value only as `--x=v`. Any
     unknown option sets `error`: the caller then asks for approval.
+
+    `pairs` take two words (jq's `--arg NAME VALUE`; the value is recorded as
+    "NAME VALUE"'s second word, the name is dropped). `numbers_are_operands`
+    reads `-5` as a number (`seq -5 5`); `lenient` reads an unknown option as
+    an operand, for programs that print such words instead of parsing them
+    (`echo -x`).
     """
-    known_long = [o for o in (*flags, *values, *optional) if o.startswith("--")]
+    known_long = [o for o in (*flags, *values, *optional, *pairs) if o.startswith("--")]
     flag_set, value_set, optional_set = set(flags), set(values), set(optional)
+    pair_set = set(pairs)
     out = Opts()
     i = start
     while i < len(argv):
@@ -56,6 +67,24 @@ def getopt(
         if arg == "--":
             out.positionals.extend(range(i + 1, len(argv)))
             break
+        if numbers_are_operands and _NUMBER.fullmatch(arg):
+            out.positionals.append(i)
+            i += 1
+            continue
+        if arg in pair_set:
+            if i + 2 >= len(argv):
+                out.error = f"option {arg} needs two values"
+                return out
+            out.options.append((arg, argv[i + 2]))
+            i += 3
+            continue
+        if lenient and not _known(arg, known_long, flag_set, value_set, optional_set):
+            if stop_at_positional:
+                out.positionals.extend(range(i, len(argv)))
+                break
+            out.positionals.append(i)
+            i += 1
+            continue
         if arg.startswith("--"):
             name, eq, val = arg.partition("=")
             if name not in known_long and long_abbrev:
@@ -106,6 +135,33 @@ def getopt(
             out.positionals.append(i)
         i += 1
     return out
+
+
+_NUMBER = re.compile(r"-[0-9]+(\.[0-9]+)?")
+
+
+def _known(
+    arg: str,
+    known_long: Sequence[str],
+    flag_set: set[str],
+    value_set: set[str],
+    optional_set: set[str],
+) -> bool:
+    """Whether `arg` is wholly made of known options (for `lenient` parsing)."""
+    if arg == "-" or not arg.startswith("-"):
+        return True  # an operand either way
+    if arg.startswith("--"):
+        name = arg.partition("=")[0]
+        return name in known_long
+    for j, letter in enumerate(arg[1:], 1):
+        opt = "-" + letter
+        if opt in value_set:
+            return True
+        if opt not in flag_set:
+            return False
+        if j == len(arg) - 1:
+            return True
+    return True
 
 
 def _long_hit(arg: str, longs: frozenset[str] | set[str]) -> bool:

@@ -14,7 +14,16 @@ import os
 import posixpath
 import re
 
-from runtime.tools.secrets import SECRET_DIR_PAIRS, SECRET_DIRS, SECRET_NAMES, SECRET_SAMPLES
+from runtime.tools.secrets import (
+    SECRET_DIR_PAIRS,
+    SECRET_DIR_PATTERNS,
+    SECRET_DIRS,
+    SECRET_NAMES,
+    SECRET_PATH_SAMPLES,
+    SECRET_ROOTS,
+    SECRET_SAMPLES,
+    SYSTEM_SECRETS,
+)
 
 # Deleting, moving or recursively re-permissioning any of these wipes the system.
 PROTECTED_PATHS = frozenset(
@@ -34,8 +43,23 @@ CRITICAL_FILES = frozenset(
 )  # fmt: skip
 _DISK_RE = re.compile(
     r"^/dev/(sd[a-z]|hd[a-z]|vd[a-z]|xvd[a-z]|nvme\d|mmcblk\d|disk|dm-\d|md\d|mapper/|loop\d|"
-    r"root$|sr\d|nbd\d|rbd\d|zram\d|bcache)"
+    r"root$|sr\d|nbd\d|rbd\d|zram\d|bcache|block/|ram\d|sg\d|st\d|nst\d|ubd|mtd|"
+    r"watchdog)"
 )
+# Character devices under /dev that are not storage. Any other /dev path may be
+# a block device under a name nobody can predict (`/dev/vg0/root`, a udev
+# symlink), so writing it is treated as writing a disk.
+_NOT_A_DISK = re.compile(
+    r"^/dev/(null|zero|full|random|urandom|tty\d*|console|ptmx|stdin|stdout|stderr|kmsg|"
+    r"fd|fd/\d+|pts|pts/\d+|shm(/.*)?|mqueue(/.*)?|hugepages(/.*)?|tcp/.*|udp/.*)$"
+)
+# Writing under these changes the running kernel's devices or power state at once:
+# `echo mem > /sys/power/state`, `echo 1 > /sys/block/sda/device/delete`.
+_CRITICAL_PREFIXES = (
+    "/sys/power/", "/sys/block/", "/sys/class/block/", "/sys/class/watchdog/",
+    "/proc/sysrq-trigger", "/dev/watchdog",
+)  # fmt: skip
+_WATCHDOG_RE = re.compile(r"^/dev/watchdog\d*$|^/dev/watchdog")
 HARMLESS_DEVICES = frozenset(
     {"/dev/null", "/dev/stdout", "/dev/stderr", "/dev/tty", "/dev/fd/1", "/dev/fd/2"}
 )
@@ -49,10 +73,16 @@ PROC_SAFE_LEAVES = frozenset(
      "oom_score", "oom_adj", "oom_score_adj", "wchan", "stack", "devices", "buddyinfo",
      "zoneinfo", "slabinfo", "softirqs", "cgroups", "crypto", "misc", "locks", "consoles",
      "execdomains", "kallsyms", "key-users", "net", "sys", "pressure", "cpu", "memory",
-     "psi", "tty", "driver", "fs", "kernel", "vm"}
+     "psi", "tty", "driver", "fs", "kernel", "vm", "mdstat", "ioports", "dma", "pagetypeinfo",
+     "scsi", "drbd", "irq", "bus", "sysvipc"}
 )  # fmt: skip
 
 
+# Parts of /proc/<pid> that open another process's memory, files or environment.
+_PROC_DOORS = frozenset(
+    {"environ", "fd", "fdinfo", "mem", "root", "cwd", "map_files", "exe", "kcore", "pagemap",
+     "maps", "smaps", "auxv", "syscall", "personality"}
+)  # fmt: skip
 _GLOB_CHARS = frozenset("*?[")
 _HOME = os.path.expanduser("~")
 
@@ -144,8 +174,18 @@ def is_disk(word: str) -> bool:
         return False
     if _DISK_RE.match(path):
         return True
+    if path.startswith("/dev/") and not _has_glob(path) and not _NOT_A_DISK.match(path):
+        return True
     # a glob over block devices: /dev/sd*
     return path.startswith("/dev/") and _has_glob(path) and fnmatch.fnmatchcase("/dev/sda", path)
+
+
+def is_watchdog(word: str) -> bool:
+    """Whether `word` names a watchdog device: opening one and not feeding it reboots."""
+    path = canonical_path(word) or ""
+    if _has_glob(path):
+        return path.startswith("/dev/") and fnmatch.fnmatchcase("/dev/watchdog", path)
+    return bool(_WATCHDOG_RE.match(path))
 
 
 def is_critical_file(word: str) -> bool:
@@ -154,19 +194,85 @@ def is_critical_file(word: str) -> bool:
         return False
     if path in CRITICAL_FILES or path == "/boot" or path.startswith("/boot/"):
         return True
+    if path.startswith(_CRITICAL_PREFIXES) or path in ("/sys/power", "/sys/block"):
+        return True
+    if path.startswith("/sys/devices/") and "/block/" in path:
+        return True
     if _has_glob(path):
         return any(fnmatch.fnmatchcase(c, path) for c in CRITICAL_FILES)
     return False
 
 
+def glob_component_matches(name: str, pattern: str) -> bool:
+    """Whether bash would match one path component `name` with `pattern`.
+
+    Unlike fnmatch, a leading `.` must be matched literally (bash's default,
+    no dotglob): `*` does not reach `.env`, `.*` does.
+    """
+    if name.startswith(".") and not pattern.startswith("."):
+        return False
+    return fnmatch.fnmatchcase(name, pattern)
+
+
 def _could_match_secret(component: str) -> bool:
     """A literal component that is a secret name, or a glob that could reach one."""
     if _has_glob(component):
-        if not component.strip("*?[]!^.-"):
-            # `*`, `*.*`, `.*`: too broad to name a secret (a known limit: see docs).
+        if not component.strip("*"):
+            # `*` alone: every file, so no particular secret; whole paths are
+            # matched against the known secret paths instead (`/etc/*`), and the
+            # sandbox hides the rest (a known limit: see docs).
             return False
-        return any(fnmatch.fnmatchcase(s, component) for s in SECRET_SAMPLES)
-    return any(fnmatch.fnmatchcase(component, pat) for pat in SECRET_NAMES)
+        if not component.strip("*?[]!^"):
+            return True  # `????`, `?*`: only the length is known, any short name fits
+        return any(glob_component_matches(s, component) for s in SECRET_SAMPLES) or any(
+            glob_component_matches(s, component) for s in SECRET_DIRS
+        )
+    return any(fnmatch.fnmatchcase(component, pat) for pat in SECRET_NAMES) or any(
+        fnmatch.fnmatchcase(component, pat) for pat in SECRET_DIR_PATTERNS
+    )
+
+
+def _glob_reaches_secret_path(path: str) -> bool:
+    """Whether an absolute (or `~`) path glob could match a known secret path."""
+    parts = path.split("/")
+    for sample in SECRET_PATH_SAMPLES:
+        sample_parts = sample.split("/")
+        if len(sample_parts) != len(parts):
+            continue  # recursive reads below a glob are the sandbox's to stop
+        if all(
+            glob_component_matches(name, pat) if _has_glob(pat) else name == pat
+            for name, pat in zip(sample_parts, parts, strict=False)
+        ):
+            return True
+    return False
+
+
+# Where secrets live, as directories a recursive read may start above.
+_SECRET_HOLDERS = (
+    *SECRET_PATH_SAMPLES, *SECRET_ROOTS, "/proc/1/environ", "/home/user/.ssh/id_rsa",
+    "/root/.ssh/id_rsa",
+)  # fmt: skip
+
+
+def holds_secrets(word: str) -> bool:
+    """Whether a recursive read starting at directory `word` reaches a secret location.
+
+    The workspace itself (`.`, or a climb out of it with `..`) counts: a `.env`
+    usually sits at a project's root. A named subdirectory (`src`) does not; a
+    secret file inside one is left to the sandbox (a known limit).
+    """
+    path = canonical_path(word)
+    if path is None:
+        stripped = word.rstrip("/")
+        return stripped in ("", ".", "./") or _escapes(word)
+    if path in ("/", "~") or _is_home(path):
+        return True
+    prefix = path.rstrip("/") + "/"
+    return any(h.startswith(prefix) or h == path for h in _SECRET_HOLDERS)
+
+
+def _under(path: str, roots: tuple[str, ...] | frozenset[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
 
 
 # A second net for paths embedded in larger arguments (`load("/etc/shadow")`,
@@ -198,6 +304,20 @@ def _secret_path_reason(word: str) -> str | None:
     if not word or word == "-":
         return None
     path = canonical_path(word) or word
+    if not path.startswith(("/", "~")) and _escapes(path):
+        # `../../proc/1/mem` from the workspace: how far up the climb ends is not
+        # known, so judge the rest as if it reached `/`.
+        rest = [p for p in path.split("/") if p not in ("", ".", "..")]
+        climbed = "/" + "/".join(rest)
+        if climbed != "/" and _secret_path_reason(climbed):
+            return f"`{word}` climbs out of the workspace to a secret location"
+    if path.startswith(("/", "~")):
+        if _under(path, SECRET_ROOTS) or _under(
+            path, tuple(p for p in SYSTEM_SECRETS if not _has_glob(p))
+        ):
+            return f"`{word}` is a secret location"
+        if _has_glob(path) and _glob_reaches_secret_path(path):
+            return f"`{word}` could match a secret location"
     if is_disk(path) and path.startswith("/dev/"):
         return f"`{word}` is a raw disk device"
     if path in ("/dev/mem", "/dev/kmem", "/dev/port"):
@@ -207,8 +327,14 @@ def _secret_path_reason(word: str) -> str | None:
         if not parts or _has_glob(path):
             return f"`{word}` may reach other processes' environments"
         leaf_ok = parts[-1] in PROC_SAFE_LEAVES or parts[0] in ("net", "sys", "pressure")
-        if not leaf_ok or "environ" in parts or "fd" in parts or "mem" in parts:
+        if parts[-1] == "cmdline" and parts[0] not in ("self", "thread-self", "cmdline"):
+            # another process's command line: in a container PID 1 may be the bot,
+            # started with its tokens as arguments
+            leaf_ok = False
+        if not leaf_ok or _PROC_DOORS.intersection(parts):
             return f"`{word}` may expose a process's secrets"
+    if _is_public_certificate(path):
+        return None
     components = [c for c in re.split(r"[/:,]", path) if c]
     for i, comp in enumerate(components):
         if comp in SECRET_DIRS or (
@@ -222,6 +348,29 @@ def _secret_path_reason(word: str) -> str | None:
         if _could_match_secret(comp):
             return f"`{word}` looks like a secret (keys, tokens or passwords)"
     return None
+
+
+# Directories of the system's trusted CA certificates: public by design (the
+# private keys live in /etc/ssl/private), so `openssl x509 -in
+# /etc/ssl/certs/x.pem` is not a secret read although `*.pem` usually is.
+PUBLIC_CERT_DIRS = (
+    "/etc/ssl/certs",
+    "/usr/share/ca-certificates",
+    "/usr/local/share/ca-certificates",
+    "/etc/ca-certificates",
+    "/etc/pki/ca-trust/extracted",
+    "/etc/pki/tls/certs",
+)
+
+
+def _is_public_certificate(path: str) -> bool:
+    """A literal certificate file (`*.pem`, `*.crt`) under a CA certificate directory."""
+    return (
+        not _has_glob(path)
+        and ".." not in path.split("/")
+        and path.endswith((".pem", ".crt", ".cer"))
+        and _under(path, PUBLIC_CERT_DIRS)
+    )
 
 
 def _outside_workspace(word: str) -> bool:

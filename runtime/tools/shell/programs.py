@@ -251,5 +251,8 @@ SYSTEMCTL_POWER = frozenset(
 # (`strace -f rm -rf /`, `taskset 1 dd of=/dev/sda`).
 SUFFIX_BLOCK_PROGRAMS = frozenset(
     {"rm", "dd", "shred", "wipefs", "mkfs", "mke2fs", "mkswap", "chmod", "chown", "chgrp",
-     "fdisk", "sfdisk", "parted", "gdisk", "sgdisk", "cfdisk", "blkdiscard"}
+     "fdisk", "sfdisk", "parted", "gdisk", "sgdisk", "cfdisk", "blkdiscard", "kill",
+     "killall5", "pkill", "killall", "systemctl", "init", "telinit", "shutdown", "reboot",
+     "halt", "poweroff", "rsync", "busctl", "dbus-send", "gdbus", "qdbus", "tee", "loginctl",
+     "fuser", "hdparm", "nvme", "cryptsetup", "mdadm", "skill", "sg_format", "sg_sanitize"}
 )  # fmt: skip

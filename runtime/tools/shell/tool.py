@@ -3,6 +3,10 @@
 Checks the arguments, reports the classification as the tool's assessment,
 and at run time classifies again, never trusting a caller that cleared as
 read-only a command that needs approval, before handing it to `execute`.
+
+Fail safe: when unasked commands must be sandboxed (`DUCKLM_SANDBOX` is not
+`off`) and bwrap does not work here, a read-only command needs approval like
+any other, and the assessment says why.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from runtime.tools.base import Assessment, Tool, ToolArgumentError, ToolResult
 from runtime.tools.shell.classifier import classify
 from runtime.tools.shell.execution import _refusal, execute
 from runtime.tools.shell.limits import MAX_COMMAND_CHARS
+from runtime.tools.shell.sandbox import SandboxConfig
 
 
 class ShellTool(Tool):
@@ -32,10 +37,18 @@ class ShellTool(Tool):
         "required": ["command"],
     }
 
-    def __init__(self, workspace: Path, *, timeout: float = 60.0, max_output: int = 65536) -> None:
+    def __init__(
+        self,
+        workspace: Path,
+        *,
+        timeout: float = 60.0,
+        max_output: int = 65536,
+        sandbox: SandboxConfig | None = None,
+    ) -> None:
         self.workspace = Path(workspace)
         self.timeout = timeout
         self.max_output = max_output
+        self.sandbox = sandbox if sandbox is not None else SandboxConfig()
 
     @staticmethod
     def _command(args: dict[str, Any]) -> str:
@@ -55,7 +68,12 @@ class ShellTool(Tool):
         return command
 
     def assess(self, args: dict[str, Any]) -> Assessment:
-        return classify(self._command(args)).assessment()
+        assessment = classify(self._command(args)).assessment()
+        if not assessment.requires_approval and self.sandbox.required_but_missing:
+            return assessment.model_copy(
+                update={"requires_approval": True, "reason": self.sandbox.missing_reason()}
+            )
+        return assessment
 
     async def run(self, args: dict[str, Any], assessment: Assessment) -> ToolResult:
         command = self._command(args)
@@ -67,10 +85,14 @@ class ShellTool(Tool):
             return _refusal(
                 command, fresh, f"Refused: this command needs approval ({fresh.reason})"
             )
+        # The gateway runs a call whose assessment needs approval only once a
+        # person or a rule approved it; anything else runs unasked.
         return await execute(
             command,
             fresh,
             workspace=self.workspace,
             timeout=self.timeout,
             max_output=self.max_output,
+            sandbox=self.sandbox,
+            approved=assessment.requires_approval,
         )

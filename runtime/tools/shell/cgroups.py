@@ -1,0 +1,174 @@
+"""A pids cgroup per command: the process limit RLIMIT_NPROC cannot give root.
+
+The kernel never applies RLIMIT_NPROC to processes whose real user is root
+(in a user namespace too, when uid 0 maps to root), so a fork bomb run by a
+bot that runs as root would fill the host's process table. A cgroup's
+`pids.max` stops it for any user. When the bot may create cgroups (root on a
+host with the pids controller, cgroup v2 or v1), each command gets its own
+cgroup, joined by the child before it execs, so everything it starts is
+counted; otherwise the caller falls back on RLIMIT_NPROC alone (which does
+hold for a non-root bot).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger("ducklm.tools")
+
+_PREFIX = "ducklm-cmd-"
+_counter = itertools.count()
+
+
+@dataclass(frozen=True)
+class PidsCgroup:
+    """One command's cgroup. `join` runs in the child; the rest in the bot."""
+
+    path: Path
+    unified: bool  # cgroup v2 (has cgroup.kill) rather than v1
+
+    def join(self) -> None:  # pragma: no cover - runs in the child before exec
+        with open(self.path / "cgroup.procs", "w") as f:
+            f.write(str(os.getpid()))
+
+    def limit_hit(self) -> bool:
+        """Whether a fork was refused because the cgroup was full."""
+        try:
+            for line in (self.path / "pids.events").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "max" and value.strip() not in ("", "0"):
+                    return True
+        except OSError:
+            pass
+        return False
+
+    def kill_all(self) -> None:
+        """SIGKILL whatever is still in the cgroup (bounded: a fork bomb is full at its limit)."""
+        kill_file = self.path / "cgroup.kill"
+        if self.unified and kill_file.exists():
+            with contextlib.suppress(OSError):
+                kill_file.write_text("1")
+            return
+        for _ in range(20):
+            pids = self._pids()
+            if not pids:
+                return
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+
+    def remove(self, wait: float = 2.0) -> None:
+        """Remove the cgroup once it is empty; leave it (logged) if it never empties."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                if time.monotonic() >= deadline:
+                    logger.warning("could not remove cgroup %s", self.path)
+                    return
+                self.kill_all()
+                time.sleep(0.01)
+
+    def _pids(self) -> list[int]:
+        try:
+            return [int(p) for p in (self.path / "cgroup.procs").read_text().split()]
+        except (OSError, ValueError):
+            return []
+
+
+def _mounts() -> list[tuple[str, str, str]]:
+    """(mount point, fs type, super options) of every cgroup mount."""
+    out = []
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if len(fields) >= 5 and len(tail) >= 3 and tail[0] in ("cgroup", "cgroup2"):
+            out.append((fields[4].replace("\\040", " "), tail[0], tail[2]))
+    return out
+
+
+def _usable(parent: Path, unified: bool) -> bool:
+    """Whether a child cgroup with its own pids.max can be made under `parent`."""
+    if unified:
+        try:
+            if "pids" not in (parent / "cgroup.controllers").read_text().split():
+                return False
+            control = parent / "cgroup.subtree_control"
+            if "pids" not in control.read_text().split():
+                control.write_text("+pids")
+        except OSError:
+            return False
+    probe = parent / f"{_PREFIX}probe-{os.getpid()}"
+    try:
+        probe.mkdir()
+    except OSError:
+        return False
+    try:
+        (probe / "pids.max").write_text("1")
+        return True
+    except OSError:
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            probe.rmdir()
+
+
+@functools.cache
+def _parent() -> tuple[Path, bool] | None:
+    """Where per-command cgroups go: the first usable pids hierarchy (v2 first), or None."""
+    if os.geteuid() != 0:
+        return None  # a non-root bot has RLIMIT_NPROC, which the kernel enforces for it
+    mounts = _mounts()
+    candidates = [(Path(m), True) for m, kind, _ in mounts if kind == "cgroup2"]
+    candidates += [
+        (Path(m), False)
+        for m, kind, opts in mounts
+        if kind == "cgroup" and "pids" in opts.split(",")
+    ]
+    for parent, unified in candidates:
+        if _usable(parent, unified):
+            # Cgroups a crashed bot left behind: removed if empty, else left alone.
+            for stale in parent.glob(f"{_PREFIX}*"):
+                with contextlib.suppress(OSError):
+                    stale.rmdir()
+            return parent, unified
+    return None
+
+
+def available() -> bool:
+    """Whether commands get a pids cgroup on this host."""
+    return _parent() is not None
+
+
+def create(max_pids: int) -> PidsCgroup | None:
+    """A fresh cgroup allowing at most `max_pids` processes, or None where none can be made."""
+    found = _parent()
+    if found is None:
+        return None
+    parent, unified = found
+    path = parent / f"{_PREFIX}{os.getpid()}-{next(_counter)}"
+    try:
+        path.mkdir()
+        (path / "pids.max").write_text(str(max_pids))
+    except OSError as exc:
+        logger.warning("could not create cgroup %s: %s", path, exc)
+        with contextlib.suppress(OSError):
+            path.rmdir()
+        return None
+    return PidsCgroup(path, unified)
