@@ -33,9 +33,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import aiosqlite
+if TYPE_CHECKING:
+    import aiosqlite
 
 logger = logging.getLogger("ducklm.store")
 T = TypeVar("T")
@@ -689,6 +690,9 @@ class Database:
     async def _background_connection(self) -> aiosqlite.Connection:
         if self._background is not None:
             return self._background
+        # Imported on first use: a short-lived CLI process never needs it.
+        import aiosqlite
+
         if self._memory:
             inline = self._conn
             conn = await aiosqlite.Connection(lambda: inline, BACKGROUND_CHUNK_ROWS)

@@ -7,9 +7,12 @@ processes.
 
 from __future__ import annotations
 
-import aiosqlite
+from typing import TYPE_CHECKING
 
 from runtime.store.db import Database, now
+
+if TYPE_CHECKING:
+    import aiosqlite
 
 # Slack retries for about five minutes and Matrix replays within a sync window;
 # a week is far beyond both and keeps the table small.

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 TaskStatus = Literal[
     "running", "waiting_for_approval", "completed", "failed", "expired", "interrupted"
@@ -20,7 +20,14 @@ Decision = Literal["approve", "deny", "always", "expired"]
 RuleKind = Literal["exact", "prefix"]
 
 
-class Task(BaseModel):
+class Record(BaseModel):
+    """Base of the records. Their validators are built on first use rather than
+    at import: `ducklm tasks` builds the one for Task only (faster start)."""
+
+    model_config = ConfigDict(defer_build=True)
+
+
+class Task(Record):
     task_id: str
     message: str
     workspace: str | None = None
@@ -40,7 +47,7 @@ class Task(BaseModel):
     updated_at: datetime
 
 
-class Event(BaseModel):
+class Event(Record):
     task_id: str | None  # None for events not tied to a task (rule_created by an admin)
     seq: int  # 1, 2, 3 ... per task
     event_type: str
@@ -48,7 +55,7 @@ class Event(BaseModel):
     created_at: datetime
 
 
-class Approval(BaseModel):
+class Approval(Record):
     approval_id: str
     task_id: str
     index: int = 1  # the action's index within its task, as in tool_call_* events
@@ -70,7 +77,7 @@ class Approval(BaseModel):
     card_ref: str | None = None  # where the approval card was posted (bot-owned format)
 
 
-class Rule(BaseModel):
+class Rule(Record):
     rule_id: str
     tool: str
     kind: RuleKind
@@ -87,7 +94,7 @@ class Rule(BaseModel):
         return self.revoked_at is None
 
 
-class Schedule(BaseModel):
+class Schedule(Record):
     schedule_id: str
     cron: str  # standard five fields: minute hour day-of-month month day-of-week
     timezone: str  # IANA name, e.g. "Europe/Berlin"

@@ -11,9 +11,12 @@ history neither stalls the bot nor holds the write lock for long.
 
 from __future__ import annotations
 
-import aiosqlite
+from typing import TYPE_CHECKING
 
 from runtime.store.db import Database, now
+
+if TYPE_CHECKING:
+    import aiosqlite
 
 CHUNK_TASKS = 500
 _FINISHED = "('completed', 'failed', 'expired', 'interrupted')"
