@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import aiosqlite
@@ -149,3 +151,31 @@ async def test_an_in_memory_store_runs_background_work_on_its_one_connection() -
         assert await s.tasks.get_task(task.task_id) is None
         # Inline statements still work after the background ones.
         assert (await s.tasks.create_task("again")).message == "again"
+
+
+def test_a_process_that_closed_its_store_exits(tmp_path: Path) -> None:
+    # aiosqlite's thread is not a daemon: a background connection left open would
+    # keep the interpreter alive after main() returns. close() must end it.
+    script = (
+        "import asyncio, sys\n"
+        "from runtime.store import open_stores\n"
+        "from runtime.store.retention import delete_finished_tasks\n"
+        "async def main():\n"
+        "    async with await open_stores(sys.argv[1]) as s:\n"
+        "        await delete_finished_tasks(s.db, 0)\n"
+        "        await s.deliveries.prune()\n"
+        "        await s.db.checkpoint()\n"
+        "asyncio.run(main())\n"
+        "print('done')\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "duck.db")],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "done"
