@@ -24,12 +24,18 @@ from typing import Any
 
 import bashlex
 
-from runtime.tools.shell.blocking import _output_options, blocked_reason, resolve_operand
+from runtime.tools.shell.blocking import (
+    _output_options,
+    blocked_reason,
+    brace_expand,
+    resolve_operand,
+)
 from runtime.tools.shell.limits import MAX_NESTING, MAX_PARSE_CHARS
 from runtime.tools.shell.options import _opts, getopt, has_flag
 from runtime.tools.shell.paths import (
     HARMLESS_DEVICES,
     _escapes,
+    _has_glob,
     _outside_workspace,
     canonical_path,
     holds_secrets,
@@ -130,7 +136,8 @@ class _Analyzer:
                     f"({_short_error(exc)}), so it needs approval.",
                 )
             )
-            self._fallback(text)
+            if not self._around_substitutions(text):
+                self._fallback(text)
             return
         if len(nodes) > 1:
             self.complex = True
@@ -193,6 +200,9 @@ class _Analyzer:
             self._pipe_to_shell(effective)
             raw = [_words_of(p) for p in node.parts if p.kind == "command"]
             for left, right in itertools.pairwise(raw):
+                left = _strip_wrappers(left)
+                names = [_prog_name(w) for w in right]
+                right = right[names.index("xargs") :] if "xargs" in names else right
                 endless = left[:1] in (["yes"], ["seq"]) or left[:2] in (["cat", "/dev/zero"],)
                 if endless and right[:1] == ["xargs"] and _unbounded_parallel(right):
                     self.add(
@@ -554,6 +564,9 @@ class _Analyzer:
         if (not head.literal and head.raw != "[") or not head.word:
             self.complex = True
             self.programs.append("?")
+            guessed = _guess_blocked(args)
+            if guessed:
+                return _block(guessed[0].upper() + guessed[1:] + "."), argv
             return (
                 Verdict(
                     "unknown",
@@ -950,6 +963,33 @@ class _Analyzer:
 
     # -- fallback for what does not parse ---------------------------------
 
+    def _around_substitutions(self, text: str) -> bool:
+        """Judge `$(…)`, `<(…)` and backquotes on their own when bashlex fails on the whole.
+
+        bashlex cannot parse some substitutions (`echo $(cd / && rm -rf *)`):
+        each one's text is judged as a command of its own (so a blocked form
+        inside stays blocked, with its `cd` context), then the rest with a
+        plain word in its place. Returns False when there was nothing to take
+        out or the rest still does not parse (the crude scan then runs).
+        """
+        outer, inner = _take_out_substitutions(text)
+        if not inner:
+            return False
+        for part in inner:
+            self.sub(part)
+        try:
+            nodes = bashlex.parse(outer)
+        except Exception:
+            self._fallback(outer)
+            return True
+        self.complex = True
+        saved = self.text
+        self.text = outer
+        for node in nodes:
+            self.node(node)
+        self.text = saved
+        return True
+
     def _fallback(self, text: str) -> None:
         """Look for blocked forms in text the parser rejected (it still needs approval)."""
         try:
@@ -1091,6 +1131,104 @@ def _unquoted(word: str, raw: str, expand: bool) -> str:
     except ValueError:
         return word
     return split[0] if len(split) == 1 else word
+
+
+_SUBST_WORD = "ducklm_substitution"
+
+
+def _take_out_substitutions(text: str) -> tuple[str, list[str]]:
+    """`text` with each outermost `$(…)`, `<(…)`, `>(…)` and `` `…` `` replaced by a word.
+
+    Quotes are followed (nothing is taken out of single quotes); nesting is
+    counted. Returns the new text and the texts taken out.
+    """
+    out: list[str] = []
+    inner: list[str] = []
+    i, n = 0, len(text)
+    quote: str | None = None
+    while i < n:
+        c = text[i]
+        if c == "\\" and quote != "'":
+            out.append(text[i : i + 2])
+            i += 2
+            continue
+        if quote == "'":
+            out.append(c)
+            if c == "'":
+                quote = None
+            i += 1
+            continue
+        if c in "'\"" and quote is None:
+            quote = c if c == "'" else '"'
+            out.append(c)
+            i += 1
+            continue
+        if c == '"' and quote == '"':
+            quote = None
+            out.append(c)
+            i += 1
+            continue
+        opener = text[i : i + 2]
+        if opener in ("$(", "<(", ">(") and text[i : i + 3] != "$((":
+            end = _matching_paren(text, i + 2)
+            if end < 0:
+                return text, []
+            inner.append(text[i + 2 : end])
+            out.append(_SUBST_WORD)
+            i = end + 1
+            continue
+        if c == "`":
+            end = text.find("`", i + 1)
+            if end < 0:
+                return text, []
+            inner.append(text[i + 1 : end])
+            out.append(_SUBST_WORD)
+            i = end + 1
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out), inner
+
+
+def _matching_paren(text: str, start: int) -> int:
+    """Index of the `)` closing a `(` just before `start`, or -1."""
+    depth, i, quote = 0, start, None
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and quote != "'":
+            i += 2
+            continue
+        if quote:
+            if c == quote:
+                quote = None
+        elif c in "'\"":
+            quote = c
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            if depth == 0:
+                return i
+            depth -= 1
+        i += 1
+    return -1
+
+
+def _guess_blocked(args: list[Arg]) -> str | None:
+    """A blocked form behind a program name bash computes: `{rm,-rf,/}`, `/???/???/reboot`.
+
+    Braces are expanded the way bash would (comma lists); a glob in the
+    directory part still leaves the program's own name (`reboot`) known.
+    """
+    words = [a.word for a in args]
+    head = args[0]
+    if head.brace:
+        words = [w for word in words for w in brace_expand(word)]
+    if not words:
+        return None
+    name = posixpath.basename(words[0])
+    if (head.glob and not _has_glob(name)) or head.brace:
+        return blocked_reason(name, words)
+    return None
 
 
 def _found(a: Arg) -> Arg:
