@@ -20,7 +20,10 @@ The package, one module per concept, in dependency order:
 - `programs`: tables of programs by what they do.
 - `paths`: protected, critical, disk and secret paths; `canonical_path`.
 - `blocking`: the blocked forms (`blocked_reason`).
-- `policies`: per-program read-only policies (`find`, `sed`, `git`, …).
+- `specs`: option allow-lists (`Spec`, value shapes, `check`, `judge`).
+- `languages`: mini-languages in arguments (sed, awk, jq/yq, find, test).
+- `specs_text`: the allow-lists of the file and text tools (`TEXT_SPECS`).
+- `policies`: per-program read-only policies (`date`, `kill`, `git`, …).
 - `words`: `Arg`, one word and what the shell does to it.
 - `analyzer`: the tree walker and the wrappers it looks through.
 - `classifier`: `classify`, the entry point.
