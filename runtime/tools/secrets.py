@@ -17,6 +17,7 @@ from __future__ import annotations
 import fnmatch
 import glob
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path, PurePath
 
@@ -104,13 +105,20 @@ SECRET_PATH_SAMPLES = (
 )  # fmt: skip
 
 
+# Every name pattern as one regular expression: the classifier asks for each word.
+_SECRET_NAME_RE = re.compile(
+    "|".join(fnmatch.translate(p) for p in (*SECRET_NAMES, *SECRET_DIR_PATTERNS))
+)
+
+
+def secret_name_matches(component: str) -> bool:
+    """Whether one component matches a secret file-name pattern (not the directory names)."""
+    return _SECRET_NAME_RE.match(component) is not None
+
+
 def is_secret_name(component: str) -> bool:
     """Whether one literal path component is a secret file or credentials directory."""
-    return (
-        component in SECRET_DIRS
-        or any(fnmatch.fnmatchcase(component, pattern) for pattern in SECRET_NAMES)
-        or any(fnmatch.fnmatchcase(component, pattern) for pattern in SECRET_DIR_PATTERNS)
-    )
+    return component in SECRET_DIRS or _SECRET_NAME_RE.match(component) is not None
 
 
 def is_secret_path(path: PurePath | str) -> bool:

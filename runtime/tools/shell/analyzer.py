@@ -99,6 +99,7 @@ class _Analyzer:
         self.cwd: str | None = None
         self.simple_count = 0
         self.text = ""
+        self.nodes: list[Any] = []  # bashlex's tree of `text`, when it parsed
         # Files an earlier part of the command downloaded (`curl -o x URL`,
         # `wget URL`, `curl URL > x`), by full word and by base name: running
         # one later (`sh x`, `./x`) runs unreviewed code and is blocked.
@@ -139,6 +140,7 @@ class _Analyzer:
             if not self._around_substitutions(text):
                 self._fallback(text)
             return
+        self.nodes = nodes
         if len(nodes) > 1:
             self.complex = True
         for node in nodes:

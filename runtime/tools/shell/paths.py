@@ -16,13 +16,12 @@ import re
 
 from runtime.tools.secrets import (
     SECRET_DIR_PAIRS,
-    SECRET_DIR_PATTERNS,
     SECRET_DIRS,
-    SECRET_NAMES,
     SECRET_PATH_SAMPLES,
     SECRET_ROOTS,
     SECRET_SAMPLES,
     SYSTEM_SECRETS,
+    secret_name_matches,
 )
 
 # Deleting, moving or recursively re-permissioning any of these wipes the system.
@@ -227,9 +226,7 @@ def _could_match_secret(component: str) -> bool:
         return any(glob_component_matches(s, component) for s in SECRET_SAMPLES) or any(
             glob_component_matches(s, component) for s in SECRET_DIRS
         )
-    return any(fnmatch.fnmatchcase(component, pat) for pat in SECRET_NAMES) or any(
-        fnmatch.fnmatchcase(component, pat) for pat in SECRET_DIR_PATTERNS
-    )
+    return secret_name_matches(component)
 
 
 def _glob_reaches_secret_path(path: str) -> bool:
