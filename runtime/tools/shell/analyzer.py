@@ -1096,7 +1096,9 @@ def _recursive_secret_read(
         hidden = True
     else:
         u_count = sum(w.count("u") for w in argv[1:] if w[:1] == "-" and w[1:2] != "-")
-        hidden = opts.has("--hidden") or u_count >= 2
+        # `-u`/`--no-ignore` add git-ignored files (where secrets are kept on
+        # purpose), `-uu`/`--hidden` dotfiles such as `.env`
+        hidden = u_count >= 1 or any(w.startswith(("--hidden", "--no-ignore")) for w in argv[1:])
     for start in operands or ["."]:
         if cwd is not None and canonical_path(start) is None:
             if cwd == "?":
