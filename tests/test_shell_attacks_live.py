@@ -564,6 +564,72 @@ async def test_bypassed_profile_lends_nothing_to_the_rest_of_the_command(
     assert not problems, "\n".join(problems)
 
 
+class UnixListener:
+    """A unix socket outside /run (where LXD, Incus or a kubelet keep theirs) that
+    counts who connected."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.connections = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.sock.close()
+
+
+async def test_bypassed_commands_reach_no_unix_socket(world: World, bypass: Any) -> None:
+    """A control socket outside /run (LXD keeps one under /var/snap, Incus under
+    /var/lib) gives root to whoever connects: the sandbox must not let one through."""
+    await _preflight(world)
+    listener = UnixListener(world.base / "sock" / "unix.socket")
+    try:
+        path = shlex.quote(str(listener.path))
+        # Control: an approved (unsandboxed) client does connect.
+        connect = (
+            'python3 -c "import socket, sys; s = socket.socket(socket.AF_UNIX); '
+            f's.connect({str(listener.path)!r})"'
+        )
+        control = await execute(
+            connect, _forced(""), workspace=world.workspace, sandbox=world.sandbox, approved=True
+        )
+        assert control.ok, control
+        assert await _wait_for(lambda: listener.connections == 1), listener.connections
+        results = await _run_bypassed(
+            world,
+            [
+                connect,
+                f"nc -U -w 2 {path} < /dev/null",
+                f"socat -u /dev/null UNIX-CONNECT:{path}",
+                f"curl -s -m 3 --unix-socket {path} http://lxd/1.0",
+            ],
+        )
+        await _wait_for(lambda: listener.connections > 1, within=1.0)
+        assert listener.connections == 1, (
+            f"{listener.connections - 1} sandboxed connection(s) to a unix socket outside /run:\n"
+            + "\n".join(f"  {c}: {_text(r)[:120]!r}" for c, r in results)
+        )
+    finally:
+        listener.close()
+
+
 async def test_bypassed_secret_reads_print_no_secret(world: World, bypass: None) -> None:
     await _preflight(world)
     # Control: an approved (unsandboxed) read shows the canary, so its absence
