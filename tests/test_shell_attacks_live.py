@@ -828,6 +828,25 @@ async def test_bypassed_commands_see_no_devices_and_cannot_poke_the_kernel(
     assert not worked, f"these reached the kernel from the sandbox: {worked}"
 
 
+async def test_bypassed_processes_share_one_memory_bound(world: World, bypass: Any) -> None:
+    """The address-space limit binds each process; three processes holding 600 MiB
+    each (1.8 GiB, more than the 1 GiB a command may use) must not all succeed.
+    Small on purpose: it must not hurt the machine if nothing stops it."""
+    await _preflight(world)
+    hold = (
+        'python3 -c "import time; b = bytearray(600 << 20); '
+        "b[::4096] = bytes(len(b[::4096])); time.sleep(2); print('held')\""
+    )
+    [(_, result)] = await _run_bypassed(
+        world, [f"for i in 1 2 3; do {hold} & done; wait"], timeout=20
+    )
+    held = result.output.count("held")
+    assert held < 3, (
+        f"{held} processes each held 600 MiB at once: the memory limit is per process "
+        f"({world.sandbox.limits.address_space >> 20} MiB each), not per command"
+    )
+
+
 # -- (a) through the gateway, the real classifier -----------------------------------------
 
 # Harmful commands from the corpus that must be refused; `block` ones must be blocked.
