@@ -1076,6 +1076,13 @@ EVERYDAY_AUTO = [
     "pgrep -a nginx",
     "getent hosts localhost",
     "cat /proc/mdstat",
+    # a secret's name as a search pattern is not a read of it
+    "grep -i token app.log",
+    "grep -c shadow /var/log/syslog",
+    "grep -n -e token -e expired app.log",
+    "rg id_rsa",
+    "awk '/password/' app.log",
+    "jq '.token' f.json",
     # read-only process substitution and plain arithmetic: needed approval before
     "cat <(ls)",
     "diff <(ls a) <(ls b)",
@@ -1170,6 +1177,9 @@ ISSUE13_APPROVE = [
     ("rg foo /etc", "reads /etc/shadow"),
     ("diff -r /etc ./etc-backup", "recursive diff prints secret lines"),
     ("getent shadow", "password hashes"),
+    ("grep token /etc/shadow", "the file operand is still checked"),
+    ("grep -e x /etc/shadow", "the file operand is still checked"),
+    ("jq . .env", "the file operand is still checked"),
     # runaways
     ("cat /dev/zero", "endless"),
     ("cat <(rm -rf x)", "a process substitution that writes"),

@@ -837,7 +837,10 @@ class _Analyzer:
         """
         if name in NON_READING:
             return None
-        for a in args[1:]:
+        patterns = _pattern_positions(name, [a.word for a in args])
+        for index, a in enumerate(args[1:], 1):
+            if index in patterns:
+                continue  # a search pattern or a program's text, not a file to read
             for word in self._readings(a):
                 reason = secret_reason(word) if word else None
                 if reason:
@@ -1215,6 +1218,40 @@ def _matching_paren(text: str, start: int) -> int:
             depth -= 1
         i += 1
     return -1
+
+
+# Programs whose first operand (or `-e` values) is a pattern or a program text,
+# never a file: `grep token app.log` searches for "token"; it reads app.log.
+# The languages keep these texts from reading files themselves (no `getline`
+# in awk, `r` targets in sed are checked, no `import`/`load` in jq and yq).
+_PATTERN_FIRST = frozenset(
+    {"grep", "egrep", "fgrep", "zgrep", "zegrep", "zfgrep", "bzgrep", "xzgrep", "zstdgrep",
+     "rg", "awk", "gawk", "mawk", "nawk", "sed", "jq", "yq"}
+)  # fmt: skip
+_PATTERN_OPTIONS = ("-e", "--regexp", "--expression", "--source")
+
+
+def _pattern_positions(name: str, argv: list[str]) -> set[int]:
+    """Indices of argv that are patterns or program texts (not paths) for `name`."""
+    allow = ALLOW_LISTS.get(name)
+    if name not in _PATTERN_FIRST or allow is None:
+        return set()
+    opts = parse(allow, argv)
+    if opts.error:
+        return set()
+    out: set[int] = set()
+    for i, word in enumerate(argv[:-1]):
+        if word in _PATTERN_OPTIONS or (word[:2] == "-e" and name not in ("jq", "yq")):
+            out.add(i + 1 if word in _PATTERN_OPTIONS else i)
+    for i, word in enumerate(argv):
+        if any(word.startswith(o + "=") for o in _PATTERN_OPTIONS):
+            out.add(i)
+    if name in ("jq", "yq"):
+        positionals = [i for i in opts.positionals if argv[i] not in ("e", "eval", "ea")]
+        return out | set(positionals[:1])
+    if opts.has(*_PATTERN_OPTIONS, "-f", "--file", "--files") or not opts.positionals:
+        return out
+    return out | {opts.positionals[0]}
 
 
 def _guess_blocked(args: list[Arg]) -> str | None:
