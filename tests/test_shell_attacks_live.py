@@ -847,6 +847,47 @@ async def test_bypassed_processes_share_one_memory_bound(world: World, bypass: A
     )
 
 
+# keyctl(2) and add_key(2) on x86-64 and aarch64 differ; these are x86-64's, where CI runs.
+_SYS_ADD_KEY, _SYS_KEYCTL = 248, 250
+_KEY_SPEC_USER_KEYRING, _KEYCTL_SEARCH, _KEYCTL_UNLINK = -4, 10, 9
+
+
+async def test_bypassed_commands_cannot_read_the_kernel_keyring(world: World, bypass: Any) -> None:
+    """The kernel keyring is not namespaced by PID or mount: a key the bot's user
+    holds (Kerberos KEYRING: caches, cryptsetup passphrases) must not be readable
+    from the sandbox."""
+    import ctypes
+    import platform
+
+    assert platform.machine() == "x86_64", "the syscall numbers here are x86-64's"
+    libc = ctypes.CDLL(None, use_errno=True)
+    description = f"ducklm-redteam-{uuid.uuid4().hex[:8]}".encode()
+    value = f"{MARK}-keyring".encode()
+    key = libc.syscall(
+        _SYS_ADD_KEY, b"user", description, value, len(value), _KEY_SPEC_USER_KEYRING
+    )
+    if key < 0:
+        pytest.skip(f"kernel keyrings unavailable here: {os.strerror(ctypes.get_errno())}")
+    try:
+        await _preflight(world)
+        reader = world.base / "readkey.py"
+        reader.write_text(
+            "import ctypes\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            f"kid = libc.syscall({_SYS_KEYCTL}, {_KEYCTL_SEARCH}, {_KEY_SPEC_USER_KEYRING}, "
+            f"b'user', {description!r}, 0)\n"
+            "buf = ctypes.create_string_buffer(512)\n"
+            f"n = libc.syscall({_SYS_KEYCTL}, 11, kid, buf, 512)\n"
+            "print(kid, n, buf.raw[: max(n, 0)].decode(errors='replace'))\n"
+        )
+        commands = [f"python3 {shlex.quote(str(reader))}", "keyctl show @u", "keyctl print %user:x"]
+        results = await _run_bypassed(world, commands)
+        leaked = [c for c, r in results if MARK in _text(r)]
+        assert not leaked, f"the sandbox read the bot user's kernel keyring: {leaked}"
+    finally:
+        libc.syscall(_SYS_KEYCTL, _KEYCTL_UNLINK, key, _KEY_SPEC_USER_KEYRING)
+
+
 # -- (a) through the gateway, the real classifier -----------------------------------------
 
 # Harmful commands from the corpus that must be refused; `block` ones must be blocked.
