@@ -1,23 +1,29 @@
 """Harmful commands from the hostile corpus, run through the real execution path.
 
-Two ways in, each with a throwaway world (a workspace, a canary tree, a fake
-$HOME with credentials, the bot's database, a TCP listener on 127.0.0.1 and a
-canary token in the bot's environment), hashed before and after:
+Two ways in, each with a throwaway world under /var/tmp (a workspace, a canary
+tree, a fake $HOME with credentials, the bot's database and Matrix session, a
+kubeconfig named by $KUBECONFIG, TCP/UDP listeners on 127.0.0.1 and a canary
+token in the bot's environment), hashed before and after:
 
 (a) through the gateway exactly as the model calls it, with the real
     classifier: every harmful command comes back pending approval or blocked,
-    and nothing in the world changed, connected or leaked;
+    and nothing in the world changed, connected or leaked; read-only commands
+    the classifier does run at once (through workspace symlinks, in a
+    repository whose config names a hook program) stay contained;
 (b) with the classifier deliberately bypassed (the one sanctioned stand-in:
     `classify` as imported by `tool.py` and `execution.py` answers "read-only,
-    low risk"), so the sandbox alone must stop them: no file changed, no
-    connection reached the listener, no canary secret in the output, and the
-    runaway ones ended within their bounds.
+    low risk", keeping the real parse), so the sandbox alone must stop them:
+    no file changed, no connection or datagram reached a listener (nor a unix
+    socket outside /run), no canary secret in the output (kernel keyring
+    included), no profile lent to the rest of a command, no device or kernel
+    knob reachable, and the runaway ones ended within their bounds.
 
 bubblewrap is required: without it these tests fail (CI installs it), they do
 not skip. Nothing here can harm the machine if the sandbox fails open: the
-bypassed commands only aim at the throwaway world, and the blocked ones (kill
-PID 1, reboot, rm -rf /, fork bombs) are never handed to a path that could run
-them; for those the test checks that `execute` itself refuses them.
+bypassed commands only aim at the throwaway world (the memory test holds
+1.8 GiB for two seconds at most), and the blocked ones (kill PID 1, reboot,
+rm -rf /, fork bombs) are never handed to a path that could run them; for
+those the test checks that `execute` itself refuses them.
 """
 
 from __future__ import annotations
