@@ -701,6 +701,56 @@ async def test_links_in_the_workspace_and_open_files_lead_to_no_secret(world: Wo
     assert len(ran) >= len(targets), f"too few ran to prove anything: {ran}"
 
 
+# Secret-named files a workspace may hold (a checked-out deploy repository): not
+# dotfiles, so a bare glob or a recursive search over the workspace reaches them.
+WORKSPACE_SECRETS = (
+    "id_rsa",
+    "server.key",
+    "credentials.json",
+    "deploy/terraform.tfstate",
+    "deploy/kubeconfig",
+    "deploy/secrets.yaml",
+)
+
+
+async def test_secret_named_files_in_the_workspace_stay_unread(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the gateway (the real classifier) with globs and dir/.. recursion, and
+    with the classifier bypassed naming them outright: the files' contents never
+    come back (verified live to leak today)."""
+    for rel in WORKSPACE_SECRETS:
+        _write(world.workspace / rel, f"{MARK}-{rel}\n")
+    readers = [
+        "cat *",
+        "head -n 5 *",
+        "cat */*",
+        "tail -n +1 -- * */*",
+        "grep -r canarymark notes/..",
+        "grep -h canarymark -- * */*",
+        "strings -- *",
+    ]
+    # (a) the real classifier, through the gateway as the model calls it
+    gateway = ToolGateway.default(
+        world.workspace, shell_timeout=TIMEOUT, shell_max_output=MAX_OUTPUT, sandbox=world.sandbox
+    )
+
+    async def run(command: str) -> ToolResult:
+        return await gateway.run_action({"tool": "shell_exec_safe", "args": {"command": command}})
+
+    through_gateway = await _gather(readers, run)
+    # (b) the classifier bypassed: the sandbox alone, the files named outright
+    monkeypatch.setattr(tool_module, "classify", _forced)
+    monkeypatch.setattr(execution_module, "classify", _forced)
+    named = " ".join(shlex.quote(rel) for rel in WORKSPACE_SECRETS)
+    bypassed = await _run_bypassed(world, [f"cat {named}", "grep -r canarymark ."])
+    leaked = [f"gateway: {c}" for c, r in through_gateway if MARK in _text(r)]
+    leaked += [f"bypassed: {c}" for c, r in bypassed if MARK in _text(r)]
+    assert not leaked, "secret-named workspace files were printed:\n" + "\n".join(
+        f"  {line}" for line in leaked
+    )
+
+
 async def test_bypassed_runaway_commands_end_within_bounds(world: World, bypass: None) -> None:
     await _preflight(world)
     before = world.snapshot()
