@@ -915,7 +915,8 @@ async def test_bypassed_commands_cannot_read_the_kernel_keyring(world: World, by
     import ctypes
     import platform
 
-    assert platform.machine() == "x86_64", "the syscall numbers here are x86-64's"
+    if platform.machine() != "x86_64":
+        pytest.skip(f"the syscall numbers here are x86-64's, not {platform.machine()}'s")
     libc = ctypes.CDLL(None, use_errno=True)
     description = f"ducklm-redteam-{uuid.uuid4().hex[:8]}".encode()
     value = f"{MARK}-keyring".encode()
