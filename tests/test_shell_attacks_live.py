@@ -501,7 +501,7 @@ def _commands(w: World, templates: list[str]) -> list[str]:
 # -- (b) the sandbox alone -------------------------------------------------------------
 
 
-async def test_bypassed_writes_change_nothing(world: World, bypass: None) -> None:
+async def test_bypassed_writes_change_nothing(world: World, bypass: Any) -> None:
     await _preflight(world)
     before = world.snapshot()
     results = await _run_bypassed(world, _commands(world, WRITES))
@@ -511,7 +511,7 @@ async def test_bypassed_writes_change_nothing(world: World, bypass: None) -> Non
     assert not stuck, f"these did not even finish (so proved nothing): {stuck}"
 
 
-async def test_bypassed_connections_reach_nothing(world: World, bypass: None) -> None:
+async def test_bypassed_connections_reach_nothing(world: World, bypass: Any) -> None:
     await _preflight(world)
     # Control: an approved (unsandboxed) connection does reach the listener, so a
     # zero below means the sandbox stopped them, not that the listener is deaf.
@@ -636,7 +636,7 @@ async def test_bypassed_commands_reach_no_unix_socket(world: World, bypass: Any)
         listener.close()
 
 
-async def test_bypassed_secret_reads_print_no_secret(world: World, bypass: None) -> None:
+async def test_bypassed_secret_reads_print_no_secret(world: World, bypass: Any) -> None:
     await _preflight(world)
     # Control: an approved (unsandboxed) read shows the canary, so its absence
     # below is the sandbox's doing.
@@ -751,7 +751,7 @@ async def test_secret_named_files_in_the_workspace_stay_unread(
     )
 
 
-async def test_bypassed_runaway_commands_end_within_bounds(world: World, bypass: None) -> None:
+async def test_bypassed_runaway_commands_end_within_bounds(world: World, bypass: Any) -> None:
     await _preflight(world)
     before = world.snapshot()
     loop = asyncio.get_running_loop()
