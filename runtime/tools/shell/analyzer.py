@@ -44,7 +44,6 @@ from runtime.tools.shell.paths import (
     secret_reason,
 )
 from runtime.tools.shell.policies import (
-    _CTL_READ,
     _SUBCOMMAND_PROGRAMS,
     POLICIES,
     READ_ONLY_PROGRAMS,
@@ -712,12 +711,9 @@ class _Analyzer:
             v = judge(name, allow, argv)
             if v is not None:
                 return self._policy_verdict(name, v, args)
-        elif fn is None and name not in _CTL_READ:
+        elif fn is None:
             # fail closed: a program that can run unasked has its options listed
             return Verdict("unknown", "medium", f"`{name}` has no option allow-list yet.")
-        if name in _CTL_READ:
-            if len(argv) > 1 and argv[1] not in _CTL_READ[name]:
-                return Verdict("privileged", "high", f"`{name} {argv[1]}` changes system settings.")
         words = self._word_problem(name, args)
         if words:
             return words
@@ -791,7 +787,8 @@ class _Analyzer:
         # become one at run time (a glob matching a file named `-exec`, an
         # unknown variable) is a question, unless it comes after `--` or the
         # program has no harmful option at all (`Spec.glob_safe`).
-        sensitive = name in FLAG_SENSITIVE or allow is not None
+        # The system programs' policies parse options too (`specs_system`).
+        sensitive = name in FLAG_SENSITIVE or allow is not None or name in SYSTEM_POLICIES
         glob_ok = allow is not None and allow.glob_safe
         after_dashes = False
         for a in args[1:]:
@@ -811,7 +808,9 @@ class _Analyzer:
                     return Verdict(
                         "unknown", "medium", f"The expansion `{a.raw}` is not understood."
                     )
-                if sensitive and p not in SAFE_VARIABLES:
+                # `a.expand` is False when every `$` sits in single quotes
+                # (`-f='${Package}'`: dpkg-query's own format, not the shell's).
+                if sensitive and p not in SAFE_VARIABLES and a.expand:
                     return Verdict(
                         "unknown", "medium", f"`${p}` could expand to an option of `{name}`."
                     )

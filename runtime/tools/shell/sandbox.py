@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from runtime.tools.secrets import hidden_paths
+from runtime.tools.secrets import CREDENTIAL_ENV_VARS, credential_env_paths, hidden_paths
 from runtime.tools.shell import cgroups
 from runtime.tools.shell.limits import ResourceLimits
 from runtime.tools.shell.profiles import (
@@ -58,19 +58,6 @@ _DEFAULT_PROFILE = Profile("default", "no network, no control socket")
 _HIDE_SIZE = 64 * 1024
 # Places the sandbox replaces anyway: nothing there needs hiding twice.
 _REPLACED = ("/tmp", "/dev", "/proc")
-# System files only root can read: hidden because the sandbox runs as the bot's
-# user, and a root bot's uid 0 reads them even without capabilities.
-_SYSTEM_SECRETS = (
-    "/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/sudoers",
-    "/etc/sudoers.d", "/etc/security/opasswd", "/etc/ssh/ssh_host_*_key", "/etc/ssl/private",
-    "/etc/pki/tls/private", "/etc/letsencrypt/archive", "/etc/letsencrypt/live",
-    "/etc/krb5.keytab", "/etc/ipsec.secrets", "/etc/wireguard",
-    "/etc/NetworkManager/system-connections", "/etc/kubernetes/pki", "/etc/kubernetes/*.conf",
-    "/var/lib/kubelet/pki", "/var/lib/kubelet/pods",
-    "/etc/rancher/k3s/k3s.yaml", "/var/lib/rancher/k3s/server", "/var/lib/docker/containers",
-    "/var/lib/docker/swarm", "/etc/docker/key.json", "/var/lib/containers/storage/secrets",
-    "/var/lib/sss/secrets", "/var/lib/jenkins/secrets",
-)  # fmt: skip
 # The fresh /proc is writable where its files' owner may write, and a root
 # bot's commands run as uid 0 (caps or not, /proc/sys/* is mode 0644 root):
 # `echo 1 > /proc/sys/vm/drop_caches` would reach the kernel. So the kernel's
@@ -259,7 +246,11 @@ def _concrete(paths: Iterable[str]) -> list[str]:
 def hidden_for(config: SandboxConfig, profile: Profile, environ: Mapping[str, str]) -> list[str]:
     """Every concrete path this profile hides on this host, right now."""
     home = environ.get("HOME") or os.path.expanduser("~")
-    extra = list(config.bot_files) + _concrete(_SYSTEM_SECRETS)
+    # System secrets come with `hidden_paths` (secrets.SYSTEM_SECRETS); the
+    # credential files the bot's environment names are hidden too, except the
+    # kubeconfig a kubernetes profile lends to kubectl.
+    extra = list(config.bot_files)
+    extra += credential_env_paths(environ, skip=("KUBECONFIG",) if profile.kubeconfig else ())
     if not profile.kubeconfig:
         extra += kubeconfigs(environ)
     candidates = hidden_paths(home, extra)
@@ -297,7 +288,12 @@ _hidden_cache: dict[tuple[object, ...], tuple[float, list[str]]] = {}
 def _hidden_cached(
     config: SandboxConfig, profile: Profile, environ: Mapping[str, str], *, rescan: bool
 ) -> list[str]:
-    key = (config.bot_files, profile.name, environ.get("HOME"), environ.get("KUBECONFIG"))
+    key = (
+        config.bot_files,
+        profile.name,
+        environ.get("HOME"),
+        *(environ.get(name) for name in CREDENTIAL_ENV_VARS),
+    )
     now = time.monotonic()
     hit = _hidden_cache.get(key)
     if hit is not None and now - hit[0] < _HIDDEN_TTL and not rescan:
