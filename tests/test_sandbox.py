@@ -691,3 +691,34 @@ async def test_a_profile_is_not_lent_through_a_redirection(
     bypass("kubernetes")
     _, audit, _ = await _run(rt, "kubectl version --client 2>&1 | grep -i client")
     assert audit["sandbox_profile"] == "kubernetes"
+
+
+async def test_secret_named_files_inside_the_workspace_are_hidden(rt: Runtime, bypass: Any) -> None:
+    """`grep -rn x src` must not read `src/.env` nor a key deeper down, while the
+    ordinary files beside them stay readable."""
+    ws = rt.settings.workspace
+    (ws / "src" / "deploy" / "keys").mkdir(parents=True)
+    (ws / "src" / ".env").write_text(f"TOKEN={MARK}\n")
+    (ws / "src" / "deploy" / "keys" / "server.key").write_text(f"key {MARK}\n")
+    (ws / "src" / "deploy" / ".ssh").mkdir()
+    (ws / "src" / "deploy" / ".ssh" / "id_ed25519").write_text(f"ssh {MARK}\n")
+    (ws / "src" / "app.py").write_text(f"# app {MARK[:6]}\n")
+    result, _, events = await _run(rt, f"grep -rn {MARK[:6]} src; cat src/.env")
+    assert "app.py" in result.final_response  # the search itself ran
+    assert MARK not in result.final_response
+    refused = _refused(events)
+    assert any(r.endswith("src/.env") for r in refused), refused
+    assert (ws / "src" / ".env").read_text() == f"TOKEN={MARK}\n"  # left intact
+
+
+async def test_credential_files_named_by_the_environment_are_hidden(
+    rt: Runtime, bypass: Any, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$AWS_SHARED_CREDENTIALS_FILE (like $KUBECONFIG) may point anywhere."""
+    creds = home / "cloud" / "aws-prod"
+    creds.parent.mkdir()
+    creds.write_text(f"aws {MARK}\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
+    result, _, _ = await _run(rt, f"cat {creds}")
+    assert MARK not in result.final_response
+    assert creds.read_text() == f"aws {MARK}\n"

@@ -1056,7 +1056,7 @@ EVERYDAY_AUTO = [
     "wc -l *.log",
     "ls -lah /var/log",
     "ls *",
-    "cat -- *",
+    "cat -- *.log",
     "stat -c %s f",
     "sort -k2,2n -t, data.csv",
     "cut -d: -f1 /etc/passwd",
@@ -1080,7 +1080,7 @@ EVERYDAY_AUTO = [
     "grep -i token app.log",
     "grep -c shadow /var/log/syslog",
     "grep -n -e token -e expired app.log",
-    "rg id_rsa",
+    "rg id_rsa src",
     "awk '/password/' app.log",
     "jq '.token' f.json",
     # read-only process substitution and plain arithmetic: needed approval before
@@ -1363,7 +1363,9 @@ def test_real_glob_becomes_an_option(tmp_path: Path) -> None:
     (tmp_path / "victim").unlink()
     _run(["bash", "-c", "sort -- *"], tmp_path)
     assert not (tmp_path / "victim").exists()
-    assert not classify("sort -- *").requires_approval
+    # after `--` no option, but still every file: a secret-named one too
+    assert "secret" in classify("sort -- *").reason
+    assert not classify("sort -- *.txt").requires_approval
 
 
 def test_real_awk_comparison_and_redirect(tmp_path: Path) -> None:

@@ -72,7 +72,7 @@ SECRET_SAMPLES = _words(
     "credentials.json credentials.toml .vault-token shadow gshadow sudoers opasswd environ "
     "x.tfstate .ssh .aws .gnupg .kube .docker .azure .oci .my.cnf ducklm.db ducklm.db-wal "
     "session.json .bash_history .zsh_history .python_history .psql_history .mysql_history "
-    ".node_repl_history token ssh_host_rsa_key master.key"
+    ".node_repl_history token ssh_host_rsa_key master.key secrets.yaml k3s.yaml kubeconfig.yaml"
 )
 # Whole directories that only hold secrets, hidden from sandboxed commands.
 SECRET_ROOTS = ("/root", "/run/secrets", "/var/run/secrets")

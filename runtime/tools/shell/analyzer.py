@@ -850,6 +850,13 @@ class _Analyzer:
                         "medium",
                         f"`{a.raw}` is only known at run time and could name a secret.",
                     )
+            if a.glob and name not in _NAME_ONLY and _any_name_glob(a.word):
+                return Verdict(
+                    "read",
+                    "high",
+                    f"`{a.raw}` matches every file there, secret-named ones (`id_rsa`, "
+                    "`*.key`) included; reading them needs approval.",
+                )
             if self.cwd == "?" and not a.word.startswith(("-", "/", "~")) and a.word:
                 if name not in ("cd", "pushd"):
                     return Verdict(
@@ -1062,6 +1069,23 @@ def _harmless_assignment(word: str) -> bool:
 _GREPS = frozenset({"grep", "egrep", "fgrep", "zgrep", "zegrep", "zfgrep"})
 
 
+# Programs that print names, sizes or counts of the files a glob gives them,
+# never their contents: `ls *`, `du -sh *`, `wc -l *` reveal no secret.
+_NAME_ONLY = frozenset({"ls", "du", "wc", "stat", "file", "find", "tree", "cd", "pushd"})
+
+
+def _any_name_glob(word: str) -> bool:
+    """A relative glob with a component that matches any name (`*`, `*/*`, `sub/*`).
+
+    In the workspace such a glob reaches secret-named files (`id_rsa`,
+    `server.key`) whatever they are called; absolute globs are matched against
+    the known secret paths instead (`paths.secret_reason`).
+    """
+    if word.startswith(("/", "~")):
+        return False
+    return any(part and not part.strip("*") for part in word.split("/"))
+
+
 def _recursive_secret_read(
     name: str, argv: list[str], in_subdir: bool, cwd: str | None = None
 ) -> Verdict | None:
@@ -1082,7 +1106,7 @@ def _recursive_secret_read(
         if not opts.has("-r", "--recursive"):
             return None
         for start in operands:
-            if canonical_path(start) is not None and holds_secrets(start):
+            if holds_secrets(start):  # `.` too: the workspace root holds its `.env`
                 return Verdict(
                     "read", "high", f"`diff -r` reads every file under `{start}`, secrets too."
                 )
@@ -1113,7 +1137,10 @@ def _recursive_secret_read(
         relative = canonical_path(start) is None
         if relative and in_subdir and not _escapes(start):
             continue  # `cd src && grep -r x .`: a subdirectory, not the root
-        if (hidden or not relative) and holds_secrets(start):
+        # ripgrep skips dotfiles and ignored files, not `id_rsa` or `server.key`
+        # at the workspace root: a search of the root reads those too.
+        root_read = name == "rg" and not opts.has("--files")  # `--files` prints names
+        if (hidden or not relative or root_read) and holds_secrets(start):
             return Verdict(
                 "read",
                 "high",

@@ -286,8 +286,8 @@ def holds_secrets(word: str) -> bool:
     """
     path = canonical_path(word)
     if path is None:
-        stripped = word.rstrip("/")
-        return stripped in ("", ".", "./") or _escapes(word)
+        # `notes/..` and `./src/../` are the workspace root again
+        return posixpath.normpath(word or ".") == "." or _escapes(word)
     if path in ("/", "~") or _is_home(path):
         return True
     prefix = path.rstrip("/") + "/"

@@ -37,7 +37,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from runtime.tools.secrets import CREDENTIAL_ENV_VARS, credential_env_paths, hidden_paths
+from runtime.tools.secrets import (
+    CREDENTIAL_ENV_VARS,
+    credential_env_paths,
+    hidden_paths,
+    is_secret_name,
+)
 from runtime.tools.shell import cgroups
 from runtime.tools.shell.limits import ResourceLimits
 from runtime.tools.shell.profiles import (
@@ -76,6 +81,15 @@ _PROC_COVERS: list[str] = [
 _SOCKET_SCAN_ROOTS = ("/run",)
 _SOCKET_SCAN_MAX = 4096  # entries looked at under /run; a bigger /run is cut short
 _PROBE_TIMEOUT = 15.0
+# The workspace is scanned for secret-named files (`src/.env`, `deploy/id_rsa`)
+# that a recursive read (`grep -rn x src`) would reach: bounded, because a
+# workspace may hold a huge tree. Past the bound the classifier's name check is
+# all that stands in front of them (a known limit, see docs/shell-policy.md).
+_WS_SCAN_MAX = 20000  # directory entries looked at
+_WS_SCAN_DEPTH = 8
+# Directories whose entries are never secret names a person gave (git's object
+# store): not worth the scan.
+_WS_SCAN_SKIP = frozenset({".git", "node_modules", "__pycache__", ".venv", ".tox"})
 
 
 @dataclass(frozen=True)
@@ -232,6 +246,39 @@ def _sockets_under(roots: Iterable[str]) -> list[str]:
     return found
 
 
+def secrets_in_workspace(workspace: str) -> list[str]:
+    """Secret-named files and credential directories inside the workspace (bounded scan).
+
+    Symlinks are not followed nor listed: what they point to outside is hidden
+    by the outer scan, and a target inside is found by its own name.
+    """
+    found: list[str] = []
+    seen = 0
+    stack: list[tuple[str, int]] = [(workspace, 0)]
+    while stack:
+        top, depth = stack.pop()
+        try:
+            entries = list(os.scandir(top))
+        except OSError:
+            continue
+        for entry in entries:
+            seen += 1
+            if seen > _WS_SCAN_MAX:
+                return found
+            if entry.is_symlink():
+                continue
+            if is_secret_name(entry.name) or is_secret_name(entry.name.lower()):
+                found.append(entry.path)
+                continue  # a hidden directory covers what lies below it
+            if depth + 1 < _WS_SCAN_DEPTH and entry.name not in _WS_SCAN_SKIP:
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append((entry.path, depth + 1))
+                except OSError:
+                    continue
+    return found
+
+
 def _concrete(paths: Iterable[str]) -> list[str]:
     """Resolved, existing, deduplicated; never the root itself."""
     out: list[str] = []
@@ -243,8 +290,16 @@ def _concrete(paths: Iterable[str]) -> list[str]:
     return out
 
 
-def hidden_for(config: SandboxConfig, profile: Profile, environ: Mapping[str, str]) -> list[str]:
-    """Every concrete path this profile hides on this host, right now."""
+def hidden_for(
+    config: SandboxConfig,
+    profile: Profile,
+    environ: Mapping[str, str],
+    workspace: str | None = None,
+) -> list[str]:
+    """Every concrete path this profile hides on this host, right now.
+
+    With `workspace`, the secret-named files inside it are hidden too.
+    """
     home = environ.get("HOME") or os.path.expanduser("~")
     # System secrets come with `hidden_paths` (secrets.SYSTEM_SECRETS); the
     # credential files the bot's environment names are hidden too, except the
@@ -263,6 +318,8 @@ def hidden_for(config: SandboxConfig, profile: Profile, environ: Mapping[str, st
     kept = set(_concrete(profile.sockets))
     sockets = _concrete(list(CONTROL_SOCKETS) + _sockets_under(_SOCKET_SCAN_ROOTS))
     candidates += [s for s in sockets if s not in kept]
+    if workspace is not None:
+        candidates += secrets_in_workspace(workspace)
     return _concrete(candidates)
 
 
@@ -286,9 +343,15 @@ _hidden_cache: dict[tuple[object, ...], tuple[float, list[str]]] = {}
 
 
 def _hidden_cached(
-    config: SandboxConfig, profile: Profile, environ: Mapping[str, str], *, rescan: bool
+    config: SandboxConfig,
+    profile: Profile,
+    environ: Mapping[str, str],
+    *,
+    rescan: bool,
+    workspace: str | None = None,
 ) -> list[str]:
     key = (
+        workspace,
         config.bot_files,
         profile.name,
         environ.get("HOME"),
@@ -299,7 +362,7 @@ def _hidden_cached(
     if hit is not None and now - hit[0] < _HIDDEN_TTL and not rescan:
         # What vanished since is dropped (bwrap cannot cover a missing path).
         return [p for p in hit[1] if os.path.lexists(p)]
-    hidden = hidden_for(config, profile, environ)
+    hidden = hidden_for(config, profile, environ, workspace)
     if len(_hidden_cache) > 64:
         _hidden_cache.clear()
     _hidden_cache[key] = (now, hidden)
@@ -407,7 +470,11 @@ def command_prefix(
     argv += ["--remount-ro", "/dev"]
     argv += _namespaces(network=chosen.network)
     argv += ["--cap-drop", "ALL", "--new-session", "--die-with-parent"]
-    hidden = _hidden_cached(config, chosen, environ, rescan=rescan)
+    # An approved command (writable workspace) keeps its workspace as the
+    # person saw it; an unasked one does not see the secret-named files in it.
+    hidden = _hidden_cached(
+        config, chosen, environ, rescan=rescan, workspace=None if writable else ws
+    )
     inside = [p for p in hidden if _inside(p, ws) and p != ws]
     outside = [p for p in hidden if p not in inside and not any(_inside(p, r) for r in _REPLACED)]
     for path in _outermost(outside):
