@@ -1094,6 +1094,14 @@ def _recursive_secret_read(
     grep's recursion includes hidden files (the workspace's `.env`); ripgrep
     skips hidden ones unless told (`--hidden`, `-uu`), but not `/etc/shadow`.
     """
+    if name == "git" and "diff" in argv and "--no-index" in argv:
+        # `git diff --no-index . /dev/null` is `diff -r`: every file under `.`
+        for start in argv[argv.index("diff") + 1 :]:
+            if not start.startswith("-") and holds_secrets(start):
+                return Verdict(
+                    "read", "high", f"`git diff --no-index` reads every file under `{start}`."
+                )
+        return None
     if name not in _GREPS and name not in ("rg", "diff"):
         return None
     allow = ALLOW_LISTS[name]
