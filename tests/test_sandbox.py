@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import platform
 import shutil
 import socket
 import sqlite3
@@ -722,3 +723,43 @@ async def test_credential_files_named_by_the_environment_are_hidden(
     result, _, _ = await _run(rt, f"cat {creds}")
     assert MARK not in result.final_response
     assert creds.read_text() == f"aws {MARK}\n"
+
+
+@pytest.fixture
+def var_tmp(tmp_path: Path) -> Path:
+    """A directory outside /tmp, which the sandbox replaces anyway."""
+    return Path("/var/tmp") if os.path.isdir("/var/tmp") else tmp_path
+
+
+async def test_unix_sockets_anywhere_and_the_keyring_are_refused(
+    rt: Runtime, bypass: Any, var_tmp: Path
+) -> None:
+    """A control socket the /run scan cannot know (here under /var/tmp) stays out
+    of reach, and so does the kernel keyring (seccomp: AF_UNIX and keyctl)."""
+    from runtime.tools.shell import seccomp
+
+    if not seccomp.available():
+        pytest.skip("no libseccomp here")
+    path = var_tmp / f"ducklm-sock-{uuid.uuid4().hex[:8]}.socket"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen(4)
+    server.setblocking(False)
+    try:
+        probe = (
+            'python3 -c "import socket; s = socket.socket(socket.AF_UNIX); '
+            f"s.connect('{path}'); print('conn' + 'ected')\""
+        )
+        result, _, _ = await _run(rt, probe)
+        assert "connected" not in result.final_response
+        assert "Address family not supported" in result.final_response
+        with pytest.raises(BlockingIOError):
+            server.accept()  # nothing ever reached the listener
+        if platform.machine() == "x86_64":  # keyctl is syscall 250 there
+            keyctl = "ctypes.CDLL(None).syscall(250, 0, -4)"  # KEYCTL_GET_KEYRING_ID, @u
+            keys = f"python3 -c \"import ctypes; print('keyctl', {keyctl})\""
+            result, _, _ = await _run(rt, keys)
+            assert "keyctl -1" in result.final_response  # refused, whatever the key
+    finally:
+        server.close()
+        path.unlink(missing_ok=True)

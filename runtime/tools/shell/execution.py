@@ -333,6 +333,9 @@ async def execute(
                 cgroup=cgroup,
             )
         finally:
+            for fd in plan.fds if plan is not None else ():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
             if cgroup is not None:
                 cgroup.kill_all()
                 # Off the event loop: emptying a cgroup after a fork bomb takes a moment.
@@ -369,6 +372,7 @@ async def _run(
             env=env,
             start_new_session=True,
             preexec_fn=setup,
+            pass_fds=plan.fds if plan is not None else (),
         )
     except FileNotFoundError:
         return _refusal(command, fresh, f"command not found: {argv[0]}", sandboxed=sandboxed)

@@ -43,7 +43,7 @@ from runtime.tools.secrets import (
     hidden_paths,
     is_secret_name,
 )
-from runtime.tools.shell import cgroups
+from runtime.tools.shell import cgroups, seccomp
 from runtime.tools.shell.limits import ResourceLimits
 from runtime.tools.shell.profiles import (
     CONTROL_SOCKETS,
@@ -205,6 +205,11 @@ def sandbox_notice(config: SandboxConfig) -> str | None:
             f"No sandbox: {status.detail}. Every command needs approval; install bubblewrap "
             "(apt-get install bubblewrap) or set DUCKLM_SANDBOX=off to run read-only "
             "commands unsandboxed."
+        )
+    if not seccomp.available():
+        return (
+            "Sandbox on, but without its seccomp filter (libseccomp or pyseccomp missing): "
+            "unix sockets outside /run and the kernel keyring stay reachable."
         )
     if os.geteuid() == 0 and not cgroups.available():
         return (
@@ -394,6 +399,9 @@ class SandboxPlan:
     network: bool
     # Refusals decided before the run (a profile withheld), for the audit.
     notes: list[str] = field(default_factory=list)
+    # Descriptors bwrap reads (the seccomp program): passed to the child, and
+    # closed by the caller once it has started.
+    fds: tuple[int, ...] = ()
 
 
 _EXPANSION_CHARS = frozenset("$`*?[~{")
@@ -491,5 +499,11 @@ def command_prefix(
             env["KUBECONFIG"] = ":".join(files)
         # kubectl's discovery cache would go to ~/.kube/cache, a tiny hidden tmpfs.
         env["KUBECACHEDIR"] = "/tmp/.kube-cache"
+    fds: tuple[int, ...] = ()
+    # Unix sockets off unless the profile lends one; the keyring always off.
+    fd = seccomp.descriptor(unix_sockets=bool(chosen.sockets))
+    if fd is not None:
+        argv += ["--seccomp", str(fd)]
+        fds = (fd,)
     argv += ["--chdir", ws, "--"]
-    return SandboxPlan(argv, env, hidden, chosen.name, chosen.network, notes)
+    return SandboxPlan(argv, env, hidden, chosen.name, chosen.network, notes, fds)
