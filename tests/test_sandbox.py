@@ -763,3 +763,37 @@ async def test_unix_sockets_anywhere_and_the_keyring_are_refused(
     finally:
         server.close()
         path.unlink(missing_ok=True)
+
+
+def _memory_bound_available() -> bool:
+    trial = cgroups.create(1, 1 << 20)
+    if trial is None:
+        return False
+    trial.remove()
+    return trial.memory_bound
+
+
+@pytest.mark.skipif(
+    not _memory_bound_available(),
+    reason="needs a cgroup with the memory controller (a root bot)",
+)
+async def test_processes_of_one_command_share_one_memory_bound(tmp_path: Path, bypass: Any) -> None:
+    """Three processes of 300 MiB each under a 512 MiB bound for the command: the
+    address-space limit (per process) would let each through, the shared bound
+    does not. Small on purpose: harmless if nothing stops it."""
+    limits = ResourceLimits(address_space=512 << 20)
+    hold = (
+        'python3 -c "import time; b = bytearray(300 << 20); '
+        "b[::4096] = bytes(len(b[::4096])); time.sleep(2); print('HE' + 'LD')\""
+    )
+    result = await execute(
+        f"for i in 1 2 3; do {hold} & done; wait",
+        _forced()(f"for i in 1 2 3; do {hold} & done; wait"),
+        workspace=tmp_path,
+        timeout=30,
+        sandbox=SandboxConfig(limits=limits),
+    )
+    assert result.metadata["sandboxed"]
+    held = result.output.splitlines().count("HELD")
+    assert held < 3, result.output
+    assert "memory limit" in result.metadata["sandbox_refusals"], result.metadata
