@@ -13,8 +13,12 @@ is visible), no network namespace of the host, no capabilities, a new session,
 and death with the bot. Hidden: every secret location `secrets.hidden_paths`
 names (for the bot's $HOME and every /home/* directory), system secret files,
 the bot's own database, its directory and Matrix session files, its `.env`,
-the kubeconfig, and every control socket (container engines, D-Bus, systemd)
-under /run. A profile (`profiles`) adds exactly what its programs need.
+the kubeconfig and every credential file the bot's environment names
+(`secrets.credential_env_paths`), the secret-named files inside the workspace
+(a bounded scan, `secrets_in_workspace`), and every control socket (container
+engines, D-Bus, systemd) under /run. A seccomp filter (`seccomp`) refuses unix
+sockets anywhere (except to the profiles that lend one) and the kernel
+keyring. A profile (`profiles`) adds exactly what its programs need.
 
 Order matters to bwrap (later mounts cover earlier ones), so: hide everything
 outside the workspace, bind the workspace back (it may lie under a hidden
