@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import logging
 import os
 import re
 import shutil
@@ -59,6 +60,8 @@ from runtime.tools.shell.profiles import (
 
 if TYPE_CHECKING:
     from runtime.settings import Settings
+
+logger = logging.getLogger("ducklm.tools")
 
 SANDBOX_MODES = ("unasked", "all", "off")
 _DEFAULT_PROFILE = Profile("default", "no network, no control socket")
@@ -91,6 +94,10 @@ _PROBE_TIMEOUT = 15.0
 # all that stands in front of them (a known limit, see docs/shell-policy.md).
 _WS_SCAN_MAX = 20000  # directory entries looked at
 _WS_SCAN_DEPTH = 8
+# Each hidden file is one mount (~0.1 ms in bwrap): a workspace full of test
+# certificates must not make every command slow. Past this many, the rest are
+# left to the classifier's name check (logged once per workspace).
+_WS_HIDE_MAX = 512
 # Directories whose entries are never secret names a person gave (git's object
 # store): not worth the scan.
 _WS_SCAN_SKIP = frozenset({".git", "node_modules", "__pycache__", ".venv", ".tox"})
@@ -255,6 +262,20 @@ def _sockets_under(roots: Iterable[str]) -> list[str]:
     return found
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(workspace: str, what: str) -> None:
+    if workspace not in _warned:
+        _warned.add(workspace)
+        logger.warning(
+            "workspace %s has %s: the sandbox hides the first ones only, the classifier's "
+            "name check stands in front of the rest",
+            workspace,
+            what,
+        )
+
+
 def secrets_in_workspace(workspace: str) -> list[str]:
     """Secret-named files and credential directories inside the workspace (bounded scan).
 
@@ -273,11 +294,15 @@ def secrets_in_workspace(workspace: str) -> list[str]:
         for entry in entries:
             seen += 1
             if seen > _WS_SCAN_MAX:
+                _warn_once(workspace, f"more than {_WS_SCAN_MAX} entries")
                 return found
             if entry.is_symlink():
                 continue
             if is_secret_name(entry.name) or is_secret_name(entry.name.lower()):
                 found.append(entry.path)
+                if len(found) >= _WS_HIDE_MAX:
+                    _warn_once(workspace, f"more than {_WS_HIDE_MAX} secret-named files")
+                    return found
                 continue  # a hidden directory covers what lies below it
             if depth + 1 < _WS_SCAN_DEPTH and entry.name not in _WS_SCAN_SKIP:
                 try:
