@@ -332,7 +332,7 @@ async def test_a_server_that_dies_gives_a_clear_error_is_restarted_once_and_the_
         assert not died_again["ok"] and "not running any more" in died_again["error"]
         # A second death within RESTART_PAUSE: no restart loop, a clear error.
         assert not too_soon["ok"] and too_soon["metadata"]["server_unavailable"]
-        assert "starts it again on a later call (at most every 30 s)" in too_soon["error"]
+        assert "tries again on a later call (at most every 30 s)" in too_soon["error"]
         made = calls(state)
         assert [c["tool"] for c in made] == ["die", "lookup", "die"]
         assert made[0]["pid"] == first_pid != made[1]["pid"] == made[2]["pid"]
@@ -510,11 +510,30 @@ async def test_streamable_http_server(
             done = await rt.loop.continue_after_approval(result.task_id, approval_id)
             assert done.status == "completed"
             assert [c["tool"] for c in calls(state)] == ["lookup", "write_note"]
+
+            # The server goes away: a clear error at once, then one try to reconnect.
+            server.kill()
+            await asyncio.wait_for(server.wait(), 10)
+            model_server.reply(
+                ACTION,
+                Text(directive(mcp("lookup", key="x"), mcp("lookup", key="y"))),
+                Text(NO_ACTIONS),
+            )
+            started = time.monotonic()
+            gone = await rt.loop.run_chat("still there?")
+            assert gone.status == "completed" and time.monotonic() - started < 30
+            first, second = (
+                o["result"] for o in observations_in(model_server.requests_for(THINKER)[-1])
+            )
+            assert not first["ok"] and "MCP server 'demo'" in first["error"]
+            assert "stopped answering" in first["error"]
+            assert "trying again failed" in second["error"] and SECRET not in second["error"]
         finally:
             await rt.close()
     finally:
-        server.terminate()
-        await asyncio.wait_for(server.wait(), 10)
+        if server.returncode is None:
+            server.terminate()
+            await asyncio.wait_for(server.wait(), 10)
 
 
 def test_no_config_loads_nothing_of_mcp(tmp_path: Path) -> None:

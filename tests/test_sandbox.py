@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import platform
 import shutil
 import socket
 import sqlite3
@@ -691,3 +692,108 @@ async def test_a_profile_is_not_lent_through_a_redirection(
     bypass("kubernetes")
     _, audit, _ = await _run(rt, "kubectl version --client 2>&1 | grep -i client")
     assert audit["sandbox_profile"] == "kubernetes"
+
+
+async def test_secret_named_files_inside_the_workspace_are_hidden(rt: Runtime, bypass: Any) -> None:
+    """`grep -rn x src` must not read `src/.env` nor a key deeper down, while the
+    ordinary files beside them stay readable."""
+    ws = rt.settings.workspace
+    (ws / "src" / "deploy" / "keys").mkdir(parents=True)
+    (ws / "src" / ".env").write_text(f"TOKEN={MARK}\n")
+    (ws / "src" / "deploy" / "keys" / "server.key").write_text(f"key {MARK}\n")
+    (ws / "src" / "deploy" / ".ssh").mkdir()
+    (ws / "src" / "deploy" / ".ssh" / "id_ed25519").write_text(f"ssh {MARK}\n")
+    (ws / "src" / "app.py").write_text(f"# app {MARK[:6]}\n")
+    result, _, events = await _run(rt, f"grep -rn {MARK[:6]} src; cat src/.env")
+    assert "app.py" in result.final_response  # the search itself ran
+    assert MARK not in result.final_response
+    refused = _refused(events)
+    assert any(r.endswith("src/.env") for r in refused), refused
+    assert (ws / "src" / ".env").read_text() == f"TOKEN={MARK}\n"  # left intact
+
+
+async def test_credential_files_named_by_the_environment_are_hidden(
+    rt: Runtime, bypass: Any, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$AWS_SHARED_CREDENTIALS_FILE (like $KUBECONFIG) may point anywhere."""
+    creds = home / "cloud" / "aws-prod"
+    creds.parent.mkdir()
+    creds.write_text(f"aws {MARK}\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
+    result, _, _ = await _run(rt, f"cat {creds}")
+    assert MARK not in result.final_response
+    assert creds.read_text() == f"aws {MARK}\n"
+
+
+@pytest.fixture
+def var_tmp(tmp_path: Path) -> Path:
+    """A directory outside /tmp, which the sandbox replaces anyway."""
+    return Path("/var/tmp") if os.path.isdir("/var/tmp") else tmp_path
+
+
+async def test_unix_sockets_anywhere_and_the_keyring_are_refused(
+    rt: Runtime, bypass: Any, var_tmp: Path
+) -> None:
+    """A control socket the /run scan cannot know (here under /var/tmp) stays out
+    of reach, and so does the kernel keyring (seccomp: AF_UNIX and keyctl)."""
+    from runtime.tools.shell import seccomp
+
+    if not seccomp.available():
+        pytest.skip("no libseccomp here")
+    path = var_tmp / f"ducklm-sock-{uuid.uuid4().hex[:8]}.socket"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen(4)
+    server.setblocking(False)
+    try:
+        probe = (
+            'python3 -c "import socket; s = socket.socket(socket.AF_UNIX); '
+            f"s.connect('{path}'); print('conn' + 'ected')\""
+        )
+        result, _, _ = await _run(rt, probe)
+        assert "connected" not in result.final_response
+        assert "Address family not supported" in result.final_response
+        with pytest.raises(BlockingIOError):
+            server.accept()  # nothing ever reached the listener
+        if platform.machine() == "x86_64":  # keyctl is syscall 250 there
+            keyctl = "ctypes.CDLL(None).syscall(250, 0, -4)"  # KEYCTL_GET_KEYRING_ID, @u
+            keys = f"python3 -c \"import ctypes; print('keyctl', {keyctl})\""
+            result, _, _ = await _run(rt, keys)
+            assert "keyctl -1" in result.final_response  # refused, whatever the key
+    finally:
+        server.close()
+        path.unlink(missing_ok=True)
+
+
+def _memory_bound_available() -> bool:
+    trial = cgroups.create(1, 1 << 20)
+    if trial is None:
+        return False
+    trial.remove()
+    return trial.memory_bound
+
+
+@pytest.mark.skipif(
+    not _memory_bound_available(),
+    reason="needs a cgroup with the memory controller (a root bot)",
+)
+async def test_processes_of_one_command_share_one_memory_bound(tmp_path: Path, bypass: Any) -> None:
+    """Three processes of 300 MiB each under a 512 MiB bound for the command: the
+    address-space limit (per process) would let each through, the shared bound
+    does not. Small on purpose: harmless if nothing stops it."""
+    limits = ResourceLimits(address_space=512 << 20)
+    hold = (
+        'python3 -c "import time; b = bytearray(300 << 20); '
+        "b[::4096] = bytes(len(b[::4096])); time.sleep(2); print('HE' + 'LD')\""
+    )
+    result = await execute(
+        f"for i in 1 2 3; do {hold} & done; wait",
+        _forced()(f"for i in 1 2 3; do {hold} & done; wait"),
+        workspace=tmp_path,
+        timeout=30,
+        sandbox=SandboxConfig(limits=limits),
+    )
+    assert result.metadata["sandboxed"]
+    held = result.output.splitlines().count("HELD")
+    assert held < 3, result.output
+    assert "memory limit" in result.metadata["sandbox_refusals"], result.metadata

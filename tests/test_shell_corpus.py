@@ -131,6 +131,7 @@ def test_corpus_has_the_promised_size_and_shape() -> None:
         "unicode-control",
         "long-commands",
         "writes-network-code",
+        "profile-piggyback",
     ):
         assert counts[cls] >= 10, f"class {cls} has only {counts[cls]} attacks"
     assert sum(c.expect == "block" for c in ATTACKS) >= 100

@@ -17,7 +17,8 @@ from __future__ import annotations
 import fnmatch
 import glob
 import os
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePath
 
 
@@ -71,13 +72,15 @@ SECRET_SAMPLES = _words(
     "credentials.json credentials.toml .vault-token shadow gshadow sudoers opasswd environ "
     "x.tfstate .ssh .aws .gnupg .kube .docker .azure .oci .my.cnf ducklm.db ducklm.db-wal "
     "session.json .bash_history .zsh_history .python_history .psql_history .mysql_history "
-    ".node_repl_history token ssh_host_rsa_key master.key"
+    ".node_repl_history token ssh_host_rsa_key master.key secrets.yaml k3s.yaml kubeconfig.yaml"
 )
 # Whole directories that only hold secrets, hidden from sandboxed commands.
 SECRET_ROOTS = ("/root", "/run/secrets", "/var/run/secrets")
 # Host files and directories outside any home that hold credentials. The
-# sandbox hides the ones that exist (globs expanded); the classifier reads
-# them as paths (a glob such as `/etc/*` could reach one).
+# sandbox hides the ones that exist (globs expanded): it runs as the bot's
+# user, and a root bot's uid 0 reads mode-0600 files even without
+# capabilities. The classifier reads them as paths (a glob such as `/etc/*`
+# could reach one).
 SYSTEM_SECRETS = (
     "/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/sudoers",
     "/etc/sudoers.d", "/etc/ssl/private", "/etc/ssh/ssh_host_*_key", "/etc/security/opasswd",
@@ -90,8 +93,48 @@ SYSTEM_SECRETS = (
     "/etc/ppp/chap-secrets", "/etc/ppp/pap-secrets", "/etc/ipsec.secrets",
     "/etc/gitlab/gitlab-secrets.json", "/var/lib/docker/containers", "/var/lib/cloud/instance",
     "/var/lib/cloud/instances", "/etc/postfix/sasl_passwd", "/var/lib/samba/private",
-    "/etc/letsencrypt/live", "/etc/letsencrypt/archive",
+    "/etc/letsencrypt/live", "/etc/letsencrypt/archive", "/etc/pki/tls/private",
+    "/etc/kubernetes/*.conf", "/var/lib/kubelet/pods", "/var/lib/rancher/k3s/server",
+    "/var/lib/containers/storage/secrets", "/var/lib/sss/secrets", "/var/lib/jenkins/secrets",
 )  # fmt: skip
+# Environment variables of the bot that name a credential file, directory or
+# socket somewhere the names above cannot predict (`KUBECONFIG=/srv/k/prod.yaml`).
+# The classifier treats their paths as secret locations and the sandbox hides
+# them, both reading the bot's own environment (`credential_env_paths`).
+# Path lists (`:`-separated) only where the tool itself reads a list.
+CREDENTIAL_ENV_VARS = (
+    "KUBECONFIG", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE",
+    "GOOGLE_APPLICATION_CREDENTIALS", "CLOUDSDK_CONFIG", "AZURE_CONFIG_DIR", "DOCKER_CONFIG",
+    "REGISTRY_AUTH_FILE", "PGPASSFILE", "NETRC", "BOTO_CONFIG", "TF_CLI_CONFIG_FILE",
+    "NPM_CONFIG_USERCONFIG", "VAULT_CONFIG_PATH", "SSH_AUTH_SOCK", "GNUPGHOME",
+    "PASSWORD_STORE_DIR", "KRB5CCNAME", "KRB5_KTNAME", "HELM_REGISTRY_CONFIG",
+)  # fmt: skip
+_PATH_LIST_VARS = frozenset({"KUBECONFIG"})
+
+
+def credential_env_paths(environ: Mapping[str, str], *, skip: Iterable[str] = ()) -> list[str]:
+    """Absolute paths the credential variables of `environ` name (existing or not).
+
+    `skip` leaves variables out (the kubernetes profile keeps $KUBECONFIG's
+    files for kubectl). `KRB5CCNAME=FILE:/tmp/krb5cc_1000` names its file after
+    the type prefix; a non-file cache type (`KEYRING:`) names no path.
+    """
+    skipped = set(skip)
+    out: list[str] = []
+    for name in CREDENTIAL_ENV_VARS:
+        value = environ.get(name, "")
+        if name in skipped or not value:
+            continue
+        parts = value.split(":") if name in _PATH_LIST_VARS else [value]
+        for part in parts:
+            if name.startswith("KRB5") and ":" in part:
+                kind, _, rest = part.partition(":")
+                part = rest if kind in ("FILE", "DIR", "WRFILE") else ""
+            if part and os.path.abspath(part) not in out:
+                out.append(os.path.abspath(part))
+    return out
+
+
 # Concrete secret paths to test a path glob against, component by component
 # (`/etc/*` reaches `/etc/shadow`; `~/*` does not reach `~/.ssh`).
 SECRET_PATH_SAMPLES = (
@@ -104,13 +147,20 @@ SECRET_PATH_SAMPLES = (
 )  # fmt: skip
 
 
+# Every name pattern as one regular expression: the classifier asks for each word.
+_SECRET_NAME_RE = re.compile(
+    "|".join(fnmatch.translate(p) for p in (*SECRET_NAMES, *SECRET_DIR_PATTERNS))
+)
+
+
+def secret_name_matches(component: str) -> bool:
+    """Whether one component matches a secret file-name pattern (not the directory names)."""
+    return _SECRET_NAME_RE.match(component) is not None
+
+
 def is_secret_name(component: str) -> bool:
     """Whether one literal path component is a secret file or credentials directory."""
-    return (
-        component in SECRET_DIRS
-        or any(fnmatch.fnmatchcase(component, pattern) for pattern in SECRET_NAMES)
-        or any(fnmatch.fnmatchcase(component, pattern) for pattern in SECRET_DIR_PATTERNS)
-    )
+    return component in SECRET_DIRS or _SECRET_NAME_RE.match(component) is not None
 
 
 def is_secret_path(path: PurePath | str) -> bool:

@@ -162,6 +162,7 @@ class McpServer:
         self._restart_lock = asyncio.Lock()
         self._last_restart: float | None = None
         self.restarts = 0
+        self._died: str | None = None
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -192,17 +193,20 @@ class McpServer:
             ):
                 return  # another call restarted it, or it is too soon
             self._last_restart = now
-            died = self.error
+            # The first reason it died, not the last restart's (no growing message).
+            died = self._died or self.error
             await self._end_session()
             self._stop = asyncio.Event()
             self.state = "starting"
             await self.start()
             if self.state == "ready":
                 self.restarts += 1
+                self._died = None
                 logger.warning("mcp: server '%s' restarted (it had stopped: %s)", self.name, died)
             else:
                 self.state = "dead"
-                self.error = f"{died}; starting it again failed: {self.error}"
+                self._died = died
+                self.error = f"{died}; trying again failed: {self.error}"
                 logger.warning("mcp: server '%s' could not be restarted: %s", self.name, self.error)
 
     async def _end_session(self) -> None:
@@ -368,9 +372,10 @@ class McpServer:
         if self.state == "failed":
             return f"MCP server '{self.name}' ({where}) failed to start: {self.error}"
         if self.state == "dead":
+            gone = "is not running any more" if self.config.command else "stopped answering"
             return (
-                f"MCP server '{self.name}' ({where}) is not running any more: {self.error}. "
-                f"DuckLM starts it again on a later call (at most every {RESTART_PAUSE:g} s)."
+                f"MCP server '{self.name}' ({where}) {gone}: {self.error}. "
+                f"DuckLM tries again on a later call (at most every {RESTART_PAUSE:g} s)."
             )
         return f"MCP server '{self.name}' is {self.state}"
 

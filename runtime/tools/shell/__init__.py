@@ -12,18 +12,32 @@ Execution runs a simple command as argv (no shell), anything else with
 resource limits, capped output and a timeout that kills the whole process
 group.
 
-The package, one module per concept, in dependency order:
+The package, one module per concept, in dependency order (each imports only
+modules above it; `runtime.tools.secrets` holds the one secret list):
 
-- `limits`: size and nesting limits.
+- `limits`: the classifier's size and nesting limits; `ResourceLimits`.
 - `verdict`: `Classification`, `Verdict` and how verdicts combine (`worst`).
-- `options`: GNU-style option parsing (`getopt`, `has_flag`).
-- `programs`: tables of programs by what they do.
-- `paths`: protected, critical, disk and secret paths; `canonical_path`.
+- `options`: GNU-style option parsing (`getopt`, `has_flag`); no abbreviations
+  unless a table lists every option.
+- `programs`: tables of programs by what they do (read-only, writers, ...).
+- `paths`: protected, critical, disk and secret paths; `canonical_path`,
+  `secret_reason` (names, system paths, what the bot's environment names).
+- `words`: `Arg`, one word and what the shell does to it (globs, braces, `$`).
 - `blocking`: the blocked forms (`blocked_reason`).
-- `policies`: per-program read-only policies (`find`, `sed`, `git`, …).
-- `words`: `Arg`, one word and what the shell does to it.
-- `analyzer`: the tree walker and the wrappers it looks through.
-- `classifier`: `classify`, the entry point.
+- `specs`: option allow-lists (`Spec`, value shapes, `check`, `judge`).
+- `languages`: mini-languages in arguments (sed, awk, jq/yq, find, test).
+- `specs_text`: the allow-lists of the file and text tools (`TEXT_SPECS`).
+- `subcommands`: programs with subcommands (git, kubectl, helm, docker, the
+  package tools, the systemd `*ctl` tools, iptables, nft, openssl).
+- `specs_system`: system and network clients (ps, top, ss, lsof, journalctl,
+  free, swapon, systemd-analyze, dig, ...): `SYSTEM_POLICIES`.
+- `policies`: the few per-program policies left outside those (`mount`).
+- `analyzer`: the tree walker, the wrappers it looks through, secret reads.
+- `profiles`: sandbox profiles (network, a socket, the kubeconfig) per program.
+- `classifier`: `classify`, the entry point; names the profile a command needs.
+- `cgroups`: a pids cgroup per command (RLIMIT_NPROC does not bind root).
+- `refusals`: reading what the sandbox stopped from a command's outcome.
+- `sandbox`: the bubblewrap profile (`SandboxConfig`, `probe`, `command_prefix`).
 - `execution`: `execute` and `scrubbed_env`.
 - `tool`: `ShellTool`.
 

@@ -24,12 +24,18 @@ from typing import Any
 
 import bashlex
 
-from runtime.tools.shell.blocking import _output_options, blocked_reason, resolve_operand
+from runtime.tools.shell.blocking import (
+    _output_options,
+    blocked_reason,
+    brace_expand,
+    resolve_operand,
+)
 from runtime.tools.shell.limits import MAX_NESTING, MAX_PARSE_CHARS
 from runtime.tools.shell.options import _opts, getopt, has_flag
 from runtime.tools.shell.paths import (
     HARMLESS_DEVICES,
     _escapes,
+    _has_glob,
     _outside_workspace,
     canonical_path,
     holds_secrets,
@@ -38,7 +44,6 @@ from runtime.tools.shell.paths import (
     secret_reason,
 )
 from runtime.tools.shell.policies import (
-    _CTL_READ,
     _SUBCOMMAND_PROGRAMS,
     POLICIES,
     READ_ONLY_PROGRAMS,
@@ -93,6 +98,7 @@ class _Analyzer:
         self.cwd: str | None = None
         self.simple_count = 0
         self.text = ""
+        self.nodes: list[Any] = []  # bashlex's tree of `text`, when it parsed
         # Files an earlier part of the command downloaded (`curl -o x URL`,
         # `wget URL`, `curl URL > x`), by full word and by base name: running
         # one later (`sh x`, `./x`) runs unreviewed code and is blocked.
@@ -130,8 +136,10 @@ class _Analyzer:
                     f"({_short_error(exc)}), so it needs approval.",
                 )
             )
-            self._fallback(text)
+            if not self._around_substitutions(text):
+                self._fallback(text)
             return
+        self.nodes = nodes
         if len(nodes) > 1:
             self.complex = True
         for node in nodes:
@@ -193,6 +201,9 @@ class _Analyzer:
             self._pipe_to_shell(effective)
             raw = [_words_of(p) for p in node.parts if p.kind == "command"]
             for left, right in itertools.pairwise(raw):
+                left = _strip_wrappers(left)
+                names = [_prog_name(w) for w in right]
+                right = right[names.index("xargs") :] if "xargs" in names else right
                 endless = left[:1] in (["yes"], ["seq"]) or left[:2] in (["cat", "/dev/zero"],)
                 if endless and right[:1] == ["xargs"] and _unbounded_parallel(right):
                     self.add(
@@ -554,6 +565,9 @@ class _Analyzer:
         if (not head.literal and head.raw != "[") or not head.word:
             self.complex = True
             self.programs.append("?")
+            guessed = _guess_blocked(args)
+            if guessed:
+                return _block(guessed[0].upper() + guessed[1:] + "."), argv
             return (
                 Verdict(
                     "unknown",
@@ -697,12 +711,9 @@ class _Analyzer:
             v = judge(name, allow, argv)
             if v is not None:
                 return self._policy_verdict(name, v, args)
-        elif fn is None and name not in _CTL_READ:
+        elif fn is None:
             # fail closed: a program that can run unasked has its options listed
             return Verdict("unknown", "medium", f"`{name}` has no option allow-list yet.")
-        if name in _CTL_READ:
-            if len(argv) > 1 and argv[1] not in _CTL_READ[name]:
-                return Verdict("privileged", "high", f"`{name} {argv[1]}` changes system settings.")
         words = self._word_problem(name, args)
         if words:
             return words
@@ -776,7 +787,8 @@ class _Analyzer:
         # become one at run time (a glob matching a file named `-exec`, an
         # unknown variable) is a question, unless it comes after `--` or the
         # program has no harmful option at all (`Spec.glob_safe`).
-        sensitive = name in FLAG_SENSITIVE or allow is not None
+        # The system programs' policies parse options too (`specs_system`).
+        sensitive = name in FLAG_SENSITIVE or allow is not None or name in SYSTEM_POLICIES
         glob_ok = allow is not None and allow.glob_safe
         after_dashes = False
         for a in args[1:]:
@@ -796,7 +808,9 @@ class _Analyzer:
                     return Verdict(
                         "unknown", "medium", f"The expansion `{a.raw}` is not understood."
                     )
-                if sensitive and p not in SAFE_VARIABLES:
+                # `a.expand` is False when every `$` sits in single quotes
+                # (`-f='${Package}'`: dpkg-query's own format, not the shell's).
+                if sensitive and p not in SAFE_VARIABLES and a.expand:
                     return Verdict(
                         "unknown", "medium", f"`${p}` could expand to an option of `{name}`."
                     )
@@ -822,7 +836,10 @@ class _Analyzer:
         """
         if name in NON_READING:
             return None
-        for a in args[1:]:
+        patterns = _pattern_positions(name, [a.word for a in args])
+        for index, a in enumerate(args[1:], 1):
+            if index in patterns:
+                continue  # a search pattern or a program's text, not a file to read
             for word in self._readings(a):
                 reason = secret_reason(word) if word else None
                 if reason:
@@ -833,6 +850,13 @@ class _Analyzer:
                         "medium",
                         f"`{a.raw}` is only known at run time and could name a secret.",
                     )
+            if a.glob and name not in _NAME_ONLY and _any_name_glob(a.word):
+                return Verdict(
+                    "read",
+                    "high",
+                    f"`{a.raw}` matches every file there, secret-named ones (`id_rsa`, "
+                    "`*.key`) included; reading them needs approval.",
+                )
             if self.cwd == "?" and not a.word.startswith(("-", "/", "~")) and a.word:
                 if name not in ("cd", "pushd"):
                     return Verdict(
@@ -950,6 +974,33 @@ class _Analyzer:
 
     # -- fallback for what does not parse ---------------------------------
 
+    def _around_substitutions(self, text: str) -> bool:
+        """Judge `$(…)`, `<(…)` and backquotes on their own when bashlex fails on the whole.
+
+        bashlex cannot parse some substitutions (`echo $(cd / && rm -rf *)`):
+        each one's text is judged as a command of its own (so a blocked form
+        inside stays blocked, with its `cd` context), then the rest with a
+        plain word in its place. Returns False when there was nothing to take
+        out or the rest still does not parse (the crude scan then runs).
+        """
+        outer, inner = _take_out_substitutions(text)
+        if not inner:
+            return False
+        for part in inner:
+            self.sub(part)
+        try:
+            nodes = bashlex.parse(outer)
+        except Exception:
+            self._fallback(outer)
+            return True
+        self.complex = True
+        saved = self.text
+        self.text = outer
+        for node in nodes:
+            self.node(node)
+        self.text = saved
+        return True
+
     def _fallback(self, text: str) -> None:
         """Look for blocked forms in text the parser rejected (it still needs approval)."""
         try:
@@ -1018,6 +1069,23 @@ def _harmless_assignment(word: str) -> bool:
 _GREPS = frozenset({"grep", "egrep", "fgrep", "zgrep", "zegrep", "zfgrep"})
 
 
+# Programs that print names, sizes or counts of the files a glob gives them,
+# never their contents: `ls *`, `du -sh *`, `wc -l *` reveal no secret.
+_NAME_ONLY = frozenset({"ls", "du", "wc", "stat", "file", "find", "tree", "cd", "pushd"})
+
+
+def _any_name_glob(word: str) -> bool:
+    """A relative glob with a component that matches any name (`*`, `*/*`, `sub/*`).
+
+    In the workspace such a glob reaches secret-named files (`id_rsa`,
+    `server.key`) whatever they are called; absolute globs are matched against
+    the known secret paths instead (`paths.secret_reason`).
+    """
+    if word.startswith(("/", "~")):
+        return False
+    return any(part and not part.strip("*") for part in word.split("/"))
+
+
 def _recursive_secret_read(
     name: str, argv: list[str], in_subdir: bool, cwd: str | None = None
 ) -> Verdict | None:
@@ -1026,6 +1094,14 @@ def _recursive_secret_read(
     grep's recursion includes hidden files (the workspace's `.env`); ripgrep
     skips hidden ones unless told (`--hidden`, `-uu`), but not `/etc/shadow`.
     """
+    if name == "git" and "diff" in argv and "--no-index" in argv:
+        # `git diff --no-index . /dev/null` is `diff -r`: every file under `.`
+        for start in argv[argv.index("diff") + 1 :]:
+            if not start.startswith("-") and holds_secrets(start):
+                return Verdict(
+                    "read", "high", f"`git diff --no-index` reads every file under `{start}`."
+                )
+        return None
     if name not in _GREPS and name not in ("rg", "diff"):
         return None
     allow = ALLOW_LISTS[name]
@@ -1038,7 +1114,7 @@ def _recursive_secret_read(
         if not opts.has("-r", "--recursive"):
             return None
         for start in operands:
-            if canonical_path(start) is not None and holds_secrets(start):
+            if holds_secrets(start):  # `.` too: the workspace root holds its `.env`
                 return Verdict(
                     "read", "high", f"`diff -r` reads every file under `{start}`, secrets too."
                 )
@@ -1054,7 +1130,9 @@ def _recursive_secret_read(
         hidden = True
     else:
         u_count = sum(w.count("u") for w in argv[1:] if w[:1] == "-" and w[1:2] != "-")
-        hidden = opts.has("--hidden") or u_count >= 2
+        # `-u`/`--no-ignore` add git-ignored files (where secrets are kept on
+        # purpose), `-uu`/`--hidden` dotfiles such as `.env`
+        hidden = u_count >= 1 or any(w.startswith(("--hidden", "--no-ignore")) for w in argv[1:])
     for start in operands or ["."]:
         if cwd is not None and canonical_path(start) is None:
             if cwd == "?":
@@ -1067,7 +1145,10 @@ def _recursive_secret_read(
         relative = canonical_path(start) is None
         if relative and in_subdir and not _escapes(start):
             continue  # `cd src && grep -r x .`: a subdirectory, not the root
-        if (hidden or not relative) and holds_secrets(start):
+        # ripgrep skips dotfiles and ignored files, not `id_rsa` or `server.key`
+        # at the workspace root: a search of the root reads those too.
+        root_read = name == "rg" and not opts.has("--files")  # `--files` prints names
+        if (hidden or not relative or root_read) and holds_secrets(start):
             return Verdict(
                 "read",
                 "high",
@@ -1091,6 +1172,138 @@ def _unquoted(word: str, raw: str, expand: bool) -> str:
     except ValueError:
         return word
     return split[0] if len(split) == 1 else word
+
+
+_SUBST_WORD = "ducklm_substitution"
+
+
+def _take_out_substitutions(text: str) -> tuple[str, list[str]]:
+    """`text` with each outermost `$(…)`, `<(…)`, `>(…)` and `` `…` `` replaced by a word.
+
+    Quotes are followed (nothing is taken out of single quotes); nesting is
+    counted. Returns the new text and the texts taken out.
+    """
+    out: list[str] = []
+    inner: list[str] = []
+    i, n = 0, len(text)
+    quote: str | None = None
+    while i < n:
+        c = text[i]
+        if c == "\\" and quote != "'":
+            out.append(text[i : i + 2])
+            i += 2
+            continue
+        if quote == "'":
+            out.append(c)
+            if c == "'":
+                quote = None
+            i += 1
+            continue
+        if c in "'\"" and quote is None:
+            quote = c if c == "'" else '"'
+            out.append(c)
+            i += 1
+            continue
+        if c == '"' and quote == '"':
+            quote = None
+            out.append(c)
+            i += 1
+            continue
+        opener = text[i : i + 2]
+        if opener in ("$(", "<(", ">(") and text[i : i + 3] != "$((":
+            end = _matching_paren(text, i + 2)
+            if end < 0:
+                return text, []
+            inner.append(text[i + 2 : end])
+            out.append(_SUBST_WORD)
+            i = end + 1
+            continue
+        if c == "`":
+            end = text.find("`", i + 1)
+            if end < 0:
+                return text, []
+            inner.append(text[i + 1 : end])
+            out.append(_SUBST_WORD)
+            i = end + 1
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out), inner
+
+
+def _matching_paren(text: str, start: int) -> int:
+    """Index of the `)` closing a `(` just before `start`, or -1."""
+    depth, i, quote = 0, start, None
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and quote != "'":
+            i += 2
+            continue
+        if quote:
+            if c == quote:
+                quote = None
+        elif c in "'\"":
+            quote = c
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            if depth == 0:
+                return i
+            depth -= 1
+        i += 1
+    return -1
+
+
+# Programs whose first operand (or `-e` values) is a pattern or a program text,
+# never a file: `grep token app.log` searches for "token"; it reads app.log.
+# The languages keep these texts from reading files themselves (no `getline`
+# in awk, `r` targets in sed are checked, no `import`/`load` in jq and yq).
+_PATTERN_FIRST = frozenset(
+    {"grep", "egrep", "fgrep", "zgrep", "zegrep", "zfgrep", "bzgrep", "xzgrep", "zstdgrep",
+     "rg", "awk", "gawk", "mawk", "nawk", "sed", "jq", "yq"}
+)  # fmt: skip
+_PATTERN_OPTIONS = ("-e", "--regexp", "--expression", "--source")
+
+
+def _pattern_positions(name: str, argv: list[str]) -> set[int]:
+    """Indices of argv that are patterns or program texts (not paths) for `name`."""
+    allow = ALLOW_LISTS.get(name)
+    if name not in _PATTERN_FIRST or allow is None:
+        return set()
+    opts = parse(allow, argv)
+    if opts.error:
+        return set()
+    out: set[int] = set()
+    for i, word in enumerate(argv[:-1]):
+        if word in _PATTERN_OPTIONS or (word[:2] == "-e" and name not in ("jq", "yq")):
+            out.add(i + 1 if word in _PATTERN_OPTIONS else i)
+    for i, word in enumerate(argv):
+        if any(word.startswith(o + "=") for o in _PATTERN_OPTIONS):
+            out.add(i)
+    if name in ("jq", "yq"):
+        positionals = [i for i in opts.positionals if argv[i] not in ("e", "eval", "ea")]
+        return out | set(positionals[:1])
+    if opts.has(*_PATTERN_OPTIONS, "-f", "--file", "--files") or not opts.positionals:
+        return out
+    return out | {opts.positionals[0]}
+
+
+def _guess_blocked(args: list[Arg]) -> str | None:
+    """A blocked form behind a program name bash computes: `{rm,-rf,/}`, `/???/???/reboot`.
+
+    Braces are expanded the way bash would (comma lists); a glob in the
+    directory part still leaves the program's own name (`reboot`) known.
+    """
+    words = [a.word for a in args]
+    head = args[0]
+    if head.brace:
+        words = [w for word in words for w in brace_expand(word)]
+    if not words:
+        return None
+    name = posixpath.basename(words[0])
+    if (head.glob and not _has_glob(name)) or head.brace:
+        return blocked_reason(name, words)
+    return None
 
 
 def _found(a: Arg) -> Arg:

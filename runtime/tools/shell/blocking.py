@@ -412,11 +412,32 @@ _DISK_ERASE = {
 }  # fmt: skip
 
 
+_ERASE_LONG: dict[str, dict[str, str]] = {}
+_ERASE_OPTIONS = {
+    "hdparm": ("--security-erase", "--security-erase-enhanced", "--trim-sector-ranges",
+               "--trim-sector-ranges-stdin", "--write-sector", "--dco-restore",
+               "--make-bad-sector"),
+    "mdadm": ("--zero-superblock",),
+}  # fmt: skip
+
+
+def _long_prefix(name: str, word: str) -> str:
+    """The erase option `word` abbreviates (getopt_long style), or `word` itself."""
+    base = word.split("=", 1)[0]
+    if not base.startswith("--") or len(base) < 4:
+        return word
+    hits = [o for o in _ERASE_OPTIONS.get(name, ()) if o.startswith(base)]
+    return hits[0] if hits else word
+
+
 def _disk_erase(name: str, argv: Sequence[str]) -> str | None:
     pattern = _DISK_ERASE.get(name)
     if pattern is None:
         return None
-    if any(pattern.fullmatch(w) for w in argv[1:]) and (
+    # getopt_long takes any unambiguous prefix: `--zero-superbloc` is `--zero-superblock`
+    words = [_ERASE_LONG.get(name, {}).get(w.split("=", 1)[0], w) for w in argv[1:]]
+    words = [_long_prefix(name, w) for w in words]
+    if any(pattern.fullmatch(w) for w in words) and (
         name.startswith("sg_") or any(is_disk(w) for w in argv[1:])
     ):
         return f"`{name}` would erase a disk or its metadata"

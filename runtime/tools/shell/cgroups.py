@@ -8,6 +8,13 @@ host with the pids controller, cgroup v2 or v1), each command gets its own
 cgroup, joined by the child before it execs, so everything it starts is
 counted; otherwise the caller falls back on RLIMIT_NPROC alone (which does
 hold for a non-root bot).
+
+Memory: RLIMIT_AS binds each process, so a command's N processes could hold N
+times the limit together. Where the memory controller can be used (cgroup v2:
+the same cgroup, `memory.max` and `memory.swap.max=0`; v1: a second cgroup in
+the memory hierarchy, `memory.limit_in_bytes`), a sandboxed command's
+processes share one bound; the kernel's OOM killer ends the command when it is
+reached. Elsewhere the per-process limit is all there is (a known limit).
 """
 
 from __future__ import annotations
@@ -34,10 +41,21 @@ class PidsCgroup:
 
     path: Path
     unified: bool  # cgroup v2 (has cgroup.kill) rather than v1
+    # The v1 memory hierarchy's cgroup (v2 keeps memory in `path` itself).
+    memory: Path | None = None
+    memory_bound: bool = False  # whether a shared memory limit is set
+
+    @property
+    def procs_files(self) -> list[Path]:
+        """Every `cgroup.procs` the command must join (one per hierarchy)."""
+        return [self.path / "cgroup.procs"] + (
+            [self.memory / "cgroup.procs"] if self.memory is not None else []
+        )
 
     def join(self) -> None:  # pragma: no cover - runs in the child before exec
-        with open(self.path / "cgroup.procs", "w") as f:
-            f.write(str(os.getpid()))
+        for procs in self.procs_files:
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
 
     def limit_hit(self) -> bool:
         """Whether a fork was refused because the cgroup was full."""
@@ -68,18 +86,37 @@ class PidsCgroup:
     def remove(self, wait: float = 2.0) -> None:
         """Remove the cgroup once it is empty; leave it (logged) if it never empties."""
         deadline = time.monotonic() + wait
-        while True:
-            try:
-                self.path.rmdir()
-                return
-            except FileNotFoundError:
-                return
-            except OSError:
-                if time.monotonic() >= deadline:
-                    logger.warning("could not remove cgroup %s", self.path)
-                    return
-                self.kill_all()
-                time.sleep(0.01)
+        for path in [self.path] + ([self.memory] if self.memory is not None else []):
+            while True:
+                try:
+                    path.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    if time.monotonic() >= deadline:
+                        logger.warning("could not remove cgroup %s", path)
+                        break
+                    self.kill_all()
+                    time.sleep(0.01)
+
+    def memory_limit_hit(self) -> bool:
+        """Whether the shared memory bound was reached (the OOM killer or a failed charge)."""
+        try:
+            if self.unified:
+                events = (self.path / "memory.events").read_text().split()
+                counts = dict(zip(events[::2], events[1::2], strict=False))
+                return counts.get("oom_kill", "0") != "0" or counts.get("max", "0") != "0"
+            if self.memory is not None:
+                # v1: `oom_kill N` in memory.oom_control (failcnt stays 0 on new kernels)
+                for line in (self.memory / "memory.oom_control").read_text().splitlines():
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill" and value.strip() not in ("", "0"):
+                        return True
+                return (self.memory / "memory.failcnt").read_text().strip() not in ("", "0")
+        except OSError:
+            pass
+        return False
 
     def _pids(self) -> list[int]:
         try:
@@ -156,13 +193,66 @@ def available() -> bool:
     return _parent() is not None
 
 
-def create(max_pids: int) -> PidsCgroup | None:
-    """A fresh cgroup allowing at most `max_pids` processes, or None where none can be made."""
+@functools.cache
+def _memory_parent() -> tuple[Path, bool] | None:
+    """Where a command's memory bound goes: (directory, unified), or None.
+
+    v2: the pids parent itself, with the memory controller enabled for its
+    children; v1: the memory hierarchy's root.
+    """
     found = _parent()
     if found is None:
         return None
     parent, unified = found
-    path = parent / f"{_PREFIX}{os.getpid()}-{next(_counter)}"
+    if unified:
+        try:
+            if "memory" not in (parent / "cgroup.controllers").read_text().split():
+                return None
+            control = parent / "cgroup.subtree_control"
+            if "memory" not in control.read_text().split():
+                control.write_text("+memory")
+        except OSError:
+            return None
+        return parent, True
+    for mount, kind, opts in _mounts():
+        if kind == "cgroup" and "memory" in opts.split(","):
+            root = Path(mount)
+            if (root / "memory.limit_in_bytes").exists() and os.access(root, os.W_OK):
+                return root, False
+    return None
+
+
+def _bound_memory(path: Path, memory: Path | None, unified: bool, limit: int) -> bool:
+    """Set the shared memory limit (swap included); False when the kernel refused it."""
+    try:
+        if unified:
+            (path / "memory.max").write_text(str(limit))
+            swap = path / "memory.swap.max"
+            if swap.exists():
+                swap.write_text("0")
+            return True
+        if memory is None:
+            return False
+        (memory / "memory.limit_in_bytes").write_text(str(limit))
+        memsw = memory / "memory.memsw.limit_in_bytes"
+        if memsw.exists():  # swap accounting on: memory plus swap, the same bound
+            memsw.write_text(str(limit))
+        return True
+    except OSError as exc:
+        logger.warning("could not bound the memory of cgroup %s: %s", path, exc)
+        return False
+
+
+def create(max_pids: int, max_memory: int | None = None) -> PidsCgroup | None:
+    """A fresh cgroup allowing at most `max_pids` processes (and, given
+    `max_memory`, that many bytes for all of them together where the memory
+    controller can be used), or None where none can be made."""
+    found = _parent()
+    if found is None:
+        return None
+    parent, unified = found
+    name = f"{_PREFIX}{os.getpid()}-{next(_counter)}"
+    path = parent / name
     try:
         path.mkdir()
         (path / "pids.max").write_text(str(max_pids))
@@ -171,4 +261,21 @@ def create(max_pids: int) -> PidsCgroup | None:
         with contextlib.suppress(OSError):
             path.rmdir()
         return None
-    return PidsCgroup(path, unified)
+    memory: Path | None = None
+    bound = False
+    mem_parent = _memory_parent() if max_memory is not None else None
+    if mem_parent is not None and max_memory is not None:
+        if not mem_parent[1]:  # v1: a cgroup of its own in the memory hierarchy
+            memory = mem_parent[0] / name
+            try:
+                memory.mkdir()
+            except OSError as exc:
+                logger.warning("could not create cgroup %s: %s", memory, exc)
+                memory = None
+        if unified or memory is not None:
+            bound = _bound_memory(path, memory, unified, max_memory)
+        if not bound and memory is not None:
+            with contextlib.suppress(OSError):
+                memory.rmdir()
+            memory = None
+    return PidsCgroup(path, unified, memory, bound)

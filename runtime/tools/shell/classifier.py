@@ -14,6 +14,7 @@ from __future__ import annotations
 import posixpath
 import re
 import shlex
+from typing import Any
 
 import bashlex
 
@@ -101,7 +102,7 @@ def _classify(command: str) -> Classification:
         and analyzer.simple_count == 1
         and not extra
         and not arithmetic
-        and _argv_matches(text, analyzer.commands[0])
+        and _argv_matches(text, analyzer.commands[0], analyzer.nodes)
     )
     return Classification(
         action_type="destructive" if decider.blocked else action,
@@ -206,7 +207,7 @@ def _plain_arithmetic(text: str) -> tuple[str, bool]:
     return "".join(out), changed
 
 
-def _argv_matches(text: str, argv: list[str]) -> bool:
+def _argv_matches(text: str, argv: list[str], nodes: list[Any] | None = None) -> bool:
     """Whether running argv directly is exactly what bash would run."""
     try:
         split = shlex.split(text, comments=False, posix=True)
@@ -215,18 +216,19 @@ def _argv_matches(text: str, argv: list[str]) -> bool:
     if split != argv:
         return False
     # every word literal: no expansion characters outside quotes
-    for raw in _raw_words(text):
+    for raw in _raw_words(text, nodes):
         glob, brace, expand = _raw_features(raw)
         if glob or brace or expand or raw.startswith("~") or "#" in raw:
             return False
     return True
 
 
-def _raw_words(text: str) -> list[str]:
-    try:
-        nodes = bashlex.parse(text)
-    except Exception:
-        return [text]
+def _raw_words(text: str, nodes: list[Any] | None = None) -> list[str]:
+    if not nodes:  # the analyser's tree, or parse again
+        try:
+            nodes = bashlex.parse(text)
+        except Exception:
+            return [text]
     out: list[str] = []
     for node in nodes:
         for part in getattr(node, "parts", None) or []:

@@ -110,7 +110,10 @@ def _rlimits(limits: ResourceLimits, *, sandboxed: bool) -> list[tuple[int, int,
     return out
 
 
-_JOIN_THEN_EXEC = 'echo $$ > "$0" && exec "$@"'
+# `sh -c SCRIPT join procs... -- argv`: joins every cgroup named before `--`
+# (pids, and the v1 memory hierarchy's), then execs; a failed join runs nothing.
+_JOIN_THEN_EXEC = 'for f do shift; [ "$f" = -- ] && exec "$@"; echo $$ > "$f" || exit 126; done'
+
 _PRLIMIT_NAMES = {"RLIMIT_CORE": "core", "RLIMIT_FSIZE": "fsize", "RLIMIT_NOFILE": "nofile",
                   "RLIMIT_NPROC": "nproc", "RLIMIT_CPU": "cpu", "RLIMIT_AS": "as"}  # fmt: skip
 
@@ -143,8 +146,9 @@ def _launcher(
         options.append(f"--{names[limit]}={soft}:{hard}")
     prefix = [prlimit, *options, "--"]
     if cgroup is not None:
-        # `&&`: a command that could not join its cgroup does not run at all.
-        prefix = [sh, "-c", _JOIN_THEN_EXEC, str(cgroup.path / "cgroup.procs"), *prefix]
+        # A command that could not join its cgroups does not run at all (exit 126).
+        procs = [str(p) for p in cgroup.procs_files]
+        prefix = [sh, "-c", _JOIN_THEN_EXEC, "ducklm-join", *procs, "--", *prefix]
     return prefix
 
 
@@ -310,7 +314,11 @@ async def execute(
             run_argv, run_executable = plan.argv + argv, plan.argv[0]
         else:
             run_argv = [executable, *argv[1:]]  # exactly the program found above
-        cgroup = cgroups.create(config.limits.processes)
+        # A sandboxed command's processes share one memory bound (the address
+        # space limit binds each process alone); approved ones keep today's limits.
+        cgroup = cgroups.create(
+            config.limits.processes, config.limits.address_space if sandboxed else None
+        )
         rlimits = _rlimits(config.limits, sandboxed=sandboxed)
         launcher = _launcher(rlimits, cgroup)
         setup: Callable[[], None] | None = None
@@ -333,6 +341,9 @@ async def execute(
                 cgroup=cgroup,
             )
         finally:
+            for fd in plan.fds if plan is not None else ():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
             if cgroup is not None:
                 cgroup.kill_all()
                 # Off the event loop: emptying a cgroup after a fork bomb takes a moment.
@@ -369,6 +380,7 @@ async def _run(
             env=env,
             start_new_session=True,
             preexec_fn=setup,
+            pass_fds=plan.fds if plan is not None else (),
         )
     except FileNotFoundError:
         return _refusal(command, fresh, f"command not found: {argv[0]}", sandboxed=sandboxed)
@@ -453,6 +465,7 @@ async def _run(
             stderr=err_text,
             timed_out=timed_out,
             process_limit_hit=cgroup is not None and cgroup.limit_hit(),
+            memory_limit_hit=cgroup is not None and cgroup.memory_limit_hit(),
             workspace=workspace,
             hidden=plan.hidden,
             network=plan.network,

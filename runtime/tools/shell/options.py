@@ -40,7 +40,7 @@ def getopt(
     values: Sequence[str] = (),
     optional: Sequence[str] = (),
     stop_at_positional: bool = False,
-    long_abbrev: bool = True,
+    long_abbrev: bool = False,
     pairs: Sequence[str] = (),
     numbers_are_operands: bool = False,
     lenient: bool = False,
@@ -50,6 +50,13 @@ def getopt(
     `flags` take no value, `values` take one (`-n5`, `-n 5`, `--lines=5`,
     `--lines 5`), `optional` long options take a value only as `--x=v`. Any
     unknown option sets `error`: the caller then asks for approval.
+
+    Abbreviations (`--lin` for `--lines`) are resolved only with
+    `long_abbrev`, and only when the tables passed are the program's complete
+    long-option list: getopt_long prefers an exact match and resolves a prefix
+    against *all* the program's options, so resolving it against an
+    allow-list alone could read a forbidden option as an allowed one. An exact
+    match always wins; an ambiguous prefix is an error.
 
     `pairs` take two words (jq's `--arg NAME VALUE`; the value is recorded as
     "NAME VALUE"'s second word, the name is dropped). `numbers_are_operands`
@@ -89,7 +96,10 @@ def getopt(
             name, eq, val = arg.partition("=")
             if name not in known_long and long_abbrev:
                 matches = [o for o in known_long if o.startswith(name)]
-                if len(matches) == 1:
+                if len(matches) > 1:
+                    out.error = f"ambiguous option `{name}`"
+                    return out
+                if matches:
                     name = matches[0]
             if name in value_set:
                 if eq:

@@ -10,19 +10,21 @@ against the protected and secret names they could reach.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import os
 import posixpath
 import re
 
 from runtime.tools.secrets import (
+    CREDENTIAL_ENV_VARS,
     SECRET_DIR_PAIRS,
-    SECRET_DIR_PATTERNS,
     SECRET_DIRS,
-    SECRET_NAMES,
     SECRET_PATH_SAMPLES,
     SECRET_ROOTS,
     SECRET_SAMPLES,
     SYSTEM_SECRETS,
+    credential_env_paths,
+    secret_name_matches,
 )
 
 # Deleting, moving or recursively re-permissioning any of these wipes the system.
@@ -227,9 +229,7 @@ def _could_match_secret(component: str) -> bool:
         return any(glob_component_matches(s, component) for s in SECRET_SAMPLES) or any(
             glob_component_matches(s, component) for s in SECRET_DIRS
         )
-    return any(fnmatch.fnmatchcase(component, pat) for pat in SECRET_NAMES) or any(
-        fnmatch.fnmatchcase(component, pat) for pat in SECRET_DIR_PATTERNS
-    )
+    return secret_name_matches(component)
 
 
 def _glob_reaches_secret_path(path: str) -> bool:
@@ -245,6 +245,29 @@ def _glob_reaches_secret_path(path: str) -> bool:
         ):
             return True
     return False
+
+
+def _env_secret_reason(word: str, path: str) -> str | None:
+    """A path to (or a glob that could reach) a file the bot's environment names."""
+    named = env_secret_paths()
+    if not named:
+        return None
+    if path.startswith("~"):
+        path = _HOME + path[1:]
+    if _under(path, named):
+        return f"`{word}` is a credential file the bot's environment names"
+    if _has_glob(path):
+        parts = path.split("/")
+        for sample in named:
+            sample_parts = sample.split("/")
+            if len(sample_parts) != len(parts):
+                continue  # a recursive read above it is `holds_secrets`' to judge
+            if all(
+                glob_component_matches(n, p) if _has_glob(p) else n == p
+                for n, p in zip(sample_parts, parts, strict=False)
+            ):
+                return f"`{word}` could match a credential file the bot's environment names"
+    return None
 
 
 # Where secrets live, as directories a recursive read may start above.
@@ -263,12 +286,28 @@ def holds_secrets(word: str) -> bool:
     """
     path = canonical_path(word)
     if path is None:
-        stripped = word.rstrip("/")
-        return stripped in ("", ".", "./") or _escapes(word)
+        # `notes/..` and `./src/../` are the workspace root again
+        return posixpath.normpath(word or ".") == "." or _escapes(word)
     if path in ("/", "~") or _is_home(path):
         return True
     prefix = path.rstrip("/") + "/"
-    return any(h.startswith(prefix) or h == path for h in _SECRET_HOLDERS)
+    holders = (*_SECRET_HOLDERS, *env_secret_paths())
+    return any(h.startswith(prefix) or h == path for h in holders)
+
+
+@functools.lru_cache(maxsize=8)
+def _env_secrets_for(values: tuple[tuple[str, str], ...]) -> tuple[str, ...]:
+    return tuple(credential_env_paths(dict(values)))
+
+
+def env_secret_paths() -> tuple[str, ...]:
+    """The credential paths the bot's own environment names ($KUBECONFIG, ...).
+
+    Read on every call (tests and operators change the environment), cached
+    on the values: the sandbox hides the same paths (`credential_env_paths`).
+    """
+    values = tuple((n, os.environ[n]) for n in CREDENTIAL_ENV_VARS if n in os.environ)
+    return _env_secrets_for(values) if values else ()
 
 
 def _under(path: str, roots: tuple[str, ...] | frozenset[str]) -> bool:
@@ -318,6 +357,8 @@ def _secret_path_reason(word: str) -> str | None:
             return f"`{word}` is a secret location"
         if _has_glob(path) and _glob_reaches_secret_path(path):
             return f"`{word}` could match a secret location"
+        if env_reason := _env_secret_reason(word, path):
+            return env_reason
     if is_disk(path) and path.startswith("/dev/"):
         return f"`{word}` is a raw disk device"
     if path in ("/dev/mem", "/dev/kmem", "/dev/port"):

@@ -29,6 +29,10 @@ PROGRAM_PROFILES: dict[str, str] = {
     "host": "dns",
     "nslookup": "dns",
     "systemctl": "systemd",
+    # The other systemd tools ask the same managers over the same socket and D-Bus.
+    **dict.fromkeys(
+        ("loginctl", "timedatectl", "hostnamectl", "localectl", "systemd-analyze"), "systemd"
+    ),
 }
 
 # Every container engine and service-manager socket a root process could use
@@ -88,7 +92,8 @@ PROFILES: dict[str, Profile] = {
     ),
     "systemd": Profile(
         "systemd",
-        "systemctl status/list-units ask the service manager over its socket and D-Bus",
+        "systemctl status/list-units, loginctl, timedatectl, systemd-analyze blame ask the "
+        "service manager and its daemons over its socket and D-Bus",
         sockets=("/run/systemd/private", "/run/dbus/system_bus_socket"),
     ),
 }

@@ -78,7 +78,6 @@ FLAG_POLICIES: dict[str, tuple[str, frozenset[str], str]] = {
     ),
     "ss": ("KE", frozenset({"--kill", "--events"}), "`ss -K` kills sockets; `ss -E` never ends"),
     "lsof": ("r", frozenset(), "`lsof -r` repeats forever"),
-    "free": ("sc", frozenset({"--seconds", "--count"}), "`free -s` repeats forever"),
     "netstat": ("c", frozenset({"--continuous"}), "`netstat -c` never ends"),
 }
 

@@ -95,6 +95,7 @@ def detect(
     timed_out: bool,
     process_limit_hit: bool,
     workspace: Path,
+    memory_limit_hit: bool = False,
     hidden: Iterable[str],
     network: bool,
 ) -> list[str]:
@@ -117,6 +118,8 @@ def detect(
                 found.append(kind)
     if process_limit_hit and "process limit" not in found:
         found.append("process limit")
+    if memory_limit_hit and "memory limit" not in found:
+        found.append("memory limit")
     for path in _mentions_hidden(words, workspace, hidden):
         found.append(f"hidden path {path}")
     if _OTHER_PROC.search(command):

@@ -13,8 +13,12 @@ is visible), no network namespace of the host, no capabilities, a new session,
 and death with the bot. Hidden: every secret location `secrets.hidden_paths`
 names (for the bot's $HOME and every /home/* directory), system secret files,
 the bot's own database, its directory and Matrix session files, its `.env`,
-the kubeconfig, and every control socket (container engines, D-Bus, systemd)
-under /run. A profile (`profiles`) adds exactly what its programs need.
+the kubeconfig and every credential file the bot's environment names
+(`secrets.credential_env_paths`), the secret-named files inside the workspace
+(a bounded scan, `secrets_in_workspace`), and every control socket (container
+engines, D-Bus, systemd) under /run. A seccomp filter (`seccomp`) refuses unix
+sockets anywhere (except to the profiles that lend one) and the kernel
+keyring. A profile (`profiles`) adds exactly what its programs need.
 
 Order matters to bwrap (later mounts cover earlier ones), so: hide everything
 outside the workspace, bind the workspace back (it may lie under a hidden
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import logging
 import os
 import re
 import shutil
@@ -37,8 +42,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from runtime.tools.secrets import hidden_paths
-from runtime.tools.shell import cgroups
+from runtime.tools.secrets import (
+    CREDENTIAL_ENV_VARS,
+    credential_env_paths,
+    hidden_paths,
+    is_secret_name,
+)
+from runtime.tools.shell import cgroups, seccomp
 from runtime.tools.shell.limits import ResourceLimits
 from runtime.tools.shell.profiles import (
     CONTROL_SOCKETS,
@@ -51,6 +61,8 @@ from runtime.tools.shell.profiles import (
 if TYPE_CHECKING:
     from runtime.settings import Settings
 
+logger = logging.getLogger("ducklm.tools")
+
 SANDBOX_MODES = ("unasked", "all", "off")
 _DEFAULT_PROFILE = Profile("default", "no network, no control socket")
 # Hidden directories are covered by a tiny tmpfs (writable, but empty and gone
@@ -58,19 +70,6 @@ _DEFAULT_PROFILE = Profile("default", "no network, no control socket")
 _HIDE_SIZE = 64 * 1024
 # Places the sandbox replaces anyway: nothing there needs hiding twice.
 _REPLACED = ("/tmp", "/dev", "/proc")
-# System files only root can read: hidden because the sandbox runs as the bot's
-# user, and a root bot's uid 0 reads them even without capabilities.
-_SYSTEM_SECRETS = (
-    "/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/sudoers",
-    "/etc/sudoers.d", "/etc/security/opasswd", "/etc/ssh/ssh_host_*_key", "/etc/ssl/private",
-    "/etc/pki/tls/private", "/etc/letsencrypt/archive", "/etc/letsencrypt/live",
-    "/etc/krb5.keytab", "/etc/ipsec.secrets", "/etc/wireguard",
-    "/etc/NetworkManager/system-connections", "/etc/kubernetes/pki", "/etc/kubernetes/*.conf",
-    "/var/lib/kubelet/pki", "/var/lib/kubelet/pods",
-    "/etc/rancher/k3s/k3s.yaml", "/var/lib/rancher/k3s/server", "/var/lib/docker/containers",
-    "/var/lib/docker/swarm", "/etc/docker/key.json", "/var/lib/containers/storage/secrets",
-    "/var/lib/sss/secrets", "/var/lib/jenkins/secrets",
-)  # fmt: skip
 # The fresh /proc is writable where its files' owner may write, and a root
 # bot's commands run as uid 0 (caps or not, /proc/sys/* is mode 0644 root):
 # `echo 1 > /proc/sys/vm/drop_caches` would reach the kernel. So the kernel's
@@ -89,6 +88,19 @@ _PROC_COVERS: list[str] = [
 _SOCKET_SCAN_ROOTS = ("/run",)
 _SOCKET_SCAN_MAX = 4096  # entries looked at under /run; a bigger /run is cut short
 _PROBE_TIMEOUT = 15.0
+# The workspace is scanned for secret-named files (`src/.env`, `deploy/id_rsa`)
+# that a recursive read (`grep -rn x src`) would reach: bounded, because a
+# workspace may hold a huge tree. Past the bound the classifier's name check is
+# all that stands in front of them (a known limit, see docs/shell-policy.md).
+_WS_SCAN_MAX = 20000  # directory entries looked at
+_WS_SCAN_DEPTH = 8
+# Each hidden file is one mount (~0.1 ms in bwrap): a workspace full of test
+# certificates must not make every command slow. Past this many, the rest are
+# left to the classifier's name check (logged once per workspace).
+_WS_HIDE_MAX = 512
+# Directories whose entries are never secret names a person gave (git's object
+# store): not worth the scan.
+_WS_SCAN_SKIP = frozenset({".git", "node_modules", "__pycache__", ".venv", ".tox"})
 
 
 @dataclass(frozen=True)
@@ -205,6 +217,11 @@ def sandbox_notice(config: SandboxConfig) -> str | None:
             "(apt-get install bubblewrap) or set DUCKLM_SANDBOX=off to run read-only "
             "commands unsandboxed."
         )
+    if not seccomp.available():
+        return (
+            "Sandbox on, but without its seccomp filter (libseccomp or pyseccomp missing): "
+            "unix sockets outside /run and the kernel keyring stay reachable."
+        )
     if os.geteuid() == 0 and not cgroups.available():
         return (
             "Sandbox on, but no pids cgroup can be made here, and RLIMIT_NPROC does not bind "
@@ -245,6 +262,57 @@ def _sockets_under(roots: Iterable[str]) -> list[str]:
     return found
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(workspace: str, what: str) -> None:
+    if workspace not in _warned:
+        _warned.add(workspace)
+        logger.warning(
+            "workspace %s has %s: the sandbox hides the first ones only, the classifier's "
+            "name check stands in front of the rest",
+            workspace,
+            what,
+        )
+
+
+def secrets_in_workspace(workspace: str) -> list[str]:
+    """Secret-named files and credential directories inside the workspace (bounded scan).
+
+    Symlinks are not followed nor listed: what they point to outside is hidden
+    by the outer scan, and a target inside is found by its own name.
+    """
+    found: list[str] = []
+    seen = 0
+    stack: list[tuple[str, int]] = [(workspace, 0)]
+    while stack:
+        top, depth = stack.pop()
+        try:
+            entries = list(os.scandir(top))
+        except OSError:
+            continue
+        for entry in entries:
+            seen += 1
+            if seen > _WS_SCAN_MAX:
+                _warn_once(workspace, f"more than {_WS_SCAN_MAX} entries")
+                return found
+            if entry.is_symlink():
+                continue
+            if is_secret_name(entry.name) or is_secret_name(entry.name.lower()):
+                found.append(entry.path)
+                if len(found) >= _WS_HIDE_MAX:
+                    _warn_once(workspace, f"more than {_WS_HIDE_MAX} secret-named files")
+                    return found
+                continue  # a hidden directory covers what lies below it
+            if depth + 1 < _WS_SCAN_DEPTH and entry.name not in _WS_SCAN_SKIP:
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append((entry.path, depth + 1))
+                except OSError:
+                    continue
+    return found
+
+
 def _concrete(paths: Iterable[str]) -> list[str]:
     """Resolved, existing, deduplicated; never the root itself."""
     out: list[str] = []
@@ -256,10 +324,22 @@ def _concrete(paths: Iterable[str]) -> list[str]:
     return out
 
 
-def hidden_for(config: SandboxConfig, profile: Profile, environ: Mapping[str, str]) -> list[str]:
-    """Every concrete path this profile hides on this host, right now."""
+def hidden_for(
+    config: SandboxConfig,
+    profile: Profile,
+    environ: Mapping[str, str],
+    workspace: str | None = None,
+) -> list[str]:
+    """Every concrete path this profile hides on this host, right now.
+
+    With `workspace`, the secret-named files inside it are hidden too.
+    """
     home = environ.get("HOME") or os.path.expanduser("~")
-    extra = list(config.bot_files) + _concrete(_SYSTEM_SECRETS)
+    # System secrets come with `hidden_paths` (secrets.SYSTEM_SECRETS); the
+    # credential files the bot's environment names are hidden too, except the
+    # kubeconfig a kubernetes profile lends to kubectl.
+    extra = list(config.bot_files)
+    extra += credential_env_paths(environ, skip=("KUBECONFIG",) if profile.kubeconfig else ())
     if not profile.kubeconfig:
         extra += kubeconfigs(environ)
     candidates = hidden_paths(home, extra)
@@ -272,6 +352,8 @@ def hidden_for(config: SandboxConfig, profile: Profile, environ: Mapping[str, st
     kept = set(_concrete(profile.sockets))
     sockets = _concrete(list(CONTROL_SOCKETS) + _sockets_under(_SOCKET_SCAN_ROOTS))
     candidates += [s for s in sockets if s not in kept]
+    if workspace is not None:
+        candidates += secrets_in_workspace(workspace)
     return _concrete(candidates)
 
 
@@ -295,15 +377,26 @@ _hidden_cache: dict[tuple[object, ...], tuple[float, list[str]]] = {}
 
 
 def _hidden_cached(
-    config: SandboxConfig, profile: Profile, environ: Mapping[str, str], *, rescan: bool
+    config: SandboxConfig,
+    profile: Profile,
+    environ: Mapping[str, str],
+    *,
+    rescan: bool,
+    workspace: str | None = None,
 ) -> list[str]:
-    key = (config.bot_files, profile.name, environ.get("HOME"), environ.get("KUBECONFIG"))
+    key = (
+        workspace,
+        config.bot_files,
+        profile.name,
+        environ.get("HOME"),
+        *(environ.get(name) for name in CREDENTIAL_ENV_VARS),
+    )
     now = time.monotonic()
     hit = _hidden_cache.get(key)
     if hit is not None and now - hit[0] < _HIDDEN_TTL and not rescan:
         # What vanished since is dropped (bwrap cannot cover a missing path).
         return [p for p in hit[1] if os.path.lexists(p)]
-    hidden = hidden_for(config, profile, environ)
+    hidden = hidden_for(config, profile, environ, workspace)
     if len(_hidden_cache) > 64:
         _hidden_cache.clear()
     _hidden_cache[key] = (now, hidden)
@@ -335,6 +428,9 @@ class SandboxPlan:
     network: bool
     # Refusals decided before the run (a profile withheld), for the audit.
     notes: list[str] = field(default_factory=list)
+    # Descriptors bwrap reads (the seccomp program): passed to the child, and
+    # closed by the caller once it has started.
+    fds: tuple[int, ...] = ()
 
 
 _EXPANSION_CHARS = frozenset("$`*?[~{")
@@ -404,14 +500,20 @@ def command_prefix(
     ws = os.path.realpath(workspace)
     tmp = str(config.limits.tmp_size)
     argv = [status.path, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
-    argv += _PROC_COVERS
+    # Only uid 0 may write the kernel's knobs (mode 0644 root): a non-root bot's
+    # commands skip those ten mounts (about a millisecond).
+    argv += _PROC_COVERS if os.geteuid() == 0 else []
     argv += ["--size", tmp, "--tmpfs", "/tmp", "--size", tmp, "--tmpfs", "/dev/shm"]
     # bwrap's /dev is an unbounded tmpfs the command's uid owns: read-only (its
     # devices still work, /dev/shm above stays the one bounded writable place).
     argv += ["--remount-ro", "/dev"]
     argv += _namespaces(network=chosen.network)
     argv += ["--cap-drop", "ALL", "--new-session", "--die-with-parent"]
-    hidden = _hidden_cached(config, chosen, environ, rescan=rescan)
+    # An approved command (writable workspace) keeps its workspace as the
+    # person saw it; an unasked one does not see the secret-named files in it.
+    hidden = _hidden_cached(
+        config, chosen, environ, rescan=rescan, workspace=None if writable else ws
+    )
     inside = [p for p in hidden if _inside(p, ws) and p != ws]
     outside = [p for p in hidden if p not in inside and not any(_inside(p, r) for r in _REPLACED)]
     for path in _outermost(outside):
@@ -428,5 +530,11 @@ def command_prefix(
             env["KUBECONFIG"] = ":".join(files)
         # kubectl's discovery cache would go to ~/.kube/cache, a tiny hidden tmpfs.
         env["KUBECACHEDIR"] = "/tmp/.kube-cache"
+    fds: tuple[int, ...] = ()
+    # Unix sockets off unless the profile lends one; the keyring always off.
+    fd = seccomp.descriptor(unix_sockets=bool(chosen.sockets))
+    if fd is not None:
+        argv += ["--seccomp", str(fd)]
+        fds = (fd,)
     argv += ["--chdir", ws, "--"]
-    return SandboxPlan(argv, env, hidden, chosen.name, chosen.network, notes)
+    return SandboxPlan(argv, env, hidden, chosen.name, chosen.network, notes, fds)

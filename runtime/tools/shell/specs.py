@@ -40,7 +40,11 @@ class Spec:
     max_operands: int | None = None
     operand: Shape | None = None  # every operand must have this shape (None: any word)
     stop_at_positional: bool = False
-    long_abbrev: bool = True
+    # Resolve `--foll` to `--follow-name`: only for a table that lists every
+    # long option the real program has. An allow-list lists only the harmless
+    # ones, and getopt_long resolves an abbreviation against the program's own
+    # list, so `--foll` may be the forbidden `--follow` (exact or abbreviated).
+    long_abbrev: bool = False
     # options taking two words (jq's `--arg NAME VALUE`); the shape judges the second
     pairs: Mapping[str, Shape] = field(default_factory=dict)
     # `-20` means this option with the value 20 (`head -20` is `head -n 20`)
@@ -70,7 +74,7 @@ def spec(
     max_operands: int | None = None,
     operand: Shape | None = None,
     stop_at_positional: bool = False,
-    long_abbrev: bool = True,
+    long_abbrev: bool = False,
     pairs: Mapping[str, Shape] | None = None,
     numeric: str | None = None,
     numbers_are_operands: bool = False,

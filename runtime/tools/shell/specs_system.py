@@ -17,8 +17,8 @@ these programs needs more than the default sandbox, and their options are
 allow-listed so that nothing can point them somewhere else:
 
 - `dig`, `host`, `nslookup`, `ping -c N`: the network (DNS to the configured
-  resolver; ICMP echo). A query to a server named on the command line
-  (`dig @1.2.3.4`, `host name server`, `nslookup name server`) needs
+  resolver; ICMP echo). `dig @server` may name the server (see `_DIG_SERVER`
+  for why); `host name server` and `nslookup name server` still need
   approval; so do `dig -f file` (it sends a file's lines as queries) and
   `dig -k`/`-y` (TSIG keys). `traceroute`/`tracepath`/`mtr` always need
   approval: they probe every hop and often outlast the timeout.
@@ -242,12 +242,89 @@ VMSTAT = spec(
     {"-p": NAME, "--partition": NAME, "-S": choice("k", "K", "m", "M"), "--unit": ANY},
     **_EXACT,
 )
+# `-s N` repeats every N seconds forever unless `-c N` bounds it; `-c` alone
+# repeats every second, `count` times.
 FREE = spec(
     "-b --bytes -k --kibi -m --mebi -g --gibi --tebi --pebi --kilo --mega --giga --tera --peta "
     "-h --human -w --wide -t --total -l --lohi -v --committed --si --help -V --version",
+    {**with_values(SECONDS, "-s --seconds"), **with_values(COUNT, "-c --count")},
     max_operands=0,
     **_EXACT,
 )
+
+
+def _policy_free(argv: list[str]) -> Verdict | None:
+    problem = check("free", FREE, argv)
+    if problem:
+        return _approval("unknown", "medium", f"{problem} needs approval")
+    opts = getopt(argv, flags=FREE.flags, values=tuple(FREE.values), long_abbrev=False)
+    counts = opts.values("-c", "--count")
+    if opts.has("-s", "--seconds") and not counts:
+        return _approval("process", "medium", "`free -s` without `-c N` repeats forever")
+    if any(int(c) < 1 for c in counts):
+        return _approval("process", "medium", "`free -c` needs a count of at least 1")
+    return None
+
+
+# swapon only reads with `--show`/`--summary` (the `/proc/swaps` table); any
+# operand or other option turns swap on.
+SWAPON = spec(
+    "-s --summary --noheadings --raw --bytes -h --help -V --version",
+    optional={"--show": list_of(matches(r"[A-Za-z0-9-]{1,16}", "a column name"))},
+    max_operands=0,
+    **_EXACT,
+)
+
+
+def _policy_swapon(argv: list[str]) -> Verdict | None:
+    problem = check("swapon", SWAPON, argv)
+    shows = any(a.split("=")[0] in ("-s", "--summary", "--show", "-h", "--help", "-V",
+                                     "--version") for a in argv[1:])  # fmt: skip
+    if problem or not shows:
+        return _approval("privileged", "high", "`swapon` without `--show` turns swap space on")
+    return None
+
+
+# systemd-analyze: verbs that only print what the service manager already
+# knows, with options that cannot point it elsewhere. Not listed: `-H/--host`
+# and `-M/--machine` (ssh or a container), `--root/--image` (another tree),
+# `verify`, `condition`, `security` with files, `cat-config` (they load unit
+# files or run generators), `log-level`/`log-target`/`service-watchdogs` (set
+# the manager's state when given a value), `--man`/`--generators` (run programs).
+_ANALYZE_VERBS = frozenset(
+    "time blame critical-chain dot plot dump unit-paths calendar timespan timestamp "
+    "exit-status capability syscall-filter filesystems".split()
+)
+SYSTEMD_ANALYZE = spec(
+    "--no-pager --no-legend --system -q --quiet --order --require -h --help --version",
+    {
+        "--fuzz": matches(r"[0-9a-z ]{1,32}", "a time span"),
+        "--from-pattern": NAME,
+        "--to-pattern": NAME,
+        "--iterations": COUNT,
+        "--base-time": DATE_TEXT,
+        "--json": choice("off", "pretty", "short"),
+        "--scale-svg": matches(r"[0-9.]{1,8}", "a factor"),
+    },
+    operand=matches(r"[A-Za-z0-9_.:@*+ -]{1,256}", "a unit name, time or verb"),
+    **_EXACT,
+)
+
+
+def _policy_systemd_analyze(argv: list[str]) -> Verdict | None:
+    problem = check("systemd-analyze", SYSTEMD_ANALYZE, argv)
+    if problem:
+        return _approval("privileged", "medium", f"{problem} needs approval")
+    opts = getopt(argv, flags=SYSTEMD_ANALYZE.flags, values=tuple(SYSTEMD_ANALYZE.values),
+                  long_abbrev=False)  # fmt: skip
+    verb = argv[opts.positionals[0]] if opts.positionals else "time"
+    if verb not in _ANALYZE_VERBS:
+        return _approval(
+            "privileged", "medium", f"`systemd-analyze {verb}` is not a verb known to only read"
+        )
+    return None
+
+
 UPTIME = spec("-p --pretty -s --since -h --help -V --version", max_operands=0, **_EXACT)
 
 
@@ -482,6 +559,11 @@ _LSOF_FLAGS = frozenset(
 )
 _LSOF_VALUES = frozenset("-p -u -c -g -d +d +D -s -k -z -Z -e -T -F +c".split())
 _LSOF_GLUED = re.compile(r"-(i[^\s]*|s[A-Za-z:,^]*|T[a-z]*|F[a-zA-Z0]*|[lLO]|g[0-9,^]*)")
+# `+L1`: files with fewer than that many links (deleted but open); `-L`: no counts.
+_LSOF_LINKS = re.compile(r"\+L[0-9]{0,6}|-L")
+# Bundles of value-less flags (`-nP`, `-lnP`). lsof reads `-nPi` as `-n -P -i`,
+# so a trailing `i` (every internet file) is listed too; `r` never is.
+_LSOF_BUNDLE = re.compile(r"-[nPtalwbUVNhXHCExOQ]{2,12}i?")
 _LSOF_ADDR = re.compile(r"[46]?([A-Za-z]{3,4})?(@[A-Za-z0-9_.:\[\]-]+)?(:[A-Za-z0-9_,-]+)?")
 
 
@@ -500,8 +582,10 @@ def _policy_lsof(argv: list[str]) -> Verdict | None:
             if _path(argv[i + 1]):
                 return _approval("read", "high", f"`lsof {arg} {argv[i + 1]}` names a secret")
             i += 1
-        elif arg in _LSOF_FLAGS or _LSOF_GLUED.fullmatch(arg):
+        elif arg in _LSOF_FLAGS or _LSOF_GLUED.fullmatch(arg) or _LSOF_LINKS.fullmatch(arg):
             pass
+        elif _LSOF_BUNDLE.fullmatch(arg):
+            pass  # `-nP`: flags without values, bundled
         elif arg.startswith(("-", "+")):
             return _approval("process", "medium", f"`lsof {arg}` is not an option known to be safe")
         i += 1
@@ -656,13 +740,24 @@ DIG = spec(
 )
 
 
+# `@server` (a name or an address, port 53: `-p` is not listed) is allowed:
+# asking a public resolver (`@1.1.1.1`) or a zone's own server is how on-call
+# checks DNS, and it opens no channel the system resolver does not already
+# give (any query name reaches its zone's server, whoever the attacker is).
+# The query is a DNS question built from this command's own words, which the
+# classifier has checked; a server word that is not a plain host needs approval.
+_DIG_SERVER = re.compile(r"@[A-Za-z0-9][A-Za-z0-9.-]{0,252}|@[0-9A-Fa-f:.]{2,45}")
+
+
 def _policy_dig(argv: list[str]) -> Verdict | None:
     plain: list[str] = [argv[0]]
     for arg in argv[1:]:
         if arg.startswith("@"):
-            return _approval(
-                "network", "medium", f"`dig {arg}` sends the query to a server named here"
-            )
+            if not _DIG_SERVER.fullmatch(arg):
+                return _approval(
+                    "network", "medium", f"`dig {arg}` names a server that is not a plain host"
+                )
+            continue
         if arg.startswith("+"):
             if not _DIG_PLUS.fullmatch(arg):
                 return _approval("network", "medium", f"`dig {arg}` needs approval")
@@ -714,7 +809,6 @@ SYSTEM_SPECS: dict[str, Spec] = {
     "netstat": NETSTAT,
     "df": DF,
     "du": DU,
-    "free": FREE,
     "uptime": UPTIME,
     "uname": UNAME,
     "lsblk": LSBLK,
@@ -762,6 +856,9 @@ SYSTEM_POLICIES: dict[str, Policy] = {
     "vmstat": _interval_count("vmstat", VMSTAT),
     "journalctl": _policy_journalctl,
     "lsof": _policy_lsof,
+    "free": _policy_free,
+    "swapon": _policy_swapon,
+    "systemd-analyze": _policy_systemd_analyze,
     "date": _policy_date,
     "crontab": _policy_crontab,
     "kill": _policy_kill,
@@ -814,4 +911,6 @@ NEEDS_NETWORK = frozenset(
 NEEDS_HOST_NETNS = frozenset(
     {"ip", "ss", "netstat", "iptables", "ip6tables", "nft", "lsof", "ethtool"}
 )
-NEEDS_SYSTEM_BUS = frozenset({"systemctl", "loginctl", "timedatectl", "hostnamectl", "localectl"})
+NEEDS_SYSTEM_BUS = frozenset(
+    {"systemctl", "loginctl", "timedatectl", "hostnamectl", "localectl", "systemd-analyze"}
+)

@@ -678,7 +678,7 @@ _ZSTDCAT = spec(
     "-q --quiet -v --verbose -f --force --no-progress -h --help -V --version",
     {**with_values(NUM, "-T --threads"), **with_values(SIZE, "-M --memory")},
     optional={"--memory": SIZE},
-    glob_safe=True,
+    glob_safe=False,  # zstd's own `-o FILE` and `--rm` are one file name away
 )
 _ZGREP = _GREP  # zgrep hands its options to grep
 

@@ -39,6 +39,28 @@ class Arg:
         return a
 
 
+def _starts_brace_expansion(raw: str, i: int) -> bool:
+    """Whether the unquoted `{` at `raw[i]` starts a brace expansion.
+
+    bash expands only `{a,b}` and `{x..y}`; `stash@{0}`, `{}` and an unclosed
+    `{` stay literal. Quotes or expansions inside the braces are not worth
+    modelling: they count as an expansion (approval).
+    """
+    depth = 0
+    for j in range(i, len(raw)):
+        c = raw[j]
+        if c in "'\"\\$`":
+            return True
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                body = raw[i + 1 : j]
+                return "," in body or ".." in body or "{" in body
+    return False
+
+
 def _raw_features(raw: str) -> tuple[bool, bool, bool]:
     """(glob, brace, expand) for the unquoted/double-quoted parts of a raw word."""
     glob = brace = expand = False
@@ -55,7 +77,7 @@ def _raw_features(raw: str) -> tuple[bool, bool, bool]:
             elif c in "*?[":
                 glob = True
             elif c == "{":
-                brace = True
+                brace = brace or _starts_brace_expansion(raw, i)
             elif c in "$`":
                 expand = True
                 if raw[i + 1 : i + 2] == "{":  # ${NAME}: a parameter, not brace expansion
