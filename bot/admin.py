@@ -38,8 +38,9 @@ def describe_rule(rule: Rule) -> str:
     )
 
 
-def describe_approval(approval: Approval) -> str:
-    what = approval.command or approval.tool
+def describe_approval(approval: Approval, shown: Callable[[str], str] = str) -> str:
+    """One line per pending approval; `shown` redacts the command for chat."""
+    what = shown(approval.command or approval.tool)
     return (
         f"`{approval.approval_id}` {approval.risk_level or '?'} `{clip(what, 120)}` — task "
         f"`{approval.task_id}`, asked by {approval.requested_by or '?'}, "
@@ -105,6 +106,8 @@ def describe_event(event: Event) -> str:
         detail = clip(p.get("error"), 100)
     elif kind in ("rule_created", "rule_revoked"):
         detail = f"`{p.get('rule_id')}`"
+    elif kind == "sandbox_refusal":
+        detail = clip(", ".join(str(r) for r in p.get("refused") or []), 100)
     return f"{event.seq:>3} {event.created_at.strftime('%H:%M:%S')} {kind} {detail}".rstrip()
 
 
@@ -120,7 +123,10 @@ class CommandRunner:
         schedules: ScheduleStore | None = None,
         *,
         timezone: str = "UTC",
+        shown: Callable[[str], str] = str,
     ) -> None:
+        # How a command may be shown where the answer goes (chat redacts secrets).
+        self.shown = shown
         self.tasks = tasks
         self.events = events
         self.approvals = approvals
@@ -184,7 +190,7 @@ class CommandRunner:
         pending = await self.approvals.pending()
         if not pending:
             return "No approvals are pending."
-        lines = [describe_approval(a) for a in pending[:MAX_LISTED]]
+        lines = [describe_approval(a, self.shown) for a in pending[:MAX_LISTED]]
         more = f"\n… and {len(pending) - MAX_LISTED} more" if len(pending) > MAX_LISTED else ""
         return "Pending approvals:\n" + "\n".join(lines) + more
 

@@ -57,6 +57,7 @@ class ChatService:
             self.approvals,
             runtime.stores.schedules,
             timezone=settings.timezone,
+            shown=lambda text: self.loop.redactor.redact(text).text,
         )
         self.backends: dict[str, ChatBackend] = {}
         self.workspace = str(runtime.settings.workspace)
@@ -175,7 +176,7 @@ class ChatService:
         await self._safely(
             backend.send(
                 thread,
-                f"Reminder for {who}: `{clip(self._shown(approval), 200)}` is still "
+                f"Reminder for {who}: `{clip(self.shown_command(approval), 200)}` is still "
                 f"waiting for approval.{expiry}",
             )
         )
@@ -196,7 +197,7 @@ class ChatService:
             self.backends[thread.platform].send(
                 thread,
                 f"This approval expired at {when(approval.decided_at)} without an answer; "
-                f"`{clip(self._shown(approval), 200)}` did not run. Ask again "
+                f"`{clip(self.shown_command(approval), 200)}` did not run. Ask again "
                 "if it is still needed.",
             )
         )
@@ -405,7 +406,7 @@ class ChatService:
 
     # -- helpers --------------------------------------------------------------
 
-    def _shown(self, approval: Approval) -> str:
+    def shown_command(self, approval: Approval) -> str:
         """An approval's command as chat may show it: secrets redacted."""
         return self.loop.redactor.redact(approval.command or approval.tool).text
 

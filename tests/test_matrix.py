@@ -7,6 +7,7 @@ each other's rooms.
 from __future__ import annotations
 
 import asyncio
+import json
 import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -746,3 +747,26 @@ async def test_direct_commands_without_a_model(
         assert await runtime.approvals.pending() == []
     finally:
         await bot.stop()
+
+
+async def test_the_access_token_from_login_is_redacted_from_tool_output(
+    bots: StartBot, alice: MatrixUser, bob: MatrixUser, duck: str, tmp_path: Path
+) -> None:
+    """The token a password login returns is not in Settings; the platform hands it to
+    the redactor, so a command that prints it never shows it in the room."""
+    bot = await bots()
+    client = bot.platform.connection.client
+    assert client is not None
+    token = client.access_token
+    assert len(token) >= 8
+    (tmp_path / "workspace" / "leak.txt").write_text(f"token={token}\n")
+    room = await room_with_bot(alice, duck, bob)
+
+    ran = await alice.say(room, "!duck run cat leak.txt")
+    reply = await alice.wait_for(bot_notice(duck, ran, "REDACTED"), "the redacted output")
+
+    assert token not in reply["content"]["body"]
+    assert token not in reply["content"].get("formatted_body", "")
+    (task,) = await bot.runtime.stores.tasks.list_by_conversation(Thread("matrix", room, ran).key)
+    for event in await bot.runtime.stores.events.list_events(task.task_id):
+        assert token not in json.dumps(event.payload)

@@ -468,3 +468,30 @@ async def test_a_credential_learnt_at_run_time_is_redacted_everywhere(
 )
 def test_templates_masks_and_public_material_are_not_secrets(line: str) -> None:
     assert Redactor().redact(line).text == line
+
+
+async def test_duck_approvals_in_chat_lists_the_command_redacted(
+    tmp_path: Path, model_server: FakeModelServer, clean_env: None
+) -> None:
+    """`/duck approvals` answers in chat, so its listing is redacted like a card."""
+    from bot import commands as c
+    from bot.policy import Actor
+    from bot.service import ChatService
+
+    ghp = "ghp_" + rand(ALNUM, 36)
+    command = f"printf '%s' {ghp} > token.txt"
+    model_server.reply(ACTION, Text(directive(shell(command, "store it"))), Text(NO_ACTIONS))
+    rt = await build_runtime(make_settings(tmp_path, model_server.base_url))
+    service = ChatService(rt)
+    try:
+        waiting = await rt.loop.run_chat("store the token")
+        assert waiting.pending_approval is not None
+        listing = await service.runner.execute(
+            c.parse_command("approvals"), Actor("slack:U1", is_admin=True, is_approver=True)
+        )
+        pending = await service.approvals.get(waiting.pending_approval.approval_id)
+    finally:
+        await service.close()
+        await rt.close()
+    assert "[REDACTED:github-token]" in listing and ghp not in listing
+    assert pending is not None and ghp not in service.shown_command(pending)

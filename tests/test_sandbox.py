@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from bot.admin import describe_event
 from runtime.factory import Runtime, build_runtime
 from runtime.store.models import Event
 from runtime.tools.shell import cgroups, classify, execute
@@ -131,6 +132,9 @@ async def test_touch_is_refused_and_audited(rt: Runtime, bypass: Any) -> None:
     assert audit["sandboxed"] is True and audit["ok"] is False
     assert "read-only filesystem" in _refused(events)
     assert "Read-only file system" in result.final_response
+    # `ducklm events` and `/duck task` show the refusal too.
+    (refusal,) = [e for e in events if e.event_type == "sandbox_refusal"]
+    assert "sandbox_refusal read-only filesystem" in describe_event(refusal)
 
 
 async def test_rm_rf_of_the_workspace_leaves_every_file(rt: Runtime, bypass: Any) -> None:

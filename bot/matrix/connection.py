@@ -69,7 +69,15 @@ class RoomEvents(Protocol):
 
 
 class MatrixConnection:
-    def __init__(self, settings: Settings, *, allowed_inviters: Iterable[str]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        allowed_inviters: Iterable[str],
+        on_access_token: Callable[[str], object] | None = None,
+    ) -> None:
+        # Told every access token the bot logs in with, so tool output never shows it.
+        self.on_access_token = on_access_token
         self.settings = settings
         self.homeserver = (settings.matrix_homeserver or "").strip().rstrip("/")
         self.user_id = (settings.matrix_user_id or "").strip()
@@ -200,6 +208,7 @@ class MatrixConnection:
             if isinstance(who, WhoamiResponse):
                 self._check_owner(who.user_id, "the saved session")
                 self.device_id = who.device_id or device_id
+                self._learned_token(saved.access_token)
                 return
             if not is_token_error(who):
                 raise PlatformStartError(
@@ -230,9 +239,14 @@ class MatrixConnection:
             )
         self._check_owner(response.user_id, "MATRIX_PASSWORD")
         self.device_id = response.device_id
+        self._learned_token(response.access_token)
         await self._save_session(
             Session(self.homeserver, self.user_id, response.device_id, response.access_token)
         )
+
+    def _learned_token(self, token: str) -> None:
+        if self.on_access_token is not None and token:
+            self.on_access_token(token)
 
     def _check_owner(self, user_id: str, source: str) -> None:
         if user_id != self.user_id:

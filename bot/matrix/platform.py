@@ -56,7 +56,13 @@ class MatrixPlatform(Platform, ChatBackend):
         if allowed_inviters is None:
             # DUCKLM_MATRIX_ALLOWED_INVITERS; empty (the default) lets anybody invite.
             allowed_inviters = settings.matrix_allowed_inviters
-        self.connection = MatrixConnection(settings, allowed_inviters=allowed_inviters)
+        self.connection = MatrixConnection(
+            settings,
+            allowed_inviters=allowed_inviters,
+            on_access_token=lambda token: service.loop.redactor.add_literal(
+                token, "matrix-access-token"
+            ),
+        )
         self.sender = MatrixSender(self.connection)
         self.events = MatrixEvents(service, self.connection, self.sender, self)
         service.add_backend(self)

@@ -522,7 +522,7 @@ class SlackPlatform(Platform, ChatBackend):
         approval = await self.service.approvals.get(approval_id)
         if approval is None:
             return "That approval does not exist.", ""
-        what = approval.command or approval.tool
+        what = self.service.shown_command(approval)
         refusal = self.service.policy.refuse_decision(who, approval, decision)
         if refusal:
             return refusal, what
