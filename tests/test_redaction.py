@@ -90,9 +90,9 @@ def format_cases() -> list[tuple[str, str, str]]:
     bearer = rand(ALNUM, 40)
     return [
         ("aws-access-key", aws_id, f"aws_access_key_id = {aws_id}"),
-        ("secret-value", aws_secret, f"aws_secret_access_key = {aws_secret}"),
+        ("aws-secret-key", aws_secret, f"aws_secret_access_key = {aws_secret}"),
         ("aws-secret-key", aws_secret, f'client = boto3.client(aws_key="{aws_secret}")'),
-        ("secret-value", aws_secret, f"AWS_SECRET_ACCESS_KEY={aws_secret}"),
+        ("aws-secret-key", aws_secret, f"AWS_SECRET_ACCESS_KEY={aws_secret}"),
         (
             "azure-storage-key",
             azure_key,
@@ -495,3 +495,14 @@ async def test_duck_approvals_in_chat_lists_the_command_redacted(
         await rt.close()
     assert "[REDACTED:github-token]" in listing and ghp not in listing
     assert pending is not None and ghp not in service.shown_command(pending)
+
+
+@pytest.mark.parametrize("lead", ["+", "/", "x"])
+def test_an_unquoted_aws_secret_key_is_redacted_whatever_it_starts_with(lead: str) -> None:
+    """Found by a random run: detect-secrets' keyword patterns want a value that
+    starts with a word character; a base64 key may start with `+` or `/`."""
+    key = lead + "xmuR9UJOC88ZZVBmP7ihp9QNbm7PTN+lVHk94wb"
+    assert len(key) == 40
+    for line in (f"aws_secret_access_key = {key}", f"AWS_SECRET_ACCESS_KEY={key}"):
+        result = Redactor().redact(line)
+        assert key not in result.text and result.kinds == ("aws-secret-key",)

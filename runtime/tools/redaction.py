@@ -162,6 +162,18 @@ _PATTERNS: tuple[_Pattern, ...] = (
     # Cloud keys.
     _Pattern("aws-access-key", _plugin(AWSKeyDetector, 0)),
     _Pattern("aws-secret-key", _plugin(AWSKeyDetector, 1), group=1, trigger="aws", fold=True),
+    # The same key unquoted (`aws_secret_access_key = …` in ~/.aws/credentials, `env`):
+    # the plugin wants quotes, and the keyword patterns want a value that starts
+    # with a word character, which a base64 key need not (`+xmu…`).
+    _Pattern(
+        "aws-secret-key",
+        re.compile(
+            r"aws.{0,20}?(?:key|secret|token).{0,20}?[=:]\s*([0-9a-zA-Z/+]{40})(?![0-9a-zA-Z/+=])"
+        ),
+        group=1,
+        trigger="aws",
+        fold=True,
+    ),
     _Pattern("azure-storage-key", _plugin(AzureStorageKeyDetector), trigger="AccountKey="),
     # Azure SAS tokens: the signature is what grants access (not in detect-secrets).
     _Pattern(

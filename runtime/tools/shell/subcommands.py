@@ -45,6 +45,7 @@ from runtime.tools.shell.specs import (
     check,
     choice,
     matches,
+    spec,
     with_values,
 )
 from runtime.tools.shell.verdict import Verdict, _cap
@@ -70,10 +71,10 @@ def _spec(
     operand: Shape | None = None,
 ) -> Spec:
     """A `Spec` whose long options must be spelled out (see the module docstring)."""
-    return Spec(
-        flags=tuple(flags.split()),
-        values=dict(values or {}),
-        optional=dict(optional or {}),
+    return spec(
+        flags,
+        values,
+        optional=optional,
         max_operands=max_operands,
         operand=operand,
         long_abbrev=False,
