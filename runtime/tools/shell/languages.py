@@ -59,6 +59,13 @@ def sed_script_problem(script: str) -> str | None:
             j += 1
         return j
 
+    def read_two_parts(j: int) -> int:
+        # `s/a/b/`, `y/a/b/`: the delimiter after the command letter at j, then
+        # two delimited parts; the index past the last delimiter, or -1
+        delim = s[j + 1]
+        k = read_delimited(j + 2, delim)
+        return read_delimited(k, delim) if k >= 0 else -1
+
     while i < n:
         c = s[i]
         if c in " \t\n;}":
@@ -142,21 +149,13 @@ def sed_script_problem(script: str) -> str | None:
                 return f"has text after the label of `{c}` the classifier does not understand"
             continue
         if c == "y":
-            if i + 1 >= n:
-                return "has an incomplete `y` command"
-            delim = s[i + 1]
-            j = read_delimited(i + 2, delim)
-            j = read_delimited(j, delim) if j >= 0 else -1
+            j = read_two_parts(i) if i + 1 < n else -1
             if j < 0:
                 return "has an incomplete `y` command"
             i = j
             continue
         if c == "s":
-            if i + 1 >= n or s[i + 1] in "\\\n":
-                return "has an incomplete `s` command"
-            delim = s[i + 1]
-            j = read_delimited(i + 2, delim)
-            j = read_delimited(j, delim) if j >= 0 else -1
+            j = read_two_parts(i) if i + 1 < n and s[i + 1] not in "\\\n" else -1
             if j < 0:
                 return "has an incomplete `s` command"
             i = j

@@ -51,7 +51,7 @@ from runtime.tools.shell.specs import (
     spec,
     with_values,
 )
-from runtime.tools.shell.subcommands import SUBCOMMAND_POLICIES
+from runtime.tools.shell.subcommands import JOURNAL_OUTPUT, SUBCOMMAND_POLICIES
 from runtime.tools.shell.verdict import Verdict
 
 Policy = Callable[[list[str]], Verdict | None]
@@ -493,11 +493,6 @@ DMESG = spec(
 )
 # `-f/--follow`, `--vacuum-*`, `--rotate`, `--flush`, `--sync`, `--relinquish-var`,
 # `--setup-keys`, `--update-catalog`, `--cursor-file` (writes) are not listed.
-_JOURNAL_OUTPUT = choice(
-    "short", "short-full", "short-iso", "short-iso-precise", "short-precise",
-    "short-monotonic", "short-delta", "short-unix", "verbose", "export", "json",
-    "json-pretty", "json-sse", "json-seq", "cat", "with-unit",
-)  # fmt: skip
 JOURNALCTL = spec(
     "-a --all -e --pager-end -r --reverse -x --catalog -q --quiet -k --dmesg -l --full "
     "--no-full --no-pager --no-hostname --utc -m --merge --system --user --list-boots "
@@ -511,7 +506,7 @@ JOURNALCTL = spec(
         ),
         **with_values(FIELDS, "--facility --output-fields -F --field"),
         **with_values(DATE_TEXT, "-S --since -U --until"),
-        **with_values(_JOURNAL_OUTPUT, "-o --output"),
+        **with_values(JOURNAL_OUTPUT, "-o --output"),
         **with_values(ANY, "-g --grep --cursor --after-cursor -I --invocation"),
         **with_values(_path, "-D --directory --file -i --root --image"),
         "--namespace": NAME,

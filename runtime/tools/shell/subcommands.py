@@ -197,7 +197,8 @@ _SYSTEMCTL_READ = frozenset(
      "list-dependencies", "list-jobs", "list-machines", "list-automounts", "list-paths",
      "is-active", "is-enabled", "is-failed", "is-system-running", "cat", "get-default"}
 )  # fmt: skip
-_JOURNAL_OUTPUT = choice(
+# journalctl's and systemctl's `-o/--output` formats (specs_system imports it).
+JOURNAL_OUTPUT = choice(
     "short", "short-full", "short-iso", "short-iso-precise", "short-precise",
     "short-monotonic", "short-delta", "short-unix", "verbose", "export", "json",
     "json-pretty", "json-sse", "json-seq", "cat", "with-unit",
@@ -212,7 +213,7 @@ SYSTEMCTL = _spec(
         **with_values(FIELDS, "-t --type -p --property --state"),
         "-P": NAME,
         **with_values(NUM, "-n --lines"),
-        **with_values(_JOURNAL_OUTPUT, "-o --output"),
+        **with_values(JOURNAL_OUTPUT, "-o --output"),
     },
     {
         "--legend": choice("yes", "no", "true", "false"),
@@ -251,7 +252,7 @@ CTL = _spec(
         **with_values(FIELDS, "-p --property"),
         "-P": NAME,
         **with_values(NUM, "-n --lines"),
-        **with_values(_JOURNAL_OUTPUT, "-o --output"),
+        **with_values(JOURNAL_OUTPUT, "-o --output"),
     },
     {"--json": choice("pretty", "short", "off")},
     operand=PLAIN,
