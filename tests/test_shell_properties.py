@@ -186,8 +186,17 @@ def test_shell_like_noise_never_raises_and_is_not_silently_read_only(text: str) 
     words = text.split()
     # A program name is dangerous in command position (`ls rm` only lists a file
     # named rm); these operators are dangerous anywhere.
-    starts = {"|", "&&", ";", "&", "(", "{", "then", "do", "$(", "`", "<("}
-    programs = {w for i, w in enumerate(words) if i == 0 or words[i - 1] in starts}
+    # `then`/`do` start a command only as keywords: in command position, or `do`
+    # after `for x` (`ls do rm` lists two files); the operators start one anywhere.
+    operators = {"|", "&&", ";", "&", "(", "{", "$(", "`", "<("}
+    programs: set[str] = set()
+    command_position, current = True, ""
+    for w in words:
+        if command_position:
+            programs.add(w)
+            current = w
+        keyword = w in ("then", "do") and (command_position or (w == "do" and current == "for"))
+        command_position = w in operators or keyword
     dangerous = bool(programs & {"rm", "sudo", "bash"}) or any(
         t in words for t in (">", "$(", "`", "&")
     )
