@@ -520,15 +520,6 @@ class FakeModelServer:
     async def _text(
         self, request: web.Request, recorded: RecordedRequest, reply: Text
     ) -> web.StreamResponse:
-        prompt, completion = reply.usage
-        usage = {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-        }
-        ident = f"chatcmpl-fake-{next(self._ids)}"
-        created = int(time.time())
-        stream = reply.stream if reply.stream is not None else bool(recorded.body.get("stream"))
         content, finish = reply.content, reply.finish_reason
         limit = recorded.body.get("max_tokens")
         if (
@@ -537,67 +528,20 @@ class FakeModelServer:
             and len(content) > 4 * limit
         ):
             content, finish = content[: 4 * limit], "length"
-        if not stream:
-            message: dict[str, Any] = {"role": "assistant", "content": content}
-            if reply.reasoning_content is not None:
-                message["reasoning_content"] = reply.reasoning_content
-            return web.json_response(
-                {
-                    "id": ident,
-                    "object": "chat.completion",
-                    "created": created,
-                    "model": recorded.model,
-                    "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-                    "usage": usage,
-                }
-            )
-
-        response = web.StreamResponse(
-            status=200,
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"},
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if reply.reasoning_content is not None:
+            message["reasoning_content"] = reply.reasoning_content
+        deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
+        deltas += [{"reasoning_content": p} for p in _pieces(reply.reasoning_content or "")]
+        deltas += [{"content": p} for p in _pieces(content)]
+        return await self._completion(
+            request, recorded, next(self._ids), reply, message, deltas, finish
         )
-        await response.prepare(request)
-
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-            return {
-                "id": ident,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": recorded.model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-            }
-
-        events: list[dict[str, Any]] = [chunk({"role": "assistant", "content": ""})]
-        events += [chunk({"reasoning_content": p}) for p in _pieces(reply.reasoning_content or "")]
-        events += [chunk({"content": p}) for p in _pieces(content)]
-        events.append(chunk({}, finish=finish))
-        events.append(
-            {
-                "id": ident,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": recorded.model,
-                "choices": [],
-                "usage": usage,
-            }
-        )
-        for event in events:
-            await response.write(f"data: {json.dumps(event)}\n\n".encode())
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-        return response
 
     async def _tool_calls(
         self, request: web.Request, recorded: RecordedRequest, reply: ToolCalls
     ) -> web.StreamResponse:
-        prompt, completion = reply.usage
-        usage = {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-        }
         number = next(self._ids)
-        ident, created = f"chatcmpl-fake-{number}", int(time.time())
         calls = [
             {
                 "id": f"call_{number}_{i}",
@@ -609,18 +553,56 @@ class FakeModelServer:
             }
             for i, (name, args) in enumerate(reply.calls)
         ]
+        message = {"role": "assistant", "content": reply.content, "tool_calls": calls}
+        # OpenAI's shape: the id, type and name once, then the arguments in
+        # pieces under the call's index.
+        deltas: list[dict[str, Any]] = [{"role": "assistant", "content": None}]
+        deltas += [{"content": p} for p in _pieces(reply.content or "")]
+        for index, call in enumerate(calls):
+            first = {
+                "index": index,
+                "id": call["id"],
+                "type": "function",
+                "function": {"name": call["function"]["name"], "arguments": ""},
+            }
+            deltas.append({"tool_calls": [first]})
+            deltas += [
+                {"tool_calls": [{"index": index, "function": {"arguments": piece}}]}
+                for piece in _pieces(call["function"]["arguments"], 5)
+            ]
+        return await self._completion(
+            request, recorded, number, reply, message, deltas, reply.finish_reason
+        )
+
+    async def _completion(
+        self,
+        request: web.Request,
+        recorded: RecordedRequest,
+        number: int,
+        reply: Text | ToolCalls,
+        message: dict[str, Any],
+        deltas: list[dict[str, Any]],
+        finish: str | None,
+    ) -> web.StreamResponse:
+        """One completion as OpenAI sends it: a JSON body, or (when the request or
+        the reply asks to stream) server-sent chunks carrying `deltas`, then the
+        finish reason, then the usage."""
+        prompt, completion = reply.usage
+        usage = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+        ident, created = f"chatcmpl-fake-{number}", int(time.time())
         stream = reply.stream if reply.stream is not None else bool(recorded.body.get("stream"))
         if not stream:
-            message = {"role": "assistant", "content": reply.content, "tool_calls": calls}
             return web.json_response(
                 {
                     "id": ident,
                     "object": "chat.completion",
                     "created": created,
                     "model": recorded.model,
-                    "choices": [
-                        {"index": 0, "message": message, "finish_reason": reply.finish_reason}
-                    ],
+                    "choices": [{"index": 0, "message": message, "finish_reason": finish}],
                     "usage": usage,
                 }
             )
@@ -639,23 +621,8 @@ class FakeModelServer:
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
             }
 
-        # OpenAI's shape: the id, type and name once, then the arguments in
-        # pieces under the call's index.
-        events = [chunk({"role": "assistant", "content": None})]
-        events += [chunk({"content": p}) for p in _pieces(reply.content or "")]
-        for index, call in enumerate(calls):
-            first = {
-                "index": index,
-                "id": call["id"],
-                "type": "function",
-                "function": {"name": call["function"]["name"], "arguments": ""},
-            }
-            events.append(chunk({"tool_calls": [first]}))
-            events += [
-                chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
-                for piece in _pieces(call["function"]["arguments"], 5)
-            ]
-        events.append(chunk({}, finish=reply.finish_reason))
+        events = [chunk(delta) for delta in deltas]
+        events.append(chunk({}, finish=finish))
         events.append({**chunk({}), "choices": [], "usage": usage})
         for event in events:
             await response.write(f"data: {json.dumps(event)}\n\n".encode())
