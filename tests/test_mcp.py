@@ -27,6 +27,7 @@ from runtime.tools.mcp.config import McpConfigError, load_config, parse_config
 from runtime.tools.mcp.tool import model_name
 from tests.conftest import ACTION, THINKER, directive, make_settings, shell
 from tests.fakes.openai_server import FakeModelServer, RecordedRequest, Text, ToolCalls
+from tests.test_console import cli_env
 
 REPO = Path(__file__).resolve().parent.parent
 NO_ACTIONS = directive()
@@ -555,14 +556,7 @@ def test_no_config_loads_nothing_of_mcp(tmp_path: Path) -> None:
 
 
 async def _cli(tmp_path: Path, *args: str, stdin: str = "", **extra: str) -> tuple[int, str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("DUCKLM_", "SLACK_", "MATRIX_", "OPENAI_"))
-    }
-    workspace = tmp_path / "workspace"
-    workspace.mkdir(exist_ok=True)
-    env.update(DUCKLM_DB=str(tmp_path / "ducklm.db"), DUCKLM_WORKSPACE=str(workspace), **extra)
+    env = cli_env(tmp_path, **extra)
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
