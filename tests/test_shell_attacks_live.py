@@ -81,7 +81,25 @@ def test_bubblewrap_works_here() -> None:
 # -- the throwaway world ----------------------------------------------------------
 
 
-class Listener:
+class _StreamCounter:
+    """Accepts on `sock` (listening, with a short timeout) until stopped, counting
+    connections."""
+
+    sock: socket.socket
+    connections: int
+    _stop: threading.Event
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            conn.close()
+
+
+class Listener(_StreamCounter):
     """A TCP server and a UDP socket on free 127.0.0.1 ports that count who reached them."""
 
     def __init__(self) -> None:
@@ -105,15 +123,6 @@ class Listener:
     @property
     def reached(self) -> int:
         return self.connections + self.datagrams
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            self.connections += 1
-            conn.close()
 
     def _receive(self) -> None:
         while not self._stop.is_set():
@@ -570,7 +579,7 @@ async def test_bypassed_profile_lends_nothing_to_the_rest_of_the_command(
     assert not problems, "\n".join(problems)
 
 
-class UnixListener:
+class UnixListener(_StreamCounter):
     """A unix socket outside /run (where LXD, Incus or a kubelet keep theirs) that
     counts who connected."""
 
@@ -585,15 +594,6 @@ class UnixListener:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            self.connections += 1
-            conn.close()
 
     def close(self) -> None:
         self._stop.set()
