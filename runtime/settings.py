@@ -7,6 +7,7 @@ tests can construct any component without touching the environment.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -23,6 +24,33 @@ def _split_ids(value: object) -> object:
     if isinstance(value, str):
         return [part for part in value.replace(",", " ").split() if part]
     return value
+
+
+_PERIODS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0}
+_PERIODS |= {"h": 3600.0, "hour": 3600.0, "d": 86400.0, "day": 86400.0}
+_RATE = re.compile(r"(\d+)\s*/\s*(\d+(?:\.\d+)?)?\s*([a-z]*)")
+
+
+def parse_rate(text: str) -> tuple[int, float] | None:
+    """`10/10m` -> (10, 600.0): at most 10 at once, refilled over 10 minutes.
+    Periods: s, m (min), h, d (also spelt out, plural too) with an optional
+    count (`30s`, `2h`); a bare number is seconds. `off`, `none`, `0` or
+    nothing: no limit."""
+    value = text.strip().lower()
+    if value in ("", "off", "none", "0", "unlimited"):
+        return None
+    match = _RATE.fullmatch(value)
+    unit = match.group(3) if match else ""
+    unit = unit[:-1] if len(unit) > 2 and unit.endswith("s") else unit  # mins, hours; not ms
+    if not match or (unit and unit not in _PERIODS) or (not unit and not match.group(2)):
+        raise ValueError(
+            f"not a rate: {text!r} (use N/period such as 10/10m, 30/h or 5/30s; or off)"
+        )
+    tokens = int(match.group(1))
+    seconds = float(match.group(2) or 1) * _PERIODS[unit or "s"]
+    if tokens < 1 or seconds <= 0:
+        raise ValueError(f"not a rate: {text!r} (the count and the period must be above 0)")
+    return tokens, seconds
 
 
 class Settings(BaseSettings):
@@ -117,6 +145,32 @@ class Settings(BaseSettings):
 
     max_concurrent_tasks: int = Field(
         default=8, ge=1, le=256, validation_alias="DUCKLM_MAX_CONCURRENT_TASKS"
+    )
+
+    # Who may ask (bot/policy.py): platform-qualified users, Matrix servers
+    # (`matrix:*:example.org`), Slack workspaces (`slack:T…`) or `*`; unset means
+    # the bot's own homeserver and the installing Slack workspace.
+    requesters: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias="DUCKLM_REQUESTERS"
+    )
+    # Where the bot answers at all (`slack:C123`, `matrix:!room:hs`); unset means everywhere.
+    channels: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias="DUCKLM_CHANNELS"
+    )
+    # Flood limits (bot/admission.py), per process: running + queued tasks per
+    # user and per channel (0 = no cap), new tasks per user and per channel as a
+    # token bucket "N/period" ("10/10m": bursts of 10, then one a minute; "off"),
+    # and how many replies the bot gives other bots in one thread.
+    user_max_tasks: int = Field(default=3, ge=0, validation_alias="DUCKLM_USER_MAX_TASKS")
+    channel_max_tasks: int = Field(default=6, ge=0, validation_alias="DUCKLM_CHANNEL_MAX_TASKS")
+    user_rate: Annotated[tuple[int, float] | None, NoDecode] = Field(
+        default=(10, 600.0), validation_alias="DUCKLM_USER_RATE"
+    )
+    channel_rate: Annotated[tuple[int, float] | None, NoDecode] = Field(
+        default=(30, 600.0), validation_alias="DUCKLM_CHANNEL_RATE"
+    )
+    bot_replies_per_thread: int = Field(
+        default=5, ge=0, validation_alias="DUCKLM_BOT_REPLIES_PER_THREAD"
     )
 
     # MCP servers whose tools the agent may use (runtime/tools/mcp/config.py).
@@ -223,6 +277,16 @@ class Settings(BaseSettings):
     @classmethod
     def _ids(cls, value: object) -> object:
         return _split_ids(value)
+
+    @field_validator("requesters", "channels", mode="before")
+    @classmethod
+    def _who_and_where(cls, value: object) -> object:
+        return _split_ids(value)
+
+    @field_validator("user_rate", "channel_rate", mode="before")
+    @classmethod
+    def _rate(cls, value: object) -> object:
+        return parse_rate(value) if isinstance(value, str) else value
 
     @field_validator("action_protocol", mode="before")
     @classmethod
