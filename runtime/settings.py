@@ -28,6 +28,11 @@ def _split_ids(value: object) -> object:
 
 _PERIODS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0}
 _PERIODS |= {"h": 3600.0, "hour": 3600.0, "d": 86400.0, "day": 86400.0}
+# Slack ids are upper-case letters and digits (U/W users, T workspaces, E grids);
+# Matrix user ids are @localpart:server, and `*` stands for any local part.
+_REQUESTER = re.compile(r"\*|slack:[UWTE][A-Z0-9]+|matrix:(@[^\s:]+|\*):[^\s:]+(:\d+)?")
+# (Room ids of room version 12 and later carry no server part.)
+_CHANNEL = re.compile(r"slack:[CGD][A-Z0-9]+|matrix:![^\s]+")
 _RATE = re.compile(r"(\d+)\s*/\s*(\d+(?:\.\d+)?)?\s*([a-z]*)")
 
 
@@ -278,10 +283,29 @@ class Settings(BaseSettings):
     def _ids(cls, value: object) -> object:
         return _split_ids(value)
 
-    @field_validator("requesters", "channels", mode="before")
+    @field_validator("requesters", mode="before")
     @classmethod
-    def _who_and_where(cls, value: object) -> object:
-        return _split_ids(value)
+    def _requesters(cls, value: object) -> object:
+        value = _split_ids(value)
+        for entry in value if isinstance(value, list) else ():
+            if not _REQUESTER.fullmatch(str(entry)):
+                raise ValueError(
+                    f"not a requester: {entry!r} (use *, slack:U… or slack:T… for a "
+                    "workspace, matrix:@user:server or matrix:*:server)"
+                )
+        return value
+
+    @field_validator("channels", mode="before")
+    @classmethod
+    def _channels(cls, value: object) -> object:
+        value = _split_ids(value)
+        for entry in value if isinstance(value, list) else ():
+            if not _CHANNEL.fullmatch(str(entry)):
+                raise ValueError(
+                    f"not a channel: {entry!r} (use slack:C… (a channel id) or "
+                    "matrix:!room:server (a room id, not an alias))"
+                )
+        return value
 
     @field_validator("user_rate", "channel_rate", mode="before")
     @classmethod
