@@ -187,11 +187,13 @@ class CommandRunner:
         return "Rules:\n" + "\n".join(describe_rule(r) for r in rules)
 
     async def _approvals(self) -> str:
-        pending = await self.approvals.pending()
+        pending = await self.approvals.pending(MAX_LISTED)
         if not pending:
             return "No approvals are pending."
-        lines = [describe_approval(a, self.shown) for a in pending[:MAX_LISTED]]
-        more = f"\n… and {len(pending) - MAX_LISTED} more" if len(pending) > MAX_LISTED else ""
+        lines = [describe_approval(a, self.shown) for a in pending]
+        # Counted in the store: the list above is already cut to MAX_LISTED.
+        left = await self.approvals.count_pending() - len(pending)
+        more = f"\n… and {left} more" if left > 0 else ""
         return "Pending approvals:\n" + "\n".join(lines) + more
 
     async def _tasks(self, conversation_prefix: str | None) -> str:

@@ -123,6 +123,10 @@ class ApprovalService:
         """Undecided approvals, oldest first."""
         return await self._approvals.list_pending(limit)
 
+    async def count_pending(self) -> int:
+        """How many approvals are undecided, counted in the store (not a list's length)."""
+        return await self._approvals.count_pending()
+
     async def pending_for_task(self, task_id: str) -> list[Approval]:
         return await self._approvals.pending_for_task(task_id)
 

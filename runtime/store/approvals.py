@@ -137,6 +137,11 @@ class ApprovalStore:
         )
         return [_approval(row) for row in rows]
 
+    async def count_pending(self) -> int:
+        """How many approvals are undecided (the approvals_pending index: no table scan)."""
+        row = await self.db.fetchone("SELECT COUNT(*) FROM approvals WHERE decision IS NULL")
+        return int(row[0]) if row is not None else 0
+
     async def pending_for_task(self, task_id: str) -> list[Approval]:
         """The task's undecided approvals, oldest first."""
         rows = await self.db.fetchall(
