@@ -183,6 +183,48 @@ MIGRATIONS: list[tuple[str, ...]] = [
         "CREATE INDEX tasks_conversation_group ON tasks (conversation_group, created_at) "
         "WHERE conversation_group IS NOT NULL",
     ),
+    (
+        # v5 (issue #15, the outbox): every person's message is recorded in the
+        # transaction that claims its deliveries, and stays open until it became a
+        # task (same commit as the task row) or was answered without one.
+        """
+        CREATE TABLE inbox (
+            inbox_id TEXT PRIMARY KEY,
+            conversation TEXT NOT NULL,
+            user TEXT NOT NULL,
+            text TEXT NOT NULL,
+            message_id TEXT,
+            in_thread INTEGER NOT NULL DEFAULT 0,
+            from_bot INTEGER NOT NULL DEFAULT 0,
+            origin TEXT,
+            late INTEGER NOT NULL DEFAULT 0,
+            deliveries TEXT NOT NULL DEFAULT '[]',
+            received_at REAL NOT NULL,
+            owner TEXT,
+            claimed_at REAL,
+            done_at REAL,
+            outcome TEXT,
+            task_id TEXT
+        )
+        """,
+        "CREATE INDEX inbox_open ON inbox (received_at) WHERE done_at IS NULL",
+        "CREATE INDEX inbox_done ON inbox (done_at) WHERE done_at IS NOT NULL",
+        # What each approval's card shows; recovery posts or resolves the lagging ones.
+        "ALTER TABLE approvals ADD COLUMN card_state TEXT NOT NULL DEFAULT 'unposted'",
+        # Cards of decided approvals from before v5 were resolved by the old code
+        # (or its crash is long past): not re-sent on upgrade.
+        "UPDATE approvals SET card_state = CASE WHEN card_ref IS NULL THEN 'unposted' "
+        "WHEN decision IS NULL THEN 'posted' ELSE 'resolved' END",
+        # A lease: the process posting or resolving a card right now.
+        "ALTER TABLE approvals ADD COLUMN card_claimed_at REAL",
+        # An approval offered again after its approved action's run was cut short.
+        "ALTER TABLE approvals ADD COLUMN replaces_approval_id TEXT",
+        "CREATE UNIQUE INDEX approvals_replaces ON approvals (replaces_approval_id) "
+        "WHERE replaces_approval_id IS NOT NULL",
+        "CREATE INDEX approvals_card_lag ON approvals (created_at) "
+        "WHERE (decision IS NULL AND card_state = 'unposted') "
+        "OR (decision IS NOT NULL AND card_state = 'posted')",
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
