@@ -201,6 +201,17 @@ class Settings(BaseSettings):
     matrix_allowed_inviters: Annotated[list[str], NoDecode] = Field(
         default_factory=list, validation_alias="DUCKLM_MATRIX_ALLOWED_INVITERS"
     )
+    # What the Matrix bot catches up on after a gap (down, a burst, an invite it
+    # joined late): at most this many events per room, none older than this.
+    matrix_backlog_max: int = Field(default=200, ge=0, validation_alias="DUCKLM_MATRIX_BACKLOG_MAX")
+    matrix_backlog_max_age: float = Field(
+        default=86400.0, ge=0, validation_alias="DUCKLM_MATRIX_BACKLOG_MAX_AGE"
+    )
+    # Other bots on Matrix (`@bot:server`, or `server` for a bridge's users): their
+    # m.text messages are marked as from a bot (bounded per thread).
+    matrix_bot_users: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias="DUCKLM_MATRIX_BOT_USERS"
+    )
 
     @field_validator("slack_mode")
     @classmethod
@@ -278,7 +289,14 @@ class Settings(BaseSettings):
             return None
         return value
 
-    @field_validator("approvers", "admins", "schedulers", "matrix_allowed_inviters", mode="before")
+    @field_validator(
+        "approvers",
+        "admins",
+        "schedulers",
+        "matrix_allowed_inviters",
+        "matrix_bot_users",
+        mode="before",
+    )
     @classmethod
     def _ids(cls, value: object) -> object:
         return _split_ids(value)
