@@ -92,9 +92,12 @@ class ApprovalService:
         action_type: str | None = None,
         reason: str | None = None,
         requested_by: str | None = None,
+        replaces_approval_id: str | None = None,
     ) -> Approval:
         """Store an action waiting for a person. `action` is the normalized
-        {"tool", "args", "reason"}; it is what runs once approved."""
+        {"tool", "args", "reason"}; it is what runs once approved. With
+        `replaces_approval_id` it offers that approval's action again (recovery,
+        when its run was cut short); the caller writes `approval_reissued`."""
         tool = action.get("tool")
         if not isinstance(tool, str) or not tool:
             raise ApprovalError("An action needs a tool name to be approved.")
@@ -114,6 +117,7 @@ class ApprovalService:
             reason=reason,
             requested_by=requested_by,
             expires_at=expires_at,
+            replaces_approval_id=replaces_approval_id,
         )
 
     async def get(self, approval_id: str) -> Approval | None:
@@ -143,6 +147,30 @@ class ApprovalService:
 
     async def set_card_ref(self, approval_id: str, ref: str | None) -> bool:
         return await self._approvals.set_card_ref(approval_id, ref)
+
+    # Cards: each approval records what its card shows (card_state), so recovery
+    # can post the missing ones and resolve the stale ones (issue #15).
+
+    async def claim_card(self, approval_id: str, state: str) -> bool:
+        """The right to post (state "unposted") or resolve (state "posted") the card
+        now, held for a minute; True for one caller."""
+        return await self._approvals.claim_card(approval_id, state)
+
+    async def release_card(self, approval_id: str) -> None:
+        await self._approvals.release_card(approval_id)
+
+    async def card_posted(self, approval_id: str, ref: str) -> bool:
+        return await self._approvals.card_posted(approval_id, ref)
+
+    async def card_resolved(self, approval_id: str) -> bool:
+        return await self._approvals.card_resolved(approval_id)
+
+    async def cards_lagging(self, limit: int = 500) -> list[Approval]:
+        """Pending approvals without a card, decided ones whose card still has buttons."""
+        return await self._approvals.cards_lagging(limit)
+
+    async def replacement_of(self, approval_id: str) -> Approval | None:
+        return await self._approvals.replacement_of(approval_id)
 
     async def mark_reminded(self, approval_id: str) -> bool:
         """True for the one caller that should send the reminder."""

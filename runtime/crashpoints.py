@@ -16,8 +16,15 @@ Points (see docs/architecture.md, "Outbox and recovery"):
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import time
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 _ENV = "DUCKLM_CRASH_AT"
 _reached: dict[str, int] = {}
@@ -44,3 +51,35 @@ def crash_point(name: str) -> None:
     _reached[name] = _reached.get(name, 0) + 1
     if _reached[name] == nth:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def armed(name: str) -> bool:
+    """Whether DUCKLM_CRASH_AT names this point (for seams that cost more than a lookup)."""
+    value = os.environ.get(_ENV)
+    return bool(value) and _target(value)[0] == name
+
+
+def _children() -> set[int]:
+    """This process's child pids (Linux: every thread's /proc children list)."""
+    pids: set[int] = set()
+    for path in Path("/proc/self/task").glob("*/children"):
+        try:
+            pids.update(int(pid) for pid in path.read_text().split())
+        except OSError:
+            continue
+    return pids
+
+
+async def crash_after_spawn(name: str, work: Awaitable[T], *, within: float = 10.0) -> T:
+    """Run `work` (which starts a process); once a new child process exists, reach
+    `crash_point(name)`. Only used while the point is armed (see `armed`): the
+    polling is the test seam's cost, not the bot's."""
+    before = _children()
+    job = asyncio.ensure_future(work)
+    deadline = time.monotonic() + within
+    while not job.done() and time.monotonic() < deadline:
+        if _children() - before:
+            crash_point(name)
+            break
+        await asyncio.sleep(0.002)
+    return await job

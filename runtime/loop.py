@@ -34,9 +34,11 @@ from typing import Any
 
 from runtime.approvals import ApprovalService
 from runtime.context import CALL_KEYS, ContextBuilder
+from runtime.crashpoints import armed, crash_after_spawn, crash_point
 from runtime.model import ModelClient, ModelError, ModelResponse
 from runtime.planner import ActionPlanner
 from runtime.store import EventStore, TaskStore
+from runtime.store.inbox import InboxHandled, InboxStore
 from runtime.store.models import Approval, Event, Task
 from runtime.tools.base import ToolArgumentError, ToolResult
 from runtime.tools.gateway import ToolGateway, normalize_action
@@ -186,6 +188,10 @@ class RuntimeLoop:
         # and tasks created but not yet stored.
         self._unwritten: dict[str, list[tuple[str, dict[str, Any], float]]] = {}
         self._unstored: dict[str, Task] = {}
+        # Per unstored task: the inbox row (a person's recorded message) that the
+        # task's first write closes, in the same commit as the task row.
+        self._inbox_rows: dict[str, str] = {}
+        self._inbox = InboxStore(task_store.db)
 
     # -- public API -------------------------------------------------------
 
@@ -202,9 +208,20 @@ class RuntimeLoop:
         *,
         conversation: str | None = None,
         requested_by: str | None = None,
+        inbox_id: str | None = None,
     ) -> ChatResult:
+        """Answer a question. With `inbox_id`, the task row and the closing of that
+        inbox row commit together; a row closed already (by another process's
+        recovery) makes this a no-op (`already_handled`)."""
         task = await self._create(
-            message, workspace, debug, history_messages, conversation, requested_by, mode="chat"
+            message,
+            workspace,
+            debug,
+            history_messages,
+            conversation,
+            requested_by,
+            mode="chat",
+            inbox_id=inbox_id,
         )
         return await self._guard(task, self._model_turn(task, []))
 
@@ -215,10 +232,19 @@ class RuntimeLoop:
         *,
         conversation: str | None = None,
         requested_by: str | None = None,
+        inbox_id: str | None = None,
     ) -> ChatResult:
-        """A direct command: straight to the shell tool under the same approval rules."""
+        """A direct command: straight to the shell tool under the same approval rules.
+        `inbox_id` as for `run_chat`."""
         task = await self._create(
-            command, workspace, False, None, conversation, requested_by, mode="direct"
+            command,
+            workspace,
+            False,
+            None,
+            conversation,
+            requested_by,
+            mode="direct",
+            inbox_id=inbox_id,
         )
         self._record(
             task.task_id, "direct_command", {"command": command, "model": None, "via": "direct"}
@@ -278,6 +304,7 @@ class RuntimeLoop:
         requested_by: str | None,
         *,
         mode: str,
+        inbox_id: str | None = None,
     ) -> Task:
         # Stored with the task's first write (before its first model call or
         # tool), in the same commit as the events recorded until then.
@@ -290,6 +317,8 @@ class RuntimeLoop:
             history_messages=list(history or []),
         )
         self._unstored[task.task_id] = task
+        if inbox_id is not None:
+            self._inbox_rows[task.task_id] = inbox_id
         self._record(
             task.task_id,
             "task_created",
@@ -308,6 +337,9 @@ class RuntimeLoop:
         """Turn any failure into a failed task with a human message, never a traceback."""
         try:
             return await turn
+        except InboxHandled:
+            # Its message is someone else's task already; nothing was stored here.
+            return ChatResult(task.task_id, "duplicate", "Already handled.", already_handled=True)
         except ModelError as exc:
             return await self._fail(task.task_id, str(exc))
         except Exception as exc:
@@ -318,6 +350,7 @@ class RuntimeLoop:
             # failure) leaves events behind; they cannot be written now.
             self._unwritten.pop(task.task_id, None)
             self._unstored.pop(task.task_id, None)
+            self._inbox_rows.pop(task.task_id, None)
 
     async def _model_turn(self, task: Task, observations: list[dict[str, Any]]) -> ChatResult:
         if self.model_client is None:
@@ -561,6 +594,7 @@ class RuntimeLoop:
         if approval.decision in ("approve", "always"):
             if not await self.approval_service.claim_execution(approval.approval_id):
                 raise RuntimeError("this approval's action was already run")
+            crash_point("execution_claimed")  # test seam (issue #15): spent, not started
             self._record(
                 task.task_id,
                 "tool_call_started",
@@ -572,7 +606,11 @@ class RuntimeLoop:
                 },
             )
             await self._flush(task.task_id)
-            result = await self._gateway(task.workspace).run_action(action, approved=True)
+            run = self._gateway(task.workspace).run_action(action, approved=True)
+            if armed("command_spawned"):  # test seam (issue #15): dies while it runs
+                result = await crash_after_spawn("command_spawned", run)
+            else:
+                result = await run
         else:
             note = f": {approval.decision_note}" if approval.decision_note else ""
             result = ToolResult(
@@ -588,8 +626,11 @@ class RuntimeLoop:
             payload,
             approved_by=approval.decided_by if approval.decision != "deny" else None,
         )
+        # The approval id says which approved run finished (recovery looks for it).
         self._record(
-            task.task_id, "tool_call_finished", {"index": index, "tool": tool, "result": payload}
+            task.task_id,
+            "tool_call_finished",
+            {"index": index, "tool": tool, "result": payload, "approval_id": approval.approval_id},
         )
         return {
             "index": index,
@@ -788,15 +829,20 @@ class RuntimeLoop:
         if status_change is None and not events:
             return
         several = new_task is not None or status_change is not None
+        inbox_id = self._inbox_rows.get(task_id) if new_task is not None else None
         async with self._atomic() if several else nullcontext():
             if new_task is not None:
                 await self.task_store.insert(new_task)
+                # The message that asked for it is carried out from now on (issue #15).
+                if inbox_id is not None and not await self._inbox.close(inbox_id, "task", task_id):
+                    raise InboxHandled(inbox_id)
             if status_change is not None:
                 await status_change()
             written = await self.event_store.append_many(task_id, events, at=times)
         # Dropped only once committed: if the write failed, `_fail` tries them again.
         self._unstored.pop(task_id, None)
         self._unwritten.pop(task_id, None)
+        self._inbox_rows.pop(task_id, None)
         for event in written:
             await self._notify(event)
 

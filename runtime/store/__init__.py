@@ -16,6 +16,7 @@ from runtime.store.approvals import ApprovalStore
 from runtime.store.db import Database, StoreError
 from runtime.store.deliveries import DeliveryStore
 from runtime.store.events import EventStore
+from runtime.store.inbox import InboxStore
 from runtime.store.rules import RuleStore
 from runtime.store.schedules import ScheduleStore
 from runtime.store.tasks import TaskStore
@@ -25,6 +26,7 @@ __all__ = [
     "Database",
     "DeliveryStore",
     "EventStore",
+    "InboxStore",
     "RuleStore",
     "ScheduleStore",
     "StoreError",
@@ -45,6 +47,7 @@ class Stores:
     rules: RuleStore
     deliveries: DeliveryStore
     schedules: ScheduleStore
+    inbox: InboxStore
 
     @classmethod
     def on(cls, db: Database) -> Stores:
@@ -56,6 +59,7 @@ class Stores:
             rules=RuleStore(db),
             deliveries=DeliveryStore(db),
             schedules=ScheduleStore(db),
+            inbox=InboxStore(db),
         )
 
     async def close(self) -> None:

@@ -19,9 +19,12 @@ from runtime.store.models import Approval
 _COLUMNS = (
     "approval_id, task_id, idx, action, tool, command, risk_level, action_type, reason, "
     "requested_by, created_at, expires_at, decision, decided_by, decided_at, decision_note, "
-    "executed_at, reminded_at, card_ref"
+    "executed_at, reminded_at, card_ref, card_state, replaces_approval_id"
 )
 DECISIONS = frozenset({"approve", "deny", "always", "expired"})
+CARD_STATES = frozenset({"unposted", "posted", "resolved"})
+# How long a process may take to post or resolve a card before another may try.
+CARD_LEASE_S = 60.0
 
 
 def _approval(row: sqlite3.Row) -> Approval:
@@ -46,6 +49,8 @@ def _approval(row: sqlite3.Row) -> Approval:
         executed_at=to_datetime(row["executed_at"]),
         reminded_at=to_datetime(row["reminded_at"]),
         card_ref=row["card_ref"],
+        card_state=row["card_state"],
+        replaces_approval_id=row["replaces_approval_id"],
     )
 
 
@@ -66,13 +71,17 @@ class ApprovalStore:
         reason: str | None = None,
         requested_by: str | None = None,
         expires_at: datetime | float | None = None,
+        replaces_approval_id: str | None = None,
     ) -> Approval:
-        """A new pending approval; `tool` defaults to action["tool"]."""
+        """A new pending approval; `tool` defaults to action["tool"]. With
+        `replaces_approval_id` it is the same action offered again (at most once
+        per replaced approval: a unique index)."""
         approval_id = uuid4().hex
         tool = tool if tool is not None else str(action.get("tool") or "")
         row = await self.db.fetchone(
             f"INSERT INTO approvals ({_COLUMNS}) VALUES "
-            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, NULL, NULL, NULL, NULL) "
+            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
+            "'unposted', ?) "
             f"RETURNING {_COLUMNS}",
             (
                 approval_id,
@@ -87,6 +96,7 @@ class ApprovalStore:
                 requested_by,
                 now(),
                 to_timestamp(expires_at),
+                replaces_approval_id,
             ),
         )
         assert row is not None
@@ -173,6 +183,70 @@ class ApprovalStore:
                 (ref, approval_id),
             )
         )
+
+    # -- cards (issue #15: the card follows the decision) -------------------
+
+    async def claim_card(self, approval_id: str, state: str, lease: float = CARD_LEASE_S) -> bool:
+        """Take the right to change the card of an approval whose card is in `state`
+        (unposted: post it; posted: resolve it), unless another caller holds it
+        since less than `lease` seconds. True for the one caller that got it."""
+        if state not in CARD_STATES:
+            raise ValueError(f"unknown card state {state!r}; one of {sorted(CARD_STATES)}")
+        at = now()
+        return bool(
+            await self.db.execute(
+                "UPDATE approvals SET card_claimed_at = ? WHERE approval_id = ? "
+                "AND card_state = ? AND (card_claimed_at IS NULL OR card_claimed_at < ?) "
+                "RETURNING 1",
+                (at, approval_id, state, at - lease),
+            )
+        )
+
+    async def release_card(self, approval_id: str) -> None:
+        """Give the claim back (the platform call failed): the next recovery retries."""
+        await self.db.execute(
+            "UPDATE approvals SET card_claimed_at = NULL WHERE approval_id = ? RETURNING 1",
+            (approval_id,),
+        )
+
+    async def card_posted(self, approval_id: str, ref: str) -> bool:
+        """The card is out: its reference and state in one statement."""
+        return bool(
+            await self.db.execute(
+                "UPDATE approvals SET card_ref = ?, card_state = 'posted', card_claimed_at = NULL "
+                "WHERE approval_id = ? AND card_state = 'unposted' RETURNING 1",
+                (ref, approval_id),
+            )
+        )
+
+    async def card_resolved(self, approval_id: str) -> bool:
+        """The card shows the decision now."""
+        return bool(
+            await self.db.execute(
+                "UPDATE approvals SET card_state = 'resolved', card_claimed_at = NULL "
+                "WHERE approval_id = ? AND card_state = 'posted' RETURNING 1",
+                (approval_id,),
+            )
+        )
+
+    async def cards_lagging(self, limit: int = 500) -> list[Approval]:
+        """Approvals whose card does not show their state: pending without a card,
+        decided (or expired) with the card still showing its buttons. Oldest first."""
+        rows = await self.db.fetchall(
+            f"SELECT {_COLUMNS} FROM approvals "
+            "WHERE (decision IS NULL AND card_state = 'unposted') "
+            "OR (decision IS NOT NULL AND card_state = 'posted') "
+            "ORDER BY created_at, rowid LIMIT ?",
+            (limit,),
+        )
+        return [_approval(row) for row in rows]
+
+    async def replacement_of(self, approval_id: str) -> Approval | None:
+        """The approval that offers `approval_id`'s action again, if any."""
+        row = await self.db.fetchone(
+            f"SELECT {_COLUMNS} FROM approvals WHERE replaces_approval_id = ?", (approval_id,)
+        )
+        return None if row is None else _approval(row)
 
     async def mark_reminded(self, approval_id: str) -> bool:
         """True for the one caller that should send the reminder: the approval is

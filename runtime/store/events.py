@@ -114,6 +114,14 @@ class EventStore:
         )
         return [_event(row) for row in rows]
 
+    async def last_events(self, task_id: str, count: int) -> list[Event]:
+        """A task's last `count` events, in order."""
+        rows = await self.db.fetchall(
+            f"SELECT {_COLUMNS} FROM events WHERE task_id = ? ORDER BY seq DESC LIMIT ?",
+            (task_id, count),
+        )
+        return [_event(row) for row in reversed(rows)]
+
     async def list_by_type(self, event_type: str, limit: int = 100) -> list[Event]:
         """The latest events of one type across all tasks, newest first."""
         rows = await self.db.fetchall(

@@ -18,6 +18,7 @@ FINISHED_STATUSES: frozenset[str] = frozenset({"completed", "failed", "expired",
 
 Decision = Literal["approve", "deny", "always", "expired"]
 RuleKind = Literal["exact", "prefix"]
+CardState = Literal["unposted", "posted", "resolved"]
 
 
 class Record(BaseModel):
@@ -75,6 +76,10 @@ class Approval(Record):
     executed_at: datetime | None = None  # when the approved action was claimed to run
     reminded_at: datetime | None = None
     card_ref: str | None = None  # where the approval card was posted (bot-owned format)
+    # What the card shows: unposted (no card yet) | posted (buttons) | resolved (the decision).
+    card_state: CardState = "unposted"
+    # Set on an approval offered again because the run of this earlier one was cut short.
+    replaces_approval_id: str | None = None
 
 
 class Rule(Record):

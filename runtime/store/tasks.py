@@ -247,15 +247,18 @@ class TaskStore:
         )
         return [_task(row) for row in rows]
 
-    async def mark_interrupted(self) -> list[Task]:
+    async def mark_interrupted(self, updated_before: float | None = None) -> list[Task]:
         """After a crash: every `running` task becomes `interrupted`; returns them.
 
         Only the process that owns the tasks (the bot at start) should call this,
-        not a CLI next to a running bot.
+        not a CLI next to a running bot. `updated_before` (the caller's start time)
+        spares tasks that a process started since then is working on. The
+        `task_interrupted` events are the caller's (bot/recovery.py), in the same
+        transaction.
         """
         rows = await self.db.fetchall(
             "UPDATE tasks SET status = 'interrupted', updated_at = ? "
-            f"WHERE status = 'running' RETURNING {_COLUMNS}",
-            (now(),),
+            f"WHERE status = 'running' AND updated_at < ? RETURNING {_COLUMNS}",
+            (now(), now() if updated_before is None else updated_before),
         )
         return sorted((_task(row) for row in rows), key=lambda task: task.created_at)
