@@ -31,6 +31,17 @@ def configured_platforms(service: ChatService, settings: Settings) -> list[Platf
     return platforms
 
 
+def print_access(service: ChatService) -> None:
+    """Who may ask, approve and administer, in one block at every start, so an
+    operator sees an open configuration (DUCKLM_REQUESTERS=*) at a glance."""
+    policy = service.policy
+    for line in policy.startup_block():
+        print(f"ducklm: {line}", file=sys.stderr)
+    for warning in policy.startup_warnings():
+        logger.warning(warning)
+        print(f"warning: {warning}", file=sys.stderr)
+
+
 async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int:
     """Run until SIGINT/SIGTERM (or `stop` is set). Returns the process exit code."""
     stop = stop or asyncio.Event()
@@ -41,9 +52,6 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
 
     runtime = await build_runtime(settings)
     service = ChatService(runtime, max_concurrent_tasks=settings.max_concurrent_tasks)
-    for warning in service.policy.startup_warnings():
-        logger.warning(warning)
-        print(f"warning: {warning}", file=sys.stderr)
     for line in runtime.startup_notices():  # one line per MCP server
         print(line, file=sys.stderr)
     if runtime.model is None:
@@ -66,6 +74,9 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
             await platform.start()
             started.append(platform)
             print(f"ducklm: serving {platform.name}", file=sys.stderr)
+        # After the platforms connected: they told the policy their home (the
+        # Slack team, the Matrix server), which the default requesters name.
+        print_access(service)
         # Only the serving process recovers: a CLI beside it must not touch its tasks.
         await service.recover()
         await scheduler.start()

@@ -17,6 +17,7 @@ from typing import Any
 
 from bot import commands as c
 from bot.admin import CommandRunner, clip, when
+from bot.admission import Admission
 from bot.backend import ApprovalCard, CardResolution, ChatBackend, Thread
 from bot.policy import AccessPolicy
 from runtime.approvals import ApprovalError
@@ -45,12 +46,9 @@ class ChatService:
         self.approvals = runtime.approvals
         self.tasks = runtime.stores.tasks
         settings = runtime.settings
-        self.policy = policy or AccessPolicy(
-            settings.approvers,
-            settings.admins,
-            settings.four_eyes_risk,
-            schedulers=settings.schedulers,
-        )
+        self.policy = policy or AccessPolicy.from_settings(settings)
+        # Who may ask, where, and how much (issue #22): checked in accept().
+        self.admission = Admission.from_settings(settings, self.policy)
         self.runner = CommandRunner(
             self.tasks,
             runtime.stores.events,
