@@ -225,6 +225,24 @@ MIGRATIONS: list[tuple[str, ...]] = [
         "WHERE (decision IS NULL AND card_state = 'unposted') "
         "OR (decision IS NOT NULL AND card_state = 'posted')",
     ),
+    (
+        # v6 (issue #23): rules are parsed once, when made, and looked up by key
+        # instead of every rule being parsed on every check. Filling these needs
+        # the shell parser (Python), so rules from before v6 keep NULLs here and
+        # are filled once, on the first check that finds them (rules_unfilled).
+        "ALTER TABLE rules ADD COLUMN normalized TEXT",  # the pattern, normalized
+        "ALTER TABLE rules ADD COLUMN program TEXT",  # the program a prefix rule names
+        # What a covering command looks up (a hash); NULL: the rule covers nothing.
+        "ALTER TABLE rules ADD COLUMN match_key TEXT",
+        "ALTER TABLE rules ADD COLUMN words INTEGER NOT NULL DEFAULT 0",  # a prefix's length
+        "ALTER TABLE rules ADD COLUMN parsed TEXT",  # a prefix rule's parsed words (JSON)
+        "CREATE INDEX rules_match ON rules (tool, match_key) "
+        "WHERE revoked_at IS NULL AND match_key IS NOT NULL",
+        # The longest prefix rule per program bounds the keys a command looks up.
+        "CREATE INDEX rules_program ON rules (tool, program, words) "
+        "WHERE revoked_at IS NULL AND kind = 'prefix' AND match_key IS NOT NULL",
+        "CREATE INDEX rules_unfilled ON rules (created_at) WHERE normalized IS NULL",
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
