@@ -1,0 +1,345 @@
+"""DuckLM on Matrix with a person who uses Element: the real bot (MatrixPlatform, as
+tests/test_matrix.py starts it) against the real Synapse, and the person played by
+matrix-js-sdk (tests/element/client.mjs), which sends events exactly as Element
+builds them: pills with m.mentions, thread replies with is_falling_back, reactions
+from the emoji picker (✅ is U+2705 U+FE0F), edits with m.new_content, and DMs that
+start on the first message, sent before the bot has joined.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.backend import Thread
+from tests import element_client, test_matrix
+from tests.conftest import ACTION, THINKER, directive, shell
+from tests.element_client import ElementUser, OpenElement
+from tests.fakes.openai_server import FakeModelServer, Text
+from tests.fakes.synapse import FlakyProxy, SynapseServer
+from tests.test_matrix import (
+    NO_ACTIONS,
+    PASSWORD,
+    Bot,
+    StartBot,
+    body,
+    bot_notice,
+    content_answers,
+    edit_of,
+    joined,
+    relation,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+# The fixtures this module shares (pytest finds them by name in the module): the bots of
+# tests/test_matrix.py, started exactly as there, and the Element client.
+bots = test_matrix.bots
+duck = test_matrix.duck
+people = test_matrix.people
+element_packages = element_client.element_packages
+element = element_client.element
+
+VS16 = "\ufe0f"
+
+
+# -- people ------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def alice(element: OpenElement, people: dict[str, str]) -> ElementUser:
+    """The approver (and admin) of test_matrix's bots, in Element."""
+    return await element(people["alice"], PASSWORD)
+
+
+@pytest.fixture
+async def bob(element: OpenElement, people: dict[str, str]) -> ElementUser:
+    """Someone in the room who may ask but not approve, in Element."""
+    return await element(people["bob"], PASSWORD)
+
+
+async def room_with_bot(owner: ElementUser, duck: str, *others: ElementUser) -> str:
+    """A room of three or more (not a direct chat): the bot must be mentioned."""
+    room = await owner.create_room([duck, *(o.user_id for o in others)])
+    for other in others:
+        await owner.wait_for(invited(other.user_id, room), "the invite")
+        await other.join(room)
+    await owner.wait_for(joined(duck, room), "the bot joining")
+    return room
+
+
+def invited(user_id: str, room_id: str) -> Any:
+    return {
+        "room_id": room_id,
+        "type": "m.room.member",
+        "state_key": user_id,
+        "content": {"membership": "invite"},
+    }
+
+
+def by_bot_in_thread(events: list[dict[str, Any]], duck: str, root: str) -> list[dict[str, Any]]:
+    """The bot's messages in the thread of `root` (edits of its card excluded)."""
+    return [
+        e
+        for e in events
+        if e.get("sender") == duck
+        and e.get("type") == "m.room.message"
+        and relation(e).get("rel_type") == "m.thread"
+        and relation(e).get("event_id") == root
+    ]
+
+
+def replaces(event_id: str) -> dict[str, str]:
+    return {"rel_type": "m.replace", "event_id": event_id}
+
+
+def hint_about_edits(duck: str, root: str) -> Any:
+    def match(event: dict[str, Any]) -> bool:
+        return bot_notice(duck, root)(event) and "edit" in body(event).lower()
+
+    return match
+
+
+async def settled(user: ElementUser, room: str, duck: str) -> list[dict[str, Any]]:
+    """The room's events once the bot has answered a probe sent after everything else:
+    whatever it was going to do with earlier events, it has done (it handles a room's
+    events in order), so counting them now is not a race."""
+    probe = await user.say(room, "one more: last question?", mention=duck)
+    await user.wait_for(bot_notice(duck, probe, "last question?"), "the answer to the probe")
+    return await user.room_events(room)
+
+
+async def task_events(bot: Bot, room: str, root: str) -> list[str]:
+    (task,) = await bot.runtime.stores.tasks.list_by_conversation(Thread("matrix", room, root).key)
+    return [e.event_type for e in await bot.runtime.stores.events.list_events(task.task_id)]
+
+
+# -- tests ----------------------------------------------------------------------------
+
+
+async def test_a_pill_mention_is_answered_in_its_thread_and_so_is_a_follow_up(
+    bots: StartBot,
+    alice: ElementUser,
+    bob: ElementUser,
+    duck: str,
+    model_server: FakeModelServer,
+) -> None:
+    await bots()
+    room = await room_with_bot(alice, duck, bob)
+    content_answers(model_server)
+
+    question = await alice.say(room, "what does the duck say?", mention=duck)
+    sent = await alice.wait_for({"event_id": question}, "the echo of the question")
+    # Element's shape: the pill's display name in body, a matrix.to link, m.mentions
+    assert sent["content"]["m.mentions"] == {"user_ids": [duck]}
+    assert f'<a href="https://matrix.to/#/{duck}">' in sent["content"]["formatted_body"]
+    assert sent["content"]["body"].endswith(": what does the duck say?")
+    assert duck not in sent["content"]["body"]  # the name, not the id
+
+    # The mention (the pill's name) is not part of the question the model sees.
+    answer = await alice.wait_for(
+        bot_notice(duck, question, "answer to: what does the duck say?"), "the answer"
+    )
+    assert answer["content"]["m.relates_to"]["m.in_reply_to"] == {"event_id": question}
+
+    # A follow-up in Element's thread view: is_falling_back, m.in_reply_to the latest
+    # reply (the bot's answer), no mention.
+    follow_up = await bob.say(room, "and louder?", thread=question)
+    echoed = await bob.wait_for({"event_id": follow_up}, "the echo of the follow-up")
+    assert echoed["content"]["m.relates_to"] == {
+        "rel_type": "m.thread",
+        "event_id": question,
+        "is_falling_back": True,
+        "m.in_reply_to": {"event_id": answer["event_id"]},
+    }
+    assert echoed["content"]["m.mentions"] == {}
+    await bob.wait_for(bot_notice(duck, question, "answer to: and louder?"), "the follow-up answer")
+
+    events = await settled(alice, room, duck)
+    answers = [body(e) for e in by_bot_in_thread(events, duck, question)]
+    assert answers == ["answer to: what does the duck say?", "answer to: and louder?"]
+    asked = [r for r in model_server.requests_for(THINKER) if "and louder?" in str(r.body)]
+    assert "what does the duck say?" in str(asked[0].body["messages"])  # the thread so far
+
+
+async def test_a_check_mark_from_the_picker_approves_once_and_updates_the_card(
+    bots: StartBot,
+    alice: ElementUser,
+    bob: ElementUser,
+    duck: str,
+    model_server: FakeModelServer,
+    tmp_path: Path,
+) -> None:
+    bot = await bots()
+    room = await room_with_bot(alice, duck, bob)
+    model_server.reply(ACTION, Text(directive(shell("touch approved.txt"))), Text(NO_ACTIONS))
+    model_server.reply(THINKER, Text("Created approved.txt."))
+    question = await bob.say(room, "please run touch approved.txt", mention=duck)
+    card = await bob.wait_for(bot_notice(duck, question, "Approval needed"), "the card")
+
+    # The bot's seeded ✅ is what the picker sends, so a picked ✅ joins its pill.
+    seed = await alice.wait_for(
+        lambda e: (
+            e.get("sender") == duck
+            and relation(e).get("rel_type") == "m.annotation"
+            and relation(e).get("event_id") == card["event_id"]
+            and str(relation(e).get("key")).startswith("\u2705")
+        ),
+        "the bot's ✅ seed",
+    )
+    assert relation(seed)["key"] == "\u2705" + VS16
+
+    reaction = await alice.react(room, card["event_id"], "✅")
+    picked = await alice.wait_for({"event_id": reaction}, "the echo of the reaction")
+    assert picked["content"]["m.relates_to"]["key"] == "\u2705" + VS16
+
+    edit = await alice.wait_for(edit_of(card["event_id"], "Approved"), "the card's edit")
+    assert alice.qualified in edit["content"]["m.new_content"]["body"]
+    await alice.wait_for(bot_notice(duck, question, "Created approved.txt"), "the answer")
+    assert (tmp_path / "workspace" / "approved.txt").exists()
+
+    events = await settled(alice, room, duck)
+    started = [t for t in await task_events(bot, room, question) if t == "tool_call_started"]
+    assert len(started) == 1  # ran once
+    card_edits = [e for e in events if relation(e) == replaces(card["event_id"])]
+    assert len(card_edits) == 1
+    assert await bot.runtime.approvals.pending() == []
+
+
+async def test_a_thumbs_up_on_a_card_does_nothing(
+    bots: StartBot,
+    alice: ElementUser,
+    bob: ElementUser,
+    duck: str,
+    model_server: FakeModelServer,
+    tmp_path: Path,
+) -> None:
+    """👍 is Element's first quick reaction and means "seen": it must never approve."""
+    bot = await bots()
+    room = await room_with_bot(alice, duck, bob)
+    model_server.reply(ACTION, Text(directive(shell("touch thumbs.txt"))), Text(NO_ACTIONS))
+    model_server.reply(THINKER, Text("Not touched."))
+    question = await bob.say(room, "please run touch thumbs.txt", mention=duck)
+    card = await bob.wait_for(bot_notice(duck, question, "Approval needed"), "the card")
+
+    await alice.react(room, card["event_id"], "👍")  # the quick reaction, as the picker sends it
+    await alice.react(room, card["event_id"], key="\U0001f44d")  # and without U+FE0F
+    await alice.react(room, card["event_id"], "✔")
+    # ❌ after them: the bot handles a room's events in order, so once the card shows
+    # the denial, the reactions before it have been seen (and must have done nothing).
+    await alice.react(room, card["event_id"], "❌")
+
+    await alice.wait_for(edit_of(card["event_id"], "Denied"), "the card's edit")
+    await alice.wait_for(bot_notice(duck, question, "Not touched"), "the answer")
+    assert not (tmp_path / "workspace" / "thumbs.txt").exists()
+    assert "tool_call_started" not in await task_events(bot, room, question)
+    events = await settled(alice, room, duck)
+    assert not [e for e in events if edit_of(card["event_id"], "Approved")(e)]
+
+
+async def test_an_edit_of_an_answered_question_gets_one_hint(
+    bots: StartBot,
+    alice: ElementUser,
+    bob: ElementUser,
+    duck: str,
+    model_server: FakeModelServer,
+) -> None:
+    await bots()
+    room = await room_with_bot(alice, duck, bob)
+    content_answers(model_server)
+    question = await alice.say(room, "what does the duck say?", mention=duck)
+    await alice.wait_for(bot_notice(duck, question, "answer to:"), "the answer")
+
+    first = await alice.edit(room, question, "what does the goose say?", mention=duck)
+    echoed = await alice.wait_for({"event_id": first}, "the echo of the edit")
+    content = echoed["content"]
+    assert content["body"].startswith("* ") and content["m.mentions"] == {}
+    assert content["m.new_content"]["m.mentions"] == {"user_ids": [duck]}
+    assert content["m.relates_to"] == replaces(question)
+    await alice.wait_for(hint_about_edits(duck, question), "the hint that edits are not re-run")
+
+    await alice.edit(room, question, "what does the swan say?", mention=duck)  # again
+    events = await settled(alice, room, duck)
+    replies = by_bot_in_thread(events, duck, question)
+    assert len([e for e in replies if "edit" in body(e).lower()]) == 1
+    assert len([e for e in replies if "answer to:" in body(e)]) == 1
+    assert not [r for r in model_server.requests if "goose" in str(r.body) or "swan" in str(r.body)]
+
+
+async def test_the_first_dm_message_sent_before_the_bot_joined_is_answered_once(
+    bots: StartBot,
+    alice: ElementUser,
+    duck: str,
+    synapse: SynapseServer,
+    model_server: FakeModelServer,
+) -> None:
+    # The bot reaches the homeserver through a proxy the test cuts while Alice starts
+    # the DM, so the first message is certainly in the room before the bot has joined.
+    proxy = FlakyProxy(synapse.port)
+    await proxy.start()
+    try:
+        await bots(matrix_homeserver=proxy.url)
+        content_answers(model_server)
+        proxy.cut()
+        room, hello = await alice.start_dm(duck, "hello duck, are you there?")
+        proxy.restore()
+
+        answer = await alice.wait_for(
+            bot_notice(duck, hello, "are you there?"), "the answer to the first message", within=40
+        )
+        events = await alice.room_events(room)
+        ids = [e["event_id"] for e in events]
+        bot_joined = next(e["event_id"] for e in events if joined(duck, room)(e))
+        assert ids.index(hello) < ids.index(bot_joined)  # sent before the bot joined
+        assert ids.index(bot_joined) < ids.index(answer["event_id"])
+
+        events = await settled(alice, room, duck)
+        assert len(by_bot_in_thread(events, duck, hello)) == 1
+        asked = [r for r in model_server.requests_for(THINKER) if "are you there?" in str(r.body)]
+        assert len(asked) == 1
+    finally:
+        await proxy.stop()
+
+
+async def test_a_burst_while_the_bot_is_down_is_handled_once_after_the_restart(
+    bots: StartBot,
+    alice: ElementUser,
+    bob: ElementUser,
+    duck: str,
+    model_server: FakeModelServer,
+    tmp_path: Path,
+) -> None:
+    """More than ten events arrive while the bot is down, so its first sync after the
+    restart is `limited`: an approver's ✅ on an old card and a question, followed by a
+    dozen other messages, are both handled, once."""
+    first = await bots()
+    room = await room_with_bot(alice, duck, bob)
+    model_server.reply(ACTION, Text(directive(shell("touch later.txt"))))
+    question = await bob.say(room, "please run touch later.txt", mention=duck)
+    card = await bob.wait_for(bot_notice(duck, question, "Approval needed"), "the card")
+    await first.stop()
+
+    content_answers(model_server)
+    await alice.react(room, card["event_id"], "✅")
+    missed = await bob.say(room, "are you back?", mention=duck)
+    for n in range(12):
+        await (alice if n % 2 else bob).say(room, f"chatter {n}")
+
+    second = await bots()
+    await alice.wait_for(edit_of(card["event_id"], "Approved"), "the card's edit", within=40)
+    await alice.wait_for(bot_notice(duck, question, "answer to"), "the answer after approval")
+    await alice.wait_for(bot_notice(duck, missed, "are you back?"), "the late answer", within=40)
+    assert (tmp_path / "workspace" / "later.txt").exists()
+
+    events = await settled(alice, room, duck)
+    assert len(by_bot_in_thread(events, duck, missed)) == 1
+    cards = [e for e in by_bot_in_thread(events, duck, question) if "Approval needed" in body(e)]
+    assert len(cards) == 1
+    card_edits = [e for e in events if relation(e) == replaces(card["event_id"])]
+    assert len(card_edits) == 1
+    started = [t for t in await task_events(second, room, question) if t == "tool_call_started"]
+    assert len(started) == 1
+    chatter = [r for r in model_server.requests if "chatter" in str(r.body)]
+    assert not chatter  # not addressed to the bot: skipped, not answered
