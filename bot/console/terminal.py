@@ -2,18 +2,23 @@
 
 The person at the terminal is the operator: they may approve and manage rules
 without being listed in DUCKLM_APPROVERS / DUCKLM_ADMINS, as DESIGN.md says.
+Lines are read by `reader` (readline editing, history, Tab completion on a
+terminal); what is shown goes through `output` (Markdown styled on a terminal,
+plain text in a pipe).
 """
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import sys
 from typing import TextIO
 
 from bot import commands as c
 from bot.admin import CommandRunner
+from bot.console.completion import candidates
 from bot.console.format import render_card
+from bot.console.output import Output
+from bot.console.reader import LineReader, history_path
 from bot.policy import Actor
 from runtime.approvals import ApprovalError
 from runtime.factory import Runtime
@@ -48,6 +53,7 @@ class Console:
         self.runtime = runtime
         self.stdin = stdin or sys.stdin
         self.stdout = stdout or sys.stdout
+        self.out = Output(self.stdout)
         self.actor = Actor(f"console:{user or getpass.getuser()}", is_admin=True, is_approver=True)
         self.conversation = f"console:{self.actor.id.split(':', 1)[1]}"
         self.runner = CommandRunner(
@@ -63,20 +69,42 @@ class Console:
         runtime.loop.add_listener(self._on_event)
 
     def say(self, text: str) -> None:
-        self.stdout.write(text.rstrip("\n") + "\n")
-        self.stdout.flush()
+        """Verbatim: approval cards, progress lines, errors."""
+        self.out.line(text)
+
+    def note(self, text: str) -> None:
+        """The console's and the admin commands' own replies: `code` styled, lines kept."""
+        self.out.inline(text)
+
+    def answer(self, text: str) -> None:
+        """What the agent answered: Markdown, rendered on a terminal."""
+        self.out.markdown(text)
 
     async def serve(self) -> int:
-        self.say(GREETING)
+        reader = LineReader(
+            self.stdin,
+            self.stdout,
+            history_file=history_path(self.runtime.settings.db),
+            keep=self._may_remember,
+            complete=lambda before, word: candidates(
+                before, word, pending=self.pending is not None
+            ),
+        )
+        reader.open()
+        try:
+            return await self._serve(reader)
+        finally:
+            reader.close()
+
+    async def _serve(self, reader: LineReader) -> int:
+        self.note(GREETING)
         if self.runtime.model is None:
-            self.say(NO_MODEL_NOTICE)
-        interactive = self.stdin.isatty()
+            self.note(NO_MODEL_NOTICE)
+        if reader.problem:
+            self.say(reader.problem)
         while True:
-            if interactive:
-                self.stdout.write("> ")
-                self.stdout.flush()
-            line = await asyncio.to_thread(self.stdin.readline)
-            if not line:  # EOF
+            line = await reader.read("> ")
+            if line is None:  # EOF
                 return 0
             line = line.strip()
             if not line:
@@ -87,6 +115,13 @@ class Console:
                 await self.handle(line)
             except Exception as exc:  # one bad line must not end the session
                 self.say(f"Error: {type(exc).__name__}: {exc}")
+            if reader.problem:
+                self.say(reader.problem)
+                reader.problem = None
+
+    def _may_remember(self, line: str) -> bool:
+        """A line holding a secret (as the runtime redacts them) stays out of the history file."""
+        return self.runtime.redactor.redact(line).count == 0
 
     async def handle(self, line: str) -> None:
         if self.pending is not None:
@@ -101,10 +136,10 @@ class Console:
             await self._run_direct(line.split(None, 1)[1].strip())
             return
         if line.lower() in ("help", "?"):
-            self.say(c.USAGE)
+            self.say(c.USAGE)  # a plain-text table
             return
         if self.runtime.model is None:
-            self.say(NO_MODEL_REMINDER)
+            self.note(NO_MODEL_REMINDER)
             return
         result = await self.runtime.loop.run_chat(
             line,
@@ -124,7 +159,12 @@ class Console:
         if isinstance(command, c.Run):
             await self._run_direct(command.command)
             return
-        self.say(await self.runner.execute(command, self.actor))
+        reply = await self.runner.execute(command, self.actor)
+        # `help` is a plain-text table; the other replies are lines with `code`.
+        if isinstance(command, c.Help):
+            self.say(reply)
+        else:
+            self.note(reply)
 
     async def _run_direct(self, command: str) -> None:
         if not command:
@@ -154,7 +194,7 @@ class Console:
             self.say(f"That approval was already {decided}; nothing ran again.")
             return
         if outcome.rule is not None:
-            self.say(
+            self.note(
                 f"Rule `{outcome.rule.rule_id}` added: {outcome.rule.kind} `{outcome.rule.pattern}`"
             )
         result = await self.runtime.loop.continue_after_approval(task_id, pending.approval_id)
@@ -171,7 +211,7 @@ class Console:
         if result.status == "failed":
             self.say(f"Task failed: {result.final_response}")
             return
-        self.say(result.final_response)
+        self.answer(result.final_response)
         self.history.append({"role": "assistant", "content": result.final_response})
 
     def _on_event(self, event: Event) -> None:
