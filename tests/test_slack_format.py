@@ -217,13 +217,13 @@ def test_manifest_declares_what_the_code_uses() -> None:
 
 
 def test_incoming_slack_text_reads_as_typed() -> None:
-    from bot.slack.parsing import plain_text
+    from bot.slack.text import decode_mrkdwn
 
     text = (
         "<@UBOT> check <https://grafana/d?a=1&amp;b=2|the board> and <https://x.io> "
         "in <#C123|ops> cc <@U456> <!here> <!subteam^S1|@oncall> a &lt; b &amp;&amp; c"
     )
-    assert plain_text(text, "UBOT") == (
-        "check the board (https://grafana/d?a=1&b=2) and https://x.io in #ops cc <@U456> "
+    assert decode_mrkdwn(text, bot_user_id="UBOT").text == (
+        "check the board (link: https://grafana/d?a=1&b=2) and https://x.io in #ops cc @U456 "
         "@here @oncall a < b && c"
     )

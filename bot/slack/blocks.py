@@ -14,7 +14,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bot.backend import ApprovalCard, CardResolution
-from bot.slack.format import clip_plain, escape, mention, to_mrkdwn
+from bot.slack.format import (
+    clip_escaped,
+    clip_mrkdwn,
+    clip_plain,
+    code_block,
+    escape,
+    mention,
+    to_mrkdwn,
+)
 
 ACTION_APPROVE = "duck_approve"
 ACTION_DENY = "duck_deny"
@@ -39,12 +47,19 @@ def _text(kind: str, text: str) -> dict[str, Any]:
     return {"type": kind, "text": text}
 
 
+# Every text here is escaped mrkdwn before it is clipped: a cut counts what
+# Slack counts, never splits an escape (`&amp;`) and keeps code fences closed.
+
+
 def _section(markdown: str) -> Block:
-    return {"type": "section", "text": _text("mrkdwn", markdown[:SECTION_LIMIT])}
+    return {"type": "section", "text": _text("mrkdwn", clip_mrkdwn(markdown, SECTION_LIMIT, "…"))}
 
 
 def _context(markdown: str) -> Block:
-    return {"type": "context", "elements": [_text("mrkdwn", markdown[:SECTION_LIMIT])]}
+    return {
+        "type": "context",
+        "elements": [_text("mrkdwn", clip_mrkdwn(markdown, SECTION_LIMIT, "…"))],
+    }
 
 
 def slack_date(moment: datetime | None) -> str:
@@ -59,10 +74,7 @@ def slack_date(moment: datetime | None) -> str:
 
 
 def _command_block(card: ApprovalCard) -> str:
-    what = card.command if card.command is not None else card.tool
-    shown = what if len(what) <= _COMMAND_LIMIT else what[: _COMMAND_LIMIT - 1] + "…"
-    shown = escape(shown).replace("```", "`\u200b``")
-    return f"```\n{shown}\n```"
+    return code_block(card.command if card.command is not None else card.tool, _COMMAND_LIMIT)
 
 
 def _details(card: ApprovalCard) -> list[Block]:
@@ -120,7 +132,7 @@ def approval_blocks(card: ApprovalCard) -> list[Block]:
                     "title": _text("plain_text", "Allow from now on?"),
                     "text": _text(
                         "mrkdwn",
-                        clip_plain(
+                        clip_escaped(
                             f"This approves it now and creates a rule: {to_mrkdwn(rule)}. "
                             "Matching actions will then run without asking. Admins can "
                             "revoke it with `/duck rules revoke`.",
@@ -195,7 +207,7 @@ def deny_reason_modal(approval_id: str, what: str) -> dict[str, Any]:
         "submit": _text("plain_text", "Deny"),
         "close": _text("plain_text", "Cancel"),
         "blocks": [
-            _section(f"Deny running:\n```\n{escape(clip_plain(what, 2000))}\n```"),
+            _section("Deny running:\n" + code_block(what, _COMMAND_LIMIT)),
             {
                 "type": "input",
                 "block_id": REASON_BLOCK,

@@ -183,6 +183,32 @@ def clip_mrkdwn(text: str, limit: int, note: str) -> str:
     return f"{head}\n{note}"
 
 
+def safe_cut(text: str, limit: int) -> int:
+    """The largest index <= `limit` that does not cut an escape (`&amp;`) in two."""
+    if limit >= len(text):
+        return len(text)
+    amp = text.rfind("&", max(0, limit - 4), limit)
+    if amp != -1 and ";" not in text[amp:limit]:
+        return amp
+    return max(0, limit)
+
+
+def clip_escaped(text: str, limit: int, marker: str = "…") -> str:
+    """Shorten already-escaped mrkdwn to `limit` characters, never inside an
+    escape: clipping happens after escaping, where the length Slack counts is."""
+    if len(text) <= limit:
+        return text
+    return text[: safe_cut(text, max(0, limit - len(marker)))] + marker
+
+
+def code_block(raw: str, limit: int) -> str:
+    """`raw` as a fenced code block of at most `limit` characters: escaped first,
+    then clipped, so the closing fence is always there."""
+    body = escape(raw).replace("```", "`\u200b``")
+    room = max(1, limit - len("```\n\n```"))
+    return f"```\n{clip_escaped(body, room) or ' '}\n```"
+
+
 def clip_plain(text: str, limit: int) -> str:
     """Shorten plain text (a modal title, a button) to Slack's field limit."""
     return text if len(text) <= limit else text[: limit - 1] + "…"

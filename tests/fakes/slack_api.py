@@ -120,6 +120,9 @@ class FakeSlack:
         self._socket_connected = asyncio.Event()
         self._changed = asyncio.Event()
         self._runner: web.AppRunner | None = None
+        # conversations.replies answers at most this many messages per page, as
+        # Slack does for some apps since 2025 (15), whatever `limit` asks for.
+        self.replies_page_size = 1000
 
     # -- addresses -----------------------------------------------------------
 
@@ -153,10 +156,12 @@ class FakeSlack:
         user: str | None = None,
         thread_ts: str | None = None,
         bot_id: str | None = None,
+        **fields: Any,
     ) -> dict[str, Any]:
         """Put a message into a channel's history as if a person had written it;
-        returns the stored message (with its fresh `ts`)."""
-        message: dict[str, Any] = {"type": "message", "ts": self.next_ts(), "text": text}
+        returns the stored message (with its fresh `ts`). `fields` adds more of a
+        message's fields (`blocks`, `team`, `user_team`, …)."""
+        message: dict[str, Any] = {"type": "message", "ts": self.next_ts(), "text": text, **fields}
         if user:
             message["user"] = user
         if bot_id:
@@ -373,15 +378,51 @@ class FakeSlack:
         return {"ok": True, "message_ts": self.next_ts()}
 
     def _m_conversations_replies(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Oldest first, paged with cursors like Slack: `limit` capped by
+        `replies_page_size`, `latest`/`oldest`/`inclusive` applied, the root
+        always first on the first page, `has_more` and `next_cursor` while more is left."""
         channel, root = str(params.get("channel")), str(params.get("ts"))
-        thread = [
-            m
-            for m in self.messages.get(channel, [])
-            if m["ts"] == root or m.get("thread_ts") == root
-        ]
+        thread = sorted(
+            (
+                m
+                for m in self.messages.get(channel, [])
+                if m["ts"] == root or m.get("thread_ts") == root
+            ),
+            key=lambda m: float(m["ts"]),
+        )
         if not thread:
             return {"ok": False, "error": "thread_not_found"}
-        return {"ok": True, "messages": sorted(thread, key=lambda m: float(m["ts"]))}
+        inclusive = str(params.get("inclusive", "")).lower() in ("1", "true")
+        latest, oldest = params.get("latest"), params.get("oldest")
+
+        def within(m: dict[str, Any]) -> bool:
+            ts = float(m["ts"])
+            if latest is not None and (
+                ts > float(latest) or (ts == float(latest) and not inclusive)
+            ):
+                return False
+            return not (
+                oldest is not None
+                and (ts < float(oldest) or (ts == float(oldest) and not inclusive))
+            )
+
+        replies = [m for m in thread if m["ts"] != root and within(m)]
+        try:
+            limit = int(params.get("limit") or 1000)
+        except ValueError:
+            return {"ok": False, "error": "invalid_arguments"}
+        size = max(1, min(limit, self.replies_page_size))
+        start = int(str(params.get("cursor") or "0").removeprefix("page:") or 0)
+        # The root comes first on every page, as Slack repeats the parent message.
+        page = replies[start : start + size - 1] if size > 1 else replies[start : start + 1]
+        after = start + len(page)
+        result: dict[str, Any] = {"ok": True, "messages": [thread[0], *page]}
+        if after < len(replies):
+            result["has_more"] = True
+            result["response_metadata"] = {"next_cursor": f"page:{after}"}
+        else:
+            result["has_more"] = False
+        return result
 
     def _m_views_open(self, params: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True, "view": {"id": f"V{next(self._ts):08d}", **(params.get("view") or {})}}
