@@ -24,7 +24,7 @@ from bot.service import ChatService
 from runtime.factory import Runtime, build_runtime
 from tests.conftest import ACTION, THINKER, directive, make_settings, shell
 from tests.fakes.openai_server import FakeModelServer, RecordedRequest, Reply, Text
-from tests.fakes.synapse import FlakyProxy, MatrixUser, SynapseServer, free_port
+from tests.fakes.synapse import ELEMENT_PICKER, FlakyProxy, MatrixUser, SynapseServer, free_port
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -98,7 +98,7 @@ async def bots(
     """Starts bots on one database and state dir (so a second start is a restart)."""
     started: list[Bot] = []
 
-    async def start(allowed_inviters: list[str] | None = None, **overrides: Any) -> Bot:
+    async def start(**overrides: Any) -> Bot:
         values: dict[str, Any] = {
             "matrix_homeserver": synapse.base_url,
             "matrix_user_id": duck,
@@ -109,7 +109,7 @@ async def bots(
         values.update(overrides)
         runtime = await build_runtime(make_settings(tmp_path, model_server.base_url, **values))
         service = ChatService(runtime)
-        platform = MatrixPlatform(service, runtime.settings, allowed_inviters=allowed_inviters)
+        platform = MatrixPlatform(service, runtime.settings)
         try:
             await platform.start()
         except BaseException:
@@ -300,8 +300,11 @@ async def test_approve_by_reaction_runs_the_command_and_edits_the_card(
     # the approvers in the room are notified
     assert card["content"]["m.mentions"] == {"user_ids": [alice.user_id]}
     assert f"https://matrix.to/#/{alice.user_id}" in card["content"]["formatted_body"]
-    # the bot pre-seeds the answers as reactions on its card
-    for key in ("✅", "❌", "♾️"):
+    # the bot pre-seeds the answers as reactions on its card, spelt as Element's
+    # picker spells them (U+FE0F included), so a picked ✅ joins the bot's pill
+    seeds = [ELEMENT_PICKER[name] for name in ("white_check_mark", "x", "infinity")]
+    assert seeds == ["\u2705\ufe0f", "\u274c\ufe0f", "\u267e\ufe0f"]
+    for key in seeds:
         await alice.wait_for(
             lambda e, key=key: (
                 e.get("sender") == duck
@@ -556,7 +559,7 @@ async def test_duck_commands_check_admins(
 async def test_invites_only_from_allowed_inviters(
     bots: StartBot, alice: MatrixUser, bob: MatrixUser, duck: str
 ) -> None:
-    await bots(allowed_inviters=[bob.user_id])
+    await bots(matrix_allowed_inviters=[bob.user_id])
     refused = await alice.create_room([duck])
     await alice.wait_for(
         lambda e: (

@@ -24,7 +24,7 @@ from bot.matrix.parsing import (
     command_text,
     normalize_reaction,
     strip_reply_fallback,
-    user_matches,
+    user_in,
 )
 from bot.matrix.state import MatrixState, Session
 
@@ -153,7 +153,7 @@ def test_reaction_keys_with_and_without_variation_selector() -> None:
 @pytest.mark.parametrize(
     ("user", "allowed", "expected"),
     [
-        ("@alice:example.org", [], True),
+        ("@alice:example.org", [], False),
         ("@alice:example.org", ["@alice:example.org"], True),
         ("@alice:example.org", ["matrix:@alice:example.org"], True),
         ("@mallory:example.org", ["@alice:example.org"], False),
@@ -163,8 +163,9 @@ def test_reaction_keys_with_and_without_variation_selector() -> None:
         (None, ["example.org"], False),
     ],
 )
-def test_allowed_inviters(user: str | None, allowed: list[str], expected: bool) -> None:
-    assert user_matches(user, allowed) is expected
+def test_bot_users_by_id_or_server(user: str | None, allowed: list[str], expected: bool) -> None:
+    """DUCKLM_MATRIX_BOT_USERS: an empty list names no bot."""
+    assert user_in(user, allowed) is expected
 
 
 # -- state files -----------------------------------------------------------------------

@@ -13,9 +13,14 @@ dispatcher, invites and joins (numbered pitfalls as in research/platforms.md §3
   resumes with `since=token, full_state=True`: nothing is answered twice and
   nothing sent while the bot was down is missed.
 - History is never answered (M3): the first sync of a start without a saved
-  token is history as a whole (only invites in it are acted on), and in a room
-  the bot just joined everything before its own join event is ignored. Both
-  are structural, so a skewed clock cannot let old messages through.
+  token is history as a whole (only invites in it are acted on, and rooms
+  joined from those invites start at the join), and in a room the bot just
+  joined everything before its own invite is ignored. Both are structural, so
+  a skewed clock cannot let old messages through.
+- What a sync did not carry is fetched (bot/matrix/backlog.py): a `limited`
+  timeline's gap back to the previous sync, and in a room just joined the
+  messages between the invite and the join, both bounded, handled in order
+  before the batch's own events.
 
 Every background job of the Matrix side is started with `spawn`, so `stop`
 ends them all and none is garbage-collected mid-run.
@@ -27,7 +32,8 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
@@ -43,7 +49,14 @@ from nio import (
 )
 
 from bot.backend import PlatformStartError
-from bot.matrix.parsing import user_matches
+from bot.matrix.backlog import (
+    BacklogBounds,
+    fetch_backlog,
+    is_late,
+    is_own_membership,
+    now_ms,
+    timestamp,
+)
 from bot.matrix.retry import backoff, error_text, is_token_error
 from bot.matrix.state import MatrixState, Session
 
@@ -60,12 +73,29 @@ TOKEN_ERROR_BACKOFF = 300.0
 STOP_TIMEOUT = 10.0
 
 
+MAX_ROOM_MARKERS = 5000  # rooms whose last handled event sync.json remembers
+
+
 class RoomEvents(Protocol):
     """What the dispatcher hands a room's new events to (`bot/matrix/events.py`)."""
 
-    async def on_room_event(self, room: MatrixRoom, source: dict[str, Any]) -> None: ...
+    async def on_room_event(
+        self, room: MatrixRoom, source: dict[str, Any], *, late: bool = False
+    ) -> None: ...
 
     async def encrypted_room_notice(self, room: MatrixRoom, cause_event_id: str) -> None: ...
+
+    async def after_batch(self, room: MatrixRoom, members_changed: bool) -> None: ...
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One sync response as the dispatcher handles it."""
+
+    response: SyncResponse
+    since: str | None  # the token it was asked with: where a gap fill stops
+    history_only: bool = False  # a first sync without a saved token
+    resumed: bool = False  # the first sync after a restart (all of it arrived late)
 
 
 class MatrixConnection:
@@ -73,7 +103,7 @@ class MatrixConnection:
         self,
         settings: Settings,
         *,
-        allowed_inviters: Iterable[str],
+        may_invite: Callable[[str], bool],
         on_access_token: Callable[[str], object] | None = None,
     ) -> None:
         # Told every access token the bot logs in with, so tool output never shows it.
@@ -81,19 +111,25 @@ class MatrixConnection:
         self.settings = settings
         self.homeserver = (settings.matrix_homeserver or "").strip().rstrip("/")
         self.user_id = (settings.matrix_user_id or "").strip()
-        self.allowed_inviters = tuple(allowed_inviters)
+        # Whose invites are accepted (the access policy's may_invite, by Matrix id).
+        self.may_invite = may_invite
+        self.bounds = BacklogBounds(settings.matrix_backlog_max, settings.matrix_backlog_max_age)
         self.state = MatrixState(settings.matrix_state_dir)
         self.client: AsyncClient | None = None
         self.display_name: str | None = None
         self.device_id: str | None = None
         self.running = False
         self._handler: RoomEvents | None = None
-        # (response, history_only): a first sync without a saved token is all history.
-        self._inbox: asyncio.Queue[tuple[SyncResponse, bool]] = asyncio.Queue()
+        self._inbox: asyncio.Queue[Batch] = asyncio.Queue()
         # Strong references to everything we start (the loops, joins, typing
         # keepers, history fetches): a bare create_task may be garbage-collected.
         self._tasks: set[asyncio.Task[Any]] = set()
         self._joining: set[str] = set()
+        # Rooms joined from invites that were history at a first start: no backlog.
+        self._no_backlog: set[str] = set()
+        # Room -> the last event handled there (saved with the sync token).
+        self.last_handled: dict[str, str] = {}
+        self.started_ms = now_ms()
 
     # -- start / stop ----------------------------------------------------------
 
@@ -111,11 +147,12 @@ class MatrixConnection:
             max_limit_exceeded=10,  # 429s honour retry_after_ms a few times
         )
         self.client = AsyncClient(self.homeserver, self.user_id, config=config)
+        self.started_ms = now_ms()
         try:
             async with asyncio.timeout(START_TIMEOUT):
                 await self._login()
                 await self._load_profile()
-                first, history_only = await self._first_sync()
+                first = await self._first_sync()
         except PlatformStartError:
             await self._close_client()
             raise
@@ -127,7 +164,7 @@ class MatrixConnection:
                 "homeserver is up."
             ) from exc
         self.running = True
-        self._inbox.put_nowait((first, history_only))
+        self._inbox.put_nowait(first)
         self.spawn(self._supervise("dispatcher", self._dispatch_forever))
         self.spawn(self._supervise("sync", self._sync_forever))
         logger.info("matrix: serving as %s (device %s)", self.user_id, self.device_id)
@@ -268,18 +305,20 @@ class MatrixConnection:
         if isinstance(response, ProfileGetDisplayNameResponse) and response.displayname:
             self.display_name = response.displayname
 
-    async def _first_sync(self) -> tuple[SyncResponse, bool]:
-        """One sync before `start` returns, so a dead server fails the start.
-        Returns the response and whether it is history only (no saved token)."""
+    async def _first_sync(self) -> Batch:
+        """One sync before `start` returns, so a dead server fails the start."""
         client = self.require_client()
         token = await asyncio.to_thread(self.state.load_sync_token, self.user_id)
         if token:
+            self.last_handled = await asyncio.to_thread(self.state.load_last_handled, self.user_id)
             # full_state rebuilds the rooms' state; the timeline still starts at
-            # the token, so exactly the events we have not handled arrive.
+            # the token, so exactly the events we have not handled arrive (and a
+            # `limited` room's gap is fetched back to the token).
             response = await client.sync(timeout=0, since=token, full_state=True)
             if isinstance(response, SyncResponse):
-                return response, False
+                return Batch(response, since=token, resumed=True)
             logger.warning("matrix: saved sync token refused (%s); starting fresh", response)
+            self.last_handled = {}
         # No token: everything already in the rooms happened before this start, so
         # it is history (M3). Marking the batch, rather than comparing timestamps
         # with our clock, is immune to clock skew. Ask for little of it.
@@ -291,7 +330,7 @@ class MatrixConnection:
                 f"Matrix: the first sync with MATRIX_HOMESERVER={self.homeserver} failed "
                 f"({error_text(response)})."
             )
-        return response, True
+        return Batch(response, since=None, history_only=True)
 
     # -- the sync loop and the dispatcher ----------------------------------------
 
@@ -313,8 +352,9 @@ class MatrixConnection:
         client = self.require_client()
         failures = 0
         while self.running:
+            since = client.next_batch or None
             try:
-                response = await client.sync(timeout=SYNC_TIMEOUT_MS)
+                response = await client.sync(timeout=SYNC_TIMEOUT_MS, since=since)
             except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
                 # Homeserver restarting, network gone, a proxy's HTML error page.
                 failures += 1
@@ -324,7 +364,7 @@ class MatrixConnection:
                 continue
             if isinstance(response, SyncResponse):
                 failures = 0
-                self._inbox.put_nowait((response, False))
+                self._inbox.put_nowait(Batch(response, since=since))
                 continue
             failures += 1
             if is_token_error(response):
@@ -357,49 +397,126 @@ class MatrixConnection:
 
     async def _dispatch_forever(self) -> None:
         while True:
-            response, history_only = await self._inbox.get()
-            await self._handle_sync(response, history_only)
-            # Only now is the batch handled, so only now may a restart skip it (M4).
+            batch = await self._inbox.get()
+            await self._handle_sync(batch)
+            # Only now is the batch handled (every message accepted into the
+            # store), so only now may a restart skip it (M4).
             try:
                 await asyncio.to_thread(
-                    self.state.save_sync_token, self.user_id, response.next_batch
+                    self.state.save_sync_token,
+                    self.user_id,
+                    batch.response.next_batch,
+                    self.last_handled,
                 )
             except OSError:
                 logger.exception("matrix: cannot save the sync token")
 
-    async def _handle_sync(self, response: SyncResponse, history_only: bool = False) -> None:
+    async def _handle_sync(self, batch: Batch) -> None:
+        response = batch.response
         for room_id, invite in response.rooms.invite.items():
+            if batch.history_only:
+                self._no_backlog.add(room_id)  # invited before DuckLM ever ran
             await self._guarded(self._on_invite(room_id, invite.invite_state))
-        if history_only:
-            return
-        handler = self._handler
-        if handler is None:
-            return
+        for room_id in response.rooms.leave:
+            self.last_handled.pop(room_id, None)
         for room_id, info in response.rooms.join.items():
-            room = self.require_client().rooms.get(room_id)
-            if room is None:
-                continue
             events = [getattr(event, "source", None) or {} for event in info.timeline.events]
-            start = self._after_own_join(events)
-            if start and room.encrypted:
-                joined = str(events[start - 1].get("event_id") or "")
-                await self._guarded(handler.encrypted_room_notice(room, joined))
-            for source in events[start:]:
-                await self._guarded(handler.on_room_event(room, source))
+            if batch.history_only:
+                self._mark(room_id, events)
+                continue
+            await self._guarded(self._handle_room(batch, room_id, info.timeline, events))
+        if (batch.history_only or batch.resumed) and self._handler is not None:
+            # Who may ask can change between runs: look at every room once.
+            for room in list(self.require_client().rooms.values()):
+                await self._guarded(self._handler.after_batch(room, True))
 
-    def _after_own_join(self, events: list[dict[str, Any]]) -> int:
-        """Index after the bot's own (re)join in this batch, or 0: a room just
-        joined replays its history, which is never for us (M3)."""
-        start = 0
+    async def _handle_room(
+        self, batch: Batch, room_id: str, timeline: Any, events: list[dict[str, Any]]
+    ) -> None:
+        handler = self._handler
+        room = self.require_client().rooms.get(room_id)
+        if handler is None or room is None:
+            return
+        joined_at = self._own_join(events)
+        backlog: list[dict[str, Any]] = []
+        if joined_at is not None:
+            # A room just joined replays its history (M3): only what was said
+            # since the bot was invited is for it.
+            if room.encrypted:
+                joined = str(events[joined_at].get("event_id") or "")
+                await self._guarded(handler.encrypted_room_notice(room, joined))
+            if room_id in self._no_backlog:
+                start = joined_at + 1
+            else:
+                invited_at = self._own_invite(events[:joined_at])
+                start = 0 if invited_at is None else invited_at + 1
+                if invited_at is None and timeline.limited and timeline.prev_batch:
+                    backlog = await fetch_backlog(
+                        self.require_client(),
+                        room_id,
+                        timeline.prev_batch,
+                        user_id=self.user_id,
+                        bounds=self.bounds,
+                    )
+                if invited_at is None and not timeline.limited:
+                    start = joined_at + 1  # the whole room is here and no invite: history
+            self._no_backlog.discard(room_id)
+        else:
+            start = 0
+            if timeline.limited and timeline.prev_batch:
+                # More happened than the sync carried: fetch the gap, back to the
+                # previous sync (or the last event handled here).
+                marker = self.last_handled.get(room_id)
+                backlog = await fetch_backlog(
+                    self.require_client(),
+                    room_id,
+                    timeline.prev_batch,
+                    user_id=self.user_id,
+                    bounds=self.bounds,
+                    until_token=batch.since,
+                    stop_ids=(marker,) if marker else (),
+                    stop_at_join=room_id in self._no_backlog,
+                )
+        pending = [(source, True) for source in backlog]
+        pending += [(source, batch.resumed or joined_at is not None) for source in events[start:]]
+        cutoff = self.bounds.cutoff_ms(now_ms())
+        members_changed = False
+        for source, from_backlog in pending:
+            if from_backlog and timestamp(source) < cutoff:
+                continue  # older than DUCKLM_MATRIX_BACKLOG_MAX_AGE: not answered now
+            late = from_backlog and is_late(source, self.started_ms)
+            members_changed |= source.get("type") == "m.room.member"
+            await self._guarded(handler.on_room_event(room, source, late=late))
+        self._mark(room_id, events)
+        await self._guarded(handler.after_batch(room, members_changed or joined_at is not None))
+
+    def _mark(self, room_id: str, events: list[dict[str, Any]]) -> None:
+        """Remember the room's newest event as handled (where a later gap fill stops)."""
+        for source in reversed(events):
+            if source.get("event_id"):
+                self.last_handled.pop(room_id, None)
+                self.last_handled[room_id] = str(source["event_id"])
+                break
+        while len(self.last_handled) > MAX_ROOM_MARKERS:
+            self.last_handled.pop(next(iter(self.last_handled)))
+
+    def _own_join(self, events: list[dict[str, Any]]) -> int | None:
+        """Index of the bot's own (re)join in this batch, or None."""
+        found = None
         for index, source in enumerate(events):
             if (
-                source.get("type") == "m.room.member"
-                and source.get("state_key") == self.user_id
-                and (source.get("content") or {}).get("membership") == "join"
-                and _prev_membership(source) != "join"  # a display-name change is no join
+                is_own_membership(source, self.user_id, "join")
+                and _prev_membership(source) != "join"
             ):
-                start = index + 1
-        return start
+                found = index  # a display-name change is no join
+        return found
+
+    def _own_invite(self, events: list[dict[str, Any]]) -> int | None:
+        found = None
+        for index, source in enumerate(events):
+            if is_own_membership(source, self.user_id, "invite"):
+                found = index
+        return found
 
     @staticmethod
     async def _guarded(call: Coroutine[Any, Any, Any]) -> None:
@@ -424,7 +541,7 @@ class MatrixConnection:
                 and getattr(event, "membership", None) == "invite"
             ):
                 inviter = getattr(event, "sender", None)
-        if not user_matches(inviter, self.allowed_inviters):
+        if not inviter or not self.may_invite(inviter):
             logger.warning("matrix: declining invite to %s from %s", room_id, inviter)
             self._joining.add(room_id)
             self.spawn(self._decline(room_id))

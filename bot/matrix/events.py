@@ -1,17 +1,24 @@
 """Turning Matrix room events into service calls.
 
     !duck …                          -> service.handle_command
-    approve / deny … / always        -> service.handle_thread_reply
-    (a thread reply under a card)
-    a mention, a direct message, or  -> service.submit_message
-    a reply in one of the bot's threads
+    a mention, a direct message, or  -> service.accept(Inbound)   (the inbox:
+    a reply in one of the bot's         recorded before the sync token that
+    threads (decision words too)        carries it is saved)
     ✅ ❌ ♾️ on an approval card       -> service.handle_decision
+    an edit of a message answered    -> one hint that edits are not re-run
 
 - The bot's own events come back through sync (M5) and are skipped; it sends
-  `m.notice` and ignores incoming notices, so two bots never loop (M6).
+  `m.notice` and ignores incoming notices, so two bots never loop (M6). Other
+  bots that send `m.text` (DUCKLM_MATRIX_BOT_USERS, or `m.automated` content,
+  MSC3955) are marked `from_bot`; the service bounds its replies to them.
+- In a bot thread, a message that mentions only other people (m.mentions or
+  pills without the bot) is between those people, not for the bot.
+- Only the three keys the card offers decide (compared without U+FE0F); any
+  other reaction, 👍 included, is just a reaction.
 - Every event the bot acts on is claimed once in the store
   (`matrix:event:<id>`), so a replayed batch never runs anything twice.
 - Encrypted rooms get a notice saying the bot cannot read them (M7: no e2e).
+- A room where no member may ask any more (DUCKLM_REQUESTERS) is left, saying why.
 """
 
 from __future__ import annotations
@@ -27,8 +34,17 @@ from nio.api import RelationshipType
 
 from bot import commands as c
 from bot.backend import ChatBackend, Thread
+from bot.inbox import Accepted, Inbound
 from bot.matrix.connection import MatrixConnection
-from bot.matrix.parsing import PLATFORM, command_text, reaction_decision, strip_reply_fallback
+from bot.matrix.parsing import (
+    PLATFORM,
+    command_text,
+    is_automated,
+    mentioned_users,
+    reaction_decision,
+    strip_reply_fallback,
+    user_in,
+)
 from bot.matrix.sending import Lru, MatrixSender
 
 if TYPE_CHECKING:
@@ -46,7 +62,14 @@ ENCRYPTED_NOTICE = (
     "DuckLM works in unencrypted rooms only: ask me in a room (or direct chat) without "
     "encryption."
 )
-EMPTY_MENTION_REPLY = "Ask me something after the mention, or send `!duck help` for the commands."
+EDIT_HINT = (
+    "I saw your edit, but edits are not run again: I answered the message as it was first "
+    "sent. Send a new message if you want me to look at the new text."
+)
+LEAVING_NOTICE = (
+    "Nobody in this room may ask me anything any more (see DUCKLM_REQUESTERS), so I am "
+    "leaving. Invite me again from an account that may ask."
+)
 
 
 class MatrixEvents:
@@ -64,16 +87,20 @@ class MatrixEvents:
         self.connection = connection
         self.sender = sender
         self.backend = backend
+        self.bot_users = tuple(connection.settings.matrix_bot_users)
         self.cards = Lru()  # card event id -> approval id, as soon as it is posted
         self._reply_roots = Lru()  # replied-to event -> its thread root
         self._encrypted_notice_at: dict[str, float] = {}
+        self._leaving: set[str] = set()
 
-    async def on_room_event(self, room: MatrixRoom, source: dict[str, Any]) -> None:
+    async def on_room_event(
+        self, room: MatrixRoom, source: dict[str, Any], *, late: bool = False
+    ) -> None:
         if source.get("sender") == self.connection.user_id:
             return  # our own notices, reactions and edits come back through sync (M5)
         kind = source.get("type")
         if kind == "m.room.message":
-            await self._on_message(room, source)
+            await self._on_message(room, source, late)
         elif kind == "m.reaction":
             await self._on_reaction(room, source)
         elif kind == "m.room.encrypted":
@@ -83,21 +110,19 @@ class MatrixEvents:
 
     # -- messages --------------------------------------------------------------
 
-    async def _on_message(self, room: MatrixRoom, source: dict[str, Any]) -> None:
+    async def _on_message(self, room: MatrixRoom, source: dict[str, Any], late: bool) -> None:
         content = source.get("content") or {}
         if content.get("msgtype") != "m.text":
             return  # m.notice is other bots talking (M6); media is nothing we read
         relates = content.get("m.relates_to") or {}
-        if relates.get("rel_type") == "m.replace":
-            return  # an edit of an earlier message, which was answered already
         event_id = str(source.get("event_id") or "")
         sender = str(source.get("sender") or "")
         if not event_id or not sender:
             return
-        body = str(content.get("body") or "")
-        if "m.in_reply_to" in relates:
-            body = strip_reply_fallback(body)
-        text = body.strip()
+        if relates.get("rel_type") == "m.replace":
+            await self._on_edit(room, sender, str(relates.get("event_id") or ""))
+            return
+        text = self._text_of(content)
         user = f"{PLATFORM}:{sender}"
         thread = await self._thread_of(room.room_id, event_id, relates)
         self.sender.latest.put(thread.key, event_id)
@@ -111,39 +136,95 @@ class MatrixEvents:
             return
 
         in_thread = thread.root != event_id
-        claimed = False
-        if in_thread and c.parse_decision(text) is not None:
-            if not await self._claim(event_id):
-                return
-            claimed = True
-            if await self.service.handle_thread_reply(thread, user, text):
-                return
-        addressed = (
-            self._mentions_me(content)
-            or self._is_direct(room)
-            or (in_thread and await self.service.is_bot_thread(thread))
+        if not await self._addressed(room, content, thread, in_thread, text):
+            return
+        inbound = Inbound(
+            thread=thread,
+            user=user,
+            text=self._without_mention(text),
+            deliveries=(f"{PLATFORM}:event:{event_id}",),
+            message_id=event_id,
+            in_thread=in_thread,
+            from_bot=self._from_bot(sender, content),
+            late=late,
         )
-        if not addressed:
-            return
-        if not claimed and not await self._claim(event_id):
-            return
-        question = self._without_mention(text)
-        if not question:
-            await self.backend.send(thread, EMPTY_MENTION_REPLY)
-            return
-        self.connection.spawn(self._submit(thread, user, question, event_id if in_thread else None))
+        # Awaited here, inside the dispatcher: the sync token of this batch is
+        # saved only after every message in it is in the store.
+        outcome = await self.service.accept(inbound)
+        if outcome is Accepted.DUPLICATE:
+            logger.debug("matrix: %s was handled before", event_id)
 
-    async def _submit(self, thread: Thread, user: str, text: str, current: str | None) -> None:
-        """Fetch the thread so far (for follow-ups), then hand the question over."""
-        history: list[dict[str, str]] = []
-        if current is not None and thread.root:
-            try:
-                history = await asyncio.wait_for(
-                    self._thread_history(thread.channel, thread.root, current), HISTORY_TIMEOUT
-                )
-            except Exception as exc:  # history is a help, not a condition
-                logger.warning("matrix: reading thread history failed: %s", exc)
-        self.service.submit_message(thread, user, text, history)
+    @staticmethod
+    def _text_of(content: dict[str, Any]) -> str:
+        body = str(content.get("body") or "")
+        if "m.in_reply_to" in (content.get("m.relates_to") or {}):
+            body = strip_reply_fallback(body)
+        return body.strip()
+
+    async def _addressed(
+        self,
+        room: MatrixRoom,
+        content: dict[str, Any],
+        thread: Thread,
+        in_thread: bool,
+        text: str,
+    ) -> bool:
+        """Is this message for the bot: a mention, a direct chat, or a reply in one
+        of its threads that is not addressed to other people only?"""
+        if self._mentions_me(content) or self._is_direct(room):
+            return True
+        if not in_thread or not await self.service.is_bot_thread(thread):
+            return False
+        # `approve` quoting the requester's message mentions them (a rich reply
+        # does): a decision word in a bot thread is still for the bot.
+        return c.parse_decision(text) is not None or not self._mentions_only_others(content)
+
+    def _mentions_only_others(self, content: dict[str, Any]) -> bool:
+        others = mentioned_users(content) - {self.connection.user_id}
+        return bool(others) and not self._mentions_me(content)
+
+    def _from_bot(self, sender: str, content: dict[str, Any]) -> bool:
+        """Another bot's m.text: a configured bot account, or marked automated."""
+        return user_in(sender, self.bot_users) or is_automated(content)
+
+    async def _on_edit(self, room: MatrixRoom, sender: str, original_id: str) -> None:
+        """An edit of a message the bot answered gets one hint (per message) that
+        edits are not run again; edits of anything else are nobody's business."""
+        if not original_id:
+            return
+        client = self.connection.require_client()
+        response = await client.room_get_event(room.room_id, original_id)
+        if not isinstance(response, RoomGetEventResponse):
+            return
+        original = response.event.source
+        content = original.get("content") or {}
+        if original.get("sender") != sender or content.get("msgtype") != "m.text":
+            return
+        text = self._text_of(content)
+        if command_text(text) is not None:
+            return
+        relates = content.get("m.relates_to") or {}
+        thread = await self._thread_of(room.room_id, original_id, relates)
+        in_thread = thread.root != original_id
+        if not await self._addressed(room, content, thread, in_thread, text):
+            return
+        if await self.service.runtime.stores.deliveries.claim(f"{PLATFORM}:edit:{original_id}"):
+            await self.backend.send(thread, EDIT_HINT)
+
+    # -- history (ChatBackend.history) ---------------------------------------------
+
+    async def history(self, thread: Thread, before: str | None) -> list[dict[str, str]]:
+        """The thread so far as model turns, for a task started from an Inbound;
+        a help, not a condition, so a failure only logs."""
+        if not thread.root:
+            return []
+        try:
+            return await asyncio.wait_for(
+                self._thread_history(thread.channel, thread.root, before), HISTORY_TIMEOUT
+            )
+        except Exception as exc:
+            logger.warning("matrix: reading thread history failed: %s", exc)
+            return []
 
     async def _thread_of(self, room_id: str, event_id: str, relates: dict[str, Any]) -> Thread:
         """`Thread(matrix, room, root)`: the thread root if the message is in a
@@ -173,13 +254,17 @@ class MatrixEvents:
         self._reply_roots.put(event_id, root)
         return root
 
-    async def _thread_history(self, room_id: str, root: str, current: str) -> list[dict[str, str]]:
-        """The thread's earlier messages as model turns (the bot's are `assistant`)."""
+    async def _thread_history(
+        self, room_id: str, root: str, before: str | None
+    ) -> list[dict[str, str]]:
+        """The thread's messages before `before` as model turns (the bot's are
+        `assistant`): the root and the newest MAX_HISTORY_EVENTS replies."""
         client = self.connection.require_client()
         sources: list[dict[str, Any]] = []
         first = await client.room_get_event(room_id, root)
         if isinstance(first, RoomGetEventResponse):
             sources.append(first.event.source)
+        # /relations pages newest first, so the budget keeps the newest replies.
         async for event in client.room_get_event_relations(
             room_id, root, RelationshipType.thread, "m.room.message", limit=MAX_HISTORY_EVENTS
         ):
@@ -187,10 +272,13 @@ class MatrixEvents:
             if len(sources) > MAX_HISTORY_EVENTS:
                 break
         sources.sort(key=lambda s: int(s.get("origin_server_ts") or 0))
+        ids = [str(s.get("event_id") or "") for s in sources]
+        if before is not None and before in ids:
+            sources = sources[: ids.index(before)]
         history = []
         for source in sources:
             content = source.get("content") or {}
-            if source.get("event_id") == current or source.get("type") != "m.room.message":
+            if source.get("event_id") == before or source.get("type") != "m.room.message":
                 continue
             if (content.get("m.relates_to") or {}).get("rel_type") == "m.replace":
                 continue
@@ -287,6 +375,32 @@ class MatrixEvents:
     def _encrypted_notice_due(self, room_id: str) -> bool:
         last = self._encrypted_notice_at.get(room_id)
         return last is None or time.monotonic() - last >= ENCRYPTED_NOTICE_INTERVAL
+
+    # -- who is in the room --------------------------------------------------------
+
+    async def after_batch(self, room: MatrixRoom, members_changed: bool) -> None:
+        """Leave a room where no member may ask any more (DUCKLM_REQUESTERS),
+        saying why: the requesters left, or the setting changed."""
+        if not members_changed or room.room_id in self._leaving:
+            return
+        me = self.connection.user_id
+        members = [u for u in room.users if u != me and u not in room.invited_users]
+        policy = self.service.policy
+        if any(policy.may_ask(f"{PLATFORM}:{user}") for user in members):
+            return
+        self._leaving.add(room.room_id)
+        logger.warning("matrix: leaving %s: no member may ask any more", room.room_id)
+        self.connection.spawn(self._leave(room.room_id))
+
+    async def _leave(self, room_id: str) -> None:
+        try:
+            await self.backend.send(Thread(PLATFORM, room_id, None), LEAVING_NOTICE)
+        except Exception as exc:  # leaving matters more than saying so
+            logger.warning("matrix: could not say why I leave %s: %s", room_id, exc)
+        try:
+            await self.connection.require_client().room_leave(room_id)
+        finally:
+            self._leaving.discard(room_id)
 
     # -- once only ---------------------------------------------------------------
 

@@ -28,9 +28,14 @@ NOTICE = "m.notice"
 MAX_BODY_CHARS = 24_000
 MAX_EVENT_CONTENT_BYTES = 60_000
 
-APPROVE_KEY = "✅"
-DENY_KEY = "❌"
-ALWAYS_KEY = "♾️"
+# The seeded reaction keys, spelt exactly as Element's emoji picker sends them
+# (emojibase-data 17 `compact.json`, read through matrix-org/emojibase-bindings:
+# every emoji that can take a variation selector carries U+FE0F). Element
+# groups reactions by the exact key, so a picked ✅ joins the bot's pill only
+# when the bytes match; incoming keys are compared without the selector.
+APPROVE_KEY = "\u2705\ufe0f"  # ✅ check mark button
+DENY_KEY = "\u274c\ufe0f"  # ❌ cross mark
+ALWAYS_KEY = "\u267e\ufe0f"  # ♾️ infinity
 
 _SAFE_LINK = re.compile(r"^(https?:|mailto:)", re.IGNORECASE)
 
@@ -46,10 +51,40 @@ def _markdown() -> MarkdownIt:
 _MD = _markdown()
 
 
+SHORTENED = "\n\n[… message shortened]"
+_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
+MIN_CLIP_CHARS = 200
+
+
 def clip_text(text: str, limit: int = MAX_BODY_CHARS) -> str:
+    """`text` cut to at most `limit` characters of Markdown, never leaving a code
+    fence open (it is closed before the "shortened" note), so the cut text still
+    reads, and renders, as what it was."""
     if len(text) <= limit:
         return text
-    return text[: limit - 40].rstrip() + "\n\n[… message shortened]"
+    cut = text[: max(0, limit - len(SHORTENED) - 8)].rstrip()
+    fence = _open_fence(cut)
+    if fence is not None:
+        # Room for the closing fence was kept above unless the fence is long.
+        cut = cut[: max(0, limit - len(SHORTENED) - len(fence) - 1)].rstrip()
+        fence = _open_fence(cut)
+    closing = f"\n{fence}" if fence is not None else ""
+    return cut + closing + SHORTENED
+
+
+def _open_fence(markdown: str) -> str | None:
+    """The fence (```` ``` ```` or `~~~`) still open at the end of `markdown`, if any."""
+    opened: str | None = None
+    for line in markdown.split("\n"):
+        match = _FENCE.match(line)
+        if match is None:
+            continue
+        run = match.group(1)
+        if opened is None:
+            opened = run
+        elif run[0] == opened[0] and len(run) >= len(opened) and not line.strip()[len(run) :]:
+            opened = None  # a closing fence: same character, at least as long, nothing after
+    return opened
 
 
 def render_html(markdown: str) -> str:
@@ -57,23 +92,37 @@ def render_html(markdown: str) -> str:
     return _MD.render(markdown).strip()
 
 
-def message_content(text: str, *, msgtype: str = NOTICE) -> dict[str, Any]:
-    """`m.room.message` content with a plain body and an HTML formatted_body."""
-    body = clip_text(text or "(empty)")
-    content: dict[str, Any] = {
-        "msgtype": msgtype,
-        "body": body,
-        "format": HTML_FORMAT,
-        "formatted_body": render_html(body),
-    }
-    if _size(content) > MAX_EVENT_CONTENT_BYTES:
-        # Markup can more than double the size: keep the plain body alone, and
-        # shorten that too if escaping (emoji, quotes) still makes it too big.
-        del content["format"], content["formatted_body"]
-        limit = len(body)
-        while _size(content) > MAX_EVENT_CONTENT_BYTES and limit > 100:
-            limit //= 2
-            content["body"] = clip_text(body, limit)
+def message_content(
+    text: str, *, msgtype: str = NOTICE, max_bytes: int = MAX_EVENT_CONTENT_BYTES
+) -> dict[str, Any]:
+    """`m.room.message` content with a plain body and an HTML formatted_body,
+    within `max_bytes` of JSON. The Markdown is clipped first and the HTML
+    rendered from the clipped text, so the HTML is never cut inside an entity
+    or a tag and no <pre>/<code> (nor ``` in the body) is left open."""
+    source = text or "(empty)"
+    limit = MAX_BODY_CHARS
+    while True:
+        body = clip_text(source, limit)
+        content: dict[str, Any] = {
+            "msgtype": msgtype,
+            "body": body,
+            "format": HTML_FORMAT,
+            "formatted_body": render_html(body),
+        }
+        size = _size(content)
+        if size <= max_bytes:
+            return content
+        if limit <= MIN_CLIP_CHARS:
+            break
+        # Escaping and markup grow the text unevenly: shrink in proportion, and
+        # by at least a tenth so this ends quickly.
+        limit = max(MIN_CLIP_CHARS, min(int(limit * max_bytes / size * 0.95), limit * 9 // 10))
+    # Even a short text is too big as HTML (e.g. thousands of escaped characters
+    # in a few hundred): keep the plain body alone.
+    content = {"msgtype": msgtype, "body": clip_text(source, limit)}
+    while _size(content) > max_bytes and limit > 20:
+        limit //= 2
+        content["body"] = clip_text(source, limit)
     return content
 
 
@@ -88,10 +137,12 @@ def mention_html(user_id: str, name: str | None = None) -> str:
 
 
 def addressed_content(user_id: str, text: str, name: str | None = None) -> dict[str, Any]:
-    """A notice addressed to one person: `alice: text`, with a pill and m.mentions."""
-    content = message_content(f"{name or user_id}: {text}")
+    """A notice addressed to one person: `alice: text`, with a pill and m.mentions
+    (the text clipped like any message, then the name put in front)."""
+    content = message_content(text, max_bytes=MAX_EVENT_CONTENT_BYTES - 1000)
+    content["body"] = f"{name or user_id}: {content['body']}"
     if "formatted_body" in content:
-        content["formatted_body"] = f"{mention_html(user_id, name)}: {render_html(text)}"
+        content["formatted_body"] = f"{mention_html(user_id, name)}: {content['formatted_body']}"
     content["m.mentions"] = {"user_ids": [user_id]}
     return content
 
@@ -125,11 +176,22 @@ def inline_code(text: str) -> str:
     return f"{ticks}{pad}{text}{pad}{ticks}"
 
 
+MAX_SHOWN_COMMAND = 4000  # characters of a command a card shows, so its answers always fit
+
+
+def shown_command(command: str) -> str:
+    """The command for a card's code block: whole, or its start and how much is missing."""
+    if len(command) <= MAX_SHOWN_COMMAND:
+        return command
+    rest = len(command) - MAX_SHOWN_COMMAND
+    return f"{command[:MAX_SHOWN_COMMAND]}\n… ({rest} more characters not shown)"
+
+
 def card_markdown(card: ApprovalCard) -> str:
     """The approval card: what would run, why, risk, who asked, until when, how to answer."""
     lines = [
         f"**Approval needed** — {card.risk_level} risk, {card.action_type} ({card.tool})",
-        fence(card.what),
+        fence(shown_command(card.what)),
         f"**Why it needs approval:** {card.reason}",
     ]
     if card.model_reason:
@@ -167,7 +229,7 @@ def resolution_markdown(card: ApprovalCard, resolution: CardResolution) -> str:
         line += f" at {when(resolution.decided_at)}"
     parts = [
         f"**Approval** — {card.risk_level} risk, {card.action_type} ({card.tool})",
-        fence(card.what),
+        fence(shown_command(card.what)),
         line + ".",
     ]
     if resolution.decision == "always" and card.always_rule:

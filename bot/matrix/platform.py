@@ -11,7 +11,6 @@ or a thread reply `approve` / `deny [reason]` / `always`, decides once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from bot.backend import ApprovalCard, CardResolution, ChatBackend, Platform, Thread
@@ -21,6 +20,7 @@ from bot.matrix.format import (
     ALWAYS_KEY,
     APPROVE_KEY,
     DENY_KEY,
+    MAX_EVENT_CONTENT_BYTES,
     addressed_content,
     card_markdown,
     message_content,
@@ -43,22 +43,16 @@ class MatrixPlatform(Platform, ChatBackend):
 
     name = PLATFORM
     platform = PLATFORM
+    empty_hint = "Hi! Ask me something after the mention, or send `!duck help` for the commands."
 
-    def __init__(
-        self,
-        service: ChatService,
-        settings: Settings,
-        *,
-        allowed_inviters: Iterable[str] | None = None,
-    ) -> None:
+    def __init__(self, service: ChatService, settings: Settings) -> None:
         self.service = service
         self.settings = settings
-        if allowed_inviters is None:
-            # DUCKLM_MATRIX_ALLOWED_INVITERS; empty (the default) lets anybody invite.
-            allowed_inviters = settings.matrix_allowed_inviters
         self.connection = MatrixConnection(
             settings,
-            allowed_inviters=allowed_inviters,
+            # Whoever may ask may invite (DUCKLM_REQUESTERS; by default the bot's
+            # own homeserver), narrowed by DUCKLM_MATRIX_ALLOWED_INVITERS.
+            may_invite=lambda user_id: service.policy.may_invite(f"{PLATFORM}:{user_id}"),
             on_access_token=lambda token: service.loop.redactor.add_literal(
                 token, "matrix-access-token"
             ),
@@ -84,6 +78,11 @@ class MatrixPlatform(Platform, ChatBackend):
     # -- Platform ------------------------------------------------------------
 
     async def start(self) -> None:
+        # Who may ask by default: users of the bot's own homeserver, known before
+        # the first sync so the first invites are already judged by it.
+        server = (self.settings.matrix_user_id or "").strip().partition(":")[2]
+        if server:
+            self.service.policy.set_home(PLATFORM, server)
         await self.connection.start(self.events)
 
     async def stop(self) -> None:
@@ -99,8 +98,11 @@ class MatrixPlatform(Platform, ChatBackend):
 
     async def send_card(self, thread: Thread, card: ApprovalCard) -> str:
         # Approvers in the room are mentioned, so the card notifies them.
+        # Room for the approvers' pills, which are added after the clipping.
         content = with_mentions(
-            message_content(card_markdown(card)), "Approvers", self._approvers_in(thread.channel)
+            message_content(card_markdown(card), max_bytes=MAX_EVENT_CONTENT_BYTES - 3000),
+            "Approvers",
+            self._approvers_in(thread.channel),
         )
         card_id = await self.sender.post(thread, content)
         # The service stores the card's id only after we return, but a quick
@@ -124,7 +126,10 @@ class MatrixPlatform(Platform, ChatBackend):
     async def resolve_card(
         self, thread: Thread, card_ref: str, card: ApprovalCard, resolution: CardResolution
     ) -> None:
-        new = message_content(resolution_markdown(card, resolution))
+        # The edit carries the text twice (the fallback and m.new_content): half each.
+        new = message_content(
+            resolution_markdown(card, resolution), max_bytes=MAX_EVENT_CONTENT_BYTES // 2 - 500
+        )
         new["m.mentions"] = {}
         content: dict[str, Any] = {
             **{k: v for k, v in new.items() if k != "m.mentions"},
@@ -155,3 +160,6 @@ class MatrixPlatform(Platform, ChatBackend):
 
     async def working(self, thread: Thread, status: str | None) -> None:
         await self.sender.typing(thread, status)
+
+    async def history(self, thread: Thread, before: str | None) -> list[dict[str, str]]:
+        return await self.events.history(thread, before)

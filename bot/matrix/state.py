@@ -2,7 +2,8 @@
 
     <db-stem>-matrix/session.json   homeserver, user id, device id, access token (0600)
     <db-stem>-matrix/sync.json      the sync token (`next_batch`) after the last batch
-                                    the bot finished handling
+                                    the bot finished handling, and per room the last
+                                    event it handled (where a gap fill stops)
 
 Keeping the device id means a restart does not add a new device to the account
 each time; keeping the sync token means a restart resumes exactly where the bot
@@ -123,10 +124,28 @@ class MatrixState:
         token = data.get("next_batch")
         return token if isinstance(token, str) and token else None
 
-    def save_sync_token(self, user_id: str, next_batch: str) -> None:
-        atomic_write(
-            self.sync_path, json.dumps({"user_id": user_id, "next_batch": next_batch}) + "\n"
-        )
+    def load_last_handled(self, user_id: str) -> dict[str, str]:
+        """Room id -> the last event the bot handled there (empty for another account)."""
+        data = _read_json(self.sync_path)
+        if not data or data.get("user_id") != user_id:
+            return {}
+        rooms = data.get("rooms")
+        if not isinstance(rooms, dict):
+            return {}
+        return {
+            room: event
+            for room, event in rooms.items()
+            if isinstance(room, str) and isinstance(event, str) and event
+        }
+
+    def save_sync_token(
+        self, user_id: str, next_batch: str, last_handled: dict[str, str] | None = None
+    ) -> None:
+        """The token and the per-room markers in one file, so they always agree."""
+        data: dict[str, Any] = {"user_id": user_id, "next_batch": next_batch}
+        if last_handled:
+            data["rooms"] = dict(last_handled)
+        atomic_write(self.sync_path, json.dumps(data) + "\n")
 
 
 def _norm_url(url: str) -> str:

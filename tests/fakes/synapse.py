@@ -42,11 +42,12 @@ from nio import (
     LoginResponse,
     RoomCreateResponse,
     RoomInviteResponse,
+    RoomPreset,
     RoomSendResponse,
     SyncResponse,
 )
 
-__all__ = ["FlakyProxy", "MatrixUser", "SynapseServer", "free_port", "synapse"]
+__all__ = ["ELEMENT_PICKER", "FlakyProxy", "MatrixUser", "SynapseServer", "free_port", "synapse"]
 
 SERVER_NAME = "localhost"
 START_TIMEOUT = 30.0  # a cold start takes ~2 s here; the bound only catches a broken setup
@@ -382,6 +383,139 @@ class MatrixUser:
             "m.reaction",
             {"m.relates_to": {"rel_type": "m.annotation", "event_id": event_id, "key": key}},
         )
+
+    # -- as Element sends it ---------------------------------------------------
+    # The shapes below follow Element Web (matrix-react-sdk's SendMessageComposer,
+    # EditMessageComposer and the emoji picker): intentional mentions on every
+    # message, thread replies that fall back to a reply to the thread's newest
+    # event, rich replies with a quoted fallback, picker keys with U+FE0F.
+
+    async def element_say(
+        self,
+        room_id: str,
+        body: str,
+        *,
+        pills: Sequence[tuple[str, str]] = (),
+        thread: str | None = None,
+        reply_to: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> str:
+        """`pills` are (user id, display name) chips typed before `body`, as
+        Element's composer builds them: the name in `body`, a matrix.to link in
+        `formatted_body`, the ids in `m.mentions` (always present, maybe empty)."""
+        plain = "".join(f"{name}: " if i == 0 else f"{name} " for i, (_, name) in enumerate(pills))
+        html_pills = "".join(
+            f'<a href="https://matrix.to/#/{user}">{name}</a>' + (": " if i == 0 else " ")
+            for i, (user, name) in enumerate(pills)
+        )
+        mentioned = [user for user, _ in pills]
+        content: dict[str, Any] = {"msgtype": "m.text", "body": plain + body}
+        if pills:
+            content["format"] = "org.matrix.custom.html"
+            content["formatted_body"] = html_pills + _escape_html(body)
+        if reply_to is not None:
+            # A rich reply mentions the replied-to sender and quotes it (the
+            # fallback older clients read); a thread reply does neither.
+            sender = str(reply_to.get("sender"))
+            if sender != self.user_id and sender not in mentioned:
+                mentioned.append(sender)
+            quoted = str((reply_to.get("content") or {}).get("body", "")).split("\n")
+            fallback = "\n".join(
+                [f"> <{sender}> {quoted[0]}"] + [f"> {line}" for line in quoted[1:]]
+            )
+            content["body"] = f"{fallback}\n\n{content['body']}"
+            content["format"] = "org.matrix.custom.html"
+            content["formatted_body"] = (
+                f'<mx-reply><blockquote><a href="https://matrix.to/#/{room_id}/'
+                f'{reply_to["event_id"]}">In reply to</a> <a href="https://matrix.to/#/'
+                f'{sender}">{sender}</a><br>{_escape_html(quoted[0])}</blockquote></mx-reply>'
+                + content.get("formatted_body", _escape_html(plain + body))
+            )
+        content["m.mentions"] = {"user_ids": mentioned} if mentioned else {}
+        if thread:
+            relates: dict[str, Any] = {"rel_type": "m.thread", "event_id": thread}
+            if reply_to is not None:
+                relates |= {
+                    "is_falling_back": False,
+                    "m.in_reply_to": {"event_id": reply_to["event_id"]},
+                }
+            else:
+                relates |= {
+                    "is_falling_back": True,
+                    "m.in_reply_to": {"event_id": self.latest_in_thread(room_id, thread)},
+                }
+            content["m.relates_to"] = relates
+        elif reply_to is not None:
+            content["m.relates_to"] = {"m.in_reply_to": {"event_id": reply_to["event_id"]}}
+        content |= extra or {}
+        return await self.send_event(room_id, "m.room.message", content)
+
+    def latest_in_thread(self, room_id: str, root: str) -> str:
+        """The thread's newest event this user has seen (Element's reply fallback target)."""
+        latest = root
+        for event in self.events:
+            relates = (event.get("content") or {}).get("m.relates_to") or {}
+            if (
+                event.get("room_id") == room_id
+                and relates.get("rel_type") == "m.thread"
+                and relates.get("event_id") == root
+            ):
+                latest = str(event["event_id"])
+        return latest
+
+    async def element_react(self, room_id: str, event_id: str, name: str) -> str:
+        """A reaction picked in Element's emoji picker, by shortcode (`white_check_mark`)."""
+        return await self.react(room_id, event_id, ELEMENT_PICKER[name])
+
+    async def element_edit(
+        self, room_id: str, original: str, new_body: str, *, thread: str | None = None
+    ) -> str:
+        """An edit as Element's EditMessageComposer sends it: a `* ` body for
+        clients without edits, the new text in `m.new_content`, mentions in both."""
+        new_content = {"msgtype": "m.text", "body": new_body, "m.mentions": {}}
+        content: dict[str, Any] = {
+            "msgtype": "m.text",
+            "body": f" * {new_body}",
+            "m.new_content": new_content,
+            "m.mentions": {},
+            "m.relates_to": {"rel_type": "m.replace", "event_id": original},
+        }
+        del thread  # an edit never repeats the thread relation (the server keeps it)
+        return await self.send_event(room_id, "m.room.message", content)
+
+    async def element_start_dm(self, bot_id: str, first_message: str) -> tuple[str, str]:
+        """Element's "start DM on first message": the room is created with the
+        bot invited, and the first message is sent at once, before the bot joined.
+        Returns (room id, event id of the first message)."""
+        response = await self.client.room_create(
+            invite=[bot_id],
+            is_direct=True,
+            preset=RoomPreset.trusted_private_chat,
+        )
+        assert isinstance(response, RoomCreateResponse), response
+        room_id = str(response.room_id)
+        event_id = await self.element_say(room_id, first_message)
+        return room_id, event_id
+
+
+def _escape_html(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+# Reaction keys exactly as Element's emoji picker sends them: the `unicode` of
+# emojibase-data 17's compact.json (as shipped by matrix-org/emojibase-bindings),
+# which appends U+FE0F to every emoji that can take a variation selector.
+ELEMENT_PICKER = {
+    "white_check_mark": "\u2705\ufe0f",  # ✅
+    "x": "\u274c\ufe0f",  # ❌
+    "infinity": "\u267e\ufe0f",  # ♾️
+    "+1": "\U0001f44d\ufe0f",  # 👍 (also Element's first quick reaction)
+    "-1": "\U0001f44e\ufe0f",  # 👎
+    "heavy_check_mark": "\u2714\ufe0f",  # ✔️
+    "ballot_box_with_check": "\u2611\ufe0f",  # ☑️
+    "heavy_multiplication_x": "\u2716\ufe0f",  # ✖️
+    "negative_squared_cross_mark": "\u274e\ufe0f",  # ❎
+}
 
 
 class FlakyProxy:
