@@ -119,6 +119,81 @@ async def task_events(bot: Bot, room: str, root: str) -> list[str]:
 # -- tests ----------------------------------------------------------------------------
 
 
+async def test_the_client_sends_events_shaped_as_element_sends_them(
+    element: OpenElement, synapse: SynapseServer
+) -> None:
+    """The harness itself, between two people and no bot: what one sends is what the
+    other receives, in Element's shapes (so the bot tests below test the real thing)."""
+    carol = await element(synapse.register(synapse.unique("carol"), PASSWORD), PASSWORD)
+    dave = await element(synapse.register(synapse.unique("dave"), PASSWORD), PASSWORD)
+    room = await carol.create_room([dave.user_id], name="shapes")
+    await dave.wait_for(invited(dave.user_id, room), "the invite")
+    await dave.join(room)
+    await carol.wait_for(joined(dave.user_id, room), "dave joining")
+
+    root = await carol.say(room, "look <here> & there", mention=dave.user_id)
+    got = await dave.wait_for({"event_id": root}, "the pill message")
+    name = dave.user_id[1:].partition(":")[0]  # Synapse's default display name
+    assert got["content"] == {
+        "msgtype": "m.text",
+        "body": f"{name}: look <here> & there",
+        "format": "org.matrix.custom.html",
+        "formatted_body": f'<a href="https://matrix.to/#/{dave.user_id}">{name}</a>: '
+        "look &lt;here&gt; &amp; there",
+        "m.mentions": {"user_ids": [dave.user_id]},
+    }
+
+    first = await dave.say(room, "in the thread", thread=root)
+    await carol.wait_for({"event_id": first}, "dave's reply")  # read before she answers
+    second = await carol.say(room, "still in it", thread=root)
+    shapes = [
+        (await carol.wait_for({"event_id": e}, "a thread reply"))["content"]
+        for e in (first, second)
+    ]
+    assert shapes[0]["m.relates_to"] == {
+        "rel_type": "m.thread",
+        "event_id": root,
+        "is_falling_back": True,
+        "m.in_reply_to": {"event_id": root},  # nothing in the thread yet: the root
+    }
+    assert shapes[1]["m.relates_to"]["m.in_reply_to"] == {"event_id": first}  # the latest
+    assert shapes[0]["m.mentions"] == {} and "formatted_body" not in shapes[0]
+
+    quoted = await dave.say(room, "a reply", reply_to=root, fallback=True)
+    reply = (await carol.wait_for({"event_id": quoted}, "the reply"))["content"]
+    assert reply["m.relates_to"] == {"m.in_reply_to": {"event_id": root}}
+    assert reply["m.mentions"] == {"user_ids": [carol.user_id]}  # the replied-to sender
+    assert reply["body"].startswith(f"> <{carol.user_id}> {name}: look")
+    assert reply["body"].endswith("\n\na reply")
+    assert reply["formatted_body"].startswith("<mx-reply><blockquote>")
+
+    edited = await carol.edit(room, root, "look again", mention=dave.user_id)
+    edit = (await dave.wait_for({"event_id": edited}, "the edit"))["content"]
+    assert edit["body"] == f"* {name}: look again"
+    assert edit["m.new_content"]["body"] == f"{name}: look again"
+    assert edit["m.new_content"]["m.mentions"] == {"user_ids": [dave.user_id]}
+    assert edit["m.mentions"] == {}  # dave was mentioned before: not notified again
+    assert edit["m.relates_to"] == replaces(root)
+
+    picked = {}
+    for emoji in ("✅", "❌", "♾", "👍"):
+        reaction = await dave.react(room, root, emoji)
+        got = await carol.wait_for({"event_id": reaction}, f"the {emoji} reaction")
+        picked[emoji] = got["content"]["m.relates_to"]["key"]
+    # Element's picker sends emojibase's form, with the variation selector U+FE0F.
+    assert picked == {e: e + VS16 for e in picked}
+
+    room_dm, hello = await carol.start_dm(dave.user_id, "hi dave")
+    await dave.wait_for(invited(dave.user_id, room_dm), "the DM invite")
+    created = await carol.room_events(room_dm)
+    create = next(
+        e for e in created if e["type"] == "m.room.member" and e["state_key"] == dave.user_id
+    )
+    assert create["content"].get("is_direct") is True
+    assert created[-1]["event_id"] == hello  # sent before dave joined
+    assert not [e for e in created if joined(dave.user_id, room_dm)(e)]
+
+
 async def test_a_pill_mention_is_answered_in_its_thread_and_so_is_a_follow_up(
     bots: StartBot,
     alice: ElementUser,
@@ -146,6 +221,7 @@ async def test_a_pill_mention_is_answered_in_its_thread_and_so_is_a_follow_up(
 
     # A follow-up in Element's thread view: is_falling_back, m.in_reply_to the latest
     # reply (the bot's answer), no mention.
+    await bob.wait_for({"event_id": answer["event_id"]}, "the answer, read by bob")
     follow_up = await bob.say(room, "and louder?", thread=question)
     echoed = await bob.wait_for({"event_id": follow_up}, "the echo of the follow-up")
     assert echoed["content"]["m.relates_to"] == {

@@ -91,9 +91,13 @@ let live = false;
 
 function record(event) {
     const raw = event.getEffectiveEvent ? event.getEffectiveEvent() : event.event;
-    if (!live || !raw || !raw.event_id || !raw.room_id || seenIds.has(raw.event_id)) return;
-    seenIds.add(raw.event_id);
-    const copy = JSON.parse(JSON.stringify(raw));
+    const roomId = raw?.room_id ?? event.getRoomId?.();
+    if (!live || !raw || !roomId) return;
+    // The state of a room one is invited to comes stripped, without an event id.
+    const copy = JSON.parse(JSON.stringify({ ...raw, room_id: roomId }));
+    const key = copy.event_id ?? JSON.stringify(copy);
+    if (seenIds.has(key)) return;
+    seenIds.add(key);
     seen.push(copy);
     out({ event: copy });
     for (const waiter of waiters) {
@@ -224,9 +228,11 @@ async function fetchEvent(roomId, eventId) {
 
 // ThreadView's threadRelation: m.thread to the root, is_falling_back, and m.in_reply_to
 // the thread's latest reply (or the root) for clients without threads.
+// The latest reply this client synced (in sync order) comes first: the SDK's thread
+// model fills in lazily and may not have it yet.
 function threadRelation(roomId, root) {
     const thread = client.getRoom(roomId)?.getThread(root);
-    const latest = thread?.lastReply()?.getId() ?? latestInThread(roomId, root) ?? root;
+    const latest = latestInThread(roomId, root) ?? thread?.lastReply()?.getId() ?? root;
     return {
         rel_type: THREAD_RELATION_TYPE.name,
         event_id: root,
