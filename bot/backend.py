@@ -115,6 +115,16 @@ class ChatBackend(ABC):
         """How to mention a platform-qualified user id in text sent with `send`."""
         return user
 
+    # The answer to a message with no words (a bare mention).
+    empty_hint: ClassVar[str] = "Hi! Ask me something, or try `/duck help`."
+
+    async def history(self, thread: Thread, before: str | None) -> list[dict[str, str]]:
+        """The thread's earlier messages (before the message `before`, a platform
+        message id) as chat history, {"role": "user"|"assistant", "content": ...},
+        the newest that fit the platform's budget, oldest first. For a task started
+        from an `Inbound`; a platform without threads returns []."""
+        return []
+
 
 class PlatformStartError(Exception):
     """A platform could not start (wrong token, unreachable server); the message

@@ -196,12 +196,13 @@ class Scheduler:
     # -- housekeeping ---------------------------------------------------------
 
     async def housekeeping(self) -> None:
-        """Once a day: retention, and forgetting old platform delivery ids."""
+        """Once a day: retention, and forgetting old platform delivery ids and inbox rows."""
         try:
             if self.retention_days is not None:
                 deleted = await delete_finished_tasks(self.stores.db, self.retention_days * 86400)
                 if deleted:
                     logger.info("retention: deleted %d finished tasks", deleted)
             await self.stores.deliveries.prune()
+            await self.stores.inbox.prune()  # done messages, kept as long as their deliveries
         except Exception:
             logger.exception("housekeeping failed")

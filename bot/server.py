@@ -42,6 +42,19 @@ def print_access(service: ChatService) -> None:
         print(f"warning: {warning}", file=sys.stderr)
 
 
+async def recover_every(service: ChatService, interval: float, stop: asyncio.Event) -> None:
+    """Recovery's periodic round until `stop`: a card whose post failed while the
+    platform was down, a message whose job ended unfinished (bot/recovery.py)."""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+            return
+        try:
+            await service.recover_periodically()
+        except Exception:  # the next round tries again
+            logger.exception("periodic recovery failed")
+
+
 async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int:
     """Run until SIGINT/SIGTERM (or `stop` is set). Returns the process exit code."""
     stop = stop or asyncio.Event()
@@ -69,6 +82,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
     )
     service.runner.schedule_listeners.append(scheduler.schedule_changed)
     started: list[Platform] = []
+    recovering: asyncio.Task[None] | None = None
     try:
         for platform in platforms:
             await platform.start()
@@ -79,6 +93,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
         print_access(service)
         # Only the serving process recovers: a CLI beside it must not touch its tasks.
         await service.recover()
+        recovering = asyncio.create_task(recover_every(service, settings.recovery_interval, stop))
         await scheduler.start()
         for line in scheduler.describe() or ["no timed jobs"]:
             print(f"ducklm: schedule: {line}", file=sys.stderr)
@@ -93,6 +108,9 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
         print(f"ducklm: {exc}", file=sys.stderr)
         return 1
     finally:
+        if recovering is not None:
+            recovering.cancel()
+            await asyncio.gather(recovering, return_exceptions=True)
         await scheduler.stop()
         for platform in reversed(started):
             with contextlib.suppress(Exception):

@@ -4,26 +4,34 @@
     click    -> authorised decision (once) -> card resolved -> continuation -> thread
     /duck    -> parsed command            -> private reply (or a direct run in a thread)
 
-Platforms call the `handle_*`/`submit_*` methods and implement `ChatBackend`
-for output. Nothing here knows Slack or Matrix.
+Platforms hand a person's message to `accept` (an `Inbound`, recorded before
+they acknowledge it), call the `handle_*` methods for clicks and `/duck`, and
+implement `ChatBackend` for output. Nothing here knows Slack or Matrix. What a
+restart owes (open messages, cut-short runs, lagging cards) is bot/recovery.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Coroutine, Iterable
 from typing import Any
+from uuid import uuid4
 
 from bot import commands as c
 from bot.admin import CommandRunner, clip, when
 from bot.admission import Admission
 from bot.backend import ApprovalCard, CardResolution, ChatBackend, Thread
+from bot.inbox import Accepted, Inbound
 from bot.policy import AccessPolicy
+from bot.recovery import Recovery
 from runtime.approvals import ApprovalError
+from runtime.crashpoints import crash_point
 from runtime.factory import Runtime
 from runtime.loop import ChatResult, PendingApproval
 from runtime.store import StoreError
+from runtime.store.inbox import InboxRow
 from runtime.store.models import Approval, Event, Schedule
 from runtime.tools.shell_rules import describe_rule, rule_for_command
 
@@ -31,6 +39,12 @@ logger = logging.getLogger("ducklm.service")
 
 MAX_ERROR_CHARS = 400
 DEFAULT_MAX_CONCURRENT_TASKS = 8
+# The first line of an answer to a message that arrived from a backlog.
+LATE_TEXT = "(Sorry for the delay: DuckLM was not running when you asked.)"
+
+
+class _Duplicate(Exception):
+    """A delivery key of an Inbound was claimed before: roll the claims back."""
 
 
 class ChatService:
@@ -65,11 +79,123 @@ class ChatService:
         self._slots = asyncio.Semaphore(max_concurrent_tasks)
         self._threads: dict[str, Thread] = {}  # task_id -> thread, while it runs
         self.loop.add_listener(self._on_event)
+        # This process, as the owner of the inbox rows it carries out, and when it
+        # started: rows and running tasks older than that belong to a dead process.
+        self.instance = uuid4().hex
+        self.started_at = time.time()
+        self.db = runtime.stores.db
+        self.inbox = runtime.stores.inbox
+        self.deliveries = runtime.stores.deliveries
+        self.events = runtime.stores.events
+        self._inbound_jobs: set[str] = set()  # inbox ids being carried out here
+        self.recovery = Recovery(self)
 
     def add_backend(self, backend: ChatBackend) -> None:
         self.backends[backend.platform] = backend
 
     # -- inbound: messages --------------------------------------------------
+
+    async def accept(self, inbound: Inbound) -> Accepted:
+        """Claim every delivery key and record the message, in one transaction,
+        before the platform acknowledges the delivery; then carry it out in the
+        background. A message recorded here is answered even if the process dies
+        right after (recovery takes the open inbox row)."""
+        try:
+            async with self.db.transaction():
+                for key in inbound.deliveries:
+                    if not await self.deliveries.claim(key):
+                        raise _Duplicate(key)  # rolls back the keys claimed so far
+                # admission (issue #22): a refusal check goes here; the claims above
+                # stay recorded (a retry is a duplicate), no inbox row is written.
+                row = await self.inbox.insert(
+                    inbound.thread.key,
+                    inbound.user,
+                    inbound.text,
+                    deliveries=inbound.deliveries,
+                    message_id=inbound.message_id,
+                    in_thread=inbound.in_thread,
+                    from_bot=inbound.from_bot,
+                    origin=inbound.origin,
+                    late=inbound.late,
+                    owner=self.instance,
+                )
+        except _Duplicate:
+            return Accepted.DUPLICATE
+        crash_point("message_recorded")  # test seam (issue #15): recorded, no task yet
+        self.start_inbound(row)
+        return Accepted.NEW
+
+    def start_inbound(self, row: InboxRow) -> None:
+        """Carry out a recorded message in the background (from accept or recovery)."""
+        if row.inbox_id in self._inbound_jobs:
+            return
+        self._inbound_jobs.add(row.inbox_id)
+        self._spawn(self._inbound(row))
+
+    def inbound_running(self, inbox_id: str) -> bool:
+        return inbox_id in self._inbound_jobs
+
+    async def _inbound(self, row: InboxRow) -> None:
+        try:
+            await self._process_inbound(row)
+        except StoreError as exc:  # stays open: the next recovery tries again
+            logger.error("message %s could not be carried out: %s", row.inbox_id, exc)
+        except Exception:  # a bug; closed, so one bad message cannot come back forever
+            logger.exception("message %s crashed", row.inbox_id)
+            await self._safely(self.inbox.close(row.inbox_id, "failed"))
+        finally:
+            self._inbound_jobs.discard(row.inbox_id)
+
+    async def _process_inbound(self, row: InboxRow) -> None:
+        thread = Thread.parse(row.conversation)
+        backend = self.backends.get(thread.platform)
+        if backend is None:
+            return  # another process serves it; it stays open for that one
+        text = row.text.strip()
+        if row.in_thread and await self._decision_reply(thread, row, text):
+            return
+        if not text:  # a bare mention (or a file without words)
+            # Closed first: a hint lost to a crash matters less than a hint twice.
+            if await self.inbox.close(row.inbox_id, "hint"):
+                await self._safely(backend.send(thread, backend.empty_hint))
+            return
+        history = await self._safely(backend.history(thread, row.message_id)) or []
+        await self._run(
+            thread,
+            self.loop.run_chat(
+                text,
+                self.workspace,
+                history_messages=list(history),
+                conversation=thread.key,
+                requested_by=row.user,
+                inbox_id=row.inbox_id,
+            ),
+            preface=LATE_TEXT if row.late else None,
+        )
+
+    async def _decision_reply(self, thread: Thread, row: InboxRow, text: str) -> bool:
+        """A decision word in an approval thread: the pending approval is decided; with
+        nothing pending, the answer a late click gets (never a model call). False when
+        the text is no decision or the thread never had an approval."""
+        reply = c.parse_decision(text)
+        if reply is None:
+            return False
+        backend = self.backends[thread.platform]
+        approval = await self._pending_in(thread)
+        if approval is not None:
+            refusal = await self.handle_decision(
+                approval.approval_id, row.user, reply.decision, reply.note
+            )
+            if refusal:
+                await self._safely(backend.tell(thread, row.user, refusal))
+            await self.inbox.close(row.inbox_id, "decision")
+            return True
+        decided = await self._latest_decided_in(thread)
+        if decided is None:
+            return False
+        if await self.inbox.close(row.inbox_id, "already_decided"):
+            await self._safely(backend.tell(thread, row.user, _already_decided(decided)))
+        return True
 
     def submit_message(
         self, thread: Thread, user: str, text: str, history: Iterable[dict[str, str]] = ()
@@ -118,9 +244,10 @@ class ChatService:
             return str(exc)
         if not outcome.taken or outcome.approval is None:
             return _already_decided(outcome.approval or approval)
+        crash_point("decision_recorded")  # test seam (issue #15): decided, card not updated
         thread = await self.thread_of(approval.task_id)
         if thread is not None:
-            await self._resolve_card(thread, outcome.approval)
+            await self.resolve_card(thread, outcome.approval)
             self._spawn(self._continue(thread, approval.task_id, approval_id))
         return None
 
@@ -181,16 +308,21 @@ class ChatService:
 
     async def expire_approval(self, approval_id: str) -> None:
         """Decide an unanswered approval as expired (exactly once) and say so."""
-        if not await self.approvals.expire(approval_id):
-            return  # decided (or expired) by someone else first
-        approval = await self.approvals.get(approval_id)
-        if approval is None:
-            return
-        await self.tasks.claim_status(approval.task_id, "waiting_for_approval", "expired")
+        # The approval's expiry, the task's status and the event saying so commit together.
+        async with self.db.transaction():
+            if not await self.approvals.expire(approval_id):
+                return  # decided (or expired) by someone else first
+            approval = await self.approvals.get(approval_id)
+            if approval is None:
+                return
+            if await self.tasks.claim_status(approval.task_id, "waiting_for_approval", "expired"):
+                await self.events.append(
+                    approval.task_id, "task_expired", {"approval_id": approval_id}
+                )
         thread = await self.thread_of(approval.task_id)
         if thread is None:
             return
-        await self._resolve_card(thread, approval)
+        await self.resolve_card(thread, approval)
         await self._safely(
             self.backends[thread.platform].send(
                 thread,
@@ -252,27 +384,14 @@ class ChatService:
         return Thread(thread.platform, thread.channel)
 
     async def recover(self) -> None:
-        """At start, after a crash: interrupted tasks are told so in their thread, and
-        decisions taken just before the crash are carried out (exactly once)."""
-        for task in await self.tasks.mark_interrupted():
-            thread = await self.thread_of(task.task_id)
-            if thread is not None:
-                await self._safely(
-                    self.backends[thread.platform].send(
-                        thread,
-                        "DuckLM restarted while working on this, so the task was interrupted "
-                        "and did not finish. Ask again if it is still needed.",
-                    )
-                )
-        for task in await self.tasks.list_recent(10_000, status="waiting_for_approval"):
-            decided = [
-                a
-                for a in await self.approvals.list_for_task(task.task_id)
-                if a.decision in ("approve", "always", "deny") and a.executed_at is None
-            ]
-            thread = await self.thread_of(task.task_id)
-            if decided and thread is not None:
-                self._spawn(self._continue(thread, task.task_id, decided[-1].approval_id))
+        """At start, after a crash: what the dead process owed (bot/recovery.py).
+        Only the serving process calls it: it takes running tasks as its own."""
+        await self.recovery.at_start()
+
+    async def recover_periodically(self) -> None:
+        """From time to time in a running bot: lagging cards, open messages,
+        decisions not carried out (a platform that was down, a job that failed)."""
+        await self.recovery.periodic()
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -316,11 +435,21 @@ class ChatService:
             ),
         )
 
+    def continue_task(self, thread: Thread, task_id: str, approval_id: str) -> None:
+        """Carry out a decision in the background (once: the loop claims the task)."""
+        self._spawn(self._continue(thread, task_id, approval_id))
+
     async def _continue(self, thread: Thread, task_id: str, approval_id: str) -> None:
         self._threads[task_id] = thread
         await self._run(thread, self.loop.continue_after_approval(task_id, approval_id))
 
-    async def _run(self, thread: Thread, turn: Coroutine[Any, Any, ChatResult]) -> None:
+    async def _run(
+        self,
+        thread: Thread,
+        turn: Coroutine[Any, Any, ChatResult],
+        *,
+        preface: str | None = None,
+    ) -> None:
         backend = self.backends[thread.platform]
         async with self._slots:
             await self._safely(backend.working(thread, "on it…"))
@@ -347,22 +476,28 @@ class ChatService:
             finally:
                 await self._safely(backend.working(thread, None))
             self._threads.pop(result.task_id, None)
-            await self._deliver(thread, result)
+            await self._deliver(thread, result, preface=preface)
 
-    async def _deliver(self, thread: Thread, result: ChatResult) -> None:
+    async def _deliver(
+        self, thread: Thread, result: ChatResult, *, preface: str | None = None
+    ) -> None:
         backend = self.backends[thread.platform]
         if result.already_handled:
             return
         if result.status == "waiting_for_approval" and result.pending_approval:
-            card = self._card(result.pending_approval)
-            ref = await self._safely(backend.send_card(thread, card))
-            if ref:
-                await self.approvals.set_card_ref(card.approval_id, ref)
+            if preface:
+                await self._safely(backend.send(thread, preface))
+            crash_point("waiting_recorded")  # test seam (issue #15): waiting, no card yet
+            approval = await self.approvals.get(result.pending_approval.approval_id)
+            if approval is not None:
+                await self.post_card(thread, approval)
             return
         if result.status == "failed":
             text = f"Sorry, I could not finish that: {clip(result.final_response, MAX_ERROR_CHARS)}"
         else:
             text = result.final_response
+        if preface:
+            text = f"{preface}\n\n{text}"
         await self._safely(backend.send(thread, text))
 
     # -- cards --------------------------------------------------------------
@@ -388,8 +523,30 @@ class ChatService:
             expires_at=pending.expires_at,
         )
 
-    async def _resolve_card(self, thread: Thread, approval: Approval) -> None:
-        if not approval.card_ref:
+    async def post_card(self, thread: Thread, approval: Approval) -> None:
+        """Post a pending approval's card, once across processes (a lease on the
+        row); its reference and state are stored together. A failed post is
+        retried by recovery."""
+        if approval.decision is not None or not await self.approvals.claim_card(
+            approval.approval_id, "unposted"
+        ):
+            return
+        card = self._card(PendingApproval.from_approval(approval, self.loop.redactor))
+        ref = await self._safely(self.backends[thread.platform].send_card(thread, card))
+        if not ref:
+            await self.approvals.release_card(approval.approval_id)
+            return
+        await self.approvals.card_posted(approval.approval_id, ref)
+        fresh = await self.approvals.get(approval.approval_id)
+        if fresh is not None and fresh.decision is not None:
+            await self.resolve_card(thread, fresh)  # decided while the card was on its way
+
+    async def resolve_card(self, thread: Thread, approval: Approval) -> None:
+        """Show the decision on the card in place of its buttons, once; a failed
+        update is retried by recovery."""
+        if approval.card_state != "posted" or not approval.card_ref:
+            return
+        if not await self.approvals.claim_card(approval.approval_id, "posted"):
             return
         card = self._card(PendingApproval.from_approval(approval, self.loop.redactor))
         resolution = CardResolution(
@@ -398,9 +555,15 @@ class ChatService:
             approval.decided_at,
             approval.decision_note,
         )
-        await self._safely(
-            self.backends[thread.platform].resolve_card(thread, approval.card_ref, card, resolution)
-        )
+        try:
+            await self.backends[thread.platform].resolve_card(
+                thread, approval.card_ref, card, resolution
+            )
+        except Exception:
+            logger.exception("could not update the card of approval %s", approval.approval_id)
+            await self.approvals.release_card(approval.approval_id)
+            return
+        await self.approvals.card_resolved(approval.approval_id)
 
     # -- helpers --------------------------------------------------------------
 
@@ -418,6 +581,23 @@ class ChatService:
         except ValueError:
             return None
         return thread if thread.platform in self.backends else None
+
+    async def say(self, thread: Thread, text: str) -> None:
+        """Post in a thread, best effort."""
+        await self._safely(self.backends[thread.platform].send(thread, text))
+
+    async def _latest_decided_in(self, thread: Thread) -> Approval | None:
+        """The thread's most recently decided approval (what a late decision word meets)."""
+        latest: Approval | None = None
+        for task in await self.tasks.list_by_conversation(thread.key, limit=20):
+            for approval in await self.approvals.list_for_task(task.task_id):
+                if approval.decision is None or approval.decided_at is None:
+                    continue
+                if latest is None or approval.decided_at > (
+                    latest.decided_at or approval.decided_at
+                ):
+                    latest = approval
+        return latest
 
     async def _pending_in(self, thread: Thread) -> Approval | None:
         for task in await self.tasks.list_by_conversation(thread.key, limit=20):

@@ -151,6 +151,11 @@ class Settings(BaseSettings):
     max_concurrent_tasks: int = Field(
         default=8, ge=1, le=256, validation_alias="DUCKLM_MAX_CONCURRENT_TASKS"
     )
+    # Seconds between two recovery rounds of a running bot (bot/recovery.py):
+    # cards whose post or update failed, messages whose job ended unfinished.
+    recovery_interval: float = Field(
+        default=60.0, gt=0, validation_alias="DUCKLM_RECOVERY_INTERVAL"
+    )
 
     # Who may ask (bot/policy.py): platform-qualified users, Matrix servers
     # (`matrix:*:example.org`), Slack workspaces (`slack:T…`) or `*`; unset means

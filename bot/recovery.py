@@ -1,0 +1,322 @@
+"""What a restart (and, from time to time, a running bot) owes the outside world.
+
+The store is an outbox (issue #15): whatever the bot owes a thread is written
+in the same transaction as the state that owes it, and this module carries out
+what is owed and not yet done:
+
+- tasks left `running` by a dead process become `interrupted`, each with a
+  `task_interrupted` event saying what it was doing, and their thread is told;
+- an approved action whose run was cut short (execution claimed, no
+  `tool_call_finished`) is never run again by itself: the thread is told whether
+  it did not start or may have started, and a new approval for the same action
+  is offered (`approval_reissued`), so a person decides;
+- a decision whose continuation never started is continued (exactly once: the
+  continuation claims the task with a compare-and-set);
+- an inbox row (a person's acknowledged message) that is still open becomes its
+  answer, once;
+- a pending approval without a card gets it; a decided one whose card still
+  shows buttons gets it resolved (a failed post or update is retried the same way).
+
+Every step is a compare-and-set in the store, so running it twice, or from two
+processes at once, changes nothing the second time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from bot.admin import clip
+from bot.backend import ChatBackend, Thread
+from runtime.approvals import ApprovalService
+from runtime.factory import Runtime
+from runtime.store.inbox import InboxRow
+from runtime.store.models import Approval, Event, Task
+
+logger = logging.getLogger("ducklm.recovery")
+
+INTERRUPTED_TEXT = (
+    "DuckLM restarted while working on this, so the task was interrupted and did not "
+    "finish. Ask again if it is still needed."
+)
+# Events after a task's last `task_waiting_for_approval` that show its
+# continuation wrote nothing yet (so it may start again).
+_DECISION_ONLY = frozenset({"approval_decided", "rule_created", "task_interrupted"})
+# A crash during a previous recovery can leave a task interrupted before its
+# cut-short run was offered again: the tasks interrupted within this window (at
+# most this many) are checked once more at start.
+RECHECK_INTERRUPTED = 200
+RECHECK_WINDOW_S = 3600.0
+
+
+def describe_interruption(events: list[Event]) -> dict[str, Any]:
+    """`task_interrupted`'s payload: the type of the task's last event and, in a few
+    words, what that means it was doing."""
+    if not events:
+        return {"last_event": None, "doing": "starting"}
+    last = events[-1]
+    payload = last.payload
+    kind = last.event_type
+    if kind == "model_call_started":
+        role = payload.get("role")
+        doing = f"waiting for the {role} model" if role else "waiting for the model"
+    elif kind == "tool_call_started":
+        args = payload.get("args") or {}
+        what = args.get("command") or args.get("path") or payload.get("tool") or "a tool"
+        doing = f"running `{clip(str(what), 120)}`"
+    elif kind == "task_created":
+        doing = "starting"
+    elif kind in ("task_continued", "approval_decided"):
+        doing = "continuing after an approval"
+    elif kind in ("tool_call_finished", "command_audit"):
+        doing = "reading a tool's result"
+    elif kind in ("model_call_finished", "cognition_response"):
+        doing = "working on the model's reply"
+    else:
+        doing = f"just after {kind}"
+    return {"last_event": kind, "doing": doing}
+
+
+def _cut_short_text(command: str, started: bool | None) -> str:
+    if started is False:
+        return (
+            f"The approved command `{clip(command, 200)}` did not start: DuckLM stopped after "
+            "the approval was recorded and before the command ran. Nothing ran. It is "
+            "offered again below; approve it to run it."
+        )
+    return (
+        f"The approved command `{clip(command, 200)}` may have started, and its result is "
+        "unknown: DuckLM stopped while it was running. Check its effect before approving "
+        "it again below."
+    )
+
+
+class Service(Protocol):
+    """What recovery uses of bot.service.ChatService (a protocol: no import cycle)."""
+
+    runtime: Runtime
+    approvals: ApprovalService
+    backends: Mapping[str, ChatBackend]
+    instance: str
+    started_at: float
+
+    async def thread_of(self, task_id: str) -> Thread | None: ...
+    async def say(self, thread: Thread, text: str) -> None: ...
+    async def post_card(self, thread: Thread, approval: Approval) -> None: ...
+    async def resolve_card(self, thread: Thread, approval: Approval) -> None: ...
+    def shown_command(self, approval: Approval) -> str: ...
+    def continue_task(self, thread: Thread, task_id: str, approval_id: str) -> None: ...
+    def start_inbound(self, row: InboxRow) -> None: ...
+    def inbound_running(self, inbox_id: str) -> bool: ...
+
+
+class Recovery:
+    """Recovery for one ChatService (the process serving some platforms)."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        stores = service.runtime.stores
+        self.db = stores.db
+        self.tasks = stores.tasks
+        self.events = stores.events
+        self.inbox = stores.inbox
+        self.approvals = service.approvals
+
+    async def at_start(self) -> None:
+        """Everything a dead predecessor left: interrupted tasks, cut-short runs,
+        then what `periodic` repairs."""
+        for task in await self._mark_interrupted():
+            if await self._cut_short(task):
+                continue
+            thread = await self.service.thread_of(task.task_id)
+            if thread is not None:
+                await self.service.say(thread, INTERRUPTED_TEXT)
+        # A crash during an earlier recovery may have left a cut-short run
+        # interrupted without its new approval.
+        recent = time.time() - RECHECK_WINDOW_S
+        for task in await self.tasks.list_recent(RECHECK_INTERRUPTED, status="interrupted"):
+            if task.updated_at.timestamp() >= recent:
+                await self._cut_short(task)
+        await self.periodic()
+
+    async def periodic(self) -> None:
+        """What a running bot repairs from time to time (and at start): decisions
+        not carried out, open inbox rows, cards that lag their approval."""
+        for step in (self._continue_decided, self._open_inbox, self._cards):
+            try:
+                await step()
+            except Exception:  # one failing step (a locked store) must not stop the others
+                logger.exception("recovery step %s failed", step.__name__)
+
+    # -- tasks ----------------------------------------------------------------
+
+    async def _mark_interrupted(self) -> list[Task]:
+        """`running` tasks of a dead process become `interrupted`, with their events."""
+        async with self.db.transaction():
+            tasks = await self.tasks.mark_interrupted(updated_before=self.service.started_at)
+            for task in tasks:
+                last = await self.events.last_events(task.task_id, 1)
+                await self.events.append(
+                    task.task_id, "task_interrupted", describe_interruption(last)
+                )
+        return tasks
+
+    async def _cut_short(self, task: Task) -> bool:
+        """An interrupted task whose decided approval was not carried out to the end.
+        True when handled here (the thread needs no generic notice)."""
+        events = await self.events.list_events(task.task_id)
+        at = next(
+            (
+                i
+                for i in range(len(events) - 1, -1, -1)
+                if events[i].event_type == "task_waiting_for_approval"
+            ),
+            None,
+        )
+        if at is None:
+            return False
+        waiting, after = events[at], events[at + 1 :]
+        approval_id = waiting.payload.get("approval_id")
+        approval = await self.approvals.get(approval_id) if isinstance(approval_id, str) else None
+        if approval is None or approval.decision is None or approval.decision == "expired":
+            return False
+        if approval.executed_at is not None:
+            if any(_finished(e, approval) for e in after):
+                return False  # it ran to the end; the task died later
+            if await self.approvals.replacement_of(approval.approval_id) is not None:
+                return True  # offered again already (an earlier recovery)
+            started = any(
+                e.event_type == "tool_call_started"
+                and e.payload.get("approval_id") == approval.approval_id
+                for e in after
+            )
+            await self._reissue(task, approval, waiting.payload, started=None if started else False)
+            return True
+        if all(e.event_type in _DECISION_ONLY for e in after):
+            # Decided, the continuation claimed the task and died before it wrote
+            # anything: back to waiting, and `_continue_decided` carries it out.
+            async with self.db.transaction():
+                if await self.tasks.claim_status(
+                    task.task_id, "interrupted", "waiting_for_approval"
+                ):
+                    await self.events.append(
+                        task.task_id,
+                        "task_waiting_for_approval",
+                        {**waiting.payload, "recovered": True},
+                    )
+            return True
+        return False
+
+    async def _reissue(
+        self, task: Task, old: Approval, waiting: dict[str, Any], *, started: bool | None
+    ) -> None:
+        """Offer the same action again, linked to the spent approval; never run it."""
+        shown = self.service.shown_command(old)
+        async with self.db.transaction():
+            if not await self.tasks.claim_status(
+                task.task_id, "interrupted", "waiting_for_approval"
+            ):
+                return  # another recovery got there first
+            new = await self.approvals.create_pending(
+                task.task_id,
+                old.action,
+                index=old.index,
+                command=old.command,
+                risk_level=old.risk_level,
+                action_type=old.action_type,
+                reason=old.reason,
+                requested_by=old.requested_by,
+                replaces_approval_id=old.approval_id,
+            )
+            observations = [
+                {**o, "approval_id": new.approval_id}
+                if isinstance(o, dict) and o.get("approval_id") == old.approval_id
+                else o
+                for o in waiting.get("observations") or []
+            ]
+            await self.events.append_many(
+                task.task_id,
+                [
+                    (
+                        "approval_reissued",
+                        {
+                            "approval_id": new.approval_id,
+                            "replaces": old.approval_id,
+                            "started": started,
+                            "tool": old.tool,
+                            "command": shown,
+                        },
+                    ),
+                    (
+                        "task_waiting_for_approval",
+                        {
+                            "approval_id": new.approval_id,
+                            "direct": bool(waiting.get("direct")),
+                            "observations": observations,
+                        },
+                    ),
+                ],
+            )
+        thread = await self.service.thread_of(task.task_id)
+        if thread is None:
+            return
+        await self.service.say(thread, _cut_short_text(shown, started))
+        await self.service.post_card(thread, new)
+
+    async def _continue_decided(self) -> None:
+        """Decisions committed whose continuation never started (a crash right after
+        the click). The continuation's compare-and-set on the task keeps it once."""
+        for task in await self.tasks.list_recent(10_000, status="waiting_for_approval"):
+            decided = [
+                a
+                for a in await self.approvals.list_for_task(task.task_id)
+                if a.decision in ("approve", "always", "deny") and a.executed_at is None
+            ]
+            if not decided:
+                continue
+            thread = await self.service.thread_of(task.task_id)
+            if thread is not None:
+                self.service.continue_task(thread, task.task_id, decided[-1].approval_id)
+
+    # -- inbox and cards --------------------------------------------------------
+
+    async def _open_inbox(self) -> None:
+        """Messages acknowledged but never carried out: those of a dead process, and
+        this process's own whose job ended without closing them."""
+        service = self.service
+        rows = await self.inbox.take_abandoned(
+            service.instance, service.started_at, sorted(service.backends)
+        )
+        rows += [
+            row
+            for row in await self.inbox.open_for(service.instance)
+            if not service.inbound_running(row.inbox_id) and row not in rows
+        ]
+        for row in rows:
+            service.start_inbound(row)
+
+    async def _cards(self) -> None:
+        """Post missing cards, resolve stale ones, for the platforms served here."""
+        for approval in await self.approvals.cards_lagging():
+            thread = await self.service.thread_of(approval.task_id)
+            if thread is None:
+                continue
+            if approval.decision is None:
+                task = await self.tasks.get_task(approval.task_id)
+                # A pending approval of a task that no longer waits (it died before
+                # it said so) gets no card: nobody could carry the decision out.
+                if task is not None and task.status == "waiting_for_approval":
+                    await self.service.post_card(thread, approval)
+            else:
+                await self.service.resolve_card(thread, approval)
+
+
+def _finished(event: Event, approval: Approval) -> bool:
+    if event.event_type != "tool_call_finished":
+        return False
+    named = event.payload.get("approval_id")
+    if named is not None:
+        return named == approval.approval_id
+    return event.payload.get("index") == approval.index  # written before it was named
