@@ -7,6 +7,7 @@ log never shows a decision without its rule or the other way round.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Mapping
@@ -18,8 +19,11 @@ from runtime.store.models import Approval, Rule
 
 if TYPE_CHECKING:
     from runtime.store import ApprovalStore, EventStore, RuleStore, Stores
+    from runtime.tools.shell_rules import CompiledRule
 
 SHELL_TOOL = "shell_exec_safe"
+# Rules parsed per transaction when filling the match columns of older rules.
+RULE_FILL_BATCH = 200
 CHAT_DECISIONS = frozenset({"approve", "deny", "always"})
 RULE_KINDS = frozenset({"exact", "prefix"})
 
@@ -38,6 +42,18 @@ class DecisionOutcome:
 def exact_args_pattern(args: Any) -> str:
     """The pattern of an exact rule for a non-shell tool: its args, canonical JSON."""
     return json.dumps(args if args is not None else {}, sort_keys=True)
+
+
+def rule_keys(tool: str, kind: str, pattern: str) -> CompiledRule:
+    """What matching needs of a rule, computed once when it is made and stored with it.
+    Shell rules are parsed (shell_rules.compile_rule); another tool's exact rule is
+    looked up by its args pattern; a prefix rule of another tool covers nothing."""
+    from runtime.tools import shell_rules
+
+    if tool == SHELL_TOOL:
+        return shell_rules.compile_rule(kind, pattern)
+    key = shell_rules.exact_key(pattern) if kind == "exact" else None
+    return shell_rules.CompiledRule(pattern, None, key, 0, None)
 
 
 def _shell_command(approval: Approval) -> str | None:
@@ -221,6 +237,8 @@ class ApprovalService:
                 "ask again to run the action."
             )
         rule_spec = self._always_rule(approval) if decision == "always" else None
+        # Parsed once, here, before the transaction: matching reads the stored form.
+        new_keys = rule_keys(approval.tool, *rule_spec) if rule_spec is not None else None
 
         rule: Rule | None = None
         async with self._db.transaction():
@@ -239,7 +257,7 @@ class ApprovalService:
                 if rule_spec is not None:
                     kind, pattern = rule_spec
                     rule = await self._rules.insert(
-                        approval.tool, kind, pattern, decided_by, approval_id
+                        approval.tool, kind, pattern, decided_by, approval_id, new_keys
                     )
                     await self._events.append(approval.task_id, "rule_created", _rule_payload(rule))
         return DecisionOutcome(
@@ -273,27 +291,45 @@ class ApprovalService:
         self, action: Mapping[str, Any], workspace: str | None = None
     ) -> bool:
         """Whether an active rule covers this normalized action. `workspace` is where a
-        shell command would run: the operands a prefix rule lets it add are resolved there."""
+        shell command would run: the operands a prefix rule lets it add are resolved there.
+
+        Only the rules whose stored match key the action could name are read (an
+        index lookup), so a check costs the same with 10 rules or 10,000."""
         tool = action.get("tool")
-        if not isinstance(tool, str):
+        if not isinstance(tool, str) or not await self._rules.any_active(tool):
             return False
-        rules = await self._rules.active_for_tool(tool)
-        if not rules:
-            return False
+        await self._fill_rules()
         args = action.get("args")
+        from runtime.tools import shell_rules
+
         if tool == SHELL_TOOL:
             command = args.get("command") if isinstance(args, dict) else None
             if not isinstance(command, str) or not command.strip():
                 return False
-            from runtime.tools.shell_rules import rule_covers
-
-            # rule_covers itself refuses blocked commands, whatever the rules say.
-            return rule_covers(command, rules, workspace)
+            lookup = shell_rules.lookup_command(command)
+            if lookup is None:
+                return False
+            longest = await self._rules.longest_prefix(tool, sorted(lookup.programs()))
+            found = await self._rules.matching(tool, lookup.keys(longest))
+            # covered_by itself refuses blocked commands, whatever the rules say.
+            return lookup.covered_by(shell_rules.usable_from_compiled(found), workspace)
         try:
             pattern = exact_args_pattern(args)
         except (TypeError, ValueError):
             return False
-        return any(rule.kind == "exact" and rule.pattern == pattern for rule in rules)
+        found = await self._rules.matching(tool, [shell_rules.exact_key(pattern)])
+        return any(rule.kind == "exact" and rule.pattern == pattern for rule in found)
+
+    async def _fill_rules(self) -> None:
+        """Parse, once, the rules stored without their match columns (made before
+        schema v6, or inserted without them); a no-op index probe once all are filled.
+        Each rule is parsed between two turns of the event loop, never many at once."""
+        while batch := await self._rules.unfilled(RULE_FILL_BATCH):
+            filled = []
+            for rule in batch:
+                filled.append((rule.rule_id, rule_keys(rule.tool, rule.kind, rule.pattern)))
+                await asyncio.sleep(0)
+            await self._rules.fill(filled)
 
     async def add_rule(
         self,
@@ -328,8 +364,11 @@ class ApprovalService:
                 raise ApprovalError(
                     f"An exact rule for {tool} takes the tool's args as JSON: {exc}"
                 ) from exc
+        keys = rule_keys(tool, kind, pattern)  # parsed once, here; matching reads it
         async with self._db.transaction():
-            rule = await self._rules.insert(tool, kind, pattern, created_by, source_approval_id)
+            rule = await self._rules.insert(
+                tool, kind, pattern, created_by, source_approval_id, keys
+            )
             await self._events.append(task_id, "rule_created", _rule_payload(rule))
         return rule
 

@@ -93,6 +93,13 @@ class Rule(Record):
     source_approval_id: str | None = None
     revoked_by: str | None = None
     revoked_at: datetime | None = None
+    # Parsed once, when the rule is made (issue #23): the pattern normalized, the
+    # program a prefix rule names, and a prefix rule's parsed words (JSON) that
+    # matching reads instead of parsing the pattern again. None on a rule not yet
+    # filled (made before schema v6, or inserted without them).
+    normalized: str | None = None
+    program: str | None = None
+    parsed: str | None = None
 
     @property
     def active(self) -> bool:

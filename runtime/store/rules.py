@@ -1,20 +1,41 @@
 """Allow rules ("always"): rows only; what a rule matches is decided in
-runtime/approvals.py and runtime/tools/shell_rules.py."""
+runtime/approvals.py and runtime/tools/shell_rules.py.
+
+Each rule row also holds what matching needs, computed once when the rule is
+made (`RuleKeys`): a check asks for the few rows whose match key a command
+could name (`matching`), through a partial index, so its cost does not grow
+with the number of rules. Every check reads the table itself, so a rule added
+or revoked by another process (the CLI beside a running bot) counts at once.
+"""
 
 from __future__ import annotations
 
 import secrets
 import sqlite3
+from collections.abc import Sequence
+from typing import Protocol
 
 from runtime.store.db import Database, StoreError, now, to_datetime
 from runtime.store.models import Rule
 
 _COLUMNS = (
     "rule_id, tool, kind, pattern, created_by, created_at, source_approval_id, "
-    "revoked_by, revoked_at"
+    "revoked_by, revoked_at, normalized, program, parsed"
 )
 RULE_KINDS = frozenset({"exact", "prefix"})
 _ID_ATTEMPTS = 20
+# Match keys per statement (SQLite's limit on bound parameters is far above this).
+KEYS_PER_QUERY = 500
+
+
+class RuleKeys(Protocol):
+    """What matching needs of a rule (runtime.tools.shell_rules.CompiledRule)."""
+
+    normalized: str
+    program: str | None
+    match_key: str | None  # None: the rule covers nothing, no lookup finds it
+    words: int
+    parsed: str | None
 
 
 def _rule(row: sqlite3.Row) -> Rule:
@@ -28,6 +49,9 @@ def _rule(row: sqlite3.Row) -> Rule:
         source_approval_id=row["source_approval_id"],
         revoked_by=row["revoked_by"],
         revoked_at=to_datetime(row["revoked_at"]),
+        normalized=row["normalized"],
+        program=row["program"],
+        parsed=row["parsed"],
     )
 
 
@@ -47,16 +71,35 @@ class RuleStore:
         pattern: str,
         created_by: str,
         source_approval_id: str | None = None,
+        keys: RuleKeys | None = None,
     ) -> Rule:
+        """A new active rule. Without `keys` its match columns stay NULL until the
+        next check fills them (`unfilled`, `fill`)."""
         if kind not in RULE_KINDS:
             raise ValueError(f"unknown rule kind {kind!r}; one of {sorted(RULE_KINDS)}")
+        filled = (
+            (None, None, None, 0, None)
+            if keys is None
+            else (keys.normalized, keys.program, keys.match_key, keys.words, keys.parsed)
+        )
         # 32 bits of id: collisions are rare but possible, so retry on conflict
         # instead of trusting luck.
         for _ in range(_ID_ATTEMPTS):
             row = await self.db.fetchone(
-                f"INSERT INTO rules ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, NULL) "
+                "INSERT INTO rules (rule_id, tool, kind, pattern, created_by, created_at, "
+                "source_approval_id, normalized, program, match_key, words, parsed) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 f"ON CONFLICT (rule_id) DO NOTHING RETURNING {_COLUMNS}",
-                (new_rule_id(), tool, kind, pattern, created_by, now(), source_approval_id),
+                (
+                    new_rule_id(),
+                    tool,
+                    kind,
+                    pattern,
+                    created_by,
+                    now(),
+                    source_approval_id,
+                    *filled,
+                ),
             )
             if row is not None:
                 return _rule(row)
@@ -73,6 +116,79 @@ class RuleStore:
             (tool,),
         )
         return [_rule(row) for row in rows]
+
+    async def any_active(self, tool: str) -> bool:
+        """Whether the tool has an active rule at all (most checks stop here)."""
+        return (
+            await self.db.fetchone(
+                "SELECT 1 FROM rules WHERE tool = ? AND revoked_at IS NULL LIMIT 1", (tool,)
+            )
+            is not None
+        )
+
+    async def unfilled(self, limit: int = 100) -> list[Rule]:
+        """Rules whose match columns are not filled yet, oldest first (an empty
+        partial index when all are: this costs nothing on a check)."""
+        rows = await self.db.fetchall(
+            f"SELECT {_COLUMNS} FROM rules WHERE normalized IS NULL "
+            "ORDER BY created_at, rowid LIMIT ?",
+            (limit,),
+        )
+        return [_rule(row) for row in rows]
+
+    async def fill(self, filled: Sequence[tuple[str, RuleKeys]]) -> None:
+        """Store the match columns of rules made without them, in one transaction.
+        A row another process filled meanwhile is left as it is."""
+        async with self.db.transaction():
+            for rule_id, keys in filled:
+                await self.db.execute(
+                    "UPDATE rules SET normalized = ?, program = ?, match_key = ?, words = ?, "
+                    "parsed = ? WHERE rule_id = ? AND normalized IS NULL",
+                    (
+                        keys.normalized,
+                        keys.program,
+                        keys.match_key,
+                        keys.words,
+                        keys.parsed,
+                        rule_id,
+                    ),
+                )
+
+    async def longest_prefix(self, tool: str, programs: Sequence[str]) -> dict[str, int]:
+        """Per program, the most words an active prefix rule for it has (programs with
+        none are left out). One index probe per program (SQLite's max() optimization
+        on rules_program), whatever the number of rules."""
+        found: dict[str, int] = {}
+        for program in programs:
+            row = await self.db.fetchone(
+                "SELECT max(words) FROM rules WHERE tool = ? AND program = ? "
+                "AND revoked_at IS NULL AND kind = 'prefix' AND match_key IS NOT NULL",
+                (tool, program),
+            )
+            if row is not None and row[0]:
+                found[program] = int(row[0])
+        return found
+
+    async def matching(self, tool: str, keys: Sequence[str]) -> list[Rule]:
+        """The active rules of `tool` whose match key is one of `keys` (rules_match)."""
+        found: list[Rule] = []
+        unique = sorted(set(keys))
+        for start in range(0, len(unique), KEYS_PER_QUERY):
+            chunk = unique[start : start + KEYS_PER_QUERY]
+            marks = ", ".join("?" * len(chunk))
+            rows = await self.db.fetchall(
+                f"SELECT {_COLUMNS} FROM rules WHERE tool = ? AND revoked_at IS NULL "
+                f"AND match_key IS NOT NULL AND match_key IN ({marks})",
+                (tool, *chunk),
+            )
+            found.extend(_rule(row) for row in rows)
+        return found
+
+    async def count(self, include_revoked: bool = False) -> int:
+        """How many rules there are (active ones unless asked)."""
+        where = "" if include_revoked else " WHERE revoked_at IS NULL"
+        row = await self.db.fetchone(f"SELECT COUNT(*) FROM rules{where}")
+        return int(row[0]) if row is not None else 0
 
     async def revoke(self, rule_id: str, revoked_by: str) -> bool:
         """True for the caller who revoked it; False if unknown or already revoked."""

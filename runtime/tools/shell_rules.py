@@ -25,14 +25,26 @@ it names:
   ones run unasked, in the sandbox).
 
 What a prefix may be is decided in `runtime.tools.rule_prefixes`.
+
+Matching through an index: a rule is parsed once, when it is made
+(`compile_rule`: its normalized text, its program, its match key and, for a
+prefix rule, its parsed words as JSON, all stored with it). A command is parsed
+once per check (`lookup_command`); it names the few match keys a covering rule
+could have (its whole normalized text, each part's, each word-prefix of each
+part up to the longest prefix rule stored for that part's program), the store
+returns only the rules with those keys, and `CommandLookup.covered_by` decides
+with exactly the semantics above. No stored pattern is parsed again, so the
+cost of a check does not grow with the number of rules.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shlex
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -403,6 +415,220 @@ def _usable(rules: Sequence[RuleLike]) -> _Rules:
     return out
 
 
+# --------------------------------------------------------------------------
+# The index: rules parsed once, commands looked up by key
+# --------------------------------------------------------------------------
+
+
+def _digest(tag: bytes, text: str) -> str:
+    # JSON (ASCII) keeps any text encodable, lone surrogates included.
+    return hashlib.blake2b(tag + json.dumps(text).encode(), digest_size=16).hexdigest()
+
+
+def exact_key(normalized: str) -> str:
+    """The match key of an exact rule for this normalized command."""
+    return "e" + _digest(b"exact\x00", normalized)
+
+
+def prefix_keys(words: Sequence[str]) -> list[str]:
+    """The match keys of the word-prefixes of `words`: the k-th is the key a prefix
+    rule of exactly `words[:k+1]` has. One pass (the hash is extended word by word),
+    so a long part costs its length, not its length squared."""
+    h = hashlib.blake2b(b"prefix\x00", digest_size=16)
+    keys = []
+    for word in words:
+        h.update(json.dumps(word).encode() + b"\x00")  # JSON never holds a raw NUL
+        keys.append("p" + h.copy().hexdigest())
+    return keys
+
+
+@dataclass(frozen=True)
+class CompiledRule:
+    """What matching needs of one rule, computed when the rule is made and stored
+    with it (the store's `RuleKeys`)."""
+
+    normalized: str  # the pattern, normalized
+    program: str | None  # the program a prefix rule names (its first word's name)
+    match_key: str | None  # None: the rule can cover nothing (it never matches)
+    words: int  # a prefix rule's number of words (0 for an exact rule)
+    parsed: str | None  # a prefix rule's one part, as JSON (`_part_from_json`)
+
+
+def _part_json(part: _Part) -> str:
+    return json.dumps(
+        {
+            "text": part.text,
+            "words": part.words,
+            "values": part.values,
+            "literal": part.literal,
+            "assignments": part.assignments,
+            "redirects": part.redirects,
+            "first_subst": part.first_subst,
+        }
+    )
+
+
+def _part_from_json(text: str) -> _Part | None:
+    try:
+        data = json.loads(text)
+        part = _Part(
+            text=str(data["text"]),
+            words=[str(w) for w in data["words"]],
+            values=[str(v) for v in data["values"]],
+            literal=[bool(b) for b in data["literal"]],
+            assignments=[str(a) for a in data["assignments"]],
+            redirects=[str(r) for r in data["redirects"]],
+            first_subst=data["first_subst"],
+        )
+    except (ValueError, TypeError, KeyError):
+        return None  # damaged by hand: covers nothing
+    if not part.words or not (len(part.words) == len(part.values) == len(part.literal)):
+        return None
+    return part
+
+
+def compile_rule(kind: str, pattern: str) -> CompiledRule:
+    """Parse a rule once, for the store. Never raises: a rule that cannot cover
+    anything (unparseable, not one simple command) gets no match key."""
+    try:
+        return _compile(kind, pattern)
+    except Exception:
+        # One odd stored pattern must not fail every later check: it covers nothing.
+        return CompiledRule(_collapse(str(pattern)), None, None, 0, None)
+
+
+def _compile(kind: str, pattern: str) -> CompiledRule:
+    if not isinstance(pattern, str) or not pattern.strip():
+        return CompiledRule(str(pattern), None, None, 0, None)
+    normalized = normalize_command(pattern)
+    if kind == "exact":
+        if _parse(pattern) is None:
+            return CompiledRule(normalized, None, None, 0, None)
+        parts = _split_parts(pattern)
+        first = parts[0] if parts and parts[0].words and parts[0].literal[0] else None
+        program = program_name(first.values[0]) if first is not None else None
+        return CompiledRule(normalized, program, exact_key(normalized), 0, None)
+    if kind == "prefix":
+        part = _prefix_part(pattern)
+        if part is None or not part.literal[0]:
+            return CompiledRule(normalized, None, None, 0, None)
+        # Whether today's checks refuse it is asked at each match (they may have
+        # grown since it was made); that reads only the stored words.
+        return CompiledRule(
+            normalized,
+            program_name(part.values[0]),
+            prefix_keys(part.words)[-1],
+            len(part.words),
+            _part_json(part),
+        )
+    return CompiledRule(normalized, None, None, 0, None)
+
+
+class StoredRuleLike(Protocol):
+    kind: str
+    normalized: str | None
+    parsed: str | None
+
+
+def usable_from_compiled(rules: Iterable[StoredRuleLike]) -> _Rules:
+    """The rules a lookup returned, from their stored parsed form (no parsing)."""
+    out = _Rules()
+    for rule in rules:
+        if rule.kind == "exact" and rule.normalized is not None:
+            out.exact.add(rule.normalized)
+        elif rule.kind == "prefix" and rule.parsed is not None:
+            part = _part_from_json(rule.parsed)
+            if part is not None and _prefix_refusal(part) is None:
+                out.prefixes.append(part)
+    return out
+
+
+@dataclass
+class CommandLookup:
+    """A command parsed once for a check: the keys to look up, then the decision."""
+
+    command: str
+    normalized: str
+    parts: list[_Part] | None  # None: not a plain list/pipeline (loops, groups, …)
+    part_normalized: list[str] = field(default_factory=list)
+
+    def programs(self) -> set[str]:
+        """The programs whose prefix rules could cover a part."""
+        return {program_name(p.values[0]) for p in self.parts or () if p.words and p.literal[0]}
+
+    def keys(self, longest_prefix: Mapping[str, int]) -> list[str]:
+        """Every match key a covering rule could have. `longest_prefix`: per program,
+        the most words any of its prefix rules has (0 or missing: none)."""
+        keys = {exact_key(self.normalized)}
+        for part, normalized in zip(self.parts or (), self.part_normalized, strict=True):
+            keys.add(exact_key(normalized))
+            if part.words and part.literal[0]:
+                n = longest_prefix.get(program_name(part.values[0]), 0)
+                if n > 0:
+                    keys.update(prefix_keys(part.words[:n]))
+        return sorted(keys)
+
+    def covered_by(self, usable: _Rules, workspace: str | os.PathLike[str] | None) -> bool:
+        """Whether these rules allow the command forever (blocked: never)."""
+        if not usable.exact and not usable.prefixes:
+            return False
+        if classify(self.command).blocked:
+            return False
+        if self.normalized in usable.exact:
+            return True  # the whole command, exactly as a rule names it (with its `cd`)
+        if not self.parts:
+            return False
+        uncovered: list[_Part] = []
+        covered_any = False
+        context_changed = False
+        for part, normalized in zip(self.parts, self.part_normalized, strict=True):
+            if (
+                not context_changed
+                and not part.piped_in
+                and part.words
+                and _part_covered(part, normalized, usable, workspace)
+            ):
+                covered_any = True
+                continue
+            uncovered.append(part)
+            context_changed = context_changed or _changes_context(part)
+        if not covered_any:
+            return False  # nothing a rule names: the classifier already asked for approval
+        if not uncovered:
+            return True
+        # The rest is judged together, in order, so the classifier follows its `cd`s.
+        rest = classify(" ; ".join(p.text for p in uncovered))
+        return not (rest.blocked or rest.requires_approval)
+
+
+def lookup_command(command: str) -> CommandLookup | None:
+    """Parse a command for a check; None when no rule can cover it (empty, too long,
+    unparseable: what cannot be parsed cannot be shown to be what a rule named)."""
+    if not isinstance(command, str) or not command.strip() or len(command) > MAX_COMMAND_CHARS:
+        return None
+    nodes = _parse(command)
+    if nodes is None:
+        return None
+    # One parse gives both the canonical text and the parts.
+    try:
+        normalized = " ; ".join(" ".join(_tokens(command, node, None)) for node in nodes)
+    except Exception:
+        normalized = _collapse(command)
+    parts: list[_Part] | None = []
+    try:
+        for node in nodes:
+            _tokens(command, node, parts)
+    except Exception:  # _Unsupported, or anything bashlex built that we do not know
+        parts = None
+    lookup = CommandLookup(command, normalized, parts)
+    for part in parts or ():
+        # A one-part command is its own part: no second parse.
+        lookup.part_normalized.append(
+            normalized if part.text == command else normalize_command(part.text)
+        )
+    return lookup
+
+
 def rule_covers(
     command: str,
     rules: Sequence[RuleLike],
@@ -412,49 +638,20 @@ def rule_covers(
 
     `workspace` is the directory the command runs in; the operands a prefix
     rule lets a command add are resolved there. Without it, a prefix covers
-    only its own words.
+    only its own words. (This parses every rule given; the bot checks through
+    the store's index instead: `ApprovalService.is_allowed_forever`.)
     """
-    if not isinstance(command, str) or not command.strip() or len(command) > MAX_COMMAND_CHARS:
+    lookup = lookup_command(command)
+    if lookup is None:
         return False
-    if _parse(command) is None:
-        return False  # what cannot be parsed cannot be shown to be what a rule named
-    verdict = classify(command)
-    if verdict.blocked:
-        return False
-    usable = _usable(rules)
-    if not usable.exact and not usable.prefixes:
-        return False
-    if normalize_command(command) in usable.exact:
-        return True  # the whole command, exactly as a rule names it (with its `cd`)
-    parts = _split_parts(command)
-    if not parts:
-        return False
-    uncovered: list[_Part] = []
-    covered_any = False
-    context_changed = False
-    for part in parts:
-        if (
-            not context_changed
-            and not part.piped_in
-            and part.words
-            and _part_covered(part, usable, workspace)
-        ):
-            covered_any = True
-            continue
-        uncovered.append(part)
-        context_changed = context_changed or _changes_context(part)
-    if not covered_any:
-        return False  # nothing a rule names: the classifier already asked for approval
-    if not uncovered:
-        return True
-    # The rest is judged together, in order, so the classifier follows its `cd`s.
-    rest = classify(" ; ".join(p.text for p in uncovered))
-    return not (rest.blocked or rest.requires_approval)
+    return lookup.covered_by(_usable(rules), workspace)
 
 
-def _part_covered(part: _Part, usable: _Rules, workspace: str | os.PathLike[str] | None) -> bool:
+def _part_covered(
+    part: _Part, normalized: str, usable: _Rules, workspace: str | os.PathLike[str] | None
+) -> bool:
     if _changes_context(part):
         return False  # only an exact rule for the whole command names a `cd`
-    if normalize_command(part.text) in usable.exact:
+    if normalized in usable.exact:
         return True
     return any(_prefix_covers(part, rule, workspace) for rule in usable.prefixes)
