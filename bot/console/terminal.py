@@ -120,7 +120,10 @@ class Console:
                 reader.problem = None
 
     def _may_remember(self, line: str) -> bool:
-        """A line holding a secret (as the runtime redacts them) stays out of the history file."""
+        """What joins the history: not a line holding a secret (as the runtime redacts
+        them: the file outlives the session), nor `exit` (the up arrow would end it)."""
+        if line.strip().lower() in EXIT_WORDS:
+            return False
         return self.runtime.redactor.redact(line).count == 0
 
     async def handle(self, line: str) -> None:
