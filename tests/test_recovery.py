@@ -1,0 +1,499 @@
+"""Recovery after a crash (issue #15), in process: each crash window's state is
+built through the real code paths, the "process" dies there, and a new
+ChatService on the same SQLite file carries out what was owed.
+
+A crash point is made to raise `Crash` (a BaseException: nothing of ours
+catches it, as nothing survives a SIGKILL) and the dying service is closed
+without draining, which drops its in-memory state the way a kill does. The
+subprocess SIGKILL tests of the same windows are tests/test_crash_*.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+import bot.service
+import runtime.crashpoints
+import runtime.loop
+from bot.backend import ApprovalCard, CardResolution, ChatBackend, Thread
+from bot.inbox import Accepted, Inbound
+from bot.recovery import INTERRUPTED_TEXT
+from bot.service import ChatService
+from runtime.factory import Runtime, build_runtime
+from runtime.settings import Settings
+from tests.conftest import ACTION, THINKER, directive, make_settings, shell
+from tests.fakes.openai_server import FakeModelServer, Hang, RecordedRequest, Text
+
+pytestmark = pytest.mark.timeout(120)
+
+APPROVER = "test:bob"
+ASKER = "test:alice"
+
+
+class Crash(BaseException):
+    """Stands for the SIGKILL a crash point sends in a real `ducklm run`."""
+
+
+@dataclass
+class CrashPoints:
+    """Which crash point "kills" the process now (None: none)."""
+
+    at: str | None = None
+    reached: list[str] = field(default_factory=list)
+
+    def __call__(self, name: str) -> None:
+        self.reached.append(name)
+        if name == self.at:
+            self.at = None  # the next process runs on
+            raise Crash(name)
+
+
+@pytest.fixture
+def crash(monkeypatch: pytest.MonkeyPatch) -> CrashPoints:
+    points = CrashPoints()
+    for module in (bot.service, runtime.loop, runtime.crashpoints):
+        monkeypatch.setattr(module, "crash_point", points)
+    return points
+
+
+class Chat(ChatBackend):
+    """A fake chat platform that records what the bot says; `down` makes cards fail."""
+
+    platform = "test"
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str]] = []
+        self.cards: list[tuple[str, ApprovalCard, str]] = []
+        self.resolved: list[tuple[str, str]] = []
+        self.told: list[tuple[str, str]] = []
+        self.history_asked: list[tuple[str, str | None]] = []
+        self.history_given: list[dict[str, str]] = []
+        self.down = False
+
+    async def send(self, thread: Thread, text: str) -> str | None:
+        self.sent.append((thread.key, text))
+        return f"m{len(self.sent)}"
+
+    async def send_card(self, thread: Thread, card: ApprovalCard) -> str:
+        if self.down:
+            raise ConnectionError("the platform is down")
+        ref = f"card-{len(self.cards) + 1}"
+        self.cards.append((thread.key, card, ref))
+        return ref
+
+    async def resolve_card(
+        self, thread: Thread, card_ref: str, card: ApprovalCard, resolution: CardResolution
+    ) -> None:
+        if self.down:
+            raise ConnectionError("the platform is down")
+        self.resolved.append((card_ref, resolution.decision))
+
+    async def tell(self, thread: Thread, user: str, text: str) -> None:
+        self.told.append((user, text))
+
+    async def working(self, thread: Thread, status: str | None) -> None:
+        pass
+
+    async def history(self, thread: Thread, before: str | None) -> list[dict[str, str]]:
+        self.history_asked.append((thread.key, before))
+        return list(self.history_given)
+
+    def texts(self, key: str | None = None) -> list[str]:
+        return [text for k, text in self.sent if key is None or k == key]
+
+
+@dataclass
+class Bot:
+    runtime: Runtime
+    service: ChatService
+    chat: Chat
+
+
+Start = Callable[[], Awaitable[Bot]]
+
+
+@pytest_asyncio.fixture
+async def settings(tmp_path: Path, model_server: FakeModelServer, clean_env: None) -> Settings:
+    return make_settings(tmp_path, model_server.base_url, approvers=[APPROVER], requesters=["*"])
+
+
+@pytest_asyncio.fixture
+async def start(settings: Settings) -> AsyncIterator[Start]:
+    """Start a bot process (a runtime and a service) on the test's database."""
+    bots: list[Bot] = []
+
+    async def make() -> Bot:
+        rt = await build_runtime(settings)
+        service = ChatService(rt)
+        chat = Chat()
+        service.add_backend(chat)
+        made = Bot(rt, service, chat)
+        bots.append(made)
+        return made
+
+    try:
+        yield make
+    finally:
+        for made in bots:
+            await kill(made)
+
+
+async def kill(dead: Bot) -> None:
+    """The process is gone: its jobs stop where they are, nothing is drained."""
+    await dead.service.close()
+    await dead.runtime.close()
+
+
+async def until(check: Callable[[], Any], within: float = 30.0) -> None:
+    """Wait (bounded) until `check()` is true; `check` may be async."""
+    deadline = time.monotonic() + within
+    while True:
+        outcome = check()
+        if asyncio.iscoroutine(outcome):
+            outcome = await outcome
+        if outcome:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {within} s")
+        await asyncio.sleep(0.02)
+
+
+def has_observations(request: RecordedRequest) -> bool:
+    messages = request.body.get("messages") or []
+    last = messages[-1].get("content") if messages else ""
+    return isinstance(last, str) and last.startswith("tool_observations:")
+
+
+def script_approval(server: FakeModelServer, command: str, answer: str = "ran it") -> None:
+    """Every question asks for `command` (which needs approval); then the answer."""
+
+    def action(request: RecordedRequest) -> Any:
+        if has_observations(request):
+            return Text(directive())
+        return Text(directive(shell(command, "the user asked")))
+
+    server.set_handler(ACTION, action)
+    server.set_default(THINKER, Text(answer))
+
+
+def message(n: int, text: str = "please record it", **extra: Any) -> Inbound:
+    thread = Thread("test", "C1", f"{n}.1")
+    return Inbound(
+        thread,
+        ASKER,
+        text,
+        (f"test:event:E{n}", f"test:msg:C1:{n}.1"),
+        message_id=f"{n}.1",
+        **extra,
+    )
+
+
+def key(n: int) -> str:
+    return message(n).thread.key
+
+
+async def event_types(rt: Runtime, task_id: str) -> list[str]:
+    return [e.event_type for e in await rt.stores.events.list_events(task_id)]
+
+
+async def only_task(rt: Runtime, n: int) -> str:
+    tasks = await rt.stores.tasks.list_by_conversation(key(n))
+    assert len(tasks) == 1, tasks
+    return tasks[0].task_id
+
+
+def effects(settings: Settings) -> list[str]:
+    path = Path(settings.workspace) / "effects.log"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+async def waiting_with_card(bot_: Bot, n: int) -> tuple[str, ApprovalCard, str]:
+    """Ask (message n) for an action that needs approval; returns its card."""
+    assert await bot_.service.accept(message(n)) is Accepted.NEW
+    await bot_.service.drain()
+    found = [c for c in bot_.chat.cards if c[0] == key(n)]
+    assert len(found) == 1, bot_.chat.cards
+    return found[0]
+
+
+# -- each window ------------------------------------------------------------
+
+
+async def test_message_recorded_becomes_one_task_after_a_restart(
+    start: Start, crash: CrashPoints, model: FakeModelServer
+) -> None:
+    model.set_default(THINKER, Text("web-1 is up"))
+    first = await start()
+    crash.at = "message_recorded"
+    with pytest.raises(Crash):
+        await first.service.accept(message(1, "is web-1 up?"))
+    await kill(first)
+
+    second = await start()
+    assert await second.runtime.stores.tasks.list_by_conversation(key(1)) == []
+    assert await second.runtime.stores.inbox.count_open() == 1
+    await second.service.recover()
+    await second.service.drain()
+    assert second.chat.texts(key(1)) == ["web-1 is up"]
+    task_id = await only_task(second.runtime, 1)
+    assert await second.runtime.stores.inbox.count_open() == 0
+    # The platform retries the same delivery: a duplicate, nothing more happens.
+    assert await second.service.accept(message(1, "is web-1 up?")) is Accepted.DUPLICATE
+    await second.service.recover()
+    await second.service.drain()
+    assert second.chat.texts() == ["web-1 is up"]
+    assert await only_task(second.runtime, 1) == task_id
+
+
+async def test_waiting_recorded_gets_its_card_once_with_working_buttons(
+    start: Start, crash: CrashPoints, model_server: FakeModelServer, settings: Settings
+) -> None:
+    script_approval(model_server, "echo once >> effects.log")
+    first = await start()
+    crash.at = "waiting_recorded"
+    assert await first.service.accept(message(2)) is Accepted.NEW
+    await first.service.drain()
+    assert "waiting_recorded" in crash.reached and first.chat.cards == []
+    await kill(first)
+
+    second = await start()
+    await second.service.recover()
+    await second.service.drain()
+    assert len(second.chat.cards) == 1
+    _, card, ref = second.chat.cards[0]
+    stored = await second.runtime.approvals.get(card.approval_id)
+    assert stored is not None and (stored.card_state, stored.card_ref) == ("posted", ref)
+    await second.service.recover()  # a second round posts nothing more
+    await second.service.drain()
+    assert len(second.chat.cards) == 1
+
+    assert await second.service.handle_decision(card.approval_id, APPROVER, "approve") is None
+    await second.service.drain()
+    assert effects(settings) == ["once"]
+    assert second.chat.texts(key(2)) == ["ran it"]
+    assert second.chat.resolved == [(ref, "approve")]
+
+
+async def test_decision_recorded_resolves_the_card_and_continues_once(
+    start: Start, crash: CrashPoints, model_server: FakeModelServer, settings: Settings
+) -> None:
+    script_approval(model_server, "echo once >> effects.log")
+    first = await start()
+    _, card, ref = await waiting_with_card(first, 3)
+    crash.at = "decision_recorded"
+    with pytest.raises(Crash):
+        await first.service.handle_decision(card.approval_id, APPROVER, "approve")
+    await kill(first)
+    assert first.chat.resolved == [] and effects(settings) == []
+
+    second = await start()
+    await second.service.recover()
+    await second.service.drain()
+    assert second.chat.resolved == [(ref, "approve")]
+    assert effects(settings) == ["once"]
+    assert second.chat.texts(key(3)) == ["ran it"]
+    stored = await second.runtime.approvals.get(card.approval_id)
+    assert stored is not None and stored.card_state == "resolved"
+    await second.service.recover()
+    await second.service.drain()
+    assert second.chat.resolved == [(ref, "approve")] and effects(settings) == ["once"]
+
+
+@pytest.mark.parametrize(
+    ("point", "started", "said"),
+    [
+        ("execution_claimed", False, "did not start"),
+        ("command_spawned", None, "may have started, and its result is unknown"),
+    ],
+)
+async def test_cut_short_run_is_offered_again_never_rerun(
+    start: Start,
+    crash: CrashPoints,
+    model_server: FakeModelServer,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    point: str,
+    started: bool | None,
+    said: str,
+) -> None:
+    # `sleep` keeps the process alive long enough for the spawn to be seen.
+    script_approval(model_server, "echo once >> effects.log; sleep 0.5")
+    first = await start()
+    _, card, _ = await waiting_with_card(first, 4)
+    old = card.approval_id
+    crash.at = point
+    if point == "command_spawned":
+        monkeypatch.setenv("DUCKLM_CRASH_AT", point)  # arms the spawn watch
+    assert await first.service.handle_decision(old, APPROVER, "approve") is None
+    await first.service.drain()
+    assert point in crash.reached
+    monkeypatch.delenv("DUCKLM_CRASH_AT", raising=False)
+    await kill(first)
+    if point == "command_spawned":
+        # The command's process outlives the bot (as after a SIGKILL) and does its work.
+        await until(lambda: effects(settings))
+    ran_before = len(effects(settings))
+    assert ran_before == (0 if point == "execution_claimed" else 1)
+
+    second = await start()
+    await second.service.recover()
+    await second.service.drain()
+    assert len(effects(settings)) == ran_before, "recovery ran the command by itself"
+    texts = second.chat.texts(key(4))
+    assert len(texts) == 1 and said in texts[0], texts
+    assert len(second.chat.cards) == 1
+    _, new_card, _ = second.chat.cards[0]
+    new = new_card.approval_id
+    assert new != old and new_card.command == card.command
+    task_id = await only_task(second.runtime, 4)
+    events = await second.runtime.stores.events.list_events(task_id)
+    reissued = [e.payload for e in events if e.event_type == "approval_reissued"]
+    assert len(reissued) == 1
+    assert (reissued[0]["approval_id"], reissued[0]["replaces"], reissued[0]["started"]) == (
+        new,
+        old,
+        started,
+    )
+    spent = await second.runtime.approvals.get(old)
+    assert spent is not None and spent.decision == "approve" and spent.executed_at is not None
+    assert (await second.runtime.approvals.get(new)).replaces_approval_id == old  # type: ignore[union-attr]
+    # The old card's button is spent; the new one runs the action once.
+    assert "Already decided" in (
+        await second.service.handle_decision(old, APPROVER, "approve") or ""
+    )
+    await second.service.recover()  # idempotent: no second reissue, no second card
+    await second.service.drain()
+    assert len(second.chat.cards) == 1
+    assert await second.service.handle_decision(new, APPROVER, "approve") is None
+    await second.service.drain()
+    assert len(effects(settings)) == ran_before + 1
+    assert second.chat.texts(key(4))[-1] == "ran it"
+    task = await second.runtime.stores.tasks.get_task(task_id)
+    assert task is not None and task.status == "completed"
+
+
+async def test_running_task_is_interrupted_with_its_event(
+    start: Start, model_server: FakeModelServer
+) -> None:
+    model_server.set_default(ACTION, Hang(300))
+    first = await start()
+    assert await first.service.accept(message(5, "why is web-1 slow?")) is Accepted.NEW
+    await until(lambda: model_server.requests_for(ACTION))
+    await kill(first)  # mid model call
+
+    second = await start()
+    await second.service.recover()
+    await second.service.drain()
+    task_id = await only_task(second.runtime, 5)
+    task = await second.runtime.stores.tasks.get_task(task_id)
+    assert task is not None and task.status == "interrupted"
+    events = await second.runtime.stores.events.list_events(task_id)
+    assert events[-1].event_type == "task_interrupted"
+    assert events[-1].payload == {
+        "last_event": "model_call_started",
+        "doing": "waiting for the action model",
+    }
+    assert second.chat.texts(key(5)) == [INTERRUPTED_TEXT]
+    assert await second.runtime.stores.inbox.count_open() == 0  # it became its task
+
+
+async def test_cards_are_repaired_after_the_platform_was_down(
+    start: Start, model_server: FakeModelServer, settings: Settings
+) -> None:
+    script_approval(model_server, "echo once >> effects.log")
+    bot_ = await start()
+    bot_.chat.down = True
+    assert await bot_.service.accept(message(6)) is Accepted.NEW
+    await bot_.service.drain()
+    assert bot_.chat.cards == []
+    (pending,) = await bot_.runtime.approvals.pending()
+    assert pending.card_state == "unposted"
+
+    bot_.chat.down = False
+    await bot_.service.recover_periodically()
+    await bot_.service.drain()
+    assert [c[1].approval_id for c in bot_.chat.cards] == [pending.approval_id]
+
+    bot_.chat.down = True
+    assert await bot_.service.handle_decision(pending.approval_id, APPROVER, "deny") is None
+    await bot_.service.drain()
+    stored = await bot_.runtime.approvals.get(pending.approval_id)
+    assert stored is not None and stored.card_state == "posted" and bot_.chat.resolved == []
+
+    bot_.chat.down = False
+    await bot_.service.recover_periodically()
+    await bot_.service.drain()
+    assert bot_.chat.resolved == [("card-1", "deny")]
+    await bot_.service.recover_periodically()
+    assert bot_.chat.resolved == [("card-1", "deny")]
+    assert effects(settings) == []
+
+
+async def test_expiry_changes_the_task_with_its_event(
+    start: Start, model_server: FakeModelServer
+) -> None:
+    script_approval(model_server, "echo once >> effects.log")
+    bot_ = await start()
+    _, card, ref = await waiting_with_card(bot_, 7)
+    await bot_.service.expire_approval(card.approval_id)
+    task_id = await only_task(bot_.runtime, 7)
+    types = await event_types(bot_.runtime, task_id)
+    assert types[-2:] == ["approval_expired", "task_expired"]
+    task = await bot_.runtime.stores.tasks.get_task(task_id)
+    assert task is not None and task.status == "expired"
+    assert bot_.chat.resolved == [(ref, "expired")]
+
+
+# -- idempotency --------------------------------------------------------------
+
+
+async def test_two_processes_recovering_at_once_do_everything_once(
+    start: Start, crash: CrashPoints, model_server: FakeModelServer, settings: Settings
+) -> None:
+    script_approval(model_server, "echo once >> effects.log")
+    # Three dead processes, each killed in another window.
+    dying = await start()
+    crash.at = "message_recorded"
+    with pytest.raises(Crash):
+        await dying.service.accept(message(11))
+    await kill(dying)
+    dying = await start()
+    crash.at = "waiting_recorded"
+    await dying.service.accept(message(12))
+    await dying.service.drain()
+    await kill(dying)
+    dying = await start()
+    _, card, _ = await waiting_with_card(dying, 13)
+    crash.at = "execution_claimed"
+    await dying.service.handle_decision(card.approval_id, APPROVER, "approve")
+    await dying.service.drain()
+    await kill(dying)
+
+    one, two = await start(), await start()
+    for _ in range(2):  # and then once more: nothing changes the second time
+        await asyncio.gather(one.service.recover(), two.service.recover())
+        await asyncio.gather(one.service.drain(), two.service.drain())
+        sent = one.chat.sent + two.chat.sent
+        cards = one.chat.cards + two.chat.cards
+        # Message 11 became one task, which asked for approval: one card.
+        assert [c[0] for c in cards].count(key(11)) == 1
+        assert [c[0] for c in cards].count(key(12)) == 1  # the missing card, once
+        assert [c[0] for c in cards].count(key(13)) == 1  # the new approval, once
+        told = [t for k, t in sent if k == key(13)]
+        assert len(told) == 1 and "did not start" in told[0], sent
+        assert effects(settings) == []
+    for n in (11, 12, 13):
+        await only_task(one.runtime, n)
+    rows = await one.runtime.stores.db.fetchall(
+        "SELECT COUNT(*) FROM events WHERE event_type = 'approval_reissued'"
+    )
+    assert rows[0][0] == 1
+    assert await one.runtime.stores.inbox.count_open() == 0
