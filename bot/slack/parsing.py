@@ -6,7 +6,6 @@ Slack's payloads are untrusted input: every field is checked for its type.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 PLATFORM = "slack"
@@ -39,32 +38,6 @@ def ts_key(ts: str) -> tuple[int, int]:
         return (0, 0)
 
 
-_SLACK_LINK = re.compile(r"<([^<>|]+)(?:\|([^<>]*))?>")
-
-
-def plain_text(text: str, bot_user_id: str | None = None) -> str:
-    """Slack message text → what a person typed: the bot's mention removed,
-    links and channel/user references readable, entities decoded."""
-
-    def replace(m: re.Match[str]) -> str:
-        target, label = m.group(1), m.group(2)
-        if bot_user_id and target == f"@{bot_user_id}":
-            return ""
-        if target.startswith("#"):
-            return f"#{label}" if label else target
-        if target.startswith("!"):  # <!here>, <!subteam^S1|@oncall>
-            return "@" + (label or target[1:].split("^")[0]).lstrip("@")
-        if target.startswith("@"):
-            return f"<{target}>"  # other people stay addressable for the model
-        if label and label != target:
-            return f"{label} ({target})"
-        return target
-
-    text = _SLACK_LINK.sub(replace, text or "")
-    text = text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
-    return re.sub(r"[ \t]{2,}", " ", text).strip()
-
-
 def text_field(data: dict[str, Any], key: str) -> str | None:
     """A non-empty string field of a Slack payload, else None (payloads are untrusted)."""
     value = data.get(key)
@@ -83,3 +56,16 @@ def malformed_actions(body: Any) -> bool:
         return False
     actions = body.get("actions")
     return not (isinstance(actions, list) and actions and all(isinstance(a, dict) for a in actions))
+
+
+def origin_team(body: dict[str, Any], event: dict[str, Any]) -> str | None:
+    """The sender's team: `user_team` (Slack Connect: the external member's own
+    workspace), else the event's `team`. An Enterprise Grid org id that is the
+    installing org's stands for the installing team (as bolt reads it)."""
+    team = event.get("user_team") or event.get("team")
+    if not isinstance(team, str) or not team:
+        return None
+    if team.startswith("E") and team == body.get("enterprise_id"):
+        installed = body.get("team_id")
+        return installed if isinstance(installed, str) and installed else None
+    return team

@@ -51,6 +51,8 @@ from bot.backend import (
     PlatformStartError,
     Thread,
 )
+from bot.commands import parse_decision
+from bot.inbox import Accepted, Inbound
 from bot.service import ChatService
 from bot.slack.blocks import (
     ACTION_DENY_REASON,
@@ -64,17 +66,25 @@ from bot.slack.blocks import (
     resolution_text,
     resolved_blocks,
 )
-from bot.slack.format import MESSAGE_LIMIT, clip_mrkdwn, split_mrkdwn, to_mrkdwn
+from bot.slack.format import MESSAGE_LIMIT, clip_mrkdwn, escape, split_mrkdwn, to_mrkdwn
+from bot.slack.history import slack_history, stored_history
 from bot.slack.parsing import (
     PLATFORM,
     card_ref,
     clicker,
     malformed_actions,
+    origin_team,
     parse_card_ref,
-    plain_text,
     slack_user_id,
     text_field,
-    ts_key,
+)
+from bot.slack.text import (
+    Decoded,
+    ascii_command,
+    decode_message,
+    decode_mrkdwn,
+    is_run,
+    unwrap_code,
 )
 from runtime.settings import Settings
 
@@ -90,14 +100,13 @@ DEFAULT_API_URL = "https://slack.com/api/"
 # deletions, joins, bot messages, …) is ignored.
 _PERSON_SUBTYPES = {None, "file_share", "thread_broadcast"}
 MAX_INPUT_CHARS = 12_000  # a question longer than this is cut before the model sees it
-MAX_HISTORY = 30  # earlier thread messages given to the model
-MAX_HISTORY_CHARS = 4_000  # per message
 MAX_CONTINUATIONS = 5  # extra messages when a long answer cannot be attached as a file
 COMMAND_ACK_BUDGET = 2.0  # seconds to answer /duck in the ack; Slack allows 3
 SOCKET_CONNECT_TIMEOUT = 15.0
 STOP_GRACE = 5.0
 RATE_LIMIT_RETRIES = 5
 MAX_SEEN_IN_MEMORY = 10_000
+MAX_NOTES = 200  # commands whose autocorrected characters were changed, remembered for the card
 
 
 @dataclass
@@ -138,6 +147,11 @@ class SlackPlatform(Platform, ChatBackend):
         self._status: dict[str, _Status] = {}
         self._status_ts: set[str] = set()  # our status messages, left out of history
         self._triggers: dict[str, list[tuple[str, str]]] = {}  # thread key -> reacted messages
+        self._reacting: dict[str, asyncio.Task[None]] = {}  # thread key -> the :eyes: call
+        # command -> what was changed in it (typographic quotes, dashes), shown on
+        # its card and in its direct answer
+        self._notes: dict[str, str] = {}
+        self.team_id: str | None = None
         self._seen: dict[str, None] = {}  # only when the store has no delivery log
         service.add_backend(self)
 
@@ -234,6 +248,10 @@ class SlackPlatform(Platform, ChatBackend):
             ) from exc
         self.bot_user_id = auth.get("user_id")
         self.bot_id = auth.get("bot_id")
+        self.team_id = auth.get("team_id")
+        if isinstance(self.team_id, str) and self.team_id:
+            # Who may ask by default: members of the installing workspace (#22).
+            self.service.policy.set_home(PLATFORM, self.team_id)
         if not self.bot_user_id:
             raise PlatformStartError(
                 "SLACK_BOT_TOKEN is not a bot token (auth.test returned no bot user); "
@@ -248,9 +266,8 @@ class SlackPlatform(Platform, ChatBackend):
             name="ducklm",
             logger=logging.getLogger("ducklm.slack.bolt"),
         )
-        app.middleware(self._deduplicate)
-        app.event("app_mention")(self._on_mention)
-        app.event("message")(self._on_message)
+        # Message events are taken in the middleware, before the ack (see _on_delivery).
+        app.middleware(self._on_delivery)
         app.action(re.compile("^(" + "|".join(DECISIONS) + ")$"))(self._on_decision_click)
         app.action(ACTION_DENY_REASON)(self._on_deny_reason_click)
         app.action(re.compile(".*"))(self._on_unknown_action)  # first match wins: keep last
@@ -359,86 +376,159 @@ class SlackPlatform(Platform, ChatBackend):
 
     # -- inbound: events --------------------------------------------------------
 
-    async def _deduplicate(
+    async def _on_delivery(
         self, body: dict[str, Any], next: Callable[[], Awaitable[BoltResponse]]
     ) -> BoltResponse | None:
-        """Global middleware: a delivery whose event_id was seen is acked and
-        dropped. Slack retries (X-Slack-Retry-Num) carry the same event_id."""
-        event_id = body.get("event_id") if body.get("type") == "event_callback" else None
-        if isinstance(event_id, str) and event_id:
-            if not await self._claim(f"slack:event:{event_id}"):
-                logger.info("duplicate Slack delivery %s ignored", event_id)
-                # A response without next() would be a 404, which Slack retries.
-                return BoltResponse(status=200, body="")
+        """Global middleware, before bolt acknowledges anything.
+
+        A person's message is handed to `ChatService.accept` here, so it is
+        recorded (its delivery keys claimed in the same transaction) before
+        Slack gets its 200; if that fails Slack gets a 500 and retries. Any
+        other event only has its event_id claimed (retries carry the same id).
+        """
+        if body.get("type") != "event_callback":
+            return await next()
+        event = body.get("event")
+        event_id = text_field(body, "event_id")
+        if isinstance(event, dict) and event.get("type") in ("app_mention", "message"):
+            try:
+                await self._on_message_event(body, event, event_id)
+            except Exception:
+                logger.exception("could not take Slack event %s; Slack will retry", event_id)
+                return BoltResponse(status=500, body="")
+            # A response without next() is a 200 (None would be a 404, which Slack retries).
+            return BoltResponse(status=200, body="")
+        if event_id and not await self._claim(f"slack:event:{event_id}"):
+            logger.info("duplicate Slack delivery %s ignored", event_id)
+            return BoltResponse(status=200, body="")
         return await next()
 
-    async def _on_mention(self, event: dict[str, Any]) -> None:
-        self._spawn(self._handle_message(event, mentioned=True), "app_mention")
-
-    async def _on_message(self, event: dict[str, Any]) -> None:
-        self._spawn(self._handle_message(event, mentioned=False), "message")
-
-    async def _handle_message(self, event: Any, *, mentioned: bool) -> None:
-        if not isinstance(event, dict) or event.get("subtype") not in _PERSON_SUBTYPES:
+    async def _on_message_event(
+        self, body: dict[str, Any], event: dict[str, Any], event_id: str | None
+    ) -> None:
+        subtype = event.get("subtype")
+        if subtype == "message_changed":
+            if event_id is None or await self._claim(f"slack:event:{event_id}"):
+                self._spawn(self._edited(event), "message edit")
             return
-        if event.get("bot_id") or event.get("bot_profile"):
-            return  # other bots (and us): no bot-to-bot loops
-        user, channel, ts = (
-            text_field(event, "user"),
-            text_field(event, "channel"),
-            text_field(event, "ts"),
-        )
+        if subtype not in _PERSON_SUBTYPES and subtype != "bot_message":
+            return  # deletions, joins, topic changes, …
+        mentioned = event.get("type") == "app_mention"
+        sender_bot = text_field(event, "bot_id")
+        if sender_bot or event.get("bot_profile") or subtype == "bot_message":
+            # Another bot is seen only when it @-mentions DuckLM (never its
+            # chatter in a thread); the service bounds replies to bots per thread.
+            if not mentioned or sender_bot == self.bot_id:
+                return
+        user = text_field(event, "user") or (sender_bot if mentioned else None)
+        channel, ts = text_field(event, "channel"), text_field(event, "ts")
         if not (user and channel and ts) or user == self.bot_user_id:
             return
         thread_ts = text_field(event, "thread_ts")
         thread = Thread(PLATFORM, channel, thread_ts or ts)
+        typed = decode_message(event, bot_user_id=self.bot_user_id, purpose="command")
         if not mentioned and event.get("channel_type") != "im":
-            # In channels only replies in a thread the bot works in are for it;
-            # an @-mention anywhere arrives as app_mention too.
-            if not thread_ts or not await self.service.is_bot_thread(thread):
+            # In channels only replies in a thread the bot works in are for it
+            # (an @-mention anywhere arrives as app_mention too), and not those
+            # that address other people only ("@bob can you check?").
+            if not thread_ts or typed.addresses_only_others:
                 return
-        if not await self._claim(f"slack:msg:{channel}:{ts}"):
-            return  # the same message, delivered as app_mention and as message
-        who = f"{PLATFORM}:{user}"
-        text = plain_text(text_field(event, "text") or "", self.bot_user_id)
-        if thread_ts and await self.service.handle_thread_reply(thread, who, text):
+            if not await self.service.is_bot_thread(thread):
+                return
+        text, note = self._input(event, typed)
+        keys = [f"slack:msg:{channel}:{ts}"]
+        if event_id:
+            keys.insert(0, f"slack:event:{event_id}")
+        inbound = Inbound(
+            thread=thread,
+            user=f"{PLATFORM}:{user}",
+            text=text,
+            deliveries=tuple(keys),
+            message_id=ts,
+            in_thread=bool(thread_ts),
+            from_bot=bool(sender_bot or event.get("bot_profile") or subtype == "bot_message"),
+            origin=origin_team(body, event),
+        )
+        outcome = await self.service.accept(inbound)
+        if outcome is not Accepted.NEW:
             return
-        if not text:  # a bare mention (or a file without words)
-            if mentioned:
-                await self.send(thread, "Hi! Ask me something, or try `/duck help`.")
-            return
+        if note:
+            self._remember_note(text, note)
+        if text and not (thread_ts and parse_decision(text)):
+            # :eyes: says "on it" at once; `working` waits for it before any status.
+            self._triggers.setdefault(thread.key, []).append((channel, ts))
+            self._reacting[thread.key] = self._spawn(self._react(channel, ts, "eyes"), "reaction")
+
+    def _input(self, event: dict[str, Any], typed: Decoded) -> tuple[str, str | None]:
+        """What goes to the service: a `run …` exactly as typed (autocorrect
+        undone, with a note saying so); a question with link targets as context."""
+        if is_run(typed.text):
+            verb, _, command = typed.text.partition(" ")
+            command, note = ascii_command(unwrap_code(command.strip()))
+            text = f"{verb} {command}"
+        else:
+            text = decode_message(event, bot_user_id=self.bot_user_id, purpose="question").text
+            note = None
         if len(text) > MAX_INPUT_CHARS:
             text = text[:MAX_INPUT_CHARS] + f"\n[message cut at {MAX_INPUT_CHARS} characters]"
-        await self._react(channel, ts, "eyes")  # "on it", within a second
-        self._triggers.setdefault(thread.key, []).append((channel, ts))
-        history = await self._history(channel, thread_ts, ts) if thread_ts else []
-        self.service.submit_message(thread, who, text, history)
+        return text, note
 
-    async def _history(self, channel: str, root: str, before: str) -> list[dict[str, str]]:
-        """The thread's earlier messages as chat history (ours → assistant)."""
-        assert self.client is not None
-        try:
-            reply = await self.client.conversations_replies(channel=channel, ts=root, limit=200)
-        except SlackApiError as exc:
-            logger.warning("could not read thread %s/%s: %s", channel, root, exc)
+    async def _edited(self, event: dict[str, Any]) -> None:
+        """An edit of a message the bot already took: say once, in its thread,
+        that edits are not re-run. Unfurls and other changes that leave the
+        text alone are no edits."""
+        message = event.get("message") if isinstance(event.get("message"), dict) else {}
+        previous = event.get("previous_message")
+        previous = previous if isinstance(previous, dict) else {}
+        channel, ts = text_field(event, "channel"), text_field(message, "ts")
+        user = text_field(message, "user")
+        if not (channel and ts and user) or user == self.bot_user_id or message.get("bot_id"):
+            return
+        if message.get("text") == previous.get("text"):
+            return
+        root = text_field(message, "thread_ts") or ts
+        thread = Thread(PLATFORM, channel, root)
+        addressed = (
+            event.get("channel_type") == "im"
+            or f"<@{self.bot_user_id}>" in str(previous.get("text") or "")
+            or (root != ts and await self.service.is_bot_thread(thread))
+        )
+        if not addressed:
+            return
+        # Claiming the message's own key tells whether the bot took it: a claim
+        # that succeeds now means it never did (and an edit never becomes a task).
+        if await self._claim(f"slack:msg:{channel}:{ts}"):
+            return
+        if not await self._claim(f"slack:edit:{channel}:{ts}"):
+            return  # told once per message
+        await self.send(
+            thread,
+            "I saw the edit, but edits are not re-run: I answered the message as it was. "
+            "Send a new message if you want me to act on the changed text.",
+        )
+
+    # -- ChatBackend: history ---------------------------------------------------------
+
+    async def history(self, thread: Thread, before: str | None) -> list[dict[str, str]]:
+        """The thread's earlier messages for the model: DuckLM's own record of
+        the thread where it has one, else read from Slack (newest within budget)."""
+        if thread.root is None:
             return []
-        history: list[dict[str, str]] = []
-        for message in reply.get("messages") or []:
-            ts = message.get("ts")
-            if not isinstance(ts, str) or ts_key(ts) >= ts_key(before):
-                continue
-            if ts in self._status_ts or message.get("subtype") not in _PERSON_SUBTYPES | {
-                "bot_message"
-            }:
-                continue
-            own = message.get("user") == self.bot_user_id or (
-                self.bot_id is not None and message.get("bot_id") == self.bot_id
-            )
-            content = plain_text(message.get("text") or "", self.bot_user_id)
-            if content:
-                role = "assistant" if own else "user"
-                history.append({"role": role, "content": content[:MAX_HISTORY_CHARS]})
-        return history[-MAX_HISTORY:]
+        stored = await stored_history(self.service.tasks, thread.key)
+        if stored is not None:
+            return stored
+        assert self.client is not None
+        if before == thread.root:
+            return []  # the thread's first message has nothing before it
+        return await slack_history(
+            self.client,
+            thread.channel,
+            thread.root,
+            before,
+            bot_user_id=self.bot_user_id,
+            bot_id=self.bot_id,
+            skip=self._status_ts,
+        )
 
     # -- inbound: buttons and the modal ------------------------------------------
 
@@ -561,8 +651,28 @@ class SlackPlatform(Platform, ChatBackend):
         if not isinstance(user, str) or not isinstance(channel, str):
             await ack()
             return
-        text = command.get("text") if isinstance(command.get("text"), str) else ""
-        job = self._spawn(self._command(channel, user, text), "/duck")
+        who = f"{PLATFORM}:{user}"
+        policy = self.service.policy
+        origin = text_field(command, "user_team") or text_field(command, "team_id")
+        if not policy.may_ask(who, origin=origin):
+            await ack(text=policy.refuse_ask_text(who), response_type="ephemeral")
+            return
+        if not policy.answers_in(PLATFORM, channel):
+            await ack(
+                text="DuckLM does not answer in this channel (DUCKLM_CHANNELS).",
+                response_type="ephemeral",
+            )
+            return
+        # The text arrives entity-encoded (and with <…> sequences when the command
+        # escapes users and links): decode it to what was typed, undo autocorrect.
+        raw = command.get("text") if isinstance(command.get("text"), str) else ""
+        text, note = ascii_command(decode_mrkdwn(raw, purpose="command").text)
+        if is_run(text):
+            verb, _, rest = text.partition(" ")
+            text = f"{verb} {unwrap_code(rest.strip())}"
+            if note:
+                self._remember_note(text, note)
+        job = self._spawn(self._command(channel, user, text, note), "/duck")
         # Answer in the ack when the command is quick (nearly all are); else ack
         # now and answer through the response_url when it is done.
         done, _ = await asyncio.wait({job}, timeout=COMMAND_ACK_BUDGET)
@@ -577,7 +687,9 @@ class SlackPlatform(Platform, ChatBackend):
             )
         )
 
-    async def _command(self, channel: str, user: str, text: str) -> str | None:
+    async def _command(
+        self, channel: str, user: str, text: str, note: str | None = None
+    ) -> str | None:
         try:
             reply = await self.service.handle_command(
                 Thread(PLATFORM, channel), f"{PLATFORM}:{user}", text, open_thread=True
@@ -590,7 +702,9 @@ class SlackPlatform(Platform, ChatBackend):
                 )
             raise
         if not reply:
-            return None
+            return f"Running it in a thread in this channel. {note}" if note else None
+        if note:
+            reply = f"{reply}\n\n{note}"
         # An ephemeral answer is for reading, not an archive: `task <id>` can be long.
         return clip_mrkdwn(to_mrkdwn(reply), 3 * MESSAGE_LIMIT, "_(cut; see `ducklm events`)_")
 
@@ -599,6 +713,9 @@ class SlackPlatform(Platform, ChatBackend):
     async def send(self, thread: Thread, text: str) -> str | None:
         """Post Markdown as mrkdwn. A long text is cut at a line break and the
         whole of it attached as a file (or, failing that, sent in pieces)."""
+        note = self._note_for_answer(text)
+        if note:
+            text = f"{text}\n\n_{note}_"
         body = to_mrkdwn(text)
         if len(body) <= MESSAGE_LIMIT:
             return await self._post(thread, body)
@@ -619,11 +736,18 @@ class SlackPlatform(Platform, ChatBackend):
 
     async def send_card(self, thread: Thread, card: ApprovalCard) -> str:
         assert self.client is not None
+        blocks = approval_blocks(card)
+        note = self._notes.get(card.command or "")
+        if note:  # before the buttons, where the approver reads the command
+            at = next((i for i, b in enumerate(blocks) if b.get("type") == "actions"), len(blocks))
+            blocks.insert(
+                at, {"type": "context", "elements": [{"type": "mrkdwn", "text": escape(note)}]}
+            )
         reply = await self.client.chat_postMessage(
             channel=thread.channel,
             thread_ts=thread.root,
             text=approval_text(card),
-            blocks=approval_blocks(card),
+            blocks=blocks,
             unfurl_links=False,
             unfurl_media=False,
         )
@@ -650,13 +774,17 @@ class SlackPlatform(Platform, ChatBackend):
         await self.client.chat_postEphemeral(
             channel=thread.channel,
             user=user_id,
-            text=to_mrkdwn(text)[: MESSAGE_LIMIT * 3],
+            text=clip_mrkdwn(to_mrkdwn(text), MESSAGE_LIMIT * 3, "…"),
             thread_ts=thread.root,
         )
 
     async def working(self, thread: Thread, status: str | None) -> None:
         """The :eyes: reaction says "on it" at once; a status message shows which
         tool runs, edited at most once per `status_interval`, deleted at the end."""
+        reacting = self._reacting.pop(thread.key, None)
+        if reacting is not None:  # the :eyes: first, then any status line
+            with contextlib.suppress(Exception):
+                await reacting
         state = self._status.setdefault(thread.key, _Status())
         async with state.lock:
             if status is None:
@@ -716,6 +844,25 @@ class SlackPlatform(Platform, ChatBackend):
             except SlackApiError as exc:
                 logger.info("could not delete status message: %s", exc)
             self._status_ts.discard(state.ts)
+
+    # -- notes on converted commands -------------------------------------------------
+
+    def _remember_note(self, command: str, note: str) -> None:
+        """Keep what autocorrect undoing changed in `command` (the text after
+        `run`), for its card and its direct answer; bounded."""
+        verb, _, rest = command.partition(" ")
+        key = rest.strip() if verb.lower() == "run" else command
+        self._notes[key] = note
+        while len(self._notes) > MAX_NOTES:
+            del self._notes[next(iter(self._notes))]
+
+    def _note_for_answer(self, text: str) -> str | None:
+        """A direct command's answer names the command (`$ cmd` or `` `cmd` … ``,
+        see runtime.loop.format_direct_result); its note goes with it."""
+        for command in list(self._notes):
+            if f"$ {command}\n" in text or f"`$ {command}`" in text or f"`{command}` " in text:
+                return self._notes.pop(command)  # said once; the next run may be typed plainly
+        return None
 
     # -- Web API helpers ------------------------------------------------------------------
 
