@@ -156,3 +156,33 @@ async def test_bad_configuration_and_database_are_clear_errors(tmp_path: Path) -
     (tmp_path / "garbage.db").write_bytes(b"this is not sqlite" * 100)
     code, _, err = await ducklm(tmp_path, "tasks", DUCKLM_DB=str(tmp_path / "garbage.db"))
     assert code == 1 and "Database error" in err and "Traceback" not in err
+
+
+async def test_a_piped_console_writes_the_markdown_source_without_escapes(
+    tmp_path: Path, model_server: FakeModelServer
+) -> None:
+    answer = "Disks are **fine**:\n- `/` at 40%\n\n```\n$ df -h /\n/dev/sda1  40%\n```"
+    model_server.set_default(ACTION, Text(directive()))
+    model_server.set_default(THINKER, Text(answer))
+    script = "how are the disks?\nrun echo piped-out\nrun touch piped.txt\na\nexit\n"
+
+    # a terminal type that asks for colour does not matter: stdout is a pipe
+    code, out, err = await ducklm(
+        tmp_path,
+        "console",
+        stdin=script,
+        TERM="xterm-256color",
+        DUCKLM_MODEL_BASE_URL=model_server.base_url,
+        DUCKLM_MODEL_API_KEY="sk-test",
+        DUCKLM_THINKER_MODEL=THINKER,
+        DUCKLM_ACTION_MODEL=ACTION,
+    )
+
+    assert code == 0, err
+    assert "\x1b" not in out
+    assert answer + "\n" in out  # the answer as the model wrote it, fences and all
+    assert "```\n$ echo piped-out\npiped-out\n```\n(exit 0" in out
+    assert "  $ touch piped.txt\n" in out and (tmp_path / "workspace" / "piped.txt").exists()
+    assert "> " not in out  # no prompt without a terminal
+    # a pipe has no readline, and no history file is written
+    assert not (tmp_path / "ducklm-console-history").exists()

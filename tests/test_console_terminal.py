@@ -201,6 +201,9 @@ async def test_a_terminal_shows_rendered_markdown_and_keeps_the_approval_flow(
         shown = await console.send(f"run echo {SECRET}")
         assert "[REDACTED" in shown and SECRET not in shown.replace(f"run echo {SECRET}", "")
 
+        # a line typed with a leading space runs, and stays out of the history
+        assert "No approvals are pending." in await console.send(" /duck approvals")
+
         # Tab completes the /duck grammar
         shown = await console.send("/duck rul\t")
         assert "/duck rules" in shown and "No rules." in shown
@@ -209,7 +212,7 @@ async def test_a_terminal_shows_rendered_markdown_and_keeps_the_approval_flow(
     history = tmp_path / "ducklm-console-history"
     assert stat.S_IMODE(history.stat().st_mode) == 0o600
     # every line as entered (the Tab-completed one in full), except the one holding
-    # a secret and `exit`
+    # a secret, the one with a leading space and `exit`
     assert history.read_text().splitlines() == [
         "how are the disks?",
         "run echo hi-from-the-pty",
