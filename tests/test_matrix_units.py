@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import stat
 from datetime import UTC, datetime
 from pathlib import Path
@@ -11,10 +12,15 @@ from pathlib import Path
 import pytest
 
 from bot.backend import ApprovalCard, CardResolution
+from bot.matrix.backlog import is_late
 from bot.matrix.format import (
+    ALWAYS_KEY,
+    APPROVE_KEY,
+    DENY_KEY,
     MAX_EVENT_CONTENT_BYTES,
     addressed_content,
     card_markdown,
+    clip_text,
     fence,
     message_content,
     render_html,
@@ -22,7 +28,10 @@ from bot.matrix.format import (
 )
 from bot.matrix.parsing import (
     command_text,
+    is_automated,
+    mentioned_users,
     normalize_reaction,
+    reaction_decision,
     strip_reply_fallback,
     user_in,
 )
@@ -198,3 +207,115 @@ def test_damaged_state_files_mean_a_fresh_start(tmp_path: Path) -> None:
     state.sync_path.write_text("[]")
     assert state.load_session("https://hs", "@duck:hs") is None
     assert state.load_sync_token("@duck:hs") is None
+
+
+def test_room_markers_are_saved_with_the_token(tmp_path: Path) -> None:
+    state = MatrixState(tmp_path)
+    me = "@duck:hs"
+    state.save_sync_token(me, "s1", {"!a:hs": "$one", "!b:hs": "$two"})
+    assert state.load_sync_token(me) == "s1"
+    assert state.load_last_handled(me) == {"!a:hs": "$one", "!b:hs": "$two"}
+    assert state.load_last_handled("@other:hs") == {}
+    state.sync_path.write_text('{"user_id": "@duck:hs", "next_batch": "s2", "rooms": [1]}')
+    assert state.load_last_handled(me) == {} and state.load_sync_token(me) == "s2"
+
+
+# -- clipping after escaping ------------------------------------------------------------
+
+
+def test_clipping_closes_an_open_code_fence() -> None:
+    text = "Here is the log:\n\n```\n" + "line <&> of the log\n" * 3000 + "```\n\nThe end."
+    clipped = clip_text(text, 2000)
+    assert len(clipped) <= 2000
+    assert clipped.endswith("```\n\n[… message shortened]")
+    assert clipped.count("```") % 2 == 0
+    html = render_html(clipped)
+    assert html.count("<pre>") == html.count("</pre>") == 1
+    assert html.count("<code>") == html.count("</code>")
+
+
+def test_clipping_keeps_a_long_fence_and_tildes() -> None:
+    for opener in ("`````", "~~~"):
+        clipped = clip_text(f"{opener}\n" + "x ``` y\n" * 1000, 500)
+        assert clipped.endswith(f"\n{opener}\n\n[… message shortened]"), clipped[-60:]
+    closed = "```\ncode\n```\n" + "words " * 1000
+    assert "```\n\n[…" not in clip_text(closed, 300)  # nothing open: nothing added
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<&>\"'" * 30_000,  # escaping makes the HTML five times the text
+        "```\n" + "& " * 40_000,  # an open fence full of entities
+        "🦆 " * 40_000,
+        "`a&b` " * 20_000,
+    ],
+)
+def test_every_body_fits_and_its_html_is_whole(text: str) -> None:
+    content = message_content(text)
+    assert len(json.dumps(content).encode()) <= MAX_EVENT_CONTENT_BYTES
+    assert content["body"].endswith("[… message shortened]")
+    assert content["body"].count("```") % 2 == 0
+    html = content.get("formatted_body", "")
+    assert re.search(r"&[a-z#0-9]*$", html.split("<")[-1]) is None  # no half entity
+    for tag in ("pre", "code", "p"):
+        assert html.count(f"<{tag}>") + html.count(f"<{tag} ") == html.count(f"</{tag}>"), tag
+
+
+def test_a_huge_command_leaves_the_card_answerable_and_its_edit_fits() -> None:
+    huge = card(command="echo '" + "a&b<c> " * 20_000 + "'")
+    content = message_content(card_markdown(huge))
+    assert "React" in content["body"] and "approve" in content["body"]
+    assert "more characters not shown" in content["body"]
+    assert len(json.dumps(content).encode()) <= MAX_EVENT_CONTENT_BYTES
+    resolved = resolution_markdown(huge, CardResolution("approve", "matrix:@a:hs", None))
+    half = message_content(resolved, max_bytes=MAX_EVENT_CONTENT_BYTES // 2 - 500)
+    assert len(json.dumps(half).encode()) * 2 <= MAX_EVENT_CONTENT_BYTES
+    assert "Approved" in half["body"]
+
+
+def test_addressed_content_clips_the_html_too() -> None:
+    content = addressed_content("@bob:hs", "<&>" * 50_000, "Bob")
+    assert len(json.dumps(content).encode()) <= MAX_EVENT_CONTENT_BYTES
+    assert content["body"].startswith("Bob: ")
+
+
+# -- reactions, mentions, bots -----------------------------------------------------------
+
+
+def test_only_the_offered_keys_decide() -> None:
+    assert reaction_decision("\u2705\ufe0f") == reaction_decision("\u2705") == "approve"
+    assert reaction_decision("\u274c\ufe0f") == reaction_decision("\u274c") == "deny"
+    assert reaction_decision("\u267e\ufe0f") == reaction_decision("\u267e") == "always"
+    for key in ("👍", "👍️", "✔", "✔️", "☑️", "👎", "✖️", "❎", "🎉", "approve", ""):
+        assert reaction_decision(key) is None, key
+    assert (APPROVE_KEY, DENY_KEY, ALWAYS_KEY) == ("\u2705\ufe0f", "\u274c\ufe0f", "\u267e\ufe0f")
+
+
+def test_mentioned_users_prefers_intentional_mentions() -> None:
+    pills = (
+        '<a href="https://matrix.to/#/@bob:hs">Bob</a> and '
+        '<a href="https://matrix.to/#/%40carol%3Ahs">C</a>'
+    )
+    assert mentioned_users({"formatted_body": pills}) == {"@bob:hs", "@carol:hs"}
+    assert mentioned_users({"formatted_body": pills, "m.mentions": {}}) == set()
+    assert mentioned_users({"m.mentions": {"user_ids": ["@bob:hs", 3]}}) == {"@bob:hs"}
+    assert mentioned_users({"m.mentions": {"user_ids": "@bob:hs"}}) == set()
+    assert mentioned_users({"body": "@bob:hs hi"}) == set()
+
+
+def test_automated_marker() -> None:
+    assert is_automated({"m.automated": True})
+    assert not is_automated({"m.automated": "yes"})  # MSC3955: anything but true is false
+    assert not is_automated({})
+
+
+# -- catching up ----------------------------------------------------------------------------
+
+
+def test_late_means_before_the_start_or_long_ago() -> None:
+    started, now = 1_000_000, 2_000_000
+    assert is_late({"origin_server_ts": started - 1}, started, now)
+    assert not is_late({"origin_server_ts": now - 1000}, started, now)
+    assert is_late({"origin_server_ts": now - 61_000}, 0, now)
+    assert is_late({}, started, now)  # no timestamp: treated as old

@@ -78,7 +78,7 @@ def user_in(user_id: str | None, entries: Iterable[str]) -> bool:
     return False
 
 
-_PILL = re.compile(r"""href=["']https://matrix\.to/#/(@[^"'/?]+)""", re.IGNORECASE)
+_PILL = re.compile(r"""href=["']https://matrix\.to/#/((?:@|%40)[^"'/?]+)""", re.IGNORECASE)
 
 
 def mentioned_users(content: dict[str, Any]) -> set[str]:
