@@ -1,22 +1,28 @@
 """Slack: slack-bolt's AsyncApp over Socket Mode (default) or HTTP.
 
-Inbound, every listener acks at once and hands the work to a job this class
-keeps a strong reference to (bolt's own fire-and-forget futures can be
-garbage-collected mid-run); the long work then runs in `ChatService`.
+Inbound, a person's message is handed to the service before bolt acknowledges
+it (a global middleware, so the 200 or the Socket Mode ack goes out only once
+the message is recorded); everything else acks at once and hands the work to
+a job this class keeps a strong reference to (bolt's own fire-and-forget
+futures can be garbage-collected mid-run).
 
-    app_mention / DM / reply in a bot thread -> service.submit_message
-    thread reply "approve"/"deny …"/"always"  -> service.handle_thread_reply
+    app_mention / DM / reply in a bot thread -> service.accept(Inbound)
+        (decision words, the empty-mention hint and new tasks are the service's)
+    edit of a message the bot took            -> one "edits are not re-run" reply
     button click                              -> service.handle_decision
     "Deny with reason…" modal                 -> service.handle_decision(…, note)
     /duck …                                   -> service.handle_command
+
+What people typed is decoded once (bot/slack/text.py); thread history comes
+from DuckLM's own record or from conversations.replies (bot/slack/history.py).
 
 Outbound, `SlackPlatform` is the service's `ChatBackend` for "slack".
 
 Slack retries an event it thinks was not delivered (and bolt does not notice),
 and one @-mention arrives twice (`app_mention` and `message.*`). Both are
-de-duplicated in the store, so neither a retry after a restart nor the second
-copy starts a second task: event ids in a global middleware, (channel, ts) just
-before a message becomes a task.
+de-duplicated in the store: a message's event id and its (channel, ts) are
+claimed in accept's transaction, so neither a retry after a restart nor the
+second copy starts a second task; other events have their event id claimed.
 """
 
 from __future__ import annotations
