@@ -106,11 +106,17 @@ class Output:
         if not self.styled:
             self.line(text)
             return
-        self._console().print(terminal_markdown(visible(text)))
+        try:
+            self._console().print(terminal_markdown(visible(text)))
+        except Exception:
+            # rich writes only once a whole answer is rendered: if it cannot render
+            # one, nothing was written, and the reader gets the source instead.
+            self.line(text)
 
     def _console(self) -> RichConsole:
-        # rich (and the pygments it highlights with) costs ~80 ms to import:
-        # paid at the first styled answer, never by a piped console.
+        # Imported here: rich's console costs ~50 ms to import, its Markdown (with
+        # pygments) ~20 ms more (python -X importtime). Only a console on a
+        # terminal pays it, at its first styled line; a piped one never does.
         if self._rich is None:
             from rich.console import Console
 
