@@ -21,8 +21,7 @@ answers with a hint) spends a token but holds no slot.
 Everything here lives in memory, per process: a restart forgets the counts and
 refills the buckets, which errs towards serving people. Check and charge
 happen in one synchronous call, so concurrent deliveries cannot both take the
-last slot; `cancel` undoes a charge when the store then says the delivery was a
-duplicate (Slack sends every @-mention twice).
+last slot; `cancel` undoes a charge when recording the request then fails.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -133,7 +132,9 @@ class Admission:
         self._stranger_told: OrderedDict[str, float] = OrderedDict()
         self._flood_told: OrderedDict[str, None] = OrderedDict()
         self._bot_thread_told: OrderedDict[str, None] = OrderedDict()
-        self._charges: dict[Inbound, list[_Charge]] = {}
+        # What each admitted request holds, by the caller's key for it: the
+        # Inbound at first, its inbox id once recorded (see `rekey`).
+        self._charges: dict[Hashable, list[_Charge]] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings, policy: AccessPolicy) -> Admission:
@@ -149,8 +150,10 @@ class Admission:
     # -- the decision ------------------------------------------------------------
 
     def admit(self, inbound: Inbound) -> Refusal | None:
-        """None: admitted, and charged (a slot, tokens) until `finished` (or
-        `cancel`). A Refusal: nothing charged; give the sender its text, if any."""
+        """None: admitted, and charged (a slot, tokens) under the key `inbound`
+        until `finished` (or `cancel`). A Refusal: nothing charged; give the
+        sender its text, if any. Call it once per delivery, after the delivery
+        keys were claimed (a duplicate must not count)."""
         now = self.clock()
         thread = inbound.thread
         channel = f"{thread.platform}:{thread.channel}"
@@ -198,9 +201,16 @@ class Admission:
         self._remember(inbound, charge)
         return None
 
-    def cancel(self, inbound: Inbound) -> None:
-        """Undo `admit` for a delivery the store found to be a duplicate."""
-        charge = self._forget(inbound)
+    def rekey(self, old: Hashable, new: Hashable) -> None:
+        """From now on the admitted request `old` (its Inbound) is known as `new`
+        (e.g. its inbox id) to `started`, `finished` and `cancel`."""
+        for charge in self._charges.pop(old, []):
+            self._charges.setdefault(new, []).append(charge)
+
+    def cancel(self, key: Hashable) -> None:
+        """Undo `admit` for a request that did not become work after all (its
+        delivery turned out a duplicate, or recording it failed)."""
+        charge = self._forget(key)
         if charge is None:
             return
         now = self.clock()
@@ -217,8 +227,8 @@ class Admission:
             self._flood_told[charge.user] = None
 
     def cancel_refusal(self, inbound: Inbound, refusal: Refusal) -> None:
-        """Undo the "told" mark of a refusal whose delivery was a duplicate (the
-        answer was not sent, so the next copy may send it)."""
+        """Undo the "told" mark of a refusal that was never sent (recording the
+        delivery failed, so the platform's retry may send it)."""
         if refusal.text is None:
             return
         if refusal.reason == "stranger":
@@ -230,26 +240,27 @@ class Admission:
 
     # -- the service's side: a task starts and ends --------------------------------
 
-    def started(self, inbound: Inbound) -> None:
-        """The admitted inbound's task got a run slot (it was queued until now)."""
-        charges = self._charges.get(inbound)
+    def started(self, key: Hashable) -> None:
+        """The admitted request's task got a run slot (it was queued until now)."""
+        charges = self._charges.get(key)
         if charges:
             charges[0].started = True
 
-    def finished(self, inbound: Inbound) -> None:
-        """The admitted inbound's work ended (answered, waiting for approval,
-        failed): its slot is free. Unknown or repeated calls do nothing."""
-        charge = self._forget(inbound)
+    def finished(self, key: Hashable) -> None:
+        """The admitted request's work ended (answered, waiting for approval,
+        failed): its slot is free. Unknown or repeated calls do nothing, so a
+        message recovered after a restart (never admitted here) is harmless."""
+        charge = self._forget(key)
         if charge is not None:
             self._release(charge)
 
     @contextlib.contextmanager
-    def holding(self, inbound: Inbound) -> Iterator[None]:
-        """`with admission.holding(inbound): ...` = finished() however it ends."""
+    def holding(self, key: Hashable) -> Iterator[None]:
+        """`with admission.holding(key): ...` = finished() however it ends."""
         try:
             yield
         finally:
-            self.finished(inbound)
+            self.finished(key)
 
     def load(self, *, user: str | None = None, channel: str | None = None) -> int:
         """Requests running or queued for a user, or in a channel (`slack:C1`)."""
@@ -322,16 +333,16 @@ class Admission:
         buckets.move_to_end(key)
         return bucket
 
-    def _remember(self, inbound: Inbound, charge: _Charge) -> None:
-        self._charges.setdefault(inbound, []).append(charge)
+    def _remember(self, key: Hashable, charge: _Charge) -> None:
+        self._charges.setdefault(key, []).append(charge)
 
-    def _forget(self, inbound: Inbound) -> _Charge | None:
-        charges = self._charges.get(inbound)
+    def _forget(self, key: Hashable) -> _Charge | None:
+        charges = self._charges.get(key)
         if not charges:
             return None
         charge = charges.pop(0)
         if not charges:
-            del self._charges[inbound]
+            del self._charges[key]
         return charge
 
     def _release(self, charge: _Charge) -> None:

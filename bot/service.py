@@ -21,7 +21,7 @@ from uuid import uuid4
 
 from bot import commands as c
 from bot.admin import CommandRunner, clip, when
-from bot.admission import Admission
+from bot.admission import Admission, Refusal
 from bot.backend import ApprovalCard, CardResolution, ChatBackend, Thread
 from bot.inbox import Accepted, Inbound
 from bot.policy import AccessPolicy
@@ -100,30 +100,56 @@ class ChatService:
         before the platform acknowledges the delivery; then carry it out in the
         background. A message recorded here is answered even if the process dies
         right after (recovery takes the open inbox row)."""
+        refusal: Refusal | None = None
         try:
             async with self.db.transaction():
                 for key in inbound.deliveries:
                     if not await self.deliveries.claim(key):
                         raise _Duplicate(key)  # rolls back the keys claimed so far
-                # admission (issue #22): a refusal check goes here; the claims above
-                # stay recorded (a retry is a duplicate), no inbox row is written.
-                row = await self.inbox.insert(
-                    inbound.thread.key,
-                    inbound.user,
-                    inbound.text,
-                    deliveries=inbound.deliveries,
-                    message_id=inbound.message_id,
-                    in_thread=inbound.in_thread,
-                    from_bot=inbound.from_bot,
-                    origin=inbound.origin,
-                    late=inbound.late,
-                    owner=self.instance,
-                )
+                # admission (issue #22): after the claims, so a duplicate costs
+                # nothing; a refused message keeps its claims (a retry is a
+                # duplicate) and gets no inbox row, so no task.
+                refusal = self.admission.admit(inbound)
+                if refusal is not None and refusal.reason != "channel":
+                    await self.events.append(
+                        None, "request_refused", _refused_payload(inbound, refusal)
+                    )
+                if refusal is None:
+                    row = await self.inbox.insert(
+                        inbound.thread.key,
+                        inbound.user,
+                        inbound.text,
+                        deliveries=inbound.deliveries,
+                        message_id=inbound.message_id,
+                        in_thread=inbound.in_thread,
+                        from_bot=inbound.from_bot,
+                        origin=inbound.origin,
+                        late=inbound.late,
+                        owner=self.instance,
+                    )
         except _Duplicate:
             return Accepted.DUPLICATE
+        except BaseException:  # not recorded: the platform's retry starts afresh
+            self.admission.cancel(inbound)
+            if refusal is not None:
+                self.admission.cancel_refusal(inbound, refusal)
+            raise
+        if refusal is not None:
+            return self._refused(inbound, refusal)
+        self.admission.rekey(inbound, row.inbox_id)  # finished() in _inbound
         crash_point("message_recorded")  # test seam (issue #15): recorded, no task yet
         self.start_inbound(row)
         return Accepted.NEW
+
+    def _refused(self, inbound: Inbound, refusal: Refusal) -> Accepted:
+        """Admission said no (issue #22): the claims and a `request_refused` event
+        are recorded, nothing else; the sender is told why, privately, when
+        admission says so (at most once an hour, or once per burst)."""
+        logger.info("refused %s in %s: %s", inbound.user, inbound.thread.key, refusal.reason)
+        backend = self.backends.get(inbound.thread.platform)
+        if refusal.text and backend is not None:
+            self._spawn(self._safely(backend.tell(inbound.thread, inbound.user, refusal.text)))
+        return Accepted.REFUSED
 
     def start_inbound(self, row: InboxRow) -> None:
         """Carry out a recorded message in the background (from accept or recovery)."""
@@ -145,6 +171,7 @@ class ChatService:
             await self._safely(self.inbox.close(row.inbox_id, "failed"))
         finally:
             self._inbound_jobs.discard(row.inbox_id)
+            self.admission.finished(row.inbox_id)  # its flood-limit slot (issue #22)
 
     async def _process_inbound(self, row: InboxRow) -> None:
         thread = Thread.parse(row.conversation)
@@ -641,6 +668,16 @@ class ChatService:
         except Exception:
             logger.exception("chat platform call failed")
             return None
+
+
+def _refused_payload(inbound: Inbound, refusal: Refusal) -> dict[str, Any]:
+    return {
+        "user": inbound.user,
+        "origin": inbound.origin,
+        "conversation": inbound.thread.key,
+        "reason": refusal.reason,
+        "told": refusal.text is not None,
+    }
 
 
 def _already_decided(approval: Approval) -> str:
