@@ -442,6 +442,8 @@ class SlackPlatform(Platform, ChatBackend):
             if not await self.service.is_bot_thread(thread):
                 return
         text, note = self._input(event, typed)
+        if not text and not mentioned:
+            return  # a file without words in a thread or DM: nothing to answer
         keys = [f"slack:msg:{channel}:{ts}"]
         if event_id:
             keys.insert(0, f"slack:event:{event_id}")
@@ -494,22 +496,28 @@ class SlackPlatform(Platform, ChatBackend):
             return
         root = text_field(message, "thread_ts") or ts
         thread = Thread(PLATFORM, channel, root)
+        # Was the message as sent for the bot (so it took it)? The same test as
+        # for a new message: a mention, a DM, or a reply in a bot thread that
+        # does not address other people only. Nothing is claimed but the hint.
+        before = decode_message(previous, bot_user_id=self.bot_user_id)
         addressed = (
-            event.get("channel_type") == "im"
-            or f"<@{self.bot_user_id}>" in str(previous.get("text") or "")
-            or (root != ts and await self.service.is_bot_thread(thread))
+            before.mentions_bot
+            or event.get("channel_type") == "im"
+            or (
+                root != ts
+                and not before.addresses_only_others
+                and await self.service.is_bot_thread(thread)
+            )
         )
-        if not addressed:
-            return
-        # Claiming the message's own key tells whether the bot took it: a claim
-        # that succeeds now means it never did (and an edit never becomes a task).
-        if await self._claim(f"slack:msg:{channel}:{ts}"):
+        if not addressed or not self.service.policy.may_ask(
+            f"{PLATFORM}:{user}", origin=origin_team({}, message)
+        ):
             return
         if not await self._claim(f"slack:edit:{channel}:{ts}"):
             return  # told once per message
         await self.send(
             thread,
-            "I saw the edit, but edits are not re-run: I answered the message as it was. "
+            "I saw the edit, but edits are not re-run: I took the message as it was sent. "
             "Send a new message if you want me to act on the changed text.",
         )
 
