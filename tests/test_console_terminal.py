@@ -249,3 +249,15 @@ async def test_ctrl_c_at_the_prompt_ends_the_console_and_restores_the_terminal(
         assert "Traceback" not in console.screen
         assert console.process is not None and console.process.stderr is not None
         assert b"Traceback" not in await console.process.stderr.read()
+
+
+async def test_a_history_file_that_cannot_be_used_is_said_once_and_the_console_works(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "ducklm-console-history").mkdir()  # in the way of the file
+    async with PtyConsole(tmp_path) as console:
+        shown = await console.send("run echo still-here")
+        assert "still-here" in shown
+        assert console.screen.count("Console history is off:") == 1
+        assert "ducklm-console-history: Is a directory" in console.screen
+        assert await console.leave() == 0

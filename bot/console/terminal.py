@@ -100,8 +100,7 @@ class Console:
         self.note(GREETING)
         if self.runtime.model is None:
             self.note(NO_MODEL_NOTICE)
-        if reader.problem:
-            self.say(reader.problem)
+        self._report(reader)
         while True:
             line = await reader.read("> ")
             if line is None:  # EOF
@@ -115,9 +114,13 @@ class Console:
                 await self.handle(line)
             except Exception as exc:  # one bad line must not end the session
                 self.say(f"Error: {type(exc).__name__}: {exc}")
-            if reader.problem:
-                self.say(reader.problem)
-                reader.problem = None
+            self._report(reader)
+
+    def _report(self, reader: LineReader) -> None:
+        """Say once why the history file is not used (it cannot be read or written)."""
+        if reader.problem:
+            self.say(reader.problem)
+            reader.problem = None
 
     def _may_remember(self, line: str) -> bool:
         """What joins the history: not a line holding a secret (as the runtime redacts
