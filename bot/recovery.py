@@ -268,17 +268,13 @@ class Recovery:
     async def _continue_decided(self) -> None:
         """Decisions committed whose continuation never started (a crash right after
         the click). The continuation's compare-and-set on the task keeps it once."""
-        for task in await self.tasks.list_recent(10_000, status="waiting_for_approval"):
-            decided = [
-                a
-                for a in await self.approvals.list_for_task(task.task_id)
-                if a.decision in ("approve", "always", "deny") and a.executed_at is None
-            ]
-            if not decided:
-                continue
-            thread = await self.service.thread_of(task.task_id)
+        latest: dict[str, Approval] = {}
+        for approval in await self.approvals.decided_not_carried_out():
+            latest[approval.task_id] = approval  # oldest first: the last one wins
+        for task_id, approval in latest.items():
+            thread = await self.service.thread_of(task_id)
             if thread is not None:
-                self.service.continue_task(thread, task.task_id, decided[-1].approval_id)
+                self.service.continue_task(thread, task_id, approval.approval_id)
 
     # -- inbox and cards --------------------------------------------------------
 

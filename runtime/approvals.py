@@ -185,6 +185,10 @@ class ApprovalService:
         """Pending approvals without a card, decided ones whose card still has buttons."""
         return await self._approvals.cards_lagging(limit)
 
+    async def decided_not_carried_out(self) -> list[Approval]:
+        """Decisions of waiting tasks whose continuation never started (recovery)."""
+        return await self._approvals.decided_not_carried_out()
+
     async def replacement_of(self, approval_id: str) -> Approval | None:
         return await self._approvals.replacement_of(approval_id)
 

@@ -241,6 +241,21 @@ class ApprovalStore:
         )
         return [_approval(row) for row in rows]
 
+    async def decided_not_carried_out(self, limit: int = 1000) -> list[Approval]:
+        """Decisions whose continuation never started: the task still waits, has
+        nothing else pending, and the decided action was not claimed. Oldest first."""
+        rows = await self.db.fetchall(
+            f"SELECT {', '.join('a.' + c.strip() for c in _COLUMNS.split(','))} "
+            "FROM approvals a JOIN tasks t ON t.task_id = a.task_id "
+            "WHERE t.status = 'waiting_for_approval' "
+            "AND a.decision IN ('approve', 'always', 'deny') AND a.executed_at IS NULL "
+            "AND NOT EXISTS (SELECT 1 FROM approvals p "
+            "WHERE p.task_id = a.task_id AND p.decision IS NULL) "
+            "ORDER BY a.created_at, a.rowid LIMIT ?",
+            (limit,),
+        )
+        return [_approval(row) for row in rows]
+
     async def replacement_of(self, approval_id: str) -> Approval | None:
         """The approval that offers `approval_id`'s action again, if any."""
         row = await self.db.fetchone(
