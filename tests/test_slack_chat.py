@@ -22,7 +22,7 @@ from bot.backend import Thread
 from bot.slack.blocks import ACTION_APPROVE, ACTION_DENY_REASON
 from tests.conftest import ACTION, THINKER, directive, shell
 from tests.fakes.openai_server import FakeModelServer, Text
-from tests.fakes.slack_api import BOT_USER, FakeSlack
+from tests.fakes.slack_api import BOT_USER, FakeSlack, event_callback
 from tests.test_slack import (
     ADMIN,
     APPROVER,
@@ -350,3 +350,46 @@ async def test_slash_commands_from_someone_who_may_not_ask_are_refused(
         assert await direct_tasks(bot) == []
     finally:
         await stop_bot(bot)
+
+
+async def test_a_schedule_stores_its_prompt_and_cron_as_typed(bot: Bot) -> None:
+    # Autocorrect made the cron quotes typographic; Slack encoded the "&".
+    text = "schedule add \u201c0 9 * * 1-5\u201d check disks &amp; logs on &lt;web-1&gt;"
+    added = await slash(bot, "slash_run_link.json", text=text)
+    assert "schedule" in added["text"].lower() and "changed to ASCII" in added["text"]
+    (schedule,) = await bot.runtime.stores.schedules.list()
+    assert schedule.cron == "0 9 * * 1-5"
+    assert schedule.prompt == "check disks & logs on <web-1>"
+
+
+async def test_another_bot_is_heard_only_when_it_mentions_duckLM(
+    bot: Bot, model: FakeModelServer, slack: FakeSlack
+) -> None:
+    model.reply(THINKER, Text("Disk alert looked at."))
+    alert = slack.add_message(
+        CHANNEL, f"<@{BOT_USER}> disk alert on web-1", user="UALERTBOT", bot_id="BALERT001"
+    )
+    event = {
+        "type": "app_mention",
+        "user": "UALERTBOT",
+        "bot_id": "BALERT001",
+        "bot_profile": {"id": "BALERT001", "name": "alerts"},
+        "text": alert["text"],
+        "ts": alert["ts"],
+        "channel": CHANNEL,
+        "event_ts": alert["ts"],
+        "team": "TFAKE0001",
+    }
+    await bot.deliver(event_callback(event))
+    await bot.wait_text(alert["ts"], "looked at")
+    assert questions(model) == ["disk alert on web-1"]
+    # Its chatter in the thread without a mention is not for DuckLM.
+    await bot.say(
+        "still firing",
+        user="UALERTBOT",
+        thread_ts=alert["ts"],
+        bot_id="BALERT001",
+        subtype="bot_message",
+    )
+    await bot.settle()
+    assert len(questions(model)) == 1
