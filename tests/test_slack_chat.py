@@ -19,7 +19,7 @@ import pytest
 import pytest_asyncio
 
 from bot.backend import Thread
-from bot.slack.blocks import ACTION_APPROVE, ACTION_DENY_REASON
+from bot.slack.blocks import ACTION_APPROVE, ACTION_DENY, ACTION_DENY_REASON
 from tests.conftest import ACTION, THINKER, directive, shell
 from tests.fakes.openai_server import FakeModelServer, Text
 from tests.fakes.slack_api import BOT_USER, FakeSlack, event_callback
@@ -393,3 +393,55 @@ async def test_another_bot_is_heard_only_when_it_mentions_duckLM(
     )
     await bot.settle()
     assert len(questions(model)) == 1
+
+
+async def test_replies_to_another_bot_are_bounded_per_thread(
+    tmp_path: Path, model: FakeModelServer, slack: FakeSlack
+) -> None:
+    bot = await start_bot(tmp_path, model, slack, bot_replies_per_thread=2)
+    try:
+        root = slack.add_message(CHANNEL, "alerts", user="UALERTBOT", bot_id="BALERT001")
+        for i in range(4):  # a bot that keeps mentioning DuckLM in one thread
+            said = slack.add_message(
+                CHANNEL,
+                f"<@{BOT_USER}> alert {i}",
+                user="UALERTBOT",
+                bot_id="BALERT001",
+                thread_ts=root["ts"],
+            )
+            event = {
+                "type": "app_mention",
+                "user": "UALERTBOT",
+                "bot_id": "BALERT001",
+                "text": said["text"],
+                "ts": said["ts"],
+                "thread_ts": root["ts"],
+                "channel": CHANNEL,
+                "event_ts": said["ts"],
+            }
+            await bot.deliver(event_callback(event))
+            await bot.settle()
+        assert questions(model) == ["alert 0", "alert 1"]
+    finally:
+        await stop_bot(bot)
+
+
+async def test_a_decision_word_after_the_decision_is_told_not_asked(
+    bot: Bot, model: FakeModelServer, slack: FakeSlack
+) -> None:
+    model.reply(ACTION, Text(directive(shell("touch x", reason="make x"))))
+    ts, _ = await bot.mention("make x")
+    card, approval = await bot.wait_card(ts)
+    model.reply(THINKER, Text("Left it."))
+    await bot.click(ACTION_DENY, approval, card["ts"], thread_ts=ts)
+    await bot.wait_text(ts, "Left it.")
+    await bot.settle()
+    asked = len(model.requests)
+    await bot.say("approve", user=APPROVER, thread_ts=ts)
+    told = await slack.wait_for(
+        lambda: [e for e in slack.ephemeral if "Already decided" in e["text"]], what="the answer"
+    )
+    assert told[0]["user"] == APPROVER and told[0]["thread_ts"] == ts
+    await bot.settle()
+    assert len(model.requests) == asked  # never a model call
+    assert not (bot.workspace / "x").exists()
