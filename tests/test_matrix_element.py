@@ -31,7 +31,6 @@ from tests.test_matrix import (
     content_answers,
     edit_of,
     joined,
-    poll,
     room_with_bot,
 )
 
@@ -429,6 +428,13 @@ async def test_strangers_are_declined_refused_and_left(
     )
     assert model_server.requests == []
     assert not (tmp_path / "workspace" / "stranger.txt").exists()
+    # nor directly: `!duck run` is refused the same way
+    ran = await bob.element_say(room, "!duck run touch direct.txt")
+    await bob.wait_for(bot_notice(duck, ran, "DUCKLM_REQUESTERS"), "the command's refusal")
+    assert (
+        await bot.runtime.stores.tasks.list_by_conversation(Thread("matrix", room, ran).key) == []
+    )
+    assert not (tmp_path / "workspace" / "direct.txt").exists()
 
     await alice.client.room_leave(room)
     await bob.wait_for(
@@ -442,4 +448,3 @@ async def test_strangers_are_declined_refused_and_left(
         ),
         "the bot leaving",
     )
-    await poll(lambda: room not in bot.platform.connection.require_client().rooms, "the bot gone")

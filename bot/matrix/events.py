@@ -56,6 +56,7 @@ logger = logging.getLogger("ducklm.matrix")
 HISTORY_TIMEOUT = 10.0
 MAX_HISTORY_EVENTS = 40
 ENCRYPTED_NOTICE_INTERVAL = 600.0  # at most one "cannot read this" notice per room per 10 min
+REFUSAL_INTERVAL = 3600.0  # a stranger's `!duck` is refused aloud at most this often
 
 ENCRYPTED_NOTICE = (
     "I can't read end-to-end encrypted messages, so I did not see what was said here. "
@@ -92,6 +93,7 @@ class MatrixEvents:
         self._reply_roots = Lru()  # replied-to event -> its thread root
         self._encrypted_notice_at: dict[str, float] = {}
         self._leaving: set[str] = set()
+        self._refused_at = Lru()  # stranger -> when they were last told so
 
     async def on_room_event(
         self, room: MatrixRoom, source: dict[str, Any], *, late: bool = False
@@ -129,10 +131,14 @@ class MatrixEvents:
 
         command = command_text(text)
         if command is not None:
-            if await self._claim(event_id):
+            if not await self._claim(event_id):
+                return
+            if self._may_command(room, user):
                 reply = await self.service.handle_command(thread, user, command)
                 if reply:
                     await self.backend.send(thread, reply)
+            elif self._refusal_due(user):
+                await self.backend.tell(thread, user, self.service.policy.refuse_ask_text(user))
             return
 
         in_thread = thread.root != event_id
@@ -153,6 +159,23 @@ class MatrixEvents:
         outcome = await self.service.accept(inbound)
         if outcome is Accepted.DUPLICATE:
             logger.debug("matrix: %s was handled before", event_id)
+
+    def _may_command(self, room: MatrixRoom, user: str) -> bool:
+        """`!duck` keeps its own path (not the inbox), so who may ask is checked here."""
+        policy = self.service.policy
+        return policy.answers_in(PLATFORM, room.room_id) and policy.may_ask(user)
+
+    def _refusal_due(self, user: str) -> bool:
+        """Tell a stranger at most once an hour (a refusal per command would let
+        anyone make the bot talk)."""
+        if self.service.policy.may_ask(user):
+            return False  # a room outside DUCKLM_CHANNELS: silence
+        now = time.monotonic()
+        last = self._refused_at.get(user)
+        if last is not None and now - last < REFUSAL_INTERVAL:
+            return False
+        self._refused_at.put(user, now)
+        return True
 
     @staticmethod
     def _text_of(content: dict[str, Any]) -> str:
@@ -207,6 +230,11 @@ class MatrixEvents:
         thread = await self._thread_of(room.room_id, original_id, relates)
         in_thread = thread.root != original_id
         if not await self._addressed(room, content, thread, in_thread, text):
+            return
+        policy = self.service.policy
+        if not policy.answers_in(PLATFORM, room.room_id) or not policy.may_ask(
+            f"{PLATFORM}:{sender}"
+        ):
             return
         if await self.service.runtime.stores.deliveries.claim(f"{PLATFORM}:edit:{original_id}"):
             await self.backend.send(thread, EDIT_HINT)
