@@ -1,0 +1,379 @@
+"""Issue #15: a bounded randomized kill test of `ducklm run`.
+
+Per seed, a few lives of a real `ducklm run` (Slack over HTTP, the fake model
+taking a little time per answer) on one database. Each life is planned from a
+seeded RNG before it starts: mentions (reads, writes that need an approval,
+questions that hang), the `message` copy Slack sends of each mention, Slack
+retries (X-Slack-Retry-Num, also of events the dead process had acknowledged),
+clicks on cards (double clicks, and two approvers approving and denying at
+once, also on cards already decided), each at a random moment; and the life
+ends by SIGKILL, from outside at a random moment or from a random crash point
+(`DUCKLM_CRASH_AT`). A last life without kills delivers every mention once more
+(a retry), decides most of the cards still open, waits until everything owed
+is done, and stops cleanly. Then the invariants over the store and FakeSlack's
+record (see `check_invariants`).
+
+DUCKLM_KILL_SEEDS sets the number of seeds (default 10, as CI runs it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import re
+import time
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from bot.slack.blocks import ACTION_APPROVE, ACTION_DENY
+from tests.crash_harness import (
+    APPROVERS,
+    Card,
+    DuckRun,
+    Mention,
+    ModelScript,
+    answers,
+    card_buttons_now,
+    cards,
+    click,
+    events_of,
+    mention,
+    rows,
+    said,
+    tasks_of,
+)
+from tests.fakes.openai_server import FakeModelServer
+from tests.fakes.slack_api import FakeSlack
+from tests.test_faults import assert_consistent
+
+SEEDS = int(os.environ.get("DUCKLM_KILL_SEEDS", "10"))
+CRASH_POINTS = (
+    "message_recorded",
+    "waiting_recorded",
+    "decision_recorded",
+    "execution_claimed",
+    "command_spawned",
+)
+LIFE_SECONDS = (0.4, 2.5)  # when the outside SIGKILL lands, after the run listens
+LAST_LIFE_SECONDS = 60.0  # bound on the last life's wait for everything owed
+
+pytestmark = pytest.mark.timeout(120)
+
+# What the bot says when a task could not finish (any of these, in any case).
+NOTICES = ("interrupted", "did not start", "may have started", "could not finish")
+
+
+@dataclass
+class World:
+    """What the test did, to check the end state against."""
+
+    mentions: list[Mention] = field(default_factory=list)
+    acked: set[str] = field(default_factory=set)  # mention ts with an HTTP 200 for a delivery
+    left_pending: set[str] = field(default_factory=set)  # approval ids the last life leaves open
+    decided_last: set[str] = field(default_factory=set)  # approval ids clicked in the last life
+    log: list[str] = field(default_factory=list)  # the plan as it ran, for failure messages
+
+
+@pytest_asyncio.fixture
+async def bot(
+    tmp_path: Path, slack: FakeSlack, model_server: FakeModelServer
+) -> AsyncIterator[DuckRun]:
+    run = DuckRun(tmp_path, slack, model_server)
+    try:
+        yield run
+    finally:
+        await run.close()
+
+
+# -- one life ------------------------------------------------------------------
+
+
+def plan_life(rng: random.Random, world: World, life: int) -> list[tuple[float, str, Any]]:
+    """(delay, operation, argument) for one life, drawn before it starts."""
+    plan: list[tuple[float, str, Any]] = []
+    for n in range(rng.randint(2, 5)):
+        kind = rng.choices(("read", "approve", "hang"), weights=(4, 5, 1))[0]
+        tag = f"{kind}-{life}{n}" if kind != "read" else f"q{life}{n}"
+        plan.append((rng.uniform(0, 1.2), "mention", (tag, rng.random(), rng.random())))
+    for _ in range(rng.randint(2, 6)):
+        how = rng.choices(("approve", "deny", "double", "race"), weights=(4, 1, 2, 2))[0]
+        plan.append((rng.uniform(0.2, 2.0), "click", (rng.random(), how)))
+    for _ in range(rng.randint(0, 2)):
+        plan.append((rng.uniform(0, 1.5), "retry", rng.random()))
+    return sorted(plan, key=lambda step: step[0])
+
+
+async def deliver(
+    bot: DuckRun, world: World, m: Mention, envelope: dict[str, Any], retry: int
+) -> None:
+    if await bot.post_event(envelope, retry_num=retry) == 200:
+        world.acked.add(m.ts)
+
+
+async def do_step(bot: DuckRun, slack: FakeSlack, world: World, op: str, arg: Any) -> None:
+    if op == "mention":
+        tag, copy, retry = arg
+        text = f"please run {tag}" if tag.startswith("approve-") else f"what about {tag}?"
+        m = mention(slack, text)
+        world.mentions.append(m)
+        jobs = [deliver(bot, world, m, m.envelope, 0)]
+        if copy < 0.6:  # the same message as a `message` event
+            jobs.append(deliver(bot, world, m, m.copy, 0))
+        if retry < 0.3:  # Slack retries at once (it thought the ack was slow)
+            jobs.append(deliver(bot, world, m, m.envelope, 1))
+        await asyncio.gather(*jobs)
+    elif op == "retry" and world.mentions:
+        m = world.mentions[int(arg * len(world.mentions))]
+        await deliver(bot, world, m, m.envelope, 2)
+    elif op == "click":
+        pick, how = arg
+        found = cards(slack)
+        if not found:
+            return
+        card = found[int(pick * len(found))]
+        if how == "approve":
+            clicks = [click(slack, card)]
+        elif how == "deny":
+            clicks = [click(slack, card, action_id=ACTION_DENY)]
+        elif how == "double":  # one approver, two quick clicks
+            clicks = [click(slack, card), click(slack, card)]
+        else:  # two approvers at once, opposite decisions
+            clicks = [
+                click(slack, card, user=APPROVERS[0]),
+                click(slack, card, user=APPROVERS[1], action_id=ACTION_DENY),
+            ]
+        await asyncio.gather(*(bot.post_interaction(c) for c in clicks))
+
+
+async def run_steps(
+    bot: DuckRun, slack: FakeSlack, world: World, plan: list[tuple[float, str, Any]]
+) -> None:
+    started = time.monotonic()
+    jobs: list[asyncio.Task[None]] = []
+    for delay, op, arg in plan:
+        # The plan's own timing (this is the "random moment"), not a wait for state.
+        await asyncio.sleep(max(0.0, started + delay - time.monotonic()))
+        if not bot.running:
+            break
+        world.log.append(f"{time.monotonic() - started:.2f}s {op} {arg}")
+        jobs.append(asyncio.ensure_future(do_step(bot, slack, world, op, arg)))
+    await asyncio.gather(*jobs)
+
+
+async def killed_life(
+    rng: random.Random, bot: DuckRun, slack: FakeSlack, world: World, life: int
+) -> None:
+    point = None
+    if rng.random() < 0.5:
+        point = f"{rng.choice(CRASH_POINTS)}:{rng.randint(1, 2)}"
+    kill_at = rng.uniform(*LIFE_SECONDS)
+    plan = plan_life(rng, world, life)
+    world.log.append(f"life {life}: crash point {point}, kill at {kill_at:.2f}s")
+    await bot.start(crash_at=point, ready=False)
+    if not await bot.listening():  # died in its start-up recovery: a kill all the same
+        world.log.append("  died while starting")
+        return
+    steps = asyncio.ensure_future(run_steps(bot, slack, world, plan))
+    code = await bot.exited(kill_at)
+    if code is None:
+        await bot.kill()
+    else:
+        world.log.append(f"  died by itself: {code}")
+        assert code == -9, f"exit {code}:\n{bot.stderr()}"
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(steps, 20)  # the rest of the plan meets a dead port
+
+
+# -- the last life -------------------------------------------------------------
+
+
+def terminal(bot: DuckRun, slack: FakeSlack, world: World, m: Mention) -> bool:
+    """Has this mention got everything it is owed (as far as the test can see)?"""
+    found = tasks_of(bot.db, m.conversation)
+    if len(found) != 1:
+        return False
+    task_id, status = found[0]
+    if status == "completed":
+        return bool(answers(slack, m.ts))
+    if status in ("failed", "interrupted"):
+        return any(said(slack, m.ts, word) for word in NOTICES)
+    if status == "waiting_for_approval":
+        pending = rows(
+            bot.db,
+            "SELECT approval_id FROM approvals WHERE task_id = ? AND decision IS NULL",
+            (task_id,),
+        )
+        shown = {c.approval_id for c in cards(slack, m.ts) if card_buttons_now(slack, c)}
+        return bool(pending) and all(a in world.left_pending and a in shown for (a,) in pending)
+    return False
+
+
+async def last_life(rng: random.Random, bot: DuckRun, slack: FakeSlack, world: World) -> None:
+    world.log.append("last life")
+    await bot.start()
+    # Slack retries every mention once more, acknowledged before or not.
+    results = await asyncio.gather(
+        *(bot.post_event(m.envelope, retry_num=3) for m in world.mentions)
+    )
+    assert all(r == 200 for r in results), (results, bot.stderr())
+    world.acked |= {m.ts for m in world.mentions}
+
+    def open_cards() -> list[Card]:
+        return [
+            c
+            for c in cards(slack)
+            if c.approval_id not in world.decided_last | world.left_pending
+            and card_buttons_now(slack, c)
+        ]
+
+    def done() -> bool:
+        return all(terminal(bot, slack, world, m) for m in world.mentions) and not rows(
+            bot.db, "SELECT 1 FROM inbox WHERE done_at IS NULL"
+        )
+
+    deadline = time.monotonic() + LAST_LIFE_SECONDS
+    while not done():
+        clicks: list[Coroutine[Any, Any, int | None]] = []
+        for card in open_cards():
+            choice = rng.choices(("approve", "deny", "leave"), weights=(6, 2, 2))[0]
+            world.log.append(f"  {choice} {card.approval_id}")
+            if choice == "leave":
+                world.left_pending.add(card.approval_id)
+                continue
+            world.decided_last.add(card.approval_id)
+            action = ACTION_APPROVE if choice == "approve" else ACTION_DENY
+            clicks.append(bot.post_interaction(click(slack, card, action_id=action)))
+        assert all(r == 200 for r in await asyncio.gather(*clicks)), bot.stderr()
+        try:
+            # Re-checked on every Slack call and at least every 0.2 s.
+            await slack.wait_for(
+                lambda: done() or open_cards(),
+                within=max(0.0, deadline - time.monotonic()),
+                what="everything owed",
+            )
+        except AssertionError:
+            owed = [
+                (m.text, tasks_of(bot.db, m.conversation), said(slack, m.ts))
+                for m in world.mentions
+                if not terminal(bot, slack, world, m)
+            ]
+            raise AssertionError(
+                f"still owed after {LAST_LIFE_SECONDS} s: {owed}\n"
+                + "\n".join(world.log)
+                + f"\n{bot.stderr()}"
+            ) from None
+    await bot.stop()
+
+
+# -- the invariants -------------------------------------------------------------
+
+_TAG = re.compile(r"\bapprove-\d+\b")
+
+
+def check_invariants(bot: DuckRun, slack: FakeSlack, world: World) -> None:
+    db = bot.db
+    context = "\n".join(world.log)
+    assert_consistent(db)  # intact, no task running, events 1..n from task_created
+    assert rows(db, "SELECT COUNT(*) FROM inbox WHERE done_at IS NULL") == [(0,)], context
+
+    effects = bot.effects()
+    ran: dict[str, int] = {}
+    for line in effects:
+        ran[line] = ran.get(line, 0) + 1
+
+    posted_cards: dict[str, list[Card]] = {}
+    for card in cards(slack):
+        posted_cards.setdefault(card.approval_id, []).append(card)
+
+    seen_tags: set[str] = set()
+    for m in world.mentions:
+        where = f"{m.text!r} ({m.conversation})"
+        # Every acknowledged mention became exactly one task ...
+        assert m.ts in world.acked, where
+        found = tasks_of(db, m.conversation)
+        assert len(found) == 1, (where, found, context)
+        task_id, status = found[0]
+        events = events_of(db, task_id)
+        kinds = [kind for _, kind, _ in events]
+        # ... and got exactly one final answer, or a clear notice.
+        final = answers(slack, m.ts)
+        notices = [t for t in said(slack, m.ts) if any(w in t.lower() for w in NOTICES)]
+        if status == "completed":
+            assert len(final) == 1, (where, said(slack, m.ts), context)
+            assert kinds[-1] == "task_completed", (where, kinds)
+        elif status in ("interrupted", "failed"):
+            assert final == [], (where, final)
+            end = "task_interrupted" if status == "interrupted" else "task_failed"
+            assert kinds[-1] == end, (where, kinds)
+            told = [t for t in notices if ("interrupted" in t.lower()) == (status == "interrupted")]
+            assert len(told) == 1, (where, said(slack, m.ts), context)
+        else:
+            assert status == "waiting_for_approval", (where, status, context)
+            assert final == [], (where, final)
+
+        approvals = rows(
+            db,
+            "SELECT approval_id, decision, executed_at, card_ref, card_state FROM approvals "
+            "WHERE task_id = ?",
+            (task_id,),
+        )
+        claimed = 0
+        for approval_id, decision, executed_at, card_ref, card_state in approvals:
+            shown = posted_cards.get(approval_id, [])
+            # A card is posted once per approval, never twice.
+            assert len(shown) <= 1, (where, approval_id, shown)
+            if decision is None:
+                # Every pending approval has a posted card with working buttons.
+                assert card_state == "posted" and card_ref, (where, approval_id, card_state)
+                assert len(shown) == 1 and card_buttons_now(slack, shown[0]), (where, approval_id)
+            else:
+                # Every decided approval's card shows its decision.
+                if shown:
+                    assert card_buttons_now(slack, shown[0]) == [], (where, approval_id, decision)
+                    assert card_state == "resolved", (where, approval_id, card_state)
+            if decision in ("approve", "always") and executed_at is not None:
+                claimed += 1
+        finished = sum(
+            1
+            for _, kind, payload in events
+            if kind == "command_audit" and payload.get("approved") and payload.get("ok")
+        )
+        tags = set(_TAG.findall(m.text))
+        for tag in tags:
+            seen_tags.add(tag)
+            # No approved run twice, nothing unapproved: at most one line per approval
+            # whose execution was claimed, and at least one per run that finished.
+            assert finished <= ran.get(tag, 0) <= claimed, (
+                where,
+                tag,
+                ran.get(tag, 0),
+                finished,
+                claimed,
+                context,
+            )
+    # Nothing ran that no mention asked for.
+    assert set(ran) <= seen_tags, (ran, seen_tags)
+
+
+@pytest.mark.parametrize("seed", range(SEEDS))
+async def test_random_kills_keep_every_promise(
+    seed: int, bot: DuckRun, slack: FakeSlack, model_server: FakeModelServer
+) -> None:
+    rng = random.Random(seed)
+    # Its own generator: model calls interleave with the plan's draws.
+    timing = random.Random(-seed - 1)
+    script = ModelScript(model_server, latency=lambda: timing.uniform(0.02, 0.3))
+    world = World()
+    for life in range(rng.randint(2, 3)):
+        await killed_life(rng, bot, slack, world, life)
+    script.hang = False  # the last life must be able to finish what is still owed
+    await last_life(rng, bot, slack, world)
+    print("\n".join(world.log))  # shown with -s, and by pytest on a failure
+    check_invariants(bot, slack, world)
