@@ -295,16 +295,14 @@ class Recovery:
 
     async def _cards(self) -> None:
         """Post missing cards, resolve stale ones, for the platforms served here."""
-        for approval in await self.approvals.cards_lagging():
+        # A pending approval of a task that no longer waits (it died before it
+        # said so) is not listed: nobody could carry its decision out.
+        for approval in await self.approvals.cards_lagging(sorted(self.service.backends)):
             thread = await self.service.thread_of(approval.task_id)
             if thread is None:
                 continue
             if approval.decision is None:
-                task = await self.tasks.get_task(approval.task_id)
-                # A pending approval of a task that no longer waits (it died before
-                # it said so) gets no card: nobody could carry the decision out.
-                if task is not None and task.status == "waiting_for_approval":
-                    await self.service.post_card(thread, approval)
+                await self.service.post_card(thread, approval)
             else:
                 await self.service.resolve_card(thread, approval)
 

@@ -437,6 +437,22 @@ async def test_cards_are_repaired_after_the_platform_was_down(
     assert effects(settings) == []
 
 
+async def test_cards_of_platforms_served_elsewhere_are_left_alone(
+    start: Start, model_server: FakeModelServer
+) -> None:
+    script_approval(model_server, "echo once >> effects.log")
+    bot_ = await start()
+    result = await bot_.runtime.loop.run_chat(
+        "please record it", conversation="other:C9|1.1", requested_by=ASKER
+    )
+    assert result.status == "waiting_for_approval"
+    await bot_.service.recover_periodically()
+    await bot_.service.drain()
+    assert bot_.chat.cards == []
+    lagging = await bot_.runtime.approvals.cards_lagging(["other"])
+    assert [a.approval_id for a in lagging] == [result.pending_approval.approval_id]  # type: ignore[union-attr]
+
+
 async def test_expiry_changes_the_task_with_its_event(
     start: Start, model_server: FakeModelServer
 ) -> None:

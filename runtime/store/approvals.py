@@ -8,7 +8,7 @@ whichever caller (task, process) gets a row back is the one that made it.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 from uuid import uuid4
@@ -21,6 +21,8 @@ _COLUMNS = (
     "requested_by, created_at, expires_at, decision, decided_by, decided_at, decision_note, "
     "executed_at, reminded_at, card_ref, card_state, replaces_approval_id"
 )
+# The columns for a query that joins approvals (as `a`) with another table.
+_QUALIFIED = ", ".join(f"a.{column.strip()} AS {column.strip()}" for column in _COLUMNS.split(","))
 DECISIONS = frozenset({"approve", "deny", "always", "expired"})
 CARD_STATES = frozenset({"unposted", "posted", "resolved"})
 # How long a process may take to post or resolve a card before another may try.
@@ -229,15 +231,22 @@ class ApprovalStore:
             )
         )
 
-    async def cards_lagging(self, limit: int = 500) -> list[Approval]:
-        """Approvals whose card does not show their state: pending without a card,
-        decided (or expired) with the card still showing its buttons. Oldest first."""
+    async def cards_lagging(self, platforms: Sequence[str], limit: int = 500) -> list[Approval]:
+        """Approvals whose card does not show their state, in conversations of
+        `platforms` (the part of the conversation key before its first ":"):
+        pending without a card while their task waits, decided (or expired) with
+        the card still showing its buttons. Oldest first."""
+        if not platforms:
+            return []
+        marks = ", ".join("?" * len(platforms))
         rows = await self.db.fetchall(
-            f"SELECT {_COLUMNS} FROM approvals "
-            "WHERE (decision IS NULL AND card_state = 'unposted') "
-            "OR (decision IS NOT NULL AND card_state = 'posted') "
-            "ORDER BY created_at, rowid LIMIT ?",
-            (limit,),
+            f"SELECT {_QUALIFIED} FROM approvals a JOIN tasks t ON t.task_id = a.task_id "
+            "WHERE ((a.decision IS NULL AND a.card_state = 'unposted' "
+            "AND t.status = 'waiting_for_approval') "
+            "OR (a.decision IS NOT NULL AND a.card_state = 'posted')) "
+            f"AND substr(t.conversation, 1, instr(t.conversation, ':') - 1) IN ({marks}) "
+            "ORDER BY a.created_at, a.rowid LIMIT ?",
+            (*platforms, limit),
         )
         return [_approval(row) for row in rows]
 
@@ -245,8 +254,7 @@ class ApprovalStore:
         """Decisions whose continuation never started: the task still waits, has
         nothing else pending, and the decided action was not claimed. Oldest first."""
         rows = await self.db.fetchall(
-            f"SELECT {', '.join('a.' + c.strip() for c in _COLUMNS.split(','))} "
-            "FROM approvals a JOIN tasks t ON t.task_id = a.task_id "
+            f"SELECT {_QUALIFIED} FROM approvals a JOIN tasks t ON t.task_id = a.task_id "
             "WHERE t.status = 'waiting_for_approval' "
             "AND a.decision IN ('approve', 'always', 'deny') AND a.executed_at IS NULL "
             "AND NOT EXISTS (SELECT 1 FROM approvals p "
