@@ -197,6 +197,20 @@ def test_decision_words_in_a_thread_are_never_held_back() -> None:
     assert gate.admit(inbound("approve")) is not None
 
 
+def test_a_recorded_request_is_finished_by_its_new_key() -> None:
+    gate = admission(Clock(), user_max_tasks=1)
+    message = inbound()
+    assert gate.admit(message) is None
+    gate.rekey(message, "inbox-1")  # the service knows it by its inbox id from now on
+    gate.finished(message)  # the old key no longer holds anything
+    assert gate.load() == 1
+    gate.started("inbox-1")
+    gate.finished("inbox-1")
+    assert gate.load() == 0
+    gate.finished("inbox-unknown")  # recovered after a restart: never admitted here
+    assert gate.admit(inbound()) is None
+
+
 def test_an_empty_mention_spends_a_token_but_holds_no_slot() -> None:
     gate = admission(Clock(), user_max_tasks=1, user_rate=(2, 600.0))
     assert gate.admit(inbound("")) is None  # answered with the "Ask me something" hint
