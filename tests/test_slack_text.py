@@ -103,6 +103,10 @@ def test_a_reply_that_addresses_another_person_only() -> None:
     assert not decode_message(
         event("app_mention_people.json"), bot_user_id=BOT
     ).addresses_only_others
+    # A user group or @here is people too; words alone address nobody.
+    assert decode_mrkdwn("<!subteam^S0ONCALL1|@oncall> please look").addresses_only_others
+    assert decode_mrkdwn("<!here> deploying now").addresses_only_others
+    assert not decode_mrkdwn("and web-2?").addresses_only_others
 
 
 # -- the text field and slash commands ------------------------------------------------------

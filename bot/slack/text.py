@@ -56,11 +56,14 @@ class Decoded:
     # Other users mentioned (ids, without the bot): a message in a bot thread that
     # addresses only them is not for the bot.
     mentions: tuple[str, ...] = ()
+    # User groups and broadcasts addressed (`S0ONCALL1`, `here`, `channel`).
+    groups: tuple[str, ...] = ()
     links: tuple[tuple[str, str], ...] = ()  # (what was shown, the target)
 
     @property
     def addresses_only_others(self) -> bool:
-        return bool(self.mentions) and not self.mentions_bot
+        """It addresses people (a person, a group, @here), but not the bot."""
+        return bool(self.mentions or self.groups) and not self.mentions_bot
 
 
 def decode_message(
@@ -159,6 +162,7 @@ class _Writer:
     parts: list[str] = field(default_factory=list)
     mentions_bot: bool = False
     mentions: list[str] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)
     links: list[tuple[str, str]] = field(default_factory=list)
     _style: tuple[str, ...] = ()
 
@@ -182,12 +186,14 @@ class _Writer:
         self.text("@" + (label or self.names.get(user_id) or user_id).lstrip("@"))
 
     def usergroup(self, group_id: str, label: str | None = None) -> None:
+        self.groups.append(group_id)
         self.text("@" + (label or self.names.get(group_id) or group_id).lstrip("@"))
 
     def channel(self, channel_id: str, label: str | None = None) -> None:
         self.text("#" + (label or self.names.get(channel_id) or channel_id).lstrip("#"))
 
     def broadcast(self, what: str, label: str | None = None) -> None:
+        self.groups.append(what)
         self.text("@" + (label or what).lstrip("@"))
 
     def link(self, url: str, label: str | None) -> None:
@@ -295,6 +301,7 @@ class _Writer:
             text=text.strip(),
             mentions_bot=self.mentions_bot,
             mentions=tuple(self.mentions),
+            groups=tuple(dict.fromkeys(self.groups)),
             links=tuple(self.links),
         )
 
