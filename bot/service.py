@@ -39,6 +39,8 @@ logger = logging.getLogger("ducklm.service")
 
 MAX_ERROR_CHARS = 400
 DEFAULT_MAX_CONCURRENT_TASKS = 8
+# A direct run refused by a flood limit whose explanation was already given.
+STILL_REFUSED = "Not started: you are still over DuckLM's limits (see my earlier answer)."
 # The first line of an answer to a message that arrived from a backlog.
 LATE_TEXT = "(Sorry for the delay: DuckLM was not running when you asked.)"
 
@@ -291,17 +293,28 @@ class ChatService:
         except c.CommandError as exc:
             return str(exc)
         if isinstance(command, c.Run):
+            # A direct run is a task too: the flood limits hold for it (issue #22).
+            # Who may ask the platform checked before calling; the answer is private.
+            ticket = Inbound(thread, user, command.command, deliveries=())
+            refusal = self.admission.admit(ticket)
+            if refusal is not None:
+                return refusal.text or STILL_REFUSED
             if open_thread:
-                root = await self.backends[thread.platform].send(
-                    Thread(thread.platform, thread.channel),
-                    # A slash command is private until this posts it: no secret in it.
-                    f"{user} asked to run "
-                    f"`{clip(self.loop.redactor.redact(command.command).text, 300)}`",
-                )
+                try:
+                    root = await self.backends[thread.platform].send(
+                        Thread(thread.platform, thread.channel),
+                        # A slash command is private until this posts it: no secret in it.
+                        f"{user} asked to run "
+                        f"`{clip(self.loop.redactor.redact(command.command).text, 300)}`",
+                    )
+                except BaseException:
+                    self.admission.cancel(ticket)
+                    raise
                 if root is None:
+                    self.admission.cancel(ticket)
                     return "Could not open a thread for that command."
                 thread = thread.in_thread(root)
-            self._spawn(self._direct(thread, user, command.command))
+            self._spawn(self._direct(thread, user, command.command, ticket))
             return None
         return await self.runner.execute(
             command, self.policy.actor(user), conversation_prefix=thread.channel_prefix
@@ -454,13 +467,19 @@ class ChatService:
             ),
         )
 
-    async def _direct(self, thread: Thread, user: str, command: str) -> None:
-        await self._run(
-            thread,
-            self.loop.run_command(
-                command, self.workspace, conversation=thread.key, requested_by=user
-            ),
-        )
+    async def _direct(
+        self, thread: Thread, user: str, command: str, ticket: Inbound | None = None
+    ) -> None:
+        try:
+            await self._run(
+                thread,
+                self.loop.run_command(
+                    command, self.workspace, conversation=thread.key, requested_by=user
+                ),
+            )
+        finally:
+            if ticket is not None:
+                self.admission.finished(ticket)  # its flood-limit slot (issue #22)
 
     def continue_task(self, thread: Thread, task_id: str, approval_id: str) -> None:
         """Carry out a decision in the background (once: the loop claims the task)."""

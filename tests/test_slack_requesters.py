@@ -342,3 +342,27 @@ async def test_ducklm_run_prints_who_may_ask_approve_and_administer(
         assert "who may administer: slack:UADMIN001" in block
         assert "who may approve: nobody (DUCKLM_APPROVERS unset)" in block
         assert "warning: DUCKLM_REQUESTERS=*: ANYONE who can reach the bot" in stderr
+
+
+async def test_direct_runs_are_held_to_the_same_rate(
+    tmp_path: Path, model: FakeModelServer, slack: FakeSlack
+) -> None:
+    bot = await start_bot(tmp_path, model, slack, user_max_tasks=0, user_rate="2/h")
+    try:
+        for _ in range(2):
+            ran = (await bot.command("run echo hi", user=ASKER)).json()
+            assert "DUCKLM_USER_RATE" not in ran.get("text", "")
+        refused = (await bot.command("run echo hi", user=ASKER)).json()
+        assert "DUCKLM_USER_RATE" in refused["text"]
+        assert refused["response_type"] == "ephemeral"
+        again = (await bot.command("run echo hi", user=ASKER)).json()
+        assert "still over DuckLM's limits" in again["text"]
+        await bot.settle()
+        roots = [m for m in slack.posted(CHANNEL) if "asked to run" in m["text"]]
+        assert len(roots) == 2  # the refused ones posted nothing in the channel
+        tasks = await bot.runtime.stores.tasks.list_recent(10)
+        assert len(tasks) == 2
+        # other commands are not tasks: never held back
+        assert "No rules" in (await bot.command("rules", user=ASKER)).json()["text"]
+    finally:
+        await stop_bot(bot)
