@@ -298,6 +298,9 @@ class ChatService:
             ticket = Inbound(thread, user, command.command, deliveries=())
             refusal = self.admission.admit(ticket)
             if refusal is not None:
+                if refusal.reason != "channel":
+                    payload = _refused_payload(ticket, refusal)
+                    await self.events.append(None, "request_refused", payload)
                 return refusal.text or STILL_REFUSED
             if open_thread:
                 try:

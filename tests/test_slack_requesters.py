@@ -362,6 +362,11 @@ async def test_direct_runs_are_held_to_the_same_rate(
         assert len(roots) == 2  # the refused ones posted nothing in the channel
         tasks = await bot.runtime.stores.tasks.list_recent(10)
         assert len(tasks) == 2
+        refused = await refused_events(bot)
+        assert [(e["user"], e["reason"], e["told"]) for e in refused] == [
+            (f"slack:{ASKER}", "user_rate", True),
+            (f"slack:{ASKER}", "user_rate", False),
+        ]
         # other commands are not tasks: never held back
         assert "No rules" in (await bot.command("rules", user=ASKER)).json()["text"]
     finally:
