@@ -74,6 +74,12 @@ STOP_TIMEOUT = 10.0
 
 
 MAX_ROOM_MARKERS = 5000  # rooms whose last handled event sync.json remembers
+BATCH_ATTEMPTS = 6  # a batch whose messages the store would not take is tried this often
+
+
+class NotRecorded(Exception):
+    """A message could not be put into the store (accept failed): the batch that
+    carries it must not be marked handled, or the message would be lost."""
 
 
 class RoomEvents(Protocol):
@@ -398,7 +404,27 @@ class MatrixConnection:
     async def _dispatch_forever(self) -> None:
         while True:
             batch = await self._inbox.get()
-            await self._handle_sync(batch)
+            for attempt in range(1, BATCH_ATTEMPTS + 1):
+                try:
+                    await self._handle_sync(batch)
+                    break
+                except NotRecorded as exc:
+                    # Handle the whole batch again, later: what was recorded is a
+                    # duplicate then, and the token stays where it was meanwhile.
+                    if attempt == BATCH_ATTEMPTS:
+                        logger.error(
+                            "matrix: giving up on a batch, the store keeps refusing (%s)",
+                            exc.__cause__ or exc,
+                        )
+                        break
+                    delay = backoff(attempt, cap=30.0)
+                    logger.warning(
+                        "matrix: the store did not take a message (%s); retrying the batch in "
+                        "%.1f s",
+                        exc.__cause__ or exc,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
             # Only now is the batch handled (every message accepted into the
             # store), so only now may a restart skip it (M4).
             try:
@@ -520,10 +546,11 @@ class MatrixConnection:
 
     @staticmethod
     async def _guarded(call: Coroutine[Any, Any, Any]) -> None:
-        """One bad event must not stop the others (nor the dispatcher)."""
+        """One bad event must not stop the others (nor the dispatcher); a message
+        the store did not take stops the batch (it is handled again)."""
         try:
             await call
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, NotRecorded):
             raise
         except Exception:
             logger.exception("matrix: handling an event failed")

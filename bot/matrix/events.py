@@ -35,7 +35,7 @@ from nio.api import RelationshipType
 from bot import commands as c
 from bot.backend import ChatBackend, Thread
 from bot.inbox import Accepted, Inbound
-from bot.matrix.connection import MatrixConnection
+from bot.matrix.connection import MatrixConnection, NotRecorded
 from bot.matrix.parsing import (
     PLATFORM,
     command_text,
@@ -156,7 +156,10 @@ class MatrixEvents:
         )
         # Awaited here, inside the dispatcher: the sync token of this batch is
         # saved only after every message in it is in the store.
-        outcome = await self.service.accept(inbound)
+        try:
+            outcome = await self.service.accept(inbound)
+        except Exception as exc:
+            raise NotRecorded(event_id) from exc
         if outcome is Accepted.DUPLICATE:
             logger.debug("matrix: %s was handled before", event_id)
 
