@@ -100,7 +100,7 @@ class MatrixPlatform(Platform, ChatBackend):
         # Approvers in the room are mentioned, so the card notifies them.
         # Room for the approvers' pills, which are added after the clipping.
         content = with_mentions(
-            message_content(card_markdown(card), max_bytes=MAX_EVENT_CONTENT_BYTES - 3000),
+            message_content(card_markdown(card), max_bytes=MAX_EVENT_CONTENT_BYTES - 8000),
             "Approvers",
             self._approvers_in(thread.channel),
         )
