@@ -100,7 +100,6 @@ class _Charge:
     buckets: list[TokenBucket] = field(default_factory=list)
     bot_thread: str | None = None
     flood_told: bool = False  # the user's "told" mark this admission cleared
-    started: bool = False
 
 
 class Admission:
@@ -203,7 +202,7 @@ class Admission:
 
     def rekey(self, old: Hashable, new: Hashable) -> None:
         """From now on the admitted request `old` (its Inbound) is known as `new`
-        (e.g. its inbox id) to `started`, `finished` and `cancel`."""
+        (e.g. its inbox id) to `finished` and `cancel`."""
         for charge in self._charges.pop(old, []):
             self._charges.setdefault(new, []).append(charge)
 
@@ -238,13 +237,9 @@ class Admission:
         else:
             self._flood_told.pop(inbound.user, None)
 
-    # -- the service's side: a task starts and ends --------------------------------
-
-    def started(self, key: Hashable) -> None:
-        """The admitted request's task got a run slot (it was queued until now)."""
-        charges = self._charges.get(key)
-        if charges:
-            charges[0].started = True
+    # -- the service's side: the work ends -------------------------------------------
+    # Running and queued count alike, from admission to `finished`, so the
+    # service needs to say nothing when a queued task gets its run slot.
 
     def finished(self, key: Hashable) -> None:
         """The admitted request's work ended (answered, waiting for approval,
