@@ -118,6 +118,13 @@ class ChatBackend(ABC):
     # The answer to a message with no words (a bare mention).
     empty_hint: ClassVar[str] = "Hi! Ask me something, or try `/duck help`."
 
+    async def find_card(self, thread: Thread, approval_id: str) -> str | None:
+        """The reference (as `send_card` returns it) of this approval's card if one is
+        already in the thread, else None. Recovery asks before posting a card whose
+        previous post was under way when its process died (it may have gone out
+        unrecorded). The default knows nothing: recovery then posts again."""
+        return None
+
     async def history(self, thread: Thread, before: str | None) -> list[dict[str, str]]:
         """The thread's earlier messages (before the message `before`, a platform
         message id) as chat history, {"role": "user"|"assistant", "content": ...},

@@ -255,17 +255,33 @@ class ChatService:
     # -- inbound: decisions -------------------------------------------------
 
     async def handle_decision(
-        self, approval_id: str, user: str, decision: str, note: str | None = None
+        self,
+        approval_id: str,
+        user: str,
+        decision: str,
+        note: str | None = None,
+        *,
+        card_ref: str | None = None,
     ) -> str | None:
         """Authorise and take a decision exactly once. Returns a private message for
-        the clicker when nothing changed (refused, already decided), else None."""
+        the clicker when nothing changed (refused, already decided), else None.
+        `card_ref` is the card the click came from, when the platform knows it: a
+        card whose post was never recorded (its process died) is adopted, so its
+        buttons are replaced like any other card's."""
         approval = await self.approvals.get(approval_id)
         if approval is None:
             return "That approval does not exist."
+        if card_ref and approval.card_state == "unposted":
+            await self.approvals.card_posted(approval_id, card_ref)
+            approval = await self.approvals.get(approval_id) or approval
         refusal = self.policy.refuse_decision(user, approval, decision)
         if refusal:
             return refusal
         if approval.decision is not None:
+            if approval.card_state == "posted":  # a stale card, clicked late: fix it now
+                thread = await self.thread_of(approval.task_id)
+                if thread is not None:
+                    await self.resolve_card(thread, approval)
             return _already_decided(approval)
         try:
             outcome = await self.approvals.decide(approval_id, decision, user, note)
@@ -576,12 +592,21 @@ class ChatService:
         """Post a pending approval's card, once across processes (a lease on the
         row); its reference and state are stored together. A failed post is
         retried by recovery."""
-        if approval.decision is not None or not await self.approvals.claim_card(
-            approval.approval_id, "unposted"
+        if approval.decision is not None:
+            return
+        # A claim left by a dead process: its post may have gone out unrecorded.
+        in_flight = approval.card_claimed_at is not None
+        if not await self.approvals.claim_card(
+            approval.approval_id, "unposted", stale_before=self.started_at
         ):
             return
-        card = self._card(PendingApproval.from_approval(approval, self.loop.redactor))
-        ref = await self._safely(self.backends[thread.platform].send_card(thread, card))
+        backend = self.backends[thread.platform]
+        ref = None
+        if in_flight:
+            ref = await self._safely(backend.find_card(thread, approval.approval_id))
+        if not ref:
+            card = self._card(PendingApproval.from_approval(approval, self.loop.redactor))
+            ref = await self._safely(backend.send_card(thread, card))
         if not ref:
             await self.approvals.release_card(approval.approval_id)
             return
@@ -593,9 +618,16 @@ class ChatService:
     async def resolve_card(self, thread: Thread, approval: Approval) -> None:
         """Show the decision on the card in place of its buttons, once; a failed
         update is retried by recovery."""
+        if approval.card_state == "unposted" and approval.card_claimed_at is not None:
+            found = await self._unrecorded_card(thread, approval)
+            if found is None:
+                return
+            approval = found
         if approval.card_state != "posted" or not approval.card_ref:
             return
-        if not await self.approvals.claim_card(approval.approval_id, "posted"):
+        if not await self.approvals.claim_card(
+            approval.approval_id, "posted", stale_before=self.started_at
+        ):
             return
         card = self._card(PendingApproval.from_approval(approval, self.loop.redactor))
         resolution = CardResolution(
@@ -630,6 +662,22 @@ class ChatService:
         except ValueError:
             return None
         return thread if thread.platform in self.backends else None
+
+    async def _unrecorded_card(self, thread: Thread, approval: Approval) -> Approval | None:
+        """A decided approval whose card post was under way when its poster died: the
+        card, if the platform finds it, is recorded as posted (and then resolved)."""
+        if not await self.approvals.claim_card(
+            approval.approval_id, "unposted", stale_before=self.started_at
+        ):
+            return None  # a live process is still posting it; it resolves it after
+        backend = self.backends[thread.platform]
+        ref = await self._safely(backend.find_card(thread, approval.approval_id))
+        if not ref:
+            # Not found (or not findable): nothing known to resolve; the claim goes.
+            await self.approvals.release_card(approval.approval_id)
+            return None
+        await self.approvals.card_posted(approval.approval_id, ref)
+        return await self.approvals.get(approval.approval_id)
 
     async def say(self, thread: Thread, text: str) -> None:
         """Post in a thread, best effort."""

@@ -167,10 +167,13 @@ class ApprovalService:
     # Cards: each approval records what its card shows (card_state), so recovery
     # can post the missing ones and resolve the stale ones (issue #15).
 
-    async def claim_card(self, approval_id: str, state: str) -> bool:
+    async def claim_card(
+        self, approval_id: str, state: str, *, stale_before: float | None = None
+    ) -> bool:
         """The right to post (state "unposted") or resolve (state "posted") the card
-        now, held for a minute; True for one caller."""
-        return await self._approvals.claim_card(approval_id, state)
+        now, held for a minute (a claim from before `stale_before` is void); True
+        for one caller."""
+        return await self._approvals.claim_card(approval_id, state, stale_before=stale_before)
 
     async def release_card(self, approval_id: str) -> None:
         await self._approvals.release_card(approval_id)

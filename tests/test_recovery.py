@@ -77,6 +77,8 @@ class Chat(ChatBackend):
         self.history_asked: list[tuple[str, str | None]] = []
         self.history_given: list[dict[str, str]] = []
         self.down = False
+        self.die_after_post = False  # the process dies right after the card went out
+        self.findable = True  # whether find_card finds cards (a platform may not)
 
     async def send(self, thread: Thread, text: str) -> str | None:
         self.sent.append((thread.key, text))
@@ -87,7 +89,18 @@ class Chat(ChatBackend):
             raise ConnectionError("the platform is down")
         ref = f"card-{len(self.cards) + 1}"
         self.cards.append((thread.key, card, ref))
+        if self.die_after_post:
+            self.die_after_post = False
+            raise Crash("after the post, before it was recorded")
         return ref
+
+    async def find_card(self, thread: Thread, approval_id: str) -> str | None:
+        if not self.findable:
+            return None
+        for key_, card, ref in self.cards:
+            if key_ == thread.key and card.approval_id == approval_id:
+                return ref
+        return None
 
     async def resolve_card(
         self, thread: Thread, card_ref: str, card: ApprovalCard, resolution: CardResolution
@@ -117,7 +130,7 @@ class Bot:
     chat: Chat
 
 
-Start = Callable[[], Awaitable[Bot]]
+Start = Callable[..., Awaitable[Bot]]
 
 
 @pytest_asyncio.fixture
@@ -130,10 +143,11 @@ async def start(settings: Settings) -> AsyncIterator[Start]:
     """Start a bot process (a runtime and a service) on the test's database."""
     bots: list[Bot] = []
 
-    async def make() -> Bot:
+    async def make(chat: Chat | None = None) -> Bot:
+        """`chat`: the platform the previous process talked to (it outlives the bot)."""
         rt = await build_runtime(settings)
         service = ChatService(rt)
-        chat = Chat()
+        chat = chat or Chat()
         service.add_backend(chat)
         made = Bot(rt, service, chat)
         bots.append(made)
@@ -435,6 +449,78 @@ async def test_cards_are_repaired_after_the_platform_was_down(
     await bot_.service.recover_periodically()
     assert bot_.chat.resolved == [("card-1", "deny")]
     assert effects(settings) == []
+
+
+async def died_while_posting(start: Start, n: int) -> tuple[Chat, str, str]:
+    """A process whose card went out and died before recording it; returns the
+    platform, the approval id and the card's reference."""
+    dying = await start()
+    dying.chat.die_after_post = True
+    assert await dying.service.accept(message(n)) is Accepted.NEW
+    await dying.service.drain()
+    await kill(dying)
+    ((_, card, ref),) = dying.chat.cards
+    stored = await dying_approval(dying, card.approval_id)
+    assert stored == ("unposted", None, True)
+    return dying.chat, card.approval_id, ref
+
+
+async def dying_approval(bot_: Bot, approval_id: str) -> tuple[str, str | None, bool]:
+    rt = await build_runtime(bot_.runtime.settings)
+    try:
+        approval = await rt.approvals.get(approval_id)
+        assert approval is not None
+        return approval.card_state, approval.card_ref, approval.card_claimed_at is not None
+    finally:
+        await rt.close()
+
+
+async def test_a_card_posted_but_not_recorded_is_found_not_posted_twice(
+    start: Start, model_server: FakeModelServer, settings: Settings
+) -> None:
+    script_approval(model_server, "echo once >> effects.log")
+    chat, approval_id, ref = await died_while_posting(start, 8)
+    second = await start(chat)
+    await second.service.recover()
+    await second.service.drain()
+    assert len(chat.cards) == 1
+    stored = await second.runtime.approvals.get(approval_id)
+    assert stored is not None and (stored.card_state, stored.card_ref) == ("posted", ref)
+    assert await second.service.handle_decision(approval_id, APPROVER, "approve") is None
+    await second.service.drain()
+    assert chat.resolved == [(ref, "approve")] and effects(settings) == ["once"]
+
+
+async def test_a_click_on_an_unrecorded_card_adopts_and_resolves_it(
+    start: Start, model_server: FakeModelServer, settings: Settings
+) -> None:
+    script_approval(model_server, "echo once >> effects.log")
+    chat, approval_id, ref = await died_while_posting(start, 9)
+    chat.findable = False
+    second = await start(chat)
+    # The click names its card; nothing else could have found it.
+    assert (
+        await second.service.handle_decision(approval_id, APPROVER, "approve", card_ref=ref) is None
+    )
+    await second.service.drain()
+    assert chat.resolved == [(ref, "approve")] and effects(settings) == ["once"]
+    stored = await second.runtime.approvals.get(approval_id)
+    assert stored is not None and stored.card_state == "resolved"
+
+
+async def test_a_decision_on_an_unrecorded_card_is_shown_on_it(
+    start: Start, model_server: FakeModelServer
+) -> None:
+    script_approval(model_server, "echo once >> effects.log")
+    chat, approval_id, ref = await died_while_posting(start, 10)
+    second = await start(chat)
+    # Decided before any recovery ran (from another surface: no card named).
+    assert await second.service.handle_decision(approval_id, APPROVER, "deny") is None
+    await second.service.drain()
+    assert chat.resolved == [(ref, "deny")] and len(chat.cards) == 1
+    await second.service.recover_periodically()
+    await second.service.drain()
+    assert chat.resolved == [(ref, "deny")] and len(chat.cards) == 1
 
 
 async def test_cards_of_platforms_served_elsewhere_are_left_alone(

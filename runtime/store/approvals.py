@@ -19,7 +19,7 @@ from runtime.store.models import Approval
 _COLUMNS = (
     "approval_id, task_id, idx, action, tool, command, risk_level, action_type, reason, "
     "requested_by, created_at, expires_at, decision, decided_by, decided_at, decision_note, "
-    "executed_at, reminded_at, card_ref, card_state, replaces_approval_id"
+    "executed_at, reminded_at, card_ref, card_state, replaces_approval_id, card_claimed_at"
 )
 # The columns for a query that joins approvals (as `a`) with another table.
 _QUALIFIED = ", ".join(f"a.{column.strip()} AS {column.strip()}" for column in _COLUMNS.split(","))
@@ -53,6 +53,7 @@ def _approval(row: sqlite3.Row) -> Approval:
         card_ref=row["card_ref"],
         card_state=row["card_state"],
         replaces_approval_id=row["replaces_approval_id"],
+        card_claimed_at=to_datetime(row["card_claimed_at"]),
     )
 
 
@@ -83,7 +84,7 @@ class ApprovalStore:
         row = await self.db.fetchone(
             f"INSERT INTO approvals ({_COLUMNS}) VALUES "
             "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
-            "'unposted', ?) "
+            "'unposted', ?, NULL) "
             f"RETURNING {_COLUMNS}",
             (
                 approval_id,
@@ -188,19 +189,28 @@ class ApprovalStore:
 
     # -- cards (issue #15: the card follows the decision) -------------------
 
-    async def claim_card(self, approval_id: str, state: str, lease: float = CARD_LEASE_S) -> bool:
+    async def claim_card(
+        self,
+        approval_id: str,
+        state: str,
+        lease: float = CARD_LEASE_S,
+        *,
+        stale_before: float | None = None,
+    ) -> bool:
         """Take the right to change the card of an approval whose card is in `state`
         (unposted: post it; posted: resolve it), unless another caller holds it
-        since less than `lease` seconds. True for the one caller that got it."""
+        since less than `lease` seconds (or since `stale_before`, the caller's
+        start: a claim older than that is a dead process's). True for one caller."""
         if state not in CARD_STATES:
             raise ValueError(f"unknown card state {state!r}; one of {sorted(CARD_STATES)}")
         at = now()
+        expired = at - lease if stale_before is None else max(at - lease, stale_before)
         return bool(
             await self.db.execute(
                 "UPDATE approvals SET card_claimed_at = ? WHERE approval_id = ? "
                 "AND card_state = ? AND (card_claimed_at IS NULL OR card_claimed_at < ?) "
                 "RETURNING 1",
-                (at, approval_id, state, at - lease),
+                (at, approval_id, state, expired),
             )
         )
 
@@ -235,7 +245,7 @@ class ApprovalStore:
         """Approvals whose card does not show their state, in conversations of
         `platforms` (the part of the conversation key before its first ":"):
         pending without a card while their task waits, decided (or expired) with
-        the card still showing its buttons. Oldest first."""
+        the card still showing its buttons or perhaps posted unrecorded. Oldest first."""
         if not platforms:
             return []
         marks = ", ".join("?" * len(platforms))
@@ -243,7 +253,11 @@ class ApprovalStore:
             f"SELECT {_QUALIFIED} FROM approvals a JOIN tasks t ON t.task_id = a.task_id "
             "WHERE ((a.decision IS NULL AND a.card_state = 'unposted' "
             "AND t.status = 'waiting_for_approval') "
-            "OR (a.decision IS NOT NULL AND a.card_state = 'posted')) "
+            "OR (a.decision IS NOT NULL AND a.card_state = 'posted') "
+            # Decided while a post was under way (and its poster died): the card
+            # may be out there with its buttons.
+            "OR (a.decision IS NOT NULL AND a.card_state = 'unposted' "
+            "AND a.card_claimed_at IS NOT NULL)) "
             f"AND substr(t.conversation, 1, instr(t.conversation, ':') - 1) IN ({marks}) "
             "ORDER BY a.created_at, a.rowid LIMIT ?",
             (*platforms, limit),

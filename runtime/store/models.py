@@ -80,6 +80,8 @@ class Approval(Record):
     card_state: CardState = "unposted"
     # Set on an approval offered again because the run of this earlier one was cut short.
     replaces_approval_id: str | None = None
+    # Set while a process posts or resolves the card (a lease); left set by one that died.
+    card_claimed_at: datetime | None = None
 
 
 class Rule(Record):
