@@ -10,8 +10,9 @@ In order, an `Inbound` is refused when
    DUCKLM_CHANNEL_MAX_TASKS requests running or queued;
 5. its sender, or its channel, is out of tokens (DUCKLM_USER_RATE /
    DUCKLM_CHANNEL_RATE, token buckets: a burst of N, then N per period).
-A flood refusal (3-5) is explained once per burst: after one answer the sender
-hears nothing more until a request of theirs is admitted again. The global
+A flood refusal (4-5) is explained once per burst: after one answer the sender
+hears nothing more until a request of theirs is admitted again; the bot-thread
+bound (3) is explained once per thread. The global
 DUCKLM_MAX_CONCURRENT_TASKS still bounds what actually runs (bot/service.py).
 
 Thread replies that are decision words (`approve`, `deny …`, `always`) start
@@ -26,10 +27,9 @@ last slot; `cancel` undoes a charge when recording the request then fails.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -248,14 +248,6 @@ class Admission:
         charge = self._forget(key)
         if charge is not None:
             self._release(charge)
-
-    @contextlib.contextmanager
-    def holding(self, key: Hashable) -> Iterator[None]:
-        """`with admission.holding(key): ...` = finished() however it ends."""
-        try:
-            yield
-        finally:
-            self.finished(key)
 
     def load(self, *, user: str | None = None, channel: str | None = None) -> int:
         """Requests running or queued for a user, or in a channel (`slack:C1`)."""

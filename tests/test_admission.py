@@ -176,16 +176,6 @@ def test_the_per_channel_cap_holds_across_users() -> None:
     assert gate.load(channel="slack:COPS") == 2
 
 
-def test_holding_frees_the_slot_however_the_work_ends() -> None:
-    gate = admission(Clock(), user_max_tasks=1)
-    message = inbound()
-    assert gate.admit(message) is None
-    with pytest.raises(RuntimeError), gate.holding(message):
-        raise RuntimeError("the task crashed")
-    assert gate.load() == 0
-    assert gate.admit(inbound()) is None
-
-
 def test_decision_words_in_a_thread_are_never_held_back() -> None:
     gate = admission(Clock(), user_max_tasks=1, user_rate=(1, 600.0))
     assert gate.admit(inbound()) is None  # the cap and the bucket are now both spent
