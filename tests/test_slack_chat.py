@@ -445,3 +445,29 @@ async def test_a_decision_word_after_the_decision_is_told_not_asked(
     await bot.settle()
     assert len(model.requests) == asked  # never a model call
     assert not (bot.workspace / "x").exists()
+
+
+async def test_malformed_message_payloads_are_acked_and_the_bot_keeps_serving(
+    bot: Bot, model: FakeModelServer, slack: FakeSlack
+) -> None:
+    weird_events = [
+        {"type": "message", "subtype": "message_changed", "channel": CHANNEL, "message": 7},
+        {"type": "message", "subtype": "message_changed", "message": {"ts": 1, "user": []}},
+        {"type": "app_mention", "user": ASKER, "channel": CHANNEL, "ts": "1.1", "blocks": "x"},
+        {"type": "app_mention", "user": ASKER, "channel": 5, "ts": "1.2", "text": "<@x"},
+        {
+            "type": "message",
+            "channel_type": "im",
+            "user": ASKER,
+            "channel": "D1",
+            "ts": "1.3",
+            "blocks": [{"type": "rich_text", "elements": [{"type": "rich_text_list"}]}],
+        },
+    ]
+    for event in weird_events:
+        answer = await bot.sender.event(event_callback(event))  # type: ignore[union-attr]
+        assert answer.status < 500, event  # never our failure (bolt 400s a non-string channel)
+    await bot.settle()
+    model.reply(THINKER, Text("Still here."))
+    ts, _ = await bot.mention("are you alive?")
+    await bot.wait_text(ts, "Still here.")
