@@ -148,8 +148,16 @@ class PtyConsole:
         os.write(self.master, keys)
 
     async def exit_code(self) -> int:
-        assert self.process is not None
-        return await asyncio.wait_for(self.process.wait(), CLI_TIMEOUT)
+        assert self.process is not None and self.process.stderr is not None
+        try:
+            return await asyncio.wait_for(self.process.wait(), CLI_TIMEOUT)
+        except TimeoutError:
+            self.process.kill()
+            await self.process.wait()
+            err = (await self.process.stderr.read()).decode(errors="replace")
+            raise AssertionError(
+                f"console still running after {CLI_TIMEOUT} s:\n{self.screen}\n{err}"
+            ) from None
 
 
 def styles_before(shown: str, text: str) -> set[str]:

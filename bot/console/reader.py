@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -86,10 +87,7 @@ class LineReader:
         rl = self._readline
         if rl is None:
             return
-        with contextlib.suppress(ImportError, OSError):
-            import termios
-
-            self._saved_modes = termios.tcgetattr(self.stdin.fileno())
+        self._saved_modes = _terminal_modes(self.stdin)
         rl.set_auto_history(False)  # `keep` decides, line by line
         rl.set_history_length(HISTORY_LENGTH)
         if self.history_file is not None:
@@ -112,10 +110,7 @@ class LineReader:
 
     def close(self) -> None:
         if self._saved_modes is not None:
-            with contextlib.suppress(ImportError, OSError):
-                import termios
-
-                termios.tcsetattr(self.stdin.fileno(), termios.TCSADRAIN, self._saved_modes)
+            _restore_terminal_modes(self.stdin, self._saved_modes)
 
     async def read(self, prompt: str) -> str | None:
         if self._readline is None:
@@ -187,6 +182,10 @@ async def _in_daemon_thread(read: Callable[[], str | None]) -> str | None:
             future.set_result(value)
 
     def body() -> None:
+        # Ctrl-C is for the main thread, whose event loop turns it into the console's
+        # end; delivered to this thread, it would wake nothing.
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         value, error = None, None
         try:
             value = read()
@@ -197,6 +196,24 @@ async def _in_daemon_thread(read: Callable[[], str | None]) -> str | None:
 
     threading.Thread(target=body, name="console-input", daemon=True).start()
     return await future
+
+
+def _terminal_modes(stream: TextIO) -> list[Any] | None:
+    try:
+        import termios
+    except ImportError:  # not a POSIX system
+        return None
+    try:
+        return termios.tcgetattr(stream.fileno())
+    except (termios.error, OSError, ValueError):
+        return None
+
+
+def _restore_terminal_modes(stream: TextIO, modes: list[Any]) -> None:
+    import termios
+
+    with contextlib.suppress(termios.error, OSError, ValueError):
+        termios.tcsetattr(stream.fileno(), termios.TCSADRAIN, modes)
 
 
 def _isatty(stream: TextIO) -> bool:
