@@ -184,12 +184,6 @@ class RuleStore:
             found.extend(_rule(row) for row in rows)
         return found
 
-    async def count(self, include_revoked: bool = False) -> int:
-        """How many rules there are (active ones unless asked)."""
-        where = "" if include_revoked else " WHERE revoked_at IS NULL"
-        row = await self.db.fetchone(f"SELECT COUNT(*) FROM rules{where}")
-        return int(row[0]) if row is not None else 0
-
     async def revoke(self, rule_id: str, revoked_by: str) -> bool:
         """True for the caller who revoked it; False if unknown or already revoked."""
         return bool(
