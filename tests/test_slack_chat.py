@@ -471,3 +471,21 @@ async def test_malformed_message_payloads_are_acked_and_the_bot_keeps_serving(
     model.reply(THINKER, Text("Still here."))
     ts, _ = await bot.mention("are you alive?")
     await bot.wait_text(ts, "Still here.")
+
+
+async def test_a_posted_card_is_found_in_its_thread_again(
+    bot: Bot, model: FakeModelServer, slack: FakeSlack
+) -> None:
+    # Recovery asks before posting a card whose earlier post may have gone out
+    # unrecorded; the card is found by its buttons, across pages.
+    model.reply(ACTION, Text(directive(shell("touch x", reason="make x"))))
+    ts, _ = await bot.mention("make x")
+    card, approval = await bot.wait_card(ts)
+    for i in range(40):
+        slack.add_message(CHANNEL, f"chatter {i}", user=ASKER, thread_ts=ts)
+    slack.replies_page_size = 15
+    thread = Thread("slack", CHANNEL, ts)
+    assert await bot.platform.find_card(thread, approval) == f"{CHANNEL}:{card['ts']}"
+    assert await bot.platform.find_card(thread, "no-such-approval") is None
+    slack.add_message(CHANNEL, "a thread of its own", user=ASKER)
+    assert await bot.platform.find_card(Thread("slack", CHANNEL, "1.000001"), approval) is None

@@ -102,6 +102,11 @@ def approval_text(card: ApprovalCard) -> str:
     return f"Approval needed ({card.risk_level} risk): {escape(what)}"
 
 
+def card_block_id(approval_id: str) -> str:
+    """The block_id of a card's buttons: finds the card in its thread again."""
+    return f"duck_approval:{approval_id}"[:255]
+
+
 def approval_blocks(card: ApprovalCard) -> list[Block]:
     approval_id = card.approval_id
     buttons: list[Block] = [
@@ -155,7 +160,7 @@ def approval_blocks(card: ApprovalCard) -> list[Block]:
     expiry = f"Expires {slack_date(card.expires_at)}. " if card.expires_at else ""
     return [
         *_details(card),
-        {"type": "actions", "block_id": f"duck_approval:{approval_id}"[:255], "elements": buttons},
+        {"type": "actions", "block_id": card_block_id(approval_id), "elements": buttons},
         _context(
             f"{expiry}Or reply in this thread: `approve`, `deny <reason>`"
             + (", `always`" if card.always_offered else "")

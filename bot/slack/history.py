@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any
 
 from slack_sdk.errors import SlackApiError
@@ -69,6 +69,35 @@ async def stored_history(tasks: TaskStore, conversation: str) -> History | None:
     return _newest(history)
 
 
+async def thread_pages(
+    client: AsyncWebClient, channel: str, root: str, before: str | None = None
+) -> AsyncIterator[list[Any]]:
+    """The thread's messages, page by page, oldest first (cursors followed, at
+    most MAX_PAGES). `before`: only messages older than that ts. Raises
+    SlackApiError; the caller bounds the time."""
+    cursor: str | None = None
+    for _ in range(MAX_PAGES):
+        arguments: dict[str, Any] = {"channel": channel, "ts": root, "limit": PAGE_SIZE}
+        if cursor:
+            arguments["cursor"] = cursor
+        if before:
+            arguments["latest"] = before
+            arguments["inclusive"] = False
+        reply = await client.conversations_replies(**arguments)
+        messages = reply.get("messages")
+        yield messages if isinstance(messages, list) else []
+        metadata = reply.get("response_metadata") or {}
+        cursor = metadata.get("next_cursor") if isinstance(metadata, dict) else None
+        if not reply.get("has_more") or not cursor:
+            return
+    logger.warning(
+        "thread %s/%s has more than %d pages; its newest replies were not read",
+        channel,
+        root,
+        MAX_PAGES,
+    )
+
+
 async def slack_history(
     client: AsyncWebClient,
     channel: str,
@@ -83,43 +112,52 @@ async def slack_history(
     the assistant's. `skip`: our own status lines."""
     first: dict[str, str] | None = None
     kept: deque[dict[str, str]] = deque(maxlen=MAX_HISTORY - 1)
-    cursor: str | None = None
-    pages = 0
     try:
         async with asyncio.timeout(READ_BUDGET):
-            while pages < MAX_PAGES:
-                pages += 1
-                arguments: dict[str, Any] = {"channel": channel, "ts": root, "limit": PAGE_SIZE}
-                if cursor:
-                    arguments["cursor"] = cursor
-                if before:
-                    arguments["latest"] = before
-                    arguments["inclusive"] = False
-                reply = await client.conversations_replies(**arguments)
-                for message in reply.get("messages") or []:
+            async for page in thread_pages(client, channel, root, before):
+                for message in page:
                     entry = _entry(message, before, bot_user_id, bot_id, skip)
                     if entry is None:
                         continue
-                    if isinstance(message, dict) and message.get("ts") == root:
+                    if message.get("ts") == root:
                         first = first or entry  # the parent may head every page
                     else:
                         kept.append(entry)
-                metadata = reply.get("response_metadata") or {}
-                cursor = metadata.get("next_cursor") if isinstance(metadata, dict) else None
-                if not reply.get("has_more") or not cursor:
-                    break
-            else:
-                logger.warning(
-                    "thread %s/%s has more than %d pages; its newest replies were not read",
-                    channel,
-                    root,
-                    MAX_PAGES,
-                )
     except TimeoutError:
         logger.warning("reading thread %s/%s took too long; using what was read", channel, root)
     except SlackApiError as exc:
         logger.warning("could not read thread %s/%s: %s", channel, root, exc)
     return ([first] if first else []) + list(kept)
+
+
+async def find_own_message(
+    client: AsyncWebClient,
+    channel: str,
+    root: str,
+    matches: Callable[[dict[str, Any]], bool],
+    *,
+    bot_user_id: str | None,
+    bot_id: str | None,
+) -> str | None:
+    """The ts of the bot's own message in the thread that `matches`, or None
+    (also when the thread cannot be read in time: the caller then acts as if
+    there were none)."""
+    try:
+        async with asyncio.timeout(READ_BUDGET):
+            async for page in thread_pages(client, channel, root):
+                for message in page:
+                    if not isinstance(message, dict) or not isinstance(message.get("ts"), str):
+                        continue
+                    own = (bot_user_id is not None and message.get("user") == bot_user_id) or (
+                        bot_id is not None and message.get("bot_id") == bot_id
+                    )
+                    if own and matches(message):
+                        return str(message["ts"])
+    except TimeoutError:
+        logger.warning("reading thread %s/%s took too long", channel, root)
+    except SlackApiError as exc:
+        logger.warning("could not read thread %s/%s: %s", channel, root, exc)
+    return None
 
 
 def _entry(

@@ -67,13 +67,14 @@ from bot.slack.blocks import (
     REASON_BLOCK,
     approval_blocks,
     approval_text,
+    card_block_id,
     deny_reason_modal,
     reason_from_view,
     resolution_text,
     resolved_blocks,
 )
 from bot.slack.format import MESSAGE_LIMIT, clip_mrkdwn, escape, split_mrkdwn, to_mrkdwn
-from bot.slack.history import slack_history, stored_history
+from bot.slack.history import find_own_message, slack_history, stored_history
 from bot.slack.parsing import (
     PLATFORM,
     card_ref,
@@ -766,6 +767,29 @@ class SlackPlatform(Platform, ChatBackend):
             unfurl_media=False,
         )
         return card_ref(thread.channel, str(reply["ts"]))
+
+    async def find_card(self, thread: Thread, approval_id: str) -> str | None:
+        """The card of this approval if the bot already posted it in the thread
+        (found by its buttons' block_id), so recovery does not post it twice."""
+        if thread.root is None or self.client is None:
+            return None
+        block_id = card_block_id(approval_id)
+
+        def is_card(message: dict[str, Any]) -> bool:
+            blocks = message.get("blocks")
+            return isinstance(blocks, list) and any(
+                isinstance(b, dict) and b.get("block_id") == block_id for b in blocks
+            )
+
+        ts = await find_own_message(
+            self.client,
+            thread.channel,
+            thread.root,
+            is_card,
+            bot_user_id=self.bot_user_id,
+            bot_id=self.bot_id,
+        )
+        return card_ref(thread.channel, ts) if ts else None
 
     async def resolve_card(
         self, thread: Thread, card_ref: str, card: ApprovalCard, resolution: CardResolution
