@@ -46,7 +46,11 @@ def _controlling_terminal() -> None:
 class PtyConsole:
     def __init__(self, tmp_path: Path, **env: str) -> None:
         self.tmp_path = tmp_path
-        self.env = cli_env(tmp_path, TERM="xterm-256color", **env)
+        # An empty inputrc: a developer's own (vi mode, coloured completion) is not the test's.
+        (tmp_path / "inputrc").write_text("")
+        self.env = cli_env(
+            tmp_path, TERM="xterm-256color", INPUTRC=str(tmp_path / "inputrc"), **env
+        )
         if "NO_COLOR" not in env:  # the developer's own preference is not the test's
             self.env.pop("NO_COLOR", None)
         self.raw = bytearray()
