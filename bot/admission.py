@@ -11,8 +11,8 @@ In order, an `Inbound` is refused when
 5. its sender, or its channel, is out of tokens (DUCKLM_USER_RATE /
    DUCKLM_CHANNEL_RATE, token buckets: a burst of N, then N per period).
 A flood refusal (4-5) is explained once per burst: after one answer the sender
-hears nothing more until a request of theirs is admitted again; the bot-thread
-bound (3) is explained once per thread. The global
+hears nothing more until a request of theirs is admitted again (or ten minutes
+passed); the bot-thread bound (3) is explained once per thread. The global
 DUCKLM_MAX_CONCURRENT_TASKS still bounds what actually runs (bot/service.py).
 
 Thread replies that are decision words (`approve`, `deny …`, `always`) start
@@ -41,6 +41,9 @@ if TYPE_CHECKING:
     from runtime.settings import Settings
 
 REFUSAL_INTERVAL = 3600.0  # a stranger is told "you may not ask" at most this often
+# A flood refusal is explained again after this long, even if nothing of the
+# sender's was admitted in between (a burst long ago is not this burst).
+BURST_QUIET = 600.0
 MAX_REMEMBERED = 10_000  # bounds every per-user / per-thread memory (strangers are many)
 
 Rate = tuple[int, float]  # (tokens, seconds to refill them all)
@@ -99,7 +102,7 @@ class _Charge:
     slot: bool = False  # holds a running/queued slot until finished()
     buckets: list[TokenBucket] = field(default_factory=list)
     bot_thread: str | None = None
-    flood_told: bool = False  # the user's "told" mark this admission cleared
+    flood_told: float | None = None  # the user's "told" mark this admission cleared
 
 
 class Admission:
@@ -129,7 +132,7 @@ class Admission:
         self._channel_buckets: OrderedDict[str, TokenBucket] = OrderedDict()
         self._bot_replies: OrderedDict[str, int] = OrderedDict()
         self._stranger_told: OrderedDict[str, float] = OrderedDict()
-        self._flood_told: OrderedDict[str, None] = OrderedDict()
+        self._flood_told: OrderedDict[str, float] = OrderedDict()  # user -> when told
         self._bot_thread_told: OrderedDict[str, None] = OrderedDict()
         # What each admitted request holds, by the caller's key for it: the
         # Inbound at first, its inbox id once recorded (see `rekey`).
@@ -170,7 +173,7 @@ class Admission:
         if wants_slot:
             busy = self._busy(inbound.user, channel)
             if busy is not None:
-                return self._flood(inbound.user, *busy)
+                return self._flood(inbound.user, *busy, now)
         buckets: list[TokenBucket] = []
         for limits, key, rate, reason in (
             (self._user_buckets, inbound.user, self.user_rate, "user_rate"),
@@ -182,7 +185,7 @@ class Admission:
             if not bucket.take(now):
                 for taken in buckets:  # all or nothing
                     taken.give_back(now)
-                return self._flood(inbound.user, reason, _rate_text(reason, rate, bucket, now))
+                return self._flood(inbound.user, reason, _rate_text(reason, rate, bucket, now), now)
             buckets.append(bucket)
         charge = _Charge(inbound.user, channel, buckets=buckets)
         if wants_slot:
@@ -194,9 +197,9 @@ class Admission:
             self._bot_replies[thread.key] = self._bot_replies.get(thread.key, 0) + 1
             self._bot_replies.move_to_end(thread.key)
             _trim(self._bot_replies)
-        if inbound.user in self._flood_told:
-            del self._flood_told[inbound.user]  # a new burst: its refusal is explained again
-            charge.flood_told = True
+        told = self._flood_told.pop(inbound.user, None)  # a new burst: explained again
+        if told is not None:
+            charge.flood_told = told
         self._remember(inbound, charge)
         return None
 
@@ -222,8 +225,8 @@ class Admission:
                 self._bot_replies[charge.bot_thread] = count
             else:
                 self._bot_replies.pop(charge.bot_thread, None)
-        if charge.flood_told:
-            self._flood_told[charge.user] = None
+        if charge.flood_told is not None:
+            self._flood_told[charge.user] = charge.flood_told
 
     def cancel_refusal(self, inbound: Inbound, refusal: Refusal) -> None:
         """Undo the "told" mark of a refusal that was never sent (recording the
@@ -278,10 +281,12 @@ class Admission:
             )
         return None
 
-    def _flood(self, user: str, reason: str, text: str) -> Refusal:
-        if user in self._flood_told:
+    def _flood(self, user: str, reason: str, text: str, now: float) -> Refusal:
+        told = self._flood_told.get(user)
+        if told is not None and now - told < BURST_QUIET:
             return Refusal(reason, None)  # told once in this burst already
-        self._flood_told[user] = None
+        self._flood_told[user] = now
+        self._flood_told.move_to_end(user)
         _trim(self._flood_told)
         return Refusal(reason, text)
 

@@ -163,6 +163,20 @@ def test_the_per_user_cap_counts_running_and_queued_until_finished() -> None:
     # a new burst gets its answer again
     refused = gate.admit(inbound())
     assert refused is not None and refused.text is not None
+    assert gate.admit(inbound()) == Refusal("user_busy", None)
+
+
+def test_a_long_quiet_spell_is_a_new_burst() -> None:
+    clock = Clock()
+    gate = admission(clock, user_max_tasks=1)
+    assert gate.admit(inbound()) is None  # and it keeps running
+    first = gate.admit(inbound())
+    assert first is not None and first.text is not None
+    clock.now += 599
+    assert gate.admit(inbound()) == Refusal("user_busy", None)
+    clock.now += 601  # ten minutes after the last answer: said again
+    again = gate.admit(inbound())
+    assert again is not None and again.text == first.text
 
 
 def test_the_per_channel_cap_holds_across_users() -> None:
