@@ -328,16 +328,24 @@ class ApprovalService:
         found = await self._rules.matching(tool, [shell_rules.exact_key(pattern)])
         return any(rule.kind == "exact" and rule.pattern == pattern for rule in found)
 
+    # One filler at a time: checks that arrive meanwhile wait for it, not redo it.
+    _fill_lock: asyncio.Lock | None = None
+
     async def _fill_rules(self) -> None:
         """Parse, once, the rules stored without their match columns (made before
         schema v6, or inserted without them); a no-op index probe once all are filled.
         Each rule is parsed between two turns of the event loop, never many at once."""
-        while batch := await self._rules.unfilled(RULE_FILL_BATCH):
-            filled = []
-            for rule in batch:
-                filled.append((rule.rule_id, rule_keys(rule.tool, rule.kind, rule.pattern)))
-                await asyncio.sleep(0)
-            await self._rules.fill(filled)
+        if not await self._rules.unfilled(1):
+            return
+        if self._fill_lock is None:
+            self._fill_lock = asyncio.Lock()
+        async with self._fill_lock:
+            while batch := await self._rules.unfilled(RULE_FILL_BATCH):
+                filled = []
+                for rule in batch:
+                    filled.append((rule.rule_id, rule_keys(rule.tool, rule.kind, rule.pattern)))
+                    await asyncio.sleep(0)
+                await self._rules.fill(filled)
 
     async def add_rule(
         self,

@@ -13,6 +13,7 @@ What must hold:
 
 from __future__ import annotations
 
+import asyncio
 import random
 import re
 import sqlite3
@@ -125,7 +126,10 @@ async def test_the_index_gives_the_pinned_verdicts(
         await stores.close()
 
 
-async def test_the_index_agrees_with_rule_covers_on_generated_commands(tmp_path: Path) -> None:
+@pytest.mark.parametrize("made", [True, False], ids=["parsed-when-made", "filled-later"])
+async def test_the_index_agrees_with_rule_covers_on_generated_commands(
+    tmp_path: Path, made: bool
+) -> None:
     """Three hundred commands built from rule words, operands and joiners: the store's
     answer is rule_covers' answer for every one (covered or not)."""
     ws = tmp_path / "ws"
@@ -150,7 +154,7 @@ async def test_the_index_agrees_with_rule_covers_on_generated_commands(tmp_path:
         for part in parts[1:]:
             command += rng.choice(joins) + part
         commands.add(command)
-    stores, service = await store_with(tmp_path, rules)
+    stores, service = await store_with(tmp_path, rules, made=made)
     try:
         covered = 0
         for command in sorted(commands):
@@ -304,6 +308,40 @@ async def test_a_rule_inserted_without_its_keys_counts_at_the_next_check(
         await stores.rules.insert(SHELL_TOOL, "exact", "make test", "test")
         assert await service.is_allowed_forever(shell("make test"))
         assert await service.is_allowed_forever(shell("make build"))
+
+
+async def test_filling_many_older_rules_lets_the_loop_run_and_checks_wait_for_it(
+    tmp_path: Path,
+) -> None:
+    async with await open_stores(tmp_path / "ducklm.db") as stores:
+        async with stores.db.transaction():
+            for i in range(300):
+                await stores.rules.insert(SHELL_TOOL, "exact", f"touch stamp-{i}", "test")
+        service = ApprovalService.from_stores(stores)
+        turns = 0
+        done = asyncio.Event()
+
+        async def ticker() -> None:
+            nonlocal turns
+            while not done.is_set():
+                turns += 1
+                await asyncio.sleep(0)
+
+        tick = asyncio.create_task(ticker())
+        try:
+            first, late, missing = await asyncio.gather(
+                service.is_allowed_forever(shell("touch stamp-0")),
+                service.is_allowed_forever(shell("touch stamp-299")),  # in the second batch
+                service.is_allowed_forever(shell("touch stamp-300")),
+            )
+        finally:
+            done.set()
+            await tick
+        assert (first, late, missing) == (True, True, False)
+        # The loop got a turn after each rule parsed (inline SQLite alone never yields).
+        assert turns >= 300, turns
+        unfilled = "SELECT COUNT(*) FROM rules WHERE normalized IS NULL"
+        assert rows(tmp_path / "ducklm.db", unfilled) == [(0,)]
 
 
 # -- another process's rules ----------------------------------------------------------
