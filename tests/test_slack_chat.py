@@ -489,3 +489,29 @@ async def test_a_posted_card_is_found_in_its_thread_again(
     assert await bot.platform.find_card(thread, "no-such-approval") is None
     slack.add_message(CHANNEL, "a thread of its own", user=ASKER)
     assert await bot.platform.find_card(Thread("slack", CHANNEL, "1.000001"), approval) is None
+
+
+async def test_a_click_on_a_card_whose_post_was_never_recorded_resolves_it(
+    bot: Bot, model: FakeModelServer, slack: FakeSlack
+) -> None:
+    model.reply(ACTION, Text(directive(shell("touch x", reason="make x"))))
+    ts, _ = await bot.mention("make x")
+    card, approval = await bot.wait_card(ts)
+    await bot.settle()  # the post is recorded
+    # The state a process leaves when it dies between posting the card and
+    # recording it: the card is in Slack, the store says "unposted".
+    await bot.runtime.stores.db.execute(
+        "UPDATE approvals SET card_ref = NULL, card_state = 'unposted' WHERE approval_id = ?",
+        (approval,),
+    )
+    reset = await bot.runtime.approvals.get(approval)
+    assert reset is not None and reset.card_state == "unposted" and reset.card_ref is None
+    model.reply(THINKER, Text("Made x."))
+    await bot.click(ACTION_APPROVE, approval, card["ts"], thread_ts=ts)
+    await bot.wait_text(ts, "Made x.")
+    updates = [c for c in slack.calls_to("chat.update") if c.params["ts"] == card["ts"]]
+    assert len(updates) == 1 and "Approved" in json.dumps(updates[0].params["blocks"])
+    stored = await bot.runtime.approvals.get(approval)
+    assert stored is not None and stored.card_ref == f"{CHANNEL}:{card['ts']}"
+    # adopted from the click itself, without searching the thread for it
+    assert slack.calls_to("conversations.replies") == []

@@ -560,7 +560,16 @@ class SlackPlatform(Platform, ChatBackend):
         if not user or not isinstance(approval_id, str) or decision is None:
             logger.warning("malformed approval click ignored: %r", action)
             return
-        refusal = await self.service.handle_decision(approval_id, f"{PLATFORM}:{user}", decision)
+        # The card the click came from: a card whose post was never recorded (the
+        # process died right after posting it) is adopted by the service.
+        container = body.get("container") if isinstance(body.get("container"), dict) else {}
+        channel, ts = text_field(container, "channel_id"), text_field(container, "message_ts")
+        refusal = await self.service.handle_decision(
+            approval_id,
+            f"{PLATFORM}:{user}",
+            decision,
+            card_ref=card_ref(channel, ts) if channel and ts else None,
+        )
         if refusal:
             await self._tellclicker(body, user, refusal)
 
