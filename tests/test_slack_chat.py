@@ -515,3 +515,12 @@ async def test_a_click_on_a_card_whose_post_was_never_recorded_resolves_it(
     assert stored is not None and stored.card_ref == f"{CHANNEL}:{card['ts']}"
     # adopted from the click itself, without searching the thread for it
     assert slack.calls_to("conversations.replies") == []
+
+
+async def test_a_long_private_answer_is_clipped_after_escaping(bot: Bot, slack: FakeSlack) -> None:
+    for pad in range(5):  # every alignment of the cut against "&amp;"
+        text = "x" * pad + "& < >" * 3000 + "\n```\n" + "code & more\n" * 500 + "```"
+        await bot.platform.tell(Thread("slack", CHANNEL, "1.000100"), f"slack:{ASKER}", text)
+        sent = slack.ephemeral[-1]["text"]
+        assert len(sent) <= 9000 and not _BROKEN_ESCAPE.search(sent), pad
+        assert sent.count("```") % 2 == 0
