@@ -110,7 +110,7 @@ class Admission:
         self,
         policy: AccessPolicy,
         *,
-        user_max_tasks: int = 3,
+        user_max_tasks: int = 5,
         channel_max_tasks: int = 6,
         user_rate: Rate | None = (10, 600.0),
         channel_rate: Rate | None = (30, 600.0),

@@ -171,7 +171,7 @@ class Settings(BaseSettings):
     # user and per channel (0 = no cap), new tasks per user and per channel as a
     # token bucket "N/period" ("10/10m": bursts of 10, then one a minute; "off"),
     # and how many replies the bot gives other bots in one thread.
-    user_max_tasks: int = Field(default=3, ge=0, validation_alias="DUCKLM_USER_MAX_TASKS")
+    user_max_tasks: int = Field(default=5, ge=0, validation_alias="DUCKLM_USER_MAX_TASKS")
     channel_max_tasks: int = Field(default=6, ge=0, validation_alias="DUCKLM_CHANNEL_MAX_TASKS")
     user_rate: Annotated[tuple[int, float] | None, NoDecode] = Field(
         default=(10, 600.0), validation_alias="DUCKLM_USER_RATE"

@@ -323,5 +323,5 @@ def test_defaults_come_from_the_settings() -> None:
     gate = Admission.from_settings(settings, AccessPolicy())
     assert gate.user_rate == (2, 30.0)
     assert gate.channel_rate == (30, 600.0)
-    assert gate.user_max_tasks == 3 and gate.channel_max_tasks == 0
+    assert gate.user_max_tasks == 5 and gate.channel_max_tasks == 0
     assert gate.bot_replies_per_thread == 5
