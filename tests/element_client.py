@@ -233,7 +233,9 @@ class ElementUser:
         try:
             return await asyncio.wait_for(future, within)
         except TimeoutError:
-            raise ElementError(f"{cmd} got no answer within {within:.0f} s") from None
+            raise ElementError(
+                f"{cmd} got no answer within {within:.0f} s; client log:\n{self.stderr_tail()}"
+            ) from None
         finally:
             self._pending.pop(request_id, None)
 

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from bot.backend import Thread
+from bot.service import LATE_TEXT
 from tests import element_client, test_matrix
 from tests.conftest import ACTION, THINKER, directive, shell
 from tests.element_client import ElementUser, OpenElement
@@ -372,6 +373,7 @@ async def test_the_first_dm_message_sent_before_the_bot_joined_is_answered_once(
         answer = await alice.wait_for(
             bot_notice(duck, hello, "are you there?"), "the answer to the first message", within=40
         )
+        assert LATE_TEXT not in body(answer)  # the bot was running: not "late"
         events = await alice.room_events(room)
         ids = [e["event_id"] for e in events]
         bot_joined = next(e["event_id"] for e in events if joined(duck, room)(e))
@@ -413,7 +415,10 @@ async def test_a_burst_while_the_bot_is_down_is_handled_once_after_the_restart(
     second = await bots()
     await alice.wait_for(edit_of(card["event_id"], "Approved"), "the card's edit", within=40)
     await alice.wait_for(bot_notice(duck, question, "answer to"), "the answer after approval")
-    await alice.wait_for(bot_notice(duck, missed, "are you back?"), "the late answer", within=40)
+    late = await alice.wait_for(
+        bot_notice(duck, missed, "are you back?"), "the late answer", within=40
+    )
+    assert LATE_TEXT in body(late)  # it says it was away
     assert (tmp_path / "workspace" / "later.txt").exists()
 
     events = await settled(alice, room, duck)
