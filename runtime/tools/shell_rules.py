@@ -34,7 +34,10 @@ could have (its whole normalized text, each part's, each word-prefix of each
 part up to the longest prefix rule stored for that part's program), the store
 returns only the rules with those keys, and `CommandLookup.covered_by` decides
 with exactly the semantics above. No stored pattern is parsed again, so the
-cost of a check does not grow with the number of rules.
+cost of a check does not grow with the number of rules. (Should the way words
+are rendered here ever change, the stored forms must be made again: a
+migration `UPDATE rules SET normalized = NULL` has every rule parsed once more
+by the next check, as rules from before schema v6 are.)
 """
 
 from __future__ import annotations
@@ -478,7 +481,7 @@ def _part_from_json(text: str) -> _Part | None:
             literal=[bool(b) for b in data["literal"]],
             assignments=[str(a) for a in data["assignments"]],
             redirects=[str(r) for r in data["redirects"]],
-            first_subst=data["first_subst"],
+            first_subst=data["first_subst"] if isinstance(data["first_subst"], int) else None,
         )
     except (ValueError, TypeError, KeyError):
         return None  # damaged by hand: covers nothing
