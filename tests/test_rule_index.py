@@ -430,3 +430,26 @@ async def test_hostile_commands_stay_bounded(tmp_path: Path) -> None:
         assert await service.is_allowed_forever(shell(many), str(ws))
         assert await service.is_allowed_forever(shell(many + "; git pull"), str(ws))
         assert not await service.is_allowed_forever(shell(many + "; git pull x"), str(ws))
+
+
+async def test_lookups_see_only_active_rules_of_the_tool(tmp_path: Path) -> None:
+    async with await open_stores(tmp_path / "ducklm.db") as stores:
+        service = ApprovalService.from_stores(stores)
+        short = await service.add_rule(SHELL_TOOL, "prefix", "git pull", "admin")
+        long = await service.add_rule(SHELL_TOOL, "prefix", "git pull origin main", "admin")
+        await service.add_rule(SHELL_TOOL, "exact", "git status --short", "admin")
+        await service.add_rule("read_file", "exact", '{"path": "git"}', "admin")
+        assert await stores.rules.longest_prefix(SHELL_TOOL, ["git", "ls"]) == {"git": 4}
+        assert await stores.rules.longest_prefix("read_file", ["git"]) == {}
+
+        assert await service.revoke_rule(long.rule_id, "admin")
+        assert await stores.rules.longest_prefix(SHELL_TOOL, ["git"]) == {"git": 2}
+        assert not await service.is_allowed_forever(shell("git pull origin main"))
+        assert await service.is_allowed_forever(shell("git pull"))
+
+        assert await service.revoke_rule(short.rule_id, "admin")
+        assert await stores.rules.longest_prefix(SHELL_TOOL, ["git"]) == {}
+        assert not await service.is_allowed_forever(shell("git pull"))
+        assert await service.is_allowed_forever(shell("git status --short"))
+        # Another tool's rule with the same text is not a shell rule.
+        assert not await service.is_allowed_forever(shell('{"path": "git"}'))
