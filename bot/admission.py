@@ -210,8 +210,8 @@ class Admission:
             self._charges.setdefault(new, []).append(charge)
 
     def cancel(self, key: Hashable) -> None:
-        """Undo `admit` for a request that did not become work after all (its
-        delivery turned out a duplicate, or recording it failed)."""
+        """Undo `admit` for a request that did not become work after all
+        (recording it failed, or a direct run's thread could not be opened)."""
         charge = self._forget(key)
         if charge is None:
             return
