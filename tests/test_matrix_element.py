@@ -20,7 +20,7 @@ from bot.service import LATE_TEXT
 from tests import test_matrix
 from tests.conftest import ACTION, THINKER, directive, shell
 from tests.fakes.openai_server import FakeModelServer, Text
-from tests.fakes.synapse import ELEMENT_PICKER, MatrixUser, SynapseServer
+from tests.fakes.synapse import ELEMENT_PICKER, FlakyProxy, MatrixUser, SynapseServer
 from tests.test_matrix import (
     NO_ACTIONS,
     PASSWORD,
@@ -31,6 +31,7 @@ from tests.test_matrix import (
     content_answers,
     edit_of,
     joined,
+    poll,
     room_with_bot,
 )
 
@@ -120,6 +121,40 @@ async def test_restart_catches_up_on_more_than_a_sync_carries(
     assert await third.runtime.approvals.pending() == []
     for said in chatter:  # chatter is never answered
         assert not bot_events_in_thread(alice, duck, said)
+
+
+async def test_a_burst_between_two_syncs_is_caught_up_while_running(
+    bots: StartBot,
+    alice: MatrixUser,
+    bob: MatrixUser,
+    duck: str,
+    synapse: SynapseServer,
+    model_server: FakeModelServer,
+) -> None:
+    """Not only after a restart: the bot's connection drops, more than a sync
+    carries is said meanwhile, and the next sync's gap is fetched (not late: the
+    bot was running)."""
+    proxy = FlakyProxy(synapse.port)
+    await proxy.start()
+    try:
+        await bots(matrix_homeserver=proxy.url)
+        room = await room_with_bot(alice, duck, bob)
+        content_answers(model_server)
+        proxy.cut()
+        # Only once the bot's syncs are refused is it surely not listening (a
+        # long-poll cut in flight may still bring the next event when it retries).
+        await bob.element_say(room, "first words while it is away")
+        await poll(lambda: proxy.refused > 0, "a sync attempt through the cut proxy")
+        question = await bob.element_say(room, "did you get this?", pills=[pill(duck)])
+        for n in range(CHATTER):
+            await bob.element_say(room, f"chatter {n}")
+        proxy.restore()
+        answer = await bob.wait_for(
+            bot_notice(duck, question, "answer to: did you get this?"), "the answer", within=60
+        )
+        assert LATE_TEXT not in body(answer)
+    finally:
+        await proxy.stop()
 
 
 async def test_catching_up_is_bounded(

@@ -568,6 +568,11 @@ class FlakyProxy:
         except OSError:
             writer.transport.abort()
             return
+        if self.down:  # cut while this connection was being set up: it must not get through
+            self.refused += 1
+            writer.transport.abort()
+            up_writer.transport.abort()
+            return
         self._writers.update((writer, up_writer))
         for source, sink in ((reader, up_writer), (up_reader, writer)):
             pump = asyncio.get_running_loop().create_task(self._pump(source, sink))
