@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 from typing import Any, Protocol
 
 from bot.admin import clip
@@ -126,31 +127,35 @@ class Recovery:
 
     async def at_start(self) -> None:
         """Everything a dead predecessor left: interrupted tasks, cut-short runs,
-        then what `periodic` repairs."""
-        for task in await self._mark_interrupted():
-            if await self._cut_short(task):
-                continue
-            thread = await self.service.thread_of(task.task_id)
-            if thread is not None:
-                await self.service.say(thread, INTERRUPTED_TEXT)
-        # A crash during an earlier recovery may have left a cut-short run
-        # interrupted without its new approval.
-        recent = time.time() - RECHECK_WINDOW_S
-        for task in await self.tasks.list_recent(RECHECK_INTERRUPTED, status="interrupted"):
-            if task.updated_at.timestamp() >= recent:
-                await self._cut_short(task)
+        then what `periodic` repairs. A step that fails (logged) does not keep
+        the others from running."""
+        await _guarded(self._interrupted)
         await self.periodic()
 
     async def periodic(self) -> None:
         """What a running bot repairs from time to time (and at start): decisions
         not carried out, open inbox rows, cards that lag their approval."""
         for step in (self._continue_decided, self._open_inbox, self._cards):
-            try:
-                await step()
-            except Exception:  # one failing step (a locked store) must not stop the others
-                logger.exception("recovery step %s failed", step.__name__)
+            await _guarded(step)
 
     # -- tasks ----------------------------------------------------------------
+
+    async def _interrupted(self) -> None:
+        for task in await self._mark_interrupted():
+            await _guarded(partial(self._tell_interrupted, task))
+        # A crash during an earlier recovery may have left a cut-short run
+        # interrupted without its new approval.
+        recent = time.time() - RECHECK_WINDOW_S
+        for task in await self.tasks.list_recent(RECHECK_INTERRUPTED, status="interrupted"):
+            if task.updated_at.timestamp() >= recent:
+                await _guarded(partial(self._cut_short, task))
+
+    async def _tell_interrupted(self, task: Task) -> None:
+        if await self._cut_short(task):
+            return
+        thread = await self.service.thread_of(task.task_id)
+        if thread is not None:
+            await self.service.say(thread, INTERRUPTED_TEXT)
 
     async def _mark_interrupted(self) -> list[Task]:
         """`running` tasks of a dead process become `interrupted`, with their events."""
@@ -305,6 +310,13 @@ class Recovery:
                 await self.service.post_card(thread, approval)
             else:
                 await self.service.resolve_card(thread, approval)
+
+
+async def _guarded(step: Callable[[], Awaitable[object]]) -> None:
+    try:
+        await step()
+    except Exception:  # one failing step (a locked store) must not stop the others
+        logger.exception("recovery step %s failed", getattr(step, "__name__", repr(step)))
 
 
 def _finished(event: Event, approval: Approval) -> bool:
