@@ -1,6 +1,7 @@
 """Matrix, with matrix-nio (unencrypted rooms; no end-to-end encryption).
 
     connection  login, the sync loop, the dispatcher, invites and joins
+    backlog     fetching what a sync did not carry (gaps, invite-to-join), bounded
     events      turning room events into service calls
     sending     posting events with retries, typing notices
     platform    `MatrixPlatform`: the three wired together, and the
