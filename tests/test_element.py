@@ -430,3 +430,63 @@ async def test_a_burst_while_the_bot_is_down_is_handled_once_after_the_restart(
     assert await approved_runs(second, room, question) == 1
     chatter = [r for r in model_server.requests if "chatter" in str(r.body)]
     assert not chatter  # not addressed to the bot: skipped, not answered
+
+
+async def test_a_thread_message_to_someone_else_is_not_answered(
+    bots: StartBot,
+    alice: ElementUser,
+    bob: ElementUser,
+    duck: str,
+    model_server: FakeModelServer,
+) -> None:
+    """In the bot's thread, a message with a pill to another person only (Element puts
+    just that person in m.mentions) is between people; the bot stays out of it."""
+    await bots()
+    room = await room_with_bot(alice, duck, bob)
+    content_answers(model_server)
+    question = await bob.say(room, "is web-1 up?", mention=duck)
+    answer = await bob.wait_for(bot_notice(duck, question, "answer to:"), "the answer")
+
+    aside = await bob.say(
+        room, "can you double-check this?", mention=alice.user_id, thread=question
+    )
+    sent = await bob.wait_for({"event_id": aside}, "the echo of the aside")
+    assert sent["content"]["m.mentions"] == {"user_ids": [alice.user_id]}
+    # A follow-up for the bot after it, in the same thread and without a mention, is
+    # answered: by then the aside has been seen.
+    await bob.wait_for({"event_id": answer["event_id"]}, "the answer, read")
+    await bob.say(room, "and web-2?", thread=question)
+    await bob.wait_for(bot_notice(duck, question, "answer to: and web-2?"), "the follow-up answer")
+
+    events = await settled(alice, room, duck)
+    answers = [body(e) for e in by_bot_in_thread(events, duck, question)]
+    assert answers == ["answer to: is web-1 up?", "answer to: and web-2?"]
+    asked = [r for r in model_server.requests_for(THINKER) if "double-check" in str(r.body)]
+    assert all("and web-2?" in str(r.body) for r in asked)  # only as history, never asked
+
+
+async def test_approve_after_a_deny_is_told_it_was_decided_without_a_model_call(
+    bots: StartBot,
+    alice: ElementUser,
+    bob: ElementUser,
+    duck: str,
+    model_server: FakeModelServer,
+    tmp_path: Path,
+) -> None:
+    await bots()
+    room = await room_with_bot(alice, duck, bob)
+    model_server.reply(ACTION, Text(directive(shell("touch late.txt"))), Text(NO_ACTIONS))
+    model_server.reply(THINKER, Text("Left it alone."))
+    content_answers(model_server)
+    question = await bob.say(room, "please run touch late.txt", mention=duck)
+    card = await bob.wait_for(bot_notice(duck, question, "Approval needed"), "the card")
+    await alice.react(room, card["event_id"], "❌")
+    await alice.wait_for(bot_notice(duck, question, "Left it alone"), "the answer")
+    calls = len(model_server.requests)
+
+    await alice.wait_for({"event_id": card["event_id"]}, "the card, read")
+    await alice.say(room, "approve", thread=question)
+    told = await alice.wait_for(bot_notice(duck, question, "Already decided"), "the answer")
+    assert "deny" in body(told) and alice.qualified in body(told)
+    assert len(model_server.requests) == calls  # no model call for it
+    assert not (tmp_path / "workspace" / "late.txt").exists()
