@@ -363,6 +363,33 @@ async def test_a_thread_message_to_someone_else_is_not_answered(
     assert aside != follow_up
 
 
+async def test_a_decision_word_after_the_decision_is_told_already_decided(
+    bots: StartBot,
+    alice: MatrixUser,
+    bob: MatrixUser,
+    duck: str,
+    model_server: FakeModelServer,
+    tmp_path: Path,
+) -> None:
+    """`approve` in the card's thread after a deny gets what a late ✅ gets, and no
+    model call (the thread reply goes through the inbox like any message)."""
+    await bots()
+    room = await room_with_bot(alice, duck, bob)
+    question, card = await element_card(model_server, bob, room, duck, "touch late.txt")
+    model_server.reply(ACTION, Text(NO_ACTIONS))
+    model_server.reply(THINKER, Text("Not touching it."))
+    await alice.element_react(room, card["event_id"], "x")
+    await alice.wait_for(bot_notice(duck, question, "Not touching it"), "the answer")
+    calls = len(model_server.requests)
+
+    await alice.element_say(room, "approve", thread=question)
+    told = await alice.wait_for(bot_notice(duck, question, "Already decided"), "the answer")
+    assert "deny" in body(told) and told["content"]["m.mentions"] == {"user_ids": [alice.user_id]}
+    await settled(alice)
+    assert len(model_server.requests) == calls
+    assert not (tmp_path / "workspace" / "late.txt").exists()
+
+
 async def test_an_edit_gets_one_hint(
     bots: StartBot, alice: MatrixUser, bob: MatrixUser, duck: str, model_server: FakeModelServer
 ) -> None:
