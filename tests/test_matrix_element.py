@@ -510,3 +510,22 @@ async def test_strangers_are_declined_refused_and_left(
         ),
         "the bot leaving",
     )
+
+
+async def test_an_invite_to_a_room_outside_the_channels_is_declined(
+    bots: StartBot, alice: MatrixUser, duck: str
+) -> None:
+    """DUCKLM_CHANNELS names the rooms the bot answers in; it joins no other."""
+    served = await alice.create_room()
+    await bots(channels=[f"matrix:{served}"])
+    other = await alice.create_room([duck])
+    await alice.wait_for(
+        lambda e: (
+            e.get("room_id") == other
+            and e.get("state_key") == duck
+            and (e.get("content") or {}).get("membership") == "leave"
+        ),
+        "the bot declining",
+    )
+    await alice.invite(served, duck)
+    await alice.wait_for(joined(duck, served), "the bot joining the served room")

@@ -110,6 +110,7 @@ class MatrixConnection:
         settings: Settings,
         *,
         may_invite: Callable[[str], bool],
+        serves_room: Callable[[str], bool] = lambda room_id: True,
         on_access_token: Callable[[str], object] | None = None,
     ) -> None:
         # Told every access token the bot logs in with, so tool output never shows it.
@@ -119,6 +120,8 @@ class MatrixConnection:
         self.user_id = (settings.matrix_user_id or "").strip()
         # Whose invites are accepted (the access policy's may_invite, by Matrix id).
         self.may_invite = may_invite
+        # DUCKLM_CHANNELS: a room the bot would never answer in is not joined.
+        self.serves_room = serves_room
         self.bounds = BacklogBounds(settings.matrix_backlog_max, settings.matrix_backlog_max_age)
         self.state = MatrixState(settings.matrix_state_dir)
         self.client: AsyncClient | None = None
@@ -568,7 +571,7 @@ class MatrixConnection:
                 and getattr(event, "membership", None) == "invite"
             ):
                 inviter = getattr(event, "sender", None)
-        if not inviter or not self.may_invite(inviter):
+        if not inviter or not self.may_invite(inviter) or not self.serves_room(room_id):
             logger.warning("matrix: declining invite to %s from %s", room_id, inviter)
             self._joining.add(room_id)
             self.spawn(self._decline(room_id))

@@ -53,6 +53,7 @@ class MatrixPlatform(Platform, ChatBackend):
             # Whoever may ask may invite (DUCKLM_REQUESTERS; by default the bot's
             # own homeserver), narrowed by DUCKLM_MATRIX_ALLOWED_INVITERS.
             may_invite=lambda user_id: service.policy.may_invite(f"{PLATFORM}:{user_id}"),
+            serves_room=lambda room_id: service.policy.answers_in(PLATFORM, room_id),
             on_access_token=lambda token: service.loop.redactor.add_literal(
                 token, "matrix-access-token"
             ),
