@@ -2,6 +2,7 @@
 // for DuckLM's Matrix tests (tests/element_client.py starts it).
 //
 //   node client.mjs            with ELEMENT_HOMESERVER, ELEMENT_USER_ID, ELEMENT_PASSWORD
+//                              (ELEMENT_LOG_LEVEL=debug|info|warn for the SDK's log)
 //
 // It logs in, syncs, and prints one JSON line per message on stdout:
 //   {"ready": true, "user_id": ..., "device_id": ...}     once, after the first sync
