@@ -50,7 +50,9 @@ STAMP = NODE_MODULES / ".ducklm-installed"  # the lock file's hash, written afte
 MIN_NODE = 20
 INSTALL_TIMEOUT = 300.0  # a cold install takes a few seconds; the bound catches a hung npm
 START_TIMEOUT = 30.0  # login and the first sync
-REQUEST_TIMEOUT = 30.0
+# A send the SDK's scheduler retries (a dropped connection on a loaded machine) takes up
+# to 2+4+8+16 s before it gives up: wait past that.
+REQUEST_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
 
 Predicate = Callable[[dict[str, Any]], bool]
