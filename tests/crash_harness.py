@@ -198,6 +198,18 @@ class DuckRun:
             return self.process.returncode is None
         return False
 
+    async def recovered(self, within: float = START_TIMEOUT) -> None:
+        """Wait until this run's start-up recovery is over: `ducklm run` prints its
+        schedule only after it (bot/server.py)."""
+        log = self.logs[-1]
+        deadline = time.monotonic() + within
+        while "ducklm: schedule:" not in log.read_text(errors="replace"):
+            assert self.running, f"ducklm run died while recovering:\n{self.stderr()}"
+            assert time.monotonic() < deadline, f"no recovery within {within} s:\n{self.stderr()}"
+            with contextlib.suppress(TimeoutError):
+                assert self.process is not None
+                await asyncio.wait_for(self.process.wait(), 0.1)
+
     async def exited(self, within: float) -> int | None:
         """The run's return code once it exits within `within` s, else None."""
         assert self.process is not None
@@ -442,3 +454,30 @@ def approvals_of(db: Path, task_id: str) -> list[dict[str, Any]]:
     finally:
         conn.close()
     return [dict(row) for row in found]
+
+
+def snapshot(bot: DuckRun, slack: FakeSlack) -> dict[str, Any]:
+    """What a restart with nothing owed must leave as it is."""
+    return {
+        "posted": len(slack.calls_to("chat.postMessage")),
+        "updated": len(slack.calls_to("chat.update")),
+        "tasks": rows(bot.db, "SELECT task_id, status FROM tasks ORDER BY task_id"),
+        "events": rows(bot.db, "SELECT COUNT(*) FROM events WHERE task_id IS NOT NULL"),
+        "approvals": rows(
+            bot.db,
+            "SELECT approval_id, decision, executed_at, card_state, card_ref FROM approvals "
+            "ORDER BY approval_id",
+        ),
+        "inbox": rows(bot.db, "SELECT inbox_id, done_at FROM inbox ORDER BY inbox_id"),
+        "effects": bot.effects(),
+    }
+
+
+async def assert_restart_changes_nothing(bot: DuckRun, slack: FakeSlack) -> None:
+    """Recovery is idempotent: one more start (and clean stop) after everything
+    owed was done posts nothing, updates nothing, runs nothing, writes nothing."""
+    before = snapshot(bot, slack)
+    await bot.start()
+    await bot.recovered()
+    await bot.stop()
+    assert snapshot(bot, slack) == before, bot.stderr()

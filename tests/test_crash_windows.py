@@ -29,6 +29,7 @@ from tests.crash_harness import (
     ModelScript,
     answers,
     approvals_of,
+    assert_restart_changes_nothing,
     card_buttons_now,
     cards,
     click,
@@ -111,6 +112,7 @@ async def test_message_recorded_becomes_one_task_answered_once(
     assert event_types(bot, task_id)[-1] == "task_completed"
     assert rows(bot.db, "SELECT COUNT(*) FROM inbox WHERE done_at IS NULL") == [(0,)]
     assert_consistent(bot.db)
+    await assert_restart_changes_nothing(bot, slack)
 
 
 async def test_waiting_recorded_posts_the_missing_card_once(bot: DuckRun, slack: FakeSlack) -> None:
@@ -151,6 +153,7 @@ async def test_waiting_recorded_posts_the_missing_card_once(bot: DuckRun, slack:
     assert answers(slack, asked.ts) == ["Answer: approve-1."]
     assert status_of(bot.db, asked.conversation) == "completed"
     assert_consistent(bot.db)
+    await assert_restart_changes_nothing(bot, slack)
 
 
 async def test_decision_recorded_resolves_the_card_and_continues(
@@ -188,6 +191,7 @@ async def test_decision_recorded_resolves_the_card_and_continues(
     assert approval["executed_at"] is not None
     assert status_of(bot.db, asked.conversation) == "completed"
     assert_consistent(bot.db)
+    await assert_restart_changes_nothing(bot, slack)
 
 
 async def approved_not_run(
@@ -243,6 +247,7 @@ async def approved_not_run(
     assert card_buttons_now(slack, new_card) == []
     assert status_of(bot.db, asked.conversation) == "completed"
     assert_consistent(bot.db)
+    await assert_restart_changes_nothing(bot, slack)
     return asked.ts, old["approval_id"], reissued[0]
 
 
@@ -308,3 +313,4 @@ async def test_task_killed_while_running_is_interrupted_with_its_event(
     assert isinstance(payload["doing"], str) and payload["doing"].strip()
     assert answers(slack, asked.ts) == []
     assert_consistent(bot.db)
+    await assert_restart_changes_nothing(bot, slack)
