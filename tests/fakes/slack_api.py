@@ -116,6 +116,7 @@ class FakeSlack:
         self._ts = itertools.count(1)
         self._ts_base = ts_base
         self._trouble: dict[str, _Trouble] = {}
+        self._held: dict[str, asyncio.Event] = {}  # method -> gate (see hold())
         self._sockets: list[web.WebSocketResponse] = []
         self._socket_connected = asyncio.Event()
         self._changed = asyncio.Event()
@@ -143,6 +144,17 @@ class FakeSlack:
     def fail(self, method: str, error: str, *, times: int = 1) -> None:
         """Answer the next `times` calls of `method` with `{"ok": false, "error": error}`."""
         self._trouble[method] = _Trouble(times, error=error)
+
+    def hold(self, method: str) -> None:
+        """Keep every call of `method` waiting, recorded but unanswered, until
+        `release(method)`: freezes the bot at a known point (the crash tests kill
+        it there)."""
+        self._held.setdefault(method, asyncio.Event())
+
+    def release(self, method: str) -> None:
+        gate = self._held.pop(method, None)
+        if gate is not None:
+            gate.set()
 
     def next_ts(self) -> str:
         # Increasing, unique, and shaped like Slack's "1700000000.000100".
@@ -271,6 +283,8 @@ class FakeSlack:
         self.base_url = f"http://127.0.0.1:{port}"
 
     async def stop(self) -> None:
+        for method in list(self._held):
+            self.release(method)
         runner, self._runner = self._runner, None
         if runner is None:
             return
@@ -299,6 +313,9 @@ class FakeSlack:
         call = Call(method, params, token)
         self.calls.append(call)
         self._changed.set()
+        gate = self._held.get(method)
+        if gate is not None:
+            await gate.wait()
 
         trouble = self._trouble.get(method)
         if trouble and trouble.times > 0:
