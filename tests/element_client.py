@@ -202,6 +202,8 @@ class ElementUser:
                             future.set_exception(ElementError(str(message.get("error"))))
         finally:
             code = await self.process.wait()
+            with contextlib.suppress(TimeoutError):  # its last words, for the message
+                await asyncio.wait_for(asyncio.shield(self._readers[1]), STOP_TIMEOUT)
             failure = ElementError(f"the Element client exited ({code}):\n{self.stderr_tail()}")
             if not self._ready.done():
                 self._ready.set_exception(failure)
