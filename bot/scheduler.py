@@ -1,38 +1,106 @@
 """Timing for `ducklm run`: approval reminders and expiry, scheduled prompts,
-retention. APScheduler's `AsyncIOScheduler` keeps the clock; what must survive a
-restart lives in our own tables, and every job is rebuilt from them at start,
-so APScheduler needs no job store of its own.
+retention.
+
+What is due lives in the store (issue #23): each pending approval has a
+`due_at` (its reminder or its expiry, whichever comes first) and each schedule a
+`next_fire_at`, both indexed. One timer per kind waits for the earliest of them
+and is woken when something changes (a new approval, a schedule added or
+resumed); at most every POLL_S seconds it looks again anyway, for changes made
+by another process. So start-up arms the same few timers whether nothing or a
+hundred thousand things are pending, and nothing here walks every row.
+
+Each fire is claimed in the store by compare-and-set on the old due time
+before anything is done (`claim_due`, `claim_fire`): of two processes looking
+at one row, one gets it. Runs of schedules missed while the bot was down are
+caught up one at a time, at most `catch_up_rate` a minute (DUCKLM_CATCH_UP_RATE),
+never as a burst. APScheduler only keeps the daily housekeeping job.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.base import BaseTrigger
-from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from bot.cron import cron_trigger
 from bot.service import ChatService
+from runtime.store.approvals import ApprovalStore
 from runtime.store.models import Approval, Event, Schedule
 from runtime.store.retention import delete_finished_tasks
+
+__all__ = ["Scheduler", "cron_trigger", "schedule_trigger"]
 
 logger = logging.getLogger("ducklm.scheduler")
 
 HOUSEKEEPING_EVERY = timedelta(days=1)
 HOUSEKEEPING_FIRST_DELAY = timedelta(minutes=1)
-# A fire time this far in the past at start is a run missed while we were down.
+# A fire time this far in the past is a run missed (while we were down, or
+# while the loop could not keep up): it runs as a catch-up, at the catch-up rate.
 MISSED_SLACK = timedelta(seconds=30)
+# The longest a timer sleeps without looking at the store again.
+POLL_S = 30.0
+# Rows read per query; a full batch means the timer goes on at once.
+BATCH = 200
+# Reminders and expiries carried out at the same time (each posts to chat).
+APPROVAL_ACTIONS_AT_ONCE = 8
+# Events that mean a new approval is waiting to be planned.
+NEW_APPROVAL_EVENTS = frozenset({"tool_approval_requested", "approval_reissued"})
+# A planned time is "after" the instant it is computed from, never equal to it.
+_AFTER = timedelta(milliseconds=1)
 
 TriggerFactory = Callable[[Schedule], BaseTrigger]
 
 
 def schedule_trigger(schedule: Schedule) -> BaseTrigger:
     return cron_trigger(schedule.cron, schedule.timezone)
+
+
+class _Timer:
+    """One asyncio task that runs `round` whenever its wait ends: when the time
+    `round` returned is reached, when `wake()` is called, or after POLL_S."""
+
+    def __init__(
+        self, name: str, round_: Callable[[], Awaitable[float | None]], poll: float
+    ) -> None:
+        self.name = name
+        self._round = round_
+        self._poll = poll
+        self._wake = asyncio.Event()
+        self.next_at: float | None = None  # when it looks next (for describe)
+        self._task = asyncio.create_task(self._run(), name=f"timer:{name}")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            # Cleared before the round reads the store: a change after this
+            # point wakes the wait below instead of being missed.
+            self._wake.clear()
+            try:
+                due_at = await self._round()
+            except Exception:  # the store was busy or closing: look again later
+                logger.exception("%s timer round failed", self.name)
+                due_at = None
+            wait = self._poll if due_at is None else min(max(due_at - time.time(), 0.0), self._poll)
+            if wait == 0.0:
+                await asyncio.sleep(0)  # more is due: go on, after giving the loop a turn
+                continue
+            self.next_at = time.time() + wait
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
 
 
 class Scheduler:
@@ -44,24 +112,35 @@ class Scheduler:
         timezone: str = "UTC",
         retention_days: float | None = None,
         trigger_factory: TriggerFactory = schedule_trigger,
+        catch_up_rate: float | None = None,
+        poll: float = POLL_S,
     ) -> None:
         self.service = service
         self.stores = service.runtime.stores
         self.approvals = service.approvals
-        self.remind_after = timedelta(seconds=remind_after)
+        self.remind_after = float(remind_after)
         self.retention_days = retention_days
         self.trigger_factory = trigger_factory
+        if catch_up_rate is None:
+            catch_up_rate = service.runtime.settings.catch_up_rate
+        # Seconds between two catch-up runs.
+        self.catch_up_every = 60.0 / catch_up_rate
+        self._poll = poll
         self._scheduler = AsyncIOScheduler(timezone=ZoneInfo(timezone))
         self._running: set[str] = set()  # schedule ids with a run in progress
+        self._timers: dict[str, _Timer] = {}
+        self._slots = asyncio.Semaphore(APPROVAL_ACTIONS_AT_ONCE)
+        self._actions: set[asyncio.Task[None]] = set()
+        self._runs: set[asyncio.Task[None]] = set()
+        self._next_catch_up = 0.0  # time.time() from which the next catch-up may start
+        self._heads: list[str] = []
 
     # -- lifecycle ------------------------------------------------------------
 
     async def start(self) -> None:
+        """Arm one timer for approvals, one for schedules and the housekeeping job:
+        the same three whatever is stored."""
         self._scheduler.start()
-        for approval in await self.approvals.pending(limit=100_000):
-            self.track_approval(approval)
-        for schedule in await self.stores.schedules.list():
-            self._plan(schedule, at_start=True)
         self._scheduler.add_job(
             self.housekeeping,
             IntervalTrigger(seconds=HOUSEKEEPING_EVERY.total_seconds()),
@@ -69,121 +148,180 @@ class Scheduler:
             next_run_time=datetime.now(UTC) + HOUSEKEEPING_FIRST_DELAY,
             replace_existing=True,
         )
+        self._heads = await self._describe_heads()
+        self._timers = {
+            "approvals": _Timer("approvals", self._approvals_round, self._poll),
+            "schedules": _Timer("schedules", self._schedules_round, self._poll),
+        }
         self.service.loop.add_listener(self._on_event)
 
     async def stop(self) -> None:
+        for timer in self._timers.values():
+            await timer.stop()
+        self._timers = {}
+        if self._actions:  # reminders and expiries under way are short: let them end
+            await asyncio.wait(set(self._actions), timeout=10)
         if self._scheduler.running:
             self._scheduler.shutdown(wait=False)
 
     def describe(self) -> list[str]:
-        """One line per job, for the log at start."""
-        lines = []
-        for job in sorted(self._scheduler.get_jobs(), key=lambda j: j.id):
+        """What is armed, for the log at start: the earliest approval timer and
+        the earliest schedule (each one index probe at start), and housekeeping."""
+        lines = list(self._heads)
+        for job in self._scheduler.get_jobs():
             when = job.next_run_time.isoformat() if job.next_run_time else "paused"
             lines.append(f"{job.id}: next {when}")
         return lines
 
-    # -- approvals ------------------------------------------------------------
+    async def _describe_heads(self) -> list[str]:
+        lines = []
+        due = await self.approvals_store.earliest_due()
+        if due is not None:
+            ((approval, at),) = await self.approvals_store.due(due, limit=1)
+            if at == 0:  # not planned yet: name what its plan will be
+                at = self._approval_step(approval, 0)[1] or 0
+            kind = self._approval_step(approval, at)[0] or "check" if at else "check"
+            lines.append(f"{kind}:{approval.approval_id}: next {_when(at)} (earliest approval)")
+        fire = await self.stores.schedules.earliest_fire()
+        if fire is not None:
+            ((schedule, at),) = await self.stores.schedules.due(fire, fire, limit=1)
+            lines.append(f"schedule:{schedule.schedule_id}: next {_when(at)} (earliest schedule)")
+        return lines
 
-    def track_approval(self, approval: Approval) -> None:
-        """Arm the reminder and the expiry of a pending approval."""
-        if approval.decision is not None:
-            return
-        now = datetime.now(UTC)
-        remind_at = approval.created_at + self.remind_after
-        if approval.reminded_at is None and (
-            approval.expires_at is None or remind_at < approval.expires_at
-        ):
-            self._at(
-                max(remind_at, now),
-                self.service.remind_approval,
-                approval.approval_id,
-                job_id=f"remind:{approval.approval_id}",
-            )
-        if approval.expires_at is not None:
-            self._at(
-                max(approval.expires_at, now),
-                self.service.expire_approval,
-                approval.approval_id,
-                job_id=f"expire:{approval.approval_id}",
-            )
+    @property
+    def approvals_store(self) -> ApprovalStore:
+        return self.stores.approvals
+
+    def _wake(self, name: str) -> None:
+        timer = self._timers.get(name)
+        if timer is not None:
+            timer.wake()
 
     async def _on_event(self, event: Event) -> None:
-        if event.event_type != "tool_approval_requested":
-            return
-        approval_id = event.payload.get("approval_id")
-        if isinstance(approval_id, str):
-            approval = await self.approvals.get(approval_id)
-            if approval is not None:
-                self.track_approval(approval)
+        if event.event_type in NEW_APPROVAL_EVENTS:
+            self._wake("approvals")
 
-    def _at(self, when: datetime, func: Callable, *args: object, job_id: str) -> None:
-        self._scheduler.add_job(
-            func,
-            DateTrigger(run_date=when),
-            args=list(args),
-            id=job_id,
-            replace_existing=True,
-            # A job due while the loop was busy still runs, however late.
-            misfire_grace_time=None,
-        )
+    # -- approvals ------------------------------------------------------------
+
+    def _approval_step(self, approval: Approval, due: float) -> tuple[str | None, float | None]:
+        """What a pending approval's `due_at` of `due` stands for, and its next
+        `due_at`: plan it (0) -> remind -> expire -> nothing (None). Each step
+        moves forward, so a claim always makes progress."""
+        expires = approval.expires_at.timestamp() if approval.expires_at else None
+        remind = approval.created_at.timestamp() + self.remind_after
+        wants_reminder = approval.reminded_at is None and (expires is None or remind < expires)
+        if due == 0:
+            first = remind if wants_reminder else expires
+            return None, first
+        if expires is not None and due >= expires:
+            return "expire", None
+        return ("remind" if approval.reminded_at is None else None), expires
+
+    async def _approvals_round(self) -> float | None:
+        now = time.time()
+        batch = await self.approvals_store.due(now, BATCH)
+        for approval, due in batch:
+            step, next_due = self._approval_step(approval, due)
+            await self._slots.acquire()  # bounded: the claim waits for a free slot
+            try:
+                claimed = await self.approvals_store.claim_due(approval.approval_id, due, next_due)
+            except BaseException:
+                self._slots.release()
+                raise
+            if not claimed or step is None:
+                self._slots.release()
+                continue
+            action = (
+                self.service.remind_approval if step == "remind" else self.service.expire_approval
+            )
+            self._spawn(self._approval_action(action, approval.approval_id), self._actions)
+        if len(batch) == BATCH:
+            return now  # more are due already
+        return await self.approvals_store.earliest_due()
+
+    async def _approval_action(
+        self, action: Callable[[str], Awaitable[None]], approval_id: str
+    ) -> None:
+        try:
+            await action(approval_id)
+        except Exception:  # one approval's failure must not stop the others
+            logger.exception("timed work on approval %s failed", approval_id)
+        finally:
+            self._slots.release()
 
     # -- scheduled prompts ----------------------------------------------------
 
     async def schedule_changed(self, schedule_id: str) -> None:
-        """Re-plan one schedule after `schedule add|pause|resume|remove`."""
+        """Re-plan one schedule after `schedule add|pause|resume|remove`: from now,
+        so a resumed schedule does not catch up the runs it skipped on purpose."""
         schedule = await self.stores.schedules.get(schedule_id)
-        if schedule is None or schedule.paused:
-            job = self._scheduler.get_job(f"schedule:{schedule_id}")
-            if job is not None:
-                job.remove()
-            return
-        self._plan(schedule, at_start=False)
+        if schedule is not None and not schedule.paused:
+            await self.stores.schedules.set_next_fire(schedule_id, self._next_fire(schedule))
+        self._wake("schedules")
 
-    def _plan(self, schedule: Schedule, *, at_start: bool) -> None:
-        if schedule.paused:
-            return
+    def _next_fire(self, schedule: Schedule, after: float | None = None) -> float | None:
+        """The schedule's first fire time after `after` (default: now); None if it
+        never fires again or its cron or time zone is invalid (logged)."""
         try:
             trigger = self.trigger_factory(schedule)
         except ValueError as exc:
             logger.error("schedule %s is invalid and will not run: %s", schedule.schedule_id, exc)
-            return
-        self._scheduler.add_job(
-            self.fire,
-            trigger,
-            args=[schedule.schedule_id],
-            id=f"schedule:{schedule.schedule_id}",
-            replace_existing=True,
-            # Several fire times missed while the loop was blocked become one run.
-            coalesce=True,
-            misfire_grace_time=60,
-            # We refuse overlapping runs ourselves, so the thread can say so.
-            max_instances=4,
-        )
-        if at_start and self._missed_a_run(schedule, trigger):
-            self._at(
-                datetime.now(UTC),
-                self.fire,
-                schedule.schedule_id,
-                True,
-                job_id=f"catch-up:{schedule.schedule_id}",
-            )
+            return None
+        start = datetime.fromtimestamp(time.time() if after is None else after, UTC) + _AFTER
+        when = trigger.get_next_fire_time(None, start)
+        return None if when is None else when.timestamp()
 
-    @staticmethod
-    def _missed_a_run(schedule: Schedule, trigger: BaseTrigger) -> bool:
-        since = schedule.last_run_at or schedule.created_at
-        due = trigger.get_next_fire_time(None, since + timedelta(seconds=1))
-        return due is not None and due < datetime.now(UTC) - MISSED_SLACK
+    async def _schedules_round(self) -> float | None:
+        schedules = self.stores.schedules
+        # 1. Plan the new ones (and those a restart or a hand edit sent back):
+        #    the first fire after their last run, which may be long past.
+        planning = await schedules.due(0, 0, BATCH)
+        for schedule, _ in planning:
+            since = schedule.last_run_at or schedule.created_at
+            await schedules.claim_fire(
+                schedule.schedule_id, 0, self._next_fire(schedule, since.timestamp()), ran_at=None
+            )
+        if len(planning) == BATCH:
+            return time.time()
+        now = time.time()
+        slack = MISSED_SLACK.total_seconds()
+        # 2. Runs due now, on time: all of them.
+        on_time = await schedules.due(now - slack, now, BATCH)
+        for schedule, due in on_time:
+            await self._claim_run(schedule, due, now, catch_up=False)
+        if len(on_time) == BATCH:
+            return now
+        # 3. Runs missed: one at a time, at the catch-up rate, oldest first.
+        wake = await schedules.earliest_fire(after=now)
+        missed = await schedules.due(1.0, now - slack, 1)  # 1.0: past the "plan me" 0
+        if missed:
+            if now >= self._next_catch_up:
+                schedule, due = missed[0]
+                if await self._claim_run(schedule, due, now, catch_up=True):
+                    self._next_catch_up = now + self.catch_up_every
+                return now  # perhaps more are missed: the next one waits for its turn
+            wake = self._next_catch_up if wake is None else min(wake, self._next_catch_up)
+        return wake
+
+    async def _claim_run(
+        self, schedule: Schedule, due: float, now: float, *, catch_up: bool
+    ) -> bool:
+        # The next fire after now: a catch-up stands for every run it missed.
+        next_fire = self._next_fire(schedule, max(now, due))
+        if not await self.stores.schedules.claim_fire(
+            schedule.schedule_id, due, next_fire, ran_at=now
+        ):
+            return False  # another process took it, or it changed meanwhile
+        self._spawn(self.fire(schedule.schedule_id, catch_up), self._runs)
+        return True
 
     async def fire(self, schedule_id: str, catch_up: bool = False) -> None:
-        """One run of a schedule (what its trigger calls)."""
+        """One run of a schedule whose fire time was claimed."""
         schedule = await self.stores.schedules.get(schedule_id)
         if schedule is None or schedule.paused:
             return
         if schedule_id in self._running:
             await self.service.schedule_skipped(schedule)
-            return
-        if not await self.stores.schedules.mark_run(schedule_id, datetime.now(UTC)):
             return
         self._running.add(schedule_id)
         try:
@@ -192,6 +330,12 @@ class Scheduler:
             logger.exception("scheduled run of %s failed", schedule_id)
         finally:
             self._running.discard(schedule_id)
+
+    @staticmethod
+    def _spawn(coro: Awaitable[None], into: set[asyncio.Task[None]]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        into.add(task)
+        task.add_done_callback(into.discard)
 
     # -- housekeeping ---------------------------------------------------------
 
@@ -206,3 +350,9 @@ class Scheduler:
             await self.stores.inbox.prune()  # done messages, kept as long as their deliveries
         except Exception:
             logger.exception("housekeeping failed")
+
+
+def _when(ts: float) -> str:
+    if ts == 0:
+        return "now (to be planned)"
+    return datetime.fromtimestamp(ts, UTC).isoformat()

@@ -139,6 +139,9 @@ class Settings(BaseSettings):
     approval_ttl: float = Field(default=86400.0, gt=0, validation_alias="DUCKLM_APPROVAL_TTL")
 
     approval_remind: float = Field(default=900.0, gt=0, validation_alias="DUCKLM_APPROVAL_REMIND")
+    # Runs of schedules missed while the bot was down are caught up one at a
+    # time, at most this many a minute (bot/scheduler.py), never as a burst.
+    catch_up_rate: float = Field(default=10.0, gt=0, validation_alias="DUCKLM_CATCH_UP_RATE")
     # Who may add and manage scheduled prompts in chat, besides DUCKLM_ADMINS.
     schedulers: Annotated[list[str], NoDecode] = Field(
         default_factory=list, validation_alias="DUCKLM_SCHEDULERS"

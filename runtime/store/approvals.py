@@ -295,3 +295,37 @@ class ApprovalStore:
                 (now(), approval_id),
             )
         )
+
+    # -- timers (issue #23): what is due next, from the approvals_due index ----
+
+    async def earliest_due(self) -> float | None:
+        """The earliest `due_at` of a pending approval (0: one waits to be planned),
+        None when nothing is due. One index probe, however much is pending."""
+        row = await self.db.fetchone(
+            "SELECT due_at FROM approvals WHERE decision IS NULL AND due_at IS NOT NULL "
+            "ORDER BY due_at LIMIT 1"
+        )
+        return None if row is None else float(row[0])
+
+    async def due(self, until: float, limit: int = 200) -> list[tuple[Approval, float]]:
+        """Pending approvals due at or before `until`, earliest first, each with
+        its `due_at` (what `claim_due` compares against)."""
+        rows = await self.db.fetchall(
+            f"SELECT {_COLUMNS}, due_at FROM approvals "
+            "WHERE decision IS NULL AND due_at IS NOT NULL AND due_at <= ? "
+            "ORDER BY due_at LIMIT ?",
+            (until, limit),
+        )
+        return [(_approval(row), float(row["due_at"])) for row in rows]
+
+    async def claim_due(self, approval_id: str, was: float, next_due: float | None) -> bool:
+        """Move a pending approval's `due_at` from `was` to `next_due` (None:
+        nothing more is due); True for the one caller whose view was current,
+        who then does what was due (so a second process never does it twice)."""
+        return bool(
+            await self.db.execute(
+                "UPDATE approvals SET due_at = ? WHERE approval_id = ? AND due_at = ? "
+                "AND decision IS NULL RETURNING 1",
+                (next_due, approval_id, was),
+            )
+        )

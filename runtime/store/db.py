@@ -243,6 +243,29 @@ MIGRATIONS: list[tuple[str, ...]] = [
         "WHERE revoked_at IS NULL AND kind = 'prefix' AND match_key IS NOT NULL",
         "CREATE INDEX rules_unfilled ON rules (created_at) WHERE normalized IS NULL",
     ),
+    (
+        # v7 (issue #23): timers come from the store. Each pending approval has
+        # the time the scheduler must next look at it (its reminder or its
+        # expiry, whichever is first; NULL: nothing is due), each schedule its
+        # next fire time; one timer waits for the earliest of each, found
+        # through these indexes, and every fire is claimed by compare-and-set on
+        # the old value. 0 means "not planned yet": what an approval is inserted
+        # with (the column default, so the insert needs no change) and what
+        # existing rows start with; the scheduler plans those first.
+        "ALTER TABLE approvals ADD COLUMN due_at REAL DEFAULT 0",
+        "UPDATE approvals SET due_at = NULL WHERE decision IS NOT NULL",
+        "CREATE INDEX approvals_due ON approvals (due_at) "
+        "WHERE decision IS NULL AND due_at IS NOT NULL",
+        "ALTER TABLE schedules ADD COLUMN next_fire_at REAL DEFAULT 0",
+        "CREATE INDEX schedules_due ON schedules (next_fire_at) "
+        "WHERE paused = 0 AND next_fire_at IS NOT NULL",
+        # next_fire_at is derived from last_run_at: a write of last_run_at that
+        # does not also move next_fire_at (an older code path, a hand edit)
+        # sends the schedule back to planning instead of leaving it stale.
+        "CREATE TRIGGER schedules_replan AFTER UPDATE OF last_run_at ON schedules "
+        "WHEN NEW.next_fire_at IS OLD.next_fire_at "
+        "BEGIN UPDATE schedules SET next_fire_at = 0 WHERE rowid = NEW.rowid; END",
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

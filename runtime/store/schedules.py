@@ -95,3 +95,57 @@ class ScheduleStore:
                 (ts, schedule_id, ts),
             )
         )
+
+    # -- timers (issue #23): next fire times from the schedules_due index -----
+
+    async def earliest_fire(self, after: float = -1.0) -> float | None:
+        """The earliest `next_fire_at` of an active schedule later than `after`
+        (0: one waits to be planned); None when none is. One index probe."""
+        row = await self.db.fetchone(
+            "SELECT next_fire_at FROM schedules WHERE paused = 0 AND next_fire_at IS NOT NULL "
+            "AND next_fire_at > ? ORDER BY next_fire_at LIMIT 1",
+            (after,),
+        )
+        return None if row is None else float(row[0])
+
+    async def due(self, low: float, high: float, limit: int = 100) -> list[tuple[Schedule, float]]:
+        """Active schedules whose `next_fire_at` is in [low, high], earliest first,
+        each with that time (what `claim_fire` compares against)."""
+        rows = await self.db.fetchall(
+            f"SELECT {_COLUMNS}, next_fire_at FROM schedules WHERE paused = 0 "
+            "AND next_fire_at IS NOT NULL AND next_fire_at BETWEEN ? AND ? "
+            "ORDER BY next_fire_at LIMIT ?",
+            (low, high, limit),
+        )
+        return [(_schedule(row), float(row["next_fire_at"])) for row in rows]
+
+    async def claim_fire(
+        self, schedule_id: str, was: float, next_fire: float | None, *, ran_at: float | None
+    ) -> bool:
+        """Move `next_fire_at` from `was` to `next_fire` (None: it never fires
+        again), recording a run at `ran_at` when given; True for the one caller
+        whose view was current (compare-and-set: one run per fire time, whatever
+        the number of processes)."""
+        if ran_at is None:
+            sql = (
+                "UPDATE schedules SET next_fire_at = ? WHERE schedule_id = ? "
+                "AND next_fire_at = ? AND paused = 0 RETURNING 1"
+            )
+            params: tuple[object, ...] = (next_fire, schedule_id, was)
+        else:
+            sql = (
+                "UPDATE schedules SET next_fire_at = ?, last_run_at = ? WHERE schedule_id = ? "
+                "AND next_fire_at = ? AND paused = 0 RETURNING 1"
+            )
+            params = (next_fire, ran_at, schedule_id, was)
+        return bool(await self.db.execute(sql, params))
+
+    async def set_next_fire(self, schedule_id: str, next_fire: float | None) -> bool:
+        """Plan an active schedule afresh (after it was added or resumed)."""
+        return bool(
+            await self.db.execute(
+                "UPDATE schedules SET next_fire_at = ? WHERE schedule_id = ? AND paused = 0 "
+                "RETURNING 1",
+                (next_fire, schedule_id),
+            )
+        )
