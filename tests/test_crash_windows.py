@@ -314,3 +314,35 @@ async def test_task_killed_while_running_is_interrupted_with_its_event(
     assert answers(slack, asked.ts) == []
     assert_consistent(bot.db)
     await assert_restart_changes_nothing(bot, slack)
+
+
+async def test_answer_owed_after_completion_is_posted_once(bot: DuckRun, slack: FakeSlack) -> None:
+    """Not one of the issue's five windows, but the random kill test's promise
+    ("every acknowledged mention got exactly one final answer"): the task's
+    completion is committed, the answer not yet posted. The bot clears its
+    "on it" reaction between the two, so holding that call freezes it there."""
+    slack.hold("reactions.remove")
+    await bot.start()
+    asked = mention(slack, "is web-2 healthy?")
+    assert await bot.post_event(asked.envelope) == 200, bot.stderr()
+    await wait_for(
+        slack,
+        lambda: (
+            slack.calls_to("reactions.remove")
+            and status_of(bot.db, asked.conversation) == "completed"
+        ),
+        "the task to complete and the bot to clear its reaction",
+        within=40,
+    )
+    await bot.kill()
+    assert answers(slack, asked.ts) == []  # the window: completed, nothing said
+    slack.release("reactions.remove")
+
+    await bot.start()
+    await wait_for(slack, lambda: answers(slack, asked.ts), "the owed answer", within=40)
+    await bot.stop()
+
+    assert answers(slack, asked.ts) == ["Answer: ok."]
+    only_task(bot, asked.conversation)
+    assert_consistent(bot.db)
+    await assert_restart_changes_nothing(bot, slack)
