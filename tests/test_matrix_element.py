@@ -157,6 +157,38 @@ async def test_a_burst_between_two_syncs_is_caught_up_while_running(
         await proxy.stop()
 
 
+async def test_a_gap_the_homeserver_fails_to_give_is_fetched_again(
+    bots: StartBot,
+    alice: MatrixUser,
+    bob: MatrixUser,
+    duck: str,
+    synapse: SynapseServer,
+    model_server: FakeModelServer,
+) -> None:
+    """`/messages` fails (more often than nio retries by itself): the batch is not
+    marked handled with a hole in it; it is handled again, and the question in
+    the gap is answered."""
+    proxy = FlakyProxy(synapse.port)
+    await proxy.start()
+    try:
+        first = await bots(matrix_homeserver=proxy.url)
+        room = await room_with_bot(alice, duck, bob)
+        await first.stop()
+        content_answers(model_server)
+        question = await bob.element_say(room, "through the hole?", pills=[pill(duck)])
+        for n in range(CHATTER):
+            await bob.element_say(room, f"chatter {n}")
+
+        proxy.drop_requests("/messages?", 9)
+        await bots(matrix_homeserver=proxy.url)
+        await bob.wait_for(
+            bot_notice(duck, question, "answer to: through the hole?"), "the answer", within=60
+        )
+        assert proxy.dropped >= 3  # more than nio retries by itself: the call failed
+    finally:
+        await proxy.stop()
+
+
 async def test_catching_up_is_bounded(
     bots: StartBot,
     alice: MatrixUser,

@@ -41,6 +41,11 @@ PAGE_SIZE = 50
 LATE_AFTER_SECONDS = 60.0
 
 
+class BacklogError(Exception):
+    """The homeserver did not give the missed events (the caller decides whether
+    to try the whole batch again or go on without them)."""
+
+
 @dataclass(frozen=True)
 class BacklogBounds:
     max_events: int  # per room and gap; 0 fetches nothing
@@ -90,8 +95,8 @@ async def fetch_backlog(
     """The events before `prev_batch` (oldest first) down to the first stop:
     `until_token`, an event in `stop_ids`, the bot's own invite (or, with
     `stop_at_join`, its own join), the age bound or the count bound. The stop
-    event itself is not returned. A failing homeserver ends the fetch with what
-    it has (logged): the sync goes on."""
+    event itself is not returned. Raises BacklogError when the homeserver fails
+    to answer (a partial gap handled as a whole would skip its older part)."""
     if bounds.max_events <= 0 or bounds.max_age <= 0 or not prev_batch:
         return []
     cutoff = bounds.cutoff_ms(now_ms())
@@ -110,13 +115,9 @@ async def fetch_backlog(
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
             response = exc
         if not isinstance(response, RoomMessagesResponse):
-            logger.warning(
-                "matrix: fetching the missed events of %s failed (%s); handling %d of them",
-                room_id,
-                error_text(response),
-                len(newest_first),
+            raise BacklogError(
+                f"fetching the missed events of {room_id} failed: {error_text(response)}"
             )
-            break
         stop = _take(newest_first, response.chunk, user_id, bounds, cutoff, stop_ids, stop_at_join)
         if stop is not None:
             reason = stop

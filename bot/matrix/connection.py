@@ -51,6 +51,7 @@ from nio import (
 from bot.backend import PlatformStartError
 from bot.matrix.backlog import (
     BacklogBounds,
+    BacklogError,
     fetch_backlog,
     is_late,
     is_own_membership,
@@ -74,12 +75,14 @@ STOP_TIMEOUT = 10.0
 
 
 MAX_ROOM_MARKERS = 5000  # rooms whose last handled event sync.json remembers
-BATCH_ATTEMPTS = 6  # a batch whose messages the store would not take is tried this often
+# A batch whose messages the store would not take, or whose gap the homeserver
+# would not give, is tried this often (about a minute of backoff in all).
+BATCH_ATTEMPTS = 8
 
 
 class NotRecorded(Exception):
-    """A message could not be put into the store (accept failed): the batch that
-    carries it must not be marked handled, or the message would be lost."""
+    """A message could not be put into the store (accept failed), or a gap could
+    not be fetched: the batch must not be marked handled, or messages would be lost."""
 
 
 class RoomEvents(Protocol):
@@ -139,6 +142,9 @@ class MatrixConnection:
         # Room -> the last event handled there (saved with the sync token).
         self.last_handled: dict[str, str] = {}
         self.started_ms = now_ms()
+        # On a batch's last attempt a gap the homeserver will not give is skipped
+        # (logged) rather than holding up everything after it for good.
+        self._last_attempt = False
 
     # -- start / stop ----------------------------------------------------------
 
@@ -408,6 +414,7 @@ class MatrixConnection:
         while True:
             batch = await self._inbox.get()
             for attempt in range(1, BATCH_ATTEMPTS + 1):
+                self._last_attempt = attempt == BATCH_ATTEMPTS
                 try:
                     await self._handle_sync(batch)
                     break
@@ -416,14 +423,13 @@ class MatrixConnection:
                     # duplicate then, and the token stays where it was meanwhile.
                     if attempt == BATCH_ATTEMPTS:
                         logger.error(
-                            "matrix: giving up on a batch, the store keeps refusing (%s)",
+                            "matrix: giving up on a batch (%s); what it carried is lost",
                             exc.__cause__ or exc,
                         )
                         break
                     delay = backoff(attempt, cap=30.0)
                     logger.warning(
-                        "matrix: the store did not take a message (%s); retrying the batch in "
-                        "%.1f s",
+                        "matrix: a batch could not be handled (%s); retrying it in %.1f s",
                         exc.__cause__ or exc,
                         delay,
                     )
@@ -480,13 +486,7 @@ class MatrixConnection:
                 invited_at = self._own_invite(events[:joined_at])
                 start = 0 if invited_at is None else invited_at + 1
                 if invited_at is None and timeline.limited and timeline.prev_batch:
-                    backlog = await fetch_backlog(
-                        self.require_client(),
-                        room_id,
-                        timeline.prev_batch,
-                        user_id=self.user_id,
-                        bounds=self.bounds,
-                    )
+                    backlog = await self._backlog(room_id, timeline.prev_batch)
                 if invited_at is None and not timeline.limited:
                     start = joined_at + 1  # the whole room is here and no invite: history
             self._no_backlog.discard(room_id)
@@ -496,12 +496,9 @@ class MatrixConnection:
                 # More happened than the sync carried: fetch the gap, back to the
                 # previous sync (or the last event handled here).
                 marker = self.last_handled.get(room_id)
-                backlog = await fetch_backlog(
-                    self.require_client(),
+                backlog = await self._backlog(
                     room_id,
                     timeline.prev_batch,
-                    user_id=self.user_id,
-                    bounds=self.bounds,
                     until_token=batch.since,
                     stop_ids=(marker,) if marker else (),
                     stop_at_join=room_id in self._no_backlog,
@@ -518,6 +515,22 @@ class MatrixConnection:
             await self._guarded(handler.on_room_event(room, source, late=late))
         self._mark(room_id, events)
         await self._guarded(handler.after_batch(room, members_changed or joined_at is not None))
+
+    async def _backlog(self, room_id: str, prev_batch: str, **stops: Any) -> list[dict[str, Any]]:
+        try:
+            return await fetch_backlog(
+                self.require_client(),
+                room_id,
+                prev_batch,
+                user_id=self.user_id,
+                bounds=self.bounds,
+                **stops,
+            )
+        except BacklogError as exc:
+            if not self._last_attempt:
+                raise NotRecorded(room_id) from exc
+            logger.error("matrix: %s; going on without the missed events", exc)
+            return []
 
     def _mark(self, room_id: str, events: list[dict[str, Any]]) -> None:
         """Remember the room's newest event as handled (where a later gap fill stops)."""

@@ -521,13 +521,18 @@ ELEMENT_PICKER = {
 class FlakyProxy:
     """A TCP proxy on 127.0.0.1 in front of the homeserver that the test can cut:
     `cut()` drops every open connection and every new one until `restore()`.
-    It simulates a homeserver restart or a network outage for the bot only."""
+    It simulates a homeserver restart or a network outage for the bot only.
+    `drop_requests(marker, n)` drops the connection of the next `n` requests
+    whose bytes contain `marker` (e.g. `/messages?`): one endpoint failing."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.port = 0
         self.down = False
         self.refused = 0  # connections dropped while down
+        self._drop_marker: bytes | None = None
+        self._drops_left = 0
+        self.dropped = 0  # requests dropped by drop_requests
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._pumps: set[asyncio.Task[None]] = set()
@@ -558,6 +563,9 @@ class FlakyProxy:
     def restore(self) -> None:
         self.down = False
 
+    def drop_requests(self, marker: str, times: int) -> None:
+        self._drop_marker, self._drops_left = marker.encode(), times
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.down:
             self.refused += 1
@@ -574,14 +582,20 @@ class FlakyProxy:
             up_writer.transport.abort()
             return
         self._writers.update((writer, up_writer))
-        for source, sink in ((reader, up_writer), (up_reader, writer)):
-            pump = asyncio.get_running_loop().create_task(self._pump(source, sink))
+        for source, sink, upwards in ((reader, up_writer, True), (up_reader, writer, False)):
+            pump = asyncio.get_running_loop().create_task(self._pump(source, sink, upwards))
             self._pumps.add(pump)
             pump.add_done_callback(self._pumps.discard)
 
-    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    async def _pump(
+        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, upwards: bool
+    ) -> None:
         try:
             while data := await source.read(65536):
+                if upwards and self._drops_left > 0 and self._drop_marker in data:
+                    self._drops_left -= 1
+                    self.dropped += 1
+                    break  # the request never reaches the homeserver; the finally drops both
                 sink.write(data)
                 await sink.drain()
         except (OSError, asyncio.IncompleteReadError):
