@@ -38,6 +38,9 @@ from runtime.store.models import Approval, Event, Task
 
 logger = logging.getLogger("ducklm.recovery")
 
+MAX_ERROR_CHARS = 400
+# The first line of an answer to a message that arrived from a backlog.
+LATE_TEXT = "(Sorry for the delay: DuckLM was not running when you asked.)"
 INTERRUPTED_TEXT = (
     "DuckLM restarted while working on this, so the task was interrupted and did not "
     "finish. Ask again if it is still needed."
@@ -50,6 +53,16 @@ _DECISION_ONLY = frozenset({"approval_decided", "rule_created", "task_interrupte
 # most this many) are checked once more at start.
 RECHECK_INTERRUPTED = 200
 RECHECK_WINDOW_S = 3600.0
+
+
+def answer_text(status: str, text: str) -> str:
+    """What a finished task says in its thread, from its status and its answer
+    (completed) or error (failed)."""
+    if status == "failed":
+        return f"Sorry, I could not finish that: {clip(text, MAX_ERROR_CHARS)}"
+    if status == "interrupted":
+        return INTERRUPTED_TEXT
+    return text
 
 
 def describe_interruption(events: list[Event]) -> dict[str, Any]:
@@ -105,6 +118,9 @@ class Service(Protocol):
 
     async def thread_of(self, task_id: str) -> Thread | None: ...
     async def say(self, thread: Thread, text: str) -> None: ...
+    async def deliver_answer(
+        self, thread: Thread, task_id: str, text: str, preface: str | None = None
+    ) -> None: ...
     async def post_card(self, thread: Thread, approval: Approval) -> None: ...
     async def resolve_card(self, thread: Thread, approval: Approval) -> None: ...
     def shown_command(self, approval: Approval) -> str: ...
@@ -135,7 +151,7 @@ class Recovery:
     async def periodic(self) -> None:
         """What a running bot repairs from time to time (and at start): decisions
         not carried out, open inbox rows, cards that lag their approval."""
-        for step in (self._continue_decided, self._open_inbox, self._cards):
+        for step in (self._continue_decided, self._open_inbox, self._cards, self._answers):
             await _guarded(step)
 
     # -- tasks ----------------------------------------------------------------
@@ -151,11 +167,8 @@ class Recovery:
                 await _guarded(partial(self._cut_short, task))
 
     async def _tell_interrupted(self, task: Task) -> None:
-        if await self._cut_short(task):
-            return
-        thread = await self.service.thread_of(task.task_id)
-        if thread is not None:
-            await self.service.say(thread, INTERRUPTED_TEXT)
+        # Not cut short: the interruption note is the answer it owes (`_answers`).
+        await self._cut_short(task)
 
     async def _mark_interrupted(self) -> list[Task]:
         """`running` tasks of a dead process become `interrupted`, with their events."""
@@ -297,6 +310,26 @@ class Recovery:
         ]
         for row in rows:
             service.start_inbound(row)
+
+    async def _answers(self) -> None:
+        """Finished tasks whose answer never reached their thread: the process died
+        between the commit and the post, or the platform was down."""
+        service = self.service
+        for task in await self.tasks.owed_answers(
+            sorted(service.backends), stale_before=service.started_at
+        ):
+            thread = await service.thread_of(task.task_id)
+            if thread is None:
+                continue
+            said = task.error if task.status == "failed" else task.final_response
+            row = await self.inbox.for_task(task.task_id)
+            late = row is not None and row.late and task.status != "interrupted"
+            await service.deliver_answer(
+                thread,
+                task.task_id,
+                answer_text(task.status, said or ""),
+                LATE_TEXT if late else None,
+            )
 
     async def _cards(self) -> None:
         """Post missing cards, resolve stale ones, for the platforms served here."""

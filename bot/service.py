@@ -25,7 +25,7 @@ from bot.admission import Admission, Refusal
 from bot.backend import ApprovalCard, CardResolution, ChatBackend, Thread
 from bot.inbox import Accepted, Inbound
 from bot.policy import AccessPolicy
-from bot.recovery import Recovery
+from bot.recovery import LATE_TEXT, Recovery, answer_text
 from runtime.approvals import ApprovalError
 from runtime.crashpoints import crash_point
 from runtime.factory import Runtime
@@ -37,12 +37,9 @@ from runtime.tools.shell_rules import describe_rule, rule_for_command
 
 logger = logging.getLogger("ducklm.service")
 
-MAX_ERROR_CHARS = 400
 DEFAULT_MAX_CONCURRENT_TASKS = 8
 # A direct run refused by a flood limit whose explanation was already given.
 STILL_REFUSED = "Not started: you are still over DuckLM's limits (see my earlier answer)."
-# The first line of an answer to a message that arrived from a backlog.
-LATE_TEXT = "(Sorry for the delay: DuckLM was not running when you asked.)"
 
 
 class _Duplicate(Exception):
@@ -557,13 +554,31 @@ class ChatService:
             if approval is not None:
                 await self.post_card(thread, approval)
             return
-        if result.status == "failed":
-            text = f"Sorry, I could not finish that: {clip(result.final_response, MAX_ERROR_CHARS)}"
-        else:
-            text = result.final_response
+        await self.deliver_answer(
+            thread, result.task_id, answer_text(result.status, result.final_response), preface
+        )
+
+    async def deliver_answer(
+        self, thread: Thread, task_id: str, text: str, preface: str | None = None
+    ) -> None:
+        """Post a task's answer, once across processes: a finished task owes it until
+        the platform took it (tasks.answered_at); a failed post is retried by
+        recovery. Answers of tasks that owe none (a continuation that found nothing
+        to do) are simply posted."""
         if preface:
             text = f"{preface}\n\n{text}"
-        await self._safely(backend.send(thread, text))
+        claim = await self.tasks.claim_answer(task_id, stale_before=self.started_at)
+        if claim == "taken":
+            return
+        try:
+            await self.backends[thread.platform].send(thread, text)
+        except Exception:
+            logger.exception("could not post the answer of task %s", task_id)
+            if claim == "claimed":
+                await self.tasks.release_answer(task_id)
+            return
+        if claim == "claimed":
+            await self.tasks.answered(task_id)
 
     # -- cards --------------------------------------------------------------
 

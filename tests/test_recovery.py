@@ -25,7 +25,7 @@ import runtime.crashpoints
 import runtime.loop
 from bot.backend import ApprovalCard, CardResolution, ChatBackend, Thread
 from bot.inbox import Accepted, Inbound
-from bot.recovery import INTERRUPTED_TEXT
+from bot.recovery import INTERRUPTED_TEXT, LATE_TEXT
 from bot.service import ChatService
 from runtime.factory import Runtime, build_runtime
 from runtime.settings import Settings
@@ -78,9 +78,16 @@ class Chat(ChatBackend):
         self.history_given: list[dict[str, str]] = []
         self.down = False
         self.die_after_post = False  # the process dies right after the card went out
+        self.die_on_send = False  # the process dies as it is about to post a message
+        self.sends_fail = False  # posting messages fails (the platform is down)
         self.findable = True  # whether find_card finds cards (a platform may not)
 
     async def send(self, thread: Thread, text: str) -> str | None:
+        if self.die_on_send:
+            self.die_on_send = False
+            raise Crash("before the answer was posted")
+        if self.sends_fail:
+            raise ConnectionError("the platform is down")
         self.sent.append((thread.key, text))
         return f"m{len(self.sent)}"
 
@@ -419,6 +426,43 @@ async def test_running_task_is_interrupted_with_its_event(
     assert await second.runtime.stores.inbox.count_open() == 0  # it became its task
 
 
+async def test_an_answer_lost_with_the_process_is_posted_once_after_the_restart(
+    start: Start, model: FakeModelServer
+) -> None:
+    first = await start()
+    first.chat.die_on_send = True
+    assert await first.service.accept(message(14, "is web-1 up?", late=True)) is Accepted.NEW
+    await first.service.drain()
+    await kill(first)
+    assert first.chat.sent == []
+
+    second = await start()
+    task = await second.runtime.stores.tasks.get_task(await only_task(second.runtime, 14))
+    assert task is not None and task.status == "completed"
+    await second.service.recover()
+    await second.service.drain()
+    (answer,) = second.chat.texts(key(14))
+    assert answer == f"{LATE_TEXT}\n\nDone."  # still says it was late
+    await second.service.recover()
+    await second.service.recover_periodically()
+    assert second.chat.texts() == [answer]
+
+
+async def test_an_answer_the_platform_refused_is_posted_by_the_next_round(
+    start: Start, model: FakeModelServer
+) -> None:
+    bot_ = await start()
+    bot_.chat.sends_fail = True
+    assert await bot_.service.accept(message(15, "is web-1 up?")) is Accepted.NEW
+    await bot_.service.drain()
+    assert bot_.chat.sent == []
+    await bot_.service.recover_periodically()  # still down: nothing, and no error
+    bot_.chat.sends_fail = False
+    await bot_.service.recover_periodically()
+    await bot_.service.recover_periodically()
+    assert bot_.chat.texts() == ["Done."]
+
+
 async def test_cards_are_repaired_after_the_platform_was_down(
     start: Start, model_server: FakeModelServer, settings: Settings
 ) -> None:
@@ -561,7 +605,13 @@ async def test_two_processes_recovering_at_once_do_everything_once(
     start: Start, crash: CrashPoints, model_server: FakeModelServer, settings: Settings
 ) -> None:
     script_approval(model_server, "echo once >> effects.log")
-    # Three dead processes, each killed in another window.
+    # Four dead processes, each killed in another window.
+    dying = await start()
+    dying.chat.die_on_send = True
+    model_server.reply(ACTION, Text(directive()))  # message 14 is answered at once
+    await dying.service.accept(message(14, "a question"))
+    await dying.service.drain()
+    await kill(dying)
     dying = await start()
     crash.at = "message_recorded"
     with pytest.raises(Crash):
@@ -591,8 +641,9 @@ async def test_two_processes_recovering_at_once_do_everything_once(
         assert [c[0] for c in cards].count(key(13)) == 1  # the new approval, once
         told = [t for k, t in sent if k == key(13)]
         assert len(told) == 1 and "did not start" in told[0], sent
+        assert [t for k, t in sent if k == key(14)] == ["ran it"]  # the lost answer, once
         assert effects(settings) == []
-    for n in (11, 12, 13):
+    for n in (11, 12, 13, 14):
         await only_task(one.runtime, n)
     rows = await one.runtime.stores.db.fetchall(
         "SELECT COUNT(*) FROM events WHERE event_type = 'approval_reissued'"

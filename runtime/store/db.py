@@ -209,6 +209,7 @@ MIGRATIONS: list[tuple[str, ...]] = [
         """,
         "CREATE INDEX inbox_open ON inbox (received_at) WHERE done_at IS NULL",
         "CREATE INDEX inbox_done ON inbox (done_at) WHERE done_at IS NOT NULL",
+        "CREATE INDEX inbox_task ON inbox (task_id) WHERE task_id IS NOT NULL",
         # What each approval's card shows; recovery posts or resolves the lagging ones.
         "ALTER TABLE approvals ADD COLUMN card_state TEXT NOT NULL DEFAULT 'unposted'",
         # Cards of decided approvals from before v5 were resolved by the old code
@@ -224,6 +225,16 @@ MIGRATIONS: list[tuple[str, ...]] = [
         "CREATE INDEX approvals_card_lag ON approvals (created_at) "
         "WHERE (decision IS NULL AND card_state = 'unposted') "
         "OR (decision IS NOT NULL AND card_state = 'posted')",
+        # A finished task owes its thread the answer (or the interruption note)
+        # until answered_at is set, after the post succeeded; answer_claimed_at
+        # is the lease of the process posting it. Tasks finished before v5 were
+        # answered by the old code.
+        "ALTER TABLE tasks ADD COLUMN answer_claimed_at REAL",
+        "ALTER TABLE tasks ADD COLUMN answered_at REAL",
+        "UPDATE tasks SET answered_at = updated_at "
+        "WHERE status IN ('completed', 'failed', 'expired', 'interrupted')",
+        "CREATE INDEX tasks_unanswered ON tasks (updated_at) WHERE answered_at IS NULL "
+        "AND status IN ('completed', 'failed', 'interrupted')",
     ),
     (
         # v6 (issue #23): rules are parsed once, when made, and looked up by key

@@ -136,6 +136,13 @@ class InboxStore:
             )
         )
 
+    async def for_task(self, task_id: str) -> InboxRow | None:
+        """The message a task was started from, if it came through the inbox."""
+        row = await self.db.fetchone(
+            f"SELECT {_COLUMNS} FROM inbox WHERE task_id = ? LIMIT 1", (task_id,)
+        )
+        return None if row is None else _row(row)
+
     async def take_abandoned(
         self, owner: str, claimed_before: float, platforms: Sequence[str]
     ) -> list[InboxRow]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, get_args
 from uuid import uuid4
@@ -12,6 +12,9 @@ from runtime.store.db import Database, dump_json, load_json, now, to_datetime, t
 from runtime.store.models import Task, TaskStatus
 
 TASK_STATUSES: frozenset[str] = frozenset(get_args(TaskStatus))
+# Finished tasks that owe their chat thread an answer (or the interruption note).
+OWING_STATUSES = frozenset({"completed", "failed", "interrupted"})
+_OWING = "('completed', 'failed', 'interrupted')"
 _COLUMNS = (
     "task_id, message, workspace, debug, status, conversation, requested_by, "
     "history_messages, final_response, error, created_at, updated_at"
@@ -244,6 +247,70 @@ class TaskStore:
             f"SELECT {_COLUMNS} FROM tasks WHERE conversation = ? "
             "ORDER BY created_at DESC, rowid DESC LIMIT ?",
             (conversation, limit),
+        )
+        return [_task(row) for row in rows]
+
+    # -- the answer a finished task owes its chat thread (issue #15) ------------
+
+    async def claim_answer(
+        self, task_id: str, lease: float = 60.0, *, stale_before: float | None = None
+    ) -> str:
+        """The right to post a finished task's answer now. "claimed": this caller
+        posts it; "taken": it was answered, or another caller holds the claim since
+        less than `lease` seconds (a claim from before `stale_before` is a dead
+        process's); "not_owed": no such task, or it is not finished (completed,
+        failed or interrupted), so nothing is owed through this path."""
+        at = now()
+        expired = at - lease if stale_before is None else max(at - lease, stale_before)
+        if await self.db.execute(
+            "UPDATE tasks SET answer_claimed_at = ? WHERE task_id = ? "
+            f"AND status IN {_OWING} AND answered_at IS NULL "
+            "AND (answer_claimed_at IS NULL OR answer_claimed_at < ?) RETURNING 1",
+            (at, task_id, expired),
+        ):
+            return "claimed"
+        row = await self.db.fetchone("SELECT status FROM tasks WHERE task_id = ?", (task_id,))
+        return "taken" if row is not None and row["status"] in OWING_STATUSES else "not_owed"
+
+    async def answered(self, task_id: str) -> bool:
+        """The answer is out (after the platform accepted it)."""
+        return bool(
+            await self.db.execute(
+                "UPDATE tasks SET answered_at = ?, answer_claimed_at = NULL "
+                "WHERE task_id = ? AND answered_at IS NULL RETURNING 1",
+                (now(), task_id),
+            )
+        )
+
+    async def release_answer(self, task_id: str) -> None:
+        """The post failed: the claim goes, recovery tries again."""
+        await self.db.execute(
+            "UPDATE tasks SET answer_claimed_at = NULL WHERE task_id = ? RETURNING 1",
+            (task_id,),
+        )
+
+    async def owed_answers(
+        self,
+        platforms: Sequence[str],
+        *,
+        stale_before: float,
+        lease: float = 60.0,
+        limit: int = 200,
+    ) -> list[Task]:
+        """Finished tasks (completed, failed, interrupted) of conversations on
+        `platforms` whose answer was never posted and nobody is posting now,
+        oldest first."""
+        if not platforms:
+            return []
+        marks = ", ".join("?" * len(platforms))
+        expired = max(now() - lease, stale_before)
+        rows = await self.db.fetchall(
+            f"SELECT {_COLUMNS} FROM tasks WHERE answered_at IS NULL "
+            f"AND status IN {_OWING} "
+            "AND (answer_claimed_at IS NULL OR answer_claimed_at < ?) "
+            f"AND substr(conversation, 1, instr(conversation, ':') - 1) IN ({marks}) "
+            "ORDER BY updated_at LIMIT ?",
+            (expired, *platforms, limit),
         )
         return [_task(row) for row in rows]
 
