@@ -490,3 +490,36 @@ async def test_approve_after_a_deny_is_told_it_was_decided_without_a_model_call(
     assert "deny" in body(told) and alice.qualified in body(told)
     assert len(model_server.requests) == calls  # no model call for it
     assert not (tmp_path / "workspace" / "late.txt").exists()
+
+
+async def test_a_reply_with_the_quoted_fallback_decides(
+    bots: StartBot,
+    alice: ElementUser,
+    bob: ElementUser,
+    duck: str,
+    model_server: FakeModelServer,
+    tmp_path: Path,
+) -> None:
+    """A reply to the card from a client without threads, with the legacy fallback
+    (the card quoted in body and <mx-reply>): the bot reads only what Alice typed."""
+    await bots()
+    room = await room_with_bot(alice, duck, bob)
+    model_server.reply(ACTION, Text(directive(shell("touch quoted.txt"))), Text(NO_ACTIONS))
+    model_server.reply(THINKER, Text("Not touching it."))
+    content_answers(model_server)
+    question = await bob.say(room, "please run touch quoted.txt", mention=duck)
+    card = await bob.wait_for(bot_notice(duck, question, "Approval needed"), "the card")
+
+    await alice.wait_for({"event_id": card["event_id"]}, "the card, read")
+    reply = await alice.say(
+        room, "deny not during the freeze", reply_to=card["event_id"], fallback=True
+    )
+    sent = await alice.wait_for({"event_id": reply}, "the echo of the reply")
+    assert sent["content"]["body"].startswith(f"> <{duck}> **Approval needed**")
+
+    edit = await alice.wait_for(lambda e: relation(e) == replaces(card["event_id"]), "an edit")
+    new_body = edit["content"]["m.new_content"]["body"]
+    assert "Denied" in new_body and "not during the freeze" in new_body
+    assert "Approval needed" not in new_body.partition("Denied")[2]  # the quote is not the reason
+    await alice.wait_for(bot_notice(duck, question, "Not touching it"), "the answer")
+    assert not (tmp_path / "workspace" / "quoted.txt").exists()
