@@ -126,7 +126,7 @@ class Service(Protocol):
     def shown_command(self, approval: Approval) -> str: ...
     def continue_task(self, thread: Thread, task_id: str, approval_id: str) -> None: ...
     def start_inbound(self, row: InboxRow) -> None: ...
-    def inbound_running(self, inbox_id: str) -> bool: ...
+    def inbound_retryable(self, inbox_id: str) -> bool: ...
 
 
 class Recovery:
@@ -306,7 +306,7 @@ class Recovery:
         rows += [
             row
             for row in await self.inbox.open_for(service.instance)
-            if not service.inbound_running(row.inbox_id) and row not in rows
+            if service.inbound_retryable(row.inbox_id) and row not in rows
         ]
         for row in rows:
             service.start_inbound(row)

@@ -38,6 +38,8 @@ from runtime.tools.shell_rules import describe_rule, rule_for_command
 logger = logging.getLogger("ducklm.service")
 
 DEFAULT_MAX_CONCURRENT_TASKS = 8
+# Starts of one recorded message per process before recovery leaves it to the next start.
+MAX_INBOUND_TRIES = 3
 # A direct run refused by a flood limit whose explanation was already given.
 STILL_REFUSED = "Not started: you are still over DuckLM's limits (see my earlier answer)."
 
@@ -87,6 +89,7 @@ class ChatService:
         self.deliveries = runtime.stores.deliveries
         self.events = runtime.stores.events
         self._inbound_jobs: set[str] = set()  # inbox ids being carried out here
+        self._inbound_tries: dict[str, int] = {}  # how often each was started here
         self.recovery = Recovery(self)
 
     def add_backend(self, backend: ChatBackend) -> None:
@@ -155,10 +158,27 @@ class ChatService:
         if row.inbox_id in self._inbound_jobs:
             return
         self._inbound_jobs.add(row.inbox_id)
+        self._inbound_tries[row.inbox_id] = self._inbound_tries.get(row.inbox_id, 0) + 1
         self._spawn(self._inbound(row))
 
     def inbound_running(self, inbox_id: str) -> bool:
         return inbox_id in self._inbound_jobs
+
+    async def _closed_row(self, inbox_id: str) -> bool:
+        try:
+            found = await self.inbox.get(inbox_id)
+        except StoreError:
+            return False
+        return found is None or found.done_at is not None
+
+    def inbound_retryable(self, inbox_id: str) -> bool:
+        """Whether recovery should start this process's own open row again: not
+        while it runs, and at most MAX_INBOUND_TRIES times (a database that keeps
+        failing must not repeat its notice every round; the next start tries again)."""
+        return (
+            inbox_id not in self._inbound_jobs
+            and self._inbound_tries.get(inbox_id, 0) < MAX_INBOUND_TRIES
+        )
 
     async def _inbound(self, row: InboxRow) -> None:
         try:
@@ -170,6 +190,8 @@ class ChatService:
             await self._safely(self.inbox.close(row.inbox_id, "failed"))
         finally:
             self._inbound_jobs.discard(row.inbox_id)
+            if await self._closed_row(row.inbox_id):
+                self._inbound_tries.pop(row.inbox_id, None)
             self.admission.finished(row.inbox_id)  # its flood-limit slot (issue #22)
 
     async def _process_inbound(self, row: InboxRow) -> None:
@@ -567,7 +589,11 @@ class ChatService:
         to do) are simply posted."""
         if preface:
             text = f"{preface}\n\n{text}"
-        claim = await self.tasks.claim_answer(task_id, stale_before=self.started_at)
+        try:
+            claim = await self.tasks.claim_answer(task_id, stale_before=self.started_at)
+        except StoreError as exc:  # better said twice than never: post it anyway
+            logger.error("could not record the answer of task %s: %s", task_id, exc)
+            claim = "not_owed"
         if claim == "taken":
             return
         try:
@@ -575,10 +601,10 @@ class ChatService:
         except Exception:
             logger.exception("could not post the answer of task %s", task_id)
             if claim == "claimed":
-                await self.tasks.release_answer(task_id)
+                await self._safely(self.tasks.release_answer(task_id))
             return
         if claim == "claimed":
-            await self.tasks.answered(task_id)
+            await self._safely(self.tasks.answered(task_id))
 
     # -- cards --------------------------------------------------------------
 

@@ -26,7 +26,7 @@ import runtime.loop
 from bot.backend import ApprovalCard, CardResolution, ChatBackend, Thread
 from bot.inbox import Accepted, Inbound
 from bot.recovery import INTERRUPTED_TEXT, LATE_TEXT
-from bot.service import ChatService
+from bot.service import MAX_INBOUND_TRIES, ChatService
 from runtime.factory import Runtime, build_runtime
 from runtime.settings import Settings
 from tests.conftest import ACTION, THINKER, directive, make_settings, shell
@@ -461,6 +461,33 @@ async def test_an_answer_the_platform_refused_is_posted_by_the_next_round(
     await bot_.service.recover_periodically()
     await bot_.service.recover_periodically()
     assert bot_.chat.texts() == ["Done."]
+
+
+async def test_a_message_the_database_refused_is_retried_a_bounded_number_of_times(
+    start: Start, model: FakeModelServer
+) -> None:
+    bot_ = await start()
+    db = bot_.runtime.stores.db
+    await db.fetchall(
+        "CREATE TEMP TRIGGER tasks_full BEFORE INSERT ON tasks "
+        "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+    )
+    assert await bot_.service.accept(message(16, "is web-1 up?")) is Accepted.NEW
+    await bot_.service.drain()
+    for _ in range(5):
+        await bot_.service.recover_periodically()
+        await bot_.service.drain()
+    notices = bot_.chat.texts(key(16))
+    assert len(notices) == MAX_INBOUND_TRIES, notices
+    assert all("could not save its work" in text for text in notices)
+    assert await bot_.runtime.stores.inbox.count_open() == 1  # still owed
+    await db.fetchall("DROP TRIGGER temp.tasks_full")
+    await kill(bot_)
+
+    again = await start()  # the next start takes it up
+    await again.service.recover()
+    await again.service.drain()
+    assert again.chat.texts(key(16)) == ["Done."]
 
 
 async def test_cards_are_repaired_after_the_platform_was_down(
