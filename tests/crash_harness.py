@@ -227,6 +227,12 @@ class DuckRun:
             )
         assert code == -signal.SIGKILL, f"exit {code}, not SIGKILL:\n{self.stderr()}"
 
+    def kill_now(self) -> None:
+        """SIGKILL at once, from inside a callback (no waiting)."""
+        if self.running:
+            assert self.process is not None
+            self.process.send_signal(signal.SIGKILL)
+
     async def kill(self) -> None:
         """SIGKILL from outside, as an operator's worst day would."""
         assert self.process is not None

@@ -40,6 +40,7 @@ from tests.crash_harness import (
     Mention,
     ModelScript,
     answers,
+    buttons,
     card_buttons_now,
     cards,
     click,
@@ -81,6 +82,16 @@ class World:
     decided_last: set[str] = field(default_factory=set)  # approval ids clicked in the last life
     log: list[str] = field(default_factory=list)  # the plan as it ran, for failure messages
     t0: float = field(default_factory=time.monotonic)
+    kill_after: dict[str, int] = field(default_factory=dict)  # "ack"/"click" -> how many more
+
+    def note(self, bot: DuckRun, what: str) -> None:
+        """An ack or a click got its 200: SIGKILL now if it was the one to kill after."""
+        if what in self.kill_after:
+            self.kill_after[what] -= 1
+            if self.kill_after[what] <= 0:
+                self.kill_after = {}
+                self.log.append(f"  SIGKILL right after that {what}")
+                bot.kill_now()
 
 
 @pytest_asyncio.fixture
@@ -127,6 +138,7 @@ async def deliver(
 ) -> None:
     if await bot.post_event(envelope, retry_num=retry) == 200:
         world.acked.add(m.ts)
+        world.note(bot, "ack")
 
 
 async def do_step(bot: DuckRun, slack: FakeSlack, world: World, op: str, arg: Any) -> None:
@@ -161,7 +173,9 @@ async def do_step(bot: DuckRun, slack: FakeSlack, world: World, op: str, arg: An
                 click(slack, card, user=APPROVERS[0]),
                 click(slack, card, user=APPROVERS[1], action_id=ACTION_DENY),
             ]
-        await asyncio.gather(*(bot.post_interaction(c) for c in clicks))
+        for status in await asyncio.gather(*(bot.post_interaction(c) for c in clicks)):
+            if status == 200:
+                world.note(bot, "click")
 
 
 async def run_steps(
@@ -179,29 +193,54 @@ async def run_steps(
     await asyncio.gather(*jobs)
 
 
+def card_posts(slack: FakeSlack) -> int:
+    """Cards the bot has started to post (counted when the call arrives, before
+    FakeSlack answers it: a kill then lands between the post and its record)."""
+    return sum(
+        1
+        for call in slack.calls_to("chat.postMessage")
+        if any(b.get("action_id") == ACTION_APPROVE for b in buttons(call.params.get("blocks")))
+    )
+
+
 async def killed_life(
     rng: random.Random, bot: DuckRun, slack: FakeSlack, world: World, life: int
 ) -> None:
     point = None
-    if rng.random() < 0.5:
+    if rng.random() < 0.4:
         point = f"{rng.choice(CRASH_POINTS)}:{rng.randint(1, 2)}"
+    # The outside kill lands at a random moment, or a few milliseconds after the
+    # n-th ack, click or new card of this life (what the issue's report did),
+    # and at the latest at `kill_at`.
+    trigger = rng.choice(("time", "ack", "click", "card"))
+    count = rng.randint(1, 3)
     kill_at = rng.uniform(*LIFE_SECONDS)
     plan = plan_life(rng, world, life)
     world.log.append(
-        f"life {life} at {time.monotonic() - world.t0:.1f}s: "
-        f"crash point {point}, kill at {kill_at:.2f}s"
+        f"life {life} at {time.monotonic() - world.t0:.1f}s: crash point {point}, "
+        f"kill after {count} {trigger} or at {kill_at:.2f}s"
     )
     await bot.start(crash_at=point, ready=False)
     if not await bot.listening():  # died in its start-up recovery: a kill all the same
         world.log.append("  died while starting")
         return
+    world.kill_after = {trigger: count} if trigger in ("ack", "click") else {}
     steps = asyncio.ensure_future(run_steps(bot, slack, world, plan))
-    code = await bot.exited(kill_at)
+    if trigger == "card":
+        posted = card_posts(slack)
+        with contextlib.suppress(AssertionError):
+            await slack.wait_for(
+                lambda: card_posts(slack) >= posted + count or not bot.running,
+                within=kill_at,
+                what="a new card",
+            )
+    code = await bot.exited(0 if trigger == "card" else kill_at)
     if code is None:
         await bot.kill()
-    else:
-        world.log.append(f"  died by itself: {code}")
+    elif code != -9 or point is not None:
+        world.log.append(f"  died: {code}")
         assert code == -9, f"exit {code}:\n{bot.stderr()}"
+    world.kill_after = {}
     with contextlib.suppress(Exception):
         await asyncio.wait_for(steps, 20)  # the rest of the plan meets a dead port
 
