@@ -55,6 +55,8 @@ APPROVAL_ACTIONS_AT_ONCE = 8
 NEW_APPROVAL_EVENTS = frozenset({"tool_approval_requested", "approval_reissued"})
 # A planned time is "after" the instant it is computed from, never equal to it.
 _AFTER = timedelta(milliseconds=1)
+# Two stored times this close are the same time.
+_SAME_TIME = 0.001
 
 TriggerFactory = Callable[[Schedule], BaseTrigger]
 
@@ -180,7 +182,7 @@ class Scheduler:
             ((approval, at),) = await self.approvals_store.due(due, limit=1)
             if at == 0:  # not planned yet: name what its plan will be
                 at = self._approval_step(approval, 0)[1] or 0
-            kind = self._approval_step(approval, at)[0] or "check" if at else "check"
+            kind = (self._approval_step(approval, at)[0] if at else None) or "check"
             lines.append(f"{kind}:{approval.approval_id}: next {_when(at)} (earliest approval)")
         fire = await self.stores.schedules.earliest_fire()
         if fire is not None:
@@ -213,7 +215,8 @@ class Scheduler:
         if due == 0:
             first = remind if wants_reminder else expires
             return None, first
-        if expires is not None and due >= expires:
+        # (A stored time read back as a datetime may differ from it in the last microsecond.)
+        if expires is not None and due >= expires - _SAME_TIME:
             return "expire", None
         return ("remind" if approval.reminded_at is None else None), expires
 
