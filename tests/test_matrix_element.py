@@ -284,6 +284,34 @@ async def test_history_before_the_invite_is_still_not_answered(
     assert not bot_events_in_thread(alice, duck, before)
 
 
+async def test_invited_while_down_answers_what_came_after_the_invite_only(
+    bots: StartBot, alice: MatrixUser, bob: MatrixUser, duck: str, model_server: FakeModelServer
+) -> None:
+    """Invited while it was down, with more said since than a sync carries: after
+    the restart it joins, fetches back to its invite (not further), and answers
+    the question asked after the invite, late."""
+    first = await bots()
+    await first.stop()
+    content_answers(model_server)
+    room = await alice.create_room([bob.user_id])
+    await bob.join(room)
+    before = await alice.element_say(room, "asked before the invite?", pills=[pill(duck)])
+    await alice.invite(room, duck)
+    after = await bob.element_say(room, "asked after the invite?", pills=[pill(duck)])
+    for n in range(CHATTER):
+        await bob.element_say(room, f"chatter {n}")
+
+    await bots()
+    await alice.wait_for(joined(duck, room), "the bot joining")
+    answer = await alice.wait_for(
+        bot_notice(duck, after, "answer to: asked after the invite?"), "the answer"
+    )
+    assert LATE_TEXT in body(answer)
+    await settled(alice)
+    assert not bot_events_in_thread(alice, duck, before)
+    assert "asked before the invite" not in str([r.body for r in model_server.requests])
+
+
 # -- items 8 and 9: reactions -------------------------------------------------------
 
 
