@@ -32,8 +32,8 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from bot.cron import cron_trigger
 from bot.service import ChatService
-from runtime.store.approvals import ApprovalStore
-from runtime.store.models import Approval, Event, Schedule
+from runtime.store.approvals import ApprovalStore, DueApproval
+from runtime.store.models import Event, Schedule
 from runtime.store.retention import delete_finished_tasks
 
 __all__ = ["Scheduler", "cron_trigger", "schedule_trigger"]
@@ -55,8 +55,6 @@ APPROVAL_ACTIONS_AT_ONCE = 8
 NEW_APPROVAL_EVENTS = frozenset({"tool_approval_requested", "approval_reissued"})
 # A planned time is "after" the instant it is computed from, never equal to it.
 _AFTER = timedelta(milliseconds=1)
-# Two stored times this close are the same time.
-_SAME_TIME = 0.001
 
 TriggerFactory = Callable[[Schedule], BaseTrigger]
 
@@ -179,7 +177,8 @@ class Scheduler:
         lines = []
         due = await self.approvals_store.earliest_due()
         if due is not None:
-            ((approval, at),) = await self.approvals_store.due(due, limit=1)
+            (approval,) = await self.approvals_store.due(due, limit=1)
+            at = approval.due_at
             if at == 0:  # not planned yet: name what its plan will be
                 at = self._approval_step(approval, 0)[1] or 0
             kind = (self._approval_step(approval, at)[0] if at else None) or "check"
@@ -205,25 +204,25 @@ class Scheduler:
 
     # -- approvals ------------------------------------------------------------
 
-    def _approval_step(self, approval: Approval, due: float) -> tuple[str | None, float | None]:
+    def _approval_step(self, approval: DueApproval, due: float) -> tuple[str | None, float | None]:
         """What a pending approval's `due_at` of `due` stands for, and its next
         `due_at`: plan it (0) -> remind -> expire -> nothing (None). Each step
         moves forward, so a claim always makes progress."""
-        expires = approval.expires_at.timestamp() if approval.expires_at else None
-        remind = approval.created_at.timestamp() + self.remind_after
+        expires = approval.expires_at
+        remind = approval.created_at + self.remind_after
         wants_reminder = approval.reminded_at is None and (expires is None or remind < expires)
         if due == 0:
             first = remind if wants_reminder else expires
             return None, first
-        # (A stored time read back as a datetime may differ from it in the last microsecond.)
-        if expires is not None and due >= expires - _SAME_TIME:
+        if expires is not None and due >= expires:
             return "expire", None
         return ("remind" if approval.reminded_at is None else None), expires
 
     async def _approvals_round(self) -> float | None:
         now = time.time()
         batch = await self.approvals_store.due(now, BATCH)
-        for approval, due in batch:
+        for approval in batch:
+            due = approval.due_at
             step, next_due = self._approval_step(approval, due)
             await self._slots.acquire()  # bounded: the claim waits for a free slot
             try:

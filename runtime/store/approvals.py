@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import uuid4
 
 from runtime.store.db import Database, dump_json, load_json, now, to_datetime, to_timestamp
@@ -27,6 +27,16 @@ DECISIONS = frozenset({"approve", "deny", "always", "expired"})
 CARD_STATES = frozenset({"unposted", "posted", "resolved"})
 # How long a process may take to post or resolve a card before another may try.
 CARD_LEASE_S = 60.0
+
+
+class DueApproval(NamedTuple):
+    """What the scheduler reads to time a pending approval (times as stored: epoch seconds)."""
+
+    approval_id: str
+    created_at: float
+    expires_at: float | None
+    reminded_at: float | None
+    due_at: float  # what `claim_due` compares against; 0: not planned yet
 
 
 def _approval(row: sqlite3.Row) -> Approval:
@@ -307,16 +317,16 @@ class ApprovalStore:
         )
         return None if row is None else float(row[0])
 
-    async def due(self, until: float, limit: int = 200) -> list[tuple[Approval, float]]:
-        """Pending approvals due at or before `until`, earliest first, each with
-        its `due_at` (what `claim_due` compares against)."""
+    async def due(self, until: float, limit: int = 200) -> list[DueApproval]:
+        """Pending approvals due at or before `until`, earliest first: only what
+        timing needs (no models built: a backlog of 100,000 is read in batches)."""
         rows = await self.db.fetchall(
-            f"SELECT {_COLUMNS}, due_at FROM approvals "
+            "SELECT approval_id, created_at, expires_at, reminded_at, due_at FROM approvals "
             "WHERE decision IS NULL AND due_at IS NOT NULL AND due_at <= ? "
             "ORDER BY due_at LIMIT ?",
             (until, limit),
         )
-        return [(_approval(row), float(row["due_at"])) for row in rows]
+        return [DueApproval(*row) for row in rows]
 
     async def claim_due(self, approval_id: str, was: float, next_due: float | None) -> bool:
         """Move a pending approval's `due_at` from `was` to `next_due` (None:
