@@ -184,9 +184,8 @@ async def run_steps(
     started = time.monotonic()
     jobs: list[asyncio.Task[None]] = []
     for delay, op, arg in plan:
-        # The plan's own timing (this is the "random moment"), not a wait for state.
-        await asyncio.sleep(max(0.0, started + delay - time.monotonic()))
-        if not bot.running:
+        # The plan's own timing (this is the "random moment"); a dead run ends it.
+        if await bot.exited(max(0.0, started + delay - time.monotonic())) is not None:
             break
         world.log.append(f"{time.monotonic() - started:.2f}s {op} {arg}")
         jobs.append(asyncio.ensure_future(do_step(bot, slack, world, op, arg)))
