@@ -346,3 +346,44 @@ async def test_answer_owed_after_completion_is_posted_once(bot: DuckRun, slack: 
     only_task(bot, asked.conversation)
     assert_consistent(bot.db)
     await assert_restart_changes_nothing(bot, slack)
+
+
+async def test_message_waiting_for_a_slot_is_answered_after_a_kill(
+    tmp_path: Path, slack: FakeSlack, model_server: FakeModelServer
+) -> None:
+    """The issue's first window, second path: an acknowledged message that waits
+    for a concurrency slot (one slot, taken by a task hanging on the model) when
+    the bot is killed from outside."""
+    ModelScript(model_server)
+    bot = DuckRun(tmp_path, slack, model_server, DUCKLM_MAX_CONCURRENT_TASKS="1")
+    try:
+        await bot.start()
+        busy = mention(slack, "what about hang-2")
+        assert await bot.post_event(busy.envelope) == 200, bot.stderr()
+        await wait_for(
+            slack,
+            lambda: status_of(bot.db, busy.conversation) == "running",
+            "the first task to take the only slot",
+            within=40,
+        )
+        waiting = mention(slack, "is web-3 healthy?")
+        assert await bot.post_event(waiting.envelope) == 200, bot.stderr()
+        await bot.kill()
+        assert tasks_of(bot.db, waiting.conversation) == []  # recorded, not started
+
+        await bot.start()
+        assert await bot.post_event(waiting.envelope, retry_num=1) == 200
+        await wait_for(slack, lambda: answers(slack, waiting.ts), "the waiting message's answer")
+        await wait_for(
+            slack, lambda: said(slack, busy.ts, "interrupted"), "the busy thread to be told"
+        )
+        await bot.stop()
+
+        assert answers(slack, waiting.ts) == ["Answer: ok."]
+        assert status_of(bot.db, waiting.conversation) == "completed"
+        only_task(bot, waiting.conversation)
+        assert status_of(bot.db, busy.conversation) == "interrupted"
+        assert_consistent(bot.db)
+        await assert_restart_changes_nothing(bot, slack)
+    finally:
+        await bot.close()
