@@ -124,7 +124,10 @@ class CommandRunner:
         *,
         timezone: str = "UTC",
         shown: Callable[[str], str] = str,
+        rules_listed: int | None = MAX_LISTED,
     ) -> None:
+        # How many rules `rules` lists (None: all, for a terminal).
+        self.rules_listed = rules_listed
         # How a command may be shown where the answer goes (chat redacts secrets).
         self.shown = shown
         self.tasks = tasks
@@ -184,7 +187,12 @@ class CommandRunner:
         rules = await self.approvals.list_rules(include_revoked=include_revoked)
         if not rules:
             return "No rules. Admins add them with `rules add exact|prefix <command>`."
-        return "Rules:\n" + "\n".join(describe_rule(r) for r in rules)
+        # A chat message holds the first `rules_listed` (10,000 rules were one
+        # 804,000-character message); the count of the rest is exact.
+        shown = rules if self.rules_listed is None else rules[: self.rules_listed]
+        left = len(rules) - len(shown)
+        more = f"\n… and {left} more" if left > 0 else ""
+        return "Rules:\n" + "\n".join(describe_rule(r) for r in shown) + more
 
     async def _approvals(self) -> str:
         pending = await self.approvals.pending(MAX_LISTED)
