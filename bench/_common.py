@@ -271,9 +271,23 @@ def settings_for(tmp: Path, base_url: str | None, **overrides: Any) -> Any:
         "action_model": ACTION_MODEL,
         "model_max_retries": 0,
         "model_timeout": 30,
+        # A bench sends many requests from one user; the flood limits would refuse most.
+        "user_max_tasks": 0,
+        "channel_max_tasks": 0,
+        "user_rate": None,
+        "channel_rate": None,
         **overrides,
     }
     return make_settings(tmp, base_url, **values)
+
+
+# The environment form of the same: no per-user or per-channel flood limits.
+NO_FLOOD_LIMITS = {
+    "DUCKLM_USER_MAX_TASKS": "0",
+    "DUCKLM_CHANNEL_MAX_TASKS": "0",
+    "DUCKLM_USER_RATE": "off",
+    "DUCKLM_CHANNEL_RATE": "off",
+}
 
 
 def bench_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -25,6 +25,7 @@ import aiohttp
 
 from bench._common import (
     ACTION_MODEL,
+    NO_FLOOD_LIMITS,
     ROOT,
     THINKER_MODEL,
     Decide,
@@ -126,6 +127,9 @@ class SlackHarness:
                 "DUCKLM_SLACK_API_URL": self.slack.api_url,
                 "DUCKLM_APPROVERS": f"slack:{APPROVER}",
                 "DUCKLM_ADMINS": f"slack:{APPROVER}",
+                # One bench user sends hundreds of mentions: the flood limits would
+                # turn most of them into refusals, and the bench would time those.
+                **NO_FLOOD_LIMITS,
                 **(extra or {}),
             }
         )

@@ -64,7 +64,7 @@ STORE_METHODS = {
     ),
     "events": ("append", "append_many", "list_events"),
     "approvals": ("insert", "get"),
-    "rules": ("active_for_tool",),
+    "rules": ("active_for_tool", "any_active", "unfilled", "longest_prefix", "matching"),
 }
 
 
