@@ -17,12 +17,11 @@ Points (see docs/architecture.md, "Outbox and recovery"):
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import signal
-import time
 from collections.abc import Awaitable
-from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -59,27 +58,32 @@ def armed(name: str) -> bool:
     return bool(value) and _target(value)[0] == name
 
 
-def _children() -> set[int]:
-    """This process's child pids (Linux: every thread's /proc children list)."""
-    pids: set[int] = set()
-    for path in Path("/proc/self/task").glob("*/children"):
-        try:
-            pids.update(int(pid) for pid in path.read_text().split())
-        except OSError:
-            continue
-    return pids
+# Set while an armed `crash_after_spawn` runs its work: the spawn hook fires only
+# for processes started in that task's context, not another task's.
+_spawning: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "ducklm_crash_spawning", default=None
+)
+_original_exec = asyncio.create_subprocess_exec
 
 
-async def crash_after_spawn(name: str, work: Awaitable[T], *, within: float = 10.0) -> T:
-    """Run `work` (which starts a process); once a new child process exists, reach
-    `crash_point(name)`. Only used while the point is armed (see `armed`): the
-    polling is the test seam's cost, not the bot's."""
-    before = _children()
-    job = asyncio.ensure_future(work)
-    deadline = time.monotonic() + within
-    while not job.done() and time.monotonic() < deadline:
-        if _children() - before:
-            crash_point(name)
-            break
-        await asyncio.sleep(0.002)
-    return await job
+async def _exec_then_crash(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+    process = await _original_exec(*args, **kwargs)
+    name = _spawning.get()
+    if name is not None:
+        crash_point(name)  # the process runs; its result is not known yet
+    return process
+
+
+async def crash_after_spawn(name: str, work: Awaitable[T]) -> T:
+    """Run `work` (which starts a process) and reach `crash_point(name)` right after
+    that process was started. Only used while the point is armed (see `armed`):
+    asyncio's `create_subprocess_exec` (what the shell tool calls) is then
+    wrapped, which is the test seam's cost, not the bot's."""
+    # Installed for good once armed: outside `work`'s context the wrapper is a
+    # plain pass-through, so concurrent tasks never see each other's hook.
+    asyncio.create_subprocess_exec = _exec_then_crash  # type: ignore[assignment]
+    token = _spawning.set(name)
+    try:
+        return await work
+    finally:
+        _spawning.reset(token)
