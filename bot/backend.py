@@ -125,6 +125,13 @@ class ChatBackend(ABC):
         unrecorded). The default knows nothing: recovery then posts again."""
         return None
 
+    async def find_answer(self, thread: Thread, text: str) -> bool:
+        """Whether the bot's message `text` (as given to `send`) is already the
+        latest the bot said in the thread. Recovery asks before posting an answer
+        whose previous post was under way when its process died. The default
+        knows nothing: recovery then posts again."""
+        return False
+
     async def history(self, thread: Thread, before: str | None) -> list[dict[str, str]]:
         """The thread's earlier messages (before the message `before`, a platform
         message id) as chat history, {"role": "user"|"assistant", "content": ...},

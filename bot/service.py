@@ -596,14 +596,19 @@ class ChatService:
             claim = "not_owed"
         if claim == "taken":
             return
+        backend = self.backends[thread.platform]
+        # A dead process was posting it: it may be out already.
+        if claim == "reclaimed" and await self._safely(backend.find_answer(thread, text)):
+            await self._safely(self.tasks.answered(task_id))
+            return
         try:
-            await self.backends[thread.platform].send(thread, text)
+            await backend.send(thread, text)
         except Exception:
             logger.exception("could not post the answer of task %s", task_id)
-            if claim == "claimed":
+            if claim in ("claimed", "reclaimed"):
                 await self._safely(self.tasks.release_answer(task_id))
             return
-        if claim == "claimed":
+        if claim in ("claimed", "reclaimed"):
             await self._safely(self.tasks.answered(task_id))
 
     # -- cards --------------------------------------------------------------

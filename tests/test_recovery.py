@@ -80,6 +80,7 @@ class Chat(ChatBackend):
         self.down = False
         self.die_after_post = False  # the process dies right after the card went out
         self.die_on_send = False  # the process dies as it is about to post a message
+        self.die_after_send = False  # ... or right after the message went out
         self.sends_fail = False  # posting messages fails (the platform is down)
         self.findable = True  # whether find_card finds cards (a platform may not)
 
@@ -90,6 +91,9 @@ class Chat(ChatBackend):
         if self.sends_fail:
             raise ConnectionError("the platform is down")
         self.sent.append((thread.key, text))
+        if self.die_after_send:
+            self.die_after_send = False
+            raise Crash("after the answer went out, before it was recorded")
         return f"m{len(self.sent)}"
 
     async def send_card(self, thread: Thread, card: ApprovalCard) -> str:
@@ -101,6 +105,10 @@ class Chat(ChatBackend):
             self.die_after_post = False
             raise Crash("after the post, before it was recorded")
         return ref
+
+    async def find_answer(self, thread: Thread, text: str) -> bool:
+        said = self.texts(thread.key)
+        return self.findable and bool(said) and said[-1] == text
 
     async def find_card(self, thread: Thread, approval_id: str) -> str | None:
         if not self.findable:
@@ -457,6 +465,27 @@ async def test_an_answer_lost_with_the_process_is_posted_once_after_the_restart(
     await second.service.recover()
     await second.service.recover_periodically()
     assert second.chat.texts() == [answer]
+
+
+@pytest.mark.parametrize("findable", [True, False], ids=["found", "not-findable"])
+async def test_an_answer_out_but_not_recorded_is_found_not_posted_twice(
+    start: Start, model: FakeModelServer, findable: bool
+) -> None:
+    first = await start()
+    first.chat.die_after_send = True
+    assert await first.service.accept(message(17, "is web-1 up?")) is Accepted.NEW
+    await first.service.drain()
+    await kill(first)
+    assert first.chat.texts(key(17)) == ["Done."]
+    first.chat.findable = findable
+
+    second = await start(first.chat)
+    await second.service.recover()
+    await second.service.drain()
+    # A platform that can find it is asked; one that cannot gets it again.
+    assert second.chat.texts(key(17)) == ["Done."] * (1 if findable else 2)
+    await second.service.recover_periodically()
+    assert len(second.chat.texts(key(17))) == (1 if findable else 2)
 
 
 async def test_an_answer_the_platform_refused_is_posted_by_the_next_round(

@@ -256,21 +256,30 @@ class TaskStore:
         self, task_id: str, lease: float = 60.0, *, stale_before: float | None = None
     ) -> str:
         """The right to post a finished task's answer now. "claimed": this caller
-        posts it; "taken": it was answered, or another caller holds the claim since
-        less than `lease` seconds (a claim from before `stale_before` is a dead
-        process's); "not_owed": no such task, or it is not finished (completed,
-        failed or interrupted), so nothing is owed through this path."""
+        posts it; "reclaimed": likewise, but a dead caller's claim was taken over
+        (its post may have gone out unrecorded); "taken": it was answered, or
+        another caller holds the claim since less than `lease` seconds (a claim
+        from before `stale_before` is a dead process's); "not_owed": no such
+        task, or it is not finished (completed, failed or interrupted)."""
+        row = await self.db.fetchone(
+            "SELECT status, answered_at, answer_claimed_at FROM tasks WHERE task_id = ?",
+            (task_id,),
+        )
+        if row is None or row["status"] not in OWING_STATUSES:
+            return "not_owed"
         at = now()
         expired = at - lease if stale_before is None else max(at - lease, stale_before)
-        if await self.db.execute(
+        old = row["answer_claimed_at"]
+        if row["answered_at"] is not None or (old is not None and old >= expired):
+            return "taken"
+        # Compare-and-set on the claim as read: of two callers, one wins.
+        if not await self.db.execute(
             "UPDATE tasks SET answer_claimed_at = ? WHERE task_id = ? "
-            f"AND status IN {_OWING} AND answered_at IS NULL "
-            "AND (answer_claimed_at IS NULL OR answer_claimed_at < ?) RETURNING 1",
-            (at, task_id, expired),
+            "AND answered_at IS NULL AND answer_claimed_at IS ? RETURNING 1",
+            (at, task_id, old),
         ):
-            return "claimed"
-        row = await self.db.fetchone("SELECT status FROM tasks WHERE task_id = ?", (task_id,))
-        return "taken" if row is not None and row["status"] in OWING_STATUSES else "not_owed"
+            return "taken"
+        return "claimed" if old is None else "reclaimed"
 
     async def answered(self, task_id: str) -> bool:
         """The answer is out (after the platform accepted it)."""
