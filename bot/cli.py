@@ -75,7 +75,57 @@ def _parser() -> argparse.ArgumentParser:
     )
     revoke = rules_sub.add_parser("revoke", help="revoke a rule")
     revoke.add_argument("rule_id")
+
+    audit = sub.add_parser("audit", help="verify or export the audit log")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    check = audit_sub.add_parser("verify", help="recompute the hash chains (all, or one task's)")
+    check.add_argument("task_id", nargs="?")
+    export = audit_sub.add_parser("export", help="one record per action, to stdout")
+    export.add_argument("--since", required=True, help="date or ISO time (UTC unless given)")
+    export.add_argument("--until", help="date or ISO time, exclusive (default: now)")
+    export.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     return parser
+
+
+def _timestamp(text: str) -> float:
+    """A --since/--until value: '2026-12-01' or an ISO time; naive means UTC."""
+    from datetime import UTC, datetime
+
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise SystemExit(f"ducklm audit export: not a date or ISO time: {text!r}") from None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.timestamp()
+
+
+async def _audit_verify(stores: Stores, task_id: str | None) -> int:
+    from runtime.store.audit import verify
+
+    if task_id is not None and await stores.tasks.get_task(task_id) is None:
+        print(f"No task {task_id}.", file=sys.stderr)
+        return 1
+    result = await verify(stores.db, task_id)
+    for failure in result.failures:
+        print(f"FAILED: {failure.describe()}")
+    state = "verified" if result.ok else f"{len(result.failures)} chain(s) do not verify"
+    head = f"; head {result.head}" if task_id is not None and result.head else ""
+    print(f"{result.events} events in {result.chains} chain(s): {state}{head}")
+    return 0 if result.ok else 1
+
+
+async def _audit_export(stores: Stores, since: float, until: float | None, fmt: str) -> int:
+    from runtime.store.audit import csv_header, export_actions, to_csv, to_jsonl
+
+    out = sys.stdout
+    if fmt == "csv":
+        out.write(csv_header())
+    write = to_csv if fmt == "csv" else to_jsonl
+    async for record in export_actions(stores.db, since, until):
+        out.write(write(record))
+    out.flush()
+    return 0
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -223,6 +273,11 @@ def main(argv: list[str] | None = None) -> int:
                 return await _events(stores, args.task_id, args.json)
             case "approvals":
                 return await _admin(stores, settings, c.Approvals())
+            case "audit":
+                if args.audit_command == "verify":
+                    return await _audit_verify(stores, args.task_id)
+                until = None if args.until is None else _timestamp(args.until)
+                return await _audit_export(stores, _timestamp(args.since), until, args.format)
             case "rules":
                 if args.rules_command == "add":
                     pattern = " ".join(args.pattern).strip()

@@ -35,6 +35,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from runtime.store import chain
+
 if TYPE_CHECKING:
     import aiosqlite
 
@@ -277,6 +279,32 @@ MIGRATIONS: list[tuple[str, ...]] = [
         "WHEN NEW.next_fire_at IS OLD.next_fire_at "
         "BEGIN UPDATE schedules SET next_fire_at = 0 WHERE rowid = NEW.rowid; END",
     ),
+    (
+        # v8 (issue #21): the audit chain. Each event's hash chains it to the
+        # previous event of its task (runtime/store/chain.py; `ducklm_chain` is
+        # the SQL function every connection registers). Events from before v8
+        # are chained here, in seq order from seq 1: the chain proves they were
+        # not changed after the upgrade, not before it. A task whose stored
+        # events do not start at 1 or have a gap keeps NULL hashes from the gap
+        # on, which `ducklm audit verify` reports.
+        "ALTER TABLE events ADD COLUMN hash TEXT",
+        "WITH RECURSIVE c (id, task_id, seq, hash) AS ("
+        " SELECT id, task_id, seq, ducklm_chain(NULL, task_id, seq, event_type, payload,"
+        " created_at) FROM events WHERE seq = 1"
+        " UNION ALL"
+        " SELECT e.id, e.task_id, e.seq, ducklm_chain(c.hash, e.task_id, e.seq, e.event_type,"
+        " e.payload, e.created_at) FROM c JOIN events e"
+        " ON e.task_id IS c.task_id AND e.seq = c.seq + 1)"
+        " UPDATE events SET hash = c.hash FROM c WHERE events.id = c.id",
+        # Rules with a scope and a lifetime: scope NULL is global, else the
+        # channel (a conversation group such as "slack:C1") the rule is used in;
+        # expires_at NULL never expires. last_used_at/use_count: what `rules`
+        # and `rules review` show.
+        "ALTER TABLE rules ADD COLUMN scope TEXT",
+        "ALTER TABLE rules ADD COLUMN expires_at REAL",
+        "ALTER TABLE rules ADD COLUMN last_used_at REAL",
+        "ALTER TABLE rules ADD COLUMN use_count INTEGER NOT NULL DEFAULT 0",
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -463,6 +491,9 @@ def _connect(path: str, busy_timeout_s: float) -> sqlite3.Connection:
         cached_statements=256,
     )
     conn.row_factory = sqlite3.Row
+    # The audit chain's hash, computed inside the INSERT that numbers an event
+    # (runtime/store/events.py) so concurrent writers can never fork a chain.
+    conn.create_function(chain.SQL_FUNCTION, 6, chain.event_hash, deterministic=True)
     return conn
 
 

@@ -1,4 +1,5 @@
-"""The audit log: append-only events, numbered 1, 2, 3 … per task.
+"""The audit log: append-only events, numbered 1, 2, 3 … per task, each
+chained to the one before by a hash (runtime/store/chain.py, runtime/store/audit.py).
 
 There is deliberately no method that updates or deletes an event.
 """
@@ -9,10 +10,12 @@ import sqlite3
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from runtime.store.chain import SQL_FUNCTION
 from runtime.store.db import Database, dump_json, load_json, now, to_datetime
 from runtime.store.models import Event
 
 _COLUMNS = "task_id, seq, event_type, payload, created_at"
+_READ = _COLUMNS + ", hash"
 # An event to record: its type and its payload.
 NewEvent = tuple[str, Mapping[str, Any] | None]
 # SQLite allows 32766 bound parameters per statement; 4 per event.
@@ -35,6 +38,7 @@ def _event(row: sqlite3.Row) -> Event:
         event_type=row["event_type"],
         payload=payload if isinstance(payload, dict) else {"value": payload},
         created_at=to_datetime(row["created_at"]),
+        hash=row["hash"],
     )
 
 
@@ -74,16 +78,27 @@ class EventStore:
         for n, ((event_type, _), text, ts) in enumerate(zip(events, texts, times, strict=True), 1):
             params += (n, event_type, text, ts)
         values = ", ".join(["(?, ?, ?, ?)"] * len(events))
+        # Each event's hash chains it to the one before (runtime/store/chain.py):
+        # the recursive CTE walks the new events in order from the task's last
+        # stored (seq, hash), all inside the one statement that holds the lock.
         rows = await self.db.fetchall(
-            f"WITH new (n, event_type, payload, created_at) AS (VALUES {values}) "
-            "INSERT INTO events (task_id, seq, event_type, payload, created_at) "
-            "SELECT ?, base.last + new.n, new.event_type, new.payload, new.created_at "
-            "FROM new, (SELECT COALESCE(MAX(seq), 0) AS last FROM events "
-            "WHERE task_id IS ?) AS base ORDER BY new.n RETURNING seq",
-            (*params, task_id, task_id),
+            f"WITH RECURSIVE new (n, event_type, payload, created_at) AS (VALUES {values}), "
+            "base (last, prev) AS (SELECT m.last, (SELECT hash FROM events "
+            "WHERE task_id IS ? AND seq = m.last) FROM (SELECT COALESCE(MAX(seq), 0) AS last "
+            "FROM events WHERE task_id IS ?) AS m), "
+            "chain (n, seq, event_type, payload, created_at, hash) AS ("
+            "SELECT 0, last, NULL, NULL, NULL, prev FROM base UNION ALL "
+            "SELECT new.n, chain.seq + 1, new.event_type, new.payload, new.created_at, "
+            f"{SQL_FUNCTION}(chain.hash, ?, chain.seq + 1, new.event_type, new.payload, "
+            "new.created_at) FROM chain JOIN new ON new.n = chain.n + 1) "
+            f"INSERT INTO events ({_COLUMNS}, hash) "
+            "SELECT ?, seq, event_type, payload, created_at, hash FROM chain WHERE n > 0 "
+            "ORDER BY n RETURNING seq, hash",
+            (*params, task_id, task_id, task_id, task_id),
         )
         # RETURNING's row order is unspecified; the numbers are consecutive from base.
         first = min(row["seq"] for row in rows)
+        hashes = {row["seq"]: row["hash"] for row in rows}
         return [
             Event(
                 task_id=task_id,
@@ -91,6 +106,7 @@ class EventStore:
                 event_type=event_type,
                 payload=load_json(text, {}),  # what was stored, not the caller's object
                 created_at=to_datetime(ts),
+                hash=hashes[first + n],
             )
             for n, ((event_type, _), text, ts) in enumerate(zip(events, texts, times, strict=True))
         ]
@@ -110,14 +126,14 @@ class EventStore:
     async def list_events(self, task_id: str | None) -> list[Event]:
         """A task's events (None: the global ones) in order."""
         rows = await self.db.fetchall(
-            f"SELECT {_COLUMNS} FROM events WHERE task_id IS ? ORDER BY seq", (task_id,)
+            f"SELECT {_READ} FROM events WHERE task_id IS ? ORDER BY seq", (task_id,)
         )
         return [_event(row) for row in rows]
 
     async def last_events(self, task_id: str, count: int) -> list[Event]:
         """A task's last `count` events, in order."""
         rows = await self.db.fetchall(
-            f"SELECT {_COLUMNS} FROM events WHERE task_id = ? ORDER BY seq DESC LIMIT ?",
+            f"SELECT {_READ} FROM events WHERE task_id = ? ORDER BY seq DESC LIMIT ?",
             (task_id, count),
         )
         return [_event(row) for row in reversed(rows)]
@@ -125,7 +141,7 @@ class EventStore:
     async def list_by_type(self, event_type: str, limit: int = 100) -> list[Event]:
         """The latest events of one type across all tasks, newest first."""
         rows = await self.db.fetchall(
-            f"SELECT {_COLUMNS} FROM events WHERE event_type = ? ORDER BY id DESC LIMIT ?",
+            f"SELECT {_READ} FROM events WHERE event_type = ? ORDER BY id DESC LIMIT ?",
             (event_type, limit),
         )
         return [_event(row) for row in rows]

@@ -54,6 +54,9 @@ class Event(Record):
     event_type: str
     payload: dict[str, Any] = Field(default_factory=dict)
     created_at: datetime
+    # SHA-256 chaining it to the task's previous event (runtime/store/chain.py);
+    # None only on an event stored without one (a gap before schema v8).
+    hash: str | None = None
 
 
 class Approval(Record):
