@@ -220,6 +220,23 @@ class Settings(BaseSettings):
     matrix_bot_users: Annotated[list[str], NoDecode] = Field(
         default_factory=list, validation_alias="DUCKLM_MATRIX_BOT_USERS"
     )
+    # End-to-end encryption (bot/matrix/crypto.py): on when vodozemac loads, unless
+    # switched off; the crypto store's keys are encrypted with this passphrase if set.
+    matrix_encryption: bool = Field(default=True, validation_alias="DUCKLM_MATRIX_ENCRYPTION")
+    matrix_store_passphrase: str | None = Field(
+        default=None, validation_alias="MATRIX_STORE_PASSPHRASE"
+    )
+    # Which devices get the bot's room keys: `tofu` (every device the homeserver
+    # lists, changes logged) or `cross-signed` (only devices signed by their owner).
+    matrix_trust: str = Field(default="tofu", validation_alias="DUCKLM_MATRIX_TRUST")
+
+    @field_validator("matrix_trust")
+    @classmethod
+    def _matrix_trust(cls, value: str) -> str:
+        value = (value or "").strip().lower() or "tofu"
+        if value not in {"tofu", "cross-signed"}:
+            raise ValueError("must be 'tofu' or 'cross-signed'")
+        return value
 
     @field_validator("slack_mode")
     @classmethod

@@ -133,6 +133,9 @@ class ElementUser:
         self.password = password
         self.device_id = ""
         self.events: list[dict[str, Any]] = []
+        # Encrypted events this client could not decrypt (with ELEMENT_CRYPTO), as
+        # {"event_id", "room_id", "reason"}; retried by the SDK as keys arrive.
+        self.undecryptable: list[dict[str, Any]] = []
         self._ids = 0
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -151,12 +154,25 @@ class ElementUser:
     # -- process plumbing -------------------------------------------------------------
 
     @classmethod
-    async def start(cls, node: str, homeserver: str, user_id: str, password: str) -> ElementUser:
+    async def start(
+        cls,
+        node: str,
+        homeserver: str,
+        user_id: str,
+        password: str,
+        *,
+        crypto: bool = False,
+        only_signed: bool = False,
+    ) -> ElementUser:
+        """`crypto`: Element's end-to-end encryption (Rust crypto, own device
+        cross-signed); `only_signed`: also Element's "exclude insecure devices"."""
         env = {
             **os.environ,
             "ELEMENT_HOMESERVER": homeserver,
             "ELEMENT_USER_ID": user_id,
             "ELEMENT_PASSWORD": password,
+            "ELEMENT_CRYPTO": "1" if crypto or only_signed else "0",
+            "ELEMENT_ISOLATION": "only_signed" if only_signed else "all",
         }
         process = await asyncio.create_subprocess_exec(
             node,
@@ -189,6 +205,10 @@ class ElementUser:
                 if "event" in message:
                     async with self._changed:
                         self.events.append(message["event"])
+                        self._changed.notify_all()
+                elif "undecryptable" in message:
+                    async with self._changed:
+                        self.undecryptable.append(message["undecryptable"])
                         self._changed.notify_all()
                 elif message.get("ready"):
                     if not self._ready.done():
@@ -340,6 +360,18 @@ class ElementUser:
         result = await self.request("react", **args)
         return str(result["event_id"])
 
+    async def enable_encryption(self, room_id: str) -> None:
+        """Room settings → Security → Encrypted, in a room that was not."""
+        await self.request("enable_encryption", room_id=room_id)
+
+    async def device_status(self, user_id: str, device_id: str) -> dict[str, Any]:
+        """How this client's crypto sees the device: known, signed_by_owner,
+        cross_signing_verified, locally_verified."""
+        return dict(await self.request("device_status", user_id=user_id, device_id=device_id))
+
+    async def refresh_devices(self, user_id: str) -> None:
+        await self.request("refresh_devices", user_id=user_id)
+
     async def room_events(self, room_id: str, limit: int = 500) -> list[dict[str, Any]]:
         """The room's events as the server has them, oldest first."""
         return list(await self.request("events", room_id=room_id, limit=limit))
@@ -410,10 +442,20 @@ async def element(element_packages: str, synapse: SynapseServer) -> AsyncIterato
     started: list[ElementUser] = []
 
     async def open_user(
-        user_id: str, password: str, *, homeserver: str | None = None
+        user_id: str,
+        password: str,
+        *,
+        homeserver: str | None = None,
+        crypto: bool = False,
+        only_signed: bool = False,
     ) -> ElementUser:
         user = await ElementUser.start(
-            element_packages, homeserver or synapse.base_url, user_id, password
+            element_packages,
+            homeserver or synapse.base_url,
+            user_id,
+            password,
+            crypto=crypto,
+            only_signed=only_signed,
         )
         started.append(user)
         return user

@@ -58,6 +58,7 @@ from bot.matrix.backlog import (
     now_ms,
     timestamp,
 )
+from bot.matrix.crypto import CryptoStore, crypto_status, key_maintenance
 from bot.matrix.retry import backoff, error_text, is_token_error
 from bot.matrix.state import MatrixState, Session
 
@@ -127,6 +128,9 @@ class MatrixConnection:
         self.serves_room = serves_room
         self.bounds = BacklogBounds(settings.matrix_backlog_max, settings.matrix_backlog_max_age)
         self.state = MatrixState(settings.matrix_state_dir)
+        # End-to-end encryption: wanted and possible here (vodozemac loads)?
+        self.crypto = crypto_status(settings)
+        self.crypto_store = CryptoStore(settings.matrix_state_dir, settings.matrix_store_passphrase)
         self.client: AsyncClient | None = None
         self.display_name: str | None = None
         self.device_id: str | None = None
@@ -145,6 +149,8 @@ class MatrixConnection:
         # On a batch's last attempt a gap the homeserver will not give is skipped
         # (logged) rather than holding up everything after it for good.
         self._last_attempt = False
+        # Set (and replaced) after every sync: waiting for room keys to arrive.
+        self._synced = asyncio.Event()
 
     # -- start / stop ----------------------------------------------------------
 
@@ -160,12 +166,19 @@ class MatrixConnection:
             max_timeout_retry_wait_time=5,
             request_timeout=REQUEST_TIMEOUT,
             max_limit_exceeded=10,  # 429s honour retry_after_ms a few times
+            **await self._crypto_config(),
         )
-        self.client = AsyncClient(self.homeserver, self.user_id, config=config)
+        self.client = AsyncClient(
+            self.homeserver,
+            self.user_id,
+            config=config,
+            store_path=str(self.crypto_store.directory) if self.crypto.enabled else "",
+        )
         self.started_ms = now_ms()
         try:
             async with asyncio.timeout(START_TIMEOUT):
                 await self._login()
+                await self._start_crypto()
                 await self._load_profile()
                 first = await self._first_sync()
         except PlatformStartError:
@@ -183,6 +196,54 @@ class MatrixConnection:
         self.spawn(self._supervise("dispatcher", self._dispatch_forever))
         self.spawn(self._supervise("sync", self._sync_forever))
         logger.info("matrix: serving as %s (device %s)", self.user_id, self.device_id)
+
+    @property
+    def encrypting(self) -> bool:
+        """The bot reads and writes encrypted rooms (its crypto store is loaded)."""
+        return self.client is not None and self.client.olm is not None
+
+    async def _crypto_config(self) -> dict[str, Any]:
+        if not self.crypto.enabled:
+            logger.warning(
+                "matrix: end-to-end encryption is off: %s; encrypted rooms get a notice",
+                self.crypto.reason,
+            )
+            return {"encryption_enabled": False}
+        try:
+            await asyncio.to_thread(self.crypto_store.prepare)
+            return await asyncio.to_thread(self.crypto_store.config)
+        except OSError as exc:
+            raise PlatformStartError(
+                f"Matrix: cannot use the crypto store in {self.crypto_store.directory} ({exc}); "
+                "it lives next to DUCKLM_DB."
+            ) from exc
+
+    async def _start_crypto(self) -> None:
+        """Load the device's crypto store and upload its keys before the first sync,
+        so people's clients can encrypt for the bot from the start."""
+        client = self.require_client()
+        if not self.crypto.enabled:
+            return
+        if client.olm is None:
+            client.load_store()
+        await asyncio.to_thread(self.crypto_store.protect)
+        await key_maintenance(client)
+        logger.info("matrix: end-to-end encryption on (device %s)", self.device_id)
+
+    async def next_sync(self, within: float) -> None:
+        """Returns after the next sync (and its key traffic), or after `within` s."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._synced.wait(), within)
+
+    async def _crypto_step(self) -> None:
+        """Key traffic after a sync; a failure is logged and tried after the next."""
+        client = self.client
+        if client is None or client.olm is None:
+            return
+        try:
+            await key_maintenance(client)
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            logger.warning("matrix: key upload/query/claim failed (%s); retrying later", exc)
 
     async def stop(self) -> None:
         """End every spawned job, then close the client."""
@@ -240,6 +301,22 @@ class MatrixConnection:
         client = self.require_client()
         saved = await asyncio.to_thread(self.state.load_session, self.homeserver, self.user_id)
         device_id = saved.device_id if saved else None
+        if (
+            self.crypto.enabled
+            and saved
+            and device_id
+            and not self.crypto_store.has_device(self.user_id, device_id)
+            and self.settings.matrix_password
+            and not self.settings.matrix_access_token
+        ):
+            # Its keys are on the server, but not here: new keys under the old id
+            # would look like an impostor to everyone. A new device starts clean.
+            logger.warning(
+                "matrix: no crypto store for device %s in %s; logging in as a new device",
+                device_id,
+                self.crypto_store.directory,
+            )
+            saved, device_id = None, None
         token = self.settings.matrix_access_token
         if token:
             who = await self._whoami(token, device_id)
@@ -260,6 +337,7 @@ class MatrixConnection:
             if isinstance(who, WhoamiResponse):
                 self._check_owner(who.user_id, "the saved session")
                 self.device_id = who.device_id or device_id
+                client.device_id = self.device_id or ""
                 self._learned_token(saved.access_token)
                 return
             if not is_token_error(who):
@@ -272,7 +350,13 @@ class MatrixConnection:
 
     async def _whoami(self, token: str, device_id: str | None) -> Any:
         client = self.require_client()
-        client.restore_login(self.user_id, device_id or "", token)
+        # Not restore_login: with encryption it loads the store, which needs the
+        # device id that whoami is about to tell.
+        client.user_id, client.device_id, client.access_token = (
+            self.user_id,
+            device_id or "",
+            token,
+        )
         return await client.whoami()
 
     async def _password_login(self, device_id: str | None) -> None:
@@ -380,6 +464,9 @@ class MatrixConnection:
             if isinstance(response, SyncResponse):
                 failures = 0
                 self._inbox.put_nowait(Batch(response, since=since))
+                await self._crypto_step()
+                synced, self._synced = self._synced, asyncio.Event()
+                synced.set()
                 continue
             failures += 1
             if is_token_error(response):

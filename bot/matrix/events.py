@@ -17,7 +17,11 @@
   other reaction, 👍 included, is just a reaction.
 - Every event the bot acts on is claimed once in the store
   (`matrix:event:<id>`), so a replayed batch never runs anything twice.
-- Encrypted rooms get a notice saying the bot cannot read them (M7: no e2e).
+- Encrypted rooms: with encryption on (bot/matrix/crypto.py) nio decrypts in the
+  sync and the decrypted event is handled like any other; a message whose room
+  key has not arrived is tried again as keys come in (after asking for the key),
+  and if it stays unreadable gets one notice in its thread. With encryption off,
+  encrypted rooms get a notice saying the bot cannot read them.
 - A room where no member may ask any more (DUCKLM_REQUESTERS) is left, saying why.
 """
 
@@ -29,8 +33,9 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
-from nio import MatrixRoom, RoomGetEventResponse
+from nio import MatrixRoom, MegolmEvent, RoomGetEventResponse
 from nio.api import RelationshipType
+from nio.exceptions import EncryptionError
 
 from bot import commands as c
 from bot.backend import ChatBackend, Thread
@@ -57,11 +62,19 @@ HISTORY_TIMEOUT = 10.0
 MAX_HISTORY_EVENTS = 40
 ENCRYPTED_NOTICE_INTERVAL = 600.0  # at most one "cannot read this" notice per room per 10 min
 REFUSAL_INTERVAL = 3600.0  # a stranger's `!duck` is refused aloud at most this often
+# How long a message whose room key is missing is tried again as keys arrive
+# (senders' clients share keys within seconds; a key request takes a round trip).
+UNDECRYPTABLE_WAIT = 60.0
 
 ENCRYPTED_NOTICE = (
     "I can't read end-to-end encrypted messages, so I did not see what was said here. "
     "DuckLM works in unencrypted rooms only: ask me in a room (or direct chat) without "
     "encryption."
+)
+UNDECRYPTABLE_NOTICE = (
+    "I could not decrypt this message: my device ({device}) did not get its key. If your "
+    "client only sends keys to verified devices, allow unverified devices or verify mine, "
+    "then send the message again."
 )
 EDIT_HINT = (
     "I saw your edit, but edits are not run again: I answered the message as it was first "
@@ -94,6 +107,7 @@ class MatrixEvents:
         self._encrypted_notice_at: dict[str, float] = {}
         self._leaving: set[str] = set()
         self._refused_at = Lru()  # stranger -> when they were last told so
+        self._undecryptable: set[str] = set()  # encrypted events waiting for their key
 
     async def on_room_event(
         self, room: MatrixRoom, source: dict[str, Any], *, late: bool = False
@@ -106,7 +120,10 @@ class MatrixEvents:
         elif kind == "m.reaction":
             await self._on_reaction(room, source)
         elif kind == "m.room.encrypted":
-            await self._on_encrypted(room, source)
+            if self.connection.encrypting:
+                self._wait_for_key(room, source, late)
+            else:
+                await self._on_encrypted(room, source)
         elif kind == "m.room.encryption" and source.get("state_key") == "":
             await self.encrypted_room_notice(room, str(source.get("event_id") or ""))
 
@@ -397,9 +414,62 @@ class MatrixEvents:
         self._encrypted_notice_at[room.room_id] = time.monotonic()
         await self.backend.send(Thread(PLATFORM, room.room_id, root), ENCRYPTED_NOTICE)
 
+    def _wait_for_key(self, room: MatrixRoom, source: dict[str, Any], late: bool) -> None:
+        """An encrypted message nio could not decrypt in the sync (its room key
+        has not arrived): try again in the background, not holding up the room."""
+        event_id = str(source.get("event_id") or "")
+        if not event_id or event_id in self._undecryptable:
+            return
+        self._undecryptable.add(event_id)
+        self.connection.spawn(self._retry_decrypt(room, source, late))
+
+    async def _retry_decrypt(self, room: MatrixRoom, source: dict[str, Any], late: bool) -> None:
+        event_id = str(source.get("event_id") or "")
+        try:
+            event = MegolmEvent.from_dict(source)
+            if not isinstance(event, MegolmEvent):
+                return  # not Megolm (an unknown algorithm): nothing to wait for
+            event.room_id = room.room_id
+            client = self.connection.require_client()
+            try:
+                # m.room_key_request to the sender's devices and our own (the spec
+                # allows it; clients answer it for devices they trust).
+                await client.request_room_key(event)
+            except Exception as exc:
+                logger.debug("matrix: key request for %s failed: %s", event_id, exc)
+            deadline = time.monotonic() + UNDECRYPTABLE_WAIT
+            while (left := deadline - time.monotonic()) > 0:
+                await self.connection.next_sync(left)
+                try:
+                    decrypted = client.decrypt_event(event)
+                except EncryptionError:
+                    continue
+                logger.info("matrix: decrypted %s after its key arrived", event_id)
+                await self.on_room_event(room, decrypted.source, late=late)
+                return
+            logger.warning("matrix: no room key for %s from %s", event_id, source.get("sender"))
+            # Once per message, and not more than once per room per interval: a
+            # room full of messages without keys must not become a room of notices.
+            if self._encrypted_notice_due(room.room_id) and await self._claim(
+                f"undecryptable:{event_id}"
+            ):
+                self._encrypted_notice_at[room.room_id] = time.monotonic()
+                relates = (source.get("content") or {}).get("m.relates_to") or {}  # cleartext
+                root = event_id
+                if relates.get("rel_type") == "m.thread" and relates.get("event_id"):
+                    root = str(relates["event_id"])
+                notice = UNDECRYPTABLE_NOTICE.format(device=self.connection.device_id)
+                await self.backend.send(Thread(PLATFORM, room.room_id, root), notice)
+        except Exception:
+            logger.exception("matrix: handling undecryptable event %s failed", event_id)
+        finally:
+            self._undecryptable.discard(event_id)
+
     async def encrypted_room_notice(self, room: MatrixRoom, cause_event_id: str) -> None:
         """Say so at once when the bot joins an encrypted room or encryption is
-        switched on (once per cause, even across restarts)."""
+        switched on (once per cause, even across restarts) — unless it can read it."""
+        if self.connection.encrypting:
+            return
         if await self._claim(cause_event_id):
             await self.backend.send(Thread(PLATFORM, room.room_id, None), ENCRYPTED_NOTICE)
 

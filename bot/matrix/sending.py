@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 from nio import ErrorResponse, RoomSendResponse
+from nio.exceptions import SendRetryError
 
 from bot.backend import Thread
 from bot.matrix.connection import MatrixConnection
@@ -84,8 +85,15 @@ class MatrixSender:
         while True:
             client = self.connection.require_client()
             try:
-                response: Any = await client.room_send(room_id, kind, content, tx_id=tx_id)
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                # In an encrypted room nio encrypts (m.reaction stays clear, as in
+                # Element). Trust on first use: every device the homeserver lists
+                # for the room's members gets the room key (docs/matrix.md, Trust).
+                response: Any = await client.room_send(
+                    room_id, kind, content, tx_id=tx_id, ignore_unverified_devices=True
+                )
+            except (aiohttp.ClientError, OSError, TimeoutError, SendRetryError) as exc:
+                # SendRetryError: the room key could not be shared yet (members or
+                # keys not fetched); worth another try like a network fault.
                 response = exc
             if isinstance(response, RoomSendResponse):
                 return str(response.event_id)

@@ -3,6 +3,13 @@
 //
 //   node client.mjs            with ELEMENT_HOMESERVER, ELEMENT_USER_ID, ELEMENT_PASSWORD
 //                              (ELEMENT_LOG_LEVEL=debug|info|warn for the SDK's log)
+//   ELEMENT_CRYPTO=1           end-to-end encryption as Element does it: the SDK's Rust
+//                              crypto (in memory: every start is a new device), the
+//                              device cross-signed by its owner at login (Element's
+//                              "set up secure messaging"), and, with
+//                              ELEMENT_ISOLATION=only_signed, keys shared only with
+//                              devices their owners cross-signed (Element's "exclude
+//                              insecure devices", MSC4153)
 //
 // It logs in, syncs, and prints one JSON line per message on stdout:
 //   {"ready": true, "user_id": ..., "device_id": ...}     once, after the first sync
@@ -83,6 +90,27 @@ const client = sdk.createClient({
     timelineSupport: true,
 });
 
+const withCrypto = process.env.ELEMENT_CRYPTO === "1";
+if (withCrypto) {
+    await client.initRustCrypto({ useIndexedDB: false });
+    const crypto = client.getCrypto();
+    // Element sets up cross-signing for a new account; the first upload of a user's
+    // keys needs no interactive auth on Synapse (MSC3967), a later one the password.
+    await crypto.bootstrapCrossSigning({
+        authUploadDeviceSigningKeys: async (makeRequest) => {
+            await makeRequest({
+                type: "m.login.password",
+                identifier: { type: "m.id.user", user: login.user_id },
+                password,
+            });
+        },
+    });
+    if (process.env.ELEMENT_ISOLATION === "only_signed") {
+        const { OnlySignedDevicesIsolationMode } = await import("matrix-js-sdk/lib/crypto-api/index.js");
+        crypto.setDeviceIsolationMode(new OnlySignedDevicesIsolationMode());
+    }
+}
+
 // Every event the client syncs after its first sync, once each: the test side keeps
 // them and waits on them. Waiters registered by the `wait_for` command are checked too.
 const seen = [];
@@ -91,6 +119,9 @@ const waiters = new Set();
 let live = false;
 
 function record(event) {
+    // An encrypted event is recorded once its decryption is over (MatrixEvent's
+    // "Event.decrypted", below): as the clear event, or as m.room.encrypted if it failed.
+    if (event.isBeingDecrypted?.() || event.shouldAttemptDecryption?.()) return;
     const raw = event.getEffectiveEvent ? event.getEffectiveEvent() : event.event;
     const roomId = raw?.room_id ?? event.getRoomId?.();
     if (!live || !raw || !roomId) return;
@@ -107,6 +138,16 @@ function record(event) {
 }
 
 client.on(ClientEvent.Event, record);
+client.on("Event.decrypted", (event) => {
+    // A failure is retried when keys arrive (the SDK emits again): record only the
+    // outcome that is final, the clear event; a failure shows as `undecryptable`.
+    if (event.isDecryptionFailure()) {
+        const roomId = event.getRoomId();
+        if (live && roomId) out({ undecryptable: { event_id: event.getId(), room_id: roomId, reason: String(event.decryptionFailureReason ?? "") } });
+        return;
+    }
+    record(event);
+});
 
 await new Promise((resolve, reject) => {
     const onSync = (state, _previous, data) => {
@@ -320,8 +361,8 @@ async function react(args) {
     return { event_id: response.event_id, key };
 }
 
-// `encrypted` creates the room with m.room.encryption as Element does by default; this
-// client does no crypto yet (issue #18 adds initRustCrypto), so it cannot send there.
+// `encrypted` creates the room with m.room.encryption as Element does by default (send
+// there only with ELEMENT_CRYPTO=1).
 async function createRoom(args) {
     // Element's "create a room" dialog: a private room; people are invited afterwards.
     const options = { preset: Preset.PrivateChat, visibility: "private", name: args.name || "test room" };
@@ -377,12 +418,30 @@ const COMMANDS = {
     create_room: createRoom,
     start_dm: startDm,
     invite: async (args) => (await client.invite(need(args, "room_id"), need(args, "user_id")), {}),
+    // Room settings → Security → Encrypted: m.room.encryption in a room that had none.
+    enable_encryption: async (args) => (
+        await client.sendStateEvent(need(args, "room_id"), EventType.RoomEncryption, { algorithm: "m.megolm.v1.aes-sha2" }, ""),
+        {}
+    ),
     join: async (args) => (await client.joinRoom(need(args, "room_id")), {}),
     send,
     edit,
     react,
     wait_for: (args) => waitFor(need(args, "pattern"), Number(args.timeout_ms || 20000)),
     events: roomEvents,
+    // How this client's crypto sees a device (null: it has no view of it yet).
+    device_status: async (args) => {
+        const status = await client.getCrypto().getDeviceVerificationStatus(need(args, "user_id"), need(args, "device_id"));
+        if (!status) return { known: false };
+        return {
+            known: true,
+            signed_by_owner: status.signedByOwner,
+            cross_signing_verified: status.crossSigningVerified,
+            locally_verified: status.localVerified,
+        };
+    },
+    // Fetch the user's device list again (as Element does when it is told it changed).
+    refresh_devices: async (args) => (await client.getCrypto().getUserDeviceInfo([need(args, "user_id")], true), {}),
     stop: async () => ({}),
 };
 

@@ -1,0 +1,141 @@
+"""End-to-end encryption for the Matrix bot: whether it is on, where its keys live,
+and the key traffic a sync leaves to do.
+
+    <db-stem>-matrix/crypto/          0700; nio's crypto store for the bot's device:
+        <user>_<device>.db            Olm account, Olm/Megolm sessions (0600; the
+                                      pickles are encrypted with the pickle key)
+        <user>_<device>.*_devices     the trust files nio keeps beside it (0600)
+        pickle.key                    a random pickle key, made at first start when
+                                      MATRIX_STORE_PASSPHRASE is not set (0600)
+
+The crypto itself is matrix-nio's `e2e` extra, which runs on vodozemac (the
+maintained Rust implementation of Olm and Megolm, shipped as prebuilt wheels; no
+libolm). This module writes no cryptography of its own.
+
+The device id is the crypto identity: a store belongs to one device. So a device
+id without its store is never reused (its old keys are on the server and new ones
+would look like an impostor to every client): the bot logs in as a new device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nio import AsyncClient
+
+    from runtime.settings import Settings
+
+logger = logging.getLogger("ducklm.matrix")
+
+CRYPTO_DIR = "crypto"
+PICKLE_KEY_FILE = "pickle.key"
+
+
+@dataclass(frozen=True)
+class CryptoStatus:
+    """Whether the bot can encrypt, and if not, why (said once at start)."""
+
+    enabled: bool
+    reason: str
+
+
+def crypto_status(settings: Settings) -> CryptoStatus:
+    """On when vodozemac loads through nio, unless DUCKLM_MATRIX_ENCRYPTION is off."""
+    if not settings.matrix_encryption:
+        return CryptoStatus(False, "DUCKLM_MATRIX_ENCRYPTION is off")
+    try:
+        import vodozemac  # noqa: F401  (the Rust core; nio checks for it by name)
+        from nio.crypto import ENCRYPTION_ENABLED
+    except Exception as exc:  # an ImportError, or a wheel that does not load here
+        return CryptoStatus(
+            False,
+            f"vodozemac cannot be loaded ({type(exc).__name__}: {exc}); install matrix-nio[e2e]",
+        )
+    if not ENCRYPTION_ENABLED:
+        return CryptoStatus(False, "matrix-nio was installed without its e2e extra")
+    return CryptoStatus(True, "on (matrix-nio e2e with vodozemac)")
+
+
+class CryptoStore:
+    """The crypto store directory beside the bot's other Matrix files."""
+
+    def __init__(self, state_dir: Path, passphrase: str | None) -> None:
+        self.directory = Path(state_dir) / CRYPTO_DIR
+        self._passphrase = passphrase or None
+
+    def prepare(self) -> None:
+        """The directory exists with mode 0700 (nio creates files in it)."""
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.directory, 0o700)
+
+    def pickle_key(self) -> str:
+        """MATRIX_STORE_PASSPHRASE, or a random key kept in pickle.key (0600)."""
+        if self._passphrase:
+            return self._passphrase
+        path = self.directory / PICKLE_KEY_FILE
+        with contextlib.suppress(FileNotFoundError):
+            key = path.read_text(encoding="utf-8").strip()
+            if key:
+                return key
+        from bot.matrix.state import atomic_write
+
+        key = secrets.token_urlsafe(32)
+        atomic_write(path, key + "\n")
+        return key
+
+    def database(self, user_id: str, device_id: str) -> Path:
+        """nio's file name for a device's store (DefaultStore's default)."""
+        return self.directory / f"{user_id}_{device_id}.db"
+
+    def has_device(self, user_id: str, device_id: str | None) -> bool:
+        return bool(device_id) and self.database(user_id, str(device_id)).exists()
+
+    def protect(self) -> None:
+        """Files nio (sqlite) created with the process umask become 0600."""
+        for path in self.directory.iterdir():
+            if path.is_file():
+                with contextlib.suppress(OSError):
+                    os.chmod(path, 0o600)
+
+    def config(self) -> dict[str, Any]:
+        """nio AsyncClientConfig fields for an encrypting client."""
+        from nio.store import DefaultStore
+
+        return {
+            "encryption_enabled": True,
+            "store": DefaultStore,
+            "pickle_key": self.pickle_key(),
+            # The bot saves its sync token itself, after handling a batch.
+            "store_sync_tokens": False,
+        }
+
+
+async def key_maintenance(client: AsyncClient) -> None:
+    """What nio's sync_forever does between syncs, which our own loop must do:
+    upload one-time keys, query changed device lists, claim keys for new Olm
+    sessions, and send queued to-device messages (key shares, key requests)."""
+    if client.olm is None:
+        return
+    if client.should_upload_keys:
+        await client.keys_upload()
+    if client.should_query_keys:
+        response = await client.keys_query()
+        # Trust on first use: every device the homeserver lists gets keys, so a
+        # change of someone's devices is worth a line in the log.
+        for user, devices in (getattr(response, "changed", None) or {}).items():
+            if user != client.user_id:
+                logger.info(
+                    "matrix: device list of %s changed (%s)", user, ", ".join(sorted(devices))
+                )
+    if client.should_claim_keys:
+        users = client.get_users_for_key_claiming()
+        if users:
+            await client.keys_claim(users)
+    await client.send_to_device_messages()

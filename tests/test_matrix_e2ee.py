@@ -1,0 +1,86 @@
+"""DuckLM in end-to-end encrypted Matrix rooms (issue #18): the real bot (matrix-nio with
+vodozemac) against the real Synapse, and people played by matrix-js-sdk with its Rust
+crypto (tests/element/client.mjs with ELEMENT_CRYPTO=1: the crypto Element uses, the
+person's device cross-signed at login as Element does).
+
+What is asserted on the wire is read back from the server (/messages, raw): the bot's
+answers there are m.room.encrypted; what people see is the decrypted event.
+"""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.matrix.crypto import CRYPTO_DIR
+from tests import element_client, test_matrix
+from tests.element_client import ElementUser, OpenElement
+from tests.fakes.openai_server import FakeModelServer
+from tests.test_matrix import PASSWORD, StartBot, bot_notice, content_answers, joined
+
+pytestmark = pytest.mark.timeout(150)
+
+bots = test_matrix.bots
+duck = test_matrix.duck
+people = test_matrix.people
+element_packages = element_client.element_packages
+element = element_client.element
+
+# Rust crypto's first key exchange on a loaded 2-core box takes a few seconds.
+E2EE_WAIT = 60.0
+
+
+@pytest.fixture
+async def alice(element: OpenElement, people: dict[str, str]) -> ElementUser:
+    """The approver, in Element with encryption (own device cross-signed)."""
+    return await element(people["alice"], PASSWORD, crypto=True)
+
+
+async def encrypted_room(owner: ElementUser, duck: str) -> str:
+    """A room as Element creates it by default (encrypted), with the bot and a third
+    member's seat taken by nobody: two members, so every message is for the bot."""
+    room = await owner.create_room([duck], encrypted=True)
+    await owner.wait_for(joined(duck, room), "the bot joining", within=E2EE_WAIT)
+    return room
+
+
+def wire_event(events: list[dict[str, Any]], event_id: str) -> dict[str, Any]:
+    (found,) = [e for e in events if e.get("event_id") == event_id]
+    return found
+
+
+async def test_a_question_in_an_encrypted_room_is_answered_encrypted(
+    bots: StartBot, alice: ElementUser, duck: str, model_server: FakeModelServer, tmp_path: Path
+) -> None:
+    bot = await bots()
+    assert bot.platform.connection.encrypting
+    content_answers(model_server)
+    room = await encrypted_room(alice, duck)
+
+    question = await alice.say(room, "what does the duck say?")
+    answer = await alice.wait_for(
+        bot_notice(duck, question, "answer to: what does the duck say?"),
+        "the decrypted answer",
+        within=E2EE_WAIT,
+    )
+    assert answer["content"]["msgtype"] == "m.notice"
+
+    on_the_wire = await alice.room_events(room)
+    assert wire_event(on_the_wire, question)["type"] == "m.room.encrypted"
+    sent = wire_event(on_the_wire, answer["event_id"])
+    assert sent["type"] == "m.room.encrypted"
+    assert "answer to" not in str(sent["content"])
+    # The thread relation stays in the clear, as Element's does (research/matrix-e2ee.md).
+    assert sent["content"]["m.relates_to"]["event_id"] == question
+    # No "I can't read encrypted messages" notice any more.
+    assert not [e for e in alice.events if "can't read" in str(e.get("content"))]
+
+    # The crypto store is beside the bot's state, private to it.
+    store = bot.runtime.settings.matrix_state_dir / CRYPTO_DIR
+    assert stat.S_IMODE(store.stat().st_mode) == 0o700
+    files = [p for p in store.iterdir() if p.is_file()]
+    assert any(p.suffix == ".db" for p in files)
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files), files
