@@ -161,9 +161,6 @@ class ChatService:
         self._inbound_tries[row.inbox_id] = self._inbound_tries.get(row.inbox_id, 0) + 1
         self._spawn(self._inbound(row))
 
-    def inbound_running(self, inbox_id: str) -> bool:
-        return inbox_id in self._inbound_jobs
-
     async def _closed_row(self, inbox_id: str) -> bool:
         try:
             found = await self.inbox.get(inbox_id)
