@@ -1,6 +1,6 @@
 """`ducklm run` start-up with what is stored, and a catch-up after downtime.
 
-    python -m bench.startup [--runs 3] [--window 40]
+    python -m bench.startup [--runs 5] [--window 40]
 
 1. Start-up: a real `ducklm run` (Slack over HTTP, against the fake Web API and
    an instant model) on a store holding nothing, 10,000 or 100,000 pending
@@ -12,8 +12,8 @@
 2. Catch-up: 10,000 hourly schedules that each missed a run (the bot was down
    for an hour). Over `--window` seconds the bench counts the runs started (from
    the store's last_run_at) and sends signed app_mention deliveries at a steady
-   pace, timing each HTTP 200; the same bot and pace over 10,000 schedules that
-   owe nothing is the baseline.
+   pace, timing each HTTP 200. The baseline is a second `ducklm run` beside it
+   whose 10,000 schedules owe nothing, sent the same deliveries in turn.
 
 Goals (issue #23): 100k pending within 2x the empty start-up and RSS within
 +50 MiB; catch-up runs at most DUCKLM_CATCH_UP_RATE a minute, ack p99 within 2x
@@ -159,9 +159,9 @@ def start_once(store: Path) -> tuple[float, float]:
             if time.monotonic() > deadline or (harness.bot and harness.bot.poll() is not None):
                 raise RuntimeError(f"ducklm run did not get ready:\n{log.read_text()[-2000:]}")
             time.sleep(0.02)
-        ready = time.monotonic() - started
+        seconds = time.monotonic() - started
         assert harness.bot is not None
-        return ready, rss_kib(harness.bot.pid) / 1024
+        return seconds, rss_kib(harness.bot.pid) / 1024
     finally:
         harness.close()
 
@@ -209,51 +209,58 @@ def startup(runs: int) -> bool:
 # -- catch-up ---------------------------------------------------------------
 
 
-async def acks_during(url: str, seconds: float) -> list[float]:
-    """Signed app_mention deliveries at a steady pace for `seconds`; ack times."""
-    latencies: list[float] = []
+async def acks_during(urls: list[str], seconds: float) -> list[list[float]]:
+    """Signed app_mention deliveries at a steady pace for `seconds`, to each of
+    `urls` in turn (so a burst of load on the machine hits all alike); the ack
+    times of each."""
+    latencies: list[list[float]] = [[] for _ in urls]
     timeout = aiohttp.ClientTimeout(total=30)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         end = time.monotonic() + seconds
         i = 0
         while time.monotonic() < end:
-            _, took, status = await post(
-                session, url, mention_body(f"how is web-{i}?"), "application/json"
-            )
-            if status != 200:
-                raise SystemExit(f"a delivery was answered {status}, not 200")
-            latencies.append(took)
+            for which, url in enumerate(urls):
+                body = mention_body(f"how is web-{i}?")
+                _, took, status = await post(session, url, body, "application/json")
+                if status != 200:
+                    raise SystemExit(f"a delivery was answered {status}, not 200")
+                latencies[which].append(took)
             i += 1
             await asyncio.sleep(1 / ACKS_PER_SECOND)
     return latencies
 
 
-def catch_up_run(window: float, *, missed: bool) -> tuple[list[float], list[float]]:
-    """(ack latencies, start times of the schedule runs) over `window` seconds."""
-    with SlackHarness(decide) as harness:
-        with_schedules(harness.db, 10_000, missed=missed)
-        harness.start_bot()
-        log = harness.tmp / "ducklm.log"
-        deadline = time.monotonic() + 300
-        while "ducklm: schedule:" not in log.read_text(errors="replace"):
-            if time.monotonic() > deadline:
-                raise RuntimeError("ducklm run did not get ready")
-            time.sleep(0.02)
+def ready(harness: SlackHarness) -> None:
+    log = harness.tmp / "ducklm.log"
+    deadline = time.monotonic() + 300
+    while "ducklm: schedule:" not in log.read_text(errors="replace"):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"ducklm run did not get ready:\n{log.read_text()[-2000:]}")
+        time.sleep(0.02)
+
+
+def catch_up_run(window: float) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Two bots side by side over `window` seconds, one owing 10,000 catch-up
+    runs, one owing nothing: (acks, run start times) of each."""
+    with SlackHarness(decide) as owing, SlackHarness(decide) as baseline:
+        with_schedules(owing.db, 10_000, missed=True)
+        with_schedules(baseline.db, 10_000, missed=False)
+        owing.start_bot()
+        baseline.start_bot()
+        ready(owing)
+        ready(baseline)
         since = time.time()
-        acks = asyncio.run(acks_during(harness.url("ducklm"), window))
-        runs = [
-            row[0]
-            for row in harness.query(
-                "SELECT last_run_at FROM schedules WHERE last_run_at >= ? ORDER BY last_run_at",
-                (since - 5,),
-            )
-        ]
-        return acks, runs
+        acks, base_acks = asyncio.run(
+            acks_during([owing.url("ducklm"), baseline.url("ducklm")], window)
+        )
+        sql = "SELECT last_run_at FROM schedules WHERE last_run_at >= ? ORDER BY last_run_at"
+        runs = [row[0] for row in owing.query(sql, (since - 5,))]
+        base_runs = [row[0] for row in baseline.query(sql, (since - 5,))]
+        return acks, runs, base_acks, base_runs
 
 
 def catch_up(window: float) -> bool:
-    base_acks, base_runs = catch_up_run(window, missed=False)
-    acks, runs = catch_up_run(window, missed=True)
+    acks, runs, base_acks, base_runs = catch_up_run(window)
     print(f"-- catch-up: 10,000 hourly schedules after an hour down, {window:g} s observed")
     per_minute = max((sum(1 for r in runs if start <= r < start + 60) for start in runs), default=0)
     gaps = [b - a for a, b in itertools.pairwise(runs)]
@@ -286,7 +293,7 @@ def catch_up(window: float) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3, help="starts of each store")
+    parser.add_argument("--runs", type=int, default=5, help="starts of each store")
     parser.add_argument("--window", type=float, default=40.0, help="catch-up seconds observed")
     parser.add_argument("--skip-startup", action="store_true")
     parser.add_argument("--skip-catch-up", action="store_true")
