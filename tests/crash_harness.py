@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sqlite3
 import sys
@@ -227,24 +228,32 @@ class DuckRun:
             )
         assert code == -signal.SIGKILL, f"exit {code}, not SIGKILL:\n{self.stderr()}"
 
+    def _signal(self, sig: int) -> None:
+        """os.kill, not Process.send_signal: that one polls (waitpid) first, which
+        reaps a run that just died by itself (a crash point) behind asyncio's back,
+        and asyncio then reports return code 255 instead of -9."""
+        assert self.process is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.process.pid, sig)
+
     def kill_now(self) -> None:
         """SIGKILL at once, from inside a callback (no waiting)."""
         if self.running:
             assert self.process is not None
-            self.process.send_signal(signal.SIGKILL)
+            self._signal(signal.SIGKILL)
 
     async def kill(self) -> None:
         """SIGKILL from outside, as an operator's worst day would."""
         assert self.process is not None
         if self.process.returncode is None:
-            self.process.send_signal(signal.SIGKILL)
+            self._signal(signal.SIGKILL)
         await asyncio.wait_for(self.process.wait(), 10)
 
     async def stop(self) -> None:
         """A clean stop (SIGTERM): exit 0 and no traceback in any run's log."""
         assert self.process is not None
         if self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
+            self._signal(signal.SIGTERM)
         code = await self.exited(STOP_TIMEOUT)
         assert code == 0, f"ducklm run exited {code} on SIGTERM:\n{self.stderr()}"
         assert "Traceback" not in self.stderr(), self.stderr()
