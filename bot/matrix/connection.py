@@ -58,6 +58,7 @@ from bot.matrix.backlog import (
     now_ms,
     timestamp,
 )
+from bot.matrix.crosssign import CrossSigner, CrossSigningError
 from bot.matrix.crypto import CryptoStore, crypto_status, key_maintenance
 from bot.matrix.retry import backoff, error_text, is_token_error
 from bot.matrix.state import MatrixState, Session
@@ -229,6 +230,24 @@ class MatrixConnection:
         await asyncio.to_thread(self.crypto_store.protect)
         await key_maintenance(client)
         logger.info("matrix: end-to-end encryption on (device %s)", self.device_id)
+        signer = CrossSigner(
+            self.homeserver,
+            self.user_id,
+            self.crypto_store.directory,
+            await asyncio.to_thread(self.crypto_store.pickle_key),
+            self.settings.matrix_password,
+        )
+        try:
+            done = await signer.ensure(client.access_token, self.device_id or "")
+        except (CrossSigningError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            # Not fatal: most clients still talk to an uncross-signed device.
+            logger.error(
+                "matrix: cross-signing the bot's device failed (%s); clients that only "
+                "trust cross-signed devices will not share keys with it",
+                exc,
+            )
+        else:
+            logger.info("matrix: cross-signing: %s", done)
 
     async def next_sync(self, within: float) -> None:
         """Returns after the next sync (and its key traffic), or after `within` s."""
