@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -81,6 +81,7 @@ class ApprovalService:
         events: EventStore,
         *,
         ttl: float | None = None,
+        rule_max_age: float | None = None,
     ) -> None:
         if not (approvals.db is rules.db is events.db):
             # Decisions and their events must commit together.
@@ -90,10 +91,22 @@ class ApprovalService:
         self._events = events
         self._db = approvals.db
         self.ttl = ttl
+        # DUCKLM_RULE_MAX_AGE: the longest any rule lives (None: no ceiling).
+        self.rule_max_age = rule_max_age
 
     @classmethod
-    def from_stores(cls, stores: Stores, ttl: float | None = None) -> ApprovalService:
-        return cls(stores.approvals, stores.rules, stores.events, ttl=ttl)
+    def from_stores(
+        cls, stores: Stores, ttl: float | None = None, rule_max_age: float | None = None
+    ) -> ApprovalService:
+        return cls(
+            stores.approvals, stores.rules, stores.events, ttl=ttl, rule_max_age=rule_max_age
+        )
+
+    def rule_expiry(self, lifetime: float | None) -> float | None:
+        """When a rule made now with `lifetime` seconds (None: unlimited) expires,
+        capped by DUCKLM_RULE_MAX_AGE."""
+        limits = [x for x in (lifetime, self.rule_max_age) if x is not None]
+        return time.time() + min(limits) if limits else None
 
     # -- approvals -----------------------------------------------------------
 
@@ -264,8 +277,16 @@ class ApprovalService:
                 )
                 if rule_spec is not None:
                     kind, pattern = rule_spec
+                    # An "Always" click is scoped to the channel it was clicked in.
                     rule = await self._rules.insert(
-                        approval.tool, kind, pattern, decided_by, approval_id, new_keys
+                        approval.tool,
+                        kind,
+                        pattern,
+                        decided_by,
+                        approval_id,
+                        new_keys,
+                        scope=await self._rules.task_channel(approval.task_id),
+                        expires_at=self.rule_expiry(None),
                     )
                     await self._events.append(approval.task_id, "rule_created", _rule_payload(rule))
         return DecisionOutcome(
@@ -296,16 +317,49 @@ class ApprovalService:
     # -- rules -----------------------------------------------------------------
 
     async def is_allowed_forever(
-        self, action: Mapping[str, Any], workspace: str | None = None
+        self,
+        action: Mapping[str, Any],
+        workspace: str | None = None,
+        *,
+        conversation: str | None = None,
+        record: Callable[[str, dict[str, Any]], object] | None = None,
     ) -> bool:
-        """Whether an active rule covers this normalized action. `workspace` is where a
-        shell command would run: the operands a prefix rule lets it add are resolved there.
+        """Whether a rule usable here covers this normalized action. `workspace` is
+        where a shell command would run: the operands a prefix rule lets it add are
+        resolved there. `conversation` is the asking task's conversation key: rules
+        scoped to its channel count, rules of other channels do not (None: only
+        global rules). Expired rules never count.
+
+        A match is counted on the rules that named the action and, through
+        `record(event_type, payload)` (the loop's buffered event writer: the task's
+        row may not be written yet), logged as `rule_matched` {rule_ids, tool,
+        command}: the export's "rule that allowed it".
 
         Only the rules whose stored match key the action could name are read (an
         index lookup), so a check costs the same with 10 rules or 10,000."""
+        used = await self._allowing(action, workspace, _channel(conversation))
+        if not used:
+            return False
+        await self._rules.used([rule.rule_id for rule in used])
+        if record is not None:
+            args = action.get("args")
+            record(
+                "rule_matched",
+                {
+                    "rule_ids": [rule.rule_id for rule in used],
+                    "tool": action.get("tool"),
+                    "command": args.get("command") if isinstance(args, dict) else None,
+                },
+            )
+        return True
+
+    async def _allowing(
+        self, action: Mapping[str, Any], workspace: str | None, channel: str | None
+    ) -> list[Rule]:
+        """The rules that allow this action here (empty: none does)."""
         tool = action.get("tool")
         if not isinstance(tool, str) or not await self._rules.any_active(tool):
-            return False
+            return []
         await self._fill_rules()
         args = action.get("args")
         from runtime.tools import shell_rules
@@ -313,20 +367,26 @@ class ApprovalService:
         if tool == SHELL_TOOL:
             command = args.get("command") if isinstance(args, dict) else None
             if not isinstance(command, str) or not command.strip():
-                return False
+                return []
             lookup = shell_rules.lookup_command(command)
             if lookup is None:
-                return False
+                return []
             longest = await self._rules.longest_prefix(tool, sorted(lookup.programs()))
-            found = await self._rules.matching(tool, lookup.keys(longest))
+            found = await self._rules.matching(tool, lookup.keys(longest), channel=channel)
             # covered_by itself refuses blocked commands, whatever the rules say.
-            return lookup.covered_by(shell_rules.usable_from_compiled(found), workspace)
+            if not lookup.covered_by(shell_rules.usable_from_compiled(found), workspace):
+                return []
+            return [
+                rule
+                for rule in found
+                if lookup.names(shell_rules.usable_from_compiled([rule]), workspace)
+            ]
         try:
             pattern = exact_args_pattern(args)
         except (TypeError, ValueError):
-            return False
-        found = await self._rules.matching(tool, [shell_rules.exact_key(pattern)])
-        return any(rule.kind == "exact" and rule.pattern == pattern for rule in found)
+            return []
+        found = await self._rules.matching(tool, [shell_rules.exact_key(pattern)], channel=channel)
+        return [rule for rule in found if rule.kind == "exact" and rule.pattern == pattern]
 
     # One filler at a time: checks that arrive meanwhile wait for it, not redo it.
     _fill_lock: asyncio.Lock | None = None
@@ -356,9 +416,15 @@ class ApprovalService:
         *,
         source_approval_id: str | None = None,
         task_id: str | None = None,
+        scope: str | None = None,
+        lifetime: float | None = None,
     ) -> Rule:
         """An admin's rule. Shell patterns are validated and normalized; other tools
-        take an exact rule whose pattern is their args as JSON."""
+        take an exact rule whose pattern is their args as JSON. `scope`: the channel
+        it is limited to (None: global); `lifetime`: seconds until it expires (None:
+        never, but DUCKLM_RULE_MAX_AGE caps both)."""
+        if lifetime is not None and lifetime <= 0:
+            raise ApprovalError("A rule's lifetime must be positive (for=7d, for=12h).")
         tool = tool.strip() if isinstance(tool, str) else tool
         if not tool:
             raise ApprovalError("A rule needs a tool name.")
@@ -383,7 +449,14 @@ class ApprovalService:
         keys = rule_keys(tool, kind, pattern)  # parsed once, here; matching reads it
         async with self._db.transaction():
             rule = await self._rules.insert(
-                tool, kind, pattern, created_by, source_approval_id, keys
+                tool,
+                kind,
+                pattern,
+                created_by,
+                source_approval_id,
+                keys,
+                scope=scope,
+                expires_at=self.rule_expiry(lifetime),
             )
             await self._events.append(task_id, "rule_created", _rule_payload(rule))
         return rule
@@ -420,4 +493,13 @@ def _rule_payload(rule: Rule) -> dict[str, Any]:
         "pattern": rule.pattern,
         "created_by": rule.created_by,
         "source_approval_id": rule.source_approval_id,
+        "scope": rule.scope,
+        "expires_at": rule.expires_at.timestamp() if rule.expires_at else None,
     }
+
+
+def _channel(conversation: str | None) -> str | None:
+    """The channel part of a conversation key ("slack:C1|1700.1" -> "slack:C1")."""
+    from runtime.store.tasks import conversation_group
+
+    return conversation_group(conversation) or conversation

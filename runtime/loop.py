@@ -530,7 +530,11 @@ class RuntimeLoop:
             self.approval_service
             # The workspace: the operands a prefix rule lets a command add resolve there.
             and await self.approval_service.is_allowed_forever(
-                action, task.workspace or self.default_workspace
+                action,
+                task.workspace or self.default_workspace,
+                # Rules scoped to another channel do not count here (issue #21).
+                conversation=task.conversation,
+                record=partial(self._record, task.task_id),
             )
         )
         gateway = self._gateway(task.workspace)

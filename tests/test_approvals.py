@@ -260,6 +260,8 @@ async def test_always_creates_a_rule_that_allows_the_same_action(
         "pattern": rule.pattern,
         "created_by": "slack:U2",
         "source_approval_id": approval.approval_id,
+        "scope": None,  # the task has no conversation: a global rule
+        "expires_at": None,
     }
     # A second "always" click changes nothing and makes no second rule.
     again = await service.decide(approval.approval_id, "always", "slack:U3")

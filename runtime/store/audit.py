@@ -170,7 +170,7 @@ EXPORT_FIELDS = (
     "decision_note",
     "quorum",  # not recorded yet (no quorum approvals exist); always empty
     "edits",  # not recorded yet (approvals cannot be edited); always empty
-    "rule_id",
+    "rule_id",  # the rule(s) that allowed it, space-separated
     "ran",
     "exit_code",
     "duration_ms",
@@ -202,8 +202,12 @@ def _action_records(task: Any, events: Iterable[Any], approvals: dict[str, Any])
             }
         return actions[key]
 
+    matched: list[str] | None = None  # the rules of the last rule_matched
     for row in events:
         payload = load_json(row["payload"], {})
+        if row["event_type"] == "rule_matched" and isinstance(payload, dict):
+            matched = [str(r) for r in payload.get("rule_ids") or []]
+            continue
         if not isinstance(payload, dict) or "index" not in payload:
             continue
         kind = row["event_type"]
@@ -241,7 +245,9 @@ def _action_records(task: Any, events: Iterable[Any], approvals: dict[str, Any])
                 rec["decision"] = "blocked"
             elif payload.get("approved_by") == "rule":
                 rec["decision"] = "rule"
-                rec["rule_id"] = payload.get("rule_id")
+                # The loop records rule_matched just before the command it allowed.
+                rec["rule_id"] = " ".join(matched or []) or None
+                matched = None
             elif rec["decision"] is None and not payload.get("requires_approval"):
                 rec["decision"] = "none"
             # It ran when it produced an exit code (a blocked or denied one has none).

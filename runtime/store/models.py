@@ -105,10 +105,19 @@ class Rule(Record):
     normalized: str | None = None
     program: str | None = None
     parsed: str | None = None
+    # Issue #21: the channel (conversation group, "slack:C1") the rule is used in,
+    # None for everywhere; when it stops matching (None: never); its use.
+    scope: str | None = None
+    expires_at: datetime | None = None
+    last_used_at: datetime | None = None
+    use_count: int = 0
 
     @property
     def active(self) -> bool:
         return self.revoked_at is None
+
+    def expired(self, at: datetime) -> bool:
+        return self.expires_at is not None and self.expires_at <= at
 
 
 class Schedule(Record):

@@ -6,6 +6,12 @@ made (`RuleKeys`): a check asks for the few rows whose match key a command
 could name (`matching`), through a partial index, so its cost does not grow
 with the number of rules. Every check reads the table itself, so a rule added
 or revoked by another process (the CLI beside a running bot) counts at once.
+
+A rule may have a scope (the channel, a conversation group such as
+"slack:C1", it is used in; NULL: everywhere) and an expiry; lookups return
+only the rules usable in the asking channel at that moment, so an expired
+rule stops matching at once. `used` counts each match (what `rules` and
+`rules review` show).
 """
 
 from __future__ import annotations
@@ -20,8 +26,11 @@ from runtime.store.models import Rule
 
 _COLUMNS = (
     "rule_id, tool, kind, pattern, created_by, created_at, source_approval_id, "
-    "revoked_by, revoked_at, normalized, program, parsed"
+    "revoked_by, revoked_at, normalized, program, parsed, scope, expires_at, "
+    "last_used_at, use_count"
 )
+# What a check may use: not expired, and global or of the asking channel.
+_USABLE = "AND (expires_at IS NULL OR expires_at > ?) AND (scope IS NULL OR scope IS ?) "
 RULE_KINDS = frozenset({"exact", "prefix"})
 _ID_ATTEMPTS = 20
 # Match keys per statement (SQLite's limit on bound parameters is far above this).
@@ -52,6 +61,10 @@ def _rule(row: sqlite3.Row) -> Rule:
         normalized=row["normalized"],
         program=row["program"],
         parsed=row["parsed"],
+        scope=row["scope"],
+        expires_at=to_datetime(row["expires_at"]),
+        last_used_at=to_datetime(row["last_used_at"]),
+        use_count=row["use_count"],
     )
 
 
@@ -72,9 +85,12 @@ class RuleStore:
         created_by: str,
         source_approval_id: str | None = None,
         keys: RuleKeys | None = None,
+        *,
+        scope: str | None = None,
+        expires_at: float | None = None,
     ) -> Rule:
-        """A new active rule. Without `keys` its match columns stay NULL until the
-        next check fills them (`unfilled`, `fill`)."""
+        """A new active rule (`scope` None: global; `expires_at` None: never). Without
+        `keys` its match columns stay NULL until the next check fills them."""
         if kind not in RULE_KINDS:
             raise ValueError(f"unknown rule kind {kind!r}; one of {sorted(RULE_KINDS)}")
         filled = (
@@ -87,8 +103,8 @@ class RuleStore:
         for _ in range(_ID_ATTEMPTS):
             row = await self.db.fetchone(
                 "INSERT INTO rules (rule_id, tool, kind, pattern, created_by, created_at, "
-                "source_approval_id, normalized, program, match_key, words, parsed) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "source_approval_id, normalized, program, match_key, words, parsed, scope, "
+                "expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 f"ON CONFLICT (rule_id) DO NOTHING RETURNING {_COLUMNS}",
                 (
                     new_rule_id(),
@@ -99,6 +115,8 @@ class RuleStore:
                     now(),
                     source_approval_id,
                     *filled,
+                    scope,
+                    expires_at,
                 ),
             )
             if row is not None:
@@ -169,20 +187,60 @@ class RuleStore:
                 found[program] = int(row[0])
         return found
 
-    async def matching(self, tool: str, keys: Sequence[str]) -> list[Rule]:
-        """The active rules of `tool` whose match key is one of `keys` (rules_match)."""
+    async def matching(
+        self,
+        tool: str,
+        keys: Sequence[str],
+        *,
+        channel: str | None = None,
+        at: float | None = None,
+    ) -> list[Rule]:
+        """The rules of `tool` usable in `channel` at `at` (default now: active, not
+        expired, global or scoped to that channel) whose match key is one of `keys`
+        (rules_match). `channel` None: only global rules."""
         found: list[Rule] = []
+        moment = now() if at is None else at
         unique = sorted(set(keys))
         for start in range(0, len(unique), KEYS_PER_QUERY):
             chunk = unique[start : start + KEYS_PER_QUERY]
             marks = ", ".join("?" * len(chunk))
             rows = await self.db.fetchall(
                 f"SELECT {_COLUMNS} FROM rules WHERE tool = ? AND revoked_at IS NULL "
-                f"AND match_key IS NOT NULL AND match_key IN ({marks})",
-                (tool, *chunk),
+                f"AND match_key IS NOT NULL AND match_key IN ({marks}) {_USABLE}",
+                (tool, *chunk, moment, channel),
             )
             found.extend(_rule(row) for row in rows)
         return found
+
+    async def used(self, rule_ids: Sequence[str]) -> None:
+        """Count a match of each rule and stamp its last use."""
+        stamp = now()
+        async with self.db.transaction():
+            for rule_id in rule_ids:
+                await self.db.execute(
+                    "UPDATE rules SET last_used_at = ?, use_count = use_count + 1 "
+                    "WHERE rule_id = ?",
+                    (stamp, rule_id),
+                )
+
+    async def idle(self, unused_since: float) -> list[Rule]:
+        """Active rules not used since `unused_since` (never used: made before it)."""
+        rows = await self.db.fetchall(
+            f"SELECT {_COLUMNS} FROM rules WHERE revoked_at IS NULL "
+            "AND COALESCE(last_used_at, created_at) < ? ORDER BY created_at, rowid",
+            (unused_since,),
+        )
+        return [_rule(row) for row in rows]
+
+    async def task_channel(self, task_id: str) -> str | None:
+        """The channel (conversation group) of a task: the default scope of a rule
+        made from one of its approvals."""
+        row = await self.db.fetchone(
+            "SELECT conversation_group, conversation FROM tasks WHERE task_id = ?", (task_id,)
+        )
+        if row is None:
+            return None
+        return row["conversation_group"] or row["conversation"]
 
     async def revoke(self, rule_id: str, revoked_by: str) -> bool:
         """True for the caller who revoked it; False if unknown or already revoked."""

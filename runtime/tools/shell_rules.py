@@ -603,6 +603,16 @@ class CommandLookup:
         rest = classify(" ; ".join(p.text for p in uncovered))
         return not (rest.blocked or rest.requires_approval)
 
+    def names(self, usable: _Rules, workspace: str | os.PathLike[str] | None) -> bool:
+        """Whether these rules name the whole command or one of its parts (which rules
+        took part in allowing it, for counting their use)."""
+        if self.normalized in usable.exact:
+            return True
+        return any(
+            part.words and _part_covered(part, normalized, usable, workspace)
+            for part, normalized in zip(self.parts or (), self.part_normalized, strict=True)
+        )
+
 
 def lookup_command(command: str) -> CommandLookup | None:
     """Parse a command for a check; None when no rule can cover it (empty, too long,
