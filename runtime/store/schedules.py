@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import secrets
 import sqlite3
-from datetime import datetime
 
-from runtime.store.db import Database, StoreError, now, to_datetime, to_timestamp
+from runtime.store.db import Database, StoreError, now, to_datetime
 from runtime.store.models import Schedule
 
 _COLUMNS = (
@@ -81,18 +80,6 @@ class ScheduleStore:
         return bool(
             await self.db.execute(
                 "DELETE FROM schedules WHERE schedule_id = ? RETURNING 1", (schedule_id,)
-            )
-        )
-
-    async def mark_run(self, schedule_id: str, at: datetime) -> bool:
-        """Record a run at `at`; False if a run at or after `at` was already recorded
-        (another process fired it), so each fire time runs once."""
-        ts = to_timestamp(at)
-        return bool(
-            await self.db.execute(
-                "UPDATE schedules SET last_run_at = ? WHERE schedule_id = ? "
-                "AND (last_run_at IS NULL OR last_run_at < ?) RETURNING 1",
-                (ts, schedule_id, ts),
             )
         )
 
