@@ -18,10 +18,20 @@ from typing import Any
 import pytest
 
 from bot.matrix.crypto import CRYPTO_DIR
+from bot.matrix.events import AUDIT_EVENT
 from tests import element_client, test_matrix
+from tests.conftest import ACTION, THINKER, directive, shell
 from tests.element_client import ElementUser, OpenElement
-from tests.fakes.openai_server import FakeModelServer
-from tests.test_matrix import PASSWORD, StartBot, bot_notice, content_answers, joined
+from tests.fakes.openai_server import FakeModelServer, Text
+from tests.test_matrix import (
+    NO_ACTIONS,
+    PASSWORD,
+    StartBot,
+    bot_notice,
+    content_answers,
+    edit_of,
+    joined,
+)
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -136,3 +146,59 @@ def unread(person: ElementUser) -> list[dict[str, Any]]:
     """Events the person's client failed to decrypt and never decrypted after."""
     read = {e.get("event_id") for e in person.events}
     return [u for u in person.undecryptable if u["event_id"] not in read]
+
+
+async def test_cards_in_an_encrypted_room_decide_by_reaction_and_by_reply_across_a_restart(
+    bots: StartBot, alice: ElementUser, duck: str, model_server: FakeModelServer, tmp_path: Path
+) -> None:
+    """The card is encrypted, the ✅ on it is not (Matrix sends reactions in the clear;
+    the relation decides); a restart keeps the device and its sessions, so the old
+    card still works, by an encrypted `approve` in its thread."""
+    first = await bots()
+    device = first.platform.device_id
+    room = await encrypted_room(alice, duck)
+
+    model_server.reply(ACTION, Text(directive(shell("touch one.txt"))), Text(NO_ACTIONS))
+    model_server.reply(THINKER, Text("Created one.txt."))
+    question = await alice.say(room, "please run touch one.txt")
+    card = await alice.wait_for(
+        bot_notice(duck, question, "Approval needed"), "the card", within=E2EE_WAIT
+    )
+    reaction = await alice.react(room, card["event_id"], "✅")
+    await alice.wait_for(edit_of(card["event_id"], "Approved"), "the card's edit")
+    await alice.wait_for(bot_notice(duck, question, "Created one.txt"), "the answer")
+    assert (tmp_path / "workspace" / "one.txt").exists()
+
+    model_server.reply(ACTION, Text(directive(shell("touch two.txt"))), Text(NO_ACTIONS))
+    model_server.reply(THINKER, Text("Created two.txt."))
+    later = await alice.say(room, "please run touch two.txt")
+    card_two = await alice.wait_for(
+        bot_notice(duck, later, "Approval needed"), "the second card", within=E2EE_WAIT
+    )
+    await first.stop()
+
+    second = await bots()
+    assert second.platform.device_id == device  # the same device, its store reloaded
+    assert second.platform.connection.encrypting
+    reply = await alice.say(room, "approve", thread=later)
+    await alice.wait_for(edit_of(card_two["event_id"], "Approved"), "the old card's edit")
+    await alice.wait_for(bot_notice(duck, later, "Created two.txt"), "the answer after it")
+    assert (tmp_path / "workspace" / "two.txt").exists()
+
+    wire = await alice.room_events(room)
+    assert wire_event(wire, card["event_id"])["type"] == "m.room.encrypted"
+    assert wire_event(wire, card_two["event_id"])["type"] == "m.room.encrypted"
+    assert wire_event(wire, reaction)["type"] == "m.reaction"
+    assert wire_event(wire, reply)["type"] == "m.room.encrypted"
+    edits = [e for e in wire if e.get("sender") == duck and e["type"] == "m.room.message"]
+    assert not [e for e in edits if "Approved" in str(e)]  # the edits were encrypted too
+
+    audit = {
+        e.payload["event_id"]: e.payload
+        for e in await second.runtime.stores.events.list_by_type(AUDIT_EVENT)
+    }
+    assert audit[question]["encrypted"] is True
+    assert audit[question]["device_id"] == alice.device_id
+    assert audit[reaction]["encrypted"] is False  # the ✅: in the clear, decided by relation
+    assert audit[reply]["encrypted"] is True
+    assert audit[reply]["device_id"] == alice.device_id

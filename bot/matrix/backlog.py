@@ -31,6 +31,7 @@ import aiohttp
 from nio import AsyncClient, RoomMessagesResponse
 from nio.api import MessageDirection
 
+from bot.matrix.crypto import event_source
 from bot.matrix.retry import error_text
 
 logger = logging.getLogger("ducklm.matrix")
@@ -147,7 +148,7 @@ def _take(
 ) -> str | None:
     """Append one page (newest first); the reason to stop, or None to go on."""
     for event in chunk:
-        source = getattr(event, "source", None) or {}
+        source = event_source(event)  # decrypted (nio did) and marked so
         if source.get("event_id") in stop_ids:
             return "the last event handled"
         if is_own_membership(source, user_id, "invite"):

@@ -59,7 +59,7 @@ from bot.matrix.backlog import (
     timestamp,
 )
 from bot.matrix.crosssign import CrossSigner, CrossSigningError
-from bot.matrix.crypto import CryptoStore, crypto_status, key_maintenance
+from bot.matrix.crypto import CryptoStore, crypto_status, event_source, key_maintenance
 from bot.matrix.retry import backoff, error_text, is_token_error
 from bot.matrix.state import MatrixState, Session
 
@@ -561,7 +561,7 @@ class MatrixConnection:
         for room_id in response.rooms.leave:
             self.last_handled.pop(room_id, None)
         for room_id, info in response.rooms.join.items():
-            events = [getattr(event, "source", None) or {} for event in info.timeline.events]
+            events = [event_source(event) for event in info.timeline.events]
             if batch.history_only:
                 self._mark(room_id, events)
                 continue

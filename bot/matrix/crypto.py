@@ -139,3 +139,33 @@ async def key_maintenance(client: AsyncClient) -> None:
         if users:
             await client.keys_claim(users)
     await client.send_to_device_messages()
+
+
+# Added to the source of an event nio decrypted, for the audit (never sent anywhere).
+DECRYPTED = "ducklm.decrypted"
+
+
+def event_source(event: Any) -> dict[str, Any]:
+    """The event as the handlers read it; a decrypted one is marked with who
+    encrypted it (the sender's Curve25519 key, so the device can be named)."""
+    source: dict[str, Any] = getattr(event, "source", None) or {}
+    if getattr(event, "decrypted", False):
+        source = {
+            **source,
+            DECRYPTED: {
+                "sender_key": getattr(event, "sender_key", None),
+                "session_id": getattr(event, "session_id", None),
+                "verified": bool(getattr(event, "verified", False)),
+            },
+        }
+    return source
+
+
+def sender_device(client: AsyncClient, user_id: str, sender_key: str | None) -> str | None:
+    """The device of `user_id` whose identity key is `sender_key`, if known."""
+    if client.olm is None or not sender_key:
+        return None
+    for device in client.device_store.active_user_devices(user_id):
+        if device.curve25519 == sender_key:
+            return str(device.id)
+    return None

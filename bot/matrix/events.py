@@ -41,6 +41,7 @@ from bot import commands as c
 from bot.backend import ChatBackend, Thread
 from bot.inbox import Accepted, Inbound
 from bot.matrix.connection import MatrixConnection, NotRecorded
+from bot.matrix.crypto import DECRYPTED, event_source, sender_device
 from bot.matrix.parsing import (
     PLATFORM,
     command_text,
@@ -65,6 +66,8 @@ REFUSAL_INTERVAL = 3600.0  # a stranger's `!duck` is refused aloud at most this 
 # How long a message whose room key is missing is tried again as keys arrive
 # (senders' clients share keys within seconds; a key request takes a round trip).
 UNDECRYPTABLE_WAIT = 60.0
+# The audit record of an event the bot acted on in an encrypted room.
+AUDIT_EVENT = "matrix_event_encryption"
 
 ENCRYPTED_NOTICE = (
     "I can't read end-to-end encrypted messages, so I did not see what was said here. "
@@ -179,6 +182,37 @@ class MatrixEvents:
             raise NotRecorded(event_id) from exc
         if outcome is Accepted.DUPLICATE:
             logger.debug("matrix: %s was handled before", event_id)
+            return
+        await self._audit_encryption(room, source, thread)
+
+    async def _audit_encryption(
+        self, room: MatrixRoom, source: dict[str, Any], thread: Thread | None
+    ) -> None:
+        """In an encrypted room, the audit log says whether the event the bot acted
+        on was encrypted, and by which of the sender's devices (reactions never
+        are: Matrix sends them in the clear; the relation is what decides)."""
+        if not room.encrypted:
+            return
+        info = source.get(DECRYPTED)
+        sender = str(source.get("sender") or "")
+        client = self.connection.client
+        device = None
+        if isinstance(info, dict) and client is not None:
+            device = sender_device(client, sender, info.get("sender_key"))
+        payload = {
+            "event_id": source.get("event_id"),
+            "event_type": source.get("type"),
+            "room_id": room.room_id,
+            "conversation": thread.key if thread is not None else None,
+            "user": f"{PLATFORM}:{sender}",
+            "encrypted": isinstance(info, dict),
+            "device_id": device,
+            "sender_key": info.get("sender_key") if isinstance(info, dict) else None,
+        }
+        try:
+            await self.service.runtime.stores.events.append(None, AUDIT_EVENT, payload)
+        except Exception:
+            logger.exception("matrix: recording the encryption of %s failed", payload["event_id"])
 
     def _may_command(self, room: MatrixRoom, user: str) -> bool:
         """`!duck` keeps its own path (not the inbox), so who may ask is checked here."""
@@ -239,7 +273,7 @@ class MatrixEvents:
         response = await client.room_get_event(room.room_id, original_id)
         if not isinstance(response, RoomGetEventResponse):
             return
-        original = response.event.source
+        original = self._readable(response.event, room.room_id)
         content = original.get("content") or {}
         if original.get("sender") != sender or content.get("msgtype") != "m.text":
             return
@@ -294,6 +328,7 @@ class MatrixEvents:
         root: str | None = None
         response = await self.connection.require_client().room_get_event(room_id, event_id)
         if isinstance(response, RoomGetEventResponse):
+            # The relation of an encrypted event is in the clear on its wrapper.
             relates = (response.event.source.get("content") or {}).get("m.relates_to") or {}
             if relates.get("rel_type") == "m.thread" and relates.get("event_id"):
                 root = str(relates["event_id"])
@@ -311,12 +346,15 @@ class MatrixEvents:
         sources: list[dict[str, Any]] = []
         first = await client.room_get_event(room_id, root)
         if isinstance(first, RoomGetEventResponse):
-            sources.append(first.event.source)
+            sources.append(self._readable(first.event, room_id))
+        room = client.rooms.get(room_id)
+        # In an encrypted room the replies are m.room.encrypted (decrypted here).
+        kind = "m.room.encrypted" if room is not None and room.encrypted else "m.room.message"
         # /relations pages newest first, so the budget keeps the newest replies.
         async for event in client.room_get_event_relations(
-            room_id, root, RelationshipType.thread, "m.room.message", limit=MAX_HISTORY_EVENTS
+            room_id, root, RelationshipType.thread, kind, limit=MAX_HISTORY_EVENTS
         ):
-            sources.append(event.source)
+            sources.append(self._readable(event, room_id))
             if len(sources) > MAX_HISTORY_EVENTS:
                 break
         sources.sort(key=lambda s: int(s.get("origin_server_ts") or 0))
@@ -338,6 +376,18 @@ class MatrixEvents:
             else:
                 history.append({"role": "user", "content": self._without_mention(body)})
         return history
+
+    def _readable(self, event: Any, room_id: str) -> dict[str, Any]:
+        """A fetched event's source, decrypted when it is encrypted and the bot has
+        its room key (else as it is: an m.room.encrypted the readers skip)."""
+        client = self.connection.client
+        if isinstance(event, MegolmEvent) and client is not None and client.olm is not None:
+            event.room_id = event.room_id or room_id
+            try:
+                return event_source(client.decrypt_event(event))
+            except EncryptionError:
+                pass
+        return dict(getattr(event, "source", None) or {})
 
     def _mentions_me(self, content: dict[str, Any]) -> bool:
         me = self.connection.user_id
@@ -382,6 +432,7 @@ class MatrixEvents:
         if not await self._claim(str(source.get("event_id") or "")):
             return
         user = f"{PLATFORM}:{source.get('sender')}"
+        await self._audit_encryption(room, source, await self._thread_of_task(approval.task_id))
         refusal = await self.service.handle_decision(approval.approval_id, user, decision)
         if refusal:
             thread = await self._thread_of_task(approval.task_id) or Thread(
@@ -445,7 +496,7 @@ class MatrixEvents:
                 except EncryptionError:
                     continue
                 logger.info("matrix: decrypted %s after its key arrived", event_id)
-                await self.on_room_event(room, decrypted.source, late=late)
+                await self.on_room_event(room, event_source(decrypted), late=late)
                 return
             logger.warning("matrix: no room key for %s from %s", event_id, source.get("sender"))
             # Once per message, and not more than once per room per interval: a
