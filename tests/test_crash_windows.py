@@ -21,6 +21,7 @@ import pytest_asyncio
 from bot.slack.blocks import ACTION_APPROVE, ACTION_DENY
 from tests.conftest import ACTION
 from tests.crash_harness import (
+    ANSWER_PREFIX,
     APPROVERS,
     CHANNEL,
     Card,
@@ -30,6 +31,7 @@ from tests.crash_harness import (
     answers,
     approvals_of,
     assert_restart_changes_nothing,
+    buttons,
     card_buttons_now,
     cards,
     click,
@@ -387,3 +389,91 @@ async def test_message_waiting_for_a_slot_is_answered_after_a_kill(
         await assert_restart_changes_nothing(bot, slack)
     finally:
         await bot.close()
+
+
+async def test_card_posted_but_not_recorded_is_adopted_not_posted_again(
+    bot: DuckRun, slack: FakeSlack
+) -> None:
+    """Killed while the card's chat.postMessage is in flight: Slack shows the card,
+    the store never learnt its ts. Recovery must find it (not post a second card),
+    and its buttons must work."""
+
+    def is_card(params: dict[str, Any]) -> bool:
+        return bool(buttons(params.get("blocks")))
+
+    slack.hold("chat.postMessage", is_card)
+    await bot.start()
+    asked = mention(slack, "please run approve-5")
+    assert await bot.post_event(asked.envelope) == 200, bot.stderr()
+    await wait_for(
+        slack,
+        lambda: [c for c in slack.calls_to("chat.postMessage") if is_card(c.params)],
+        "the card's post to be on its way",
+        within=40,
+    )
+    await bot.kill()
+    slack.release("chat.postMessage")  # Slack carries out the post the bot never saw answered
+    [card] = await wait_for(slack, lambda: cards(slack, asked.ts), "the card in Slack")
+    task_id = only_task(bot, asked.conversation)
+    [approval] = approvals_of(bot.db, task_id)
+    assert approval["card_state"] == "unposted" and approval["card_ref"] is None, approval
+
+    await bot.start()
+    await bot.recovered()
+    await wait_for(
+        slack,
+        lambda: approvals_of(bot.db, task_id)[0]["card_state"] == "posted",
+        "the card to be recorded as posted",
+    )
+    assert approvals_of(bot.db, task_id)[0]["card_ref"] == f"{CHANNEL}:{card.ts}"
+    assert await bot.post_interaction(click(slack, card)) == 200
+    await wait_for(slack, lambda: answers(slack, asked.ts), "the answer after approval", 40)
+    await bot.stop()
+
+    assert cards(slack, asked.ts) == [card], "the card was posted twice"
+    assert card_buttons_now(slack, card) == []
+    assert bot.effects() == ["approve-5"]
+    assert answers(slack, asked.ts) == ["Answer: approve-5."]
+    assert_consistent(bot.db)
+    await assert_restart_changes_nothing(bot, slack)
+
+
+async def test_answer_posted_but_not_recorded_is_not_posted_twice(
+    bot: DuckRun, slack: FakeSlack
+) -> None:
+    """Killed while the answer's chat.postMessage is in flight: Slack shows the
+    answer, the store does not know it went out. Recovery must not say it twice."""
+
+    def is_answer(params: dict[str, Any]) -> bool:
+        return str(params.get("text", "")).startswith(ANSWER_PREFIX)
+
+    slack.hold("chat.postMessage", is_answer)
+    await bot.start()
+    asked = mention(slack, "is web-4 healthy?")
+    assert await bot.post_event(asked.envelope) == 200, bot.stderr()
+    await wait_for(
+        slack,
+        lambda: [c for c in slack.calls_to("chat.postMessage") if is_answer(c.params)],
+        "the answer's post to be on its way",
+        within=40,
+    )
+    await bot.kill()
+    slack.release("chat.postMessage")
+    await wait_for(slack, lambda: answers(slack, asked.ts), "the answer in Slack")
+
+    await bot.start()
+    await bot.recovered()
+    await wait_for(
+        slack,
+        lambda: rows(
+            bot.db,
+            "SELECT 1 FROM tasks WHERE conversation = ? AND answered_at IS NOT NULL",
+            (asked.conversation,),
+        ),
+        "the answer to be recorded as given",
+    )
+    await bot.stop()
+
+    assert answers(slack, asked.ts) == ["Answer: ok."], said(slack, asked.ts)
+    assert_consistent(bot.db)
+    await assert_restart_changes_nothing(bot, slack)

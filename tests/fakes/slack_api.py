@@ -116,7 +116,8 @@ class FakeSlack:
         self._ts = itertools.count(1)
         self._ts_base = ts_base
         self._trouble: dict[str, _Trouble] = {}
-        self._held: dict[str, asyncio.Event] = {}  # method -> gate (see hold())
+        # method -> (gate, which calls it holds); see hold()
+        self._held: dict[str, tuple[asyncio.Event, Callable[[dict[str, Any]], bool] | None]] = {}
         self._sockets: list[web.WebSocketResponse] = []
         self._socket_connected = asyncio.Event()
         self._changed = asyncio.Event()
@@ -145,16 +146,16 @@ class FakeSlack:
         """Answer the next `times` calls of `method` with `{"ok": false, "error": error}`."""
         self._trouble[method] = _Trouble(times, error=error)
 
-    def hold(self, method: str) -> None:
-        """Keep every call of `method` waiting, recorded but unanswered, until
-        `release(method)`: freezes the bot at a known point (the crash tests kill
-        it there)."""
-        self._held.setdefault(method, asyncio.Event())
+    def hold(self, method: str, matching: Callable[[dict[str, Any]], bool] | None = None) -> None:
+        """Keep the calls of `method` (those whose params match, if given) waiting,
+        recorded but unanswered, until `release(method)`: freezes the bot at a known
+        point (the crash tests kill it there)."""
+        self._held.setdefault(method, (asyncio.Event(), matching))
 
     def release(self, method: str) -> None:
-        gate = self._held.pop(method, None)
-        if gate is not None:
-            gate.set()
+        held = self._held.pop(method, None)
+        if held is not None:
+            held[0].set()
 
     def next_ts(self) -> str:
         # Increasing, unique, and shaped like Slack's "1700000000.000100".
@@ -313,9 +314,9 @@ class FakeSlack:
         call = Call(method, params, token)
         self.calls.append(call)
         self._changed.set()
-        gate = self._held.get(method)
-        if gate is not None:
-            await gate.wait()
+        held = self._held.get(method)
+        if held is not None and (held[1] is None or held[1](params)):
+            await held[0].wait()
 
         trouble = self._trouble.get(method)
         if trouble and trouble.times > 0:
