@@ -36,6 +36,7 @@ from bot.service import ChatService
 from runtime.store.approvals import ApprovalStore, DueApproval
 from runtime.store.models import Event, Schedule
 from runtime.store.retention import delete_finished_tasks
+from runtime.store.schedules import PLAN, RESUMED
 
 __all__ = ["Scheduler", "cron_trigger", "schedule_trigger"]
 
@@ -291,13 +292,14 @@ class Scheduler:
         schedules = self.stores.schedules
         # 1. Plan the new ones (and those a restart or a hand edit sent back):
         #    the first fire after their last run, which may be long past.
-        planning = await schedules.due(0, 0, BATCH)
-        for n, (schedule, _) in enumerate(planning, 1):
+        planning = await schedules.due(RESUMED, PLAN, BATCH)
+        for n, (schedule, mark) in enumerate(planning, 1):
             if n % YIELD_EVERY == 0:
                 await asyncio.sleep(0)
             since = schedule.last_run_at or schedule.created_at
+            after = None if mark == RESUMED else since.timestamp()  # None: from now
             await schedules.claim_fire(
-                schedule.schedule_id, 0, self._next_fire(schedule, since.timestamp()), ran_at=None
+                schedule.schedule_id, mark, self._next_fire(schedule, after), ran_at=None
             )
         if len(planning) == BATCH:
             return time.time()
@@ -373,6 +375,6 @@ class Scheduler:
 
 
 def _when(ts: float) -> str:
-    if ts == 0:
+    if ts <= PLAN:
         return "now (to be planned)"
     return datetime.fromtimestamp(ts, UTC).isoformat()

@@ -320,3 +320,33 @@ async def test_missed_runs_are_caught_up_one_at_a_time_at_the_rate(
         if scheduler is not None:
             await scheduler.stop()
         await stop_bot(bot)
+
+
+async def test_a_schedule_resumed_by_another_process_owes_no_catch_up(
+    tmp_path: Path, model: FakeModelServer, slack: FakeSlack
+) -> None:
+    bot = await start_bot(tmp_path, model, slack)
+    scheduler: Scheduler | None = None
+    try:
+        # it last ran two hours ago, then was paused
+        add_schedules(db_of(bot), 1, cron=HOURLY, last_run_at=time.time() - 7200)
+        schedules = bot.runtime.stores.schedules
+        assert await schedules.set_paused("s-b00000", True)
+        scheduler = await start_scheduler(bot, trigger_factory=real_cron, poll=0.2)
+        await asyncio.sleep(0.5)  # the timer looks 5 times a second: nothing is due
+        # resumed through the store alone, as `ducklm console` beside the bot does
+        assert await schedules.set_paused("s-b00000", False)
+        hour = float((int(time.time()) // 3600 + 1) * 3600)
+        await wait_until(
+            lambda: _next_fire_is(bot, hour), within=10, what="the resumed schedule planned"
+        )
+        await asyncio.sleep(0.5)
+        assert roots(slack) == []  # no catch-up for what it skipped while paused
+    finally:
+        if scheduler is not None:
+            await scheduler.stop()
+        await stop_bot(bot)
+
+
+async def _next_fire_is(bot: Bot, expected: float) -> bool:
+    return await scalar(bot, "SELECT next_fire_at FROM schedules") == expected

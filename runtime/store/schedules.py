@@ -12,6 +12,10 @@ _COLUMNS = (
     "schedule_id, cron, timezone, prompt, conversation, created_by, created_at, paused, last_run_at"
 )
 _ID_ATTEMPTS = 20
+# next_fire_at values that are not times: 0, "plan from the last run" (a new
+# schedule, the column default, a hand-edited last_run_at); RESUMED, "plan from now".
+PLAN = 0.0
+RESUMED = -1.0
 
 
 def _schedule(row: sqlite3.Row) -> Schedule:
@@ -68,11 +72,15 @@ class ScheduleStore:
         return [_schedule(row) for row in rows]
 
     async def set_paused(self, schedule_id: str, paused: bool) -> bool:
-        """True when the schedule existed and was not already in that state."""
+        """True when the schedule existed and was not already in that state. A
+        resumed schedule is planned afresh from the time it resumes
+        (RESUMED), whichever process runs its timer: the runs it skipped while
+        paused are not owed."""
         return bool(
             await self.db.execute(
-                "UPDATE schedules SET paused = ? WHERE schedule_id = ? AND paused != ? RETURNING 1",
-                (int(paused), schedule_id, int(paused)),
+                "UPDATE schedules SET paused = ?, next_fire_at = CASE WHEN ? THEN next_fire_at "
+                "ELSE ? END WHERE schedule_id = ? AND paused != ? RETURNING 1",
+                (int(paused), int(paused), RESUMED, schedule_id, int(paused)),
             )
         )
 
@@ -85,9 +93,9 @@ class ScheduleStore:
 
     # -- timers (issue #23): next fire times from the schedules_due index -----
 
-    async def earliest_fire(self, after: float = -1.0) -> float | None:
+    async def earliest_fire(self, after: float = RESUMED - 1) -> float | None:
         """The earliest `next_fire_at` of an active schedule later than `after`
-        (0: one waits to be planned); None when none is. One index probe."""
+        (0 or RESUMED: one waits to be planned); None when none is. One index probe."""
         row = await self.db.fetchone(
             "SELECT next_fire_at FROM schedules WHERE paused = 0 AND next_fire_at IS NOT NULL "
             "AND next_fire_at > ? ORDER BY next_fire_at LIMIT 1",
