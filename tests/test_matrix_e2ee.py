@@ -10,6 +10,7 @@ answers there are m.room.encrypted; what people see is the decrypted event.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import stat
 import time
 from pathlib import Path
@@ -17,20 +18,24 @@ from typing import Any
 
 import pytest
 
+from bot.matrix import events as events_module
 from bot.matrix.crypto import CRYPTO_DIR
 from bot.matrix.events import AUDIT_EVENT
 from tests import element_client, test_matrix
 from tests.conftest import ACTION, THINKER, directive, shell
 from tests.element_client import ElementUser, OpenElement
 from tests.fakes.openai_server import FakeModelServer, Text
+from tests.fakes.synapse import MatrixUser, SynapseServer
 from tests.test_matrix import (
     NO_ACTIONS,
     PASSWORD,
     StartBot,
+    body,
     bot_notice,
     content_answers,
     edit_of,
     joined,
+    poll,
 )
 
 pytestmark = pytest.mark.timeout(150)
@@ -202,3 +207,76 @@ async def test_cards_in_an_encrypted_room_decide_by_reaction_and_by_reply_across
     assert audit[reaction]["encrypted"] is False  # the ✅: in the clear, decided by relation
     assert audit[reply]["encrypted"] is True
     assert audit[reply]["device_id"] == alice.device_id
+
+
+async def test_a_room_that_turns_encryption_on_after_the_bot_joined(
+    bots: StartBot, alice: ElementUser, duck: str, model_server: FakeModelServer
+) -> None:
+    await bots()
+    content_answers(model_server)
+    room = await alice.create_room([duck])  # not encrypted at first
+    await alice.wait_for(joined(duck, room), "the bot joining", within=E2EE_WAIT)
+    clear = await alice.say(room, "in the clear?")
+    await alice.wait_for(bot_notice(duck, clear, "answer to: in the clear?"), "the clear answer")
+
+    await alice.enable_encryption(room)
+    # Element encrypts once its sync has shown the room's new encryption state.
+    await alice.wait_for({"room_id": room, "type": "m.room.encryption"}, "the encryption state")
+    secret = await alice.say(room, "and now?")
+    answer = await alice.wait_for(
+        bot_notice(duck, secret, "answer to: and now?"), "the encrypted answer", within=E2EE_WAIT
+    )
+    wire = await alice.room_events(room)
+    assert wire_event(wire, secret)["type"] == "m.room.encrypted"
+    assert wire_event(wire, answer["event_id"])["type"] == "m.room.encrypted"
+    # Nothing said "I can't read encrypted messages" when encryption came on.
+    assert not [e for e in alice.events if "can't read" in str(e.get("content"))]
+
+
+async def test_a_message_the_bot_cannot_decrypt_gets_one_notice_in_its_thread(
+    bots: StartBot,
+    alice: ElementUser,
+    duck: str,
+    synapse: SynapseServer,
+    people: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A message whose room key never reaches the bot (here: a made-up Megolm session,
+    sent raw by a plain client) is tried again as keys come in, then answered once."""
+    monkeypatch.setattr(events_module, "UNDECRYPTABLE_WAIT", 3.0)  # the wait, not the logic
+    bot = await bots()
+    room = await encrypted_room(alice, duck)
+    bob = await MatrixUser(synapse, people["bob"], PASSWORD).login()
+    try:
+        await alice.invite(room, bob.user_id)
+        await bob.join(room)
+        await alice.wait_for(joined(bob.user_id, room), "bob joining")
+        lost = await bob.send_event(room, "m.room.encrypted", made_up_megolm())
+        notice = await alice.wait_for(
+            bot_notice(duck, lost, "could not decrypt"), "the notice", within=E2EE_WAIT
+        )
+        assert "did not get its key" in body(notice)
+        assert bot.platform.device_id in body(notice)  # names the device to allow or verify
+        await bob.send_event(room, "m.room.encrypted", made_up_megolm())
+        # Both retries over: no message waits for its key any more.
+        await poll(lambda: not bot.platform.events._undecryptable, "the retries to end")
+    finally:
+        await bob.close()
+    notices = [
+        e
+        for e in await alice.room_events(room)
+        if e.get("sender") == duck and e.get("type") in ("m.room.encrypted", "m.room.message")
+    ]
+    # Once per room per interval, not once per message (nor a room of notices).
+    assert len(notices) == 1, notices
+
+
+def made_up_megolm() -> dict[str, Any]:
+    """An m.room.encrypted content of a Megolm session nobody shared."""
+    return {
+        "algorithm": "m.megolm.v1.aes-sha2",
+        "ciphertext": "AwgAEnACgAkLmt6qF84IK++J7UDH2Za1YVchHyprqTqsg",
+        "sender_key": "IlRMeOPX2e0MurIyfWEucYBRVOEEUMrOHqn/8mLqMjA",
+        "session_id": secrets.token_urlsafe(32),
+        "device_id": "NOSUCHDEVICE",
+    }
