@@ -76,6 +76,12 @@ def _parser() -> argparse.ArgumentParser:
     revoke = rules_sub.add_parser("revoke", help="revoke a rule")
     revoke.add_argument("rule_id")
 
+    matrix = sub.add_parser("matrix", help="Matrix maintenance")
+    matrix_sub = matrix.add_subparsers(dest="matrix_command", required=True, metavar="ACTION")
+    matrix_sub.add_parser(
+        "reset-crypto",
+        help="start encryption over: new device, new keys (stop the bot first)",
+    )
     audit = sub.add_parser("audit", help="verify or export the audit log")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
     check = audit_sub.add_parser("verify", help="recompute the hash chains (all, or one task's)")
@@ -256,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve_platforms(settings)
     if args.command == "console":
         return _run(_with_runtime(settings, _console, mcp=True))
+    if args.command == "matrix":
+        return _run(_matrix_reset_crypto(settings))
 
     from bot import commands as c
 
@@ -292,6 +300,17 @@ def main(argv: list[str] | None = None) -> int:
         raise AssertionError(args.command)
 
     return _run(_with_stores(settings, body))
+
+
+async def _matrix_reset_crypto(settings: Settings) -> int:
+    from bot.matrix.reset import reset_crypto
+
+    if not settings.matrix_configured:
+        print("Set MATRIX_HOMESERVER and MATRIX_USER_ID first.", file=sys.stderr)
+        return EXIT_USAGE
+    for line in await reset_crypto(settings):
+        print(line)
+    return 0
 
 
 def _run(job: Coroutine[Any, Any, int]) -> int:

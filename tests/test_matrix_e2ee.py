@@ -21,6 +21,7 @@ import pytest
 from bot.matrix import events as events_module
 from bot.matrix.crypto import CRYPTO_DIR
 from bot.matrix.events import AUDIT_EVENT
+from bot.matrix.reset import reset_crypto
 from tests import element_client, test_matrix
 from tests.conftest import ACTION, THINKER, directive, shell
 from tests.element_client import ElementUser, OpenElement
@@ -280,3 +281,31 @@ def made_up_megolm() -> dict[str, Any]:
         "session_id": secrets.token_urlsafe(32),
         "device_id": "NOSUCHDEVICE",
     }
+
+
+async def test_reset_crypto_starts_over_with_a_new_cross_signed_device(
+    bots: StartBot, alice: ElementUser, duck: str, model_server: FakeModelServer
+) -> None:
+    first = await bots()
+    old_device = first.platform.device_id
+    settings = first.runtime.settings
+    await first.stop()
+
+    said = await reset_crypto(settings)
+    assert any("deleted the crypto store" in line for line in said), said
+    assert any(f"deleted device {old_device}" in line for line in said), said
+    assert not (settings.matrix_state_dir / CRYPTO_DIR).exists()
+
+    second = await bots()
+    new_device = second.platform.device_id
+    assert new_device and new_device != old_device
+    content_answers(model_server)
+    room = await encrypted_room(alice, duck)
+    status = await device_status_of(alice, duck, new_device)
+    assert status["signed_by_owner"] is True, status  # the replaced keys sign the new one
+    question = await alice.say(room, "who are you now?")
+    await alice.wait_for(
+        bot_notice(duck, question, "answer to: who are you now?"), "the answer", within=E2EE_WAIT
+    )
+    gone = await alice.device_status(duck, str(old_device))
+    assert gone["known"] is False  # the old device is no longer listed
