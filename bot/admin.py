@@ -12,8 +12,10 @@ from datetime import UTC, datetime
 
 from bot import commands as c
 from bot.policy import Actor
+from runtime import rule_review
 from runtime.approvals import ApprovalError, ApprovalService
 from runtime.store import EventStore, ScheduleStore, TaskStore
+from runtime.store.audit import verify
 from runtime.store.models import Approval, Event, Rule, Schedule, Task
 
 MAX_LISTED = 20
@@ -30,12 +32,42 @@ def clip(text: str | None, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def describe_rule(rule: Rule) -> str:
-    state = "" if rule.active else f" (revoked by {rule.revoked_by}, {when(rule.revoked_at)})"
-    return (
-        f"`{rule.rule_id}` {rule.kind} `{rule.pattern}` — by {rule.created_by}, "
-        f"{when(rule.created_at)}{state}"
+def describe_rule(rule: Rule, at: datetime | None = None) -> str:
+    """One line: what it allows, where, until when, its use, and who made it from what."""
+    moment = at or datetime.now(UTC)
+    if not rule.active:
+        state = f" (revoked by {rule.revoked_by}, {when(rule.revoked_at)})"
+    elif rule.expired(moment):
+        state = f" (EXPIRED {when(rule.expires_at)})"
+    elif rule.expires_at is not None:
+        state = f", expires {when(rule.expires_at)}"
+    else:
+        state = ""
+    where = f"in {rule.scope}" if rule.scope else "global"
+    used = (
+        f"used {rule.use_count}×, last {when(rule.last_used_at)}"
+        if rule.use_count
+        else "never used"
     )
+    source = f" from approval `{rule.source_approval_id}`" if rule.source_approval_id else ""
+    return (
+        f"`{rule.rule_id}` {rule.kind} `{rule.pattern}` — {where}{state}; {used}; "
+        f"by {rule.created_by}{source}, {when(rule.created_at)}"
+    )
+
+
+def describe_preview(preview: rule_review.Preview, shown: Callable[[str], str] = str) -> str:
+    """What a rule would have allowed, from the audit log's recent commands."""
+    head = f"A {preview.kind} rule `{shown(preview.pattern)}`"
+    if not preview.allowed:
+        lines = [f"{head} would have allowed none of the last {preview.scanned} commands."]
+    else:
+        lines = [f"{head} would have allowed {len(preview.allowed)} past command(s):"]
+        lines += [f"  ✓ `{clip(shown(cmd), 120)}` ×{n}" for cmd, n in preview.allowed]
+    if preview.near:
+        lines.append("It would not allow (same program):")
+        lines += [f"  ✗ `{clip(shown(cmd), 120)}`" for cmd in preview.near]
+    return "\n".join(lines)
 
 
 def describe_approval(approval: Approval, shown: Callable[[str], str] = str) -> str:
@@ -111,6 +143,28 @@ def describe_event(event: Event) -> str:
     return f"{event.seq:>3} {event.created_at.strftime('%H:%M:%S')} {kind} {detail}".rstrip()
 
 
+def describe_review(
+    review: rule_review.Review, idle_days: float, shown: Callable[[str], str] = str
+) -> str:
+    """`rules review`: what deserves a second look (empty: says so)."""
+    if review.empty:
+        return "Rules review: nothing to look at."
+    lines = ["Rules review:"]
+    if review.idle:
+        lines.append(f"Not used for {idle_days:g} days (revoke them?):")
+        lines += [f"  {describe_rule(rule)}" for rule in review.idle[:MAX_LISTED]]
+        if len(review.idle) > MAX_LISTED:
+            lines.append(f"  … and {len(review.idle) - MAX_LISTED} more")
+    for rule_id, notes in review.trouble.items():
+        rule = review.rules.get(rule_id)
+        what = f"{rule.kind} `{shown(rule.pattern)}`" if rule else ""
+        lines.append(f"`{rule_id}` {what}:")
+        lines += [f"  {shown(note)}" for note in notes[:5]]
+        if len(notes) > 5:
+            lines.append(f"  … and {len(notes) - 5} more")
+    return "\n".join(lines)
+
+
 ScheduleListener = Callable[[str], Awaitable[None]]
 
 
@@ -125,7 +179,13 @@ class CommandRunner:
         timezone: str = "UTC",
         shown: Callable[[str], str] = str,
         rules_listed: int | None = MAX_LISTED,
+        rule_idle_days: float = 30.0,
+        workspace: str | None = None,
     ) -> None:
+        # DUCKLM_RULE_IDLE_DAYS for `rules review`; where commands run (a prefix
+        # rule's preview resolves the operands it lets a command add there).
+        self.rule_idle_days = rule_idle_days
+        self.workspace = workspace
         # How many rules `rules` lists (None: all, for a terminal).
         self.rules_listed = rules_listed
         # How a command may be shown where the answer goes (chat redacts secrets).
@@ -157,12 +217,16 @@ class CommandRunner:
                 return c.USAGE
             case c.RulesList(include_revoked=include_revoked):
                 return await self._rules(include_revoked)
-            case c.RulesAdd(kind=kind, pattern=pattern, tool=tool):
+            case c.RulesAdd():
+                return await self._rules_add(command, actor, conversation_prefix)
+            case c.RulesPreview(kind=kind, pattern=pattern):
                 try:
-                    rule = await self.approvals.add_rule(tool, kind, pattern, actor.id)
+                    preview = await self.approvals.preview_rule(kind, pattern, self.workspace)
                 except ApprovalError as exc:
-                    return f"Rule not added: {exc}"
-                return f"Added rule {describe_rule(rule)}"
+                    return f"No preview: {exc}"
+                return describe_preview(preview, self.shown)
+            case c.RulesReview():
+                return await self._rules_review()
             case c.RulesRevoke(rule_id=rule_id):
                 if await self.approvals.revoke_rule(rule_id, actor.id):
                     return f"Revoked rule `{rule_id}`."
@@ -193,6 +257,49 @@ class CommandRunner:
         left = len(rules) - len(shown)
         more = f"\n… and {left} more" if left > 0 else ""
         return "Rules:\n" + "\n".join(describe_rule(r) for r in shown) + more
+
+    async def _rules_add(
+        self, command: c.RulesAdd, actor: Actor, conversation_prefix: str | None
+    ) -> str:
+        # In chat a rule is limited to the channel it is added in unless `global`;
+        # the CLI (no channel) makes global rules.
+        channel = conversation_prefix.rstrip("|") if conversation_prefix else None
+        scope = None if command.scope_global else channel
+        preview = None
+        if command.tool == "shell_exec_safe":
+            try:
+                preview = await self.approvals.preview_rule(
+                    command.kind, command.pattern, self.workspace
+                )
+            except ApprovalError as exc:
+                return f"Rule not added: {exc}"
+            if (
+                conversation_prefix is not None
+                and not command.confirmed
+                and preview.broader_than(command.pattern)
+            ):
+                return (
+                    describe_preview(preview, self.shown)
+                    + "\nThat is more than the command you named. Not added yet: send the "
+                    "same `rules add …` again with `confirm` at the end to add it."
+                )
+        try:
+            rule = await self.approvals.add_rule(
+                command.tool,
+                command.kind,
+                command.pattern,
+                actor.id,
+                scope=scope,
+                lifetime=command.lifetime,
+            )
+        except ApprovalError as exc:
+            return f"Rule not added: {exc}"
+        shown = f"\n{describe_preview(preview, self.shown)}" if preview is not None else ""
+        return f"Added rule {describe_rule(rule)}{shown}"
+
+    async def _rules_review(self) -> str:
+        found = await self.approvals.review_rules(self.rule_idle_days, self.workspace)
+        return describe_review(found, self.rule_idle_days, self.shown)
 
     async def _approvals(self) -> str:
         pending = await self.approvals.pending(MAX_LISTED)
@@ -276,4 +383,12 @@ class CommandRunner:
         header = describe_task(task)
         if task.error:
             header += f"\nerror: {clip(task.error, 300)}"
-        return header + "\n" + "\n".join(describe_event(e) for e in events)
+        chain = await verify(self.events.db, task_id)
+        if chain.ok:
+            trail = f"audit chain verifies ({chain.events} events, head {(chain.head or '')[:16]})"
+        else:
+            trail = "audit chain DOES NOT VERIFY: " + "; ".join(
+                f.describe() for f in chain.failures
+            )
+        body = "\n".join(describe_event(e) for e in events)
+        return f"{header}\n{body}\n{trail}"

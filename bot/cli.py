@@ -73,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
         nargs=argparse.REMAINDER,
         help="the command (exact) or its first words (prefix); quote it or give it last",
     )
+    add.add_argument("--for", dest="lifetime", help="expire after this long (7d, 12h)")
+    add.add_argument("--channel", help="limit it to one channel (slack:C123); default: global")
+    preview = rules_sub.add_parser("preview", help="past commands a rule would have allowed")
+    preview.add_argument("kind", choices=["exact", "prefix"])
+    preview.add_argument("pattern", nargs=argparse.REMAINDER)
+    rules_sub.add_parser("review", help="idle rules, rules that allowed a failure or a denial")
     revoke = rules_sub.add_parser("revoke", help="revoke a rule")
     revoke.add_argument("rule_id")
 
@@ -200,12 +206,37 @@ async def _admin(stores: Stores, settings: Settings, command: c.Command, **kwarg
     from bot.admin import CommandRunner
     from runtime.approvals import ApprovalService
 
-    approvals = ApprovalService.from_stores(stores, ttl=settings.approval_ttl)
+    approvals = ApprovalService.from_stores(
+        stores, ttl=settings.approval_ttl, rule_max_age=settings.rule_max_age
+    )
     runner = CommandRunner(
-        stores.tasks, stores.events, approvals, stores.schedules, timezone=settings.timezone
+        stores.tasks,
+        stores.events,
+        approvals,
+        stores.schedules,
+        timezone=settings.timezone,
+        rule_idle_days=settings.rule_idle_days,
+        workspace=str(settings.workspace),
     )
     print(await runner.execute(command, _operator(), **kwargs))  # type: ignore[arg-type]
     return 0
+
+
+async def _rules_add(
+    stores: Stores, settings: Settings, args: argparse.Namespace, pattern: str
+) -> int:
+    from bot import commands as c
+    from runtime.settings import parse_duration
+
+    try:
+        lifetime = None if args.lifetime is None else parse_duration(args.lifetime)
+    except ValueError as exc:
+        print(f"ducklm rules add --for: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    # The operator at a terminal has seen the preview options; no confirmation step.
+    command = c.RulesAdd(args.kind, pattern, lifetime=lifetime, confirmed=True)
+    prefix = f"{args.channel}|" if args.channel else None
+    return await _admin(stores, settings, command, conversation_prefix=prefix)
 
 
 async def _events(stores: Stores, task_id: str, as_json: bool) -> int:
@@ -292,7 +323,15 @@ def main(argv: list[str] | None = None) -> int:
                     if not pattern:
                         print("Usage: ducklm rules add exact|prefix COMMAND", file=sys.stderr)
                         return EXIT_USAGE
-                    return await _admin(stores, settings, c.RulesAdd(args.kind, pattern))
+                    return await _rules_add(stores, settings, args, pattern)
+                if args.rules_command == "preview":
+                    pattern = " ".join(args.pattern).strip()
+                    if not pattern:
+                        print("Usage: ducklm rules preview exact|prefix COMMAND", file=sys.stderr)
+                        return EXIT_USAGE
+                    return await _admin(stores, settings, c.RulesPreview(args.kind, pattern))
+                if args.rules_command == "review":
+                    return await _admin(stores, settings, c.RulesReview())
                 if args.rules_command == "revoke":
                     return await _admin(stores, settings, c.RulesRevoke(args.rule_id))
                 include = bool(getattr(args, "all", False))

@@ -20,6 +20,11 @@ DuckLM commands:
   rules                         list the "always allow" rules
   rules add exact <command>     allow exactly this command (admins)
   rules add prefix <command>    allow commands starting with these words (admins)
+                                options at the end: for=7d (expires), global
+                                (every channel; default: this one), confirm
+  rules preview exact|prefix <command>
+                                the past commands such a rule would have allowed
+  rules review                  idle rules, rules that allowed a failure or a denial
   rules revoke <rule-id>        revoke a rule (admins)
   approvals                     pending approvals
   tasks                         recent tasks in this channel
@@ -55,6 +60,20 @@ class RulesAdd:
     kind: Literal["exact", "prefix"]
     pattern: str
     tool: str = "shell_exec_safe"
+    lifetime: float | None = None  # seconds until it expires (`for=7d`); None: never
+    scope_global: bool = False  # `global`: every channel (default: the one it is added in)
+    confirmed: bool = False  # `confirm`: add it even when it covers more than the command
+
+
+@dataclass(frozen=True)
+class RulesPreview:
+    kind: Literal["exact", "prefix"]
+    pattern: str
+
+
+@dataclass(frozen=True)
+class RulesReview:
+    pass
 
 
 @dataclass(frozen=True)
@@ -101,6 +120,8 @@ Command = (
     | RulesList
     | RulesAdd
     | RulesRevoke
+    | RulesPreview
+    | RulesReview
     | Approvals
     | Tasks
     | TaskShow
@@ -159,15 +180,29 @@ def _parse_rules(rest: str) -> Command:
         return RulesList(include_revoked=bool(args))
     if sub == "add":
         kind, _, pattern = args.partition(" ")
+        pattern, options = _rule_options(pattern.strip())
+        kind, pattern = kind.lower(), _unquote(pattern)
+        if kind not in ("exact", "prefix") or not pattern:
+            raise _usage("rules add exact|prefix <command> [for=7d] [global] [confirm]")
+        return RulesAdd(kind, pattern, **options)  # type: ignore[arg-type]
+    if sub == "preview":
+        kind, _, pattern = args.partition(" ")
         kind, pattern = kind.lower(), _unquote(pattern.strip())
         if kind not in ("exact", "prefix") or not pattern:
-            raise _usage("rules add exact|prefix <command>")
-        return RulesAdd(kind, pattern)  # type: ignore[arg-type]
+            raise _usage("rules preview exact|prefix <command>")
+        return RulesPreview(kind, pattern)  # type: ignore[arg-type]
+    if sub == "review":
+        if args:
+            raise _usage("rules review")
+        return RulesReview()
     if sub in ("revoke", "remove", "rm"):
         if not args or " " in args:
             raise _usage("rules revoke <rule-id>")
         return RulesRevoke(args)
-    raise _usage("rules [list | add exact|prefix <command> | revoke <rule-id>]")
+    raise _usage(
+        "rules [list | add exact|prefix <command> [for=7d] [global] [confirm] | "
+        "preview exact|prefix <command> | review | revoke <rule-id>]"
+    )
 
 
 _SCHEDULE_USAGE = (
@@ -211,6 +246,30 @@ def _take_cron(args: str) -> tuple[str, str]:
     if len(words) < 6:
         raise _usage(_SCHEDULE_USAGE)
     return " ".join(words[:5]), args.split(None, 5)[5].strip()
+
+
+def _rule_options(text: str) -> tuple[str, dict[str, object]]:
+    """Split the trailing options `for=<duration>`, `global` and `confirm` off a
+    rule's command (quote the command to end it with one of these words)."""
+    from runtime.settings import parse_duration
+
+    words = text.split(" ")
+    options: dict[str, object] = {}
+    while len(words) > 1:
+        last = words[-1].strip()
+        if last.lower().startswith("for="):
+            try:
+                options["lifetime"] = parse_duration(last[4:])
+            except ValueError as exc:
+                raise CommandError(f"{exc}. Example: rules add prefix git pull for=7d") from None
+        elif last.lower() == "global":
+            options["scope_global"] = True
+        elif last.lower() == "confirm":
+            options["confirmed"] = True
+        elif last:
+            break
+        words.pop()
+    return " ".join(words).strip(), options
 
 
 def _unquote(pattern: str) -> str:

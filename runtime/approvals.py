@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from runtime import rule_review
 from runtime.store.models import Approval, Rule
 
 if TYPE_CHECKING:
@@ -460,6 +461,23 @@ class ApprovalService:
             )
             await self._events.append(task_id, "rule_created", _rule_payload(rule))
         return rule
+
+    async def preview_rule(
+        self, kind: str, pattern: str, workspace: str | None = None
+    ) -> rule_review.Preview:
+        """The past shell commands a rule would have allowed, and its near misses."""
+        try:
+            return await rule_review.preview(self._events, kind, pattern, workspace)
+        except ValueError as exc:
+            raise ApprovalError(f"Invalid rule: {exc}") from exc
+
+    async def review_rules(
+        self, idle_days: float, workspace: str | None = None
+    ) -> rule_review.Review:
+        """Rules idle for `idle_days`, and rules that allowed a failure or cover a denial."""
+        return await rule_review.review(
+            self._rules, self._events, self._approvals, idle_days, workspace
+        )
 
     async def list_rules(self, include_revoked: bool = False) -> list[Rule]:
         return await self._rules.list(include_revoked)

@@ -65,7 +65,9 @@ async def build_runtime(settings: Settings, *, mcp: bool = True) -> Runtime:
     try:
         if mcp and settings.mcp_config is not None:
             toolbox = await _start_mcp(settings)
-        approvals = ApprovalService.from_stores(stores, ttl=settings.approval_ttl)
+        approvals = ApprovalService.from_stores(
+            stores, ttl=settings.approval_ttl, rule_max_age=settings.rule_max_age
+        )
         model = ModelClient.from_settings(settings) if settings.model_configured else None
         # Every credential field of Settings, matched literally in all output.
         redactor = Redactor.from_settings(settings)

@@ -58,6 +58,25 @@ def parse_rate(text: str) -> tuple[int, float] | None:
     return tokens, seconds
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)")
+_PERIODS_LONG = _PERIODS | {"w": 604800.0, "week": 604800.0}
+
+
+def parse_duration(text: str) -> float:
+    """`7d` -> 604800.0 seconds. Units s, m, h, d, w (also spelt out, plural too);
+    a bare number is seconds. Raises ValueError with the accepted forms."""
+    value = text.strip().lower()
+    match = _DURATION.fullmatch(value)
+    unit = match.group(2) if match else ""
+    unit = unit[:-1] if len(unit) > 2 and unit.endswith("s") else unit
+    if not match or (unit and unit not in _PERIODS_LONG):
+        raise ValueError(f"not a duration: {text!r} (use 30m, 12h, 7d or 2w)")
+    seconds = float(match.group(1)) * _PERIODS_LONG[unit or "s"]
+    if seconds <= 0:
+        raise ValueError(f"not a duration: {text!r} (it must be above 0)")
+    return seconds
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True
@@ -137,6 +156,14 @@ class Settings(BaseSettings):
     )
     four_eyes_risk: str = Field(default="high", validation_alias="DUCKLM_FOUR_EYES_RISK")
     approval_ttl: float = Field(default=86400.0, gt=0, validation_alias="DUCKLM_APPROVAL_TTL")
+    # Issue #21: the longest any "always" rule lives (`90d`; unset/off: no
+    # ceiling), how long unused makes a rule "idle" in `rules review`, and the
+    # channel the daily housekeeping posts that review to (unset: not posted).
+    rule_max_age: float | None = Field(default=None, validation_alias="DUCKLM_RULE_MAX_AGE")
+    rule_idle_days: float = Field(default=30.0, gt=0, validation_alias="DUCKLM_RULE_IDLE_DAYS")
+    rule_review_channel: str | None = Field(
+        default=None, validation_alias="DUCKLM_RULE_REVIEW_CHANNEL"
+    )
 
     approval_remind: float = Field(default=900.0, gt=0, validation_alias="DUCKLM_APPROVAL_REMIND")
     # Runs of schedules missed while the bot was down are caught up one at a
@@ -305,6 +332,20 @@ class Settings(BaseSettings):
     @field_validator("mcp_config", mode="before")
     @classmethod
     def _no_mcp(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("rule_max_age", mode="before")
+    @classmethod
+    def _rule_max_age(cls, value: object) -> object:
+        if isinstance(value, str):
+            if value.strip().lower() in ("", "off", "none", "0", "forever"):
+                return None
+            return parse_duration(value)
+        return value
+
+    @field_validator("rule_review_channel", mode="before")
+    @classmethod
+    def _no_review_channel(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("retention_days", mode="before")

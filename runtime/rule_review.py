@@ -1,0 +1,156 @@
+"""What a rule covers, before and after it exists (issue #21).
+
+`preview` answers "what would this rule have allowed?" from the audit log: the
+distinct shell commands of recent `command_audit` events that the rule covers,
+and the near misses (commands of the same program it does not cover), so an
+admin sees what a prefix really allows before adding it.
+
+`review` lists the rules worth a second look: the ones not used for
+DUCKLM_RULE_IDLE_DAYS, and the ones that allowed a command that then failed,
+or that cover a command a person denied.
+
+Both read a bounded window of the newest events (SCAN_EVENTS), never the
+whole log, so they answer in the same time on a store of any age.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from runtime.store.models import Rule
+
+if TYPE_CHECKING:
+    from runtime.store import ApprovalStore, EventStore, RuleStore
+
+SHELL_TOOL = "shell_exec_safe"
+SCAN_EVENTS = 5000
+# Near misses shown at most (the allowed list is never cut: that is the point).
+MAX_NEAR = 20
+
+
+@dataclass
+class Preview:
+    kind: str
+    pattern: str  # as the rule would store it (validated, normalized)
+    allowed: list[tuple[str, int]] = field(default_factory=list)  # command, times seen
+    near: list[str] = field(default_factory=list)
+    scanned: int = 0  # command_audit events read
+
+    def broader_than(self, command: str) -> bool:
+        """Whether it would have allowed anything but `command` itself."""
+        from runtime.tools.shell_rules import normalize_command
+
+        own = normalize_command(command)
+        return any(normalize_command(seen) != own for seen, _ in self.allowed)
+
+
+@dataclass
+class Review:
+    idle: list[Rule] = field(default_factory=list)
+    # rule id -> what happened ("allowed `x`, which failed (exit 1)", "covers `y`, denied by z")
+    trouble: dict[str, list[str]] = field(default_factory=dict)
+    rules: dict[str, Rule] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return not self.idle and not self.trouble
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    kind: str
+    pattern: str
+
+
+def _program(command: str) -> str | None:
+    from runtime.tools.shell_rules import lookup_command, program_name
+
+    lookup = lookup_command(command)
+    if lookup is None or not lookup.parts:
+        return None
+    first = lookup.parts[0]
+    return program_name(first.values[0]) if first.words else None
+
+
+async def preview(
+    events: EventStore, kind: str, pattern: str, workspace: str | None = None
+) -> Preview:
+    """The past commands a shell rule `kind pattern` would have allowed (raises
+    ValueError when the rule itself is not valid)."""
+    from runtime.tools.shell_rules import rule_covers, validate_rule
+
+    normalized = validate_rule(kind, pattern)
+    candidate = [_Candidate(kind, normalized)]
+    programs = {_program(normalized)} - {None}
+    seen: Counter[str] = Counter()
+    scanned = 0
+    for event in await events.list_by_type("command_audit", SCAN_EVENTS):
+        scanned += 1
+        command = event.payload.get("command")
+        if isinstance(command, str) and command.strip():
+            seen[command] += 1
+    result = Preview(kind, normalized, scanned=scanned)
+    for command, count in sorted(seen.items(), key=lambda item: (-item[1], item[0])):
+        if rule_covers(command, candidate, workspace):
+            result.allowed.append((command, count))
+        elif len(result.near) < MAX_NEAR and _program(command) in programs:
+            result.near.append(command)
+    return result
+
+
+async def review(
+    rules: RuleStore,
+    events: EventStore,
+    approvals: ApprovalStore,
+    idle_days: float,
+    workspace: str | None = None,
+) -> Review:
+    from runtime.tools.shell_rules import rule_covers
+
+    result = Review()
+    result.idle = await rules.idle(time.time() - idle_days * 86400)
+    active = {rule.rule_id: rule for rule in await rules.list()}
+    result.rules = active
+
+    # Allowed, then failed: a rule_matched followed in its task by the
+    # command_audit of the command it allowed.
+    tasks = []
+    for event in await events.list_by_type("rule_matched", SCAN_EVENTS):
+        if event.task_id is not None and event.task_id not in tasks:
+            tasks.append(event.task_id)
+    for task_id in tasks[:500]:
+        matched: list[str] = []
+        for event in await events.list_events(task_id):
+            if event.event_type == "rule_matched":
+                matched = [str(r) for r in event.payload.get("rule_ids") or []]
+            elif event.event_type == "command_audit" and event.payload.get("approved_by") == "rule":
+                if not event.payload.get("ok"):
+                    rc = event.payload.get("returncode")
+                    note = (
+                        f"allowed `{event.payload.get('command')}` (task `{task_id}`), "
+                        f"which failed" + (f" (exit {rc})" if rc is not None else "")
+                    )
+                    for rule_id in matched:
+                        if rule_id in active:
+                            result.trouble.setdefault(rule_id, []).append(note)
+                matched = []
+
+    # Covers what a person denied.
+    shell_rules = [rule for rule in active.values() if rule.tool == SHELL_TOOL]
+    if shell_rules:
+        for event in await events.list_by_type("approval_decided", SCAN_EVENTS):
+            if event.payload.get("decision") != "deny":
+                continue
+            approval = await approvals.get(str(event.payload.get("approval_id")))
+            if approval is None or approval.tool != SHELL_TOOL or not approval.command:
+                continue
+            for rule in shell_rules:
+                if rule_covers(approval.command, [rule], workspace):
+                    result.trouble.setdefault(rule.rule_id, []).append(
+                        f"covers `{approval.command}`, denied by {approval.decided_by} "
+                        f"(task `{approval.task_id}`)"
+                    )
+    return result
