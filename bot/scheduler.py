@@ -193,8 +193,8 @@ class Scheduler:
             (approval,) = await self.approvals_store.due(due, limit=1)
             at = approval.due_at
             if at == 0:  # not planned yet: name what its plan will be
-                at = self._approval_step(approval, 0)[1] or 0
-            kind = (self._approval_step(approval, at)[0] if at else None) or "check"
+                at = self._safe_step(approval, 0)[1] or 0
+            kind = (self._safe_step(approval, at)[0] if at else None) or "check"
             lines.append(f"{kind}:{approval.approval_id}: next {_when(at)} (earliest approval)")
         fire = await self.stores.schedules.earliest_fire()
         if fire is not None:
@@ -231,6 +231,13 @@ class Scheduler:
             return "expire", None
         return ("remind" if approval.reminded_at is None else None), expires
 
+    def _safe_step(self, approval: DueApproval, due: float) -> tuple[str | None, float | None]:
+        try:
+            return self._approval_step(approval, due)
+        except TypeError:  # a hand-edited time that is no number
+            logger.error("approval %s has unusable times; it gets no timer", approval)
+            return None, None  # out of the queue, rather than at its head forever
+
     async def _approvals_round(self) -> float | None:
         now = time.time()
         batch = await self.approvals_store.due(now, BATCH)
@@ -238,7 +245,7 @@ class Scheduler:
             if n % YIELD_EVERY == 0:
                 await asyncio.sleep(0)
             due = approval.due_at
-            step, next_due = self._approval_step(approval, due)
+            step, next_due = self._safe_step(approval, due)
             await self._slots.acquire()  # bounded: the claim waits for a free slot
             try:
                 claimed = await self.approvals_store.claim_due(approval.approval_id, due, next_due)
@@ -279,13 +286,13 @@ class Scheduler:
     def _next_fire(self, schedule: Schedule, after: float | None = None) -> float | None:
         """The schedule's first fire time after `after` (default: now); None if it
         never fires again or its cron or time zone is invalid (logged)."""
+        start = datetime.fromtimestamp(time.time() if after is None else after, UTC) + _AFTER
         try:
-            trigger = self.trigger_factory(schedule)
-        except ValueError as exc:
+            when = self.trigger_factory(schedule).get_next_fire_time(None, start)
+        except (ValueError, ArithmeticError) as exc:
+            # Planned as "never" rather than left at the head of the queue.
             logger.error("schedule %s is invalid and will not run: %s", schedule.schedule_id, exc)
             return None
-        start = datetime.fromtimestamp(time.time() if after is None else after, UTC) + _AFTER
-        when = trigger.get_next_fire_time(None, start)
         return None if when is None else when.timestamp()
 
     async def _schedules_round(self) -> float | None:

@@ -350,3 +350,47 @@ async def test_a_schedule_resumed_by_another_process_owes_no_catch_up(
 
 async def _next_fire_is(bot: Bot, expected: float) -> bool:
     return await scalar(bot, "SELECT next_fire_at FROM schedules") == expected
+
+
+async def test_a_row_with_bad_times_does_not_hold_up_the_others(
+    tmp_path: Path, model: FakeModelServer, slack: FakeSlack
+) -> None:
+    bot = await start_bot(tmp_path, model, slack)
+    scheduler: Scheduler | None = None
+    try:
+        soon = time.time() + 0.5
+        add_waiting_approvals(db_of(bot), 2, expires_at=lambda i: soon, due_at=lambda i: 0.0)
+        add_schedules(db_of(bot), 2, cron=HOURLY, last_run_at=None)
+        # hand edits: an expiry that is no number, a cron that is no cron
+        bad_approval = await scalar(bot, "SELECT approval_id FROM approvals ORDER BY rowid")
+        await bot.runtime.stores.db.execute(
+            "UPDATE approvals SET expires_at = 'tomorrow' WHERE approval_id = ? RETURNING 1",
+            (bad_approval,),
+        )
+        await bot.runtime.stores.db.execute(
+            "UPDATE schedules SET cron = '61 * * * *' WHERE schedule_id = 's-b00000' RETURNING 1"
+        )
+        scheduler = await start_scheduler(bot, trigger_factory=real_cron)
+        await wait_until(lambda: _pending_is(bot, 1), within=20, what="the good approval expired")
+        # left as it was (undecided), only its timer is off
+        row = await bot.runtime.stores.db.fetchone(
+            "SELECT decision, due_at, expires_at FROM approvals WHERE approval_id = ?",
+            (bad_approval,),
+        )
+        assert row is not None and tuple(row) == (None, None, "tomorrow")
+        await wait_until(lambda: _unplanned(bot, 0), within=20, what="both schedules planned")
+        assert (
+            await scalar(bot, "SELECT next_fire_at FROM schedules WHERE schedule_id = 's-b00000'")
+            is None
+        )
+        assert await scalar(
+            bot, "SELECT next_fire_at FROM schedules WHERE schedule_id = 's-b00001'"
+        ) == float((int(time.time()) // 3600 + 1) * 3600)
+    finally:
+        if scheduler is not None:
+            await scheduler.stop()
+        await stop_bot(bot)
+
+
+async def _pending_is(bot: Bot, expected: int) -> bool:
+    return await bot.runtime.approvals.count_pending() == expected
