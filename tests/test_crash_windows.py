@@ -477,3 +477,58 @@ async def test_answer_posted_but_not_recorded_is_not_posted_twice(
     assert answers(slack, asked.ts) == ["Answer: ok."], said(slack, asked.ts)
     assert_consistent(bot.db)
     await assert_restart_changes_nothing(bot, slack)
+
+
+async def test_a_slack_outage_leaves_no_card_or_answer_stale(
+    tmp_path: Path, slack: FakeSlack, model_server: FakeModelServer
+) -> None:
+    """No kill: Slack refuses every post, then every update, for a while. What the
+    bot owed is carried out by the periodic recovery once Slack is back: the card
+    posted, the card resolved, the answer posted, each once."""
+    ModelScript(model_server)
+    bot = DuckRun(tmp_path, slack, model_server, DUCKLM_RECOVERY_INTERVAL="1")
+    try:
+        await bot.start()
+        slack.fail("chat.postMessage", "service_unavailable", times=10_000)
+        asked = mention(slack, "please run approve-6")
+        assert await bot.post_event(asked.envelope) == 200, bot.stderr()
+        await wait_for(
+            slack,
+            lambda: (
+                status_of(bot.db, asked.conversation) == "waiting_for_approval"
+                and [
+                    c for c in slack.calls_to("chat.postMessage") if buttons(c.params.get("blocks"))
+                ]
+            ),
+            "the card's post to fail",
+            within=40,
+        )
+        assert cards(slack, asked.ts) == []
+        slack.fail("chat.postMessage", "service_unavailable", times=0)  # Slack is back
+        [card] = await wait_for(slack, lambda: cards(slack, asked.ts), "the card, repaired")
+
+        slack.fail("chat.update", "service_unavailable", times=10_000)
+        slack.fail("chat.postMessage", "service_unavailable", times=10_000)
+        assert await bot.post_interaction(click(slack, card)) == 200
+        await wait_for(
+            slack,
+            lambda: (
+                status_of(bot.db, asked.conversation) == "completed"
+                and slack.calls_to("chat.update")
+            ),
+            "the task to finish while Slack is down",
+            within=40,
+        )
+        assert card_buttons_now(slack, card) != [] and answers(slack, asked.ts) == []
+        slack.fail("chat.update", "service_unavailable", times=0)
+        slack.fail("chat.postMessage", "service_unavailable", times=0)
+        await wait_for(slack, lambda: not card_buttons_now(slack, card), "the card, resolved")
+        await wait_for(slack, lambda: answers(slack, asked.ts), "the answer, posted")
+        await bot.stop(quiet=False)  # the refused calls are logged, with their tracebacks
+
+        assert answers(slack, asked.ts) == ["Answer: approve-6."]
+        assert cards(slack, asked.ts) == [card]
+        assert bot.effects() == ["approve-6"]
+        assert_consistent(bot.db)
+    finally:
+        await bot.close()
