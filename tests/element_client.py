@@ -163,9 +163,11 @@ class ElementUser:
         *,
         crypto: bool = False,
         only_signed: bool = False,
+        cross_sign: bool = True,
     ) -> ElementUser:
         """`crypto`: Element's end-to-end encryption (Rust crypto, own device
-        cross-signed); `only_signed`: also Element's "exclude insecure devices"."""
+        cross-signed unless not `cross_sign`); `only_signed`: also Element's
+        "exclude insecure devices"."""
         env = {
             **os.environ,
             "ELEMENT_HOMESERVER": homeserver,
@@ -173,6 +175,7 @@ class ElementUser:
             "ELEMENT_PASSWORD": password,
             "ELEMENT_CRYPTO": "1" if crypto or only_signed else "0",
             "ELEMENT_ISOLATION": "only_signed" if only_signed else "all",
+            "ELEMENT_CROSS_SIGN": "1" if cross_sign else "0",
         }
         process = await asyncio.create_subprocess_exec(
             node,
@@ -448,6 +451,7 @@ async def element(element_packages: str, synapse: SynapseServer) -> AsyncIterato
         homeserver: str | None = None,
         crypto: bool = False,
         only_signed: bool = False,
+        cross_sign: bool = True,
     ) -> ElementUser:
         user = await ElementUser.start(
             element_packages,
@@ -456,6 +460,7 @@ async def element(element_packages: str, synapse: SynapseServer) -> AsyncIterato
             password,
             crypto=crypto,
             only_signed=only_signed,
+            cross_sign=cross_sign,
         )
         started.append(user)
         return user

@@ -309,3 +309,35 @@ async def test_reset_crypto_starts_over_with_a_new_cross_signed_device(
     )
     gone = await alice.device_status(duck, str(old_device))
     assert gone["known"] is False  # the old device is no longer listed
+
+
+async def test_trust_cross_signed_shares_keys_only_with_cross_signed_devices(
+    bots: StartBot,
+    alice: ElementUser,
+    element: OpenElement,
+    people: dict[str, str],
+    duck: str,
+    model_server: FakeModelServer,
+) -> None:
+    """DUCKLM_MATRIX_TRUST=cross-signed: alice's cross-signed device reads the answer;
+    bob's device, which he never cross-signed, gets no room key for it."""
+    await bots(matrix_trust="cross-signed")
+    bob = await element(people["bob"], PASSWORD, crypto=True, cross_sign=False)
+    content_answers(model_server)
+    room = await alice.create_room([duck, bob.user_id], encrypted=True)
+    await bob.wait_for({"room_id": room, "type": "m.room.member", "state_key": bob.user_id})
+    await bob.join(room)
+    await alice.wait_for(joined(duck, room), "the bot joining", within=E2EE_WAIT)
+    await alice.wait_for(joined(bob.user_id, room), "bob joining")
+
+    question = await alice.say(room, "for signed eyes only?", mention=duck)
+    answer = await alice.wait_for(
+        bot_notice(duck, question, "answer to: for signed eyes only?"),
+        "the answer, for alice",
+        within=E2EE_WAIT,
+    )
+    await poll(
+        lambda: answer["event_id"] in {u["event_id"] for u in bob.undecryptable},
+        "bob failing to decrypt the answer",
+    )
+    assert answer["event_id"] not in {e.get("event_id") for e in bob.events}

@@ -62,6 +62,7 @@ from bot.matrix.crosssign import CrossSigner, CrossSigningError
 from bot.matrix.crypto import CryptoStore, crypto_status, event_source, key_maintenance
 from bot.matrix.retry import backoff, error_text, is_token_error
 from bot.matrix.state import MatrixState, Session
+from bot.matrix.trust import TrustPolicy
 
 if TYPE_CHECKING:
     from runtime.settings import Settings
@@ -132,6 +133,7 @@ class MatrixConnection:
         # End-to-end encryption: wanted and possible here (vodozemac loads)?
         self.crypto = crypto_status(settings)
         self.crypto_store = CryptoStore(settings.matrix_state_dir, settings.matrix_store_passphrase)
+        self.trust = TrustPolicy(settings.matrix_trust)  # DUCKLM_MATRIX_TRUST
         self.client: AsyncClient | None = None
         self.display_name: str | None = None
         self.device_id: str | None = None
@@ -228,6 +230,7 @@ class MatrixConnection:
         if client.olm is None:
             client.load_store()
         await asyncio.to_thread(self.crypto_store.protect)
+        self.trust.at_start(client)
         await key_maintenance(client)
         logger.info("matrix: end-to-end encryption on (device %s)", self.device_id)
         signer = CrossSigner(

@@ -85,6 +85,9 @@ class MatrixSender:
         while True:
             client = self.connection.require_client()
             try:
+                if kind != "m.reaction":
+                    # DUCKLM_MATRIX_TRUST=cross-signed: judge new devices first.
+                    await self.connection.trust.before_send(client, room_id)
                 # In an encrypted room nio encrypts (m.reaction stays clear, as in
                 # Element). Trust on first use: every device the homeserver lists
                 # for the room's members gets the room key (docs/matrix.md, Trust).

@@ -96,7 +96,8 @@ if (withCrypto) {
     const crypto = client.getCrypto();
     // Element sets up cross-signing for a new account; the first upload of a user's
     // keys needs no interactive auth on Synapse (MSC3967), a later one the password.
-    await crypto.bootstrapCrossSigning({
+    // ELEMENT_CROSS_SIGN=0: a device its owner never cross-signed (an old or third-party client).
+    if (process.env.ELEMENT_CROSS_SIGN !== "0") await crypto.bootstrapCrossSigning({
         authUploadDeviceSigningKeys: async (makeRequest) => {
             await makeRequest({
                 type: "m.login.password",
