@@ -93,6 +93,14 @@ def describe_interruption(events: list[Event]) -> dict[str, Any]:
     return {"last_event": kind, "doing": doing}
 
 
+def _reissue_reason(reason: str | None, started: bool | None) -> str:
+    if started is False:
+        why = "the approved run did not start"
+    else:
+        why = "the approved run may have started; its result is unknown"
+    return f"{reason or 'it may change something'} (offered again: {why})"
+
+
 def _cut_short_text(command: str, started: bool | None) -> str:
     if started is False:
         return (
@@ -244,7 +252,8 @@ class Recovery:
                 command=old.command,
                 risk_level=old.risk_level,
                 action_type=old.action_type,
-                reason=old.reason,
+                # The card itself says why it is back, should the note below be lost.
+                reason=_reissue_reason(old.reason, started),
                 requested_by=old.requested_by,
                 replaces_approval_id=old.approval_id,
             )

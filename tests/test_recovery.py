@@ -393,6 +393,7 @@ async def test_cut_short_run_is_offered_again_never_rerun(
     _, new_card, _ = second.chat.cards[0]
     new = new_card.approval_id
     assert new != old and new_card.command == card.command
+    assert "offered again" in new_card.reason  # the card says why it is back
     task_id = await only_task(second.runtime, 4)
     events = await second.runtime.stores.events.list_events(task_id)
     reissued = [e.payload for e in events if e.event_type == "approval_reissued"]
