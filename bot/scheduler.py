@@ -87,7 +87,6 @@ class _Timer:
         self._round = round_
         self._poll = poll
         self._wake = asyncio.Event()
-        self.next_at: float | None = None  # when it looks next (for describe)
         self._task = asyncio.create_task(self._run(), name=f"timer:{name}")
 
     def wake(self) -> None:
@@ -111,7 +110,6 @@ class _Timer:
             if wait == 0.0:
                 await asyncio.sleep(0)  # more is due: go on, after giving the loop a turn
                 continue
-            self.next_at = time.time() + wait
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait)
 
@@ -130,7 +128,6 @@ class Scheduler:
     ) -> None:
         self.service = service
         self.stores = service.runtime.stores
-        self.approvals = service.approvals
         self.remind_after = float(remind_after)
         self.retention_days = retention_days
         self.trigger_factory = trigger_factory
@@ -189,16 +186,17 @@ class Scheduler:
     async def _describe_heads(self) -> list[str]:
         lines = []
         due = await self.approvals_store.earliest_due()
-        if due is not None:
-            (approval,) = await self.approvals_store.due(due, limit=1)
+        # (Re-read by time: the row may have been decided in between.)
+        for approval in await self.approvals_store.due(due, limit=1) if due is not None else []:
             at = approval.due_at
             if at == 0:  # not planned yet: name what its plan will be
                 at = self._safe_step(approval, 0)[1] or 0
             kind = (self._safe_step(approval, at)[0] if at else None) or "check"
             lines.append(f"{kind}:{approval.approval_id}: next {_when(at)} (earliest approval)")
         fire = await self.stores.schedules.earliest_fire()
-        if fire is not None:
-            ((schedule, at),) = await self.stores.schedules.due(fire, fire, limit=1)
+        for schedule, at in (
+            await self.stores.schedules.due(fire, fire, 1) if fire is not None else []
+        ):
             lines.append(f"schedule:{schedule.schedule_id}: next {_when(at)} (earliest schedule)")
         return lines
 
