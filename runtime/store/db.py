@@ -264,7 +264,8 @@ MIGRATIONS: list[tuple[str, ...]] = [
         # through these indexes, and every fire is claimed by compare-and-set on
         # the old value. 0 means "not planned yet": what an approval is inserted
         # with (the column default, so the insert needs no change) and what
-        # existing rows start with; the scheduler plans those first.
+        # existing rows start with; the scheduler plans those first (a resumed
+        # schedule gets -1: planned from the time it resumed, see schedules.py).
         "ALTER TABLE approvals ADD COLUMN due_at REAL DEFAULT 0",
         "UPDATE approvals SET due_at = NULL WHERE decision IS NOT NULL",
         "CREATE INDEX approvals_due ON approvals (due_at) "
