@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from bot.backend import PlatformStartError
 from bot.matrix import events as events_module
 from bot.matrix.crypto import CRYPTO_DIR
 from bot.matrix.events import AUDIT_EVENT
@@ -341,3 +342,17 @@ async def test_trust_cross_signed_shares_keys_only_with_cross_signed_devices(
         "bob failing to decrypt the answer",
     )
     assert answer["event_id"] not in {e.get("event_id") for e in bob.events}
+
+
+async def test_a_changed_store_passphrase_stops_the_start_with_a_clear_error(
+    bots: StartBot, duck: str
+) -> None:
+    first = await bots(matrix_store_passphrase="one passphrase")
+    device = first.platform.device_id
+    await first.stop()
+    with pytest.raises(PlatformStartError, match="MATRIX_STORE_PASSPHRASE"):
+        await bots(matrix_store_passphrase="another one")
+    # Nothing was overwritten: the right passphrase opens the same device again.
+    again = await bots(matrix_store_passphrase="one passphrase")
+    assert again.platform.device_id == device
+    assert again.platform.connection.encrypting

@@ -228,7 +228,14 @@ class MatrixConnection:
         if not self.crypto.enabled:
             return
         if client.olm is None:
-            client.load_store()
+            try:
+                client.load_store()
+            except Exception as exc:  # vodozemac's PickleException for a wrong key
+                raise PlatformStartError(
+                    f"Matrix: cannot open the crypto store in {self.crypto_store.directory} "
+                    f"({type(exc).__name__}: {exc}). Was MATRIX_STORE_PASSPHRASE changed? "
+                    "Set it back, or start over with `ducklm matrix reset-crypto`."
+                ) from exc
         await asyncio.to_thread(self.crypto_store.protect)
         self.trust.at_start(client)
         await key_maintenance(client)
