@@ -17,14 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from signedjson.sign import sign_json
 
 from bot.backend import PlatformStartError
 from bot.matrix import events as events_module
-from bot.matrix.crypto import CRYPTO_DIR
+from bot.matrix.crosssign import CrossSigningKeys, signed_key
+from bot.matrix.crypto import CRYPTO_DIR, crypto_status
 from bot.matrix.events import AUDIT_EVENT
 from bot.matrix.reset import reset_crypto
+from bot.matrix.trust import cross_signed_devices
 from tests import element_client, test_matrix
-from tests.conftest import ACTION, THINKER, directive, shell
+from tests.conftest import ACTION, THINKER, directive, make_settings, shell
 from tests.element_client import ElementUser, OpenElement
 from tests.fakes.openai_server import FakeModelServer, Text
 from tests.fakes.synapse import MatrixUser, SynapseServer
@@ -356,3 +359,46 @@ async def test_a_changed_store_passphrase_stops_the_start_with_a_clear_error(
     again = await bots(matrix_store_passphrase="one passphrase")
     assert again.platform.device_id == device
     assert again.platform.connection.encrypting
+
+
+# -- without a homeserver --------------------------------------------------------------
+
+
+def test_encryption_off_says_why(tmp_path: Path) -> None:
+    off = crypto_status(make_settings(tmp_path, "http://127.0.0.1:9", matrix_encryption=False))
+    assert not off.enabled and "DUCKLM_MATRIX_ENCRYPTION" in off.reason
+    on = crypto_status(make_settings(tmp_path, "http://127.0.0.1:9"))
+    assert on.enabled, on.reason  # vodozemac is a dependency: it loads here
+
+
+def test_only_a_valid_signature_chain_makes_a_device_cross_signed() -> None:
+    """device <- self-signing key <- master key, each signature checked: a device
+    signed by a self-signing key the master did not sign, or with a signature over
+    other keys, is not cross-signed."""
+    user = "@alice:example.org"
+    keys = CrossSigningKeys.generate()
+    device_keys = {
+        "user_id": user,
+        "device_id": "GOOD",
+        "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+        "keys": {"ed25519:GOOD": "x" * 43, "curve25519:GOOD": "y" * 43},
+    }
+    good = sign_json(dict(device_keys), user, keys.self_signing.key)
+    tampered = {**good, "device_id": "EVIL", "keys": {"ed25519:EVIL": "z" * 43}}
+    unsigned = {**device_keys, "device_id": "PLAIN"}
+    query = {
+        "master_keys": {user: signed_key(user, keys.master, "master")},
+        "self_signing_keys": {
+            user: signed_key(user, keys.self_signing, "self_signing", by=keys.master)
+        },
+        "device_keys": {user: {"GOOD": good, "EVIL": tampered, "PLAIN": unsigned}},
+    }
+    assert cross_signed_devices(query, user) == {"GOOD"}
+
+    stranger = CrossSigningKeys.generate()  # a self-signing key the master never signed
+    forged = dict(query)
+    forged["self_signing_keys"] = {
+        user: signed_key(user, keys.self_signing, "self_signing", by=stranger.master)
+    }
+    assert cross_signed_devices(forged, user) == set()
+    assert cross_signed_devices({"device_keys": query["device_keys"]}, user) == set()
