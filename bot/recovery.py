@@ -47,7 +47,9 @@ INTERRUPTED_TEXT = (
 )
 # Events after a task's last `task_waiting_for_approval` that show its
 # continuation wrote nothing yet (so it may start again).
-_DECISION_ONLY = frozenset({"approval_decided", "rule_created", "task_interrupted"})
+_DECISION_ONLY = frozenset(
+    {"approval_decided", "rule_created", "task_continued", "task_interrupted"}
+)
 # A crash during a previous recovery can leave a task interrupted before its
 # cut-short run was offered again: the tasks interrupted within this window (at
 # most this many) are checked once more at start.

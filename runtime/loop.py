@@ -119,6 +119,10 @@ class ChatResult:
     already_handled: bool = False
 
 
+class _NotClaimed(Exception):
+    """Another caller continued the task first (double click, second process)."""
+
+
 @dataclass
 class _WaitingState:
     approval_id: str | None
@@ -271,9 +275,19 @@ class RuntimeLoop:
             return ChatResult(task_id, task.status, "This approval expired before anyone answered.")
 
         state = await self._waiting_state(task_id)
-        if state.approval_id != approval_id or not await self.task_store.claim_status(
-            task_id, "waiting_for_approval", "running"
-        ):
+        continued = {
+            "approval_id": approval_id,
+            "decision": approval.decision,
+            "decided_by": approval.decided_by,
+        }
+        try:
+            if state.approval_id != approval_id:
+                raise _NotClaimed
+            # The claim (waiting -> running) and its event commit together.
+            await self._write(
+                task_id, partial(self._claim_continuation, task_id), ("task_continued", continued)
+            )
+        except _NotClaimed:
             current = await self.task_store.get_task(task_id)
             return ChatResult(
                 task_id,
@@ -281,16 +295,12 @@ class RuntimeLoop:
                 "Already handled.",
                 already_handled=True,
             )
-        self._record(
-            task_id,
-            "task_continued",
-            {
-                "approval_id": approval_id,
-                "decision": approval.decision,
-                "decided_by": approval.decided_by,
-            },
-        )
         return await self._guard(task, self._resume(task, approval, state))
+
+    async def _claim_continuation(self, task_id: str) -> None:
+        """Compare-and-set the task from waiting to running; only one caller gets it."""
+        if not await self.task_store.claim_status(task_id, "waiting_for_approval", "running"):
+            raise _NotClaimed
 
     # -- turns ------------------------------------------------------------
 
