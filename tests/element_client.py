@@ -303,10 +303,12 @@ class ElementUser:
         )
         return str(result["room_id"])
 
-    async def start_dm(self, user_id: str, text: str) -> tuple[str, str]:
+    async def start_dm(
+        self, user_id: str, text: str, *, encrypted: bool = False
+    ) -> tuple[str, str]:
         """Element's "start DM on first message": the room and the first message at once, before
         the other side joined; returns (room id, event id of the message)."""
-        result = await self.request("start_dm", user_id=user_id, text=text)
+        result = await self.request("start_dm", user_id=user_id, text=text, encrypted=encrypted)
         return str(result["room_id"]), str(result["event_id"])
 
     async def invite(self, room_id: str, user_id: str) -> None:

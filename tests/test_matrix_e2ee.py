@@ -402,3 +402,21 @@ def test_only_a_valid_signature_chain_makes_a_device_cross_signed() -> None:
     }
     assert cross_signed_devices(forged, user) == set()
     assert cross_signed_devices({"device_keys": query["device_keys"]}, user) == set()
+
+
+async def test_an_encrypted_dm_started_on_the_first_message_is_answered(
+    bots: StartBot, alice: ElementUser, duck: str, model_server: FakeModelServer
+) -> None:
+    """Element's new DM: encrypted, the first message sent (and its key shared with the
+    invited bot's device) before the bot has joined."""
+    await bots()
+    content_answers(model_server)
+    room, hello = await alice.start_dm(duck, "hello duck, encrypted?", encrypted=True)
+    answer = await alice.wait_for(
+        bot_notice(duck, hello, "answer to: hello duck, encrypted?"),
+        "the answer to the first message",
+        within=E2EE_WAIT,
+    )
+    wire = await alice.room_events(room)
+    assert wire_event(wire, hello)["type"] == "m.room.encrypted"
+    assert wire_event(wire, answer["event_id"])["type"] == "m.room.encrypted"

@@ -271,7 +271,9 @@ class MatrixConnection:
             return
         try:
             await key_maintenance(client)
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # network, or nio refusing a state: never stop syncing
             logger.warning("matrix: key upload/query/claim failed (%s); retrying later", exc)
 
     async def stop(self) -> None:
