@@ -326,6 +326,27 @@ def mention(slack: FakeSlack, text: str, *, user: str = ASKER) -> Mention:
     return Mention(message["ts"], text, event_callback(event), event_callback(copy))
 
 
+def thread_reply(slack: FakeSlack, thread_ts: str, text: str, *, user: str) -> dict[str, Any]:
+    """A person's reply in a thread (`approve`, `deny …`), as the `message` event
+    Slack sends for it; the message goes into FakeSlack's history too."""
+    message = slack.add_message(CHANNEL, text, user=user, thread_ts=thread_ts)
+    return event_callback(
+        {
+            "type": "message",
+            "client_msg_id": str(uuid.uuid4()),
+            "channel": CHANNEL,
+            "channel_type": "channel",
+            "user": user,
+            "user_team": TEAM,
+            "text": text,
+            "ts": message["ts"],
+            "thread_ts": thread_ts,
+            "event_ts": message["ts"],
+            "team": TEAM,
+        }
+    )
+
+
 def click(
     slack: FakeSlack, card: Card, *, user: str = APPROVERS[0], action_id: str = ACTION_APPROVE
 ) -> dict[str, Any]:

@@ -5,14 +5,14 @@ taking a little time per answer) on one database. Each life is planned from a
 seeded RNG before it starts: mentions (reads, writes that need an approval,
 questions that hang), the `message` copy Slack sends of each mention, Slack
 retries (X-Slack-Retry-Num, also of events the dead process had acknowledged),
-clicks on cards (double clicks, and two approvers approving and denying at
-once, also on cards already decided), each at a random moment; and the life
-ends by SIGKILL: from a random crash point (`DUCKLM_CRASH_AT`), or from outside
-a few milliseconds after the n-th ack, click or card post, or at a random
-moment. A last life without kills delivers every mention once more
-(a retry), decides most of the cards still open, waits until everything owed
-is done, and stops cleanly. Then the invariants over the store and FakeSlack's
-record (see `check_invariants`).
+decisions typed in a card's thread, clicks on cards (double clicks, and two
+approvers approving and denying at once, also on cards already decided), each
+at a random moment. Two lives end by SIGKILL: from a random crash point
+(`DUCKLM_CRASH_AT`), or from outside a few milliseconds after the n-th ack,
+click or card post, or at a random moment. The last life, without kills,
+delivers every mention once more (a retry), decides most of the cards still
+open, waits until everything owed is done, and stops cleanly. Then the
+invariants over the store and FakeSlack's record (see `check_invariants`).
 
 DUCKLM_KILL_SEEDS sets the number of seeds (default 10, as CI runs it).
 """
@@ -50,6 +50,7 @@ from tests.crash_harness import (
     rows,
     said,
     tasks_of,
+    thread_reply,
 )
 from tests.fakes.openai_server import FakeModelServer
 from tests.fakes.slack_api import FakeSlack
@@ -130,6 +131,9 @@ def plan_life(rng: random.Random, life: int) -> list[tuple[float, str, Any]]:
         plan.append((rng.uniform(0.15, 1.8), "click", (rng.random(), how)))
     for _ in range(rng.randint(0, 2)):
         plan.append((rng.uniform(0, 1.2), "retry", rng.random()))
+    for _ in range(rng.randint(0, 2)):  # a decision typed in the card's thread
+        word = rng.choice(("approve", "deny not now"))
+        plan.append((rng.uniform(0.2, 1.8), "reply", (rng.random(), word, rng.random())))
     return sorted(plan, key=lambda step: step[0])
 
 
@@ -154,6 +158,14 @@ async def do_step(bot: DuckRun, slack: FakeSlack, world: World, op: str, arg: An
     elif op == "retry" and world.mentions:
         m = world.mentions[int(arg * len(world.mentions))]
         await deliver(bot, world, m.envelope, 2)
+    elif op == "reply":
+        pick, word, who = arg
+        found = [c for c in cards(slack) if c.thread_ts]
+        if found:
+            card = found[int(pick * len(found))]
+            user = APPROVERS[int(who * len(APPROVERS))]
+            envelope = thread_reply(slack, str(card.thread_ts), word, user=user)
+            await deliver(bot, world, envelope, 0)
     elif op == "click":
         pick, how = arg
         found = cards(slack)
