@@ -301,6 +301,12 @@ class CommandRunner:
         found = await self.approvals.review_rules(self.rule_idle_days, self.workspace)
         return describe_review(found, self.rule_idle_days, self.shown)
 
+    async def review_for_admins(self) -> str | None:
+        """The daily housekeeping's post to DUCKLM_RULE_REVIEW_CHANNEL: the `rules
+        review` text, or None when there is nothing to look at (nothing is posted)."""
+        found = await self.approvals.review_rules(self.rule_idle_days, self.workspace)
+        return None if found.empty else describe_review(found, self.rule_idle_days, self.shown)
+
     async def _approvals(self) -> str:
         pending = await self.approvals.pending(MAX_LISTED)
         if not pending:

@@ -233,3 +233,25 @@ def test_migration_chains_events_written_before_it(tmp_path: Path) -> None:
     conn.close()
     result = asyncio.run(_verify_file(path))
     assert result.ok and result.events == 3
+
+
+async def test_duck_task_says_whether_its_chain_verifies(
+    runtime: Runtime, model_server: FakeModelServer
+) -> None:
+    from bot import commands as c
+    from bot.admin import CommandRunner
+    from bot.policy import Actor
+
+    task_id = await _approved_run(runtime, model_server)
+    runner = CommandRunner(runtime.stores.tasks, runtime.stores.events, runtime.approvals)
+    who = Actor("slack:U1")
+    shown = await runner.execute(c.TaskShow(task_id), who)
+    head = (await runtime.stores.events.list_events(task_id))[-1].hash or ""
+    assert shown.splitlines()[-1].startswith("audit chain verifies (")
+    assert f"head {head[:16]}" in shown
+    with sqlite3.connect(runtime.settings.db) as conn:
+        conn.execute("UPDATE events SET payload = '{}' WHERE task_id = ? AND seq = 2", (task_id,))
+    tampered = await runner.execute(c.TaskShow(task_id), who)
+    assert tampered.splitlines()[-1].startswith(
+        f"audit chain DOES NOT VERIFY: task {task_id}, event 2: "
+    )

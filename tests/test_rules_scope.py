@@ -176,6 +176,7 @@ async def test_review_lists_idle_rules_and_rules_that_allowed_a_failure(runtime:
     text = await runner(runtime, rule_idle_days=30).execute(c.RulesReview(), ADMIN)
     assert "Not used for 30 days" in text and f"`{idle.rule_id}`" in text
     assert f"`{busy.rule_id}` prefix `cat`:" in text
+    assert await runner(runtime, rule_idle_days=30).review_for_admins() == text
 
 
 async def test_review_flags_a_rule_covering_a_denied_command(runtime: Runtime) -> None:
@@ -190,6 +191,7 @@ async def test_review_flags_a_rule_covering_a_denied_command(runtime: Runtime) -
     empty = CommandRunner(runtime.stores.tasks, runtime.stores.events, runtime.approvals)
     await runtime.approvals.revoke_rule(rule.rule_id, "x")
     assert await empty.execute(c.RulesReview(), ADMIN) == "Rules review: nothing to look at."
+    assert await empty.review_for_admins() is None  # the daily post is skipped
 
 
 def test_parse_rule_options() -> None:
