@@ -517,7 +517,8 @@ def _rule_payload(rule: Rule) -> dict[str, Any]:
 
 
 def _channel(conversation: str | None) -> str | None:
-    """The channel part of a conversation key ("slack:C1|1700.1" -> "slack:C1")."""
+    """The channel part of a conversation key ("slack:C1|1700.1" -> "slack:C1"); a
+    key without one (the console's "console:alice") has no channel: global rules."""
     from runtime.store.tasks import conversation_group
 
-    return conversation_group(conversation) or conversation
+    return conversation_group(conversation)

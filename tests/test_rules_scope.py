@@ -215,3 +215,14 @@ def test_cli_rules_add_for_and_channel(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["--db", db, "rules", "list"]) == 0
     assert "`ls -la` — in slack:C1, expires" in capsys.readouterr().out
     assert main(["--db", db, "rules", "add", "--for", "later", "exact", "ls"]) == 2
+
+
+async def test_always_without_a_channel_makes_a_global_rule(runtime: Runtime) -> None:
+    # The console's conversation key has no channel part.
+    first = await runtime.loop.run_command("touch g.txt", conversation="console:alice")
+    approval_id = first.pending_approval.approval_id  # type: ignore[union-attr]
+    outcome = await runtime.approvals.decide(approval_id, "always", "console:alice")
+    assert outcome.rule is not None and outcome.rule.scope is None
+    assert (
+        await runtime.loop.run_command("touch g.txt", conversation=f"{C2}|9.9")
+    ).status == "completed"

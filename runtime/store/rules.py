@@ -234,13 +234,12 @@ class RuleStore:
 
     async def task_channel(self, task_id: str) -> str | None:
         """The channel (conversation group) of a task: the default scope of a rule
-        made from one of its approvals."""
+        made from one of its approvals. None (a global rule) for a task without
+        a chat channel (the console, the CLI)."""
         row = await self.db.fetchone(
-            "SELECT conversation_group, conversation FROM tasks WHERE task_id = ?", (task_id,)
+            "SELECT conversation_group FROM tasks WHERE task_id = ?", (task_id,)
         )
-        if row is None:
-            return None
-        return row["conversation_group"] or row["conversation"]
+        return None if row is None else row["conversation_group"]
 
     async def revoke(self, rule_id: str, revoked_by: str) -> bool:
         """True for the caller who revoked it; False if unknown or already revoked."""
