@@ -476,7 +476,7 @@ class ApprovalService:
     ) -> rule_review.Review:
         """Rules idle for `idle_days`, and rules that allowed a failure or cover a denial."""
         return await rule_review.review(
-            self._rules, self._events, self._approvals, idle_days, workspace
+            self._rules, self._events, self._approvals, self._allowing, idle_days, workspace
         )
 
     async def list_rules(self, include_revoked: bool = False) -> list[Rule]:

@@ -10,15 +10,20 @@ DUCKLM_RULE_IDLE_DAYS, and the ones that allowed a command that then failed,
 or that cover a command a person denied.
 
 Both read a bounded window of the newest events (SCAN_EVENTS), never the
-whole log, so they answer in the same time on a store of any age.
+whole log, so they answer in the same time on a store of any age. Each
+command they judge is parsed (bashlex, up to about a millisecond), so they
+give the event loop a turn after every one instead of holding it for the
+whole window.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from runtime.store.models import Rule
 
@@ -94,6 +99,7 @@ async def preview(
             seen[command] += 1
     result = Preview(kind, normalized, scanned=scanned)
     for command, count in sorted(seen.items(), key=lambda item: (-item[1], item[0])):
+        await asyncio.sleep(0)  # a parse per command: let the bot serve meanwhile
         if rule_covers(command, candidate, workspace):
             result.allowed.append((command, count))
         elif len(result.near) < MAX_NEAR and _program(command) in programs:
@@ -101,15 +107,19 @@ async def preview(
     return result
 
 
+# The rules that would allow an action now in a channel: ApprovalService's
+# indexed lookup (one parse of the command, whatever the number of rules).
+Allowing = Callable[[dict[str, Any], str | None, str | None], Awaitable[list[Rule]]]
+
+
 async def review(
     rules: RuleStore,
     events: EventStore,
     approvals: ApprovalStore,
+    allowing: Allowing,
     idle_days: float,
     workspace: str | None = None,
 ) -> Review:
-    from runtime.tools.shell_rules import rule_covers
-
     result = Review()
     result.idle = await rules.idle(time.time() - idle_days * 86400)
     active = {rule.rule_id: rule for rule in await rules.list()}
@@ -138,19 +148,23 @@ async def review(
                             result.trouble.setdefault(rule_id, []).append(note)
                 matched = []
 
-    # Covers what a person denied.
-    shell_rules = [rule for rule in active.values() if rule.tool == SHELL_TOOL]
-    if shell_rules:
-        for event in await events.list_by_type("approval_decided", SCAN_EVENTS):
-            if event.payload.get("decision") != "deny":
-                continue
-            approval = await approvals.get(str(event.payload.get("approval_id")))
-            if approval is None or approval.tool != SHELL_TOOL or not approval.command:
-                continue
-            for rule in shell_rules:
-                if rule_covers(approval.command, [rule], workspace):
-                    result.trouble.setdefault(rule.rule_id, []).append(
-                        f"covers `{approval.command}`, denied by {approval.decided_by} "
-                        f"(task `{approval.task_id}`)"
-                    )
+    # Covers what a person denied (in the channel it was denied in).
+    judged: set[tuple[str, str | None]] = set()
+    for event in await events.list_by_type("approval_decided", SCAN_EVENTS):
+        if event.payload.get("decision") != "deny":
+            continue
+        approval = await approvals.get(str(event.payload.get("approval_id")))
+        if approval is None or approval.tool != SHELL_TOOL or not approval.command:
+            continue
+        channel = await rules.task_channel(approval.task_id)
+        if (approval.command, channel) in judged:
+            continue
+        judged.add((approval.command, channel))
+        await asyncio.sleep(0)  # one parse per denied command
+        action = {"tool": SHELL_TOOL, "args": {"command": approval.command}}
+        for rule in await allowing(action, workspace, channel):
+            result.trouble.setdefault(rule.rule_id, []).append(
+                f"covers `{approval.command}`, denied by {approval.decided_by} "
+                f"(task `{approval.task_id}`)"
+            )
     return result
