@@ -226,3 +226,15 @@ async def test_always_without_a_channel_makes_a_global_rule(runtime: Runtime) ->
     assert (
         await runtime.loop.run_command("touch g.txt", conversation=f"{C2}|9.9")
     ).status == "completed"
+
+
+def test_cli_preview_and_review(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = str(tmp_path / "cli.db")
+    assert main(["--db", db, "rules", "preview", "prefix", "git", "pull"]) == 0
+    assert "would have allowed none of the last 0 commands" in capsys.readouterr().out
+    assert main(["--db", db, "rules", "add", "exact", "uptime"]) == 0
+    capsys.readouterr()
+    assert main(["--db", db, "rules", "review"]) == 0
+    assert capsys.readouterr().out.strip() == "Rules review: nothing to look at."
+    assert main(["--db", db, "rules", "preview", "prefix", "bash", "-c"]) == 0
+    assert capsys.readouterr().out.startswith("No preview: Invalid rule:")
