@@ -228,6 +228,15 @@ class MatrixConnection:
         if not self.crypto.enabled:
             return
         if client.olm is None:
+            if not self.crypto_store.has_device(self.user_id, self.device_id):
+                # A token's device (MATRIX_ACCESS_TOKEN) may be another client's, with
+                # keys of its own: new ones under its id confuse everyone's clients.
+                logger.warning(
+                    "matrix: making new encryption keys for device %s; if that device "
+                    "already had keys (a token taken from another client), use "
+                    "MATRIX_PASSWORD instead so the bot has a device of its own",
+                    self.device_id,
+                )
             try:
                 client.load_store()
             except Exception as exc:  # vodozemac's PickleException for a wrong key
