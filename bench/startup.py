@@ -110,9 +110,11 @@ def with_pending(path: Path, count: int) -> None:
         conn.close()
 
 
-def with_schedules(path: Path, count: int, *, missed: bool) -> None:
+def with_schedules(path: Path, count: int, *, missed: bool, planned: bool = True) -> None:
     """`count` hourly schedules; with `missed`, each owes the run that fell due
-    half an hour ago (last run an hour before that), else each ran on time."""
+    half an hour ago (last run an hour before that), else each ran on time.
+    Without `planned`, their next fire time is still to be computed (0), as
+    right after the upgrade to schema v7."""
     empty_store(path)
     now = time.time()
     due = now - 1800 if missed else now + 1800
@@ -134,7 +136,7 @@ def with_schedules(path: Path, count: int, *, missed: bool) -> None:
                         conversation,
                         now - 86400,
                         due - 3600 + 1,
-                        due,
+                        due if planned else 0.0,
                     )
                     for i in range(count)
                 ],
@@ -239,11 +241,13 @@ def ready(harness: SlackHarness) -> None:
         time.sleep(0.02)
 
 
-def catch_up_run(window: float) -> tuple[list[float], list[float], list[float], list[float]]:
+def catch_up_run(
+    window: float, *, planned: bool
+) -> tuple[list[float], list[float], list[float], list[float]]:
     """Two bots side by side over `window` seconds, one owing 10,000 catch-up
     runs, one owing nothing: (acks, run start times) of each."""
     with SlackHarness(decide) as owing, SlackHarness(decide) as baseline:
-        with_schedules(owing.db, 10_000, missed=True)
+        with_schedules(owing.db, 10_000, missed=True, planned=planned)
         with_schedules(baseline.db, 10_000, missed=False)
         owing.start_bot()
         baseline.start_bot()
@@ -259,9 +263,10 @@ def catch_up_run(window: float) -> tuple[list[float], list[float], list[float], 
         return acks, runs, base_acks, base_runs
 
 
-def catch_up(window: float) -> bool:
-    acks, runs, base_acks, base_runs = catch_up_run(window)
-    print(f"-- catch-up: 10,000 hourly schedules after an hour down, {window:g} s observed")
+def catch_up(window: float, *, planned: bool = True) -> bool:
+    acks, runs, base_acks, base_runs = catch_up_run(window, planned=planned)
+    what = "" if planned else " (not planned yet: 10,000 to plan at start)"
+    print(f"-- catch-up: 10,000 hourly schedules after an hour down{what}, {window:g} s observed")
     per_minute = max((sum(1 for r in runs if start <= r < start + 60) for start in runs), default=0)
     gaps = [b - a for a, b in itertools.pairwise(runs)]
     allowed = DEFAULT_CATCH_UP_RATE * max(window, 60) / 60 + 1
@@ -297,12 +302,19 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=40.0, help="catch-up seconds observed")
     parser.add_argument("--skip-startup", action="store_true")
     parser.add_argument("--skip-catch-up", action="store_true")
+    parser.add_argument(
+        "--unplanned",
+        action="store_true",
+        help="also a catch-up whose schedules must first be planned (as after the upgrade)",
+    )
     args = parser.parse_args()
     print_header("ducklm run: start-up with what is stored, catch-up after downtime")
     if not args.skip_startup:
         startup(args.runs)
     if not args.skip_catch_up:
         catch_up(args.window)
+        if args.unplanned:
+            catch_up(args.window, planned=False)
 
 
 if __name__ == "__main__":
