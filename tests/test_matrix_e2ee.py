@@ -421,3 +421,32 @@ async def test_an_encrypted_dm_started_on_the_first_message_is_answered(
     wire = await alice.room_events(room)
     assert wire_event(wire, hello)["type"] == "m.room.encrypted"
     assert wire_event(wire, answer["event_id"])["type"] == "m.room.encrypted"
+
+
+async def test_in_an_encrypted_thread_the_bot_reads_the_history_and_hints_at_edits(
+    bots: StartBot, alice: ElementUser, duck: str, model_server: FakeModelServer
+) -> None:
+    """The thread so far (fetched from the server, encrypted) is decrypted for the
+    model, and an edit of an answered question (its original fetched, encrypted)
+    gets the one hint, as in a clear room."""
+    await bots()
+    content_answers(model_server)
+    room = await encrypted_room(alice, duck)
+    question = await alice.say(room, "what is the first thing?")
+    answer = await alice.wait_for(
+        bot_notice(duck, question, "answer to: what is the first thing?"),
+        "the answer",
+        within=E2EE_WAIT,
+    )
+    follow_up = await alice.say(room, "and the second?", thread=question)
+    await alice.wait_for(bot_notice(duck, question, "answer to: and the second?"), "the reply")
+    asked = [r for r in model_server.requests_for(THINKER) if "and the second?" in str(r.body)]
+    history = str(asked[0].body["messages"])
+    assert "what is the first thing?" in history
+    assert body(answer) in history  # the bot's own encrypted answer, as the assistant's turn
+
+    await alice.edit(room, follow_up, "and the third?")
+    hint = await alice.wait_for(
+        lambda e: bot_notice(duck, question)(e) and "edit" in body(e).lower(), "the edit hint"
+    )
+    assert "not run again" in body(hint)
