@@ -138,6 +138,13 @@ def describe_event(event: Event) -> str:
         detail = clip(p.get("error"), 100)
     elif kind in ("rule_created", "rule_revoked"):
         detail = f"`{p.get('rule_id')}`"
+        if kind == "rule_created" and p.get("scope"):
+            detail += f" in {p.get('scope')}"
+    elif kind == "rule_matched":
+        rules = ", ".join(f"`{r}`" for r in p.get("rule_ids") or [])
+        detail = f"{rules} allowed `{clip(p.get('command'), 100)}`"
+    elif kind == "retention_deleted":
+        detail = f"{len(p.get('tasks') or {})} finished task(s) deleted"
     elif kind == "sandbox_refusal":
         detail = clip(", ".join(str(r) for r in p.get("refused") or []), 100)
     return f"{event.seq:>3} {event.created_at.strftime('%H:%M:%S')} {kind} {detail}".rstrip()

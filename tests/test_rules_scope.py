@@ -57,6 +57,8 @@ async def test_a_scoped_rule_is_used_in_its_channel_and_not_in_another(runtime: 
         "tool": "shell_exec_safe",
         "command": "touch a.txt",
     }
+    trail = await runner(runtime).execute(c.TaskShow(here.task_id), ADMIN)
+    assert f"rule_matched `{rule.rule_id}` allowed `touch a.txt`" in trail
 
 
 async def test_always_is_scoped_to_the_channel_it_was_clicked_in(runtime: Runtime) -> None:
