@@ -483,8 +483,9 @@ class MatrixEvents:
             event.room_id = room.room_id
             client = self.connection.require_client()
             try:
-                # m.room_key_request to the sender's devices and our own (the spec
-                # allows it; clients answer it for devices they trust).
+                # An m.room_key_request (the spec's way) to the bot's own devices, as
+                # nio sends it; a sender's client that shares late (or re-shares on
+                # its own) is what usually brings the key.
                 await client.request_room_key(event)
             except Exception as exc:
                 logger.debug("matrix: key request for %s failed: %s", event_id, exc)
