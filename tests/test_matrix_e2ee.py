@@ -15,8 +15,13 @@ import stat
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
+import aiohttp
 import pytest
+from nio import AsyncClient, AsyncClientConfig, JoinResponse, LoginResponse
+from nio.crypto.sessions import OutboundGroupSession
+from nio.store import SqliteMemoryStore
 from signedjson.sign import sign_json
 
 from bot.backend import PlatformStartError
@@ -450,3 +455,73 @@ async def test_in_an_encrypted_thread_the_bot_reads_the_history_and_hints_at_edi
         lambda e: bot_notice(duck, question)(e) and "edit" in body(e).lower(), "the edit hint"
     )
     assert "not run again" in body(hint)
+
+
+async def test_a_message_whose_key_comes_late_is_answered_when_it_arrives(
+    bots: StartBot,
+    alice: ElementUser,
+    duck: str,
+    synapse: SynapseServer,
+    people: dict[str, str],
+    model_server: FakeModelServer,
+) -> None:
+    """A sender whose client sends the message before the room key (here: matrix-nio
+    with vodozemac, told to share its Megolm session only once the bot has failed to
+    decrypt): the bot retries as the key arrives and answers; no "could not decrypt"."""
+    bot = await bots()
+    content_answers(model_server)
+    room = await encrypted_room(alice, duck)
+    config = AsyncClientConfig(store=SqliteMemoryStore, encryption_enabled=True)
+    late = AsyncClient(synapse.base_url, people["bob"], config=config)
+    try:
+        assert isinstance(await late.login(PASSWORD, device_name="late sharer"), LoginResponse)
+        await late.keys_upload()
+        await alice.invite(room, people["bob"])
+        assert isinstance(await late.join(room), JoinResponse)
+        await late.sync(timeout=0, full_state=True)
+        await late.joined_members(room)
+
+        # A Megolm session nobody has the key of yet, and a message in it.
+        assert late.olm is not None
+        late.olm.create_outbound_group_session(room)
+        # The session as it is before its first message (index 0): what it shares later.
+        before = late.olm.outbound_group_sessions[room].pickle("")
+        late.olm.outbound_group_sessions[room].shared = True  # let it encrypt first
+        payload = {
+            "type": "m.room.message",
+            "content": {
+                "msgtype": "m.text",
+                "body": f"{duck}: did my key come?",
+                "m.mentions": {"user_ids": [duck]},
+            },
+        }
+        encrypted = late.olm.group_encrypt(room, payload)
+        message = await send_raw(late, room, "m.room.encrypted", encrypted)
+        await poll(
+            lambda: message in bot.platform.events._undecryptable, "the bot waiting for the key"
+        )
+
+        # Now the key: the session is shared with the room's devices (the bot's too).
+        late.olm.outbound_group_sessions[room] = OutboundGroupSession.from_pickle(before, "")
+        await late.keys_query()
+        await late.share_group_session(room, ignore_unverified_devices=True)
+        await alice.wait_for(
+            bot_notice(duck, message, "answer to: did my key come?"),
+            "the answer once the key came",
+            within=E2EE_WAIT,
+        )
+    finally:
+        await late.close()
+    assert not [e for e in alice.events if "could not decrypt" in str(e.get("content"))]
+
+
+async def send_raw(client: AsyncClient, room: str, kind: str, content: dict[str, Any]) -> str:
+    """PUT /send as it is (nio's room_send would encrypt an encrypted room's event again)."""
+    url = (
+        f"{client.homeserver}/_matrix/client/v3/rooms/{quote(room)}/send/{kind}/"
+        f"{secrets.token_hex(8)}"
+    )
+    headers = {"Authorization": f"Bearer {client.access_token}"}
+    async with aiohttp.ClientSession() as http, http.put(url, json=content, headers=headers) as r:
+        assert r.status == 200, await r.text()
+        return str((await r.json())["event_id"])
