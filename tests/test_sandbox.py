@@ -801,3 +801,23 @@ async def test_processes_of_one_command_share_one_memory_bound(tmp_path: Path, b
     held = result.output.splitlines().count("HELD")
     assert held < 3, result.output
     assert "memory limit" in result.metadata["sandbox_refusals"], result.metadata
+
+
+def test_stale_cgroup_sweep_spares_live_processes() -> None:
+    """At first use a process sweeps the empty per-command cgroups crashed bots left
+    behind; one a live process (a CLI beside the bot) has just made, and not yet
+    moved its child into, must survive, or that command fails to start."""
+    alive = os.getpid()
+    sleeper = asyncio.run(_spawn_and_reap())  # a pid that no longer runs
+    assert cgroups._owner_alive(f"ducklm-cmd-{os.getppid()}-3")
+    assert cgroups._owner_alive(f"ducklm-cmd-probe-{os.getppid()}")
+    assert not cgroups._owner_alive(f"ducklm-cmd-{sleeper}-0")
+    assert not cgroups._owner_alive(f"ducklm-cmd-probe-{sleeper}")
+    assert not cgroups._owner_alive(f"ducklm-cmd-{alive}-7")  # our own: none is in use yet
+    assert cgroups._owner_alive("ducklm-cmd-something-else")  # unknown: kept
+
+
+async def _spawn_and_reap() -> int:
+    process = await asyncio.create_subprocess_exec("true")
+    await process.wait()
+    return process.pid

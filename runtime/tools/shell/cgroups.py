@@ -181,11 +181,34 @@ def _parent() -> tuple[Path, bool] | None:
     for parent, unified in candidates:
         if _usable(parent, unified):
             # Cgroups a crashed bot left behind: removed if empty, else left alone.
+            # Only those of dead processes: another live DuckLM process (a CLI, a
+            # second bot) may have just made one and not yet moved its child in.
             for stale in parent.glob(f"{_PREFIX}*"):
+                if _owner_alive(stale.name):
+                    continue
                 with contextlib.suppress(OSError):
                     stale.rmdir()
             return parent, unified
     return None
+
+
+def _owner_alive(name: str) -> bool:
+    """Whether the process that made cgroup `name` (`ducklm-cmd-<pid>-<n>` or
+    `ducklm-cmd-probe-<pid>`) still runs. Unknown names count as alive: kept."""
+    fields = name[len(_PREFIX) :].split("-")
+    digits = [field for field in fields if field.isdigit()]
+    if not digits:
+        return True
+    pid = int(fields[-1] if fields[0] == "probe" else digits[0])
+    if pid == os.getpid():
+        return False  # ours from before a fork or a reused pid: not in use by a live owner
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, someone else's
+        return True
+    return True
 
 
 def available() -> bool:
