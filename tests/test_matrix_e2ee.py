@@ -25,11 +25,13 @@ from nio.store import SqliteMemoryStore
 from signedjson.sign import sign_json
 
 from bot.backend import PlatformStartError
+from bot.cli import main as cli_main
 from bot.matrix import events as events_module
 from bot.matrix.crosssign import CrossSigningKeys, signed_key
 from bot.matrix.crypto import CRYPTO_DIR, crypto_status
 from bot.matrix.events import AUDIT_EVENT
 from bot.matrix.reset import reset_crypto
+from bot.matrix.state import MatrixState, Session
 from bot.matrix.trust import cross_signed_devices
 from tests import element_client, test_matrix
 from tests.conftest import ACTION, THINKER, directive, make_settings, shell
@@ -525,3 +527,32 @@ async def send_raw(client: AsyncClient, room: str, kind: str, content: dict[str,
     async with aiohttp.ClientSession() as http, http.put(url, json=content, headers=headers) as r:
         assert r.status == 200, await r.text()
         return str((await r.json())["event_id"])
+
+
+def test_the_reset_crypto_command_says_what_it_does(
+    tmp_path: Path,
+    clean_env: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`ducklm matrix reset-crypto` without a password: the store goes, the device id
+    is forgotten (the sync position stays), and it says the old device is still listed."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DUCKLM_DB", str(tmp_path / "bot.db"))
+    monkeypatch.setenv("MATRIX_HOMESERVER", "http://127.0.0.1:9")
+    monkeypatch.setenv("MATRIX_USER_ID", "@duck:example.org")
+    state = MatrixState(tmp_path / "bot-matrix")
+    state.save_session(Session("http://127.0.0.1:9", "@duck:example.org", "OLDDEVICE", "tok"))
+    state.save_sync_token("@duck:example.org", "s123")
+    (state.directory / CRYPTO_DIR).mkdir()
+    (state.directory / CRYPTO_DIR / "store.db").write_text("keys")
+
+    assert cli_main(["matrix", "reset-crypto"]) == 0
+    said = capsys.readouterr().out
+    assert "deleted the crypto store" in said
+    assert "forgot device OLDDEVICE" in said
+    assert "still listed on the homeserver" in said and "MATRIX_PASSWORD" in said
+    assert not (state.directory / CRYPTO_DIR).exists()
+    session = state.load_session("http://127.0.0.1:9", "@duck:example.org")
+    assert session is not None and session.device_id is None and session.access_token is None
+    assert state.load_sync_token("@duck:example.org") == "s123"
