@@ -10,6 +10,7 @@ answers there are m.room.encrypted; what people see is the decrypted event.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import stat
 import time
@@ -82,8 +83,14 @@ def wire_event(events: list[dict[str, Any]], event_id: str) -> dict[str, Any]:
 
 
 async def test_a_question_in_an_encrypted_room_is_answered_encrypted(
-    bots: StartBot, alice: ElementUser, duck: str, model_server: FakeModelServer, tmp_path: Path
+    bots: StartBot,
+    alice: ElementUser,
+    duck: str,
+    model_server: FakeModelServer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, "ducklm.matrix")
     bot = await bots()
     assert bot.platform.connection.encrypting
     content_answers(model_server)
@@ -107,6 +114,12 @@ async def test_a_question_in_an_encrypted_room_is_answered_encrypted(
     # No "I can't read encrypted messages" notice any more.
     assert not [e for e in alice.events if "can't read" in str(e.get("content"))]
 
+    # Trust on first use: the log says whose devices the bot now encrypts for.
+    assert any(
+        f"device list of {alice.user_id} changed" in r.getMessage()
+        and alice.device_id in r.getMessage()
+        for r in caplog.records
+    )
     # The crypto store is beside the bot's state, private to it.
     store = bot.runtime.settings.matrix_state_dir / CRYPTO_DIR
     assert stat.S_IMODE(store.stat().st_mode) == 0o700
