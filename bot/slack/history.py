@@ -160,6 +160,39 @@ async def find_own_message(
     return None
 
 
+async def latest_own_text(
+    client: AsyncWebClient,
+    channel: str,
+    root: str,
+    *,
+    bot_user_id: str | None,
+    bot_id: str | None,
+    skip: Collection[str] = (),
+) -> str | None:
+    """The text of the bot's newest message in the thread (`skip`: ts to pass
+    over, e.g. status lines), or None when there is none or the thread cannot be
+    read in time. Pages come oldest first, so the whole thread is read."""
+    latest: str | None = None
+    try:
+        async with asyncio.timeout(READ_BUDGET):
+            async for page in thread_pages(client, channel, root):
+                for message in page:
+                    if not isinstance(message, dict) or message.get("ts") in skip:
+                        continue
+                    own = (bot_user_id is not None and message.get("user") == bot_user_id) or (
+                        bot_id is not None and message.get("bot_id") == bot_id
+                    )
+                    if own and isinstance(message.get("text"), str):
+                        latest = message["text"]
+    except TimeoutError:
+        logger.warning("reading thread %s/%s took too long", channel, root)
+        return None
+    except SlackApiError as exc:
+        logger.warning("could not read thread %s/%s: %s", channel, root, exc)
+        return None
+    return latest
+
+
 def _entry(
     message: Any,
     before: str | None,

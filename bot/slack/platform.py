@@ -74,7 +74,7 @@ from bot.slack.blocks import (
     resolved_blocks,
 )
 from bot.slack.format import MESSAGE_LIMIT, clip_mrkdwn, escape, split_mrkdwn, to_mrkdwn
-from bot.slack.history import find_own_message, slack_history, stored_history
+from bot.slack.history import find_own_message, latest_own_text, slack_history, stored_history
 from bot.slack.parsing import (
     PLATFORM,
     card_ref,
@@ -98,6 +98,9 @@ from runtime.settings import Settings
 logger = logging.getLogger("ducklm.slack")
 
 T = TypeVar("T")
+
+# The last line of a long answer's first post; the whole text follows as a file.
+LONG_ANSWER_CUT = "_(long answer cut here; the full text follows)_"
 
 EVENTS_PATH = "/slack/events"
 COMMAND = "/duck"
@@ -743,7 +746,7 @@ class SlackPlatform(Platform, ChatBackend):
         body = to_mrkdwn(text)
         if len(body) <= MESSAGE_LIMIT:
             return await self._post(thread, body)
-        head = clip_mrkdwn(body, MESSAGE_LIMIT, "_(long answer cut here; the full text follows)_")
+        head = clip_mrkdwn(body, MESSAGE_LIMIT, LONG_ANSWER_CUT)
         ts = await self._post(thread, head)
         root = thread.root or ts
         try:
@@ -799,6 +802,31 @@ class SlackPlatform(Platform, ChatBackend):
             bot_id=self.bot_id,
         )
         return card_ref(thread.channel, ts) if ts else None
+
+    async def find_answer(self, thread: Thread, text: str) -> bool:
+        """Whether the bot's newest message in the thread is this answer's first
+        post (what `send` would post first), so recovery does not say it twice."""
+        if thread.root is None or self.client is None:
+            return False
+        latest = await latest_own_text(
+            self.client,
+            thread.channel,
+            thread.root,
+            bot_user_id=self.bot_user_id,
+            bot_id=self.bot_id,
+            skip=self._status_ts,
+        )
+        return latest is not None and latest.strip() == self._first_post(text).strip()
+
+    def _first_post(self, text: str) -> str:
+        """The mrkdwn `send` posts first for `text` (a long text's head)."""
+        note = self._note_for_answer(text)
+        if note:
+            text = f"{text}\n\n_{note}_"
+        body = to_mrkdwn(text)
+        if len(body) <= MESSAGE_LIMIT:
+            return body
+        return clip_mrkdwn(body, MESSAGE_LIMIT, LONG_ANSWER_CUT)
 
     async def resolve_card(
         self, thread: Thread, card_ref: str, card: ApprovalCard, resolution: CardResolution
