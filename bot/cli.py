@@ -217,6 +217,7 @@ async def _admin(stores: Stores, settings: Settings, command: c.Command, **kwarg
         timezone=settings.timezone,
         rule_idle_days=settings.rule_idle_days,
         workspace=str(settings.workspace),
+        rules_listed=None,  # a terminal lists every rule
     )
     print(await runner.execute(command, _operator(), **kwargs))  # type: ignore[arg-type]
     return 0

@@ -367,7 +367,8 @@ class Scheduler:
     # -- housekeeping ---------------------------------------------------------
 
     async def housekeeping(self) -> None:
-        """Once a day: retention, and forgetting old platform delivery ids and inbox rows."""
+        """Once a day: retention, forgetting old platform delivery ids and inbox rows,
+        and the rules review for the admins."""
         try:
             if self.retention_days is not None:
                 deleted = await delete_finished_tasks(self.stores.db, self.retention_days * 86400)
@@ -377,6 +378,21 @@ class Scheduler:
             await self.stores.inbox.prune()  # done messages, kept as long as their deliveries
         except Exception:
             logger.exception("housekeeping failed")
+        try:
+            await self.post_rule_review()
+        except Exception:
+            logger.exception("the daily rules review failed")
+
+    async def post_rule_review(self) -> None:
+        """The daily `rules review` in DUCKLM_RULE_REVIEW_CHANNEL, when that is set and
+        the review found something (idle rules, rules that allowed a failure or cover
+        a denial)."""
+        where = self.service.runtime.settings.rule_review_channel
+        if not where:
+            return
+        review = await self.service.runner.review_for_admins()
+        if review is not None:
+            await self.service.post_to_channel(where, f"Daily rules review:\n{review}")
 
 
 def _when(ts: float) -> str:

@@ -71,6 +71,8 @@ class ChatService:
             runtime.stores.schedules,
             timezone=settings.timezone,
             shown=lambda text: self.loop.redactor.redact(text).text,
+            rule_idle_days=settings.rule_idle_days,
+            workspace=str(settings.workspace),
         )
         self.backends: dict[str, ChatBackend] = {}
         self.workspace = str(runtime.settings.workspace)
@@ -444,6 +446,17 @@ class ChatService:
                 )
             )
 
+    async def post_to_channel(self, where: str, text: str) -> bool:
+        """Post `text` as a new message in a channel named `platform:channel`
+        (`slack:C024BE91L`, `matrix:!room:example.org`). False, logged, when the
+        name is not one or no platform of this process serves it."""
+        platform, _, channel = where.partition(":")
+        if not channel or platform not in self.backends:
+            logger.warning("cannot post to %r: not a channel of a platform served here", where)
+            return False
+        posted = await self._safely(self.backends[platform].send(Thread(platform, channel), text))
+        return bool(posted)
+
     def _schedule_thread(self, schedule: Schedule) -> Thread | None:
         try:
             thread = Thread.parse(schedule.conversation)
@@ -610,12 +623,17 @@ class ChatService:
 
     # -- cards --------------------------------------------------------------
 
-    @staticmethod
-    def _card(pending: PendingApproval) -> ApprovalCard:
+    def _card(self, pending: PendingApproval) -> ApprovalCard:
         risk = pending.risk_level or "high"
         always_rule = None
         if pending.tool == "shell_exec_safe" and pending.command:
-            always_rule = describe_rule(*rule_for_command(pending.command))
+            # A click in chat makes a rule for the card's channel only, capped by
+            # DUCKLM_RULE_MAX_AGE: the confirmation says so.
+            rule = describe_rule(*rule_for_command(pending.command))
+            always_rule = f"{rule}, in this channel only"
+            max_age = self.runtime.settings.rule_max_age
+            if max_age is not None:
+                always_rule += f", for {_duration(max_age)}"
         return ApprovalCard(
             approval_id=pending.approval_id,
             task_id=pending.task_id,
@@ -800,3 +818,13 @@ def _already_decided(approval: Approval) -> str:
         f"Already decided: {approval.decision} by {approval.decided_by} at "
         f"{when(approval.decided_at)}. Nothing changed."
     )
+
+
+def _duration(seconds: float) -> str:
+    """A rule's lifetime as people say it: `7 days`, `12 hours`, `30 minutes`."""
+    for size, unit in ((86400, "day"), (3600, "hour"), (60, "minute")):
+        if seconds >= size:
+            count = round(seconds / size, 1)
+            count_text = f"{count:g}"
+            return f"{count_text} {unit}{'' if count_text == '1' else 's'}"
+    return f"{seconds:g} seconds"

@@ -362,3 +362,44 @@ async def test_a_running_task_of_a_killed_process_becomes_interrupted(
         assert "restarted" in note
     finally:
         await stop_timed(bot, scheduler)
+
+
+async def test_daily_rules_review_goes_to_the_admins_channel_when_it_finds_something(
+    tmp_path: Path, model: FakeModelServer, slack: FakeSlack
+) -> None:
+    admins_channel = "CADMINS01"
+    bot = await start_bot(
+        tmp_path,
+        model,
+        slack,
+        rule_review_channel=f"slack:{admins_channel}",
+        rule_idle_days=1e-6,  # a tenth of a second: every rule is idle at once
+    )
+    scheduler = Scheduler(bot.service, remind_after=900.0)
+    try:
+        await scheduler.housekeeping()  # no rules: nothing to review, nothing posted
+        assert slack.posted(admins_channel) == []
+
+        rule = await bot.runtime.approvals.add_rule(
+            "shell_exec_safe", "prefix", "git pull", f"slack:{ADMIN}"
+        )
+        await asyncio.sleep(0.2)  # past the tiny idle period: the rule is idle
+        await scheduler.housekeeping()
+        posted = slack.posted(admins_channel)
+        assert len(posted) == 1, posted
+        assert posted[0]["text"].startswith("Daily rules review")
+        assert rule.rule_id in posted[0]["text"] or "git pull" in posted[0]["text"]
+    finally:
+        await stop_bot(bot)
+
+
+async def test_the_always_button_says_the_rule_is_for_this_channel_and_its_lifetime(
+    tmp_path: Path, model: FakeModelServer, slack: FakeSlack
+) -> None:
+    bot = await start_bot(tmp_path, model, slack, rule_max_age=7 * 86400)
+    try:
+        _ts, card, _approval_id = await card_for(bot, model, "touch scoped.txt")
+        text = json.dumps(card["blocks"])
+        assert "in this channel only" in text and "7 days" in text, text
+    finally:
+        await stop_bot(bot)
