@@ -35,9 +35,7 @@ from typing import Any
 
 import aiohttp
 
-from bot.backend import ChatBackend
 from bot.slack.blocks import ACTION_APPROVE
-from bot.slack.platform import SlackPlatform
 from tests.conftest import ACTION, THINKER, directive, shell
 from tests.fakes.openai_server import FakeModelServer, Hang, RecordedRequest, Reply, Text
 from tests.fakes.slack_api import (
@@ -53,11 +51,6 @@ from tests.fakes.slack_api import (
 from tests.test_cli_run import free_port
 from tests.test_console import cli_env
 from tests.test_faults import has_observations, question_of
-
-# A kill after Slack took an answer's post and before its record makes recovery
-# post it again unless the platform can find it in the thread (a known limit in
-# docs/architecture.md); the tests that meet it know whether Slack can.
-SLACK_FINDS_ANSWERS = SlackPlatform.find_answer is not ChatBackend.find_answer
 
 CHANNEL = "CCRASH001"
 ASKER = "UASKER001"
@@ -137,7 +130,6 @@ class DuckRun:
         self.env.update(env)
         self.process: asyncio.subprocess.Process | None = None
         self.logs: list[Path] = []
-        self.started_at: list[float] = []  # wall clock of each run's start (store times)
 
     @property
     def db(self) -> Path:
@@ -168,7 +160,6 @@ class DuckRun:
         env.pop("DUCKLM_CRASH_AT", None)
         if crash_at:
             env["DUCKLM_CRASH_AT"] = crash_at
-        self.started_at.append(time.time())
         log = self.tmp_path / f"run-{len(self.logs) + 1}.log"
         self.logs.append(log)
         with log.open("wb") as err:

@@ -24,7 +24,6 @@ from tests.crash_harness import (
     ANSWER_PREFIX,
     APPROVERS,
     CHANNEL,
-    SLACK_FINDS_ANSWERS,
     Card,
     DuckRun,
     Mention,
@@ -439,12 +438,6 @@ async def test_card_posted_but_not_recorded_is_adopted_not_posted_again(
     await assert_restart_changes_nothing(bot, slack)
 
 
-@pytest.mark.xfail(
-    not SLACK_FINDS_ANSWERS,
-    reason="known limit (docs/architecture.md): Slack has no find_answer, so recovery "
-    "posts an answer again whose post went out unrecorded",
-    strict=True,
-)
 async def test_answer_posted_but_not_recorded_is_not_posted_twice(
     bot: DuckRun, slack: FakeSlack
 ) -> None:
