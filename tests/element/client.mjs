@@ -162,7 +162,16 @@ await new Promise((resolve, reject) => {
     };
     client.on(ClientEvent.Sync, onSync);
     // threadSupport as in Element: thread replies are kept in their thread's timeline.
-    client.startClient({ initialSyncLimit: 20, threadSupport: true, pollTimeout: SYNC_TIMEOUT_MS });
+    // Pending events detached, as Element starts its client (MatrixClientPeg): with the
+    // default "chronological" ordering a remote echo that comes down the sync before the
+    // send's own response leaves the local echo without a status, and the SDK then
+    // throws "updatePendingEventStatus called on an event which is not a local echo".
+    client.startClient({
+        initialSyncLimit: 20,
+        threadSupport: true,
+        pendingEventOrdering: sdk.PendingEventOrdering.Detached,
+        pollTimeout: SYNC_TIMEOUT_MS,
+    });
 });
 live = true;
 
