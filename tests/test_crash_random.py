@@ -112,6 +112,9 @@ async def bot(
         DUCKLM_CHANNEL_MAX_TASKS="0",
         DUCKLM_USER_RATE="off",
         DUCKLM_CHANNEL_RATE="off",
+        # The periodic recovery runs beside live work all the time (it must not
+        # redo what a live job is doing), and repairs what an outage left.
+        DUCKLM_RECOVERY_INTERVAL="0.5",
     )
     try:
         yield run
