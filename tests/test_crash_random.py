@@ -37,6 +37,7 @@ import pytest_asyncio
 from bot.slack.blocks import ACTION_APPROVE, ACTION_DENY
 from tests.crash_harness import (
     APPROVERS,
+    CHANNEL,
     Card,
     DuckRun,
     Mention,
@@ -72,6 +73,9 @@ KILLED_LIVES = 2  # each start costs a second or two: ten seeds stay under two m
 LAST_LIFE_SECONDS = 60.0  # bound on the last life's wait for everything owed
 
 pytestmark = pytest.mark.timeout(120)
+
+# How a resolved card's text begins, per decision (bot/slack/blocks.py).
+SHOWN_AS = {"approve": "Approved", "always": "Approved", "deny": "Denied", "expired": "Expired"}
 
 # What the bot says in a thread whose task ended without an answer (any case).
 NOTICE_OF = {"interrupted": "interrupted", "failed": "could not finish"}
@@ -421,6 +425,10 @@ def check_invariants(bot: DuckRun, slack: FakeSlack, world: World) -> None:
                 if shown:
                     assert card_buttons_now(slack, shown[0]) == [], (where, approval_id, decision)
                     assert card_state == "resolved", (where, approval_id, card_state)
+                    # ... the decision that won, when two clicks raced.
+                    now = slack.message(CHANNEL, shown[0].ts)
+                    label = SHOWN_AS.get(decision, decision)
+                    assert now and now["text"].startswith(label), (where, decision, now)
             if decision in ("approve", "always") and executed_at is not None:
                 claimed += 1
         finished = sum(
