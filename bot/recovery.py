@@ -67,6 +67,9 @@ def answer_text(status: str, text: str) -> str:
     return text
 
 
+WITHDRAWN_NOTE = "withdrawn: DuckLM stopped before this approval was asked for in chat"
+
+
 def describe_interruption(events: list[Event]) -> dict[str, Any]:
     """`task_interrupted`'s payload: the type of the task's last event and, in a few
     words, what that means it was doing."""
@@ -150,6 +153,7 @@ class Recovery:
         self.events = stores.events
         self.inbox = stores.inbox
         self.approvals = service.approvals
+        self.approval_rows = stores.approvals
 
     async def at_start(self) -> None:
         """Everything a dead predecessor left: interrupted tasks, cut-short runs,
@@ -186,10 +190,38 @@ class Recovery:
             tasks = await self.tasks.mark_interrupted(updated_before=self.service.started_at)
             for task in tasks:
                 last = await self.events.last_events(task.task_id, 1)
-                await self.events.append(
-                    task.task_id, "task_interrupted", describe_interruption(last)
-                )
+                interruption = describe_interruption(last)
+                withdrawn = await self._withdraw_pending(task.task_id)
+                if withdrawn:
+                    # It died asking: the command never ran, whatever the last event says.
+                    asked = withdrawn[0].command or withdrawn[0].tool
+                    interruption["doing"] = f"asking for approval of `{clip(asked, 120)}`"
+                    interruption["withdrawn"] = [a.approval_id for a in withdrawn]
+                await self.events.append(task.task_id, "task_interrupted", interruption)
         return tasks
+
+    async def _withdraw_pending(self, task_id: str) -> list[Approval]:
+        """The undecided approvals of a task that is being marked interrupted: it
+        died between storing an approval and waiting for it (no card, and nothing
+        can continue an interrupted task), so each is decided "expired" by
+        "recovery", with its event. Inside `_mark_interrupted`'s transaction."""
+        withdrawn = []
+        for approval in await self.approval_rows.pending_for_task(task_id):
+            if await self.approval_rows.decide(
+                approval.approval_id, "expired", "recovery", WITHDRAWN_NOTE
+            ):
+                await self.events.append(
+                    task_id,
+                    "approval_expired",
+                    {
+                        "approval_id": approval.approval_id,
+                        "expires_at": approval.expires_at,
+                        "decided_by": "recovery",
+                        "note": WITHDRAWN_NOTE,
+                    },
+                )
+                withdrawn.append(approval)
+        return withdrawn
 
     async def _cut_short(self, task: Task) -> bool:
         """An interrupted task whose decided approval was not carried out to the end.

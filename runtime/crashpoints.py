@@ -8,6 +8,7 @@ Unset (always, outside those tests) a crash point costs one dict lookup.
 
 Points (see docs/architecture.md, "Outbox and recovery"):
 - message_recorded   after accept()'s transaction committed, before the task row exists
+- approval_recorded  after a new pending approval's row committed, before the task waits on it
 - waiting_recorded   after task_waiting_for_approval committed, before the card is posted
 - decision_recorded  after a decision committed, before the card is updated
 - execution_claimed  after claim_execution committed, before tool_call_started is written

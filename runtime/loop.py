@@ -584,6 +584,7 @@ class RuntimeLoop:
                 reason=result.metadata.get("reason"),
                 requested_by=task.requested_by,
             )
+            crash_point("approval_recorded")  # test seam (issue #15): stored, not waited on
         self._record(
             task.task_id,
             "tool_approval_requested",

@@ -718,3 +718,37 @@ async def test_two_processes_recovering_at_once_do_everything_once(
     )
     assert rows[0][0] == 1
     assert await one.runtime.stores.inbox.count_open() == 0
+
+
+async def test_killed_between_the_approval_and_the_wait_leaves_nothing_pending(
+    start: Start, crash: CrashPoints, model_server: FakeModelServer, settings: Settings
+) -> None:
+    """The approval's row is stored, the task dies before it waits on it: the task
+    is interrupted, and the approval is withdrawn with its event rather than left
+    pending for ever with no card (it could never be continued)."""
+    script_approval(model_server, "echo never >> effects.log")
+    first = await start()
+    crash.at = "approval_recorded"
+    assert await first.service.accept(message(21)) is Accepted.NEW
+    await first.service.drain()
+    assert "approval_recorded" in crash.reached
+    assert len(await first.runtime.approvals.pending(10)) == 1
+    await kill(first)
+
+    second = await start()
+    await second.service.recover()
+    await second.service.drain()
+    assert await second.runtime.approvals.pending(10) == []
+    assert second.chat.cards == []
+    task_id = await only_task(second.runtime, 21)
+    task = await second.runtime.stores.tasks.get_task(task_id)
+    assert task is not None and task.status == "interrupted"
+    events = await second.runtime.stores.events.list_events(task_id)
+    kinds = [e.event_type for e in events]
+    assert kinds[-2:] == ["approval_expired", "task_interrupted"], kinds
+    assert events[-2].payload["decided_by"] == "recovery"
+    assert events[-1].payload["doing"].startswith("asking for approval of `echo never")
+    assert effects(settings) == []
+    await second.service.recover()  # a second round changes nothing
+    await second.service.drain()
+    assert [e.event_type for e in await second.runtime.stores.events.list_events(task_id)] == kinds
