@@ -742,6 +742,16 @@ class Database:
 
         return await self._in_background(transact)
 
+    async def background_delete(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """One DELETE statement as a background transaction (see above); returns
+        how many rows it deleted. For pruning tables that grow with traffic."""
+
+        async def delete(conn: aiosqlite.Connection) -> int:
+            async with conn.execute(sql, params) as cursor:
+                return cursor.rowcount
+
+        return await self.background_transaction(delete)
+
     async def checkpoint(self) -> None:
         """Copy the WAL into the database file, on the background connection, so
         the WAL can start over from its beginning.

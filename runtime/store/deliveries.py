@@ -7,12 +7,7 @@ processes.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from runtime.store.db import Database, now
-
-if TYPE_CHECKING:
-    import aiosqlite
 
 # Slack retries for about five minutes and Matrix replays within a sync window;
 # a week is far beyond both and keeps the table small.
@@ -36,12 +31,6 @@ class DeliveryStore:
     async def prune(self, older_than: float = DEFAULT_KEEP_SECONDS) -> int:
         """Forget deliveries claimed more than `older_than` seconds ago (off the loop:
         a busy week can be a lot of rows)."""
-        cutoff = now() - older_than
-
-        async def delete(conn: aiosqlite.Connection) -> int:
-            async with conn.execute(
-                "DELETE FROM deliveries WHERE claimed_at < ?", (cutoff,)
-            ) as cur:
-                return cur.rowcount
-
-        return await self.db.background_transaction(delete)
+        return await self.db.background_delete(
+            "DELETE FROM deliveries WHERE claimed_at < ?", (now() - older_than,)
+        )

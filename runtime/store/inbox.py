@@ -14,13 +14,9 @@ import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
 from uuid import uuid4
 
 from runtime.store.db import Database, dump_json, load_json, now, to_datetime
-
-if TYPE_CHECKING:
-    import aiosqlite
 
 # Kept as long as the deliveries they were claimed with (runtime/store/deliveries.py).
 DEFAULT_KEEP_SECONDS = 7 * 24 * 3600
@@ -178,12 +174,6 @@ class InboxStore:
     async def prune(self, older_than: float = DEFAULT_KEEP_SECONDS) -> int:
         """Forget done rows older than `older_than` seconds (with the deliveries;
         off the loop like them). Open rows stay until they are carried out."""
-        cutoff = now() - older_than
-
-        async def delete(conn: aiosqlite.Connection) -> int:
-            async with conn.execute(
-                "DELETE FROM inbox WHERE done_at IS NOT NULL AND done_at < ?", (cutoff,)
-            ) as cur:
-                return cur.rowcount
-
-        return await self.db.background_transaction(delete)
+        return await self.db.background_delete(
+            "DELETE FROM inbox WHERE done_at IS NOT NULL AND done_at < ?", (now() - older_than,)
+        )
