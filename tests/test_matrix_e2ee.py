@@ -10,6 +10,7 @@ answers there are m.room.encrypted; what people see is the decrypted event.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import secrets
 import stat
@@ -23,7 +24,8 @@ import pytest
 from nio import AsyncClient, AsyncClientConfig, JoinResponse, LoginResponse
 from nio.crypto.sessions import OutboundGroupSession
 from nio.store import SqliteMemoryStore
-from signedjson.sign import sign_json
+from signedjson.key import decode_verify_key_bytes
+from signedjson.sign import sign_json, verify_signed_json
 
 from bot.backend import PlatformStartError
 from bot.cli import main as cli_main
@@ -144,6 +146,7 @@ async def device_status_of(
 
 async def test_the_bot_cross_signs_its_device_and_talks_to_an_only_signed_client(
     bots: StartBot,
+    synapse: SynapseServer,
     element: OpenElement,
     people: dict[str, str],
     duck: str,
@@ -161,6 +164,7 @@ async def test_the_bot_cross_signs_its_device_and_talks_to_an_only_signed_client
     status = await device_status_of(strict, duck, device)
     assert status["signed_by_owner"] is True, status
     assert status["locally_verified"] is False  # nobody verified it by hand: not needed
+    await assert_full_cross_signing_set(bot, synapse, duck)
 
     question = await strict.say(room, "are you signed?")
     await strict.wait_for(
@@ -170,6 +174,31 @@ async def test_the_bot_cross_signs_its_device_and_talks_to_an_only_signed_client
     )
     # A first failure is retried by the SDK as keys arrive: what stays unread counts.
     assert not unread(strict, room), unread(strict, room)
+
+
+async def assert_full_cross_signing_set(bot: Any, synapse: SynapseServer, duck: str) -> None:
+    """The account's own /keys/query (only the owner sees its user-signing key) has
+    a master, a self-signing and a user-signing key, the last two signed by the master."""
+    token = bot.platform.connection.require_client().access_token
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            f"{synapse.base_url}/_matrix/client/v3/keys/query",
+            json={"device_keys": {duck: []}},
+            headers={"Authorization": f"Bearer {token}"},
+        ) as response:
+            assert response.status == 200
+            own = await response.json()
+    master = own["master_keys"][duck]
+    ((master_id, master_public),) = master["keys"].items()
+    raw = base64.b64decode(master_public + "=" * (-len(master_public) % 4))  # unpadded
+    verify_key = decode_verify_key_bytes(master_id, raw)
+    for kind, usage in (
+        ("self_signing_keys", "self_signing"),
+        ("user_signing_keys", "user_signing"),
+    ):
+        key = own[kind][duck]
+        assert key["usage"] == [usage], key
+        verify_signed_json(key, duck, verify_key)  # raises unless the master signed it
 
 
 def unread(person: ElementUser, room: str) -> list[dict[str, Any]]:

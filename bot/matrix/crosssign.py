@@ -14,9 +14,11 @@ self-signing key's signature yet (/keys/signatures/upload). matrix-nio has no
 cross-signing API; the signatures are signedjson's (canonical JSON + PyNaCl's
 Ed25519, what Synapse itself uses) — no primitive is written here.
 
-The private keys live in crypto/cross_signing.json (0600), their seeds encrypted
-with the store's pickle key (Argon2id-derived key, XSalsa20-Poly1305 SecretBox). A
-user-signing key is not made: the bot verifies nobody (research/matrix-e2ee.md).
+The user-signing key (master ──signs──▶ user-signing key) is made and uploaded
+too, so the account has the full set clients expect, though the bot signs no
+other user with it (it verifies nobody; research/matrix-e2ee.md). The private
+keys live in crypto/cross_signing.json (0600), their seeds encrypted with the
+store's pickle key (Argon2id-derived key, XSalsa20-Poly1305 SecretBox).
 """
 
 from __future__ import annotations
@@ -82,10 +84,11 @@ class SigningKey:
 class CrossSigningKeys:
     master: SigningKey
     self_signing: SigningKey
+    user_signing: SigningKey
 
     @classmethod
     def generate(cls) -> CrossSigningKeys:
-        return cls(SigningKey.generate(), SigningKey.generate())
+        return cls(SigningKey.generate(), SigningKey.generate(), SigningKey.generate())
 
 
 def _box(pickle_key: str, salt: bytes) -> nacl.secret.SecretBox:
@@ -101,12 +104,19 @@ def _box(pickle_key: str, salt: bytes) -> nacl.secret.SecretBox:
 
 def save_keys(directory: Path, user_id: str, keys: CrossSigningKeys, pickle_key: str) -> None:
     salt = nacl.utils.random(nacl.pwhash.argon2id.SALTBYTES)
-    secret = json.dumps({"master": keys.master.seed, "self_signing": keys.self_signing.seed})
+    secret = json.dumps(
+        {
+            "master": keys.master.seed,
+            "self_signing": keys.self_signing.seed,
+            "user_signing": keys.user_signing.seed,
+        }
+    )
     sealed = _box(pickle_key, salt).encrypt(secret.encode())
     data = {
         "user_id": user_id,
         "master_public": keys.master.public,
         "self_signing_public": keys.self_signing.public,
+        "user_signing_public": keys.user_signing.public,
         "salt": base64.b64encode(salt).decode(),
         "sealed": base64.b64encode(bytes(sealed)).decode(),
     }
@@ -130,7 +140,11 @@ def load_keys(directory: Path, user_id: str, pickle_key: str) -> CrossSigningKey
         salt = base64.b64decode(data["salt"])
         opened = _box(pickle_key, salt).decrypt(base64.b64decode(data["sealed"]))
         seeds = json.loads(opened)
-        return CrossSigningKeys(SigningKey(seeds["master"]), SigningKey(seeds["self_signing"]))
+        return CrossSigningKeys(
+            SigningKey(seeds["master"]),
+            SigningKey(seeds["self_signing"]),
+            SigningKey(seeds["user_signing"]),
+        )
     except Exception as exc:  # nacl's CryptoError for a wrong key, or a damaged file
         logger.error(
             "matrix: cannot open the cross-signing keys in %s (%s: wrong MATRIX_STORE_PASSPHRASE?)",
@@ -153,7 +167,7 @@ def signed_key(
 
 
 class CrossSigner:
-    """Makes sure the bot's master and self-signing keys are on the homeserver and
+    """Makes sure the bot's master, self-signing and user-signing keys are on the homeserver and
     its device is signed; run once per start, after the device keys are uploaded."""
 
     def __init__(
@@ -179,7 +193,14 @@ class CrossSigner:
             own = await self._query()
             keys = load_keys(self.directory, self.user_id, self.pickle_key)
             server_master = _public_of(own.get("master_keys", {}).get(self.user_id))
+            server_user_signing = _public_of(own.get("user_signing_keys", {}).get(self.user_id))
             done = []
+            if keys is not None and server_master == keys.master.public:
+                if server_user_signing != keys.user_signing.public:
+                    # Ours, but without the user-signing key (or with another one):
+                    # upload the same master and self-signing keys with it.
+                    await self._upload_keys(keys, replacing=True)
+                    done.append("uploaded the user-signing key")
             if keys is None or server_master != keys.master.public:
                 replacing = server_master is not None
                 keys = CrossSigningKeys.generate()
@@ -215,6 +236,9 @@ class CrossSigner:
             "master_key": signed_key(self.user_id, keys.master, "master"),
             "self_signing_key": signed_key(
                 self.user_id, keys.self_signing, "self_signing", by=keys.master
+            ),
+            "user_signing_key": signed_key(
+                self.user_id, keys.user_signing, "user_signing", by=keys.master
             ),
         }
         status, data = await self._request("POST", "/keys/device_signing/upload", body)
