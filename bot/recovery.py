@@ -23,6 +23,7 @@ processes at once, changes nothing the second time.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -51,10 +52,13 @@ _DECISION_ONLY = frozenset(
     {"approval_decided", "rule_created", "task_continued", "task_interrupted"}
 )
 # A crash during a previous recovery can leave a task interrupted before its
-# cut-short run was offered again: the tasks interrupted within this window (at
-# most this many) are checked once more at start.
-RECHECK_INTERRUPTED = 200
+# cut-short run was offered again: the tasks interrupted within this window (all
+# of them, in pages) are checked once more at start.
 RECHECK_WINDOW_S = 3600.0
+# Every step walks what is owed in pages of this many rows (keyset pagination
+# in the store), until nothing is left: no cap skips work, memory holds one
+# page, and the event loop gets a turn between pages.
+PAGE_SIZE = 200
 
 
 def answer_text(status: str, text: str) -> str:
@@ -171,23 +175,33 @@ class Recovery:
     # -- tasks ----------------------------------------------------------------
 
     async def _interrupted(self) -> None:
-        for task in await self._mark_interrupted():
-            await _guarded(partial(self._tell_interrupted, task))
+        # The window is taken before marking, so the tasks marked now are in it.
+        recent = time.time() - RECHECK_WINDOW_S
+        while True:
+            tasks = await self._mark_interrupted()
+            for task in tasks:
+                await _guarded(partial(self._tell_interrupted, task))
+            await asyncio.sleep(0)
+            if len(tasks) < PAGE_SIZE:
+                break
         # A crash during an earlier recovery may have left a cut-short run
         # interrupted without its new approval.
-        recent = time.time() - RECHECK_WINDOW_S
-        for task in await self.tasks.list_recent(RECHECK_INTERRUPTED, status="interrupted"):
-            if task.updated_at.timestamp() >= recent:
+        async for page in self.tasks.iter_interrupted_since(recent, PAGE_SIZE):
+            for task in page:
                 await _guarded(partial(self._cut_short, task))
+            await asyncio.sleep(0)
 
     async def _tell_interrupted(self, task: Task) -> None:
         # Not cut short: the interruption note is the answer it owes (`_answers`).
         await self._cut_short(task)
 
     async def _mark_interrupted(self) -> list[Task]:
-        """`running` tasks of a dead process become `interrupted`, with their events."""
+        """A page of `running` tasks of a dead process become `interrupted`, with
+        their events (one transaction per page); fewer than PAGE_SIZE: the last."""
         async with self.db.transaction():
-            tasks = await self.tasks.mark_interrupted(updated_before=self.service.started_at)
+            tasks = await self.tasks.mark_interrupted(
+                updated_before=self.service.started_at, limit=PAGE_SIZE
+            )
             for task in tasks:
                 last = await self.events.last_events(task.task_id, 1)
                 interruption = describe_interruption(last)
@@ -328,14 +342,14 @@ class Recovery:
 
     async def _continue_decided(self) -> None:
         """Decisions committed whose continuation never started (a crash right after
-        the click). The continuation's compare-and-set on the task keeps it once."""
-        latest: dict[str, Approval] = {}
-        for approval in await self.approvals.decided_not_carried_out():
-            latest[approval.task_id] = approval  # oldest first: the last one wins
-        for task_id, approval in latest.items():
-            thread = await self.service.thread_of(task_id)
-            if thread is not None:
-                self.service.continue_task(thread, task_id, approval.approval_id)
+        the click). The continuation's compare-and-set on the task keeps it once.
+        The store gives each task's latest such decision, a page of tasks at a time."""
+        async for page in self.approval_rows.iter_decided_not_carried_out(PAGE_SIZE):
+            for approval in page:
+                thread = await self.service.thread_of(approval.task_id)
+                if thread is not None:
+                    self.service.continue_task(thread, approval.task_id, approval.approval_id)
+            await asyncio.sleep(0)
 
     # -- inbox and cards --------------------------------------------------------
 
@@ -343,49 +357,64 @@ class Recovery:
         """Messages acknowledged but never carried out: those of a dead process, and
         this process's own whose job ended without closing them."""
         service = self.service
-        rows = await self.inbox.take_abandoned(
-            service.instance, service.started_at, sorted(service.backends)
-        )
-        rows += [
-            row
-            for row in await self.inbox.open_for(service.instance)
-            if service.inbound_retryable(row.inbox_id) and row not in rows
-        ]
-        for row in rows:
-            service.start_inbound(row)
+        # Its own rows first: a row taken below is this process's too, and must
+        # not be started twice in one round (its job may already have failed).
+        async for page in self.inbox.iter_open_for(service.instance, PAGE_SIZE):
+            for row in page:
+                if service.inbound_retryable(row.inbox_id):
+                    service.start_inbound(row)
+            await asyncio.sleep(0)
+        while True:
+            rows = await self.inbox.take_abandoned(
+                service.instance, service.started_at, sorted(service.backends), PAGE_SIZE
+            )
+            for row in rows:
+                service.start_inbound(row)
+            await asyncio.sleep(0)
+            if len(rows) < PAGE_SIZE:
+                break
 
     async def _answers(self) -> None:
         """Finished tasks whose answer never reached their thread: the process died
         between the commit and the post, or the platform was down."""
         service = self.service
-        for task in await self.tasks.owed_answers(
-            sorted(service.backends), stale_before=service.started_at
+        async for page in self.tasks.iter_owed_answers(
+            sorted(service.backends), stale_before=service.started_at, page=PAGE_SIZE
         ):
-            thread = await service.thread_of(task.task_id)
-            if thread is None:
-                continue
-            said = task.error if task.status == "failed" else task.final_response
-            row = await self.inbox.for_task(task.task_id)
-            late = row is not None and row.late and task.status != "interrupted"
-            await service.deliver_answer(
-                thread,
-                task.task_id,
-                answer_text(task.status, said or ""),
-                LATE_TEXT if late else None,
-            )
+            for task in page:
+                await self._answer(task)
+            await asyncio.sleep(0)
+
+    async def _answer(self, task: Task) -> None:
+        service = self.service
+        thread = await service.thread_of(task.task_id)
+        if thread is None:
+            return
+        said = task.error if task.status == "failed" else task.final_response
+        row = await self.inbox.for_task(task.task_id)
+        late = row is not None and row.late and task.status != "interrupted"
+        await service.deliver_answer(
+            thread,
+            task.task_id,
+            answer_text(task.status, said or ""),
+            LATE_TEXT if late else None,
+        )
 
     async def _cards(self) -> None:
         """Post missing cards, resolve stale ones, for the platforms served here."""
         # A pending approval of a task that no longer waits (it died before it
         # said so) is not listed: nobody could carry its decision out.
-        for approval in await self.approvals.cards_lagging(sorted(self.service.backends)):
-            thread = await self.service.thread_of(approval.task_id)
-            if thread is None:
-                continue
-            if approval.decision is None:
-                await self.service.post_card(thread, approval)
-            else:
-                await self.service.resolve_card(thread, approval)
+        platforms = sorted(self.service.backends)
+        async for page in self.approval_rows.iter_cards_lagging(platforms, PAGE_SIZE):
+            for approval in page:
+                thread = await self.service.thread_of(approval.task_id)
+                if thread is None:
+                    continue
+                if approval.decision is None:
+                    await self.service.post_card(thread, approval)
+                else:
+                    await self.service.resolve_card(thread, approval)
+            await asyncio.sleep(0)
 
 
 async def _guarded(step: Callable[[], Awaitable[object]]) -> None:

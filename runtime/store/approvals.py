@@ -8,7 +8,7 @@ whichever caller (task, process) gets a row back is the one that made it.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 from uuid import uuid4
@@ -287,6 +287,75 @@ class ApprovalStore:
             (limit,),
         )
         return [_approval(row) for row in rows]
+
+    async def iter_cards_lagging(
+        self, platforms: Sequence[str], page: int = 200
+    ) -> AsyncIterator[list[Approval]]:
+        """`cards_lagging`, all of it, a page at a time (keyset on created_at and
+        rowid through the approvals_card_lagging index, whose condition is the
+        first three lines of the WHERE): memory bounded by a page, nothing
+        skipped however much lags. Oldest first."""
+        if not platforms:
+            return
+        marks = ", ".join("?" * len(platforms))
+        after: tuple[float, int] | None = None
+        while True:
+            keyset = "" if after is None else "AND (a.created_at, a.rowid) > (?, ?) "
+            rows = await self.db.fetchall(
+                f"SELECT {_QUALIFIED}, a.created_at AS k_at, a.rowid AS k_row "
+                "FROM approvals a INDEXED BY approvals_card_lagging "
+                "JOIN tasks t ON t.task_id = a.task_id "
+                "WHERE ((a.decision IS NULL AND a.card_state = 'unposted') "
+                "OR (a.decision IS NOT NULL AND a.card_state = 'posted') "
+                "OR (a.decision IS NOT NULL AND a.card_state = 'unposted' "
+                "AND a.card_claimed_at IS NOT NULL)) "
+                # A pending approval's card is owed only while its task waits.
+                "AND (a.decision IS NOT NULL OR t.status = 'waiting_for_approval') "
+                f"AND substr(t.conversation, 1, instr(t.conversation, ':') - 1) IN ({marks}) "
+                f"{keyset}ORDER BY a.created_at, a.rowid LIMIT ?",
+                (*platforms, *(after or ()), page),
+            )
+            if not rows:
+                return
+            after = (rows[-1]["k_at"], rows[-1]["k_row"])
+            yield [_approval(row) for row in rows]
+            if len(rows) < page:
+                return
+
+    async def iter_decided_not_carried_out(self, page: int = 200) -> AsyncIterator[list[Approval]]:
+        """Per waiting task with nothing pending, its latest decision whose
+        continuation never started (the last of what `decided_not_carried_out`
+        lists for it), for every waiting task: a page of waiting tasks at a time
+        (keyset on the tasks_status index: created_at and rowid), so a page may
+        hold fewer (or no) approvals. Oldest task first."""
+        after: tuple[float, int] | None = None
+        while True:
+            keyset = "" if after is None else "AND (created_at, rowid) > (?, ?) "
+            rows = await self.db.fetchall(
+                # The page of tasks first, then each one's latest decision not
+                # carried out (LEFT: the cursor must move past tasks without one).
+                f"SELECT {_QUALIFIED}, w.created_at AS k_at, w.k_row AS k_row, "
+                "EXISTS (SELECT 1 FROM approvals p WHERE p.task_id = w.task_id "
+                "AND p.decision IS NULL) AS k_pending "
+                "FROM (SELECT task_id, created_at, rowid AS k_row FROM tasks "
+                f"WHERE status = 'waiting_for_approval' {keyset}"
+                "ORDER BY created_at, rowid LIMIT ?) w "
+                "LEFT JOIN approvals a ON a.rowid = (SELECT d.rowid FROM approvals d "
+                "WHERE d.task_id = w.task_id AND d.decision IN ('approve', 'always', 'deny') "
+                "AND d.executed_at IS NULL ORDER BY d.created_at DESC, d.rowid DESC LIMIT 1) "
+                "ORDER BY w.created_at, w.k_row",
+                (*(after or ()), page),
+            )
+            if not rows:
+                return
+            after = (rows[-1]["k_at"], rows[-1]["k_row"])
+            yield [
+                _approval(row)
+                for row in rows
+                if row["approval_id"] is not None and not row["k_pending"]
+            ]
+            if len(rows) < page:
+                return
 
     async def replacement_of(self, approval_id: str) -> Approval | None:
         """The approval that offers `approval_id`'s action again, if any."""

@@ -306,6 +306,16 @@ MIGRATIONS: list[tuple[str, ...]] = [
         "ALTER TABLE rules ADD COLUMN last_used_at REAL",
         "ALTER TABLE rules ADD COLUMN use_count INTEGER NOT NULL DEFAULT 0",
     ),
+    (
+        # v9 (issue #23): recovery pages through the approvals whose card lags
+        # (keyset on created_at); approvals_card_lag lacks the third case (decided
+        # while a post was under way), so the query could not use it and scanned
+        # every approval each page. This one's condition is the query's, exactly.
+        "CREATE INDEX approvals_card_lagging ON approvals (created_at) "
+        "WHERE (decision IS NULL AND card_state = 'unposted') "
+        "OR (decision IS NOT NULL AND card_state = 'posted') "
+        "OR (decision IS NOT NULL AND card_state = 'unposted' AND card_claimed_at IS NOT NULL)",
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -11,7 +11,7 @@ recovery, once: a row is taken with a compare-and-set on its owner.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from uuid import uuid4
@@ -140,21 +140,28 @@ class InboxStore:
         return None if row is None else _row(row)
 
     async def take_abandoned(
-        self, owner: str, claimed_before: float, platforms: Sequence[str]
+        self,
+        owner: str,
+        claimed_before: float,
+        platforms: Sequence[str],
+        limit: int | None = None,
     ) -> list[InboxRow]:
         """Claim for `owner` every open row of `platforms` claimed before
         `claimed_before` (by a process that has died since: the caller's own start
         time is the cut-off). One statement, so two processes recovering at once
-        split the rows, never share one."""
+        split the rows, never share one. With `limit`, at most that many (the
+        oldest): call again until it returns fewer (a taken row is `owner`'s and
+        no longer matches, so no cursor is needed)."""
         if not platforms:
             return []
         marks = ", ".join("?" * len(platforms))
         rows = await self.db.fetchall(
-            "UPDATE inbox SET owner = ?, claimed_at = ? WHERE done_at IS NULL "
+            "UPDATE inbox SET owner = ?, claimed_at = ? WHERE rowid IN "
+            "(SELECT rowid FROM inbox WHERE done_at IS NULL "
             "AND (claimed_at IS NULL OR claimed_at < ?) AND owner IS NOT ? "
             f"AND substr(conversation, 1, instr(conversation, ':') - 1) IN ({marks}) "
-            f"RETURNING {_COLUMNS}",
-            (owner, now(), claimed_before, owner, *platforms),
+            f"ORDER BY received_at LIMIT ?) RETURNING {_COLUMNS}",
+            (owner, now(), claimed_before, owner, *platforms, -1 if limit is None else limit),
         )
         return sorted((_row(r) for r in rows), key=lambda r: r.received_at)
 
@@ -166,6 +173,24 @@ class InboxStore:
             (owner,),
         )
         return [_row(r) for r in rows]
+
+    async def iter_open_for(self, owner: str, page: int = 200) -> AsyncIterator[list[InboxRow]]:
+        """`open_for`, a page at a time (keyset on received_at and rowid, from the
+        inbox_open index): memory bounded by a page however many are open."""
+        after: tuple[float, int] | None = None
+        while True:
+            keyset = "" if after is None else "AND (received_at, rowid) > (?, ?) "
+            rows = await self.db.fetchall(
+                f"SELECT {_COLUMNS}, received_at AS k_at, rowid AS k_row FROM inbox "
+                f"WHERE done_at IS NULL AND owner = ? {keyset}ORDER BY received_at, rowid LIMIT ?",
+                (owner, *(after or ()), page),
+            )
+            if not rows:
+                return
+            after = (rows[-1]["k_at"], rows[-1]["k_row"])
+            yield [_row(r) for r in rows]
+            if len(rows) < page:
+                return
 
     async def count_open(self) -> int:
         row = await self.db.fetchone("SELECT COUNT(*) FROM inbox WHERE done_at IS NULL")

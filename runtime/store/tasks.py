@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, get_args
 from uuid import uuid4
@@ -323,8 +323,72 @@ class TaskStore:
         )
         return [_task(row) for row in rows]
 
-    async def mark_interrupted(self, updated_before: float | None = None) -> list[Task]:
+    async def iter_owed_answers(
+        self,
+        platforms: Sequence[str],
+        *,
+        stale_before: float,
+        lease: float = 60.0,
+        page: int = 200,
+    ) -> AsyncIterator[list[Task]]:
+        """`owed_answers`, all of them, a page at a time (keyset on updated_at and
+        rowid, from the tasks_unanswered index): nothing skipped however many are
+        owed, memory bounded by a page. Oldest first."""
+        if not platforms:
+            return
+        marks = ", ".join("?" * len(platforms))
+        expired = max(now() - lease, stale_before)
+        after: tuple[float, int] | None = None
+        while True:
+            keyset = "" if after is None else "AND (updated_at, rowid) > (?, ?) "
+            rows = await self.db.fetchall(
+                # INDEXED BY: left alone, the planner reads tasks_status (every
+                # completed task) and sorts; this index holds only what is owed.
+                f"SELECT {_COLUMNS}, updated_at AS k_at, rowid AS k_row "
+                "FROM tasks INDEXED BY tasks_unanswered "
+                f"WHERE answered_at IS NULL AND status IN {_OWING} "
+                "AND (answer_claimed_at IS NULL OR answer_claimed_at < ?) "
+                f"AND substr(conversation, 1, instr(conversation, ':') - 1) IN ({marks}) "
+                f"{keyset}ORDER BY updated_at, rowid LIMIT ?",
+                (expired, *platforms, *(after or ()), page),
+            )
+            if not rows:
+                return
+            after = (rows[-1]["k_at"], rows[-1]["k_row"])
+            yield [_task(row) for row in rows]
+            if len(rows) < page:
+                return
+
+    async def iter_interrupted_since(
+        self, since: float, page: int = 200
+    ) -> AsyncIterator[list[Task]]:
+        """Tasks `interrupted` with their last change at or after `since`, all of
+        them, a page at a time (keyset on updated_at and rowid, from the
+        tasks_finished index). Oldest change first."""
+        after: tuple[float, int] = (since, -1)
+        while True:
+            rows = await self.db.fetchall(
+                f"SELECT {_COLUMNS}, updated_at AS k_at, rowid AS k_row "
+                "FROM tasks INDEXED BY tasks_finished "
+                # The IN repeats tasks_finished's condition, so the index applies.
+                "WHERE status IN ('completed', 'failed', 'expired', 'interrupted') "
+                "AND status = 'interrupted' AND updated_at >= ? "
+                "AND (updated_at, rowid) > (?, ?) ORDER BY updated_at, rowid LIMIT ?",
+                (since, *after, page),
+            )
+            if not rows:
+                return
+            after = (rows[-1]["k_at"], rows[-1]["k_row"])
+            yield [_task(row) for row in rows]
+            if len(rows) < page:
+                return
+
+    async def mark_interrupted(
+        self, updated_before: float | None = None, limit: int | None = None
+    ) -> list[Task]:
         """After a crash: every `running` task becomes `interrupted`; returns them.
+        With `limit`, at most that many (the oldest): call again until it returns
+        fewer (the marked ones no longer match, so no cursor is needed).
 
         Only the process that owns the tasks (the bot at start) should call this,
         not a CLI next to a running bot. `updated_before` (the caller's start time)
@@ -332,9 +396,11 @@ class TaskStore:
         `task_interrupted` events are the caller's (bot/recovery.py), in the same
         transaction.
         """
+        at = now()
         rows = await self.db.fetchall(
-            "UPDATE tasks SET status = 'interrupted', updated_at = ? "
-            f"WHERE status = 'running' AND updated_at < ? RETURNING {_COLUMNS}",
-            (now(), now() if updated_before is None else updated_before),
+            "UPDATE tasks SET status = 'interrupted', updated_at = ? WHERE rowid IN "
+            "(SELECT rowid FROM tasks WHERE status = 'running' AND updated_at < ? "
+            f"ORDER BY created_at LIMIT ?) RETURNING {_COLUMNS}",
+            (at, at if updated_before is None else updated_before, -1 if limit is None else limit),
         )
         return sorted((_task(row) for row in rows), key=lambda task: task.created_at)
