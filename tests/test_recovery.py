@@ -755,3 +755,176 @@ async def test_killed_between_the_approval_and_the_wait_leaves_nothing_pending(
     await second.service.recover()  # a second round changes nothing
     await second.service.drain()
     assert [e.event_type for e in await second.runtime.stores.events.list_events(task_id)] == kinds
+
+
+# -- recovery in pages (issue #23): more than a page of each kind, all of it, once --
+
+PAGE = 200
+MANY = 450  # two full pages and a part
+
+
+@pytest.fixture
+def small_pages(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> int:
+    """Pages of PAGE rows, and no flood limits (one asker sends MANY messages)."""
+    import bot.recovery
+
+    monkeypatch.setattr(bot.recovery, "PAGE_SIZE", PAGE)
+    for name, value in (
+        ("user_max_tasks", 0),
+        ("channel_max_tasks", 0),
+        ("user_rate", None),
+        ("channel_rate", None),
+    ):
+        monkeypatch.setattr(settings, name, value)
+    return PAGE
+
+
+def many(base: int) -> list[int]:
+    return list(range(base, base + MANY))
+
+
+async def test_store_pages_hold_at_most_a_page_and_miss_nothing(tmp_path: Path) -> None:
+    """Each paged query yields pages of at most `page` rows, each row once, until
+    nothing is left (the boundary included: a last page exactly full)."""
+    from runtime.store import open_stores
+
+    size = 40
+    stores = await open_stores(tmp_path / "pages.db")
+    try:
+        made = [await stores.tasks.create_task(f"q{n}", conversation=key(n)) for n in range(80)]
+        for task in made:
+            await stores.tasks.complete_task(task.task_id, "done")
+        pages = [
+            [t.task_id for t in page]
+            async for page in stores.tasks.iter_owed_answers(
+                ["test"], stale_before=time.time(), page=size
+            )
+        ]
+        assert [len(p) for p in pages] == [size, size]
+        assert sorted(i for p in pages for i in p) == sorted(t.task_id for t in made)
+        for task in made[:30]:
+            await stores.tasks.answered(task.task_id)
+        left = [
+            t.task_id
+            async for page in stores.tasks.iter_owed_answers(
+                ["test"], stale_before=time.time(), page=size
+            )
+            for t in page
+        ]
+        assert sorted(left) == sorted(t.task_id for t in made[30:])
+        assert [
+            p async for p in stores.tasks.iter_owed_answers(["other"], stale_before=time.time())
+        ] == []
+
+        for n in range(90):
+            await stores.inbox.insert(key(n), ASKER, f"m{n}", owner="dead")
+        sizes = [len(p) async for p in stores.inbox.iter_open_for("dead", page=size)]
+        assert sizes == [size, size, 10]
+        taken: list[str] = []
+        while rows := await stores.inbox.take_abandoned("me", time.time(), ["test"], size):
+            assert len(rows) <= size
+            taken += [r.inbox_id for r in rows]
+        assert len(taken) == len(set(taken)) == 90
+        assert [p async for p in stores.inbox.iter_open_for("dead", page=size)] == []
+    finally:
+        await stores.db.close()
+
+
+async def test_interrupted_tasks_and_owed_answers_are_carried_out_in_pages(
+    start: Start, small_pages: int
+) -> None:
+    first = await start()
+    tasks = first.runtime.stores.tasks
+    running, finished = {}, {}
+    for n in many(1000):
+        task = await tasks.create_task(f"question {n}", conversation=key(n))
+        assert await tasks.update_status(task.task_id, "running")
+        running[n] = task.task_id
+    for n in many(2000):
+        task = await tasks.create_task(f"question {n}", conversation=key(n))
+        assert await tasks.complete_task(task.task_id, f"answer {n}")
+        finished[n] = task.task_id
+    await kill(first)  # they were running when it died; the answers never went out
+
+    second = await start()
+    await second.service.recover()
+    await second.service.drain()
+    for n, task_id in running.items():
+        assert second.chat.texts(key(n)) == [INTERRUPTED_TEXT], n
+        assert (await event_types(second.runtime, task_id)).count("task_interrupted") == 1
+        task = await second.runtime.stores.tasks.get_task(task_id)
+        assert task is not None and task.status == "interrupted"
+    for n in finished:
+        assert second.chat.texts(key(n)) == [f"answer {n}"], n
+    assert len(second.chat.sent) == 2 * MANY
+    await second.service.recover()
+    await second.service.recover_periodically()
+    await second.service.drain()
+    assert len(second.chat.sent) == 2 * MANY  # a second round does nothing
+    for task_id in running.values():
+        assert (await event_types(second.runtime, task_id)).count("task_interrupted") == 1
+
+
+async def test_open_inbox_rows_are_carried_out_in_pages(
+    start: Start, crash: CrashPoints, model: FakeModelServer, small_pages: int
+) -> None:
+    model.set_default(THINKER, Text("web-1 is up"))
+    first = await start()
+    for n in many(3000):
+        crash.at = "message_recorded"
+        with pytest.raises(Crash):
+            await first.service.accept(message(n, "is web-1 up?"))
+    await kill(first)
+
+    second = await start()
+    assert await second.runtime.stores.inbox.count_open() == MANY
+    await second.service.recover()
+    await second.service.drain()
+    for n in many(3000):
+        assert second.chat.texts(key(n)) == ["web-1 is up"], n
+        await only_task(second.runtime, n)
+    assert await second.runtime.stores.inbox.count_open() == 0
+    await second.service.recover()
+    await second.service.recover_periodically()
+    await second.service.drain()
+    assert len(second.chat.sent) == MANY
+    for n in many(3000):
+        await only_task(second.runtime, n)
+
+
+async def test_lagging_cards_and_decisions_are_carried_out_in_pages(
+    start: Start, crash: CrashPoints, model_server: FakeModelServer, small_pages: int
+) -> None:
+    script_approval(model_server, "echo once >> effects.log", answer="not run")
+    numbers = many(4000)
+    first = await start()
+    first.chat.down = True  # every card fails to post: all of them lag
+    for n in numbers:
+        assert await first.service.accept(message(n)) is Accepted.NEW
+    await first.service.drain()
+    await kill(first)
+    assert first.chat.cards == []
+
+    second = await start()
+    await second.service.recover()
+    await second.service.drain()
+    cards = {k: card for k, card, _ in second.chat.cards}
+    assert len(second.chat.cards) == MANY and sorted(cards) == sorted(key(n) for n in numbers)
+    for card in cards.values():  # each decision commits, and the process dies at once
+        crash.at = "decision_recorded"
+        with pytest.raises(Crash):
+            await second.service.handle_decision(card.approval_id, APPROVER, "deny")
+    await kill(second)
+    assert second.chat.resolved == []
+
+    third = await start(second.chat)  # the same platform, its cards still out there
+    for _ in range(2):  # and once more: nothing changes the second time
+        await third.service.recover()
+        await third.service.drain()
+        assert sorted(d for _, d in third.chat.resolved) == ["deny"] * MANY
+        assert len({ref for ref, _ in third.chat.resolved}) == MANY
+        for n in numbers:
+            assert third.chat.texts(key(n)) == ["not run"], n
+            task = await third.runtime.stores.tasks.get_task(await only_task(third.runtime, n))
+            assert task is not None and task.status == "completed"
+    assert len(third.chat.cards) == MANY  # no card posted twice
