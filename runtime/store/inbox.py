@@ -165,17 +165,9 @@ class InboxStore:
         )
         return sorted((_row(r) for r in rows), key=lambda r: r.received_at)
 
-    async def open_for(self, owner: str) -> list[InboxRow]:
-        """`owner`'s open rows, oldest first (the caller tells which still have a job)."""
-        rows = await self.db.fetchall(
-            f"SELECT {_COLUMNS} FROM inbox WHERE done_at IS NULL AND owner = ? "
-            "ORDER BY received_at",
-            (owner,),
-        )
-        return [_row(r) for r in rows]
-
     async def iter_open_for(self, owner: str, page: int = 200) -> AsyncIterator[list[InboxRow]]:
-        """`open_for`, a page at a time (keyset on received_at and rowid, from the
+        """`owner`'s open rows, oldest first (the caller tells which still have a
+        job), a page at a time (keyset on received_at and rowid, from the
         inbox_open index): memory bounded by a page however many are open."""
         after: tuple[float, int] | None = None
         while True:

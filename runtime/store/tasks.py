@@ -298,31 +298,6 @@ class TaskStore:
             (task_id,),
         )
 
-    async def owed_answers(
-        self,
-        platforms: Sequence[str],
-        *,
-        stale_before: float,
-        lease: float = 60.0,
-        limit: int = 200,
-    ) -> list[Task]:
-        """Finished tasks (completed, failed, interrupted) of conversations on
-        `platforms` whose answer was never posted and nobody is posting now,
-        oldest first."""
-        if not platforms:
-            return []
-        marks = ", ".join("?" * len(platforms))
-        expired = max(now() - lease, stale_before)
-        rows = await self.db.fetchall(
-            f"SELECT {_COLUMNS} FROM tasks WHERE answered_at IS NULL "
-            f"AND status IN {_OWING} "
-            "AND (answer_claimed_at IS NULL OR answer_claimed_at < ?) "
-            f"AND substr(conversation, 1, instr(conversation, ':') - 1) IN ({marks}) "
-            "ORDER BY updated_at LIMIT ?",
-            (expired, *platforms, limit),
-        )
-        return [_task(row) for row in rows]
-
     async def iter_owed_answers(
         self,
         platforms: Sequence[str],
@@ -331,9 +306,11 @@ class TaskStore:
         lease: float = 60.0,
         page: int = 200,
     ) -> AsyncIterator[list[Task]]:
-        """`owed_answers`, all of them, a page at a time (keyset on updated_at and
-        rowid, from the tasks_unanswered index): nothing skipped however many are
-        owed, memory bounded by a page. Oldest first."""
+        """Finished tasks (completed, failed, interrupted) of conversations on
+        `platforms` whose answer was never posted and nobody is posting now, all
+        of them, a page at a time (keyset on updated_at and rowid, from the
+        tasks_unanswered index): nothing skipped however many are owed, memory
+        bounded by a page. Oldest first."""
         if not platforms:
             return
         marks = ", ".join("?" * len(platforms))
