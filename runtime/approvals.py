@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -197,15 +197,6 @@ class ApprovalService:
 
     async def card_resolved(self, approval_id: str) -> bool:
         return await self._approvals.card_resolved(approval_id)
-
-    async def cards_lagging(self, platforms: Sequence[str], limit: int = 500) -> list[Approval]:
-        """Pending approvals of waiting tasks without a card, decided ones whose card
-        still has buttons, in conversations of `platforms`."""
-        return await self._approvals.cards_lagging(platforms, limit)
-
-    async def decided_not_carried_out(self) -> list[Approval]:
-        """Decisions of waiting tasks whose continuation never started (recovery)."""
-        return await self._approvals.decided_not_carried_out()
 
     async def replacement_of(self, approval_id: str) -> Approval | None:
         return await self._approvals.replacement_of(approval_id)

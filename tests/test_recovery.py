@@ -650,7 +650,11 @@ async def test_cards_of_platforms_served_elsewhere_are_left_alone(
     await bot_.service.recover_periodically()
     await bot_.service.drain()
     assert bot_.chat.cards == []
-    lagging = await bot_.runtime.approvals.cards_lagging(["other"])
+    lagging = [
+        approval
+        async for page in bot_.runtime.stores.approvals.iter_cards_lagging(["other"])
+        for approval in page
+    ]
     assert [a.approval_id for a in lagging] == [result.pending_approval.approval_id]  # type: ignore[union-attr]
 
 

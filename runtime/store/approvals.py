@@ -251,50 +251,18 @@ class ApprovalStore:
             )
         )
 
-    async def cards_lagging(self, platforms: Sequence[str], limit: int = 500) -> list[Approval]:
-        """Approvals whose card does not show their state, in conversations of
-        `platforms` (the part of the conversation key before its first ":"):
-        pending without a card while their task waits, decided (or expired) with
-        the card still showing its buttons or perhaps posted unrecorded. Oldest first."""
-        if not platforms:
-            return []
-        marks = ", ".join("?" * len(platforms))
-        rows = await self.db.fetchall(
-            f"SELECT {_QUALIFIED} FROM approvals a JOIN tasks t ON t.task_id = a.task_id "
-            "WHERE ((a.decision IS NULL AND a.card_state = 'unposted' "
-            "AND t.status = 'waiting_for_approval') "
-            "OR (a.decision IS NOT NULL AND a.card_state = 'posted') "
-            # Decided while a post was under way (and its poster died): the card
-            # may be out there with its buttons.
-            "OR (a.decision IS NOT NULL AND a.card_state = 'unposted' "
-            "AND a.card_claimed_at IS NOT NULL)) "
-            f"AND substr(t.conversation, 1, instr(t.conversation, ':') - 1) IN ({marks}) "
-            "ORDER BY a.created_at, a.rowid LIMIT ?",
-            (*platforms, limit),
-        )
-        return [_approval(row) for row in rows]
-
-    async def decided_not_carried_out(self, limit: int = 1000) -> list[Approval]:
-        """Decisions whose continuation never started: the task still waits, has
-        nothing else pending, and the decided action was not claimed. Oldest first."""
-        rows = await self.db.fetchall(
-            f"SELECT {_QUALIFIED} FROM approvals a JOIN tasks t ON t.task_id = a.task_id "
-            "WHERE t.status = 'waiting_for_approval' "
-            "AND a.decision IN ('approve', 'always', 'deny') AND a.executed_at IS NULL "
-            "AND NOT EXISTS (SELECT 1 FROM approvals p "
-            "WHERE p.task_id = a.task_id AND p.decision IS NULL) "
-            "ORDER BY a.created_at, a.rowid LIMIT ?",
-            (limit,),
-        )
-        return [_approval(row) for row in rows]
-
     async def iter_cards_lagging(
         self, platforms: Sequence[str], page: int = 200
     ) -> AsyncIterator[list[Approval]]:
-        """`cards_lagging`, all of it, a page at a time (keyset on created_at and
-        rowid through the approvals_card_lagging index, whose condition is the
-        first three lines of the WHERE): memory bounded by a page, nothing
-        skipped however much lags. Oldest first."""
+        """Approvals whose card does not show their state, in conversations of
+        `platforms` (the part of the conversation key before its first ":"):
+        pending without a card while their task waits, decided (or expired) with
+        the card still showing its buttons or perhaps posted unrecorded.
+
+        All of it, a page at a time (keyset on created_at and rowid through the
+        approvals_card_lagging index, whose condition is the first three lines of
+        the WHERE): memory bounded by a page, nothing skipped however much lags.
+        Oldest first."""
         if not platforms:
             return
         marks = ", ".join("?" * len(platforms))
@@ -324,8 +292,8 @@ class ApprovalStore:
 
     async def iter_decided_not_carried_out(self, page: int = 200) -> AsyncIterator[list[Approval]]:
         """Per waiting task with nothing pending, its latest decision whose
-        continuation never started (the last of what `decided_not_carried_out`
-        lists for it), for every waiting task: a page of waiting tasks at a time
+        continuation never started (the decided action was not claimed), for
+        every waiting task: a page of waiting tasks at a time
         (keyset on the tasks_status index: created_at and rowid), so a page may
         hold fewer (or no) approvals. Oldest task first."""
         after: tuple[float, int] | None = None

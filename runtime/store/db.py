@@ -315,6 +315,8 @@ MIGRATIONS: list[tuple[str, ...]] = [
         "WHERE (decision IS NULL AND card_state = 'unposted') "
         "OR (decision IS NOT NULL AND card_state = 'posted') "
         "OR (decision IS NOT NULL AND card_state = 'unposted' AND card_claimed_at IS NOT NULL)",
+        # ... and replaces it: nothing else reads the narrower one.
+        "DROP INDEX approvals_card_lag",
     ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
