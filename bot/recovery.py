@@ -175,25 +175,20 @@ class Recovery:
     # -- tasks ----------------------------------------------------------------
 
     async def _interrupted(self) -> None:
-        # The window is taken before marking, so the tasks marked now are in it.
+        # The window is taken before marking, so the tasks marked now are in it:
+        # the walk below checks them for a cut-short run (the interruption note
+        # is the answer they owe, `_answers`), together with those a crash
+        # during an earlier recovery left interrupted without their new approval.
         recent = time.time() - RECHECK_WINDOW_S
         while True:
             tasks = await self._mark_interrupted()
-            for task in tasks:
-                await _guarded(partial(self._tell_interrupted, task))
             await asyncio.sleep(0)
             if len(tasks) < PAGE_SIZE:
                 break
-        # A crash during an earlier recovery may have left a cut-short run
-        # interrupted without its new approval.
         async for page in self.tasks.iter_interrupted_since(recent, PAGE_SIZE):
             for task in page:
                 await _guarded(partial(self._cut_short, task))
             await asyncio.sleep(0)
-
-    async def _tell_interrupted(self, task: Task) -> None:
-        # Not cut short: the interruption note is the answer it owes (`_answers`).
-        await self._cut_short(task)
 
     async def _mark_interrupted(self) -> list[Task]:
         """A page of `running` tasks of a dead process become `interrupted`, with
