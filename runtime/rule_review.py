@@ -29,6 +29,7 @@ from runtime.store.models import Rule
 
 if TYPE_CHECKING:
     from runtime.store import ApprovalStore, EventStore, RuleStore
+    from runtime.tools.shell_rules import CommandLookup
 
 SHELL_TOOL = "shell_exec_safe"
 SCAN_EVENTS = 5000
@@ -70,10 +71,9 @@ class _Candidate:
     pattern: str
 
 
-def _program(command: str) -> str | None:
-    from runtime.tools.shell_rules import lookup_command, program_name
+def _program(lookup: CommandLookup | None) -> str | None:
+    from runtime.tools.shell_rules import program_name
 
-    lookup = lookup_command(command)
     if lookup is None or not lookup.parts:
         return None
     first = lookup.parts[0]
@@ -85,11 +85,12 @@ async def preview(
 ) -> Preview:
     """The past commands a shell rule `kind pattern` would have allowed (raises
     ValueError when the rule itself is not valid)."""
-    from runtime.tools.shell_rules import rule_covers, validate_rule
+    from runtime.tools.shell_rules import lookup_command, usable_rules, validate_rule
 
     normalized = validate_rule(kind, pattern)
-    candidate = [_Candidate(kind, normalized)]
-    programs = {_program(normalized)} - {None}
+    # The rule parsed once for the whole window, not once per command judged.
+    usable = usable_rules([_Candidate(kind, normalized)])
+    programs = {_program(lookup_command(normalized))} - {None}
     seen: Counter[str] = Counter()
     scanned = 0
     for event in await events.list_by_type("command_audit", SCAN_EVENTS):
@@ -100,9 +101,10 @@ async def preview(
     result = Preview(kind, normalized, scanned=scanned)
     for command, count in sorted(seen.items(), key=lambda item: (-item[1], item[0])):
         await asyncio.sleep(0)  # a parse per command: let the bot serve meanwhile
-        if rule_covers(command, candidate, workspace):
+        lookup = lookup_command(command)  # one parse serves both questions
+        if lookup is not None and lookup.covered_by(usable, workspace):
             result.allowed.append((command, count))
-        elif len(result.near) < MAX_NEAR and _program(command) in programs:
+        elif len(result.near) < MAX_NEAR and _program(lookup) in programs:
             result.near.append(command)
     return result
 

@@ -399,9 +399,10 @@ class _Rules:
     prefixes: list[_Part] = field(default_factory=list)
 
 
-def _usable(rules: Sequence[RuleLike]) -> _Rules:
-    """The rules, normalized; a stored prefix rule today's checks refuse covers nothing
-    (it may predate them, or have been written to the store by hand)."""
+def usable_rules(rules: Sequence[RuleLike]) -> _Rules:
+    """The rules, normalized (parsed: build once for many commands); a stored prefix
+    rule today's checks refuse covers nothing (it may predate them, or have been
+    written to the store by hand)."""
     out = _Rules()
     for rule in rules:
         kind = getattr(rule, "kind", None)
@@ -657,7 +658,7 @@ def rule_covers(
     lookup = lookup_command(command)
     if lookup is None:
         return False
-    return lookup.covered_by(_usable(rules), workspace)
+    return lookup.covered_by(usable_rules(rules), workspace)
 
 
 def _part_covered(
