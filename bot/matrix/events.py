@@ -458,12 +458,7 @@ class MatrixEvents:
         event_id = str(source.get("event_id") or "")
         if not self._encrypted_notice_due(room.room_id) or not await self._claim(event_id):
             return
-        relates = (source.get("content") or {}).get("m.relates_to") or {}  # cleartext
-        root = event_id
-        if relates.get("rel_type") == "m.thread" and relates.get("event_id"):
-            root = str(relates["event_id"])
-        self._encrypted_notice_at[room.room_id] = time.monotonic()
-        await self.backend.send(Thread(PLATFORM, room.room_id, root), ENCRYPTED_NOTICE)
+        await self._unreadable_notice(room, source, ENCRYPTED_NOTICE)
 
     def _wait_for_key(self, room: MatrixRoom, source: dict[str, Any], late: bool) -> None:
         """An encrypted message nio could not decrypt in the sync (its room key
@@ -505,13 +500,8 @@ class MatrixEvents:
             if self._encrypted_notice_due(room.room_id) and await self._claim(
                 f"undecryptable:{event_id}"
             ):
-                self._encrypted_notice_at[room.room_id] = time.monotonic()
-                relates = (source.get("content") or {}).get("m.relates_to") or {}  # cleartext
-                root = event_id
-                if relates.get("rel_type") == "m.thread" and relates.get("event_id"):
-                    root = str(relates["event_id"])
                 notice = UNDECRYPTABLE_NOTICE.format(device=self.connection.device_id)
-                await self.backend.send(Thread(PLATFORM, room.room_id, root), notice)
+                await self._unreadable_notice(room, source, notice)
         except Exception:
             logger.exception("matrix: handling undecryptable event %s failed", event_id)
         finally:
@@ -524,6 +514,16 @@ class MatrixEvents:
             return
         if await self._claim(cause_event_id):
             await self.backend.send(Thread(PLATFORM, room.room_id, None), ENCRYPTED_NOTICE)
+
+    async def _unreadable_notice(self, room: MatrixRoom, source: dict[str, Any], text: str) -> None:
+        """Say `text` in the unreadable message's thread (its relation is in the
+        clear) and start the room's notice interval."""
+        relates = (source.get("content") or {}).get("m.relates_to") or {}
+        root = str(source.get("event_id") or "")
+        if relates.get("rel_type") == "m.thread" and relates.get("event_id"):
+            root = str(relates["event_id"])
+        self._encrypted_notice_at[room.room_id] = time.monotonic()
+        await self.backend.send(Thread(PLATFORM, room.room_id, root), text)
 
     def _encrypted_notice_due(self, room_id: str) -> bool:
         last = self._encrypted_notice_at.get(room_id)
