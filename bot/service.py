@@ -21,7 +21,7 @@ from uuid import uuid4
 
 from bot import commands as c
 from bot.admin import CommandRunner, clip, when
-from bot.admission import Admission, Refusal
+from bot.admission import Admission, Refusal, duration
 from bot.backend import ApprovalCard, CardResolution, ChatBackend, Thread
 from bot.inbox import Accepted, Inbound
 from bot.policy import AccessPolicy
@@ -633,7 +633,7 @@ class ChatService:
             always_rule = f"{rule}, in this channel only"
             max_age = self.runtime.settings.rule_max_age
             if max_age is not None:
-                always_rule += f", for {_duration(max_age)}"
+                always_rule += f", for {duration(max_age)}"
         return ApprovalCard(
             approval_id=pending.approval_id,
             task_id=pending.task_id,
@@ -818,13 +818,3 @@ def _already_decided(approval: Approval) -> str:
         f"Already decided: {approval.decision} by {approval.decided_by} at "
         f"{when(approval.decided_at)}. Nothing changed."
     )
-
-
-def _duration(seconds: float) -> str:
-    """A rule's lifetime as people say it: `7 days`, `12 hours`, `30 minutes`."""
-    for size, unit in ((86400, "day"), (3600, "hour"), (60, "minute")):
-        if seconds >= size:
-            count = round(seconds / size, 1)
-            count_text = f"{count:g}"
-            return f"{count_text} {unit}{'' if count_text == '1' else 's'}"
-    return f"{seconds:g} seconds"
