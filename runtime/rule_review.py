@@ -129,10 +129,9 @@ async def review(
 
     # Allowed, then failed: a rule_matched followed in its task by the
     # command_audit of the command it allowed.
-    tasks = []
-    for event in await events.list_by_type("rule_matched", SCAN_EVENTS):
-        if event.task_id is not None and event.task_id not in tasks:
-            tasks.append(event.task_id)
+    # Each task once, in event order (a dict: a list's `in` made this quadratic).
+    matched_events = await events.list_by_type("rule_matched", SCAN_EVENTS)
+    tasks = list(dict.fromkeys(e.task_id for e in matched_events if e.task_id is not None))
     for task_id in tasks[:500]:
         matched: list[str] = []
         for event in await events.list_events(task_id):
