@@ -194,7 +194,7 @@ class Admission:
             _bump(self._held_in_channel, channel, 1)
         if inbound.from_bot:
             charge.bot_thread = thread.key
-            self._bot_replies[thread.key] = self._bot_replies.get(thread.key, 0) + 1
+            _bump(self._bot_replies, thread.key, 1)
             self._bot_replies.move_to_end(thread.key)
             _trim(self._bot_replies)
         told = self._flood_told.pop(inbound.user, None)  # a new burst: explained again
@@ -220,11 +220,7 @@ class Admission:
         for bucket in charge.buckets:
             bucket.give_back(now)
         if charge.bot_thread is not None:
-            count = self._bot_replies.get(charge.bot_thread, 0) - 1
-            if count > 0:
-                self._bot_replies[charge.bot_thread] = count
-            else:
-                self._bot_replies.pop(charge.bot_thread, None)
+            _bump(self._bot_replies, charge.bot_thread, -1)
         if charge.flood_told is not None:
             self._flood_told[charge.user] = charge.flood_told
 
