@@ -740,14 +740,11 @@ class SlackPlatform(Platform, ChatBackend):
     async def send(self, thread: Thread, text: str) -> str | None:
         """Post Markdown as mrkdwn. A long text is cut at a line break and the
         whole of it attached as a file (or, failing that, sent in pieces)."""
-        note = self._note_for_answer(text)
-        if note:
-            text = f"{text}\n\n_{note}_"
+        text = self._with_note(text)
         body = to_mrkdwn(text)
+        ts = await self._post(thread, _first_post(body))
         if len(body) <= MESSAGE_LIMIT:
-            return await self._post(thread, body)
-        head = clip_mrkdwn(body, MESSAGE_LIMIT, LONG_ANSWER_CUT)
-        ts = await self._post(thread, head)
+            return ts
         root = thread.root or ts
         try:
             await self._upload(thread.channel, root, text)
@@ -816,17 +813,8 @@ class SlackPlatform(Platform, ChatBackend):
             bot_id=self.bot_id,
             skip=self._status_ts,
         )
-        return latest is not None and latest.strip() == self._first_post(text).strip()
-
-    def _first_post(self, text: str) -> str:
-        """The mrkdwn `send` posts first for `text` (a long text's head)."""
-        note = self._note_for_answer(text)
-        if note:
-            text = f"{text}\n\n_{note}_"
-        body = to_mrkdwn(text)
-        if len(body) <= MESSAGE_LIMIT:
-            return body
-        return clip_mrkdwn(body, MESSAGE_LIMIT, LONG_ANSWER_CUT)
+        first = _first_post(to_mrkdwn(self._with_note(text)))
+        return latest is not None and latest.strip() == first.strip()
 
     async def resolve_card(
         self, thread: Thread, card_ref: str, card: ApprovalCard, resolution: CardResolution
@@ -931,6 +919,11 @@ class SlackPlatform(Platform, ChatBackend):
         while len(self._notes) > MAX_NOTES:
             del self._notes[next(iter(self._notes))]
 
+    def _with_note(self, text: str) -> str:
+        """`text` as `send` posts it: with its command's note, if it has one."""
+        note = self._note_for_answer(text)
+        return f"{text}\n\n_{note}_" if note else text
+
     def _note_for_answer(self, text: str) -> str | None:
         """A direct command's answer names the command (`$ cmd` or `` `cmd` … ``,
         see runtime.loop.format_direct_result); its note goes with it."""
@@ -971,6 +964,14 @@ class SlackPlatform(Platform, ChatBackend):
                 await self.client.reactions_add(channel=channel, timestamp=ts, name=emoji)
         except SlackApiError as exc:  # already_reacted, no_reaction, missing scope: cosmetic
             logger.info("reaction %s on %s/%s: %s", emoji, channel, ts, exc.response.get("error"))
+
+
+def _first_post(body: str) -> str:
+    """The mrkdwn `send` posts first for `body`: all of it, or a long one's head
+    (`find_answer` compares with this, so the two cannot drift apart)."""
+    if len(body) <= MESSAGE_LIMIT:
+        return body
+    return clip_mrkdwn(body, MESSAGE_LIMIT, LONG_ANSWER_CUT)
 
 
 def _ack_text(job: asyncio.Task[str | None]) -> str:
