@@ -467,11 +467,10 @@ class MatrixUser:
         """A reaction picked in Element's emoji picker, by shortcode (`white_check_mark`)."""
         return await self.react(room_id, event_id, ELEMENT_PICKER[name])
 
-    async def element_edit(
-        self, room_id: str, original: str, new_body: str, *, thread: str | None = None
-    ) -> str:
+    async def element_edit(self, room_id: str, original: str, new_body: str) -> str:
         """An edit as Element's EditMessageComposer sends it: a `* ` body for
-        clients without edits, the new text in `m.new_content`, mentions in both."""
+        clients without edits, the new text in `m.new_content`, mentions in both.
+        An edit in a thread never repeats the thread relation (the server keeps it)."""
         new_content = {"msgtype": "m.text", "body": new_body, "m.mentions": {}}
         content: dict[str, Any] = {
             "msgtype": "m.text",
@@ -480,7 +479,6 @@ class MatrixUser:
             "m.mentions": {},
             "m.relates_to": {"rel_type": "m.replace", "event_id": original},
         }
-        del thread  # an edit never repeats the thread relation (the server keeps it)
         return await self.send_event(room_id, "m.room.message", content)
 
     async def element_start_dm(self, bot_id: str, first_message: str) -> tuple[str, str]:
