@@ -114,11 +114,9 @@ class ChatService:
                 # nothing; a refused message keeps its claims (a retry is a
                 # duplicate) and gets no inbox row, so no task.
                 refusal = self.admission.admit(inbound)
-                if refusal is not None and refusal.reason != "channel":
-                    await self.events.append(
-                        None, "request_refused", _refused_payload(inbound, refusal)
-                    )
-                if refusal is None:
+                if refusal is not None:
+                    await self._record_refusal(inbound, refusal)
+                else:
                     row = await self.inbox.insert(
                         inbound.thread.key,
                         inbound.user,
@@ -144,6 +142,23 @@ class ChatService:
         crash_point("message_recorded")  # test seam (issue #15): recorded, no task yet
         self.start_inbound(row)
         return Accepted.NEW
+
+    async def _record_refusal(self, inbound: Inbound, refusal: Refusal) -> None:
+        """The `request_refused` event of a message or direct run admission refused
+        (none for an unserved channel: the bot is not there)."""
+        if refusal.reason == "channel":
+            return
+        await self.events.append(
+            None,
+            "request_refused",
+            {
+                "user": inbound.user,
+                "origin": inbound.origin,
+                "conversation": inbound.thread.key,
+                "reason": refusal.reason,
+                "told": refusal.text is not None,
+            },
+        )
 
     def _refused(self, inbound: Inbound, refusal: Refusal) -> Accepted:
         """Admission said no (issue #22): the claims and a `request_refused` event
@@ -332,9 +347,7 @@ class ChatService:
             ticket = Inbound(thread, user, command.command, deliveries=())
             refusal = self.admission.admit(ticket)
             if refusal is not None:
-                if refusal.reason != "channel":
-                    payload = _refused_payload(ticket, refusal)
-                    await self.events.append(None, "request_refused", payload)
+                await self._record_refusal(ticket, refusal)
                 return refusal.text or STILL_REFUSED
             if open_thread:
                 try:
@@ -799,16 +812,6 @@ class ChatService:
         except Exception:
             logger.exception("chat platform call failed")
             return None
-
-
-def _refused_payload(inbound: Inbound, refusal: Refusal) -> dict[str, Any]:
-    return {
-        "user": inbound.user,
-        "origin": inbound.origin,
-        "conversation": inbound.thread.key,
-        "reason": refusal.reason,
-        "told": refusal.text is not None,
-    }
 
 
 def _already_decided(approval: Approval) -> str:
