@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import html
 import itertools
 import json
 import os
@@ -412,7 +413,7 @@ class MatrixUser:
         content: dict[str, Any] = {"msgtype": "m.text", "body": plain + body}
         if pills:
             content["format"] = "org.matrix.custom.html"
-            content["formatted_body"] = html_pills + _escape_html(body)
+            content["formatted_body"] = html_pills + html.escape(body, quote=False)
         if reply_to is not None:
             # A rich reply mentions the replied-to sender and quotes it (the
             # fallback older clients read); a thread reply does neither.
@@ -428,8 +429,9 @@ class MatrixUser:
             content["formatted_body"] = (
                 f'<mx-reply><blockquote><a href="https://matrix.to/#/{room_id}/'
                 f'{reply_to["event_id"]}">In reply to</a> <a href="https://matrix.to/#/'
-                f'{sender}">{sender}</a><br>{_escape_html(quoted[0])}</blockquote></mx-reply>'
-                + content.get("formatted_body", _escape_html(plain + body))
+                f'{sender}">{sender}</a><br>{html.escape(quoted[0], quote=False)}'
+                "</blockquote></mx-reply>"
+                + content.get("formatted_body", html.escape(plain + body, quote=False))
             )
         content["m.mentions"] = {"user_ids": mentioned} if mentioned else {}
         if thread:
@@ -494,10 +496,6 @@ class MatrixUser:
         room_id = str(response.room_id)
         event_id = await self.element_say(room_id, first_message)
         return room_id, event_id
-
-
-def _escape_html(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 # Reaction keys exactly as Element's emoji picker sends them: the `unicode` of
