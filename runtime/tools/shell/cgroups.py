@@ -46,11 +46,14 @@ class PidsCgroup:
     memory_bound: bool = False  # whether a shared memory limit is set
 
     @property
+    def paths(self) -> list[Path]:
+        """The command's cgroups: one per hierarchy it was made in."""
+        return [self.path] + ([self.memory] if self.memory is not None else [])
+
+    @property
     def procs_files(self) -> list[Path]:
         """Every `cgroup.procs` the command must join (one per hierarchy)."""
-        return [self.path / "cgroup.procs"] + (
-            [self.memory / "cgroup.procs"] if self.memory is not None else []
-        )
+        return [path / "cgroup.procs" for path in self.paths]
 
     def join(self) -> None:  # pragma: no cover - runs in the child before exec
         for procs in self.procs_files:
@@ -86,7 +89,7 @@ class PidsCgroup:
     def remove(self, wait: float = 2.0) -> None:
         """Remove the cgroup once it is empty; leave it (logged) if it never empties."""
         deadline = time.monotonic() + wait
-        for path in [self.path] + ([self.memory] if self.memory is not None else []):
+        for path in self.paths:
             while True:
                 try:
                     path.rmdir()
