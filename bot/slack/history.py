@@ -148,10 +148,7 @@ async def find_own_message(
                 for message in page:
                     if not isinstance(message, dict) or not isinstance(message.get("ts"), str):
                         continue
-                    own = (bot_user_id is not None and message.get("user") == bot_user_id) or (
-                        bot_id is not None and message.get("bot_id") == bot_id
-                    )
-                    if own and matches(message):
+                    if _is_own(message, bot_user_id, bot_id) and matches(message):
                         return str(message["ts"])
     except TimeoutError:
         logger.warning("reading thread %s/%s took too long", channel, root)
@@ -179,10 +176,9 @@ async def latest_own_text(
                 for message in page:
                     if not isinstance(message, dict) or message.get("ts") in skip:
                         continue
-                    own = (bot_user_id is not None and message.get("user") == bot_user_id) or (
-                        bot_id is not None and message.get("bot_id") == bot_id
-                    )
-                    if own and isinstance(message.get("text"), str):
+                    if _is_own(message, bot_user_id, bot_id) and isinstance(
+                        message.get("text"), str
+                    ):
                         latest = message["text"]
     except TimeoutError:
         logger.warning("reading thread %s/%s took too long", channel, root)
@@ -191,6 +187,13 @@ async def latest_own_text(
         logger.warning("could not read thread %s/%s: %s", channel, root, exc)
         return None
     return latest
+
+
+def _is_own(message: dict[str, Any], bot_user_id: str | None, bot_id: str | None) -> bool:
+    """Whether the bot posted `message` (as its user, or as its bot id)."""
+    return (bot_user_id is not None and message.get("user") == bot_user_id) or (
+        bot_id is not None and message.get("bot_id") == bot_id
+    )
 
 
 def _entry(
@@ -207,9 +210,7 @@ def _entry(
         return None
     if before and ts_key(ts) >= ts_key(before):
         return None
-    own = (bot_user_id is not None and message.get("user") == bot_user_id) or (
-        bot_id is not None and message.get("bot_id") == bot_id
-    )
+    own = _is_own(message, bot_user_id, bot_id)
     content = decode_message(message, bot_user_id=bot_user_id).text
     if not content:
         return None
