@@ -77,9 +77,11 @@ async def _exec_then_crash(*args: Any, **kwargs: Any) -> asyncio.subprocess.Proc
 
 async def crash_after_spawn(name: str, work: Awaitable[T]) -> T:
     """Run `work` (which starts a process) and reach `crash_point(name)` right after
-    that process was started. Only used while the point is armed (see `armed`):
-    asyncio's `create_subprocess_exec` (what the shell tool calls) is then
-    wrapped, which is the test seam's cost, not the bot's."""
+    that process was started. Unarmed (always, outside the tests) it only awaits
+    `work`; armed (see `armed`), asyncio's `create_subprocess_exec` (what the
+    shell tool calls) is wrapped, which is the test seam's cost, not the bot's."""
+    if not armed(name):
+        return await work
     # Installed for good once armed: outside `work`'s context the wrapper is a
     # plain pass-through, so concurrent tasks never see each other's hook.
     asyncio.create_subprocess_exec = _exec_then_crash  # type: ignore[assignment]

@@ -34,7 +34,7 @@ from typing import Any
 
 from runtime.approvals import ApprovalService
 from runtime.context import CALL_KEYS, ContextBuilder
-from runtime.crashpoints import armed, crash_after_spawn, crash_point
+from runtime.crashpoints import crash_after_spawn, crash_point
 from runtime.model import ModelClient, ModelError, ModelResponse
 from runtime.planner import ActionPlanner
 from runtime.store import EventStore, TaskStore
@@ -621,11 +621,11 @@ class RuntimeLoop:
                 },
             )
             await self._flush(task.task_id)
-            run = self._gateway(task.workspace).run_action(action, approved=True)
-            if armed("command_spawned"):  # test seam (issue #15): dies while it runs
-                result = await crash_after_spawn("command_spawned", run)
-            else:
-                result = await run
+            # Test seam (issue #15), armed only by DUCKLM_CRASH_AT: dies while it runs.
+            result = await crash_after_spawn(
+                "command_spawned",
+                self._gateway(task.workspace).run_action(action, approved=True),
+            )
         else:
             note = f": {approval.decision_note}" if approval.decision_note else ""
             result = ToolResult(
