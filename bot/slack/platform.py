@@ -425,7 +425,8 @@ class SlackPlatform(Platform, ChatBackend):
             return  # deletions, joins, topic changes, …
         mentioned = event.get("type") == "app_mention"
         sender_bot = text_field(event, "bot_id")
-        if sender_bot or event.get("bot_profile") or subtype == "bot_message":
+        from_bot = bool(sender_bot or event.get("bot_profile") or subtype == "bot_message")
+        if from_bot:
             # Another bot is seen only when it @-mentions DuckLM (never its
             # chatter in a thread); the service bounds replies to bots per thread.
             if not mentioned or sender_bot == self.bot_id:
@@ -458,7 +459,7 @@ class SlackPlatform(Platform, ChatBackend):
             deliveries=tuple(keys),
             message_id=ts,
             in_thread=bool(thread_ts),
-            from_bot=bool(sender_bot or event.get("bot_profile") or subtype == "bot_message"),
+            from_bot=from_bot,
             origin=origin_team(body, event),
         )
         outcome = await self.service.accept(inbound)
