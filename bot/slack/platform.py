@@ -575,7 +575,7 @@ class SlackPlatform(Platform, ChatBackend):
             card_ref=card_ref(channel, ts) if channel and ts else None,
         )
         if refusal:
-            await self._tellclicker(body, user, refusal)
+            await self._tell_clicker(body, user, refusal)
 
     async def _on_deny_reason_click(
         self, ack: Callable[..., Awaitable[Any]], body: dict[str, Any], action: dict[str, Any]
@@ -593,7 +593,7 @@ class SlackPlatform(Platform, ChatBackend):
         # Say "no" before someone types a reason that cannot be used.
         refusal, what = await self._precheck(approval_id, f"{PLATFORM}:{user}", "deny")
         if refusal:
-            await self._tellclicker(body, user, refusal)
+            await self._tell_clicker(body, user, refusal)
             return
         await self.client.views_open(
             trigger_id=trigger_id, view=deny_reason_modal(approval_id, what)
@@ -655,7 +655,7 @@ class SlackPlatform(Platform, ChatBackend):
         actions = body.get("actions") if isinstance(body.get("actions"), list) else []
         logger.warning("unknown Slack action ignored: %r", [a.get("action_id") for a in actions])
 
-    async def _tellclicker(self, body: dict[str, Any], user: str, text: str) -> None:
+    async def _tell_clicker(self, body: dict[str, Any], user: str, text: str) -> None:
         """An ephemeral answer where the click happened (in the card's thread)."""
         container = body.get("container") if isinstance(body.get("container"), dict) else {}
         message = body.get("message") if isinstance(body.get("message"), dict) else {}
