@@ -32,8 +32,10 @@ def clip(text: str | None, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def describe_rule(rule: Rule, at: datetime | None = None) -> str:
-    """One line: what it allows, where, until when, its use, and who made it from what."""
+def describe_rule(rule: Rule, at: datetime | None = None, shown: Callable[[str], str] = str) -> str:
+    """One line: what it allows, where, until when, its use, and who made it from what;
+    `shown` redacts the pattern for chat (a rule made by "Always" holds the command as
+    it runs, secrets included)."""
     moment = at or datetime.now(UTC)
     if not rule.active:
         state = f" (revoked by {rule.revoked_by}, {when(rule.revoked_at)})"
@@ -51,7 +53,7 @@ def describe_rule(rule: Rule, at: datetime | None = None) -> str:
     )
     source = f" from approval `{rule.source_approval_id}`" if rule.source_approval_id else ""
     return (
-        f"`{rule.rule_id}` {rule.kind} `{rule.pattern}` — {where}{state}; {used}; "
+        f"`{rule.rule_id}` {rule.kind} `{shown(rule.pattern)}` — {where}{state}; {used}; "
         f"by {rule.created_by}{source}, {when(rule.created_at)}"
     )
 
@@ -159,7 +161,7 @@ def describe_review(
     lines = ["Rules review:"]
     if review.idle:
         lines.append(f"Not used for {idle_days:g} days (revoke them?):")
-        lines += [f"  {describe_rule(rule)}" for rule in review.idle[:MAX_LISTED]]
+        lines += [f"  {describe_rule(rule, shown=shown)}" for rule in review.idle[:MAX_LISTED]]
         if len(review.idle) > MAX_LISTED:
             lines.append(f"  … and {len(review.idle) - MAX_LISTED} more")
     for rule_id, notes in review.trouble.items():
@@ -263,7 +265,8 @@ class CommandRunner:
         shown = rules if self.rules_listed is None else rules[: self.rules_listed]
         left = len(rules) - len(shown)
         more = f"\n… and {left} more" if left > 0 else ""
-        return "Rules:\n" + "\n".join(describe_rule(r) for r in shown) + more
+        listed = "\n".join(describe_rule(r, shown=self.shown) for r in shown)
+        return "Rules:\n" + listed + more
 
     async def _rules_add(
         self, command: c.RulesAdd, actor: Actor, conversation_prefix: str | None
@@ -302,7 +305,7 @@ class CommandRunner:
         except ApprovalError as exc:
             return f"Rule not added: {exc}"
         shown = f"\n{describe_preview(preview, self.shown)}" if preview is not None else ""
-        return f"Added rule {describe_rule(rule)}{shown}"
+        return f"Added rule {describe_rule(rule, shown=self.shown)}{shown}"
 
     async def _rules_review(self) -> str:
         found = await self.approvals.review_rules(self.rule_idle_days, self.workspace)

@@ -68,3 +68,26 @@ async def test_a_runner_for_a_terminal_lists_every_rule(tmp_path: Path) -> None:
         ids = await add_rules(stores, MAX_LISTED + 15)
         text = await runner.execute(c.parse_command("rules"), ADMIN)
         assert [i for i in ids if f"`{i}`" in text] == ids and more_lines(text) == []
+
+
+async def test_chat_shows_a_rule_holding_a_secret_redacted(tmp_path: Path) -> None:
+    """An "Always" rule keeps the command as it runs, a token in it included; the
+    chat listing (and the line confirming a new rule) shows it as chat shows every
+    command: through the redactor. The terminal's runner shows it as stored."""
+    from runtime.tools.redaction import Redactor
+
+    token = "ghp_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8"
+    command = f"curl -H 'Authorization: token {token}' https://api.github.com/user"
+    redactor = Redactor()
+    assert token not in redactor.redact(command).text  # the premise: chat would redact it
+    async with await open_stores(tmp_path / "ducklm.db") as stores:
+        approvals = ApprovalService.from_stores(stores)
+        chat = CommandRunner(
+            stores.tasks, stores.events, approvals, shown=lambda t: redactor.redact(t).text
+        )
+        added = await chat.execute(c.parse_command(f"rules add exact {command}"), ADMIN)
+        listed = await chat.execute(c.parse_command("rules"), ADMIN)
+        for text in (added, listed):
+            assert "curl -H" in text and token not in text, text
+        terminal = CommandRunner(stores.tasks, stores.events, approvals, rules_listed=None)
+        assert token in await terminal.execute(c.parse_command("rules"), ADMIN)
