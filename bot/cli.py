@@ -62,7 +62,9 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("approvals", help="list pending approvals")
 
-    rules = sub.add_parser("rules", help="list, add or revoke 'always allow' rules")
+    rules = sub.add_parser(
+        "rules", help="list, add, preview, review or revoke 'always allow' rules"
+    )
     rules_sub = rules.add_subparsers(dest="rules_command", metavar="ACTION")
     listing = rules_sub.add_parser("list", help="list rules")
     listing.add_argument("--all", action="store_true", help="include revoked rules")
