@@ -42,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
         description="DuckLM chat-ops bot. Configuration comes from DUCKLM_* environment "
         "variables or a .env file (see README).",
     )
-    parser.add_argument("--db", type=Path, help="SQLite file (default: $DUCKLM_DB or ducklm.db)")
+    parser.add_argument(
+        "--db", help="SQLite file or postgresql:// URL (default: $DUCKLM_DB or ducklm.db)"
+    )
     parser.add_argument(
         "--workspace", type=Path, help="where tools run (default: $DUCKLM_WORKSPACE or cwd)"
     )

@@ -7,6 +7,7 @@ tests can construct any component without touching the environment.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -83,7 +84,16 @@ class Settings(BaseSettings):
     )
 
     # Storage and workspace
-    db: Path = Field(default=Path("ducklm.db"), validation_alias="DUCKLM_DB")
+    # A SQLite file (the embedded default) or a PostgreSQL URL
+    # (`postgresql://user:pass@host:5432/ducklm`), which lets several replicas
+    # share the work (docs/deploy.md).
+    db: str = Field(default="ducklm.db", validation_alias="DUCKLM_DB")
+    # Connections each replica keeps to PostgreSQL (ignored for SQLite).
+    db_pool_size: int = Field(default=10, ge=1, le=200, validation_alias="DUCKLM_DB_POOL_SIZE")
+    # Where local files go that are not the database (Matrix crypto store,
+    # console history): unset, the SQLite file's directory, or the working
+    # directory with PostgreSQL.
+    data_dir: Path | None = Field(default=None, validation_alias="DUCKLM_DATA_DIR")
     workspace: Path = Field(default_factory=Path.cwd, validation_alias="DUCKLM_WORKSPACE")
 
     # Model
@@ -185,6 +195,21 @@ class Settings(BaseSettings):
     # cards whose post or update failed, messages whose job ended unfinished.
     recovery_interval: float = Field(
         default=60.0, gt=0, validation_alias="DUCKLM_RECOVERY_INTERVAL"
+    )
+    # Replicas (issue #19, docs/deploy.md): the name this process shows as its
+    # owner of tasks and leases (unset: host name); how often it heartbeats; how
+    # long without a heartbeat makes a replica dead (its running tasks are then
+    # reported interrupted by a survivor, its Matrix sync lease taken over).
+    replica_name: str | None = Field(default=None, validation_alias="DUCKLM_REPLICA_NAME")
+    heartbeat_interval: float = Field(
+        default=5.0, gt=0, validation_alias="DUCKLM_HEARTBEAT_INTERVAL"
+    )
+    replica_timeout: float = Field(default=20.0, gt=0, validation_alias="DUCKLM_REPLICA_TIMEOUT")
+    # /healthz, /readyz and /metrics (bot/health.py): served on DUCKLM_HTTP_PORT
+    # beside Slack's HTTP mode; a port of their own for the console, Socket Mode
+    # or Matrix-only deployments (unset: not served there).
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535, validation_alias="DUCKLM_METRICS_PORT"
     )
 
     # Who may ask (bot/policy.py): platform-qualified users, Matrix servers
@@ -291,9 +316,43 @@ class Settings(BaseSettings):
         return bool(self.matrix_homeserver and self.matrix_user_id)
 
     @property
+    def db_is_postgres(self) -> bool:
+        return str(self.db).startswith(("postgresql://", "postgres://"))
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The SQLite file DUCKLM_DB names, or None when it is a PostgreSQL URL."""
+        return None if self.db_is_postgres else Path(str(self.db)).expanduser()
+
+    @property
+    def local_dir(self) -> Path:
+        """The directory for local files beside the database (DUCKLM_DATA_DIR)."""
+        if self.data_dir is not None:
+            return self.data_dir.expanduser()
+        path = self.sqlite_path
+        return path.parent if path is not None else Path.cwd()
+
+    @property
+    def local_stem(self) -> str:
+        """The name local files are derived from: the SQLite file's stem, else `ducklm`."""
+        path = self.sqlite_path
+        return path.stem if path is not None else "ducklm"
+
+    @property
     def matrix_state_dir(self) -> Path:
-        """Device id, access token and sync token live next to the database."""
-        return self.db.parent / f"{self.db.stem}-matrix"
+        """The Matrix crypto store (and, on SQLite, session and sync token) live
+        next to the database."""
+        return self.local_dir / f"{self.local_stem}-matrix"
+
+    @field_validator("db", mode="before")
+    @classmethod
+    def _db(cls, value: object) -> object:
+        """A Path (the tests', a caller's) is the SQLite file it names."""
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must be a SQLite file or a postgresql:// URL")
+        return value
 
     @field_validator("sandbox")
     @classmethod

@@ -24,7 +24,7 @@ import pytest
 
 from runtime.approvals import SHELL_TOOL, ApprovalService, rule_keys
 from runtime.store import Stores, open_stores
-from runtime.store.db import MIGRATIONS
+from runtime.store.migrations import MIGRATIONS
 from runtime.store.rules import KEYS_PER_QUERY
 from runtime.tools.shell_rules import (
     compile_rule,

@@ -118,8 +118,8 @@ def _read(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _sha(path: Path | str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 # -- the acceptance: each one stopped, each one audited --------------------------

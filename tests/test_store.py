@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from runtime.store import Database, StoreError, Stores, open_stores
-from runtime.store.db import SCHEMA_VERSION
+from runtime.store.migrations import SCHEMA_VERSION
 
 
 @pytest.fixture
@@ -447,7 +447,7 @@ async def test_a_channel_listing_uses_its_index(stores: Stores) -> None:
 
 
 async def test_migrating_a_v3_database_fills_the_conversation_group(tmp_path: Path) -> None:
-    from runtime.store.db import MIGRATIONS
+    from runtime.store.migrations import MIGRATIONS
 
     path = tmp_path / "old.db"
     with sqlite3.connect(path) as raw:

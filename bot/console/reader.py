@@ -39,9 +39,10 @@ HISTORY_LENGTH = 1000
 Completer = Callable[[str, str], list[str]]
 
 
-def history_path(database: Path) -> Path:
-    """Where the console keeps its history: beside the database, like the Matrix store."""
-    return database.parent / f"{database.stem}-console-history"
+def history_path(directory: Path, stem: str) -> Path:
+    """Where the console keeps its history: beside the database, like the Matrix
+    store (Settings.local_dir and local_stem)."""
+    return directory / f"{stem}-console-history"
 
 
 def _readline() -> ModuleType | None:

@@ -84,7 +84,9 @@ class Console:
         reader = LineReader(
             self.stdin,
             self.stdout,
-            history_file=history_path(self.runtime.settings.db),
+            history_file=history_path(
+                self.runtime.settings.local_dir, self.runtime.settings.local_stem
+            ),
             keep=self._may_remember,
             complete=lambda before, word: candidates(
                 before, word, pending=self.pending is not None
