@@ -165,6 +165,15 @@ class Settings(BaseSettings):
         default_factory=list, validation_alias="DUCKLM_ADMINS"
     )
     four_eyes_risk: str = Field(default="high", validation_alias="DUCKLM_FOUR_EYES_RISK")
+    # Issue #20: per-channel rights in a TOML or YAML file (bot/policy_file.py,
+    # docs/policy.md); the variables here are its default section.
+    policy_file: Path | None = Field(default=None, validation_alias="DUCKLM_POLICY_FILE")
+    # An approval still open after this long mentions DUCKLM_ESCALATE_TO in its
+    # thread (unset: no escalation).
+    escalate_after: float | None = Field(default=None, validation_alias="DUCKLM_ESCALATE_AFTER")
+    escalate_to: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias="DUCKLM_ESCALATE_TO"
+    )
     approval_ttl: float = Field(default=86400.0, gt=0, validation_alias="DUCKLM_APPROVAL_TTL")
     # Issue #21: the longest any "always" rule lives (`90d`; unset/off: no
     # ceiling), how long unused makes a rule "idle" in `rules review`, and the
@@ -388,12 +397,12 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown time zone {value!r} (use an IANA name)") from exc
         return value
 
-    @field_validator("mcp_config", mode="before")
+    @field_validator("mcp_config", "policy_file", mode="before")
     @classmethod
     def _no_mcp(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("rule_max_age", mode="before")
+    @field_validator("rule_max_age", "escalate_after", mode="before")
     @classmethod
     def _rule_max_age(cls, value: object) -> object:
         if isinstance(value, str):
@@ -418,6 +427,7 @@ class Settings(BaseSettings):
         "approvers",
         "admins",
         "schedulers",
+        "escalate_to",
         "matrix_allowed_inviters",
         "matrix_bot_users",
         mode="before",
