@@ -276,5 +276,51 @@ MIGRATIONS: list[tuple[Statement, ...]] = [
         # ... and replaces it: nothing else reads the narrower one.
         "DROP INDEX approvals_card_lag",
     ),
+    (
+        # v10 (issue #19): several replicas on one database. The first version
+        # written for both backends: every statement here runs on SQLite and on
+        # PostgreSQL unchanged.
+        # Each `ducklm run`/`ducklm console` process registers itself and
+        # heartbeats; a replica is dead when its heartbeat is older than
+        # DUCKLM_REPLICA_TIMEOUT or it marked itself stopped on a clean exit.
+        """
+        CREATE TABLE replicas (
+            replica_id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            host TEXT NOT NULL,
+            pid BIGINT NOT NULL,
+            started_at DOUBLE PRECISION NOT NULL,
+            heartbeat_at DOUBLE PRECISION NOT NULL,
+            stopped_at DOUBLE PRECISION
+        )
+        """,
+        # The replica a running task belongs to: recovery interrupts only the
+        # tasks of dead owners. NULL: created before v10 (or by a tool that runs
+        # no replica), judged by age as before.
+        "ALTER TABLE tasks ADD COLUMN owner TEXT",
+        "CREATE INDEX tasks_running_owner ON tasks (owner, created_at) WHERE status = 'running'",
+        # Named leases (the Matrix sync lease): taken and renewed by
+        # compare-and-set on holder and expires_at, one statement each.
+        """
+        CREATE TABLE leases (
+            name TEXT PRIMARY KEY,
+            holder TEXT NOT NULL,
+            acquired_at DOUBLE PRECISION NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL
+        )
+        """,
+        # What replicas must share instead of keeping it on local disk: the
+        # Matrix session and sync token, per-room last events, the crypto store
+        # snapshot, the once-a-day housekeeping claims. `version` grows by one
+        # on every write, so a compare-and-set can name what it read.
+        """
+        CREATE TABLE shared_state (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL,
+            version BIGINT NOT NULL DEFAULT 1,
+            updated_at DOUBLE PRECISION NOT NULL
+        )
+        """,
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
