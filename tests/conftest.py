@@ -1,4 +1,18 @@
-"""Shared fixtures: a runtime on a fresh SQLite file, talking to the fake model server."""
+"""Shared fixtures: a runtime on a fresh store, talking to the fake model server.
+
+The store is a SQLite file unless a test module opts in to both backends:
+
+    pytestmark = pytest.mark.backends("sqlite", "postgres")
+
+Then every test of the module that uses `db_target` (directly, or through the
+`runtime` fixture) runs twice, `[sqlite]` and `[postgres]`, the latter on a fresh
+database of the session's PostgreSQL server (tests/postgres.py). A test overrides
+its module's choice with its own marker, e.g. SQLite-only with a reason:
+
+    @pytest.mark.backends("sqlite", reason="reads the WAL file")
+
+Modules without the marker stay on SQLite only, so the suite does not double in time.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +31,51 @@ if TYPE_CHECKING:
     from tests.fakes.openai_server import FakeModelServer
     from tests.fakes.slack_api import FakeSlack
 
-pytest_plugins = ["tests.fakes.openai_server", "tests.fakes.synapse"]
+pytest_plugins = ["tests.fakes.openai_server", "tests.fakes.synapse", "tests.postgres"]
+
+BACKENDS = ("sqlite", "postgres")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "backends(*names, reason=...): the store backends (sqlite, postgres) the tests "
+        "using db_target or runtime run on; default sqlite only",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize `db_backend` from the closest `backends` marker (test, class, module)."""
+    if "db_backend" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("backends")
+    if marker is None:
+        return
+    names = list(marker.args)
+    unknown = [name for name in names if name not in BACKENDS]
+    if not names or unknown:
+        raise pytest.UsageError(
+            f"{metafunc.definition.nodeid}: backends() takes some of {BACKENDS}, got {names}"
+        )
+    metafunc.parametrize("db_backend", names, indirect=True, ids=names)
+
+
+@pytest.fixture
+def db_backend(request: pytest.FixtureRequest) -> str:
+    """ "sqlite" or "postgres": parametrized by the `backends` marker, else "sqlite"."""
+    return str(getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture
+def db_target(db_backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """What DUCKLM_DB takes for this test: a fresh SQLite path, or a fresh database's URL.
+
+    PostgreSQL is looked up lazily, so a SQLite-only run never starts the server.
+    """
+    if db_backend == "postgres":
+        return str(request.getfixturevalue("postgres_url"))
+    return str(tmp_path / "ducklm.db")
+
 
 THINKER = "test-thinker"
 ACTION = "test-action"
@@ -63,9 +121,9 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest_asyncio.fixture
 async def runtime(
-    tmp_path: Path, model_server: FakeModelServer, clean_env: None
+    tmp_path: Path, model_server: FakeModelServer, clean_env: None, db_target: str
 ) -> AsyncIterator[Runtime]:
-    rt = await build_runtime(make_settings(tmp_path, model_server.base_url))
+    rt = await build_runtime(make_settings(tmp_path, model_server.base_url, db=db_target))
     try:
         yield rt
     finally:

@@ -1,0 +1,372 @@
+"""A real, throwaway PostgreSQL server for the tests, started once per test session.
+
+Nothing is downloaded at run time: the server binaries come from Debian's
+`postgresql` package (`.ci/run` installs it when missing). The session fixture
+runs `initdb` into a fresh temporary directory (as the `postgres` user when the
+tests run as root, because initdb refuses root), starts `postgres` on 127.0.0.1
+on a free port with its unix socket inside that directory, tuned for tests
+(no fsync, 300 connections so several replicas with pools fit), waits — bounded —
+until it is ready, and at the end of the session stops it (fast shutdown, then
+SIGKILL) and removes the directory.
+
+    async def test_something(postgres_url: str) -> None:      # a fresh database
+        db = await Database.open(postgres_url)
+
+    async def test_both(db_target: str) -> None:               # see tests/conftest.py
+        rows = raw_rows(db_target, "SELECT kind FROM events WHERE task_id = ?", [task_id])
+
+The server starts only when a test asks for `postgres_server` (directly or through
+`postgres_url` / a `postgres` `db_target`): a run that needs no PostgreSQL starts none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import glob
+import itertools
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from tests.fakes.synapse import free_port
+
+__all__ = [
+    "PostgresServer",
+    "find_bindir",
+    "is_postgres",
+    "postgres_server",
+    "postgres_url",
+    "raw_execute",
+    "raw_rows",
+]
+
+START_TIMEOUT = 60.0  # initdb + start take ~1.5 s here; the bound only catches a broken setup
+STOP_TIMEOUT = 10.0
+SUPERUSER = "postgres"
+INSTALL_HINT = (
+    "the tests need the PostgreSQL server binaries (initdb, postgres): install Debian's "
+    "`postgresql` package (`apt-get install postgresql`; .ci/run does this when it runs as "
+    "root), or set DUCKLM_TEST_PG_BINDIR to a directory holding initdb and postgres"
+)
+
+# Test tuning: durability off (a crashed test server is thrown away anyway), room for
+# several `ducklm run` replicas with pools of 10-20 each, and quiet logs.
+SERVER_SETTINGS: dict[str, str] = {
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+    "max_connections": "300",
+    "shared_buffers": "64MB",
+    "max_wal_size": "1GB",
+    "checkpoint_timeout": "30min",
+    "log_min_messages": "warning",
+    "log_min_error_statement": "panic",
+}
+
+T = TypeVar("T")
+
+
+def is_postgres(target: str | os.PathLike[str]) -> bool:
+    """Whether a DUCKLM_DB value names PostgreSQL (a URL) rather than a SQLite file."""
+    return str(target).startswith(("postgresql://", "postgres://"))
+
+
+def find_bindir() -> Path:
+    """The directory with initdb and postgres, or a failure saying how to install them."""
+    candidates: list[Path] = []
+    if configured := os.environ.get("DUCKLM_TEST_PG_BINDIR"):
+        candidates.append(Path(configured))
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(
+                [pg_config, "--bindir"], capture_output=True, text=True, timeout=10, check=True
+            )
+            candidates.append(Path(out.stdout.strip()))
+
+    def version(path: str) -> tuple[int, ...]:
+        # /usr/lib/postgresql/15/bin -> (15,): the newest installed major version first
+        name = Path(path).parent.name
+        return tuple(int(part) for part in name.split(".") if part.isdigit())
+
+    candidates += [
+        Path(p) for p in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=version, reverse=True)
+    ]
+    if initdb := shutil.which("initdb"):
+        candidates.append(Path(initdb).resolve().parent)
+    for directory in candidates:
+        if (directory / "initdb").is_file() and (directory / "postgres").is_file():
+            return directory
+    pytest.fail(INSTALL_HINT, pytrace=False)
+
+
+def _run_in_thread(make: Callable[[], Awaitable[T]]) -> T:
+    """Run a coroutine to completion on a private loop in a private thread.
+
+    The admin helpers are called from sync fixtures and from inside async tests
+    alike; a thread of their own never touches (or trips over) the test's loop.
+    """
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(asyncio.run(make()))  # type: ignore[arg-type]
+        except BaseException as exc:  # re-raised in the caller's thread
+            error.append(exc)
+
+    thread = threading.Thread(target=target, name="postgres-admin", daemon=True)
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+class PostgresServer:
+    """One initdb'ed cluster in a temporary directory, served on 127.0.0.1:<port>."""
+
+    def __init__(self, *, bindir: Path | None = None, port: int | None = None) -> None:
+        self.bindir = bindir or find_bindir()
+        self.port = port or free_port()
+        self.host = "127.0.0.1"
+        # Not pytest's tmp_path: that is root-only (0700) when the tests run as root,
+        # and the server runs as `postgres`. A short /tmp path also keeps the unix
+        # socket's path under its 107-byte limit.
+        self.directory = Path(tempfile.mkdtemp(prefix="ducklm-pg-"))
+        self.data = self.directory / "data"
+        self.socket_dir = self.directory / "sock"
+        self.log_path = self.directory / "postgres.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self._names = itertools.count(1)
+        self._user: str | None = SUPERUSER if os.geteuid() == 0 else None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def _as_owner(self) -> dict[str, Any]:
+        """Popen arguments that run a binary as the cluster's owner (postgres when root)."""
+        if self._user is None:
+            return {}
+        return {"user": self._user, "group": self._user, "extra_groups": []}
+
+    def _chown(self, path: Path) -> None:
+        if self._user is not None:
+            shutil.chown(path, self._user, self._user)
+
+    def start(self) -> None:
+        self.socket_dir.mkdir()
+        self.log_path.touch()
+        for path in (self.directory, self.socket_dir, self.log_path):
+            self._chown(path)
+        self.directory.chmod(0o700)
+        started = time.monotonic()
+        initdb = subprocess.run(
+            [
+                str(self.bindir / "initdb"),
+                "--pgdata",
+                str(self.data),
+                "--username",
+                SUPERUSER,
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",  # byte order, like SQLite's default collation
+                "--no-sync",
+                "--no-instructions",
+            ],
+            cwd=self.directory,
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT,
+            check=False,
+            **self._as_owner(),
+        )
+        if initdb.returncode != 0:
+            raise RuntimeError(
+                f"initdb failed (exit {initdb.returncode}): {initdb.stderr.strip()[-2000:]}"
+            )
+        args = [
+            str(self.bindir / "postgres"),
+            "-D",
+            str(self.data),
+            "-c",
+            f"listen_addresses={self.host}",
+            "-c",
+            f"port={self.port}",
+            "-c",
+            f"unix_socket_directories={self.socket_dir}",
+        ]
+        for name, value in SERVER_SETTINGS.items():
+            args += ["-c", f"{name}={value}"]
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                args,
+                cwd=self.directory,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a Ctrl-C on the test run reaches us, not it
+                **self._as_owner(),
+            )
+        self._wait_until_up(started + START_TIMEOUT)
+
+    def _wait_until_up(self, deadline: float) -> None:
+        """Bounded wait for postmaster.pid's status line to read "ready", then a query."""
+        assert self.process is not None
+        pid_file = self.data / "postmaster.pid"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"postgres exited with {self.process.returncode} on start-up:\n"
+                    f"{self.log_tail()}"
+                )
+            with contextlib.suppress(OSError):
+                lines = pid_file.read_text().splitlines()
+                # Line 8 is the postmaster status (PostgreSQL >= 10): "ready" once it
+                # accepts connections.
+                if len(lines) >= 8 and lines[7].strip() == "ready":
+                    self.admin_query("SELECT 1")
+                    return
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(
+            f"postgres did not become ready within {START_TIMEOUT:.0f} s:\n{self.log_tail()}"
+        )
+
+    def stop(self) -> None:
+        """Fast shutdown (SIGINT), SIGKILL if that takes too long, then remove everything."""
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=STOP_TIMEOUT)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return "(no log)"
+
+    # -- databases ---------------------------------------------------------------------
+
+    def url(self, database: str = "postgres") -> str:
+        """A libpq/asyncpg URL for one database, as DUCKLM_DB takes it (no password: trust)."""
+        return f"postgresql://{SUPERUSER}@{self.host}:{self.port}/{database}"
+
+    def admin_query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """One statement on the maintenance database (for CREATE/DROP DATABASE and checks)."""
+        return raw_rows(self.url(), sql, params)
+
+    def create_database(self, prefix: str = "t") -> str:
+        """A new empty database (from template0: nothing a test left in template1)."""
+        name = f"{prefix}_{os.getpid()}_{next(self._names)}"
+        self.admin_query(f'CREATE DATABASE "{name}" TEMPLATE template0')
+        return name
+
+    def drop_database(self, name: str) -> None:
+        # FORCE: a test that failed half-way may still hold pooled connections.
+        self.admin_query(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# -- raw access for tests, on both backends -------------------------------------------
+
+
+_QUESTION_MARK = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\?")
+
+
+def _numbered(sql: str) -> str:
+    """`?` placeholders to asyncpg's `$1, $2, …`, leaving quoted strings and names alone."""
+    counter = itertools.count(1)
+
+    def replace(match: re.Match[str]) -> str:
+        return f"${next(counter)}" if match.group(0) == "?" else match.group(0)
+
+    return _QUESTION_MARK.sub(replace, sql)
+
+
+def _raw(target: str | os.PathLike[str], sql: str, params: Sequence[Any], *, fetch: bool) -> Any:
+    if not is_postgres(target):
+        # Its own connection, outside the product's: what another process would see.
+        with contextlib.closing(sqlite3.connect(target, timeout=10)) as conn:
+            cursor = conn.execute(sql, tuple(params))
+            if fetch:
+                return [tuple(row) for row in cursor.fetchall()]
+            conn.commit()
+            return cursor.rowcount
+
+    async def run() -> Any:
+        import asyncpg
+
+        conn = await asyncpg.connect(str(target), timeout=10)
+        try:
+            if fetch:
+                return [tuple(record) for record in await conn.fetch(_numbered(sql), *params)]
+            status = await conn.execute(_numbered(sql), *params)
+            # "UPDATE 3" / "DELETE 1" / "INSERT 0 1": the last word is the row count
+            last = status.rsplit(" ", 1)[-1]
+            return int(last) if last.isdigit() else -1
+        finally:
+            await conn.close()
+
+    return _run_in_thread(run)
+
+
+def raw_rows(
+    target: str | os.PathLike[str], sql: str, params: Sequence[Any] = ()
+) -> list[tuple[Any, ...]]:
+    """Rows of one query on the raw database, bypassing the store (sqlite3 or asyncpg).
+
+    `target` is what DUCKLM_DB takes: a SQLite file path or a postgresql:// URL. The
+    SQL uses `?` placeholders on both. Usable from sync and async tests alike.
+    """
+    return _raw(target, sql, params, fetch=True)  # type: ignore[no-any-return]
+
+
+def raw_execute(target: str | os.PathLike[str], sql: str, params: Sequence[Any] = ()) -> int:
+    """One committed statement on the raw database (e.g. tampering a row); its row count."""
+    return _raw(target, sql, params, fetch=False)  # type: ignore[no-any-return]
+
+
+# -- fixtures ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the whole session, started on first use."""
+    server = PostgresServer()
+    try:
+        server.start()
+    except BaseException:
+        server.stop()
+        raise
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """A fresh, empty database for one test, dropped afterwards: its URL."""
+    name = postgres_server.create_database()
+    try:
+        yield postgres_server.url(name)
+    finally:
+        postgres_server.drop_database(name)
