@@ -17,7 +17,7 @@ Modules without the marker stay on SQLite only, so the suite does not double in 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,14 +67,25 @@ def db_backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def db_target(db_backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+def db_target(db_backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
     """What DUCKLM_DB takes for this test: a fresh SQLite path, or a fresh database's URL.
 
     PostgreSQL is looked up lazily, so a SQLite-only run never starts the server.
     """
-    if db_backend == "postgres":
-        return str(request.getfixturevalue("postgres_url"))
-    return str(tmp_path / "ducklm.db")
+    if db_backend != "postgres":
+        yield str(tmp_path / "ducklm.db")
+        return
+    import os
+    import shutil
+
+    url = str(request.getfixturevalue("postgres_url"))
+    # A URL taken for a file path becomes a SQLite file under ./postgresql:/… and the
+    # test would pass on SQLite while claiming PostgreSQL: fail it instead.
+    stray = Path(os.getcwd(), url.split("//", 1)[0])
+    yield url
+    if stray.exists():
+        shutil.rmtree(stray, ignore_errors=True)
+        pytest.fail(f"{url} was opened as a SQLite file path ({stray}/…), not as PostgreSQL")
 
 
 THINKER = "test-thinker"

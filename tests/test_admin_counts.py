@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from bot import commands as c
 from bot.admin import MAX_LISTED, CommandRunner
 from bot.policy import Actor
 from runtime.approvals import SHELL_TOOL, ApprovalService
 from runtime.store import Stores, open_stores
 from tests.test_console import ducklm
+
+pytestmark = pytest.mark.backends("sqlite", "postgres")
 
 ADMIN = Actor("slack:U1", is_admin=True, is_approver=True)
 
@@ -46,8 +50,8 @@ def more_line(text: str) -> str | None:
     return found[0] if found else None
 
 
-async def test_duck_approvals_counts_every_pending_one(tmp_path: Path) -> None:
-    async with await open_stores(tmp_path / "ducklm.db") as stores:
+async def test_duck_approvals_counts_every_pending_one(db_target: str) -> None:
+    async with await open_stores(db_target) as stores:
         ids = await add_pending(stores, 250)
         runner = listing(stores)
         text = await runner.execute(c.parse_command("approvals"), ADMIN)
@@ -64,8 +68,8 @@ async def test_duck_approvals_counts_every_pending_one(tmp_path: Path) -> None:
         assert f"`{ids[7]}`" in text and f"`{ids[6]}`" not in text
 
 
-async def test_no_more_line_at_or_under_the_listed_count(tmp_path: Path) -> None:
-    async with await open_stores(tmp_path / "ducklm.db") as stores:
+async def test_no_more_line_at_or_under_the_listed_count(db_target: str) -> None:
+    async with await open_stores(db_target) as stores:
         runner = listing(stores)
         assert await runner.execute(c.parse_command("approvals"), ADMIN) == (
             "No approvals are pending."
@@ -78,11 +82,10 @@ async def test_no_more_line_at_or_under_the_listed_count(tmp_path: Path) -> None
         assert more_line(text) == "… and 1 more"
 
 
-async def test_ducklm_approvals_counts_beyond_a_hundred(tmp_path: Path) -> None:
+async def test_ducklm_approvals_counts_beyond_a_hundred(tmp_path: Path, db_target: str) -> None:
     """The CLI (another process, the same store) gives the same exact count."""
-    db = tmp_path / "ducklm.db"
-    async with await open_stores(db) as stores:
+    async with await open_stores(db_target) as stores:
         await add_pending(stores, 1234)
-    code, out, err = await ducklm(tmp_path, "approvals")
+    code, out, err = await ducklm(tmp_path, "approvals", DUCKLM_DB=db_target)
     assert code == 0, err
     assert more_line(out) == f"… and {1234 - MAX_LISTED} more", out

@@ -20,6 +20,8 @@ C1 = "slack:C1"
 ALICE = "slack:UALICE"
 BOB = "slack:UBOB"
 
+pytestmark = pytest.mark.backends("sqlite", "postgres")
+
 
 async def _runs(runtime: Runtime) -> dict[str, str]:
     """The runs; returns what -> task id."""

@@ -4,13 +4,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import pytest
 
 from bot import commands as c
 from bot.admin import MAX_LISTED, CommandRunner
 from bot.policy import Actor
 from runtime.approvals import SHELL_TOOL, ApprovalService
 from runtime.store import Stores, open_stores
+
+pytestmark = pytest.mark.backends("sqlite", "postgres")
 
 ADMIN = Actor("slack:U1", is_admin=True, is_approver=True)
 
@@ -28,8 +30,8 @@ def more_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("… and ")]
 
 
-async def test_duck_rules_shows_the_first_ones_and_counts_the_rest(tmp_path: Path) -> None:
-    async with await open_stores(tmp_path / "ducklm.db") as stores:
+async def test_duck_rules_shows_the_first_ones_and_counts_the_rest(db_target: str) -> None:
+    async with await open_stores(db_target) as stores:
         runner = CommandRunner(stores.tasks, stores.events, ApprovalService.from_stores(stores))
         ids = await add_rules(stores, 130)
         text = await runner.execute(c.parse_command("rules"), ADMIN)
@@ -50,8 +52,8 @@ async def test_duck_rules_shows_the_first_ones_and_counts_the_rest(tmp_path: Pat
         assert exactly.count("\n") == MAX_LISTED + 1  # the heading, the rules, the count
 
 
-async def test_no_count_line_at_the_listed_number(tmp_path: Path) -> None:
-    async with await open_stores(tmp_path / "ducklm.db") as stores:
+async def test_no_count_line_at_the_listed_number(db_target: str) -> None:
+    async with await open_stores(db_target) as stores:
         runner = CommandRunner(stores.tasks, stores.events, ApprovalService.from_stores(stores))
         await add_rules(stores, MAX_LISTED)
         text = await runner.execute(c.parse_command("rules"), ADMIN)
@@ -61,8 +63,8 @@ async def test_no_count_line_at_the_listed_number(tmp_path: Path) -> None:
         assert more_lines(text) == ["… and 1 more"]
 
 
-async def test_a_runner_for_a_terminal_lists_every_rule(tmp_path: Path) -> None:
-    async with await open_stores(tmp_path / "ducklm.db") as stores:
+async def test_a_runner_for_a_terminal_lists_every_rule(db_target: str) -> None:
+    async with await open_stores(db_target) as stores:
         service = ApprovalService.from_stores(stores)
         runner = CommandRunner(stores.tasks, stores.events, service, rules_listed=None)
         ids = await add_rules(stores, MAX_LISTED + 15)
@@ -70,7 +72,7 @@ async def test_a_runner_for_a_terminal_lists_every_rule(tmp_path: Path) -> None:
         assert [i for i in ids if f"`{i}`" in text] == ids and more_lines(text) == []
 
 
-async def test_chat_shows_a_rule_holding_a_secret_redacted(tmp_path: Path) -> None:
+async def test_chat_shows_a_rule_holding_a_secret_redacted(db_target: str) -> None:
     """An "Always" rule keeps the command as it runs, a token in it included; the
     chat listing (and the line confirming a new rule) shows it as chat shows every
     command: through the redactor. The terminal's runner shows it as stored."""
@@ -80,7 +82,7 @@ async def test_chat_shows_a_rule_holding_a_secret_redacted(tmp_path: Path) -> No
     command = f"curl -H 'Authorization: token {token}' https://api.github.com/user"
     redactor = Redactor()
     assert token not in redactor.redact(command).text  # the premise: chat would redact it
-    async with await open_stores(tmp_path / "ducklm.db") as stores:
+    async with await open_stores(db_target) as stores:
         approvals = ApprovalService.from_stores(stores)
         chat = CommandRunner(
             stores.tasks, stores.events, approvals, shown=lambda t: redactor.redact(t).text
