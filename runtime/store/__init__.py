@@ -17,6 +17,7 @@ from runtime.store.db import Database, StoreError
 from runtime.store.deliveries import DeliveryStore
 from runtime.store.events import EventStore
 from runtime.store.inbox import InboxStore
+from runtime.store.replicas import LeaseStore, OwnershipStore, ReplicaStore, StateStore
 from runtime.store.rules import RuleStore
 from runtime.store.schedules import ScheduleStore
 from runtime.store.tasks import TaskStore
@@ -27,8 +28,12 @@ __all__ = [
     "DeliveryStore",
     "EventStore",
     "InboxStore",
+    "LeaseStore",
+    "OwnershipStore",
+    "ReplicaStore",
     "RuleStore",
     "ScheduleStore",
+    "StateStore",
     "StoreError",
     "Stores",
     "TaskStore",
@@ -48,6 +53,11 @@ class Stores:
     deliveries: DeliveryStore
     schedules: ScheduleStore
     inbox: InboxStore
+    # Several replicas on one database (issue #19, runtime/store/replicas.py).
+    replicas: ReplicaStore
+    leases: LeaseStore
+    state: StateStore
+    ownership: OwnershipStore
 
     @classmethod
     def on(cls, db: Database) -> Stores:
@@ -60,6 +70,10 @@ class Stores:
             deliveries=DeliveryStore(db),
             schedules=ScheduleStore(db),
             inbox=InboxStore(db),
+            replicas=ReplicaStore(db),
+            leases=LeaseStore(db),
+            state=StateStore(db),
+            ownership=OwnershipStore(db),
         )
 
     async def close(self) -> None:
