@@ -19,6 +19,7 @@ from runtime import rule_review
 from runtime.store.models import Approval, Rule
 
 if TYPE_CHECKING:
+    from runtime.metrics import Metrics
     from runtime.store import ApprovalStore, EventStore, RuleStore, Stores
     from runtime.tools.shell_rules import CompiledRule
 
@@ -88,6 +89,8 @@ class ApprovalService:
             # Decisions and their events must commit together.
             raise ValueError("approvals, rules and events must share one Database")
         self._approvals = approvals
+        # Decision latency by decision (runtime/metrics.py); set by build_runtime.
+        self.metrics: Metrics | None = None
         self._rules = rules
         self._events = events
         self._db = approvals.db
@@ -225,6 +228,8 @@ class ApprovalService:
                         "decided_by": "system",
                     },
                 )
+        if taken:  # after the commit: a rolled-back decision is not one
+            self._observe("expired", approval)
         return taken
 
     async def decide(
@@ -281,9 +286,15 @@ class ApprovalService:
                         expires_at=self.rule_expiry(None),
                     )
                     await self._events.append(approval.task_id, "rule_created", _rule_payload(rule))
+        if taken:  # after the commit: a rolled-back decision is not one
+            self._observe(decision, approval)
         return DecisionOutcome(
             taken=taken, approval=await self._approvals.get(approval_id), rule=rule
         )
+
+    def _observe(self, decision: str, approval: Approval) -> None:
+        if self.metrics is not None:
+            self.metrics.decided(decision, time.time() - approval.created_at.timestamp())
 
     def _always_rule(self, approval: Approval) -> tuple[str, str]:
         """The rule an "always" on this approval would create; refuses before anything

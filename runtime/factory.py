@@ -16,6 +16,7 @@ from runtime.tools.redaction import Redactor
 from runtime.tools.shell.sandbox import SandboxConfig
 
 if TYPE_CHECKING:
+    from runtime.metrics import Metrics
     from runtime.tools.mcp.toolbox import McpToolbox
 
 
@@ -28,6 +29,8 @@ class Runtime:
     loop: RuntimeLoop
     # MCP servers started from DUCKLM_MCP_CONFIG (None when unset or not wanted).
     mcp: McpToolbox | None = None
+    # Prometheus metrics (runtime/metrics.py), kept by the serving commands only.
+    metrics: Metrics | None = None
 
     def startup_notices(self) -> list[str]:
         """Lines to print at start (one per MCP server, or the config error)."""
@@ -57,18 +60,26 @@ async def _start_mcp(settings: Settings) -> McpToolbox:
     return await McpToolbox.start(settings.mcp_config, max_output=settings.shell_max_output)
 
 
-async def build_runtime(settings: Settings, *, mcp: bool = True) -> Runtime:
+async def build_runtime(
+    settings: Settings, *, mcp: bool = True, metrics: bool | None = None
+) -> Runtime:
     """A ready runtime. `mcp=False` skips starting MCP servers (for commands that
-    only read the store, such as `ducklm tasks`)."""
+    only read the store, such as `ducklm tasks`); `metrics` (default: as `mcp`,
+    the serving commands) keeps Prometheus metrics, whose import costs those
+    quick commands tens of milliseconds."""
     stores = await open_stores(settings.db)
     toolbox: McpToolbox | None = None
     try:
         if mcp and settings.mcp_config is not None:
             toolbox = await _start_mcp(settings)
+        kept = _metrics(stores) if (mcp if metrics is None else metrics) else None
         approvals = ApprovalService.from_stores(
             stores, ttl=settings.approval_ttl, rule_max_age=settings.rule_max_age
         )
-        model = ModelClient.from_settings(settings) if settings.model_configured else None
+        approvals.metrics = kept
+        model = (
+            ModelClient.from_settings(settings, metrics=kept) if settings.model_configured else None
+        )
         # Every credential field of Settings, matched literally in all output.
         redactor = Redactor.from_settings(settings)
         for value in toolbox.secret_values() if toolbox else []:
@@ -86,6 +97,7 @@ async def build_runtime(settings: Settings, *, mcp: bool = True) -> Runtime:
                 redactor=redactor,
                 sandbox=SandboxConfig.from_settings(settings),
                 extra_tools=tuple(toolbox.tools) if toolbox else (),
+                metrics=kept,
             ),
             default_workspace=str(settings.workspace),
             redactor=redactor,
@@ -95,4 +107,12 @@ async def build_runtime(settings: Settings, *, mcp: bool = True) -> Runtime:
             await toolbox.close()
         await stores.close()
         raise
-    return Runtime(settings, stores, approvals, model, loop, mcp=toolbox)
+    return Runtime(settings, stores, approvals, model, loop, mcp=toolbox, metrics=kept)
+
+
+def _metrics(stores: Stores) -> Metrics:
+    from runtime.metrics import Metrics  # here: see build_runtime
+
+    metrics = Metrics()
+    metrics.watch_store(stores.db)
+    return metrics

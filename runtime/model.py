@@ -32,6 +32,7 @@ import httpx
 from pydantic import BaseModel
 
 if TYPE_CHECKING:
+    from runtime.metrics import Metrics
     from runtime.settings import Settings
 
 __all__ = [
@@ -177,6 +178,7 @@ class ModelClient:
         max_tokens: Mapping[str, int] | None = None,
         temperature: Mapping[str, float] | None = None,
         action_protocol: str = "auto",
+        metrics: Metrics | None = None,
     ) -> None:
         models = dict(_DEFAULT_MODELS if models is None else models)
         unknown = set(models) - set(self.ROLES)
@@ -210,6 +212,8 @@ class ModelClient:
         # Set by from_settings when the settings name no usable model; chat()
         # then refuses with this sentence instead of sending a doomed request.
         self._not_configured: str | None = None
+        # Latency per role and model, failures (runtime/metrics.py); None: not kept.
+        self.metrics = metrics
         headers = {"Accept": "application/json, text/event-stream"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -221,7 +225,7 @@ class ModelClient:
         )
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> ModelClient:
+    def from_settings(cls, settings: Settings, *, metrics: Metrics | None = None) -> ModelClient:
         """Build the client from `Settings`. Never raises for a missing model:
         the console must start without one, so chat() raises
         ModelNotConfiguredError naming the variables to set."""
@@ -240,6 +244,7 @@ class ModelClient:
                 "thinker": settings.thinker_temperature,
             },
             action_protocol=settings.action_protocol,
+            metrics=metrics,
         )
         if not settings.model_configured:
             client._not_configured = (
@@ -325,9 +330,11 @@ class ModelClient:
                     exc,
                 )
                 self.tools_supported = False
+                self._failed(role, model, exc)
                 raise
             except ModelError as exc:
                 if not exc.retryable or exc._stop_retrying or attempt >= self.max_retries:
+                    self._failed(role, model, exc)
                     raise
                 delay = self._delay(exc, attempt)
                 attempt += 1
@@ -345,10 +352,17 @@ class ModelClient:
             if tools is not None and reply.get("tool_calls"):
                 self.tools_supported = True
             reply["role"] = role
-            reply["latency_ms"] = int((time.monotonic() - started) * 1000)
+            elapsed = time.monotonic() - started
+            reply["latency_ms"] = int(elapsed * 1000)
+            if self.metrics is not None:
+                self.metrics.model_called(role, model, elapsed)
             reply["response_form"] = form if form != "none" else None
             reply.setdefault("model", model)
             return ModelResponse(**reply)
+
+    def _failed(self, role: str, model: str, exc: ModelError) -> None:
+        if self.metrics is not None:
+            self.metrics.model_failed(role, model, exc)
 
     def _form(self, schema: dict[str, Any] | None) -> str:
         form = RESPONSE_FORMS[self.response_form_index]

@@ -7,15 +7,19 @@ run now (`approved` tells it a person or a rule already allowed it).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runtime.tools.base import Assessment, Tool, ToolArgumentError, ToolResult
 from runtime.tools.files import ListDirTool, ReadFileTool
 from runtime.tools.redaction import Redactor
 from runtime.tools.shell import ShellTool
 from runtime.tools.shell.sandbox import SandboxConfig
+
+if TYPE_CHECKING:
+    from runtime.metrics import Metrics
 
 logger = logging.getLogger("ducklm.tools")
 
@@ -43,10 +47,17 @@ def _assessment_metadata(assessment: Assessment) -> dict[str, Any]:
 
 
 class ToolGateway:
-    def __init__(self, tools: Iterable[Tool], *, redactor: Redactor | None = None) -> None:
+    def __init__(
+        self,
+        tools: Iterable[Tool],
+        *,
+        redactor: Redactor | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.tools: dict[str, Tool] = {tool.name: tool for tool in tools}
         # Without the bot's credentials it still redacts well-known secret formats.
         self.redactor = redactor if redactor is not None else Redactor()
+        self.metrics = metrics  # run durations by tool (runtime/metrics.py)
 
     @classmethod
     def default(
@@ -58,6 +69,7 @@ class ToolGateway:
         redactor: Redactor | None = None,
         sandbox: SandboxConfig | None = None,
         extra_tools: Iterable[Tool] = (),
+        metrics: Metrics | None = None,
     ) -> ToolGateway:
         """The built-in tools for `workspace`, plus `extra_tools` (MCP servers'
         tools, shared by every workspace's gateway)."""
@@ -73,7 +85,7 @@ class ToolGateway:
         if clash:
             # A later tool must never silently replace another (least of all the shell).
             raise ValueError(f"two tools share a name: {', '.join(clash)}")
-        return cls(builtin + extra, redactor=redactor)
+        return cls(builtin + extra, redactor=redactor, metrics=metrics)
 
     def specs(self) -> list[dict[str, Any]]:
         """What the action model is told about each tool."""
@@ -140,6 +152,7 @@ class ToolGateway:
                 error=f"Needs approval: {assessment.reason}",
                 metadata={**metadata, "pending_approval": True},
             )
+        started = time.monotonic()
         try:
             result = await tool.run(normalized["args"], assessment)
         except ToolArgumentError as exc:
@@ -151,4 +164,7 @@ class ToolGateway:
                 error=f"{tool.name} failed: {type(exc).__name__}: {exc}",
                 metadata=metadata,
             )
+        finally:
+            if self.metrics is not None:
+                self.metrics.tool_ran(tool.name, time.monotonic() - started)
         return result.model_copy(update={"metadata": {**metadata, **result.metadata}})
