@@ -1,5 +1,6 @@
 """The audit chain (issue #21): a real run verifies; editing, deleting or swapping
-an event in the SQLite file directly makes `verify` name that event."""
+an event in the database directly (the SQLite file, or PostgreSQL's table) makes
+`verify` name that event."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ from runtime.store.db import Database
 from runtime.store.retention import delete_finished_tasks
 from tests.conftest import ACTION, THINKER, directive, shell
 from tests.fakes.openai_server import FakeModelServer, Text
+from tests.postgres import is_postgres, raw_execute, raw_rows
+
+pytestmark = pytest.mark.backends("sqlite", "postgres")
 
 NO_ACTIONS = directive()
 
@@ -35,27 +39,29 @@ async def _approved_run(runtime: Runtime, model_server: FakeModelServer) -> str:
     return waiting.task_id
 
 
-def _copy(runtime: Runtime, tmp_path: Path, name: str) -> Path:
-    """A consistent copy of the live database file (WAL included) to tamper with."""
+def _copy(runtime: Runtime, tmp_path: Path, name: str) -> str:
+    """Where to tamper: a consistent copy of the live SQLite file (WAL included), or
+    on PostgreSQL the test's own database itself (fresh per test, nobody else's)."""
+    if is_postgres(runtime.settings.db):
+        return runtime.settings.db
     target = tmp_path / name
     with sqlite3.connect(runtime.settings.db) as src, sqlite3.connect(target) as dst:
         src.backup(dst)
-    return target
+    return str(target)
 
 
-async def _verify_file(path: Path, task_id: str | None = None):
-    db = await Database.open(path)
+async def _verify_file(target: str | Path, task_id: str | None = None):
+    db = await Database.open(target)
     try:
         return await verify(db, task_id)
     finally:
         await db.close()
 
 
-def _rows(path: Path, task_id: str) -> list[tuple[int, int, str]]:
-    with sqlite3.connect(path) as conn:
-        return conn.execute(
-            "SELECT id, seq, event_type FROM events WHERE task_id = ? ORDER BY seq", (task_id,)
-        ).fetchall()
+def _rows(target: str, task_id: str) -> list[tuple[int, int, str]]:
+    return raw_rows(  # type: ignore[return-value]
+        target, "SELECT id, seq, event_type FROM events WHERE task_id = ? ORDER BY seq", [task_id]
+    )
 
 
 async def test_a_real_run_verifies_and_every_hash_is_recomputable(
@@ -66,12 +72,12 @@ async def test_a_real_run_verifies_and_every_hash_is_recomputable(
     assert len(events) >= 8
     # Recomputed here from the stored rows alone, as an outside auditor would
     # (the float time as stored: a datetime rounds it to microseconds).
-    with sqlite3.connect(runtime.settings.db) as conn:
-        rows = conn.execute(
-            "SELECT seq, event_type, payload, created_at, hash FROM events "
-            "WHERE task_id = ? ORDER BY seq",
-            (task_id,),
-        ).fetchall()
+    rows = raw_rows(
+        runtime.settings.db,
+        "SELECT seq, event_type, payload, created_at, hash FROM events "
+        "WHERE task_id = ? ORDER BY seq",
+        [task_id],
+    )
     assert [r[0] for r in rows] == [e.seq for e in events]
     prev = GENESIS
     for seq, event_type, payload, created_at, stored in rows:
@@ -93,11 +99,10 @@ async def test_an_edited_payload_is_named(
     copy = _copy(runtime, tmp_path, "edited.db")
     rows = _rows(copy, task_id)
     audit_id, audit_seq, _ = next(r for r in rows if r[2] == "command_audit")
-    with sqlite3.connect(copy) as conn:
-        (text,) = conn.execute("SELECT payload FROM events WHERE id = ?", (audit_id,)).fetchone()
-        original = json.loads(text)
-        payload = dict(original, approved_by="console:mallory")
-        conn.execute("UPDATE events SET payload = ? WHERE id = ?", (json.dumps(payload), audit_id))
+    ((text,),) = raw_rows(copy, "SELECT payload FROM events WHERE id = ?", [audit_id])
+    original = json.loads(text)
+    payload = dict(original, approved_by="console:mallory")
+    raw_execute(copy, "UPDATE events SET payload = ? WHERE id = ?", [json.dumps(payload), audit_id])
     result = await _verify_file(copy, task_id)
     assert not result.ok
     (failure,) = result.failures
@@ -105,11 +110,11 @@ async def test_an_edited_payload_is_named(
     assert "command_audit" in failure.reason
     # Re-stored with the same meaning but other spacing still verifies: the hash is
     # over the canonical JSON, not the stored text.
-    with sqlite3.connect(copy) as conn:
-        conn.execute(
-            "UPDATE events SET payload = ? WHERE id = ?",
-            (json.dumps(original, indent=2), audit_id),
-        )
+    raw_execute(
+        copy,
+        "UPDATE events SET payload = ? WHERE id = ?",
+        [json.dumps(original, indent=2), audit_id],
+    )
     assert (await _verify_file(copy, task_id)).ok
 
 
@@ -120,8 +125,7 @@ async def test_a_deleted_event_is_named(
     copy = _copy(runtime, tmp_path, "deleted.db")
     rows = _rows(copy, task_id)
     victim_id, victim_seq, _ = rows[3]
-    with sqlite3.connect(copy) as conn:
-        conn.execute("DELETE FROM events WHERE id = ?", (victim_id,))
+    raw_execute(copy, "DELETE FROM events WHERE id = ?", [victim_id])
     result = await _verify_file(copy)
     assert [(f.task_id, f.seq) for f in result.failures] == [(task_id, victim_seq + 1)]
     assert f"event {victim_seq} is missing" in result.failures[0].reason
@@ -134,24 +138,22 @@ async def test_swapped_events_are_named(
     copy = _copy(runtime, tmp_path, "swapped.db")
     rows = _rows(copy, task_id)
     (a_id, a_seq, _), (b_id, b_seq, _) = rows[2], rows[4]
-    with sqlite3.connect(copy) as conn:
-        # Swap their places (seq), hashes travelling with the rows.
-        conn.execute("UPDATE events SET seq = -1 WHERE id = ?", (a_id,))
-        conn.execute("UPDATE events SET seq = ? WHERE id = ?", (a_seq, b_id))
-        conn.execute("UPDATE events SET seq = ? WHERE id = ?", (b_seq, a_id))
+    # Swap their places (seq), hashes travelling with the rows.
+    raw_execute(copy, "UPDATE events SET seq = -1 WHERE id = ?", [a_id])
+    raw_execute(copy, "UPDATE events SET seq = ? WHERE id = ?", [a_seq, b_id])
+    raw_execute(copy, "UPDATE events SET seq = ? WHERE id = ?", [b_seq, a_id])
     result = await _verify_file(copy, task_id)
     assert [(f.task_id, f.seq) for f in result.failures] == [(task_id, a_seq)]
     # Swapping only the hashes back in line does not help: contents no longer chain.
-    with sqlite3.connect(copy) as conn:
-        ha = conn.execute("SELECT hash FROM events WHERE id = ?", (a_id,)).fetchone()[0]
-        hb = conn.execute("SELECT hash FROM events WHERE id = ?", (b_id,)).fetchone()[0]
-        conn.execute("UPDATE events SET hash = ? WHERE id = ?", (hb, a_id))
-        conn.execute("UPDATE events SET hash = ? WHERE id = ?", (ha, b_id))
+    ((ha,),) = raw_rows(copy, "SELECT hash FROM events WHERE id = ?", [a_id])
+    ((hb,),) = raw_rows(copy, "SELECT hash FROM events WHERE id = ?", [b_id])
+    raw_execute(copy, "UPDATE events SET hash = ? WHERE id = ?", [hb, a_id])
+    raw_execute(copy, "UPDATE events SET hash = ? WHERE id = ?", [ha, b_id])
     assert [f.seq for f in (await _verify_file(copy, task_id)).failures] == [a_seq]
 
 
-async def test_concurrent_appends_from_two_connections_keep_one_chain(tmp_path: Path) -> None:
-    path = tmp_path / "two.db"
+async def test_concurrent_appends_from_two_connections_keep_one_chain(db_target: str) -> None:
+    path = db_target
     first = await open_stores(path)
     second = await open_stores(path)
     try:
@@ -169,8 +171,8 @@ async def test_concurrent_appends_from_two_connections_keep_one_chain(tmp_path: 
         await second.close()
 
 
-async def test_retention_records_what_it_deleted_and_verify_still_passes(tmp_path: Path) -> None:
-    stores = await open_stores(tmp_path / "ret.db")
+async def test_retention_records_what_it_deleted_and_verify_still_passes(db_target: str) -> None:
+    stores = await open_stores(db_target)
     try:
         old = await stores.tasks.create_task("old")
         await stores.events.append(old.task_id, "note", {"x": 1})
@@ -189,8 +191,8 @@ async def test_retention_records_what_it_deleted_and_verify_still_passes(tmp_pat
         await stores.close()
 
 
-def test_cli_verify_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = tmp_path / "cli.db"
+def test_cli_verify_exit_codes(db_target: str, capsys: pytest.CaptureFixture[str]) -> None:
+    path = db_target
 
     async def build() -> str:
         async with await open_stores(path) as stores:
@@ -199,16 +201,16 @@ def test_cli_verify_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str
             return task.task_id
 
     task_id = asyncio.run(build())
-    assert main(["--db", str(path), "audit", "verify"]) == 0
+    assert main(["--db", path, "audit", "verify"]) == 0
     assert "verified" in capsys.readouterr().out
-    with sqlite3.connect(path) as conn:
-        conn.execute("UPDATE events SET event_type = 'z' WHERE task_id = ? AND seq = 2", (task_id,))
-    assert main(["--db", str(path), "audit", "verify", task_id]) == 1
+    raw_execute(path, "UPDATE events SET event_type = 'z' WHERE task_id = ? AND seq = 2", [task_id])
+    assert main(["--db", path, "audit", "verify", task_id]) == 1
     out = capsys.readouterr().out
     assert f"FAILED: task {task_id}, event 2: z:" in out
-    assert main(["--db", str(path), "audit", "verify", "t-nope"]) == 1
+    assert main(["--db", path, "audit", "verify", "t-nope"]) == 1
 
 
+@pytest.mark.backends("sqlite", reason="a v7 SQLite file; PostgreSQL starts at the current schema")
 def test_migration_chains_events_written_before_it(tmp_path: Path) -> None:
     """A v7 file's events get their hashes in the v8 migration and verify."""
     from runtime.store import db as dbmod
@@ -249,8 +251,11 @@ async def test_duck_task_says_whether_its_chain_verifies(
     head = (await runtime.stores.events.list_events(task_id))[-1].hash or ""
     assert shown.splitlines()[-1].startswith("audit chain verifies (")
     assert f"head {head[:16]}" in shown
-    with sqlite3.connect(runtime.settings.db) as conn:
-        conn.execute("UPDATE events SET payload = '{}' WHERE task_id = ? AND seq = 2", (task_id,))
+    raw_execute(
+        runtime.settings.db,
+        "UPDATE events SET payload = '{}' WHERE task_id = ? AND seq = 2",
+        [task_id],
+    )
     tampered = await runner.execute(c.TaskShow(task_id), who)
     assert tampered.splitlines()[-1].startswith(
         f"audit chain DOES NOT VERIFY: task {task_id}, event 2: "

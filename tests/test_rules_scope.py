@@ -4,9 +4,7 @@ real loop (`run_command`: the shell tool under the approval rules) and store."""
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
-from pathlib import Path
 
 import pytest
 
@@ -15,6 +13,9 @@ from bot.admin import CommandRunner
 from bot.cli import main
 from bot.policy import Actor
 from runtime.factory import Runtime
+from tests.postgres import raw_execute
+
+pytestmark = pytest.mark.backends("sqlite", "postgres")
 
 C1 = "slack:C1"
 C2 = "slack:C2"
@@ -165,11 +166,11 @@ async def test_a_broad_rule_in_chat_asks_for_confirmation(runtime: Runtime) -> N
 async def test_review_lists_idle_rules_and_rules_that_allowed_a_failure(runtime: Runtime) -> None:
     idle = await runtime.approvals.add_rule("shell_exec_safe", "exact", "echo idle", "x")
     busy = await runtime.approvals.add_rule("shell_exec_safe", "prefix", "cat", "x")
-    with sqlite3.connect(runtime.settings.db) as conn:  # made 40 days ago
-        conn.execute(
-            "UPDATE rules SET created_at = ? WHERE rule_id IN (?, ?)",
-            (time.time() - 40 * 86400, idle.rule_id, busy.rule_id),
-        )
+    raw_execute(  # made 40 days ago
+        runtime.settings.db,
+        "UPDATE rules SET created_at = ? WHERE rule_id IN (?, ?)",
+        (time.time() - 40 * 86400, idle.rule_id, busy.rule_id),
+    )
     assert (await runtime.loop.run_command("cat missing.txt")).status == "completed"
     review = await runtime.approvals.review_rules(30)
     assert [r.rule_id for r in review.idle] == [idle.rule_id]  # busy was used just now
@@ -206,8 +207,8 @@ def test_parse_rule_options() -> None:
         c.parse_command("rules add prefix git pull for=soon")
 
 
-def test_cli_rules_add_for_and_channel(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    db = str(tmp_path / "cli.db")
+def test_cli_rules_add_for_and_channel(db_target: str, capsys: pytest.CaptureFixture[str]) -> None:
+    db = db_target
     assert (
         main(["--db", db, "rules", "add", "--for", "2h", "--channel", C1, "exact", "ls", "-la"])
         == 0
@@ -230,8 +231,8 @@ async def test_always_without_a_channel_makes_a_global_rule(runtime: Runtime) ->
     ).status == "completed"
 
 
-def test_cli_preview_and_review(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    db = str(tmp_path / "cli.db")
+def test_cli_preview_and_review(db_target: str, capsys: pytest.CaptureFixture[str]) -> None:
+    db = db_target
     assert main(["--db", db, "rules", "preview", "prefix", "git", "pull"]) == 0
     assert "would have allowed none of the last 0 commands" in capsys.readouterr().out
     assert main(["--db", db, "rules", "add", "exact", "uptime"]) == 0
