@@ -100,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--since", required=True, help="date or ISO time (UTC unless given)")
     export.add_argument("--until", help="date or ISO time, exclusive (default: now)")
     export.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    from bot import dbcli  # the standard library only, like this module
+
+    dbcli.add_parser(sub)
     return parser
 
 
@@ -300,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(_with_runtime(settings, _console, mcp=True))
     if args.command == "matrix":
         return _run(_matrix_reset_crypto(settings))
+    if args.command == "db":
+        return _db(args, settings)
 
     from bot import commands as c
 
@@ -344,6 +349,24 @@ def main(argv: list[str] | None = None) -> int:
         raise AssertionError(args.command)
 
     return _run(_with_stores(settings, body))
+
+
+def _db(args: argparse.Namespace, settings: Settings) -> int:
+    """`ducklm db migrate|copy`: they open the databases themselves (without
+    migrating first), so not through _with_stores."""
+    from bot import dbcli
+
+    if args.db_command == "migrate":
+        target = args.db_target if args.db_target is not None else settings.db
+        return _run(dbcli.migrate(str(target)))
+    return _run(
+        dbcli.copy(
+            args.source,
+            args.target,
+            batch_rows=args.batch_size,
+            replica_timeout=settings.replica_timeout,
+        )
+    )
 
 
 async def _matrix_reset_crypto(settings: Settings) -> int:
