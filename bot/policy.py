@@ -6,18 +6,26 @@ CLI still can; they are the operator). With DUCKLM_REQUESTERS unset only the
 bot's own people may ask: Matrix users on its homeserver and members of the
 Slack workspace it is installed in (not the guests of a Slack Connect channel).
 Even read-only commands disclose the host, so a stranger may not run them.
+
+Per channel (issue #20): DUCKLM_POLICY_FILE (bot/policy_file.py, docs/policy.md)
+may give each channel or room its own approvers, admins, schedulers, four-eyes
+risk, workspace and tools. The variables are the default section; the file's
+`default` overrides them; a channel's section overrides the default there (lists
+replace, they never extend). `for_channel` / `for_conversation` say what applies.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from runtime.store.models import Approval
 from runtime.tools.base import RISK_ORDER
 
 if TYPE_CHECKING:
+    from bot.policy_file import PolicyFile, Section
     from runtime.settings import Settings
 
 ANYONE = "*"
@@ -42,6 +50,74 @@ class Actor:
         return self.is_admin or self.is_scheduler
 
 
+@dataclass(frozen=True)
+class ChannelPolicy:
+    """The rights in force in one channel (or room): its section of the policy
+    file laid over the default section, itself laid over the environment."""
+
+    # Which section applied: "default" or the channel section's name (`slack:C1`).
+    section: str
+    approvers: frozenset[str]
+    admins: frozenset[str]
+    schedulers: frozenset[str]
+    four_eyes_risk: str
+    workspace: str  # where tools run for tasks of this channel
+    tools: frozenset[str] | None = None  # which tools may be used; None: all
+
+    def allows_tool(self, tool: str) -> bool:
+        if self.tools is None:
+            return True
+        if tool in self.tools:
+            return True
+        # `mcp__<server>__*` allows every tool of that server.
+        server, sep, _ = tool.rpartition("__")
+        return bool(sep) and f"{server}__*" in self.tools
+
+    def needs_second_person(self, risk_level: str | None) -> bool:
+        if self.four_eyes_risk == "off":
+            return False
+        return RISK_ORDER.get(risk_level or "high", 2) >= RISK_ORDER[self.four_eyes_risk]
+
+    def over(self, section: Section, name: str, workspace: Path | None) -> ChannelPolicy:
+        """This policy with what `section` sets replacing it (lists replace)."""
+
+        def pick(value: list[str] | None, current: frozenset[str]) -> frozenset[str]:
+            return current if value is None else frozenset(value)
+
+        return ChannelPolicy(
+            section=name,
+            approvers=pick(section.approvers, self.approvers),
+            admins=pick(section.admins, self.admins),
+            schedulers=pick(section.schedulers, self.schedulers),
+            four_eyes_risk=section.four_eyes_risk or self.four_eyes_risk,
+            workspace=str(workspace) if workspace is not None else self.workspace,
+            tools=self.tools if section.tools is None else frozenset(section.tools),
+        )
+
+    def describe(self, from_file: bool) -> list[str]:
+        """`/duck policy`: what applies here, one fact a line."""
+
+        def names(ids: frozenset[str]) -> str:
+            return ", ".join(sorted(ids)) if ids else "nobody"
+
+        if not from_file:
+            where = "the environment (no DUCKLM_POLICY_FILE)"
+        elif self.section == "default":
+            where = "the policy file's default section (no section for this channel)"
+        else:
+            where = f"the policy file's section `{self.section}`"
+        tools = ", ".join(sorted(self.tools)) if self.tools is not None else "all"
+        return [
+            f"Policy here: {where}",
+            f"approvers: {names(self.approvers)}",
+            f"admins: {names(self.admins)}",
+            f"schedulers: {names(self.schedulers)} (and admins)",
+            f"four-eyes from risk: {self.four_eyes_risk}",
+            f"workspace: {self.workspace}",
+            f"tools: {tools or 'none'}",
+        ]
+
+
 class AccessPolicy:
     def __init__(
         self,
@@ -53,11 +129,39 @@ class AccessPolicy:
         requesters: Iterable[str] = (),
         channels: Iterable[str] = (),
         matrix_allowed_inviters: Iterable[str] = (),
+        workspace: str = ".",
+        policy_file: PolicyFile | None = None,
     ) -> None:
-        self.approvers = frozenset(approvers)
-        self.admins = frozenset(admins)
-        self.schedulers = frozenset(schedulers)
-        self.four_eyes_risk = four_eyes_risk
+        environment = ChannelPolicy(
+            "default",
+            frozenset(approvers),
+            frozenset(admins),
+            frozenset(schedulers),
+            four_eyes_risk,
+            workspace,
+        )
+        self.policy_file = policy_file
+        self.default = environment
+        # (platform, channel, Slack team or None) -> that channel's policy.
+        self.sections: dict[tuple[str, str, str | None], ChannelPolicy] = {}
+        if policy_file is not None:
+            self.default = environment.over(
+                policy_file.default, "default", policy_file.default_workspace
+            )
+            for rule in policy_file.channels:
+                self.sections[(rule.platform, rule.channel, rule.team)] = self.default.over(
+                    rule.section, rule.name, rule.workspace
+                )
+        # The default section's, as before the policy file: what every caller
+        # that knows no channel sees.
+        self.approvers = self.default.approvers
+        self.admins = self.default.admins
+        self.schedulers = self.default.schedulers
+        self.four_eyes_risk = self.default.four_eyes_risk
+        everywhere = [self.default, *self.sections.values()]
+        # Approvers and admins of any channel may always ask (they are the bot's people).
+        self.trusted = frozenset().union(*(p.approvers | p.admins for p in everywhere))
+        self.any_approvers = frozenset().union(*(p.approvers for p in everywhere))
         self.requesters = frozenset(entry.strip() for entry in requesters if entry.strip())
         self.channels = frozenset(entry.strip() for entry in channels if entry.strip())
         self.matrix_allowed_inviters = tuple(
@@ -69,6 +173,13 @@ class AccessPolicy:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AccessPolicy:
+        """The policy of these settings; with DUCKLM_POLICY_FILE set, that file is
+        read and validated (PolicyFileError: the bot must not start)."""
+        policy_file = None
+        if settings.policy_file is not None:
+            from bot.policy_file import load_policy_file
+
+            policy_file = load_policy_file(settings.policy_file)
         return cls(
             settings.approvers,
             settings.admins,
@@ -77,7 +188,30 @@ class AccessPolicy:
             requesters=settings.requesters,
             channels=settings.channels,
             matrix_allowed_inviters=settings.matrix_allowed_inviters,
+            workspace=str(settings.workspace),
+            policy_file=policy_file,
         )
+
+    # -- per channel -------------------------------------------------------------
+
+    def for_channel(self, platform: str, channel: str) -> ChannelPolicy:
+        """The policy in force in a channel (room). A Slack section naming a
+        workspace applies only where the bot is installed in that workspace; one
+        naming none applies in any."""
+        if platform == "slack":
+            home = self.homes.get("slack")
+            if home is not None and (found := self.sections.get((platform, channel, home))):
+                return found
+        return self.sections.get((platform, channel, None), self.default)
+
+    def for_conversation(self, conversation: str | None) -> ChannelPolicy:
+        """The policy of a task's conversation key (`slack:C1|ts`); the default
+        for the console and the CLI (no channel)."""
+        platform, _, rest = (conversation or "").partition(":")
+        channel, sep, _ = rest.rpartition("|")
+        if not sep or not channel:
+            return self.default
+        return self.for_channel(platform, channel)
 
     # -- who may ask -----------------------------------------------------------
 
@@ -94,7 +228,7 @@ class AccessPolicy:
         """May `user` (platform-qualified) ask the bot and run direct commands?
         `origin` is the sender's Slack team (`user_team`); None means the team
         the event came from, i.e. the installing one."""
-        if user in self.approvers or user in self.admins:
+        if user in self.trusted:
             return True
         if self.requesters:
             return self.anyone_may_ask or any(
@@ -158,37 +292,60 @@ class AccessPolicy:
             "DUCKLM_REQUESTERS."
         )
 
-    def actor(self, user: str) -> Actor:
+    def actor(self, user: str, where: ChannelPolicy | None = None) -> Actor:
+        """Who `user` is in a channel (`where`; the default section without one)."""
+        where = where or self.default
         return Actor(
             user,
-            is_admin=user in self.admins,
-            is_approver=user in self.approvers,
-            is_scheduler=user in self.schedulers,
+            is_admin=user in where.admins,
+            is_approver=user in where.approvers,
+            is_scheduler=user in where.schedulers,
         )
 
-    def needs_second_person(self, risk_level: str | None) -> bool:
-        if self.four_eyes_risk == "off":
-            return False
-        return RISK_ORDER.get(risk_level or "high", 2) >= RISK_ORDER[self.four_eyes_risk]
+    def needs_second_person(
+        self, risk_level: str | None, where: ChannelPolicy | None = None
+    ) -> bool:
+        return (where or self.default).needs_second_person(risk_level)
 
-    def refuse_decision(self, user: str, approval: Approval, decision: str) -> str | None:
-        """Why `user` may not take `decision` on `approval`, or None if they may."""
-        if not self.approvers:
+    def _where_to_add(self, where: ChannelPolicy) -> str:
+        if self.policy_file is None:
+            return "DUCKLM_APPROVERS"
+        if where.section == "default":
+            return f"the approvers of the default section of {self.policy_file.path.name}"
+        return f"the approvers of section `{where.section}` of {self.policy_file.path.name}"
+
+    def refuse_decision(
+        self, user: str, approval: Approval, decision: str, where: ChannelPolicy | None = None
+    ) -> str | None:
+        """Why `user` may not take `decision` on `approval` in the channel whose
+        policy is `where`, or None if they may. Without `where` (a caller that
+        does not know the channel) only who approves nowhere is refused, and the
+        default's four-eyes risk applies; the decision itself always passes
+        `where` (ChatService.handle_decision)."""
+        approvers = where.approvers if where is not None else self.any_approvers
+        target = where or self.default
+        if not approvers:
+            here = " here" if self.sections else ""
             return (
-                "Nobody may approve actions in chat yet. An operator can allow you by "
-                f"adding `{user}` to DUCKLM_APPROVERS."
+                f"Nobody may approve actions in chat{here} yet. An operator can allow you by "
+                f"adding `{user}` to {self._where_to_add(target)}."
             )
-        if user not in self.approvers:
+        if user not in approvers:
+            if where is not None and user in self.any_approvers:
+                return (
+                    f"You (`{user}`) are not an approver in this channel (policy section "
+                    f"`{where.section}`), so nothing changed."
+                )
             return (
                 f"You (`{user}`) are not an approver, so nothing changed. An operator can "
-                "add you to DUCKLM_APPROVERS."
+                f"add you to {self._where_to_add(target)}."
             )
         if decision == "always" and approval.risk_level == "critical":
             return "Critical actions can't be allowed forever; approve this once instead."
         if (
             decision in ("approve", "always")
             and user == approval.requested_by
-            and self.needs_second_person(approval.risk_level)
+            and target.needs_second_person(approval.risk_level)
         ):
             return (
                 f"This is a {approval.risk_level}-risk action you asked for yourself; "
@@ -225,6 +382,14 @@ class AccessPolicy:
         ]
         if self.schedulers:
             lines.append(f"who may schedule: {', '.join(sorted(self.schedulers))} and admins")
+        if self.policy_file is not None:
+            # The lines above are the default section's; channels may differ.
+            lines.append(
+                f"policy file: {self.policy_file.path} in force (DUCKLM_POLICY_FILE), "
+                f"{len(self.sections)} channel section(s): "
+                + (", ".join(p.section for p in self.sections.values()) or "none")
+                + "; the lines above are its default section"
+            )
         if self.matrix_allowed_inviters:
             lines.append(
                 "who may invite on Matrix: requesters among "
@@ -245,11 +410,11 @@ class AccessPolicy:
                 "DUCKLM_REQUESTERS=*: ANYONE who can reach the bot (any Matrix server, any "
                 "Slack Connect guest) may ask it and run read-only commands on this host."
             )
-        if not self.approvers:
+        if not self.any_approvers:
             warnings.append(
                 "DUCKLM_APPROVERS is not set: nobody can approve actions in chat "
                 "(set it to ids such as slack:U024BE7LH or matrix:@alice:example.org)."
             )
-        if not self.admins:
+        if not any(p.admins for p in [self.default, *self.sections.values()]):
             warnings.append("DUCKLM_ADMINS is not set: nobody can manage rules in chat.")
         return warnings
