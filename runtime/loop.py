@@ -196,6 +196,10 @@ class RuntimeLoop:
         # task's first write closes, in the same commit as the task row.
         self._inbox_rows: dict[str, str] = {}
         self._inbox = InboxStore(task_store.db)
+        # Which tools a task's channel allows (issue #20, set by bot/service.py from
+        # the policy): given the task's conversation and a tool name, why that tool
+        # may not be used there, or None. Unset: every tool may be used.
+        self.tool_refusal: Callable[[str | None, str], str | None] | None = None
 
     # -- public API -------------------------------------------------------
 
@@ -531,6 +535,10 @@ class RuntimeLoop:
         except ToolArgumentError as exc:
             return {"index": index, "ok": False, "error": str(exc)}
         tool = action["tool"]
+        refused = self._tool_refused(task, tool)
+        if refused is not None:
+            # Stopped before it runs, as a blocked command is; the model is told.
+            return self._refused_tool(task, index, action, refused)
         self._record(
             task.task_id,
             "tool_call_started",
@@ -602,11 +610,49 @@ class RuntimeLoop:
         observation["approval_id"] = approval.approval_id if approval else None
         return observation
 
+    def _tool_refused(self, task: Task, tool: str) -> str | None:
+        return self.tool_refusal(task.conversation, tool) if self.tool_refusal else None
+
+    def _refused_tool(
+        self, task: Task, index: int, action: dict[str, Any], refused: str
+    ) -> dict[str, Any]:
+        """The observation (and the tool_refused event) of a tool the task's channel
+        does not allow."""
+        tool = action["tool"]
+        self._record(
+            task.task_id,
+            "tool_refused",
+            {"index": index, "tool": tool, "args": action["args"], "reason": refused},
+        )
+        result = ToolResult(ok=False, error=refused, metadata={"refused": "policy"})
+        return {
+            "index": index,
+            "tool": tool,
+            "reason": self._shown(action["reason"]),
+            "result": result.model_dump(),
+        }
+
     async def _run_decided(self, task: Task, approval: Approval) -> dict[str, Any]:
         """Run (or record the refusal of) the action a person decided on."""
         assert self.approval_service is not None
         action, index, tool = approval.action, approval.index, approval.tool
-        if approval.decision in ("approve", "always"):
+        approved = approval.decision in ("approve", "always")
+        # The channel's policy may have changed since the card was posted (a restart
+        # with another policy file): a tool no longer allowed there does not run.
+        refused = self._tool_refused(task, tool) if approved else None
+        if refused is not None:
+            self._record(
+                task.task_id,
+                "tool_refused",
+                {
+                    "index": index,
+                    "tool": tool,
+                    "reason": refused,
+                    "approval_id": approval.approval_id,
+                },
+            )
+            result = ToolResult(ok=False, error=refused, metadata={"refused": "policy"})
+        elif approved:
             if not await self.approval_service.claim_execution(approval.approval_id):
                 raise RuntimeError("this approval's action was already run")
             crash_point("execution_claimed")  # test seam (issue #15): spent, not started
