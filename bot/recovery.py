@@ -19,6 +19,14 @@ what is owed and not yet done:
 
 Every step is a compare-and-set in the store, so running it twice, or from two
 processes at once, changes nothing the second time.
+
+Several replicas on one database (issue #19): each running task and each open
+inbox row names the replica carrying it out. Recovery takes over only what a
+dead replica left (no heartbeat for DUCKLM_REPLICA_TIMEOUT, or stopped), at
+start and in every periodic round, so a survivor reports a dead replica's tasks
+while it keeps running; never a live replica's work, never its own. Unowned
+work (from before v10) and claims without an owner (answers, cards) count as
+abandoned only when older than the earliest start of any live replica.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from bot.admin import clip
 from bot.backend import ChatBackend, Thread
 from runtime.approvals import ApprovalService
 from runtime.factory import Runtime
+from runtime.replica import Replica
 from runtime.store.inbox import InboxRow
 from runtime.store.models import Approval, Event, Task
 
@@ -132,6 +141,8 @@ class Service(Protocol):
     backends: Mapping[str, ChatBackend]
     instance: str
     started_at: float
+    replica: Replica
+    stale_before: float
 
     async def thread_of(self, task_id: str) -> Thread | None: ...
     async def say(self, thread: Thread, text: str) -> None: ...
@@ -158,6 +169,7 @@ class Recovery:
         self.inbox = stores.inbox
         self.approvals = service.approvals
         self.approval_rows = stores.approvals
+        self.ownership = stores.ownership
 
     async def at_start(self) -> None:
         """Everything a dead predecessor left: interrupted tasks, cut-short runs,
@@ -167,10 +179,22 @@ class Recovery:
         await self.periodic()
 
     async def periodic(self) -> None:
-        """What a running bot repairs from time to time (and at start): decisions
-        not carried out, open inbox rows, cards that lag their approval."""
-        for step in (self._continue_decided, self._open_inbox, self._cards, self._answers):
+        """What a running bot repairs from time to time (and at start): tasks a
+        dead replica left running, decisions not carried out, open inbox rows,
+        cards that lag their approval, answers not posted."""
+        for step in (
+            self._dead_replicas,
+            self._continue_decided,
+            self._open_inbox,
+            self._cards,
+            self._answers,
+        ):
             await _guarded(step)
+
+    async def _unowned_before(self) -> float:
+        """Unowned work older than this is no live process's: the earliest start
+        of this process and of the other live replicas."""
+        return await self.service.replica.earliest_live_start(self.service.started_at)
 
     # -- tasks ----------------------------------------------------------------
 
@@ -181,33 +205,56 @@ class Recovery:
         # during an earlier recovery left interrupted without their new approval.
         recent = time.time() - RECHECK_WINDOW_S
         while True:
-            tasks = await self._mark_interrupted()
+            marked = await self._mark_interrupted()
             await asyncio.sleep(0)
-            if len(tasks) < PAGE_SIZE:
+            if len(marked) < PAGE_SIZE:
                 break
         async for page in self.tasks.iter_interrupted_since(recent, PAGE_SIZE):
             for task in page:
                 await _guarded(partial(self._cut_short, task))
             await asyncio.sleep(0)
 
-    async def _mark_interrupted(self) -> list[Task]:
-        """A page of `running` tasks of a dead process become `interrupted`, with
-        their events (one transaction per page); fewer than PAGE_SIZE: the last."""
+    async def _dead_replicas(self) -> None:
+        """In a running bot: the tasks of replicas that died since (no heartbeat,
+        or stopped) become interrupted, and each is checked for a cut-short run,
+        as at start. Tasks of live replicas are never touched."""
+        while True:
+            marked = await self._mark_interrupted()
+            for task_id in marked:
+                task = await self.tasks.get_task(task_id)
+                if task is not None:
+                    await _guarded(partial(self._cut_short, task))
+            await asyncio.sleep(0)
+            if len(marked) < PAGE_SIZE:
+                break
+
+    async def _mark_interrupted(self) -> list[str]:
+        """A page of `running` tasks nobody alive works on (their owner replica is
+        dead, or unowned and older than every live replica) become
+        `interrupted`, with their events (one transaction per page); returns
+        their ids, fewer than PAGE_SIZE: the last page."""
+        service = self.service
+        unowned_before = await self._unowned_before()
         async with self.db.transaction():
-            tasks = await self.tasks.mark_interrupted(
-                updated_before=self.service.started_at, limit=PAGE_SIZE
+            task_ids = await self.ownership.interrupt_orphans(
+                service.instance,
+                live_after=service.replica.live_after(),
+                unowned_before=unowned_before,
+                limit=PAGE_SIZE,
             )
-            for task in tasks:
-                last = await self.events.last_events(task.task_id, 1)
+            for task_id in task_ids:
+                last = await self.events.last_events(task_id, 1)
                 interruption = describe_interruption(last)
-                withdrawn = await self._withdraw_pending(task.task_id)
+                withdrawn = await self._withdraw_pending(task_id)
                 if withdrawn:
                     # It died asking: the command never ran, whatever the last event says.
                     asked = withdrawn[0].command or withdrawn[0].tool
                     interruption["doing"] = f"asking for approval of `{clip(asked, 120)}`"
                     interruption["withdrawn"] = [a.approval_id for a in withdrawn]
-                await self.events.append(task.task_id, "task_interrupted", interruption)
-        return tasks
+                await self.events.append(task_id, "task_interrupted", interruption)
+        if task_ids:
+            logger.info("recovery: %d task(s) of dead processes interrupted", len(task_ids))
+        return task_ids
 
     async def _withdraw_pending(self, task_id: str) -> list[Approval]:
         """The undecided approvals of a task that is being marked interrupted: it
@@ -360,13 +407,21 @@ class Recovery:
                     service.start_inbound(row)
             await asyncio.sleep(0)
         while True:
-            rows = await self.inbox.take_abandoned(
-                service.instance, service.started_at, sorted(service.backends), PAGE_SIZE
+            # Only rows of dead replicas (or unowned and older than every live
+            # replica): a live replica's message is its own to carry out.
+            taken = await self.ownership.take_abandoned_inbox(
+                service.instance,
+                live_after=service.replica.live_after(),
+                unowned_before=await self._unowned_before(),
+                platforms=sorted(service.backends),
+                limit=PAGE_SIZE,
             )
-            for row in rows:
-                service.start_inbound(row)
+            for inbox_id in taken:
+                row = await self.inbox.get(inbox_id)
+                if row is not None:
+                    service.start_inbound(row)
             await asyncio.sleep(0)
-            if len(rows) < PAGE_SIZE:
+            if len(taken) < PAGE_SIZE:
                 break
 
     async def _answers(self) -> None:
@@ -374,7 +429,7 @@ class Recovery:
         between the commit and the post, or the platform was down."""
         service = self.service
         async for page in self.tasks.iter_owed_answers(
-            sorted(service.backends), stale_before=service.started_at, page=PAGE_SIZE
+            sorted(service.backends), stale_before=service.stale_before, page=PAGE_SIZE
         ):
             for task in page:
                 await self._answer(task)

@@ -17,7 +17,6 @@ import logging
 import time
 from collections.abc import Coroutine, Iterable
 from typing import Any
-from uuid import uuid4
 
 from bot import commands as c
 from bot.admin import CommandRunner, clip, when
@@ -30,6 +29,7 @@ from runtime.approvals import ApprovalError
 from runtime.crashpoints import crash_point
 from runtime.factory import Runtime
 from runtime.loop import ChatResult, PendingApproval
+from runtime.replica import Replica
 from runtime.store import StoreError
 from runtime.store.inbox import InboxRow
 from runtime.store.models import Approval, Event, Schedule
@@ -82,10 +82,17 @@ class ChatService:
         self._slots = asyncio.Semaphore(max_concurrent_tasks)
         self._threads: dict[str, Thread] = {}  # task_id -> thread, while it runs
         self.loop.add_listener(self._on_event)
-        # This process, as the owner of the inbox rows it carries out, and when it
-        # started: rows and running tasks older than that belong to a dead process.
-        self.instance = uuid4().hex
+        # This process, as the owner of the inbox rows and tasks it carries out
+        # (its replica id, issue #19), and when it started: unowned rows and
+        # running tasks older than that belong to a dead process.
+        self.replica = Replica.from_settings(runtime.stores.replicas, settings)
+        self.instance = self.replica.replica_id
         self.started_at = time.time()
+        # Claims (answers, cards) made before this time are a dead process's: the
+        # earliest start of this process and of every other live replica (a live
+        # replica that started earlier may be posting right now). Refreshed on
+        # every heartbeat; only ever too early, which merely waits for a lease.
+        self.stale_before = self.started_at
         self.db = runtime.stores.db
         self.inbox = runtime.stores.inbox
         self.deliveries = runtime.stores.deliveries
@@ -487,6 +494,7 @@ class ChatService:
     async def recover(self) -> None:
         """At start, after a crash: what the dead process owed (bot/recovery.py).
         Only the serving process calls it: it takes running tasks as its own."""
+        await self.start()
         await self.recovery.at_start()
 
     async def recover_periodically(self) -> None:
@@ -495,6 +503,21 @@ class ChatService:
         await self.recovery.periodic()
 
     # -- lifecycle ----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Register this process as a replica and heartbeat (runtime/replica.py),
+        before the platforms start: from then on the tasks it creates or
+        continues are its own, and recovery elsewhere leaves them alone while it
+        lives. Idempotent (`recover` calls it too, for callers that did not)."""
+        if self.replica.started:
+            return
+        await self.replica.start()
+        self.loop.owner = self.replica.replica_id
+        self.replica.on_beat(self._refresh_stale_before)
+        await self._refresh_stale_before()
+
+    async def _refresh_stale_before(self) -> None:
+        self.stale_before = await self.replica.earliest_live_start(self.started_at)
 
     async def drain(self) -> None:
         """Wait until no background job is left (jobs may start further jobs)."""
@@ -505,6 +528,9 @@ class ChatService:
         for job in list(self._jobs):
             job.cancel()
         await asyncio.gather(*self._jobs, return_exceptions=True)
+        # Marked stopped last, after its jobs ended: survivors then report what
+        # it left running at once, instead of after DUCKLM_REPLICA_TIMEOUT.
+        await self.replica.stop()
 
     # -- background jobs ----------------------------------------------------
 
@@ -613,7 +639,7 @@ class ChatService:
         if preface:
             text = f"{preface}\n\n{text}"
         try:
-            claim = await self.tasks.claim_answer(task_id, stale_before=self.started_at)
+            claim = await self.tasks.claim_answer(task_id, stale_before=self.stale_before)
         except StoreError as exc:  # better said twice than never: post it anyway
             logger.error("could not record the answer of task %s: %s", task_id, exc)
             claim = "not_owed"
@@ -671,7 +697,7 @@ class ChatService:
         # A claim left by a dead process: its post may have gone out unrecorded.
         in_flight = approval.card_claimed_at is not None
         if not await self.approvals.claim_card(
-            approval.approval_id, "unposted", stale_before=self.started_at
+            approval.approval_id, "unposted", stale_before=self.stale_before
         ):
             return
         backend = self.backends[thread.platform]
@@ -700,7 +726,7 @@ class ChatService:
         if approval.card_state != "posted" or not approval.card_ref:
             return
         if not await self.approvals.claim_card(
-            approval.approval_id, "posted", stale_before=self.started_at
+            approval.approval_id, "posted", stale_before=self.stale_before
         ):
             return
         card = self._card(PendingApproval.from_approval(approval, self.loop.redactor))
@@ -741,7 +767,7 @@ class ChatService:
         """A decided approval whose card post was under way when its poster died: the
         card, if the platform finds it, is recorded as posted (and then resolved)."""
         if not await self.approvals.claim_card(
-            approval.approval_id, "unposted", stale_before=self.started_at
+            approval.approval_id, "unposted", stale_before=self.stale_before
         ):
             return None  # a live process is still posting it; it resolves it after
         backend = self.backends[thread.platform]

@@ -40,6 +40,7 @@ from runtime.planner import ActionPlanner
 from runtime.store import EventStore, TaskStore
 from runtime.store.inbox import InboxHandled, InboxStore
 from runtime.store.models import Approval, Event, Task
+from runtime.store.replicas import OwnershipStore
 from runtime.tools.base import ToolArgumentError, ToolResult
 from runtime.tools.gateway import ToolGateway, normalize_action
 from runtime.tools.redaction import COUNT_KEY, Redactor
@@ -200,6 +201,13 @@ class RuntimeLoop:
         # the policy): given the task's conversation and a tool name, why that tool
         # may not be used there, or None. Unset: every tool may be used.
         self.tool_refusal: Callable[[str | None, str], str | None] | None = None
+        # The replica running this loop (runtime/replica.py), recorded as the
+        # owner of every task it creates or continues, in the same commit that
+        # makes the task running: recovery on another replica then leaves the
+        # task alone while this one heartbeats. None: no replica registered
+        # (a CLI, a test), tasks are unowned and judged by age as before #19.
+        self.owner: str | None = None
+        self._ownership = OwnershipStore(task_store.db)
 
     # -- public API -------------------------------------------------------
 
@@ -302,8 +310,9 @@ class RuntimeLoop:
         return await self._guard(task, self._resume(task, approval, state))
 
     async def _claim_continuation(self, task_id: str) -> None:
-        """Compare-and-set the task from waiting to running; only one caller gets it."""
-        if not await self.task_store.claim_status(task_id, "waiting_for_approval", "running"):
+        """Compare-and-set the task from waiting to running, owned by this replica
+        from now on; only one caller (of every replica) gets it."""
+        if not await self._ownership.claim_continuation(task_id, self.owner):
             raise _NotClaimed
 
     # -- turns ------------------------------------------------------------
@@ -894,6 +903,8 @@ class RuntimeLoop:
         async with self._atomic() if several else nullcontext():
             if new_task is not None:
                 await self.task_store.insert(new_task)
+                if self.owner is not None:
+                    await self._ownership.own(task_id, self.owner)
                 # The message that asked for it is carried out from now on (issue #15).
                 if inbox_id is not None and not await self._inbox.close(inbox_id, "task", task_id):
                     raise InboxHandled(inbox_id)

@@ -1,0 +1,176 @@
+"""This process as one replica among several on a shared database (issue #19).
+
+A replica has an id unique to the process (DUCKLM_REPLICA_NAME or the host
+name, the pid and a random suffix: a restarted process on the same host is a
+new replica, so its predecessor's tasks are recognisably a dead one's). It is
+registered when the process starts serving, heartbeats every
+DUCKLM_HEARTBEAT_INTERVAL seconds, and is marked stopped on a clean exit, so
+survivors act at once instead of waiting DUCKLM_REPLICA_TIMEOUT.
+
+The heartbeat is what makes this process's running tasks its own: a replica
+whose heartbeat is older than the timeout is dead, and recovery elsewhere
+reports its running tasks interrupted. So a heartbeat that comes late (the
+process was paused, the database unreachable) is logged loudly: other replicas
+may have taken its work meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from runtime.store import StoreError
+from runtime.store.replicas import ReplicaRow, ReplicaStore
+
+if TYPE_CHECKING:
+    from runtime.settings import Settings
+
+logger = logging.getLogger("ducklm.replica")
+
+BeatListener = Callable[[], Awaitable[object]]
+
+
+def replica_name(configured: str | None) -> str:
+    """DUCKLM_REPLICA_NAME, else the host name."""
+    return (configured or "").strip() or socket.gethostname() or "ducklm"
+
+
+def new_replica_id(name: str) -> str:
+    """`<name>:<pid>:<random>`, unique per process."""
+    return f"{name}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+class Replica:
+    """This process's row in `replicas` and its heartbeat loop."""
+
+    def __init__(
+        self,
+        store: ReplicaStore,
+        *,
+        name: str | None = None,
+        heartbeat_interval: float = 5.0,
+        timeout: float = 20.0,
+    ) -> None:
+        self.store = store
+        self.name = replica_name(name)
+        self.host = socket.gethostname() or "unknown"
+        self.replica_id = new_replica_id(self.name)
+        self.heartbeat_interval = heartbeat_interval
+        self.timeout = timeout
+        self.started_at = time.time()
+        self.last_beat: float | None = None  # time of the last heartbeat written
+        self._task: asyncio.Task[None] | None = None
+        self._listeners: list[BeatListener] = []
+        self.stopped = False
+
+    @classmethod
+    def from_settings(cls, store: ReplicaStore, settings: Settings) -> Replica:
+        return cls(
+            store,
+            name=settings.replica_name,
+            heartbeat_interval=settings.heartbeat_interval,
+            timeout=settings.replica_timeout,
+        )
+
+    @property
+    def started(self) -> bool:
+        return self._task is not None
+
+    def on_beat(self, listener: BeatListener) -> None:
+        """Run `listener` after every heartbeat (a failing one is logged)."""
+        self._listeners.append(listener)
+
+    async def start(self) -> None:
+        """Register and start heartbeating (idempotent)."""
+        if self._task is not None:
+            return
+        self.started_at = time.time()
+        await self.store.register(self.replica_id, self.name, self.host, os.getpid())
+        self.last_beat = time.time()
+        self._task = asyncio.get_running_loop().create_task(
+            self._beat_forever(), name=f"heartbeat:{self.replica_id}"
+        )
+        logger.info(
+            "replica %s registered (heartbeat every %gs)", self.replica_id, self.heartbeat_interval
+        )
+
+    async def stop(self) -> None:
+        """Stop heartbeating and mark the replica stopped: survivors take over its
+        leases and work at their next round. Never raises (a closing store is
+        logged: the heartbeat then ages out instead)."""
+        if self.stopped:
+            return
+        self.stopped = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            try:
+                await self.store.stop(self.replica_id)
+            except StoreError as exc:
+                logger.warning("replica %s could not mark itself stopped: %s", self.replica_id, exc)
+
+    async def beat(self) -> None:
+        """One heartbeat (the loop's step; tests call it directly)."""
+        at = time.time()
+        if self.last_beat is not None and at - self.last_beat > self.timeout:
+            # Other replicas saw this one dead for a while: its running tasks may
+            # be reported interrupted, its leases taken over.
+            logger.error(
+                "replica %s: no heartbeat for %.1f s (more than DUCKLM_REPLICA_TIMEOUT=%g s); "
+                "other replicas may have taken over its work",
+                self.replica_id,
+                at - self.last_beat,
+                self.timeout,
+            )
+        if not await self.store.heartbeat(self.replica_id, at):
+            # Pruned or marked stopped by an operator: alive again from now on.
+            await self.store.register(self.replica_id, self.name, self.host, os.getpid(), at)
+        self.last_beat = at
+        for listener in list(self._listeners):
+            try:
+                await listener()
+            except Exception:
+                logger.exception("heartbeat listener failed")
+
+    async def _beat_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            try:
+                await self.beat()
+            except StoreError as exc:  # the next beat tries again
+                logger.warning("replica %s: heartbeat failed: %s", self.replica_id, exc)
+            except Exception:
+                logger.exception("replica %s: heartbeat failed", self.replica_id)
+
+    async def live(self) -> list[ReplicaRow]:
+        """Replicas alive now (this one included once started)."""
+        return await self.store.live(self.timeout)
+
+    def live_after(self) -> float:
+        """A heartbeat at or after this time is a live replica's."""
+        return time.time() - self.timeout
+
+    async def earliest_live_start(self, fallback: float) -> float:
+        """The earliest start among live replicas other than this one, or
+        `fallback` (this process's start) if that is earlier or there are none:
+        work claimed before it cannot be any live process's."""
+        starts = [r.started_at for r in await self.live() if r.replica_id != self.replica_id]
+        return min([fallback, *starts])
+
+
+@contextlib.asynccontextmanager
+async def running(replica: Replica) -> AsyncIterator[Replica]:
+    """`async with running(replica):` registered and heartbeating inside."""
+    await replica.start()
+    try:
+        yield replica
+    finally:
+        await replica.stop()
