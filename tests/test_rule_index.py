@@ -33,7 +33,10 @@ from runtime.tools.shell_rules import (
     rule_covers,
 )
 from tests import test_shell_rules as pinned
+from tests.postgres import raw_execute, raw_rows
 from tests.test_console import ducklm
+
+pytestmark = pytest.mark.backends("sqlite", "postgres")
 
 Rule = pinned.Rule
 
@@ -51,29 +54,18 @@ def cases_of(test: Any) -> list[tuple[str, bool]]:
 
 
 async def store_with(
-    tmp_path: Path, rules: list[Rule], *, made: bool = True
+    target: str, rules: list[Rule], *, made: bool = True
 ) -> tuple[Stores, ApprovalService]:
     """Stores holding `rules` as shell rules: parsed when made (`made`), or inserted
     bare as an older DuckLM (or a hand) would have, to be filled by the first check."""
-    stores = await open_stores(tmp_path / "ducklm.db")
+    stores = await open_stores(target)
     for rule in rules:
         keys = rule_keys(SHELL_TOOL, rule.kind, rule.pattern) if made else None
         await stores.rules.insert(SHELL_TOOL, rule.kind, rule.pattern, "test", keys=keys)
     return stores, ApprovalService.from_stores(stores)
 
 
-def rows(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(db) as conn:
-        return [tuple(r) for r in conn.execute(sql, params).fetchall()]
-
-
-def write(db: Path, sql: str, params: tuple[Any, ...] = ()) -> None:
-    conn = sqlite3.connect(db)
-    try:
-        with conn:
-            conn.execute(sql, params)
-    finally:
-        conn.close()
+rows, write = raw_rows, raw_execute  # the raw database, bypassing the store
 
 
 # -- the same verdicts as rule_covers -------------------------------------------
@@ -111,11 +103,11 @@ CD_RULES = [
     ids=["rules", "cd", "all-rules", "all-cd"],
 )
 async def test_the_index_gives_the_pinned_verdicts(
-    tmp_path: Path, rules: list[Rule], table: str, made: bool
+    tmp_path: Path, db_target: str, rules: list[Rule], table: str, made: bool
 ) -> None:
     ws = tmp_path / "ws"
     ws.mkdir()
-    stores, service = await store_with(tmp_path, rules, made=made)
+    stores, service = await store_with(db_target, rules, made=made)
     try:
         for command, covered in cases_of(getattr(pinned, table)):
             expected = rule_covers(command, rules, ws)
@@ -128,7 +120,7 @@ async def test_the_index_gives_the_pinned_verdicts(
 
 @pytest.mark.parametrize("made", [True, False], ids=["parsed-when-made", "filled-later"])
 async def test_the_index_agrees_with_rule_covers_on_generated_commands(
-    tmp_path: Path, made: bool
+    tmp_path: Path, db_target: str, made: bool
 ) -> None:
     """Three hundred commands built from rule words, operands and joiners: the store's
     answer is rule_covers' answer for every one (covered or not)."""
@@ -154,7 +146,7 @@ async def test_the_index_agrees_with_rule_covers_on_generated_commands(
         for part in parts[1:]:
             command += rng.choice(joins) + part
         commands.add(command)
-    stores, service = await store_with(tmp_path, rules, made=made)
+    stores, service = await store_with(db_target, rules, made=made)
     try:
         covered = 0
         for command in sorted(commands):
@@ -170,15 +162,15 @@ async def test_the_index_agrees_with_rule_covers_on_generated_commands(
 # -- parsed once ------------------------------------------------------------------
 
 
-async def test_a_stored_pattern_is_not_parsed_again(tmp_path: Path) -> None:
+async def test_a_stored_pattern_is_not_parsed_again(tmp_path: Path, db_target: str) -> None:
     """Matching reads the form stored when the rule was made: rewriting the pattern
     text in the store (which nothing but a hand does) changes no verdict."""
     ws = tmp_path / "ws"
     ws.mkdir()
     stores, service = await store_with(
-        tmp_path, [pinned.prefix("rm -rf build"), pinned.exact("systemctl restart nginx")]
+        db_target, [pinned.prefix("rm -rf build"), pinned.exact("systemctl restart nginx")]
     )
-    db = tmp_path / "ducklm.db"
+    db = db_target
     try:
         assert await service.is_allowed_forever(shell("rm -rf build x.log"), str(ws))
         write(db, "UPDATE rules SET pattern = 'git push --force' || rule_id")
@@ -192,11 +184,11 @@ async def test_a_stored_pattern_is_not_parsed_again(tmp_path: Path) -> None:
         await stores.close()
 
 
-async def test_a_key_collision_is_checked_against_the_stored_words(tmp_path: Path) -> None:
+async def test_a_key_collision_is_checked_against_the_stored_words(db_target: str) -> None:
     """The match key only finds candidates; the stored words decide. A row whose key
     says `git pull` but whose words say `git push` covers neither."""
-    stores, service = await store_with(tmp_path, [pinned.prefix("git push")])
-    db = tmp_path / "ducklm.db"
+    stores, service = await store_with(db_target, [pinned.prefix("git push")])
+    db = db_target
     try:
         write(db, "UPDATE rules SET match_key = ?", (prefix_keys(["git", "pull"])[-1],))
         assert not await service.is_allowed_forever(shell("git pull"))
@@ -245,10 +237,13 @@ def _index_version() -> int:
     raise AssertionError("no migration adds rules.match_key")
 
 
+@pytest.mark.backends(
+    "sqlite", reason="a SQLite file from before v6; PostgreSQL starts at the current schema"
+)
 async def test_rules_made_before_the_index_are_filled_once_and_keep_their_meaning(
     tmp_path: Path,
 ) -> None:
-    db = tmp_path / "ducklm.db"
+    db = str(tmp_path / "ducklm.db")
     before = _index_version() - 1
     conn = sqlite3.connect(db)
     try:
@@ -298,9 +293,9 @@ async def test_rules_made_before_the_index_are_filled_once_and_keep_their_meanin
 
 
 async def test_a_rule_inserted_without_its_keys_counts_at_the_next_check(
-    tmp_path: Path,
+    db_target: str,
 ) -> None:
-    async with await open_stores(tmp_path / "ducklm.db") as stores:
+    async with await open_stores(db_target) as stores:
         service = ApprovalService.from_stores(stores)
         await stores.rules.insert(SHELL_TOOL, "exact", "make build", "test")
         assert not await service.is_allowed_forever(shell("make test"))
@@ -311,9 +306,9 @@ async def test_a_rule_inserted_without_its_keys_counts_at_the_next_check(
 
 
 async def test_filling_many_older_rules_lets_the_loop_run_and_checks_wait_for_it(
-    tmp_path: Path,
+    db_target: str,
 ) -> None:
-    async with await open_stores(tmp_path / "ducklm.db") as stores:
+    async with await open_stores(db_target) as stores:
         async with stores.db.transaction():
             for i in range(300):
                 await stores.rules.insert(SHELL_TOOL, "exact", f"touch stamp-{i}", "test")
@@ -341,27 +336,31 @@ async def test_filling_many_older_rules_lets_the_loop_run_and_checks_wait_for_it
         # The loop got a turn after each rule parsed (inline SQLite alone never yields).
         assert turns >= 300, turns
         unfilled = "SELECT COUNT(*) FROM rules WHERE normalized IS NULL"
-        assert rows(tmp_path / "ducklm.db", unfilled) == [(0,)]
+        assert rows(db_target, unfilled) == [(0,)]
 
 
 # -- another process's rules ----------------------------------------------------------
 
 
 async def test_a_rule_the_cli_adds_beside_a_running_service_counts_at_once(
-    tmp_path: Path,
+    tmp_path: Path, db_target: str
 ) -> None:
-    async with await open_stores(tmp_path / "ducklm.db") as stores:
+    async with await open_stores(db_target) as stores:
         service = ApprovalService.from_stores(stores)  # the running bot's
         await service.add_rule(SHELL_TOOL, "exact", "make build", "admin")
         assert not await service.is_allowed_forever(shell("git pull"))
 
-        code, out, err = await ducklm(tmp_path, "rules", "add", "prefix", "git", "pull")
+        code, out, err = await ducklm(
+            tmp_path, "rules", "add", "prefix", "git", "pull", DUCKLM_DB=db_target
+        )
         assert code == 0 and "Added rule" in out, (out, err)
         assert await service.is_allowed_forever(shell("git pull"))
 
         found = re.search(r"`(r-[0-9a-f]{8})`", out)
         assert found is not None, out
-        code, out, err = await ducklm(tmp_path, "rules", "revoke", found.group(1))
+        code, out, err = await ducklm(
+            tmp_path, "rules", "revoke", found.group(1), DUCKLM_DB=db_target
+        )
         assert code == 0, (out, err)
         assert not await service.is_allowed_forever(shell("git pull"))
         assert await service.is_allowed_forever(shell("make build"))
@@ -370,10 +369,12 @@ async def test_a_rule_the_cli_adds_beside_a_running_service_counts_at_once(
 # -- a check reads only what a command could name ---------------------------------------
 
 
-async def test_a_check_reads_the_same_few_rules_among_thousands(tmp_path: Path) -> None:
+async def test_a_check_reads_the_same_few_rules_among_thousands(
+    tmp_path: Path, db_target: str
+) -> None:
     ws = tmp_path / "ws"
     ws.mkdir()
-    async with await open_stores(tmp_path / "ducklm.db") as stores:
+    async with await open_stores(db_target) as stores:
         service = ApprovalService.from_stores(stores)
         specs = [("prefix", f"rm -rf build-{i}") for i in range(1200)]  # one program
         specs += [("exact", f"systemctl restart svc-{i}") for i in range(1200)]
@@ -404,13 +405,13 @@ async def test_a_check_reads_the_same_few_rules_among_thousands(tmp_path: Path) 
         assert not await service.is_allowed_forever(shell("systemctl restart svc-1 svc-2"))
 
 
-async def test_hostile_commands_stay_bounded(tmp_path: Path) -> None:
+async def test_hostile_commands_stay_bounded(tmp_path: Path, db_target: str) -> None:
     """A part with thousands of words looks up only as many prefixes as the longest
     rule of its program has; hundreds of parts are looked up in chunks below
     SQLite's limits, with the same verdicts."""
     ws = tmp_path / "ws"
     ws.mkdir()
-    async with await open_stores(tmp_path / "ducklm.db") as stores:
+    async with await open_stores(db_target) as stores:
         service = ApprovalService.from_stores(stores)
         await service.add_rule(SHELL_TOOL, "prefix", "git pull", "admin")
         await service.add_rule(SHELL_TOOL, "prefix", "rm -rf build", "admin")
@@ -432,8 +433,8 @@ async def test_hostile_commands_stay_bounded(tmp_path: Path) -> None:
         assert not await service.is_allowed_forever(shell(many + "; git pull x"), str(ws))
 
 
-async def test_lookups_see_only_active_rules_of_the_tool(tmp_path: Path) -> None:
-    async with await open_stores(tmp_path / "ducklm.db") as stores:
+async def test_lookups_see_only_active_rules_of_the_tool(db_target: str) -> None:
+    async with await open_stores(db_target) as stores:
         service = ApprovalService.from_stores(stores)
         short = await service.add_rule(SHELL_TOOL, "prefix", "git pull", "admin")
         long = await service.add_rule(SHELL_TOOL, "prefix", "git pull origin main", "admin")
