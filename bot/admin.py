@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from bot import commands as c
-from bot.policy import Actor
+from bot.policy import Actor, ChannelPolicy
 from runtime import rule_review
 from runtime.approvals import ApprovalError, ApprovalService
 from runtime.store import EventStore, ScheduleStore, TaskStore
@@ -145,6 +145,10 @@ def describe_event(event: Event) -> str:
     elif kind == "rule_matched":
         rules = ", ".join(f"`{r}`" for r in p.get("rule_ids") or [])
         detail = f"{rules} allowed `{clip(p.get('command'), 100)}`"
+    elif kind == "tool_refused":
+        detail = f"{p.get('tool')}: {clip(p.get('reason'), 100)}"
+    elif kind == "request_refused":
+        detail = f"{p.get('user')}: {p.get('reason')}"
     elif kind == "retention_deleted":
         detail = f"{len(p.get('tasks') or {})} finished task(s) deleted"
     elif kind == "sandbox_refusal":
@@ -208,9 +212,17 @@ class CommandRunner:
         self.schedule_listeners: list[ScheduleListener] = []
 
     async def execute(
-        self, command: c.Command, actor: Actor, *, conversation_prefix: str | None = None
+        self,
+        command: c.Command,
+        actor: Actor,
+        *,
+        conversation_prefix: str | None = None,
+        where: ChannelPolicy | None = None,
     ) -> str:
-        """Carry out a parsed command and return the reply text."""
+        """Carry out a parsed command and return the reply text. `where` is the
+        policy of the channel it was typed in (its workspace for rule previews;
+        what `policy` shows); None for the CLI, which uses the default."""
+        workspace = where.workspace if where is not None else self.workspace
         if isinstance(command, c.ADMIN_ONLY) and not actor.is_admin:
             return (
                 f"Only admins can change rules, and you ({actor.id}) are not one. "
@@ -227,10 +239,10 @@ class CommandRunner:
             case c.RulesList(include_revoked=include_revoked):
                 return await self._rules(include_revoked)
             case c.RulesAdd():
-                return await self._rules_add(command, actor, conversation_prefix)
+                return await self._rules_add(command, actor, conversation_prefix, workspace)
             case c.RulesPreview(kind=kind, pattern=pattern):
                 try:
-                    preview = await self.approvals.preview_rule(kind, pattern, self.workspace)
+                    preview = await self.approvals.preview_rule(kind, pattern, workspace)
                 except ApprovalError as exc:
                     return f"No preview: {exc}"
                 return describe_preview(preview, self.shown)
@@ -244,6 +256,10 @@ class CommandRunner:
                 return await self._approvals()
             case c.Tasks():
                 return await self._tasks(conversation_prefix)
+            case c.PolicyShow():
+                if where is None:
+                    return "`policy` shows a channel's policy: send it in that channel or room."
+                return "\n".join(where.describe())
             case c.TaskShow(task_id=task_id):
                 return await self._task(task_id)
             case c.Run():
@@ -269,7 +285,11 @@ class CommandRunner:
         return "Rules:\n" + listed + more
 
     async def _rules_add(
-        self, command: c.RulesAdd, actor: Actor, conversation_prefix: str | None
+        self,
+        command: c.RulesAdd,
+        actor: Actor,
+        conversation_prefix: str | None,
+        workspace: str | None = None,
     ) -> str:
         # In chat a rule is limited to the channel it is added in unless `global`;
         # the CLI (no channel) makes global rules.
@@ -279,7 +299,7 @@ class CommandRunner:
         if command.tool == "shell_exec_safe":
             try:
                 preview = await self.approvals.preview_rule(
-                    command.kind, command.pattern, self.workspace
+                    command.kind, command.pattern, workspace or self.workspace
                 )
             except ApprovalError as exc:
                 return f"Rule not added: {exc}"

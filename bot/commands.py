@@ -28,6 +28,7 @@ DuckLM commands:
   rules revoke <rule-id>        revoke a rule (admins)
   approvals                     pending approvals
   tasks                         recent tasks in this channel
+  policy                        who may approve, administer, schedule here; workspace, tools
   task <task-id>                a task's audit trail
   schedule add "<cron>" [tz=<zone>] <prompt>
                                 run a prompt here on a five-field cron schedule
@@ -92,6 +93,11 @@ class Tasks:
 
 
 @dataclass(frozen=True)
+class PolicyShow:
+    """`policy`: the policy in force in this channel (issue #20)."""
+
+
+@dataclass(frozen=True)
 class TaskShow:
     task_id: str
 
@@ -124,6 +130,7 @@ Command = (
     | RulesReview
     | Approvals
     | Tasks
+    | PolicyShow
     | TaskShow
     | ScheduleAdd
     | ScheduleList
@@ -162,6 +169,8 @@ def parse_command(text: str) -> Command:
         return Approvals()
     if verb == "tasks":
         return Tasks()
+    if verb == "policy":
+        return PolicyShow()
     if verb in ("schedule", "schedules"):
         return _parse_schedule(rest)
     if verb == "task":

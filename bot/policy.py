@@ -55,7 +55,8 @@ class ChannelPolicy:
     """The rights in force in one channel (or room): its section of the policy
     file laid over the default section, itself laid over the environment."""
 
-    # Which section applied: "default" or the channel section's name (`slack:C1`).
+    # Which section applied: "environment" (no policy file), "default" (the file's
+    # default section) or the channel section's name (`slack:C1`).
     section: str
     approvers: frozenset[str]
     admins: frozenset[str]
@@ -94,13 +95,13 @@ class ChannelPolicy:
             tools=self.tools if section.tools is None else frozenset(section.tools),
         )
 
-    def describe(self, from_file: bool) -> list[str]:
+    def describe(self) -> list[str]:
         """`/duck policy`: what applies here, one fact a line."""
 
         def names(ids: frozenset[str]) -> str:
             return ", ".join(sorted(ids)) if ids else "nobody"
 
-        if not from_file:
+        if self.section == "environment":
             where = "the environment (no DUCKLM_POLICY_FILE)"
         elif self.section == "default":
             where = "the policy file's default section (no section for this channel)"
@@ -133,7 +134,7 @@ class AccessPolicy:
         policy_file: PolicyFile | None = None,
     ) -> None:
         environment = ChannelPolicy(
-            "default",
+            "environment",
             frozenset(approvers),
             frozenset(admins),
             frozenset(schedulers),
@@ -260,6 +261,18 @@ class AccessPolicy:
                 return _matrix_server(ident) == server.lower()
             return ident == wanted
         return False
+
+    def tool_refusal(self, conversation: str | None, tool: str) -> str | None:
+        """Why `tool` may not be used in a task of this conversation (its
+        channel's `tools`), or None if it may (the loop's `tool_refusal` hook)."""
+        where = self.for_conversation(conversation)
+        if where.allows_tool(tool):
+            return None
+        allowed = ", ".join(sorted(where.tools or ())) or "none"
+        return (
+            f"The tool {tool} may not be used here (policy section `{where.section}` "
+            f"allows: {allowed}), so it did not run."
+        )
 
     def answers_in(self, platform: str, channel: str) -> bool:
         """DUCKLM_CHANNELS: does the bot answer in this channel (room) at all?"""
