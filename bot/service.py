@@ -23,7 +23,7 @@ from bot.admin import CommandRunner, clip, when
 from bot.admission import Admission, Refusal, duration
 from bot.backend import ApprovalCard, CardResolution, ChatBackend, Thread
 from bot.inbox import Accepted, Inbound
-from bot.policy import AccessPolicy
+from bot.policy import AccessPolicy, ChannelPolicy
 from bot.recovery import LATE_TEXT, Recovery, answer_text
 from runtime.approvals import ApprovalError
 from runtime.crashpoints import crash_point
@@ -62,6 +62,8 @@ class ChatService:
         self.tasks = runtime.stores.tasks
         settings = runtime.settings
         self.policy = policy or AccessPolicy.from_settings(settings)
+        # A tool the task's channel does not allow is refused before it runs (#20).
+        self.loop.tool_refusal = self.policy.tool_refusal
         # Who may ask, where, and how much (issue #22): checked in accept().
         self.admission = Admission.from_settings(settings, self.policy)
         self.runner = CommandRunner(
@@ -103,6 +105,23 @@ class ChatService:
 
     def add_backend(self, backend: ChatBackend) -> None:
         self.backends[backend.platform] = backend
+
+    # -- the channel's policy (issue #20) -------------------------------------
+
+    def workspace_of(self, thread: Thread) -> str:
+        """Where tools run for tasks of this thread's channel (its policy section)."""
+        return self.policy.for_channel(thread.platform, thread.channel).workspace
+
+    async def policy_of_task(self, task_id: str) -> ChannelPolicy:
+        """The policy of the channel a task lives in (the default without one)."""
+        task = await self.tasks.get_task(task_id)
+        return self.policy.for_conversation(task.conversation if task else None)
+
+    async def decision_refusal(self, user: str, approval: Approval, decision: str) -> str | None:
+        """Why `user` may not take `decision` on `approval` in its task's channel
+        (a read-only look; handle_decision checks again when it decides)."""
+        where = await self.policy_of_task(approval.task_id)
+        return self.policy.refuse_decision(user, approval, decision, where)
 
     # -- inbound: messages --------------------------------------------------
 
@@ -233,7 +252,7 @@ class ChatService:
             thread,
             self.loop.run_chat(
                 text,
-                self.workspace,
+                self.workspace_of(thread),
                 history_messages=list(history),
                 conversation=thread.key,
                 requested_by=row.user,
@@ -314,7 +333,8 @@ class ChatService:
         if card_ref and approval.card_state == "unposted":
             await self.approvals.card_posted(approval_id, card_ref)
             approval = await self.approvals.get(approval_id) or approval
-        refusal = self.policy.refuse_decision(user, approval, decision)
+        # The approvers of the channel the approval's task lives in (issue #20).
+        refusal = await self.decision_refusal(user, approval, decision)
         if refusal:
             return refusal
         if approval.decision is not None:
@@ -373,8 +393,12 @@ class ChatService:
                 thread = thread.in_thread(root)
             self._spawn(self._direct(thread, user, command.command, ticket))
             return None
+        where = self.policy.for_channel(thread.platform, thread.channel)
         return await self.runner.execute(
-            command, self.policy.actor(user), conversation_prefix=thread.channel_prefix
+            command,
+            self.policy.actor(user, where),
+            conversation_prefix=thread.channel_prefix,
+            where=where,
         )
 
     # -- timed work (called by bot/scheduler.py) ------------------------------
@@ -390,7 +414,7 @@ class ChatService:
         backend = self.backends[thread.platform]
         people = [
             backend.mention(user)
-            for user in sorted(self.policy.approvers)
+            for user in sorted((await self.policy_of_task(approval.task_id)).approvers)
             if user.startswith(f"{thread.platform}:")
         ]
         who = ", ".join(people) if people else "approvers"
@@ -449,7 +473,7 @@ class ChatService:
             thread,
             self.loop.run_chat(
                 schedule.prompt,
-                self.workspace,
+                self.workspace_of(thread),
                 conversation=thread.key,
                 requested_by=schedule.created_by,
             ),
@@ -547,7 +571,7 @@ class ChatService:
             thread,
             self.loop.run_chat(
                 text,
-                self.workspace,
+                self.workspace_of(thread),
                 history_messages=history,
                 conversation=thread.key,
                 requested_by=user,
@@ -561,7 +585,10 @@ class ChatService:
             await self._run(
                 thread,
                 self.loop.run_command(
-                    command, self.workspace, conversation=thread.key, requested_by=user
+                    command,
+                    self.workspace_of(thread),
+                    conversation=thread.key,
+                    requested_by=user,
                 ),
             )
         finally:
