@@ -19,7 +19,7 @@ from bot.console.completion import candidates
 from bot.console.format import render_card
 from bot.console.output import Output
 from bot.console.reader import LineReader, history_path
-from bot.policy import Actor
+from bot.policy import AccessPolicy, Actor
 from runtime.approvals import ApprovalError
 from runtime.factory import Runtime
 from runtime.loop import ChatResult, PendingApproval
@@ -56,6 +56,11 @@ class Console:
         self.out = Output(self.stdout)
         self.actor = Actor(f"console:{user or getpass.getuser()}", is_admin=True, is_approver=True)
         self.conversation = f"console:{self.actor.id.split(':', 1)[1]}"
+        # The operator keeps its powers; its workspace and tools are the policy's
+        # default section (issue #20; the environment without a policy file).
+        self.policy = AccessPolicy.from_settings(runtime.settings)
+        self.where = self.policy.default
+        runtime.loop.tool_refusal = self.policy.tool_refusal
         self.runner = CommandRunner(
             runtime.stores.tasks,
             runtime.stores.events,
@@ -151,7 +156,7 @@ class Console:
             return
         result = await self.runtime.loop.run_chat(
             line,
-            str(self.runtime.settings.workspace),
+            self.where.workspace,
             history_messages=list(self.history),
             conversation=self.conversation,
             requested_by=self.actor.id,
@@ -167,7 +172,7 @@ class Console:
         if isinstance(command, c.Run):
             await self._run_direct(command.command)
             return
-        reply = await self.runner.execute(command, self.actor)
+        reply = await self.runner.execute(command, self.actor, where=self.where)
         # `help` is a plain-text table; the other replies are lines with `code`.
         if isinstance(command, c.Help):
             self.say(reply)
@@ -180,7 +185,7 @@ class Console:
             return
         result = await self.runtime.loop.run_command(
             command,
-            str(self.runtime.settings.workspace),
+            self.where.workspace,
             conversation=self.conversation,
             requested_by=self.actor.id,
         )
