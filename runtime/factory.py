@@ -67,7 +67,7 @@ async def build_runtime(
     only read the store, such as `ducklm tasks`); `metrics` (default: as `mcp`,
     the serving commands) keeps Prometheus metrics, whose import costs those
     quick commands tens of milliseconds."""
-    stores = await open_stores(settings.db)
+    stores = await open_stores(settings.db, pool_size=settings.db_pool_size)
     toolbox: McpToolbox | None = None
     try:
         if mcp and settings.mcp_config is not None:

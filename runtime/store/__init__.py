@@ -1,6 +1,7 @@
 """DuckLM's storage: every SQL statement of the project lives in this package.
 
-`open_stores(path)` is the usual entry point:
+`open_stores(target)` is the usual entry point, with `target` a SQLite file or a
+postgresql:// URL (the same API on both backends):
 
     async with await open_stores("ducklm.db") as stores:
         task = await stores.tasks.create_task("why is web-1 slow?")
@@ -91,6 +92,7 @@ class Stores:
         await self.close()
 
 
-async def open_stores(path: str | Path) -> Stores:
-    """Open (and migrate) the database at `path` and build every store on it."""
-    return Stores.on(await Database.open(path))
+async def open_stores(path: str | Path, *, pool_size: int = 10) -> Stores:
+    """Open (and migrate) the database at `path` (a SQLite file or a postgresql://
+    URL, with a pool of `pool_size` connections) and build every store on it."""
+    return Stores.on(await Database.open(path, pool_size=pool_size))

@@ -15,6 +15,7 @@ from uuid import uuid4
 
 from runtime.store.db import Database, dump_json, load_json, now, to_datetime, to_timestamp
 from runtime.store.models import Approval
+from runtime.store.sql import platform_filter
 
 _COLUMNS = (
     "approval_id, task_id, idx, action, tool, command, risk_level, action_type, reason, "
@@ -265,7 +266,7 @@ class ApprovalStore:
         Oldest first."""
         if not platforms:
             return
-        marks = ", ".join("?" * len(platforms))
+        on_platforms, platform_params = platform_filter("t.conversation", platforms)
         after: tuple[float, int] | None = None
         while True:
             keyset = "" if after is None else "AND (a.created_at, a.rowid) > (?, ?) "
@@ -279,9 +280,9 @@ class ApprovalStore:
                 "AND a.card_claimed_at IS NOT NULL)) "
                 # A pending approval's card is owed only while its task waits.
                 "AND (a.decision IS NOT NULL OR t.status = 'waiting_for_approval') "
-                f"AND substr(t.conversation, 1, instr(t.conversation, ':') - 1) IN ({marks}) "
+                f"AND {on_platforms} "
                 f"{keyset}ORDER BY a.created_at, a.rowid LIMIT ?",
-                (*platforms, *(after or ()), page),
+                (*platform_params, *(after or ()), page),
             )
             if not rows:
                 return

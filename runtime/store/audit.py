@@ -28,6 +28,7 @@ from typing import Any
 
 from runtime.store.chain import canonical_event, link
 from runtime.store.db import Database, load_json
+from runtime.store.events import same_task
 
 PAGE_ROWS = 2000
 TASKS_PER_PAGE = 200
@@ -109,10 +110,11 @@ async def verify(
     if task_id is not None or not everything:
         chain = _Chain(task_id)
         last_seq = 0
+        where, key = same_task(task_id)
         while True:
             rows = await db.fetchall(
-                f"SELECT {_ROW} FROM events WHERE task_id IS ? AND seq > ? ORDER BY seq LIMIT ?",
-                (task_id, last_seq, PAGE_ROWS),
+                f"SELECT {_ROW} FROM events WHERE {where} AND seq > ? ORDER BY seq LIMIT ?",
+                (*key, last_seq, PAGE_ROWS),
             )
             for row in rows:
                 chain.feed(row)

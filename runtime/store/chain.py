@@ -12,6 +12,9 @@ text), so anyone can recompute it from an export with any JSON library:
 The first event of a chain has the previous hash GENESIS.
 
 This module imports nothing from the store: db.py registers it on connect.
+PostgreSQL cannot call Python from SQL, so there the store computes the same
+hashes in Python (runtime/store/events.py), holding the chain's advisory lock
+(`chain_lock_key`) for the transaction that reads the head and appends.
 """
 
 from __future__ import annotations
@@ -22,6 +25,13 @@ from typing import Any
 
 GENESIS = "0" * 64
 SQL_FUNCTION = "ducklm_chain"
+
+
+def chain_lock_key(task_id: str | None) -> int:
+    """The PostgreSQL advisory-lock key of a task's chain (None: the global one),
+    a signed 64-bit number. Two chains sharing a key only wait for each other."""
+    name = b"\x00global" if task_id is None else task_id.encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.sha256(name).digest()[:8], "big", signed=True)
 
 
 def canonical_event(

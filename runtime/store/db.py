@@ -1,4 +1,7 @@
-"""The SQLite connection: opening, migrations, statement helpers and transactions.
+"""The store's connection: values and errors shared by both backends, `Database.open`
+(a SQLite path or a postgresql:// URL, runtime/store/postgres.py for the
+latter) and the SQLite backend itself: opening, migrations, statement helpers
+and transactions.
 
 Statements run inline, on the event loop's thread. A DuckLM statement is small
 and indexed, and in WAL mode with synchronous=NORMAL a commit is a write() into
@@ -64,9 +67,10 @@ JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024
 SQLITE_HEADER = b"SQLite format 3\x00"
 # Rows per hop when the background connection iterates a cursor (aiosqlite's default).
 BACKGROUND_CHUNK_ROWS = 64
-# RETURNING (3.35) is what makes compare-and-set and sequence numbers one statement.
-MIN_SQLITE = (3, 35, 0)
-
+# RETURNING (3.35) is what makes compare-and-set and sequence numbers one statement;
+# IS [NOT] DISTINCT FROM (3.39) is how SQL written for both backends compares
+# values that may be NULL (SQLite's `IS ?` does not exist in PostgreSQL).
+MIN_SQLITE = (3, 39, 0)
 
 
 class StoreError(Exception):
@@ -257,8 +261,59 @@ def _connect(path: str, busy_timeout_s: float) -> sqlite3.Connection:
     return conn
 
 
+class BackgroundConnection:
+    """What `background_transaction(work)` gives `work`, the same on both backends:
+    statements with `?` placeholders, run inside the work's one transaction."""
+
+    async def execute(self, sql: str, params: Params = ()) -> int:
+        """Run one statement; return the number of rows it changed."""
+        raise NotImplementedError
+
+    async def fetchall(self, sql: str, params: Params = ()) -> list[Any]:
+        """Run one statement and return its rows."""
+        raise NotImplementedError
+
+    async def executemany(self, sql: str, seq_of_params: Sequence[Params]) -> None:
+        """Run one statement once per parameter tuple."""
+        raise NotImplementedError
+
+
+class _SqliteBackground(BackgroundConnection):
+    """The interface on the aiosqlite connection (its statements run in its thread)."""
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self.connection = conn  # the aiosqlite connection itself, for SQLite-only work
+
+    async def execute(self, sql: str, params: Params = ()) -> int:
+        async with self.connection.execute(sql, _bindable(params)) as cursor:
+            return cursor.rowcount
+
+    async def fetchall(self, sql: str, params: Params = ()) -> list[Any]:
+        return list(await self.connection.execute_fetchall(sql, _bindable(params)))
+
+    async def executemany(self, sql: str, seq_of_params: Sequence[Params]) -> None:
+        await self.connection.executemany(sql, [_bindable(p) for p in seq_of_params])
+
+
+def is_postgres_url(target: object) -> bool:
+    """Whether `target` names a PostgreSQL database rather than a SQLite file."""
+    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
+
+
 class Database:
-    """One long-lived connection, used inline on the event loop. Use `await Database.open(path)`."""
+    """The store's database. `await Database.open(target)` with a SQLite path
+    gives this class (one long-lived connection, used inline on the event loop);
+    with a postgresql:// URL, its PostgreSQL subclass (runtime/store/postgres.py),
+    which has the same API.
+
+    `dialect` names the backend for the few statements that differ (each with a
+    comment saying why); `for_update` / `skip_locked` are the row-locking
+    clauses a read-then-write needs on PostgreSQL, empty on SQLite (whose
+    BEGIN IMMEDIATE already serializes every writer)."""
+
+    dialect = "sqlite"
+    for_update = ""
+    skip_locked = ""
 
     def __init__(self, conn: sqlite3.Connection, path: str, *, memory: bool = False) -> None:
         self._conn = conn
@@ -281,8 +336,15 @@ class Database:
         self._checkpointing: asyncio.Task[None] | None = None
 
     @classmethod
-    async def open(cls, path: str | Path) -> Database:
-        """Open (creating if needed) and migrate the database at `path`."""
+    async def open(cls, path: str | Path, *, pool_size: int = 10, migrate: bool = True) -> Database:
+        """Open (creating if needed) and migrate the database at `path`: a SQLite
+        file, or a postgresql:// URL (with a pool of `pool_size` connections).
+        `migrate=False` leaves the schema as it is (`ducklm db` inspects first,
+        then calls `migrate()`)."""
+        if is_postgres_url(path):
+            from runtime.store.postgres import PostgresDatabase
+
+            return await PostgresDatabase.open_url(str(path), pool_size=pool_size, migrate=migrate)
         if sqlite3.sqlite_version_info < MIN_SQLITE:
             raise StoreError(
                 f"SQLite {sqlite3.sqlite_version} is too old for DuckLM; it needs "
@@ -297,7 +359,8 @@ class Database:
         db = cls(conn, shown, memory=memory)
         try:
             await db._configure()
-            await db._migrate()
+            if migrate:
+                await db._migrate()
         except BaseException as exc:
             await db.close()
             if isinstance(exc, sqlite3.Error | OSError):
@@ -325,6 +388,13 @@ class Database:
         # the last commits, never corrupt the file).
         await self._run("PRAGMA synchronous = NORMAL")
         await self._run("PRAGMA foreign_keys = ON")
+
+    async def migrate(self) -> None:
+        """Bring the schema to SCHEMA_VERSION (refusing a newer one)."""
+        try:
+            await self._migrate()
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(_describe(self.path, exc)) from exc
 
     async def _migrate(self) -> None:
         version = await self.user_version()
@@ -472,11 +542,12 @@ class Database:
     # -- off the loop ------------------------------------------------------
 
     async def background_transaction(
-        self, work: Callable[[aiosqlite.Connection], Awaitable[T]]
+        self, work: Callable[[BackgroundConnection], Awaitable[T]]
     ) -> T:
         """Run `await work(connection)` as one write transaction on the background
         connection (aiosqlite: its statements run in aiosqlite's thread), for
-        bulk work (retention) that would stall the loop.
+        bulk work (retention) that would stall the loop. `connection` is a
+        BackgroundConnection, the same interface on both backends.
 
         `work` runs SQL on the connection it is given and nothing else. Keep each
         call short (delete in chunks): inline writers wait for it, up to
@@ -488,12 +559,12 @@ class Database:
             # transaction: other tasks' statements wait for its end, as they would
             # for a background writer's lock.
             async with self.transaction():
-                return await self._in_background(work)
+                return await self._in_background(lambda conn: work(_SqliteBackground(conn)))
 
         async def transact(conn: aiosqlite.Connection) -> T:
             await conn.execute("BEGIN IMMEDIATE")
             try:
-                result = await work(conn)
+                result = await work(_SqliteBackground(conn))
                 await conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -507,9 +578,8 @@ class Database:
         """One DELETE statement as a background transaction (see above); returns
         how many rows it deleted. For pruning tables that grow with traffic."""
 
-        async def delete(conn: aiosqlite.Connection) -> int:
-            async with conn.execute(sql, params) as cursor:
-                return cursor.rowcount
+        async def delete(conn: BackgroundConnection) -> int:
+            return await conn.execute(sql, params)
 
         return await self.background_transaction(delete)
 

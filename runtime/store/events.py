@@ -10,7 +10,7 @@ import sqlite3
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from runtime.store.chain import SQL_FUNCTION
+from runtime.store.chain import SQL_FUNCTION, chain_lock_key, event_hash
 from runtime.store.db import Database, dump_json, load_json, now, to_datetime
 from runtime.store.models import Event
 
@@ -20,6 +20,13 @@ _READ = _COLUMNS + ", hash"
 NewEvent = tuple[str, Mapping[str, Any] | None]
 # SQLite allows 32766 bound parameters per statement; 4 per event.
 MAX_EVENTS_PER_STATEMENT = 1000
+
+
+def same_task(task_id: str | None) -> tuple[str, tuple[str, ...]]:
+    """The condition (and its parameters) selecting one task's events, or the
+    global ones: `task_id = ?` / `task_id IS NULL`, which an index answers on
+    both backends (PostgreSQL's IS NOT DISTINCT FROM cannot use one)."""
+    return ("task_id IS NULL", ()) if task_id is None else ("task_id = ?", (task_id,))
 
 
 def _as_payload(payload: Any) -> dict[str, Any]:
@@ -62,9 +69,10 @@ class EventStore:
         `at` gives each event's time when it happened earlier than now (events a
         caller collected before writing them); by default they are stamped now.
 
-        The sequence numbers are computed inside the INSERT itself: SQLite runs a
-        write statement under the database write lock, so two connections (or
-        processes) can never both read the same MAX(seq).
+        On SQLite the sequence numbers are computed inside the INSERT itself:
+        SQLite runs a write statement under the database write lock, so two
+        connections (or processes) can never both read the same MAX(seq). On
+        PostgreSQL the chain's advisory lock does that (`_append_postgres`).
         """
         if not events:
             return []
@@ -74,6 +82,8 @@ class EventStore:
         if len(events) > MAX_EVENTS_PER_STATEMENT:
             return await self._append_in_chunks(task_id, events, times)
         texts = [dump_json(_as_payload(payload)) for _, payload in events]
+        if self.db.dialect == "postgres":
+            return await self._append_postgres(task_id, events, texts, times)
         params: list[Any] = []
         for n, ((event_type, _), text, ts) in enumerate(zip(events, texts, times, strict=True), 1):
             params += (n, event_type, text, ts)
@@ -111,6 +121,47 @@ class EventStore:
             for n, ((event_type, _), text, ts) in enumerate(zip(events, texts, times, strict=True))
         ]
 
+    async def _append_postgres(
+        self,
+        task_id: str | None,
+        events: Sequence[NewEvent],
+        texts: Sequence[str],
+        times: Sequence[float],
+    ) -> list[Event]:
+        """PostgreSQL cannot run the chain's Python function inside the INSERT, so
+        the hashes are computed here, from the head read under the chain's
+        advisory lock (held to the end of the transaction): two processes
+        appending to one task take turns, and each reads the other's last event.
+        The result is the same rows SQLite's one statement writes."""
+        where, key = same_task(task_id)
+        async with self.db.transaction():
+            await self.db.fetchall("SELECT pg_advisory_xact_lock(?)", (chain_lock_key(task_id),))
+            head = await self.db.fetchone(
+                f"SELECT seq, hash FROM events WHERE {where} ORDER BY seq DESC LIMIT 1", key
+            )
+            last, prev = (int(head["seq"]), head["hash"]) if head is not None else (0, None)
+            params: list[Any] = []
+            written: list[Event] = []
+            for n, ((event_type, _), text, ts) in enumerate(
+                zip(events, texts, times, strict=True), 1
+            ):
+                seq = last + n
+                prev = event_hash(prev, task_id, seq, event_type, text, ts)
+                params += (task_id, seq, event_type, text, ts, prev)
+                written.append(
+                    Event(
+                        task_id=task_id,
+                        seq=seq,
+                        event_type=event_type,
+                        payload=load_json(text, {}),
+                        created_at=to_datetime(ts),
+                        hash=prev,
+                    )
+                )
+            values = ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(events))
+            await self.db.execute(f"INSERT INTO events ({_COLUMNS}, hash) VALUES {values}", params)
+        return written
+
     async def _append_in_chunks(
         self, task_id: str | None, events: Sequence[NewEvent], times: Sequence[float]
     ) -> list[Event]:
@@ -125,9 +176,8 @@ class EventStore:
 
     async def list_events(self, task_id: str | None) -> list[Event]:
         """A task's events (None: the global ones) in order."""
-        rows = await self.db.fetchall(
-            f"SELECT {_READ} FROM events WHERE task_id IS ? ORDER BY seq", (task_id,)
-        )
+        where, key = same_task(task_id)
+        rows = await self.db.fetchall(f"SELECT {_READ} FROM events WHERE {where} ORDER BY seq", key)
         return [_event(row) for row in rows]
 
     async def last_events(self, task_id: str, count: int) -> list[Event]:

@@ -17,11 +17,13 @@ from datetime import datetime
 from uuid import uuid4
 
 from runtime.store.db import Database, dump_json, load_json, now, to_datetime
+from runtime.store.sql import NO_LIMIT, platform_filter
 
 # Kept as long as the deliveries they were claimed with (runtime/store/deliveries.py).
 DEFAULT_KEEP_SECONDS = 7 * 24 * 3600
 _COLUMNS = (
-    "inbox_id, conversation, user, text, message_id, in_thread, from_bot, origin, late, "
+    # "user" quoted: USER is a reserved word in PostgreSQL (SQLite accepts both).
+    'inbox_id, conversation, "user", text, message_id, in_thread, from_bot, origin, late, '
     "deliveries, received_at, owner, claimed_at, done_at, outcome, task_id"
 )
 
@@ -154,14 +156,24 @@ class InboxStore:
         no longer matches, so no cursor is needed)."""
         if not platforms:
             return []
-        marks = ", ".join("?" * len(platforms))
+        on_platforms, platform_params = platform_filter("conversation", platforms)
+        # PostgreSQL (READ COMMITTED): SKIP LOCKED leaves rows another process is
+        # taking right now to it, and a row it took meanwhile is re-checked
+        # against the WHERE when locked, so the split stays exclusive there too.
         rows = await self.db.fetchall(
             "UPDATE inbox SET owner = ?, claimed_at = ? WHERE rowid IN "
             "(SELECT rowid FROM inbox WHERE done_at IS NULL "
-            "AND (claimed_at IS NULL OR claimed_at < ?) AND owner IS NOT ? "
-            f"AND substr(conversation, 1, instr(conversation, ':') - 1) IN ({marks}) "
-            f"ORDER BY received_at LIMIT ?) RETURNING {_COLUMNS}",
-            (owner, now(), claimed_before, owner, *platforms, -1 if limit is None else limit),
+            "AND (claimed_at IS NULL OR claimed_at < ?) AND owner IS DISTINCT FROM ? "
+            f"AND {on_platforms} "
+            f"ORDER BY received_at LIMIT ?{self.db.skip_locked}) RETURNING {_COLUMNS}",
+            (
+                owner,
+                now(),
+                claimed_before,
+                owner,
+                *platform_params,
+                NO_LIMIT if limit is None else limit,
+            ),
         )
         return sorted((_row(r) for r in rows), key=lambda r: r.received_at)
 

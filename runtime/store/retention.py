@@ -18,13 +18,8 @@ deleted task can still be matched to the record of its deletion.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from runtime.store.chain import GENESIS, canonical_event, link
-from runtime.store.db import Database, dump_json, load_json, now
-
-if TYPE_CHECKING:
-    import aiosqlite
+from runtime.store.chain import GENESIS, canonical_event, chain_lock_key, link
+from runtime.store.db import BackgroundConnection, Database, dump_json, load_json, now
 
 CHUNK_TASKS = 500
 _FINISHED = "('completed', 'failed', 'expired', 'interrupted')"
@@ -36,20 +31,29 @@ async def delete_finished_tasks(db: Database, older_than_seconds: float) -> int:
     cutoff = now() - older_than_seconds
     deleted = 0
     while True:
-        chunk = await db.background_transaction(lambda conn: _delete_chunk(conn, cutoff))
+        chunk = await db.background_transaction(
+            lambda conn: _delete_chunk(conn, cutoff, db.dialect)
+        )
         deleted += chunk
         if chunk < CHUNK_TASKS:
             return deleted
 
 
-async def _delete_chunk(conn: aiosqlite.Connection, cutoff: float) -> int:
-    rows = await conn.execute_fetchall(
+async def _delete_chunk(conn: BackgroundConnection, cutoff: float, dialect: str) -> int:
+    # PostgreSQL: the finished tasks are locked (FOR UPDATE) until the chunk
+    # commits, so a second replica's retention run skips them instead of
+    # recording their deletion twice. (SQLite: BEGIN IMMEDIATE, one writer.)
+    lock = " FOR UPDATE SKIP LOCKED" if dialect == "postgres" else ""
+    rows = await conn.fetchall(
         f"SELECT task_id FROM tasks WHERE status IN {_FINISHED} AND updated_at < ? "
-        "ORDER BY updated_at LIMIT ?",
+        f"ORDER BY updated_at LIMIT ?{lock}",
         (cutoff, CHUNK_TASKS),
     )
     ids = [(row[0],) for row in rows]
     if ids:
+        if dialect == "postgres":
+            # The global chain's lock, as every append to it takes (events.py).
+            await conn.fetchall("SELECT pg_advisory_xact_lock(?)", (chain_lock_key(None),))
         await _record_deletion(conn, [task_id for (task_id,) in ids], cutoff)
     await conn.executemany("DELETE FROM events WHERE task_id = ?", ids)
     await conn.executemany("DELETE FROM approvals WHERE task_id = ?", ids)
@@ -57,18 +61,19 @@ async def _delete_chunk(conn: aiosqlite.Connection, cutoff: float) -> int:
     return len(ids)
 
 
-async def _record_deletion(conn: aiosqlite.Connection, task_ids: list[str], cutoff: float) -> None:
+async def _record_deletion(conn: BackgroundConnection, task_ids: list[str], cutoff: float) -> None:
     """Append `retention_deleted` to the global chain. The hash is computed here
     (this connection has no `ducklm_chain`); the transaction holds the write
-    lock, so the head read below is still the head when the row is written."""
+    lock (SQLite) or the global chain's advisory lock (PostgreSQL), so the head
+    read below is still the head when the row is written."""
     heads: dict[str, list[object]] = {}
     for task_id in task_ids:
-        found = await conn.execute_fetchall(
+        found = await conn.fetchall(
             "SELECT seq, hash FROM events WHERE task_id = ? ORDER BY seq DESC LIMIT 1",
             (task_id,),
         )
         heads[task_id] = [found[0][0], found[0][1]] if found else [0, None]
-    last = await conn.execute_fetchall(
+    last = await conn.fetchall(
         "SELECT seq, hash FROM events WHERE task_id IS NULL ORDER BY seq DESC LIMIT 1"
     )
     seq, prev = (last[0][0] + 1, last[0][1]) if last else (1, GENESIS)

@@ -30,7 +30,8 @@ _COLUMNS = (
     "last_used_at, use_count"
 )
 # What a check may use: not expired, and global or of the asking channel.
-_USABLE = "AND (expires_at IS NULL OR expires_at > ?) AND (scope IS NULL OR scope IS ?) "
+# (`scope = ?` with a NULL channel is never true: then only global rules.)
+_USABLE = "AND (expires_at IS NULL OR expires_at > ?) AND (scope IS NULL OR scope = ?) "
 RULE_KINDS = frozenset({"exact", "prefix"})
 _ID_ATTEMPTS = 20
 # Match keys per statement (SQLite's limit on bound parameters is far above this).

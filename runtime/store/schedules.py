@@ -78,7 +78,7 @@ class ScheduleStore:
         paused are not owed."""
         return bool(
             await self.db.execute(
-                "UPDATE schedules SET paused = ?, next_fire_at = CASE WHEN ? THEN next_fire_at "
+                "UPDATE schedules SET paused = ?, next_fire_at = CASE WHEN ? = 1 THEN next_fire_at "
                 "ELSE ? END WHERE schedule_id = ? AND paused != ? RETURNING 1",
                 (int(paused), int(paused), RESUMED, schedule_id, int(paused)),
             )

@@ -10,6 +10,7 @@ from uuid import uuid4
 
 from runtime.store.db import Database, dump_json, load_json, now, to_datetime, to_timestamp
 from runtime.store.models import Task, TaskStatus
+from runtime.store.sql import NO_LIMIT, platform_filter
 
 TASK_STATUSES: frozenset[str] = frozenset(get_args(TaskStatus))
 # Finished tasks that owe their chat thread an answer (or the interruption note).
@@ -275,7 +276,7 @@ class TaskStore:
         # Compare-and-set on the claim as read: of two callers, one wins.
         if not await self.db.execute(
             "UPDATE tasks SET answer_claimed_at = ? WHERE task_id = ? "
-            "AND answered_at IS NULL AND answer_claimed_at IS ? RETURNING 1",
+            "AND answered_at IS NULL AND answer_claimed_at IS NOT DISTINCT FROM ? RETURNING 1",
             (at, task_id, old),
         ):
             return "taken"
@@ -313,21 +314,22 @@ class TaskStore:
         bounded by a page. Oldest first."""
         if not platforms:
             return
-        marks = ", ".join("?" * len(platforms))
+        on_platforms, platform_params = platform_filter("conversation", platforms)
         expired = max(now() - lease, stale_before)
         after: tuple[float, int] | None = None
         while True:
             keyset = "" if after is None else "AND (updated_at, rowid) > (?, ?) "
             rows = await self.db.fetchall(
-                # INDEXED BY: left alone, the planner reads tasks_status (every
+                # INDEXED BY: left alone, SQLite's planner reads tasks_status (every
                 # completed task) and sorts; this index holds only what is owed.
+                # (Dropped for PostgreSQL, whose planner finds it: runtime/store/sql.py.)
                 f"SELECT {_COLUMNS}, updated_at AS k_at, rowid AS k_row "
                 "FROM tasks INDEXED BY tasks_unanswered "
                 f"WHERE answered_at IS NULL AND status IN {_OWING} "
                 "AND (answer_claimed_at IS NULL OR answer_claimed_at < ?) "
-                f"AND substr(conversation, 1, instr(conversation, ':') - 1) IN ({marks}) "
+                f"AND {on_platforms} "
                 f"{keyset}ORDER BY updated_at, rowid LIMIT ?",
-                (expired, *platforms, *(after or ()), page),
+                (expired, *platform_params, *(after or ()), page),
             )
             if not rows:
                 return
@@ -374,10 +376,17 @@ class TaskStore:
         transaction.
         """
         at = now()
+        # PostgreSQL: the subquery locks what it picks (skipping rows another
+        # process is changing), and a locked row is re-checked against
+        # status = 'running', so a task finished meanwhile is not marked.
         rows = await self.db.fetchall(
             "UPDATE tasks SET status = 'interrupted', updated_at = ? WHERE rowid IN "
             "(SELECT rowid FROM tasks WHERE status = 'running' AND updated_at < ? "
-            f"ORDER BY created_at LIMIT ?) RETURNING {_COLUMNS}",
-            (at, at if updated_before is None else updated_before, -1 if limit is None else limit),
+            f"ORDER BY created_at LIMIT ?{self.db.skip_locked}) RETURNING {_COLUMNS}",
+            (
+                at,
+                at if updated_before is None else updated_before,
+                NO_LIMIT if limit is None else limit,
+            ),
         )
         return sorted((_task(row) for row in rows), key=lambda task: task.created_at)
