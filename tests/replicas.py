@@ -35,20 +35,23 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.crash_harness import DuckRun, rows
+from tests.conftest import directive
+from tests.crash_harness import ANSWER_PREFIX, DuckRun, ModelScript, rows
 from tests.fakes.loopback import serve_on_loopback
-from tests.fakes.openai_server import FakeModelServer
+from tests.fakes.openai_server import FakeModelServer, RecordedRequest, Reply, Text
 from tests.fakes.slack_api import SIGNING_SECRET, FakeSlack, sign
 from tests.test_console import cli_env
 
 __all__ = [
     "Database",
+    "HeldScript",
     "Replica",
     "ReplicaProxy",
     "ReplicaSet",
     "Served",
     "ducklm_cli",
     "replica_db",
+    "tag_of",
     "wait_until",
 ]
 
@@ -57,6 +60,52 @@ __all__ = [
 HEARTBEAT_INTERVAL = "0.5"
 REPLICA_TIMEOUT = "4"
 RECOVERY_INTERVAL = "1"
+
+
+# -- the fake model's script ----------------------------------------------------
+
+_TAG = re.compile(r"\b(hang|approve|hold|ask)-\d+\b")
+
+
+def tag_of(body: dict[str, Any]) -> str:
+    """The `hang-N` / `approve-N` / `hold-N` a model request is about ("" if none)."""
+    text = "\n".join(
+        m.get("content") or ""
+        for m in body.get("messages") or []
+        if isinstance(m, dict) and isinstance(m.get("content"), str)
+    )
+    found = _TAG.search(text)
+    return found.group(0) if found else ""
+
+
+class HeldScript(ModelScript):
+    """tests.crash_harness.ModelScript, plus `hold-N`: the action model's answer
+    to it waits until the test calls `release()` (a task that is running on a live
+    replica for as long as the test needs), then plans nothing; the thinker then
+    answers `Answer: hold-N.`. `ask-N` plans nothing and is answered `Answer: ask-N.`
+    (so each message's answer is told apart)."""
+
+    def __init__(self, model: FakeModelServer) -> None:
+        super().__init__(model)
+        self.released = asyncio.Event()
+        self.holding: set[str] = set()  # the hold-N tags the action model is holding
+
+    def release(self) -> None:
+        self.released.set()
+
+    async def action(self, request: RecordedRequest) -> Reply:
+        tag = tag_of(request.body)
+        if tag.startswith("hold-"):
+            self.holding.add(tag)
+            await self.released.wait()  # the test's gate, not a wait of ours
+            return Text(directive())
+        return await super().action(request)
+
+    async def thinker(self, request: RecordedRequest) -> Reply:
+        tag = tag_of(request.body)
+        if tag.startswith(("hold-", "ask-")):
+            return Text(f"{ANSWER_PREFIX} {tag}.")
+        return await super().thinker(request)
 
 
 # -- the database the replicas share ------------------------------------------------
@@ -255,9 +304,15 @@ class Replica(DuckRun):
             **env,
         )
 
+        self.killed = False  # by the test, on purpose: not a death to report
+
     @property
     def target(self) -> str:
         return self.env["DUCKLM_DB"]
+
+    async def kill(self) -> None:
+        self.killed = True
+        await super().kill()
 
     @property
     def pid(self) -> int | None:
