@@ -157,3 +157,9 @@ class Platform(ABC):
     @abstractmethod
     async def stop(self) -> None:
         """Disconnect; must be safe to call after a failed start."""
+
+    async def connection_problem(self) -> str | None:
+        """Why this platform cannot take events or send right now (a sentence for
+        /readyz: "Socket Mode connection is down"), or None when it can. Asked
+        only after a successful `start`; a platform that cannot tell is fine."""
+        return None

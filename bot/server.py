@@ -10,6 +10,7 @@ import signal
 import sys
 
 from bot.backend import Platform, PlatformStartError
+from bot.health import Health, HealthServer
 from bot.scheduler import Scheduler
 from bot.service import ChatService
 from runtime.factory import build_runtime
@@ -55,6 +56,36 @@ async def recover_every(service: ChatService, interval: float, stop: asyncio.Eve
             logger.exception("periodic recovery failed")
 
 
+def health_servers(
+    platforms: list[Platform], health: Health, settings: Settings
+) -> HealthServer | None:
+    """Mount /healthz, /readyz and /metrics on every platform's HTTP server (Slack's
+    HTTP mode) and return the server of their own DUCKLM_METRICS_PORT asks for
+    (None when unset, or when it is the very port they are mounted on)."""
+    mounted_on: set[int] = set()
+    for platform in platforms:
+        routes = getattr(platform, "http_routes", None)
+        if routes is not None and getattr(platform, "mode", None) == "http":
+            routes.append(health.add_routes)
+            mounted_on.add(settings.http_port)
+    port = settings.metrics_port
+    if port is None or (port in mounted_on and port != 0):
+        return None
+    return HealthServer(health, settings.http_host, port)
+
+
+async def drain(settings: Settings, stop: asyncio.Event) -> None:
+    """After SIGTERM: /readyz already answers 503 (`stop` is set); keep serving
+    DUCKLM_SHUTDOWN_DRAIN seconds, so a load balancer stops routing here before
+    the platforms go. A second signal does not cut it short: the orchestrator's
+    own grace period (Kubernetes: SIGKILL after terminationGracePeriodSeconds)
+    bounds it."""
+    seconds = float(getattr(settings, "shutdown_drain", 0.0) or 0.0)
+    if seconds > 0:
+        print(f"ducklm: draining for {seconds:g} s (/readyz answers 503)", file=sys.stderr)
+        await asyncio.sleep(seconds)
+
+
 async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int:
     """Run until SIGINT/SIGTERM (or `stop` is set). Returns the process exit code."""
     stop = stop or asyncio.Event()
@@ -74,6 +105,10 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
             file=sys.stderr,
         )
     platforms = configured_platforms(service, settings)
+    # Readiness fails from the moment `stop` is set (SIGTERM), before anything stops.
+    health = Health(runtime, stopping=stop, replica=getattr(service, "replica", None))
+    health.expect(platforms)
+    own_server = health_servers(platforms, health, settings)
     scheduler = Scheduler(
         service,
         remind_after=settings.approval_remind,
@@ -84,9 +119,16 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
     started: list[Platform] = []
     recovering: asyncio.Task[None] | None = None
     try:
+        if own_server is not None:  # first: /healthz answers while the rest starts
+            await own_server.start()
+            print(
+                f"ducklm: /healthz, /readyz and /metrics on {settings.http_host}:{own_server.port}",
+                file=sys.stderr,
+            )
         for platform in platforms:
             await platform.start()
             started.append(platform)
+            health.started(platform)
             print(f"ducklm: serving {platform.name}", file=sys.stderr)
         # After the platforms connected: they told the policy their home (the
         # Slack team, the Matrix server), which the default requesters name.
@@ -102,7 +144,9 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
         # as 40-55 ms pauses in the Slack ack latency benchmark).
         gc.collect()
         gc.freeze()
+        health.starting = False  # ready (if the store and the platforms are)
         await stop.wait()
+        await drain(settings, stop)
         return 0
     except PlatformStartError as exc:
         print(f"ducklm: {exc}", file=sys.stderr)
@@ -117,3 +161,5 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
                 await platform.stop()
         await service.close()
         await runtime.close()
+        if own_server is not None:  # last: /readyz says 503 until the very end
+            await own_server.stop()

@@ -14,6 +14,7 @@ observes holds an optional `Metrics` and does nothing without one.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -169,15 +170,18 @@ class Metrics:
 
     # -- the scrape ----------------------------------------------------------
 
-    async def refresh(self) -> None:
-        """Read the store-backed gauges. A store that fails leaves them out of
-        this scrape and sets ducklm_store_up 0 (the rest still renders)."""
+    async def refresh(self, within: float | None = None) -> None:
+        """Read the store-backed gauges (within `within` seconds). A store that
+        fails leaves them out of this scrape and sets ducklm_store_up 0 (the
+        rest still renders)."""
         store = self._store
         if self._stats is None:
             return
+        stats = self._stats
         try:
-            tasks = await self._stats.tasks_by_status()
-            pending = await self._stats.pending_approvals()
+            async with asyncio.timeout(within):
+                tasks = await stats.tasks_by_status()
+                pending = await stats.pending_approvals()
         except Exception as exc:  # an unreachable store must not break /metrics
             logger.warning("metrics: could not read the store: %s", exc)
             store.tasks, store.pending, store.up = None, None, 0.0

@@ -4,9 +4,12 @@ retrying, the backoff between tries, and the text a person reads."""
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nio import ErrorResponse
+
+if TYPE_CHECKING:
+    from runtime.metrics import Metrics
 
 MAX_BACKOFF = 60.0
 
@@ -38,3 +41,20 @@ def is_transient(response: ErrorResponse) -> bool:
     """A 5xx, a rate limit or no HTTP answer at all: trying again may work."""
     status = getattr(response.transport_response, "status", None)
     return status is None or status >= 500 or response.status_code == "M_LIMIT_EXCEEDED"
+
+
+def count_error(metrics: Metrics | None, method: str, response: Any) -> None:
+    """Count a failed homeserver call for /metrics: by method and its M_ code
+    (`connection` for no HTTP answer), and a rate limit (M_LIMIT_EXCEEDED or
+    HTTP 429) as such too. Nothing without metrics."""
+    if metrics is None:
+        return
+    status = None
+    if isinstance(response, ErrorResponse):
+        status = getattr(response.transport_response, "status", None)
+        code = response.status_code or (f"HTTP {status}" if status else "error")
+    else:
+        code = "connection"
+    metrics.api_error("matrix", method, code)
+    if code == "M_LIMIT_EXCEEDED" or status == 429:
+        metrics.rate_limit("matrix")

@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from nio import ErrorResponse, RoomSendResponse
@@ -20,7 +20,10 @@ from nio.exceptions import SendRetryError
 
 from bot.backend import Thread
 from bot.matrix.connection import MatrixConnection
-from bot.matrix.retry import backoff, error_text, is_transient
+from bot.matrix.retry import backoff, count_error, error_text, is_transient
+
+if TYPE_CHECKING:
+    from runtime.metrics import Metrics
 
 logger = logging.getLogger("ducklm.matrix")
 
@@ -53,6 +56,7 @@ class MatrixSender:
         self.latest = Lru()  # thread key -> newest event in it (reply fallback)
         self._typing: dict[str, set[str]] = {}  # room -> thread keys working there
         self._typing_keepers: dict[str, asyncio.Task[None]] = {}
+        self.metrics: Metrics | None = None  # failed sends counted (bot/matrix/retry.py)
 
     def clear(self) -> None:
         """Forget the typing state (at stop; the keepers were cancelled with the jobs)."""
@@ -100,6 +104,7 @@ class MatrixSender:
                 response = exc
             if isinstance(response, RoomSendResponse):
                 return str(response.event_id)
+            count_error(self.metrics, "room_send", response)
             if isinstance(response, ErrorResponse) and not is_transient(response):
                 raise MatrixSendError(f"sending {kind} to {room_id}: {error_text(response)}")
             failures += 1

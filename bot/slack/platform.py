@@ -43,10 +43,7 @@ from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_bolt.async_app import AsyncApp
 from slack_bolt.response import BoltResponse
 from slack_sdk.errors import SlackApiError
-from slack_sdk.http_retry.builtin_async_handlers import (
-    AsyncConnectionErrorRetryHandler,
-    AsyncRateLimitErrorRetryHandler,
-)
+from slack_sdk.http_retry.builtin_async_handlers import AsyncConnectionErrorRetryHandler
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.backend import (
@@ -75,6 +72,7 @@ from bot.slack.blocks import (
 )
 from bot.slack.format import MESSAGE_LIMIT, clip_mrkdwn, escape, split_mrkdwn, to_mrkdwn
 from bot.slack.history import find_own_message, latest_own_text, slack_history, stored_history
+from bot.slack.metered import CountingRateLimitHandler, MeteredWebClient
 from bot.slack.parsing import (
     PLATFORM,
     card_ref,
@@ -151,6 +149,8 @@ class SlackPlatform(Platform, ChatBackend):
         self.bot_user_id: str | None = None
         self.bot_id: str | None = None
         self.http_port: int | None = None  # the bound port in HTTP mode (after start)
+        # Mounted beside /slack/events in HTTP mode: /healthz, /readyz, /metrics.
+        self.http_routes: list[Callable[[web.Application], None]] = []
         self._runner: web.AppRunner | None = None
         self._socket: AsyncSocketModeHandler | None = None
         self._jobs: set[asyncio.Task[Any]] = set()
@@ -221,6 +221,16 @@ class SlackPlatform(Platform, ChatBackend):
                 job.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
 
+    async def connection_problem(self) -> str | None:
+        """HTTP mode: the port listens. Socket Mode: the websocket is up (the
+        SDK reconnects by itself; meanwhile events go to other connections)."""
+        if self.mode == "http":
+            return None if self._runner is not None else "the HTTP server is not listening"
+        socket_handler = self._socket
+        if socket_handler is None or not await socket_handler.client.is_connected():
+            return "the Socket Mode connection is down"
+        return None
+
     async def drain(self) -> None:
         """Wait until no Slack job (event, click, command) is left; tests use it."""
         while self._jobs:
@@ -228,16 +238,18 @@ class SlackPlatform(Platform, ChatBackend):
 
     def _web_client(self, token: str) -> AsyncWebClient:
         base_url = self.settings.slack_api_url or DEFAULT_API_URL
-        client = AsyncWebClient(
+        metrics = self.service.runtime.metrics
+        client = MeteredWebClient(
             token=token,
             base_url=base_url if base_url.endswith("/") else base_url + "/",
             logger=logger,
         )
+        client.metrics = metrics  # API errors by method (bot/slack/metered.py)
         # slack-sdk retries only connection errors by default; a 429 would drop
         # the message. This handler sleeps for Retry-After and tries again.
         client.retry_handlers = [
             AsyncConnectionErrorRetryHandler(),
-            AsyncRateLimitErrorRetryHandler(max_retry_count=RATE_LIMIT_RETRIES),
+            CountingRateLimitHandler(metrics, max_retry_count=RATE_LIMIT_RETRIES),
         ]
         return client
 
@@ -288,6 +300,8 @@ class SlackPlatform(Platform, ChatBackend):
     async def _listen(self, app: AsyncApp) -> None:
         web_app = web.Application()
         web_app.router.add_post(EVENTS_PATH, self._http_request)
+        for add_routes in self.http_routes:
+            add_routes(web_app)
         runner = web.AppRunner(web_app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         site = web.TCPSite(runner, self.settings.http_host, self.settings.http_port)
@@ -378,11 +392,14 @@ class SlackPlatform(Platform, ChatBackend):
                 del self._seen[next(iter(self._seen))]
             return True
         try:
-            return bool(await deliveries.claim(key))
+            claimed = bool(await deliveries.claim(key))
         except Exception:
             # Better a rare duplicate than a lost message when the store hiccups.
             logger.exception("could not record Slack delivery %s", key)
             return True
+        if not claimed and self.service.runtime.metrics is not None:
+            self.service.runtime.metrics.duplicate(PLATFORM)
+        return claimed
 
     # -- inbound: events --------------------------------------------------------
 
