@@ -156,6 +156,8 @@ class ChatService:
                         owner=self.instance,
                     )
         except _Duplicate:
+            if self.runtime.metrics is not None:  # /metrics: deliveries deduplicated
+                self.runtime.metrics.duplicate(inbound.thread.platform)
             return Accepted.DUPLICATE
         except BaseException:  # not recorded: the platform's retry starts afresh
             self.admission.cancel(inbound)
