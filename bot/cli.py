@@ -64,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("approvals", help="list pending approvals")
 
+    policy = sub.add_parser("policy", help="the per-channel policy file (DUCKLM_POLICY_FILE)")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    policy_check = policy_sub.add_parser("check", help="validate a policy file without starting")
+    policy_check.add_argument("file", type=Path)
+
     rules = sub.add_parser(
         "rules", help="list, add, preview, review or revoke 'always allow' rules"
     )
@@ -280,6 +285,37 @@ def _serve_platforms(settings: Settings) -> int:
         return 1
 
 
+def _policy_check(path: Path) -> int:
+    """`ducklm policy check FILE`: a summary (exit 0) or every error (exit 2)."""
+    from bot.policy_file import PolicyFileError, load_policy_file
+
+    try:
+        found = load_policy_file(path)
+    except PolicyFileError as exc:
+        for error in exc.errors:
+            print(error, file=sys.stderr)
+        print(f"{path}: {len(exc.errors)} error(s)", file=sys.stderr)
+        return EXIT_USAGE
+    print("\n".join(found.summary()))
+    return 0
+
+
+def _policy_ok(settings: Settings) -> bool:
+    """DUCKLM_POLICY_FILE, when set, is valid; else its errors are on stderr."""
+    if settings.policy_file is None:
+        return True
+    from bot.policy_file import PolicyFileError, load_policy_file
+
+    try:
+        load_policy_file(settings.policy_file)
+    except PolicyFileError as exc:
+        print("Policy file error (DUCKLM_POLICY_FILE), not starting:", file=sys.stderr)
+        for error in exc.errors:
+            print(f"  {error}", file=sys.stderr)
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Only now: `--help` and usage errors have exited already without them.
@@ -291,10 +327,15 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.command == "policy":  # the file alone: no settings, no store
+        return _policy_check(args.file)
     try:
         settings = _settings(args)
     except ValidationError as exc:
         print(f"Configuration error:\n{exc}", file=sys.stderr)
+        return EXIT_USAGE
+    # The bot must not start on rights it cannot read (issue #20).
+    if args.command in ("run", "console") and not _policy_ok(settings):
         return EXIT_USAGE
 
     if args.command == "run":
