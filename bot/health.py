@@ -17,8 +17,11 @@ Mode, Matrix-only and `ducklm console`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import sys
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
@@ -186,3 +189,29 @@ class HealthServer:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def own_port(
+    runtime: Runtime, *, replica: ReplicaLike | None = None
+) -> AsyncIterator[Health]:
+    """The endpoints on DUCKLM_METRICS_PORT for as long as the body runs (the
+    console, which has no platform and no HTTP server of its own): ready once
+    entered, unless the store fails."""
+    settings = runtime.settings
+    health = Health(runtime, replica=replica)
+    port = settings.metrics_port
+    server = HealthServer(health, settings.http_host, port) if port is not None else None
+    if server is not None:
+        await server.start()
+        print(
+            f"ducklm: /healthz, /readyz and /metrics on {settings.http_host}:{server.port}",
+            file=sys.stderr,
+        )
+    health.starting = False
+    try:
+        yield health
+    finally:
+        health.stopping.set()
+        if server is not None:
+            await server.stop()
