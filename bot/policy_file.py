@@ -149,6 +149,10 @@ class PolicyFile:
     def summary(self) -> list[str]:
         """What `ducklm policy check` prints for a valid file."""
         lines = [f"{self.path}: valid, {len(self.channels)} channel section(s)"]
+        keys = [k for k in Section.model_fields if getattr(self.default, k) is not None]
+        lines.append(
+            f"  default: sets {', '.join(keys) or 'nothing'} (the rest: DUCKLM_* settings)"
+        )
         for rule in self.channels:
             where = f" (workspace {rule.team})" if rule.team else ""
             keys = [k for k in Section.model_fields if getattr(rule.section, k) is not None]
@@ -446,10 +450,9 @@ def parse_policy(text: str, path: Path) -> PolicyFile:
         if key not in PolicyDocument.model_fields:
             out.add((str(key),), _message({"loc": (key,), "type": "extra_forbidden"})[1])
     base = path.parent.resolve()
-    default = out.validate(Section, data.get("default", {}), ("default",))
-    default_workspace = None
-    if default is not None:
-        default_workspace = out.workspace(base, default.workspace, ("default", "workspace"))
+    raw_default = data.get("default", {})
+    default = out.validate(Section, raw_default, ("default",))
+    default_workspace = out.workspace(base, _raw_workspace(raw_default), ("default", "workspace"))
     channels = data.get("channels", {})
     if not isinstance(channels, dict):
         out.add(("channels",), f"must be a table of sections, not {_shown(channels)}")
@@ -464,6 +467,7 @@ def parse_policy(text: str, path: Path) -> PolicyFile:
             out.add(("channels", name), str(exc))
             continue
         section = out.validate(ChannelSection, raw, ("channels", name))
+        workspace = out.workspace(base, _raw_workspace(raw), ("channels", name, "workspace"))
         if section is None:
             continue
         platform, _, channel = name.partition(":")
@@ -482,11 +486,17 @@ def parse_policy(text: str, path: Path) -> PolicyFile:
         if where in placed:
             out.add(("channels", name), f"the same channel as section {placed[where]!r}")
         placed[where] = name
-        workspace = out.workspace(base, section.workspace, ("channels", name, "workspace"))
         rules.append(ChannelRule(name, platform, channel, team, section, workspace))
     if out.errors:
         raise PolicyFileError(sorted(out.errors, key=_line_number))
     return PolicyFile(path, default or Section(), default_workspace, tuple(rules))
+
+
+def _raw_workspace(section: object) -> str | None:
+    """A section's workspace as written, checked even when the rest of its
+    section is invalid (so one pass reports every problem)."""
+    value = section.get("workspace") if isinstance(section, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def _line_number(error: str) -> int:
