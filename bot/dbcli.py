@@ -19,9 +19,9 @@ COPY_DESCRIPTION = """\
 Copy a whole installation from SOURCE to TARGET (each a SQLite file or a
 postgresql:// URL), usually SQLite -> PostgreSQL before running several replicas:
 every task, event (with its seq and chain hash), approval, rule, schedule,
-delivery and inbox row, the replicas' record and their shared state (the
-Matrix session and sync token). Leases are not copied (only running
-processes hold them).
+delivery and inbox row, and the replicas' shared state (the Matrix session
+and sync token). Not copied: the replicas' own records and their leases
+(they describe processes of SOURCE, all stopped; TARGET's register afresh).
 
 Stop every bot on SOURCE first: a running bot is not supported during the
 copy, and a replica heartbeat fresher than DUCKLM_REPLICA_TIMEOUT refuses it.

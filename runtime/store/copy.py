@@ -71,13 +71,6 @@ TABLES: tuple[Table, ...] = (
     ),
     Table("inbox", "inbox_id", "messages received and not yet done, and the done ones' record"),
     Table(
-        "replicas",
-        "replica_id",
-        "the processes that served the source, all stopped (a fresh heartbeat "
-        "refuses the copy): the owners that copied running tasks name, so "
-        "recovery on the target finds them dead and reports those tasks interrupted",
-    ),
-    Table(
         "shared_state",
         "key",
         "state the replicas share (the Matrix session and sync token): the moved "
@@ -87,6 +80,9 @@ TABLES: tuple[Table, ...] = (
 
 # Tables of a DuckLM database that are deliberately not copied.
 NOT_COPIED: dict[str, str] = {
+    "replicas": "the processes that served the source, all stopped (a fresh heartbeat "
+    "refuses the copy); the target's processes register themselves. A copied task's "
+    "owner still names its old process, which has no row there: recovery counts it dead",
     "leases": "a lease is held by a running process, and none may run during the copy; "
     "the target's replicas take them afresh",
 }

@@ -9,7 +9,6 @@ already holds data) happens before the first write.
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 from runtime.store.db import Database, StoreError
@@ -34,22 +33,13 @@ class NewerSchema(CopyRefused):
 async def open_unmigrated(target: str | Path) -> Database:
     """The database at `target`, connected but neither created (beyond an
     empty SQLite file) nor migrated, so it can be inspected first."""
-    if "migrate" in inspect.signature(Database.open).parameters:
-        return await Database.open(target, migrate=False)  # type: ignore[call-arg]
-    # INTERIM until the store's open(migrate=False) lands (requests-E.md): SQLite only.
-    from runtime.store import db as sqlite_db
-
-    path = sqlite_db._precheck(target)
-    opened = Database(sqlite_db._connect(path, 0), path)
-    await opened._configure()
-    return opened
+    return await Database.open(target, migrate=False)
 
 
 async def schema_version(db: Database) -> int:
-    """The version `db` is at; 0 when it holds no DuckLM schema yet."""
-    if hasattr(db, "schema_version"):
-        return int(await db.schema_version())
-    return await db.user_version()  # INTERIM, as above
+    """The version `db` is at; 0 when it holds no DuckLM schema yet (both
+    backends: PRAGMA user_version, or PostgreSQL's version table)."""
+    return int(await db.user_version())
 
 
 async def migrate(db: Database) -> tuple[int, int]:
@@ -59,7 +49,7 @@ async def migrate(db: Database) -> tuple[int, int]:
     if before > SCHEMA_VERSION:
         raise NewerSchema(db, before)
     if before != SCHEMA_VERSION:
-        await (db.migrate() if hasattr(db, "migrate") else db._migrate())  # INTERIM, as above
+        await db.migrate()
     return before, await schema_version(db)
 
 
