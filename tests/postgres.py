@@ -112,6 +112,17 @@ def find_bindir() -> Path:
     pytest.fail(INSTALL_HINT, pytrace=False)
 
 
+def _scratch_dir() -> str | None:
+    """Memory-backed /dev/shm when it has room (CREATE DATABASE copies a template's
+    files: several times faster off the disk), else the usual temporary directory."""
+    shm = Path("/dev/shm")
+    try:
+        usage = shutil.disk_usage(shm)
+    except OSError:
+        return None
+    return str(shm) if usage.free > 2 * 1024**3 and os.access(shm, os.W_OK) else None
+
+
 def _run_in_thread(make: Callable[[], Awaitable[T]]) -> T:
     """Run a coroutine to completion on a private loop in a private thread.
 
@@ -143,9 +154,9 @@ class PostgresServer:
         self.port = port or free_port()
         self.host = "127.0.0.1"
         # Not pytest's tmp_path: that is root-only (0700) when the tests run as root,
-        # and the server runs as `postgres`. A short /tmp path also keeps the unix
-        # socket's path under its 107-byte limit.
-        self.directory = Path(tempfile.mkdtemp(prefix="ducklm-pg-"))
+        # and the server runs as `postgres`. A short path also keeps the unix socket's
+        # path under its 107-byte limit.
+        self.directory = Path(tempfile.mkdtemp(prefix="ducklm-pg-", dir=_scratch_dir()))
         self.data = self.directory / "data"
         self.socket_dir = self.directory / "sock"
         self.log_path = self.directory / "postgres.log"
@@ -277,7 +288,7 @@ class PostgresServer:
     def create_database(self, prefix: str = "t") -> str:
         """A new empty database (from template0: nothing a test left in template1)."""
         name = f"{prefix}_{os.getpid()}_{next(self._names)}"
-        self.admin_query(f'CREATE DATABASE "{name}" TEMPLATE template0')
+        self.admin_query(f'CREATE DATABASE "{name}" TEMPLATE template0 STRATEGY FILE_COPY')
         return name
 
     def drop_database(self, name: str) -> None:

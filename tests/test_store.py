@@ -1,4 +1,10 @@
-"""The SQLite store through its public API: schema, concurrency, errors, records."""
+"""The store through its public API: schema, concurrency, errors, records.
+
+Every test runs on SQLite and on PostgreSQL (`[sqlite]`/`[postgres]`) except those
+about the SQLite file itself (its pragmas, WAL, write lock, header, directory), which
+say so; where the same property has a PostgreSQL form (a newer schema refused, a bad
+target named in a clear error, processes migrating a fresh database at once) it is
+tested there too."""
 
 from __future__ import annotations
 
@@ -18,12 +24,20 @@ import pytest
 
 from runtime.store import Database, StoreError, Stores, open_stores
 from runtime.store.migrations import SCHEMA_VERSION
+from tests.postgres import PostgresServer, is_postgres, raw_execute, raw_rows
+
+pytestmark = pytest.mark.backends("sqlite", "postgres")
+SQLITE_FILE = "about the SQLite file itself"
 
 
 @pytest.fixture
-async def stores(tmp_path: Path):
-    async with await open_stores(tmp_path / "duck.db") as opened:
+async def stores(db_target: str):
+    async with await open_stores(db_target) as opened:
         yield opened
+
+
+def sqlite_only(reason: str) -> pytest.MarkDecorator:
+    return pytest.mark.backends("sqlite", reason=reason)
 
 
 def _readonly(path: Path) -> Iterator[Path]:
@@ -55,16 +69,24 @@ def readonly_dir(tmp_path: Path) -> Iterator[Path]:
 # -- opening and migrations ----------------------------------------------------
 
 
-async def test_migrations_create_schema_and_reopen_is_idempotent(tmp_path: Path) -> None:
-    path = tmp_path / "nested" / "dir" / "duck.db"  # parents are created
-    async with await open_stores(path) as s:
+async def test_migrations_create_schema_and_reopen_is_idempotent(
+    tmp_path: Path, db_target: str
+) -> None:
+    path = db_target if is_postgres(db_target) else tmp_path / "nested" / "dir" / "duck.db"
+    async with await open_stores(path) as s:  # (a file's parents are created)
         assert await s.db.user_version() == SCHEMA_VERSION
         task = await s.tasks.create_task("hello")
         await s.events.append(task.task_id, "task_created", {"message": "hello"})
 
     async with await open_stores(path) as s:
         assert await s.db.user_version() == SCHEMA_VERSION
-        rows = await s.db.fetchall("SELECT type, name FROM sqlite_master")
+        if s.db.dialect == "postgres":  # the catalogue differs; the names must not
+            rows = await s.db.fetchall(
+                "SELECT tablename AS name FROM pg_tables WHERE schemaname = current_schema() "
+                "UNION SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()"
+            )
+        else:
+            rows = await s.db.fetchall("SELECT type, name FROM sqlite_master")
         names = {row["name"] for row in rows}
         assert {"tasks", "events", "approvals", "rules"} <= names
         assert {
@@ -79,6 +101,7 @@ async def test_migrations_create_schema_and_reopen_is_idempotent(tmp_path: Path)
         assert [e.seq for e in await s.events.list_events(task.task_id)] == [1]
 
 
+@sqlite_only("SQLite pragmas")
 async def test_connection_settings(stores: Stores) -> None:
     async def pragma(name: str) -> object:
         row = await stores.db.fetchone(f"PRAGMA {name}")
@@ -94,30 +117,52 @@ async def test_connection_settings(stores: Stores) -> None:
     assert await pragma("wal_autocheckpoint") == 0
 
 
-async def test_processes_opening_a_fresh_file_together(tmp_path: Path) -> None:
-    # The bot and a CLI may start at the same moment on a file neither has created.
-    for attempt in range(20):
-        path = tmp_path / f"fresh{attempt}.db"
+async def test_processes_opening_a_fresh_file_together(
+    tmp_path: Path, db_backend: str, request: pytest.FixtureRequest
+) -> None:
+    # The bot and a CLI (or several replicas) may start at the same moment on a
+    # database none has set up.
+    server: PostgresServer | None = None
+    if db_backend == "postgres":
+        server = request.getfixturevalue("postgres_server")
+    for attempt in range(20 if server is None else 4):
+        if server is None:
+            path = str(tmp_path / f"fresh{attempt}.db")
+        else:
+            name = server.create_database("fresh")
+            request.addfinalizer(lambda name=name: server.drop_database(name))
+            path = server.url(name)
         opened = await asyncio.gather(*(open_stores(path) for _ in range(6)))
         for s in opened:
             assert await s.db.user_version() == SCHEMA_VERSION
             await s.close()
 
 
-async def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "duck.db"
+async def test_newer_schema_version_is_refused(db_target: str) -> None:
+    path = db_target
     db = await Database.open(path)  # create and migrate
+    shown = db.path
     await db.close()
-    with sqlite3.connect(path) as raw:
-        raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    if is_postgres(path):
+        from runtime.store.pg_baseline import VERSION_TABLE
+
+        raw_execute(path, f"UPDATE {VERSION_TABLE} SET version = ?", [SCHEMA_VERSION + 1])
+        tables = "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema()"
+    else:
+        with sqlite3.connect(path) as raw:
+            raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        tables = "SELECT count(*) FROM sqlite_master WHERE type = 'table'"
+    before = raw_rows(path, tables)
     with pytest.raises(StoreError) as info:
         await Database.open(path)
+    assert raw_rows(path, tables) == before  # refused before changing anything
     message = str(info.value)
-    assert str(path) in message
+    assert str(shown) in message
     assert f"schema version {SCHEMA_VERSION + 1}" in message
     assert "upgrade DuckLM" in message
 
 
+@sqlite_only(SQLITE_FILE)
 async def test_new_database_in_readonly_directory(readonly_dir: Path) -> None:
     path = readonly_dir / "duck.db"
     with pytest.raises(StoreError) as info:
@@ -126,6 +171,7 @@ async def test_new_database_in_readonly_directory(readonly_dir: Path) -> None:
     assert "not writable" in str(info.value)
 
 
+@sqlite_only(SQLITE_FILE)
 async def test_existing_database_in_directory_made_readonly(tmp_path: Path) -> None:
     directory = tmp_path / "data"
     directory.mkdir()
@@ -138,6 +184,7 @@ async def test_existing_database_in_directory_made_readonly(tmp_path: Path) -> N
         assert str(path) in str(info.value)
 
 
+@sqlite_only(SQLITE_FILE)
 async def test_garbage_file_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "notes.txt"
     path.write_text("this is not a database\n" * 100)
@@ -148,6 +195,7 @@ async def test_garbage_file_is_refused(tmp_path: Path) -> None:
     assert path.read_text().startswith("this is not")  # untouched
 
 
+@sqlite_only(SQLITE_FILE)
 async def test_corrupt_file_with_sqlite_header_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "duck.db"
     path.write_bytes(b"SQLite format 3\x00" + os.urandom(4096))
@@ -156,6 +204,7 @@ async def test_corrupt_file_with_sqlite_header_is_refused(tmp_path: Path) -> Non
     assert str(path) in str(info.value)
 
 
+@sqlite_only(SQLITE_FILE)
 async def test_directory_or_file_in_the_way(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="is a directory"):
         await Database.open(tmp_path)
@@ -165,6 +214,32 @@ async def test_directory_or_file_in_the_way(tmp_path: Path) -> None:
         await Database.open(blocker / "duck.db")
 
 
+async def test_an_unreachable_server_is_a_store_error_without_the_password() -> None:
+    """PostgreSQL's form of a file in the way: nothing listens at the URL. The
+    error names the database but never prints the password from DUCKLM_DB."""
+    from tests.fakes.synapse import free_port
+
+    url = f"postgresql://duck:s3cret-pw@127.0.0.1:{free_port()}/ducklm"
+    with pytest.raises(StoreError) as info:
+        await asyncio.wait_for(Database.open(url), 30)
+    message = str(info.value)
+    assert "127.0.0.1" in message and "ducklm" in message
+    assert "s3cret-pw" not in message and "Traceback" not in message
+
+
+async def test_a_missing_database_or_a_refused_login_is_named(
+    postgres_server: PostgresServer,
+) -> None:
+    missing = postgres_server.url("no_such_database")
+    with pytest.raises(StoreError, match="does not exist"):
+        await Database.open(missing)
+    nobody = missing.replace("postgres@", "nobody:pw@").replace("no_such_database", "postgres")
+    with pytest.raises(StoreError) as info:
+        await Database.open(nobody)
+    assert "pw@" not in str(info.value) and "nobody" in str(info.value)
+
+
+@sqlite_only("max_page_count is SQLite's; a full disk on a PostgreSQL server is not ours to fill")
 async def test_disk_full_is_a_store_error(stores: Stores) -> None:
     # max_page_count makes SQLite report SQLITE_FULL exactly as a full disk does.
     row = await stores.db.fetchone("PRAGMA page_count")
@@ -176,8 +251,8 @@ async def test_disk_full_is_a_store_error(stores: Stores) -> None:
             await stores.events.append(task.task_id, "blob", {"data": "x" * 4000})
 
 
-async def test_closed_database_is_a_store_error(tmp_path: Path) -> None:
-    s = await open_stores(tmp_path / "duck.db")
+async def test_closed_database_is_a_store_error(db_target: str) -> None:
+    s = await open_stores(db_target)
     await s.close()
     await s.close()  # idempotent
     with pytest.raises(StoreError, match="closed"):
@@ -202,8 +277,8 @@ async def test_concurrent_appends_keep_per_task_sequences(stores: Stores) -> Non
         assert [e.payload["n"] for e in events] == list(range(20))
 
 
-async def test_two_connections_append_to_the_same_tasks(tmp_path: Path) -> None:
-    path = tmp_path / "duck.db"
+async def test_two_connections_append_to_the_same_tasks(db_target: str) -> None:
+    path = db_target
     first = await open_stores(path)
     second = await open_stores(path)  # another process's connection
     try:
@@ -224,8 +299,8 @@ async def test_two_connections_append_to_the_same_tasks(tmp_path: Path) -> None:
         await second.close()
 
 
-async def test_a_second_process_appends_concurrently(tmp_path: Path) -> None:
-    path = tmp_path / "duck.db"
+async def test_a_second_process_appends_concurrently(db_target: str) -> None:
+    path = db_target
     async with await open_stores(path) as s:
         task = await s.tasks.create_task("shared")
         script = textwrap.dedent(
@@ -436,6 +511,7 @@ async def test_channel_listing_matches_a_plain_prefix_filter(stores: Stores) -> 
             assert [t.task_id for t in listed] == expected, (prefix, status)
 
 
+@sqlite_only("SQLite's query plan (PostgreSQL's planner picks by statistics, not a rule)")
 async def test_a_channel_listing_uses_its_index(stores: Stores) -> None:
     rows = await stores.db.fetchall(
         "EXPLAIN QUERY PLAN SELECT task_id FROM tasks WHERE conversation_group = ? "
@@ -446,6 +522,7 @@ async def test_a_channel_listing_uses_its_index(stores: Stores) -> None:
     assert "tasks_conversation_group" in plan and "TEMP B-TREE" not in plan
 
 
+@sqlite_only("a v3 SQLite file; PostgreSQL starts at the current schema")
 async def test_migrating_a_v3_database_fills_the_conversation_group(tmp_path: Path) -> None:
     from runtime.store.migrations import MIGRATIONS
 
@@ -626,6 +703,7 @@ class LockHolder:
         await asyncio.wait_for(self._thread, 10)
 
 
+@sqlite_only(SQLITE_FILE)
 async def test_waiting_for_the_write_lock_does_not_block_the_loop(tmp_path: Path) -> None:
     path = tmp_path / "duck.db"
     async with await open_stores(path) as s:
@@ -648,6 +726,7 @@ async def test_waiting_for_the_write_lock_does_not_block_the_loop(tmp_path: Path
         assert await s.deliveries.claim("held") is False  # the other connection's write landed
 
 
+@sqlite_only(SQLITE_FILE)
 async def test_a_lock_held_past_the_busy_timeout_is_a_store_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -665,6 +744,7 @@ async def test_a_lock_held_past_the_busy_timeout_is_a_store_error(
         assert (await s.events.append(task.task_id, "after")).seq == 1
 
 
+@sqlite_only(SQLITE_FILE)
 async def test_checkpoints_run_in_the_background(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -685,6 +765,7 @@ async def test_checkpoints_run_in_the_background(
         assert len(await s.events.list_events(task.task_id)) == 300
 
 
+@sqlite_only(SQLITE_FILE)
 async def test_an_explicit_checkpoint_and_close_leave_a_complete_file(tmp_path: Path) -> None:
     path = tmp_path / "duck.db"
     s = await open_stores(path)
@@ -717,10 +798,10 @@ async def test_retention_deletes_in_chunks_and_spares_unfinished_tasks(stores: S
     assert await delete_finished_tasks(stores.db, -60) == 0
 
 
-async def test_background_work_on_a_closed_database_is_a_store_error(tmp_path: Path) -> None:
+async def test_background_work_on_a_closed_database_is_a_store_error(db_target: str) -> None:
     from runtime.store.retention import delete_finished_tasks
 
-    s = await open_stores(tmp_path / "duck.db")
+    s = await open_stores(db_target)
     await s.close()
     with pytest.raises(StoreError, match="closed"):
         await delete_finished_tasks(s.db, 0)
@@ -780,6 +861,7 @@ def _size(path: Path) -> int:
     return path.stat().st_size
 
 
+@sqlite_only(SQLITE_FILE)
 async def test_the_wal_starts_over_under_a_steady_writer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
