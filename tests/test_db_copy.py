@@ -375,3 +375,28 @@ async def test_an_older_source_is_migrated_first(tmp_path: Path) -> None:
     assert f"source migrated first: schema v6 -> v{SCHEMA_VERSION}" in err
     assert "tasks: 1 in source, 1 in target, equal" in out
     assert raw_rows(str(tmp_path / "new.db"), "SELECT message FROM tasks") == [("from v6",)]
+
+
+async def test_a_failure_half_way_leaves_the_target_empty(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """SQLite keeps any value in any column; PostgreSQL refuses one that does not
+    fit. The tasks and events before it were already inserted: all rolled back."""
+    source = str(tmp_path / "odd.db")
+    async with await open_stores(source) as stores:
+        for n in range(5):
+            task = await stores.tasks.create_task(f"task {n}")
+            await stores.events.append(task.task_id, "note", {"n": n})
+        await stores.schedules.insert("0 9 * * *", "UTC", "report", "slack:C1", "slack:U1")
+    with sqlite3.connect(source) as conn:
+        conn.execute("UPDATE schedules SET paused = 'sometimes'")  # a hand edit
+    before = everything(source)
+    code, out, err = await ducklm(tmp_path, "db", "copy", source, postgres_url, "--batch-size", "2")
+    assert code == 1, out + err
+    assert "Traceback" not in err
+    assert "copying schedules" in err and "the target keeps none" in err
+    assert "tasks: 5/5 copied" in err  # it did get that far
+    for table in TABLES:
+        assert raw_rows(postgres_url, f"SELECT count(*) FROM {table.name}") == [(0,)]
+    assert raw_rows(postgres_url, "SELECT version FROM ducklm_schema") == [(SCHEMA_VERSION,)]
+    assert everything(source) == before

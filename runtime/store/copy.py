@@ -397,11 +397,19 @@ async def _copy_table(
         for start in range(0, len(rows), per_insert):
             chunk = rows[start : start + per_insert]
             params = [row[i] for row in chunk for i in range(len(columns))]
-            await dst.execute(
-                f"INSERT INTO {table.name} ({listed}){overriding} VALUES "
-                + ", ".join([row_marks] * len(chunk)),
-                params,
-            )
+            try:
+                await dst.execute(
+                    f"INSERT INTO {table.name} ({listed}){overriding} VALUES "
+                    + ", ".join([row_marks] * len(chunk)),
+                    params,
+                )
+            except (StoreError, ValueError, OverflowError) as exc:
+                # Usually a value the target's column cannot hold (SQLite stores
+                # any type in any column); name the rows, so a person can look.
+                raise StoreError(
+                    f"copying {table.name}: the target refused the rows with {table.key} "
+                    f"{chunk[0][key]!r} to {chunk[-1][key]!r} ({exc}); the target keeps none"
+                ) from exc
         copied += len(rows)
         progress(table.name, copied, max(total, copied))
         if len(rows) < batch_rows:
