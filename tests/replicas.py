@@ -380,7 +380,9 @@ class ReplicaSet:
 
     def assert_alive(self) -> None:
         dead = [
-            (r.name, r.process.returncode) for r in self.replicas if r.process and not r.running
+            (r.name, r.process.returncode)
+            for r in self.replicas
+            if r.process and not r.running and not r.killed
         ]
         assert not dead, f"replicas died: {dead}\n{self.stderr()}"
 
