@@ -384,8 +384,9 @@ def _parse(path: Path, text: str) -> tuple[Any, dict[Loc, int], list[str]]:
         except tomllib.TOMLDecodeError as exc:
             # "Expected '=' after a key in a key/value pair (at line 3, column 5)"
             found = re.search(r"\(at line (\d+), column \d+\)", str(exc))
-            line = found.group(1) if found else "1"
-            reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
+            # "… (at end of document)": the last line.
+            line = found.group(1) if found else str(max(1, len(text.splitlines())))
+            reason = re.sub(r"\s*\(at (line \d+, column \d+|end of document)\)", "", str(exc))
             return None, {}, [f"{shown}:{line}: TOML syntax error: {reason}"]
         return data, _toml_lines(text), []
     import yaml
