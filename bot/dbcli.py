@@ -26,8 +26,9 @@ and sync token). Not copied: the replicas' own records and their leases
 Stop every bot on SOURCE first: a running bot is not supported during the
 copy, and a replica heartbeat fresher than DUCKLM_REPLICA_TIMEOUT refuses it.
 An older SOURCE is migrated to the current schema first; a newer one is
-refused. TARGET is created or migrated and must hold no DuckLM data. The copy
-is one transaction on TARGET: on any failure TARGET keeps no row. Afterwards
+refused. TARGET (a new SQLite file, or an existing PostgreSQL database) is
+brought to the current schema and must hold no DuckLM data. The copy is one
+transaction on TARGET: on any failure TARGET keeps no row. Afterwards
 the row counts are compared per table and the audit chains verified on
 TARGET. Progress goes to stderr, the report to stdout."""
 
