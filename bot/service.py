@@ -188,6 +188,29 @@ class ChatService:
             },
         )
 
+    async def _record_refused_decision(
+        self, approval: Approval, user: str, decision: str, refusal: str
+    ) -> None:
+        """A click or reply that changed nothing because its author may not decide
+        there (issue #20): on the task's audit trail, so `ducklm events` shows
+        who tried. Best effort: the refusal is told either way."""
+        if approval.decision is not None:
+            return  # late clicks on a decided card are not attempts to decide
+        where = await self.policy_of_task(approval.task_id)
+        await self._safely(
+            self.events.append(
+                approval.task_id,
+                "decision_refused",
+                {
+                    "approval_id": approval.approval_id,
+                    "user": user,
+                    "decision": decision,
+                    "section": where.section,
+                    "reason": refusal,
+                },
+            )
+        )
+
     def _refused(self, inbound: Inbound, refusal: Refusal) -> Accepted:
         """Admission said no (issue #22): the claims and a `request_refused` event
         are recorded, nothing else; the sender is told why, privately, when
@@ -338,6 +361,7 @@ class ChatService:
         # The approvers of the channel the approval's task lives in (issue #20).
         refusal = await self.decision_refusal(user, approval, decision)
         if refusal:
+            await self._record_refused_decision(approval, user, decision, refusal)
             return refusal
         if approval.decision is not None:
             if approval.card_state == "posted":  # a stale card, clicked late: fix it now
