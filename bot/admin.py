@@ -145,6 +145,8 @@ def describe_event(event: Event) -> str:
     elif kind == "rule_matched":
         rules = ", ".join(f"`{r}`" for r in p.get("rule_ids") or [])
         detail = f"{rules} allowed `{clip(p.get('command'), 100)}`"
+    elif kind == "decision_refused":
+        detail = f"{p.get('decision')} by {p.get('user')} refused (policy {p.get('section')})"
     elif kind == "tool_refused":
         detail = f"{p.get('tool')}: {clip(p.get('reason'), 100)}"
     elif kind == "request_refused":
