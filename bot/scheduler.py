@@ -6,14 +6,16 @@ What is due lives in the store (issue #23): each pending approval has a
 `next_fire_at`, both indexed. One timer per kind waits for the earliest of them
 and is woken when something changes (a new approval, a schedule added or
 resumed); at most every POLL_S seconds it looks again anyway, for changes made
-by another process. So start-up arms the same few timers whether nothing or a
+by another process (every SHARED_POLL_S on PostgreSQL, where other replicas
+create approvals and schedules this process is never woken for). So start-up arms the same few timers whether nothing or a
 hundred thousand things are pending, and nothing here walks every row.
 
 Each fire is claimed in the store by compare-and-set on the old due time
 before anything is done (`claim_due`, `claim_fire`): of two processes looking
 at one row, one gets it. Runs of schedules missed while the bot was down are
 caught up one at a time, at most `catch_up_rate` a minute (DUCKLM_CATCH_UP_RATE),
-never as a burst. APScheduler only keeps the daily housekeeping job.
+never as a burst. APScheduler only keeps the daily housekeeping job, which
+every replica runs and one claims per day (shared_state, `daily`).
 """
 
 from __future__ import annotations
@@ -49,6 +51,18 @@ HOUSEKEEPING_FIRST_DELAY = timedelta(minutes=1)
 MISSED_SLACK = timedelta(seconds=30)
 # The longest a timer sleeps without looking at the store again.
 POLL_S = 30.0
+# ... when the store is shared by replicas (PostgreSQL): an approval or a
+# schedule another replica created is due at a time this process's timers were
+# never woken for, so they re-read the earliest due time this often (a few
+# index probes per round), and a due time is noticed within seconds.
+SHARED_POLL_S = 2.0
+# The daily housekeeping is claimed in shared_state, so of several replicas one
+# runs it per day; the claim accepts a run this much before a full day passed
+# (the interval job's timing jitters).
+HOUSEKEEPING_KEY = "housekeeping:daily"
+HOUSEKEEPING_SLACK = timedelta(minutes=10)
+# Replica rows dead this long are forgotten by housekeeping.
+REPLICA_KEEP_S = 7 * 86400.0
 # Rows read per query; a full batch means the timer goes on at once.
 BATCH = 200
 # Statements run inline and do not yield: the loop gets a turn after this many
@@ -124,7 +138,7 @@ class Scheduler:
         retention_days: float | None = None,
         trigger_factory: TriggerFactory = schedule_trigger,
         catch_up_rate: float | None = None,
-        poll: float = POLL_S,
+        poll: float | None = None,
     ) -> None:
         self.service = service
         self.stores = service.runtime.stores
@@ -135,6 +149,9 @@ class Scheduler:
             catch_up_rate = service.runtime.settings.catch_up_rate
         # Seconds between two catch-up runs.
         self.catch_up_every = 60.0 / catch_up_rate
+        if poll is None:
+            shared = getattr(self.stores.db, "dialect", "sqlite") == "postgres"
+            poll = SHARED_POLL_S if shared else POLL_S
         self._poll = poll
         self._scheduler = AsyncIOScheduler(timezone=ZoneInfo(timezone))
         self._running: set[str] = set()  # schedule ids with a run in progress
@@ -152,7 +169,7 @@ class Scheduler:
         the same three whatever is stored."""
         self._scheduler.start()
         self._scheduler.add_job(
-            self.housekeeping,
+            self.daily,
             IntervalTrigger(seconds=HOUSEKEEPING_EVERY.total_seconds()),
             id="housekeeping",
             next_run_time=datetime.now(UTC) + HOUSEKEEPING_FIRST_DELAY,
@@ -366,10 +383,27 @@ class Scheduler:
 
     # -- housekeeping ---------------------------------------------------------
 
-    async def housekeeping(self) -> None:
-        """Once a day: retention, forgetting old platform delivery ids and inbox rows,
-        and the rules review for the admins."""
+    async def daily(self) -> None:
+        """The daily job of every replica: housekeeping, if this replica claims
+        today's run (shared_state), so it runs once a day across all of them."""
         try:
+            period = (HOUSEKEEPING_EVERY - HOUSEKEEPING_SLACK).total_seconds()
+            claimed = await self.stores.state.claim_period(
+                HOUSEKEEPING_KEY, period, self.service.instance
+            )
+        except Exception:
+            logger.exception("housekeeping could not be claimed; trying again tomorrow")
+            return
+        if not claimed:
+            logger.info("housekeeping: another replica ran it less than a day ago")
+            return
+        await self.housekeeping()
+
+    async def housekeeping(self) -> None:
+        """Retention, forgetting old platform delivery ids, inbox rows and dead
+        replicas, and the rules review for the admins (now; `daily` claims it)."""
+        try:
+            await self.stores.replicas.prune(REPLICA_KEEP_S)
             if self.retention_days is not None:
                 deleted = await delete_finished_tasks(self.stores.db, self.retention_days * 86400)
                 if deleted:
