@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from runtime.factory import build_runtime
 from runtime.store import open_stores
 from runtime.store.copy import NOT_COPIED, TABLES
@@ -400,3 +402,41 @@ async def test_a_failure_half_way_leaves_the_target_empty(
         assert raw_rows(postgres_url, f"SELECT count(*) FROM {table.name}") == [(0,)]
     assert raw_rows(postgres_url, "SELECT version FROM ducklm_schema") == [(SCHEMA_VERSION,)]
     assert everything(source) == before
+
+
+PASSWORD_ROLE = "ducklm_pw"
+HBA_LINE = f"host all {PASSWORD_ROLE} 127.0.0.1/32 scram-sha-256\n"
+
+
+@pytest.fixture
+def password_url(postgres_server: PostgresServer, postgres_url: str) -> str:
+    """postgres_url for a role whose password the server checks: the fixture's
+    server trusts every connection, so this session's server gets one
+    pg_hba line (first, for this role only) and a reload; other roles keep trust."""
+    hba = postgres_server.data / "pg_hba.conf"
+    text = hba.read_text()
+    if HBA_LINE not in text:
+        hba.write_text(HBA_LINE + text)
+        postgres_server.admin_query("SELECT pg_reload_conf()")
+    if not postgres_server.admin_query(
+        "SELECT 1 FROM pg_roles WHERE rolname = ?", (PASSWORD_ROLE,)
+    ):
+        postgres_server.admin_query(f"CREATE ROLE {PASSWORD_ROLE} LOGIN PASSWORD 'right-pw'")
+    database = postgres_url.rsplit("/", 1)[1]
+    postgres_server.admin_query(f'ALTER DATABASE "{database}" OWNER TO {PASSWORD_ROLE}')
+    return f"postgresql://{PASSWORD_ROLE}:right-pw@127.0.0.1:{postgres_server.port}/{database}"
+
+
+async def test_a_wrong_password_is_one_sentence(tmp_path: Path, password_url: str) -> None:
+    source = str(tmp_path / "a.db")
+    async with await open_stores(source) as stores:
+        await stores.tasks.create_task("mine")
+    wrong = password_url.replace(":right-pw@", ":wrong-pw@")
+    err = await refused(tmp_path, source, wrong, "Database error")
+    assert "wrong-pw" not in err and "right-pw" not in err
+    assert "password" in err.lower()
+    assert everything(password_url) == {"tables": []}  # still nothing in it
+    # the right one works (and proves the role could write there)
+    code, out, err = await ducklm(tmp_path, "db", "copy", source, password_url)
+    assert code == 0, out + err
+    assert "right-pw" not in out + err
