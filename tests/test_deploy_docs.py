@@ -203,7 +203,9 @@ def test_documented_defaults_are_the_settings_defaults(path: Path) -> None:
     assert seen == REPLICA_SETTINGS, f"{path.name} lacks rows for {REPLICA_SETTINGS - seen}"
 
 
-_COMMAND = re.compile(r"\bducklm ((?:[a-z][a-z-]* ?)+)")
+# A command as the docs show one: at the start of a line, after a backtick, a
+# prompt or a path (`.venv/bin/ducklm run`); not `createdb … ducklm`.
+_COMMAND = re.compile(r"(?m)(?:^|`|\$ |/)ducklm ((?:[a-z][a-z-]* ?)+)")
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
