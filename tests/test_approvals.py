@@ -1,4 +1,5 @@
-"""ApprovalService on a real SQLite file: exactly-once decisions, expiry, rules."""
+"""ApprovalService on a real SQLite file and a real PostgreSQL: exactly-once decisions,
+expiry, rules."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from runtime.store import Stores, open_stores
 
 SHELL = "shell_exec_safe"
 
+pytestmark = pytest.mark.backends("sqlite", "postgres")
+
 
 def read_action(path: str = "app.log") -> dict[str, Any]:
     return {"tool": "read_file", "args": {"path": path, "max_bytes": 100}, "reason": "look"}
@@ -25,12 +28,12 @@ def shell_action(command: str) -> dict[str, Any]:
 
 
 @pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "duck.db"
+def db_path(db_target: str) -> str:
+    return db_target
 
 
 @pytest.fixture
-async def stores(db_path: Path):
+async def stores(db_path: str):
     async with await open_stores(db_path) as opened:
         yield opened
 
@@ -124,7 +127,7 @@ async def test_decide_exactly_once_under_concurrency(
 
 
 async def test_decide_from_a_second_connection_after_the_first(
-    db_path: Path, stores: Stores, service: ApprovalService
+    db_path: str, stores: Stores, service: ApprovalService
 ) -> None:
     _, approval = await pending(stores, service, read_action())
     assert (await service.decide(approval.approval_id, "deny", "slack:U2", "no")).taken
@@ -139,7 +142,7 @@ async def test_decide_from_a_second_connection_after_the_first(
 
 
 async def test_two_connections_decide_at_once(
-    db_path: Path, stores: Stores, service: ApprovalService
+    db_path: str, stores: Stores, service: ApprovalService
 ) -> None:
     _, approval = await pending(stores, service, read_action())
     async with await open_stores(db_path) as other:
