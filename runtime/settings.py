@@ -220,6 +220,12 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(
         default=None, ge=0, le=65535, validation_alias="DUCKLM_METRICS_PORT"
     )
+    # Seconds `ducklm run` keeps serving after SIGTERM with /readyz answering 503,
+    # before the platforms stop, so a load balancer takes the replica out of
+    # rotation first (bot/server.py, docs/deploy.md). 0: stop at once.
+    shutdown_drain: float = Field(
+        default=0.0, ge=0, le=300, validation_alias="DUCKLM_SHUTDOWN_DRAIN"
+    )
 
     # Who may ask (bot/policy.py): platform-qualified users, Matrix servers
     # (`matrix:*:example.org`), Slack workspaces (`slack:T…`) or `*`; unset means
