@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 from runtime.store.db import BackgroundConnection, Database, Params, StoreError, _valid_text
 from runtime.store.migrations import MIGRATIONS, SCHEMA_VERSION, Dialects
@@ -42,6 +42,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger("ducklm.store")
 T = TypeVar("T")
 
+# `scheme://user:password@`: the password is everything after the first ":" of
+# the authority up to its last "@" (a password may contain "@" or "/").
+_AUTH_PASSWORD = re.compile(r"^([a-z]+://[^:/?#@]*):[^?#]*@", re.IGNORECASE)
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+
 # How long opening may take (DNS, TCP, TLS, authentication) before it is an error.
 CONNECT_TIMEOUT_S = 10.0
 # How long a statement waits for a free pooled connection before it is an error
@@ -50,23 +55,10 @@ ACQUIRE_TIMEOUT_S = 10.0
 
 
 def mask_url(url: str) -> str:
-    """The URL without its password (what error messages and `db.path` show)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "postgresql://…"
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    try:
-        port = f":{parts.port}" if parts.port is not None else ""
-    except ValueError:
-        port = ""
-    user = parts.username or ""
-    netloc = f"{user}:***@{host}{port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    """The URL without its password (what error messages and `db.path` show):
+    the one in the authority (`user:secret@`) and a `password=` parameter."""
+    masked = _AUTH_PASSWORD.sub(r"\1:***@", url, count=1)
+    return _QUERY_PASSWORD.sub(r"\1***", masked)
 
 
 def _clean(value: Any) -> Any:
@@ -213,7 +205,9 @@ class PostgresDatabase(Database):
                 statement_cache_size=512,
                 server_settings={"application_name": "ducklm"},
             )
-        except (*_driver_errors(), ValueError) as exc:
+        except ValueError as exc:  # asyncpg's parse of the DSN (a bad port, an option)
+            raise StoreError(f"{shown} is not a valid PostgreSQL URL ({exc})") from exc
+        except _driver_errors() as exc:
             raise StoreError(_describe(shown, exc)) from exc
         db = cls(pool, url, pool_size)
         try:
