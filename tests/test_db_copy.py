@@ -440,3 +440,16 @@ async def test_a_wrong_password_is_one_sentence(tmp_path: Path, password_url: st
     code, out, err = await ducklm(tmp_path, "db", "copy", source, password_url)
     assert code == 0, out + err
     assert "right-pw" not in out + err
+
+
+@pytest.mark.backends("sqlite", "postgres")
+async def test_every_table_is_copied_or_said_why_not(db_target: str) -> None:
+    """A migration that adds a table must decide here whether `db copy` takes it
+    (copy.py refuses to run while it does not know one)."""
+    from runtime.store.copy import VERSION_TABLES, table_names
+
+    async with await open_stores(db_target) as stores:
+        present = await table_names(stores.db)
+    assert present == {t.name for t in TABLES} | set(NOT_COPIED) | (
+        VERSION_TABLES if is_postgres(db_target) else set()
+    )

@@ -6,7 +6,8 @@ every row of every table that makes up an installation, with its keys, event
 sequence numbers and chain hashes as stored, so `ducklm audit verify` proves on
 the target what it proved on the source, and new events continue each chain.
 
-What happens, in this order (nothing is written before step 4):
+What happens, in this order (nothing is written until every check of step 1
+passed):
 1. Both sides are opened without migrating and inspected: the source must
    exist, hold a DuckLM schema no newer than this DuckLM's, and have no replica
    with a fresh heartbeat (a running bot would change it under the copy); the
@@ -134,7 +135,7 @@ def is_url(target: str | Path) -> bool:
 
 
 async def table_names(db: Database) -> set[str]:
-    if db.dialect == "postgres":  # type: ignore[attr-defined]
+    if db.dialect == "postgres":
         rows = await db.fetchall(
             "SELECT table_name FROM information_schema.tables "
             "WHERE table_schema = current_schema() AND table_type = 'BASE TABLE'"
@@ -151,7 +152,7 @@ async def column_names(db: Database, table: str) -> list[str]:
     a column is an alias of it (INTEGER PRIMARY KEY): it orders ties in the
     store's keyset queries, so a copy to a backend that declares a `rowid`
     column carries it over (and back)."""
-    if db.dialect == "postgres":  # type: ignore[attr-defined]
+    if db.dialect == "postgres":
         rows = await db.fetchall(
             "SELECT column_name FROM information_schema.columns "
             "WHERE table_schema = current_schema() AND table_name = ? ORDER BY ordinal_position",
@@ -171,7 +172,7 @@ async def identity_columns(db: Database, table: str) -> list[str]:
     """Columns whose values a sequence hands out (PostgreSQL identity or serial
     columns), which must be advanced past copied values. SQLite gives a new
     rowid as max + 1 by itself, so it has none to advance."""
-    if db.dialect != "postgres":  # type: ignore[attr-defined]
+    if db.dialect != "postgres":
         return []
     rows = await db.fetchall(
         "SELECT column_name FROM information_schema.columns "
@@ -185,7 +186,7 @@ async def identity_columns(db: Database, table: str) -> list[str]:
 async def always_identity(db: Database, table: str) -> bool:
     """Whether the table has a GENERATED ALWAYS identity (an explicit value then
     needs OVERRIDING SYSTEM VALUE)."""
-    if db.dialect != "postgres":  # type: ignore[attr-defined]
+    if db.dialect != "postgres":
         return False
     row = await db.fetchone(
         "SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = current_schema() "
@@ -253,7 +254,9 @@ async def _inspect_source(src: Database, replica_timeout: float) -> int:
     if running:
         raise CopyRefused(
             f"a bot is running on source database {src.path} (replica "
-            f"{', '.join(running)} heartbeat less than {replica_timeout:g} s ago); stop it first"
+            f"{', '.join(running)} heartbeat less than {replica_timeout:g} s ago); stop it first "
+            "(one killed without a clean exit counts as running until its heartbeat is "
+            f"{replica_timeout:g} s old)"
         )
     return version
 
@@ -359,7 +362,7 @@ class _snapshot:
     async def __aenter__(self) -> None:
         self._tx = self._db.transaction()
         await self._tx.__aenter__()
-        if self._db.dialect == "postgres":  # type: ignore[attr-defined]
+        if self._db.dialect == "postgres":
             # READ COMMITTED (the store's default) would give every batch a newer
             # snapshot; this must be the transaction's first statement.
             await self._db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
