@@ -453,3 +453,46 @@ async def test_every_table_is_copied_or_said_why_not(db_target: str) -> None:
     assert present == {t.name for t in TABLES} | set(NOT_COPIED) | (
         VERSION_TABLES if is_postgres(db_target) else set()
     )
+
+
+async def test_a_source_that_does_not_verify_is_copied_as_it_is(tmp_path: Path) -> None:
+    """The copy is faithful, broken chains included (an edit made before the move
+    stays provable after it); the report says so, and names the event."""
+    source = str(tmp_path / "edited.db")
+    async with await open_stores(source) as stores:
+        task = await stores.tasks.create_task("edited later")
+        await stores.events.append_many(task.task_id, [("note", {"n": n}) for n in range(3)])
+    with sqlite3.connect(source) as conn:
+        conn.execute("UPDATE events SET payload = '{\"n\": 99}' WHERE seq = 2")
+    target = str(tmp_path / "copy.db")
+    code, out, err = await ducklm(tmp_path, "db", "copy", source, target)
+    assert code == 0, out + err
+    assert "1 chain(s) do not verify, exactly as in the source" in out
+    assert f"FAILED: task {task.task_id}, event 2" in out
+    assert dump(target) == dump(source)
+
+
+async def test_postgres_to_postgres(
+    tmp_path: Path, postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    """Moving between two PostgreSQL databases: the rowid identities come along
+    and their sequences go on past them."""
+    async with await open_stores(postgres_url) as stores:
+        for n in range(5):
+            task = await stores.tasks.create_task(f"task {n}")
+            await stores.events.append(task.task_id, "note", {"n": n})
+    name = postgres_server.create_database("copy")
+    try:
+        target = postgres_server.url(name)
+        code, out, err = await ducklm(tmp_path, "db", "copy", postgres_url, target)
+        assert code == 0, out + err
+        assert dump(target) == dump(postgres_url)
+        rowids = "SELECT task_id, rowid FROM tasks ORDER BY task_id"
+        assert raw_rows(target, rowids) == raw_rows(postgres_url, rowids)
+        async with await open_stores(target) as stores:
+            await stores.tasks.create_task("next")
+        assert raw_rows(target, "SELECT max(rowid) FROM tasks") == [
+            (raw_rows(postgres_url, "SELECT max(rowid) FROM tasks")[0][0] + 1,)
+        ]
+    finally:
+        postgres_server.drop_database(name)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.store.audit import VerifyResult, verify
-from runtime.store.db import Database, StoreError
+from runtime.store.db import Database, StoreError, is_postgres_url
 from runtime.store.migrations import SCHEMA_VERSION
 from runtime.store.upgrade import (
     CopyRefused,
@@ -123,10 +123,6 @@ Note = Callable[[str], None]
 
 def _quiet(*_: Any) -> None:
     pass
-
-
-def is_url(target: str | Path) -> bool:
-    return str(target).startswith(("postgresql://", "postgres://"))
 
 
 # -- looking at a database -------------------------------------------------
@@ -231,14 +227,14 @@ async def fresh_replicas(db: Database, within: float) -> list[str]:
 def _missing_file(source: str | Path) -> Path | None:
     """The source's absolute path when it is a SQLite file that does not exist
     (opening it would create an empty one)."""
-    if is_url(source):
+    if is_postgres_url(source):
         return None
     path = Path(source).expanduser().absolute()
     return None if path.is_file() else path
 
 
 def _same_database(a: Database, b: Database) -> bool:
-    if is_url(a.path) or is_url(b.path):
+    if is_postgres_url(a.path) or is_postgres_url(b.path):
         return a.path == b.path
     return Path(a.path).resolve() == Path(b.path).resolve()
 
