@@ -30,7 +30,8 @@ refused. TARGET (a new SQLite file, or an existing PostgreSQL database) is
 brought to the current schema and must hold no DuckLM data. The copy is one
 transaction on TARGET: on any failure TARGET keeps no row. Afterwards
 the row counts are compared per table and the audit chains verified on
-TARGET. Progress goes to stderr, the report to stdout."""
+TARGET. Progress goes to stderr, the report to stdout. Exit status: 0 copied,
+1 refused or failed (nothing kept in TARGET), 2 a schema newer than this DuckLM."""
 
 MIGRATE_DESCRIPTION = """\
 Apply the pending schema migrations to the database (--db, else $DUCKLM_DB)

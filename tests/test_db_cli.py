@@ -43,6 +43,8 @@ async def test_migrate_an_old_sqlite_file(tmp_path: Path) -> None:
     code, out, err = await ducklm(tmp_path, "--db", str(path), "db", "migrate")
     assert code == 0, out + err
     assert f"already at v{SCHEMA_VERSION}" in out
+    code, out, err = await ducklm(tmp_path, "db", "migrate", DUCKLM_DB=str(path))
+    assert code == 0 and f"database {path}: already at v{SCHEMA_VERSION}" in out, out + err
 
 
 async def test_migrate_a_fresh_postgres_database(tmp_path: Path, postgres_url: str) -> None:

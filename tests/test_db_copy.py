@@ -27,14 +27,16 @@ NO_ACTIONS = directive()
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def ducklm(cwd: Path, *args: str) -> tuple[int, str, str]:
-    """The real entry point in a subprocess, with none of the developer's settings."""
+async def ducklm(cwd: Path, *args: str, **settings: str) -> tuple[int, str, str]:
+    """The real entry point in a subprocess, with none of the developer's settings
+    (only `settings`, such as DUCKLM_DB=...)."""
     import os
 
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("DUCKLM_", "SLACK_", "MATRIX_"))
     }
     env["PYTHONPATH"] = str(ROOT)
+    env.update(settings)
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
