@@ -38,7 +38,7 @@ from tests.crash_harness import (
     wait_for,
 )
 from tests.fakes.openai_server import FakeModelServer
-from tests.fakes.slack_api import BOT_TOKEN, FakeSlack
+from tests.fakes.slack_api import APP_TOKEN, BOT_TOKEN, FakeSlack
 from tests.postgres import is_postgres
 from tests.test_cli_run import free_port
 from tests.test_console import cli_env
@@ -336,3 +336,39 @@ async def test_a_taken_metrics_port_is_a_clear_start_error(tmp_path: Path) -> No
         _, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 1, err
     assert b"DUCKLM_METRICS_PORT" in err and b"Traceback" not in err, err
+
+
+# -- Socket Mode: the endpoints on a port of their own -------------------------------
+
+
+@pytest.mark.backends("sqlite", reason="the platform check does not depend on the backend")
+async def test_socket_mode_readiness_follows_the_websocket(
+    tmp_path: Path, slack: FakeSlack, model_server: FakeModelServer
+) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    run = DuckRun(
+        tmp_path,
+        slack,
+        model_server,
+        DUCKLM_SLACK_MODE="socket",
+        SLACK_APP_TOKEN=APP_TOKEN,
+        DUCKLM_METRICS_PORT=str(port),
+    )
+    run.port = port  # DuckRun waits for this port: the endpoints' own
+    try:
+        await run.start()
+        body = await readyz_becomes(base, 200)
+        assert body["checks"]["platforms"] == {"slack": "ok"}, body
+        # The websocket drops and the SDK's reconnect cannot get a new URL yet.
+        slack.hold("apps.connections.open")
+        for ws in list(slack._sockets):  # FakeSlack's side of each websocket
+            await ws.close()
+        body = await readyz_becomes(base, 503)
+        assert body["failed"] == ["platform:slack"], body
+        assert body["checks"]["platforms"]["slack"] == "the Socket Mode connection is down"
+        slack.release("apps.connections.open")  # reconnected: ready again
+        await readyz_becomes(base, 200)
+        await run.stop(quiet=False)  # the SDK logs the dropped connection
+    finally:
+        await run.close()
