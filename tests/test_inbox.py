@@ -4,9 +4,7 @@ claims in one transaction, and what becomes of the recorded message."""
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -19,6 +17,7 @@ from runtime.settings import Settings
 from runtime.store import StoreError, Stores, open_stores
 from runtime.store.db import now
 from tests.fakes.openai_server import FakeModelServer
+from tests.postgres import raw_rows
 from tests.test_recovery import (
     APPROVER,
     ASKER,
@@ -27,6 +26,7 @@ from tests.test_recovery import (
     key,
     message,
     only_task,
+    refuse_inserts,
     script_approval,
     waiting_with_card,
 )
@@ -35,15 +35,12 @@ from tests.test_recovery import (
 settings = harness.settings
 start = harness.start
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.backends("sqlite", "postgres")]
 
 
-def rows(db: Path, sql: str) -> list[tuple[object, ...]]:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
+def rows(db: str, sql: str) -> list[tuple[object, ...]]:
+    """The raw database's rows (its own connection, as another process would see)."""
+    return raw_rows(db, sql)
 
 
 # -- accept -------------------------------------------------------------------
@@ -57,7 +54,7 @@ async def test_accept_records_the_message_and_it_becomes_one_task(
     await bot_.service.drain()
     assert bot_.chat.texts(key(1)) == ["Done."]
     task_id = await only_task(bot_.runtime, 1)
-    db = Path(bot_.runtime.settings.db)
+    db = bot_.runtime.settings.db
     assert rows(db, "SELECT outcome, task_id, done_at IS NOT NULL FROM inbox") == [
         ("task", task_id, 1)
     ]
@@ -79,7 +76,7 @@ async def test_a_duplicate_claims_nothing_not_even_its_new_keys(
     assert await bot_.service.accept(again) is Accepted.DUPLICATE
     assert await bot_.service.accept(first) is Accepted.DUPLICATE
     await bot_.service.drain()
-    db = Path(bot_.runtime.settings.db)
+    db = bot_.runtime.settings.db
     assert ("test:event:E99",) not in rows(db, "SELECT key FROM deliveries")
     assert rows(db, "SELECT COUNT(*) FROM inbox") == [(1,)]
     assert bot_.chat.texts() == ["Done."]
@@ -89,19 +86,15 @@ async def test_accept_failing_mid_transaction_leaves_no_claim(
     start: Start, model: FakeModelServer
 ) -> None:
     bot_ = await start()
-    db = bot_.runtime.stores.db
     # The inbox insert fails after both claims ran (a full disk at that moment).
-    await db.fetchall(
-        "CREATE TEMP TRIGGER inbox_full BEFORE INSERT ON inbox "
-        "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
-    )
+    allow = await refuse_inserts(bot_.runtime.stores.db, bot_.runtime.settings.db, "inbox")
     with pytest.raises(StoreError, match="disk is full"):
         await bot_.service.accept(message(1))
-    path = Path(bot_.runtime.settings.db)
+    path = bot_.runtime.settings.db
     assert rows(path, "SELECT COUNT(*) FROM deliveries") == [(0,)]
     assert rows(path, "SELECT COUNT(*) FROM inbox") == [(0,)]
     # Not acknowledged, so the platform delivers it again: now it goes through.
-    await db.fetchall("DROP TRIGGER temp.inbox_full")
+    await allow()
     assert await bot_.service.accept(message(1)) is Accepted.NEW
     await bot_.service.drain()
     assert bot_.chat.texts(key(1)) == ["Done."]
@@ -207,8 +200,8 @@ async def test_a_closed_row_makes_no_second_task(start: Start, model: FakeModelS
 
 
 @pytest.fixture
-async def stores(tmp_path: Path) -> AsyncIterator[Stores]:
-    opened = await open_stores(tmp_path / "inbox.db")
+async def stores(db_target: str) -> AsyncIterator[Stores]:
+    opened = await open_stores(db_target)
     try:
         yield opened
     finally:
@@ -221,8 +214,8 @@ async def test_close_is_a_compare_and_set(stores: Stores) -> None:
     assert sorted(results) == [False] * 4 + [True]
 
 
-async def test_two_processes_take_abandoned_rows_once(tmp_path: Path) -> None:
-    one, two = await open_stores(tmp_path / "x.db"), await open_stores(tmp_path / "x.db")
+async def test_two_processes_take_abandoned_rows_once(db_target: str) -> None:
+    one, two = await open_stores(db_target), await open_stores(db_target)
     try:
         for n in range(20):
             await one.inbox.insert(f"test:C1|{n}", ASKER, "hi", owner="dead")

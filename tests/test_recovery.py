@@ -1,6 +1,7 @@
 """Recovery after a crash (issue #15), in process: each crash window's state is
 built through the real code paths, the "process" dies there, and a new
-ChatService on the same SQLite file carries out what was owed.
+ChatService on the same database (a SQLite file, or PostgreSQL: every test runs on
+both) carries out what was owed.
 
 A crash point is made to raise `Crash` (a BaseException: nothing of ours
 catches it, as nothing survives a SIGKILL) and the dying service is closed
@@ -30,10 +31,12 @@ from bot.recovery import INTERRUPTED_TEXT, LATE_TEXT
 from bot.service import MAX_INBOUND_TRIES, ChatService
 from runtime.factory import Runtime, build_runtime
 from runtime.settings import Settings
+from runtime.store import Database
 from tests.conftest import ACTION, THINKER, directive, make_settings, shell
 from tests.fakes.openai_server import FakeModelServer, Hang, RecordedRequest, Text
+from tests.postgres import raw_execute
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.backends("sqlite", "postgres")]
 
 APPROVER = "test:bob"
 ASKER = "test:alice"
@@ -150,8 +153,49 @@ Start = Callable[..., Awaitable[Bot]]
 
 
 @pytest_asyncio.fixture
-async def settings(tmp_path: Path, model_server: FakeModelServer, clean_env: None) -> Settings:
-    return make_settings(tmp_path, model_server.base_url, approvers=[APPROVER], requesters=["*"])
+async def settings(
+    tmp_path: Path, model_server: FakeModelServer, clean_env: None, db_target: str
+) -> Settings:
+    return make_settings(
+        tmp_path, model_server.base_url, db=db_target, approvers=[APPROVER], requesters=["*"]
+    )
+
+
+async def refuse_inserts(db: Database, target: str, table: str) -> Callable[[], Awaitable[None]]:
+    """Make every insert into `table` of the store `db` (opened on DUCKLM_DB `target`)
+    fail as a full disk would; returns the undo.
+
+    SQLite: a TEMP trigger on the store's own connection. PostgreSQL has no
+    connection-local triggers (and the store's statements go over a pool), so a real
+    trigger raising SQLSTATE disk_full, created and dropped on a raw connection."""
+    name = f"{table}_full"
+    if db.dialect == "sqlite":
+        await db.fetchall(
+            f"CREATE TEMP TRIGGER {name} BEFORE INSERT ON {table} "
+            "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+        )
+
+        async def undo() -> None:
+            await db.fetchall(f"DROP TRIGGER temp.{name}")
+
+        return undo
+    url = target
+    raw_execute(
+        url,
+        f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN RAISE EXCEPTION 'database or disk is full' USING ERRCODE = 'disk_full'; "
+        "END $$",
+    )
+    raw_execute(
+        url,
+        f"CREATE TRIGGER {name} BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION {name}()",
+    )
+
+    async def undo_pg() -> None:
+        raw_execute(url, f"DROP TRIGGER {name} ON {table}")
+        raw_execute(url, f"DROP FUNCTION {name}()")
+
+    return undo_pg
 
 
 @pytest_asyncio.fixture
@@ -511,11 +555,7 @@ async def test_a_message_the_database_refused_is_retried_a_bounded_number_of_tim
     start: Start, model: FakeModelServer
 ) -> None:
     bot_ = await start()
-    db = bot_.runtime.stores.db
-    await db.fetchall(
-        "CREATE TEMP TRIGGER tasks_full BEFORE INSERT ON tasks "
-        "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
-    )
+    allow = await refuse_inserts(bot_.runtime.stores.db, bot_.runtime.settings.db, "tasks")
     assert await bot_.service.accept(message(16, "is web-1 up?")) is Accepted.NEW
     await bot_.service.drain()
     for _ in range(5):
@@ -525,7 +565,7 @@ async def test_a_message_the_database_refused_is_retried_a_bounded_number_of_tim
     assert len(notices) == MAX_INBOUND_TRIES, notices
     assert all("could not save its work" in text for text in notices)
     assert await bot_.runtime.stores.inbox.count_open() == 1  # still owed
-    await db.fetchall("DROP TRIGGER temp.tasks_full")
+    await allow()
     await kill(bot_)
 
     again = await start()  # the next start takes it up
@@ -787,13 +827,13 @@ def many(base: int) -> list[int]:
     return list(range(base, base + MANY))
 
 
-async def test_store_pages_hold_at_most_a_page_and_miss_nothing(tmp_path: Path) -> None:
+async def test_store_pages_hold_at_most_a_page_and_miss_nothing(db_target: str) -> None:
     """Each paged query yields pages of at most `page` rows, each row once, until
     nothing is left (the boundary included: a last page exactly full)."""
     from runtime.store import open_stores
 
     size = 40
-    stores = await open_stores(tmp_path / "pages.db")
+    stores = await open_stores(db_target)
     try:
         made = [await stores.tasks.create_task(f"q{n}", conversation=key(n)) for n in range(80)]
         for task in made:
