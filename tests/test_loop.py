@@ -1,4 +1,5 @@
-"""RuntimeLoop end to end: real store, real tools, real httpx against the fake model."""
+"""RuntimeLoop end to end: real store (SQLite and PostgreSQL), real tools, real httpx
+against the fake model."""
 
 from __future__ import annotations
 
@@ -6,10 +7,15 @@ import asyncio
 import json
 from pathlib import Path
 
+import pytest
+
 from runtime.factory import Runtime, build_runtime
 from runtime.store.models import Event
 from tests.conftest import ACTION, THINKER, directive, make_settings, shell
 from tests.fakes.openai_server import Error, FakeModelServer, RecordedRequest, Text
+from tests.postgres import PostgresServer, raw_rows
+
+pytestmark = pytest.mark.backends("sqlite", "postgres")
 
 NO_ACTIONS = directive()
 
@@ -286,11 +292,14 @@ async def test_server_error_then_success_is_retried(
     assert len(model_server.requests_for(ACTION)) == 2
 
 
-async def test_wrong_key_fails_the_task_clearly(tmp_path: Path, clean_env: None) -> None:
+async def test_wrong_key_fails_the_task_clearly(
+    tmp_path: Path, clean_env: None, db_target: str
+) -> None:
     server = FakeModelServer(api_key="sk-right")
     await server.start()
     try:
-        rt = await build_runtime(make_settings(tmp_path, server.base_url, model_api_key="sk-wrong"))
+        settings = make_settings(tmp_path, server.base_url, model_api_key="sk-wrong", db=db_target)
+        rt = await build_runtime(settings)
         try:
             result = await rt.loop.run_chat("q")
         finally:
@@ -336,9 +345,9 @@ async def test_concurrent_decisions_run_the_action_once(
 
 
 async def test_pending_approval_survives_a_new_process(
-    tmp_path: Path, model_server: FakeModelServer, clean_env: None
+    tmp_path: Path, model_server: FakeModelServer, clean_env: None, db_target: str
 ) -> None:
-    settings = make_settings(tmp_path, model_server.base_url)
+    settings = make_settings(tmp_path, model_server.base_url, db=db_target)
     model_server.reply(ACTION, Text(directive(shell("touch later.txt"))), Text(NO_ACTIONS))
     model_server.reply(THINKER, Text("made it"))
 
@@ -348,7 +357,7 @@ async def test_pending_approval_survives_a_new_process(
     )
     await first.close()
 
-    second = await build_runtime(settings)  # a fresh connection to the same file
+    second = await build_runtime(settings)  # a fresh connection to the same database
     try:
         pending = await second.approvals.pending()
         assert [a.approval_id for a in pending] == [waiting.pending_approval.approval_id]  # type: ignore[union-attr]
@@ -389,9 +398,9 @@ async def test_read_file_cannot_escape_the_workspace(
 
 
 async def test_no_model_configured_fails_with_the_variable_names(
-    tmp_path: Path, clean_env: None
+    tmp_path: Path, clean_env: None, db_target: str
 ) -> None:
-    rt = await build_runtime(make_settings(tmp_path))
+    rt = await build_runtime(make_settings(tmp_path, db=db_target))
     try:
         assert rt.model is None
         result = await rt.loop.run_chat("hello?")
@@ -400,8 +409,10 @@ async def test_no_model_configured_fails_with_the_variable_names(
     assert result.status == "failed" and "DUCKLM_MODEL_BASE_URL" in result.final_response
 
 
-async def test_direct_commands_need_no_model(tmp_path: Path, clean_env: None) -> None:
-    rt = await build_runtime(make_settings(tmp_path))
+async def test_direct_commands_need_no_model(
+    tmp_path: Path, clean_env: None, db_target: str
+) -> None:
+    rt = await build_runtime(make_settings(tmp_path, db=db_target))
     try:
         ok = await rt.loop.run_command("echo direct", requested_by="console:alice")
         blocked = await rt.loop.run_command("rm -rf /")
@@ -428,15 +439,10 @@ async def test_direct_commands_need_no_model(tmp_path: Path, clean_env: None) ->
 # -- what is on disk before each outside effect ------------------------------------
 
 
-def committed_types(db: Path, task_id: str) -> list[str]:
+def committed_types(db: str, task_id: str) -> list[str]:
     """The task's events as another connection (another process) sees them: only
     what is committed."""
-    import sqlite3
-
-    with sqlite3.connect(db) as other:
-        rows = other.execute(
-            "SELECT event_type FROM events WHERE task_id = ? ORDER BY seq", (task_id,)
-        ).fetchall()
+    rows = raw_rows(db, "SELECT event_type FROM events WHERE task_id = ? ORDER BY seq", [task_id])
     return [row[0] for row in rows]
 
 
@@ -475,6 +481,7 @@ async def test_events_are_committed_before_each_model_call(
     assert stamps == sorted(stamps)
 
 
+@pytest.mark.backends("sqlite", reason="the command reads the SQLite file; see the psql test below")
 async def test_a_tool_starts_only_after_its_start_is_committed(
     tmp_path: Path, model_server: FakeModelServer, clean_env: None
 ) -> None:
@@ -509,6 +516,35 @@ async def test_a_tool_starts_only_after_its_start_is_committed(
         done = await rt.loop.continue_after_approval(waiting.task_id, approval_id)
         assert done.status == "completed"
         assert "starts: 1" in done.final_response
+    finally:
+        await rt.close()
+
+
+async def test_a_tool_starts_only_after_its_start_is_committed_on_postgres(
+    tmp_path: Path,
+    model_server: FakeModelServer,
+    clean_env: None,
+    postgres_url: str,
+    postgres_server: PostgresServer,
+) -> None:
+    """PostgreSQL's form of the test above: the command itself asks the server (psql,
+    another client) how many tool starts are committed, and sees its own."""
+    settings = make_settings(tmp_path, model_server.base_url, sandbox="off", db=postgres_url)
+    rt = await build_runtime(settings)
+    try:
+        psql = postgres_server.bindir / "psql"
+        count = (
+            f"{psql} -tA -d {postgres_url} -c \"SELECT 'starts: ' || count(*) FROM events "
+            "WHERE event_type = 'tool_call_started' "
+            "AND payload::json ->> 'approval_id' IS NOT NULL\""
+        )
+        waiting = await rt.loop.run_command(count)
+        assert waiting.status == "waiting_for_approval" and waiting.pending_approval
+        approval_id = waiting.pending_approval.approval_id
+        assert (await rt.approvals.decide(approval_id, "approve", "console:bob")).taken
+        done = await rt.loop.continue_after_approval(waiting.task_id, approval_id)
+        assert done.status == "completed"
+        assert "starts: 1" in done.final_response, done.final_response
     finally:
         await rt.close()
 
