@@ -416,7 +416,8 @@ class Database:
         if version > SCHEMA_VERSION:
             raise StoreError(
                 f"database {self.path} has schema version {version}, but this DuckLM only "
-                f"knows versions up to {SCHEMA_VERSION}; upgrade DuckLM or use another file"
+                f"knows versions up to {SCHEMA_VERSION}; upgrade DuckLM or use another "
+                + ("database" if self.dialect == "postgres" else "file")
             )
 
     async def user_version(self) -> int:
