@@ -25,6 +25,9 @@ import pytest
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
+from bot.health import Health
+from runtime.factory import Runtime
+from runtime.replica import Replica
 from runtime.settings import Settings
 from tests.conftest import ACTION, THINKER
 from tests.crash_harness import (
@@ -372,3 +375,36 @@ async def test_socket_mode_readiness_follows_the_websocket(
         await run.stop(quiet=False)  # the SDK logs the dropped connection
     finally:
         await run.close()
+
+
+# -- readiness in process: a heartbeat that fell behind ---------------------------------
+
+
+async def test_readyz_fails_when_the_heartbeat_is_older_than_the_replica_timeout(
+    runtime: Runtime,
+) -> None:
+    # Beats every minute but counts as dead after 0.2 s: its heartbeat falls behind.
+    replica = Replica(runtime.stores.replicas, name="late", heartbeat_interval=60, timeout=0.2)
+    await replica.start()
+    try:
+        health = Health(runtime, replica=replica)
+        health.starting = False
+        ready, body = await health.readiness()
+        assert ready, body
+
+        async def late() -> Any:
+            ready, body = await health.readiness()
+            return None if ready else body
+
+        body = await eventually(late, "the late heartbeat failing /readyz", within=10)
+        assert body["failed"] == ["replica"], body
+        assert "DUCKLM_REPLICA_TIMEOUT" in body["checks"]["replica"]
+        assert runtime.metrics is not None
+        assert (
+            runtime.metrics.sample(
+                "ducklm_replica_info", {"replica_id": replica.replica_id, "name": "late"}
+            )
+            == 1
+        )
+    finally:
+        await replica.stop()
