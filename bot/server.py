@@ -130,6 +130,9 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
             started.append(platform)
             health.started(platform)
             print(f"ducklm: serving {platform.name}", file=sys.stderr)
+            if health.add_routes in getattr(platform, "http_routes", ()):
+                port = getattr(platform, "http_port", None)
+                print(f"ducklm: /healthz, /readyz and /metrics on port {port}", file=sys.stderr)
         # After the platforms connected: they told the policy their home (the
         # Slack team, the Matrix server), which the default requesters name.
         print_access(service)
