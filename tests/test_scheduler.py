@@ -39,7 +39,7 @@ from tests.test_slack import (
     stop_bot,
 )
 
-pytestmark = pytest.mark.usefixtures("clean_env")
+pytestmark = [pytest.mark.usefixtures("clean_env"), pytest.mark.backends("sqlite", "postgres")]
 
 
 def every_second(schedule: Schedule) -> IntervalTrigger:
@@ -52,12 +52,13 @@ async def start_timed(
     model: FakeModelServer,
     slack: FakeSlack,
     *,
+    db: str,
     trigger: Any = every_second,
     remind: float = 900.0,
     ttl: float = 86400.0,
     retention_days: float | None = None,
 ) -> tuple[Bot, Scheduler]:
-    bot = await start_bot(tmp_path, model, slack, approval_remind=remind, approval_ttl=ttl)
+    bot = await start_bot(tmp_path, model, slack, db=db, approval_remind=remind, approval_ttl=ttl)
     scheduler = Scheduler(
         bot.service, remind_after=remind, retention_days=retention_days, trigger_factory=trigger
     )
@@ -80,9 +81,9 @@ def roots(slack: FakeSlack) -> list[dict[str, Any]]:
 
 
 async def test_reminder_then_expiry_arrive_in_order(
-    tmp_path: Path, model: FakeModelServer, slack: FakeSlack
+    tmp_path: Path, model: FakeModelServer, slack: FakeSlack, db_target: str
 ) -> None:
-    bot, scheduler = await start_timed(tmp_path, model, slack, remind=0.5, ttl=1.5)
+    bot, scheduler = await start_timed(tmp_path, model, slack, db=db_target, remind=0.5, ttl=1.5)
     try:
         ts, card, approval_id = await card_for(bot, model, "touch late.txt")
         reminder = await bot.wait_text(ts, "Reminder")
@@ -116,9 +117,9 @@ async def test_reminder_then_expiry_arrive_in_order(
 
 
 async def test_a_click_racing_expiry_has_exactly_one_outcome(
-    tmp_path: Path, model: FakeModelServer, slack: FakeSlack
+    tmp_path: Path, model: FakeModelServer, slack: FakeSlack, db_target: str
 ) -> None:
-    bot, scheduler = await start_timed(tmp_path, model, slack)
+    bot, scheduler = await start_timed(tmp_path, model, slack, db=db_target)
     try:
         for i in range(8):
             _ts, _card, approval_id = await card_for(
@@ -146,11 +147,11 @@ async def test_a_click_racing_expiry_has_exactly_one_outcome(
 
 
 async def test_a_schedule_fires_and_its_answer_is_threaded(
-    tmp_path: Path, model: FakeModelServer, slack: FakeSlack
+    tmp_path: Path, model: FakeModelServer, slack: FakeSlack, db_target: str
 ) -> None:
     model.set_default(ACTION, Text(NO_ACTIONS))
     model.set_default(THINKER, Text("Disks are fine."))
-    bot, scheduler = await start_timed(tmp_path, model, slack)
+    bot, scheduler = await start_timed(tmp_path, model, slack, db=db_target)
     try:
         answer = await bot.command('schedule add "*/5 * * * *" tz=Europe/Berlin check the disks')
         assert "Added schedule" in answer.json()["text"], answer.json()
@@ -192,10 +193,10 @@ async def test_a_schedule_fires_and_its_answer_is_threaded(
 
 
 async def test_an_overlapping_run_is_skipped_and_said_so(
-    tmp_path: Path, model: FakeModelServer, slack: FakeSlack
+    tmp_path: Path, model: FakeModelServer, slack: FakeSlack, db_target: str
 ) -> None:
     model.reply(THINKER, Hang(3.0))  # the first run is slow
-    bot, scheduler = await start_timed(tmp_path, model, slack)
+    bot, scheduler = await start_timed(tmp_path, model, slack, db=db_target)
     try:
         await bot.command('schedule add "* * * * *" slow report')
         await slack.wait_for(
@@ -208,9 +209,9 @@ async def test_an_overlapping_run_is_skipped_and_said_so(
 
 
 async def test_schedule_commands_need_the_right_people_and_valid_cron(
-    tmp_path: Path, model: FakeModelServer, slack: FakeSlack
+    tmp_path: Path, model: FakeModelServer, slack: FakeSlack, db_target: str
 ) -> None:
-    bot, scheduler = await start_timed(tmp_path, model, slack)
+    bot, scheduler = await start_timed(tmp_path, model, slack, db=db_target)
     try:
         refused = (await bot.command('schedule add "* * * * *" hi', user="USTRANGER")).json()
         assert "Only admins and schedulers" in refused["text"]
@@ -224,11 +225,16 @@ async def test_schedule_commands_need_the_right_people_and_valid_cron(
 
 
 async def test_restart_keeps_schedules_and_pending_expiry_with_one_catch_up(
-    tmp_path: Path, model: FakeModelServer, slack: FakeSlack
+    tmp_path: Path, model: FakeModelServer, slack: FakeSlack, db_target: str
 ) -> None:
     # first life: a schedule on the real cron trigger, and a pending approval
     bot, scheduler = await start_timed(
-        tmp_path, model, slack, trigger=lambda s: cron_trigger(s.cron, s.timezone), ttl=4.0
+        tmp_path,
+        model,
+        slack,
+        db=db_target,
+        trigger=lambda s: cron_trigger(s.cron, s.timezone),
+        ttl=4.0,
     )
     await bot.command('schedule add "* * * * *" minutely check')
     ts, _card, approval_id = await card_for(bot, model, "touch never.txt")
@@ -243,7 +249,12 @@ async def test_restart_keeps_schedules_and_pending_expiry_with_one_catch_up(
 
     # second life on the same database
     bot, scheduler = await start_timed(
-        tmp_path, model, slack, trigger=lambda s: cron_trigger(s.cron, s.timezone), ttl=4.0
+        tmp_path,
+        model,
+        slack,
+        db=db_target,
+        trigger=lambda s: cron_trigger(s.cron, s.timezone),
+        ttl=4.0,
     )
     try:
         assert any(f"schedule:{schedule.schedule_id}" in line for line in scheduler.describe())
@@ -268,9 +279,9 @@ async def test_restart_keeps_schedules_and_pending_expiry_with_one_catch_up(
 
 
 async def test_retention_removes_old_finished_tasks_and_keeps_waiting_ones(
-    tmp_path: Path, model: FakeModelServer, slack: FakeSlack
+    tmp_path: Path, model: FakeModelServer, slack: FakeSlack, db_target: str
 ) -> None:
-    bot, scheduler = await start_timed(tmp_path, model, slack, retention_days=1)
+    bot, scheduler = await start_timed(tmp_path, model, slack, db=db_target, retention_days=1)
     try:
         _ts, _card, approval_id = await card_for(bot, model, "touch keep.txt")
         old = await bot.runtime.loop.run_command("echo old")
@@ -302,10 +313,10 @@ async def test_retention_removes_old_finished_tasks_and_keeps_waiting_ones(
         await stop_timed(bot, scheduler)
 
 
-async def test_retention_never_deletes_without_a_setting(tmp_path: Path) -> None:
+async def test_retention_never_deletes_without_a_setting(db_target: str) -> None:
     from runtime.store import open_stores
 
-    stores = await open_stores(tmp_path / "r.db")
+    stores = await open_stores(db_target)
     try:
         task = await stores.tasks.create_task("x")
         await stores.tasks.complete_task(task.task_id, "done")
@@ -316,7 +327,7 @@ async def test_retention_never_deletes_without_a_setting(tmp_path: Path) -> None
 
 
 async def test_a_running_task_of_a_killed_process_becomes_interrupted(
-    tmp_path: Path, model: FakeModelServer, slack: FakeSlack
+    tmp_path: Path, model: FakeModelServer, slack: FakeSlack, db_target: str
 ) -> None:
     model.set_handler(THINKER, lambda request: Hang(60))
     thread = Thread("slack", CHANNEL, "1700000000.000100")
@@ -328,7 +339,8 @@ async def test_a_running_task_of_a_killed_process_becomes_interrupted(
         from pathlib import Path
 
         async def main():
-            rt = await build_runtime(make_settings(Path({str(tmp_path)!r}), {model.base_url!r}))
+            settings = make_settings(Path({str(tmp_path)!r}), {model.base_url!r}, db={db_target!r})
+            rt = await build_runtime(settings)
             task = asyncio.create_task(rt.loop.run_chat("slow one", conversation={thread.key!r}))
             while not await rt.stores.tasks.list_recent(1):
                 await asyncio.sleep(0.05)
@@ -354,7 +366,7 @@ async def test_a_running_task_of_a_killed_process_becomes_interrupted(
         process.send_signal(signal.SIGKILL)
         await process.wait()
 
-    bot, scheduler = await start_timed(tmp_path, model, slack)
+    bot, scheduler = await start_timed(tmp_path, model, slack, db=db_target)
     try:
         (task,) = await bot.runtime.stores.tasks.list_recent(5)
         assert task.status == "interrupted"
@@ -365,13 +377,14 @@ async def test_a_running_task_of_a_killed_process_becomes_interrupted(
 
 
 async def test_daily_rules_review_goes_to_the_admins_channel_when_it_finds_something(
-    tmp_path: Path, model: FakeModelServer, slack: FakeSlack
+    tmp_path: Path, model: FakeModelServer, slack: FakeSlack, db_target: str
 ) -> None:
     admins_channel = "CADMINS01"
     bot = await start_bot(
         tmp_path,
         model,
         slack,
+        db=db_target,
         rule_review_channel=f"slack:{admins_channel}",
         rule_idle_days=1e-6,  # a tenth of a second: every rule is idle at once
     )
@@ -394,9 +407,9 @@ async def test_daily_rules_review_goes_to_the_admins_channel_when_it_finds_somet
 
 
 async def test_the_always_button_says_the_rule_is_for_this_channel_and_its_lifetime(
-    tmp_path: Path, model: FakeModelServer, slack: FakeSlack
+    tmp_path: Path, model: FakeModelServer, slack: FakeSlack, db_target: str
 ) -> None:
-    bot = await start_bot(tmp_path, model, slack, rule_max_age=7 * 86400)
+    bot = await start_bot(tmp_path, model, slack, db=db_target, rule_max_age=7 * 86400)
     try:
         _ts, card, _approval_id = await card_for(bot, model, "touch scoped.txt")
         text = json.dumps(card["blocks"])
