@@ -80,7 +80,7 @@ async def drain(settings: Settings, stop: asyncio.Event) -> None:
     the platforms go. A second signal does not cut it short: the orchestrator's
     own grace period (Kubernetes: SIGKILL after terminationGracePeriodSeconds)
     bounds it."""
-    seconds = float(getattr(settings, "shutdown_drain", 0.0) or 0.0)
+    seconds = settings.shutdown_drain
     if seconds > 0:
         print(f"ducklm: draining for {seconds:g} s (/readyz answers 503)", file=sys.stderr)
         await asyncio.sleep(seconds)

@@ -28,7 +28,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from bot.health import Health
 from runtime.factory import Runtime
 from runtime.replica import Replica
-from runtime.settings import Settings
 from tests.conftest import ACTION, THINKER
 from tests.crash_harness import (
     APPROVERS,
@@ -127,13 +126,7 @@ async def bot(
     tmp_path: Path, slack: FakeSlack, model_server: FakeModelServer, db_target: str
 ) -> AsyncIterator[DuckRun]:
     ModelScript(model_server)
-    run = DuckRun(
-        tmp_path,
-        slack,
-        model_server,
-        DUCKLM_DB=db_target,
-        DUCKLM_SHUTDOWN_DRAIN="5",  # read once the setting exists (see the SIGTERM test)
-    )
+    run = DuckRun(tmp_path, slack, model_server, DUCKLM_DB=db_target)
     try:
         yield run
     finally:
@@ -258,8 +251,7 @@ def unreachable(db_target: str, request: pytest.FixtureRequest) -> Any:
 
 @pytest.mark.backends("sqlite", reason="the shutdown is the same on both backends")
 async def test_readyz_turns_503_at_sigterm_while_it_still_serves(bot: DuckRun) -> None:
-    if "shutdown_drain" not in Settings.model_fields:
-        pytest.skip("DUCKLM_SHUTDOWN_DRAIN is not a setting yet (requests-D.md)")
+    bot.env["DUCKLM_SHUTDOWN_DRAIN"] = "5"  # /readyz 503 for 5 s after SIGTERM
     await bot.start()
     base = base_of(bot)
     await readyz_becomes(base, 200)
