@@ -24,6 +24,7 @@ COMMANDS: Tree = {
     },
     "approvals": {},
     "tasks": {},
+    "policy": {},
     "task": None,
     "schedule": {"add": None, "list": {}, "pause": None, "resume": None, "remove": None},
 }
