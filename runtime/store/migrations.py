@@ -322,5 +322,36 @@ MIGRATIONS: list[tuple[Statement, ...]] = [
         )
         """,
     ),
+    (
+        # v11 (issue #20): quorum, approve with an edit, escalation. Both backends.
+        # One row per person's approval of one revision of an approval: the
+        # primary key counts two clicks of one person (or two at once) once.
+        # `revision` is the approval's at the time of the vote: an edit starts
+        # a new revision, and votes for the old command do not approve the new.
+        """
+        CREATE TABLE approval_votes (
+            approval_id TEXT NOT NULL,
+            revision INTEGER NOT NULL,
+            voter TEXT NOT NULL,
+            vote TEXT NOT NULL,
+            task_id TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (approval_id, revision, voter)
+        )
+        """,
+        "CREATE INDEX approval_votes_task ON approval_votes (task_id)",
+        # Edits: the approval's action is replaced in place (what runs is the
+        # edited command); the first command proposed and the last editor stay.
+        "ALTER TABLE approvals ADD COLUMN revision INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE approvals ADD COLUMN original_command TEXT",
+        "ALTER TABLE approvals ADD COLUMN edited_by TEXT",
+        # Escalation, timed like due_at: 0 = to be planned (the channel's
+        # escalate_after is read then), a time = due, NULL = nothing (more) due.
+        "ALTER TABLE approvals ADD COLUMN escalate_at DOUBLE PRECISION DEFAULT 0",
+        "ALTER TABLE approvals ADD COLUMN escalated_at DOUBLE PRECISION",
+        "UPDATE approvals SET escalate_at = NULL WHERE decision IS NOT NULL",
+        "CREATE INDEX approvals_escalate ON approvals (escalate_at) "
+        "WHERE decision IS NULL AND escalate_at IS NOT NULL",
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
