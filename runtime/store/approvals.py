@@ -2,7 +2,9 @@
 runtime/approvals.py).
 
 Every transition is one `UPDATE … WHERE <still in the old state> RETURNING`, so
-whichever caller (task, process) gets a row back is the one that made it.
+whichever caller (task, process) gets a row back is the one that made it. That
+holds on PostgreSQL at READ COMMITTED as well: a second writer waits for the
+first one's row lock, then re-checks its WHERE against the committed row.
 """
 
 from __future__ import annotations

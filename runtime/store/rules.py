@@ -158,6 +158,8 @@ class RuleStore:
     async def fill(self, filled: Sequence[tuple[str, RuleKeys]]) -> None:
         """Store the match columns of rules made without them, in one transaction.
         A row another process filled meanwhile is left as it is."""
+        # Each UPDATE is its own compare-and-set (`normalized IS NULL`), which
+        # holds under PostgreSQL's READ COMMITTED too: no read precedes it.
         async with self.db.transaction():
             for rule_id, keys in filled:
                 await self.db.execute(
@@ -216,6 +218,8 @@ class RuleStore:
     async def used(self, rule_ids: Sequence[str]) -> None:
         """Count a match of each rule and stamp its last use."""
         stamp = now()
+        # `use_count + 1` is computed by the UPDATE on the locked row, so
+        # concurrent matches from several replicas all count (no lost update).
         async with self.db.transaction():
             for rule_id in rule_ids:
                 await self.db.execute(
