@@ -382,3 +382,37 @@ def test_run_and_console_refuse_an_invalid_policy_file(tmp_path: Path, command: 
     env["DUCKLM_POLICY_FILE"] = str(tmp_path / "gone.toml")
     gone = ducklm(command, env=env, cwd=tmp_path)
     assert gone.returncode == 2 and f"{tmp_path / 'gone.toml'}: no such file" in gone.stderr
+
+
+def test_the_console_uses_the_default_sections_workspace_and_tools(tmp_path: Path) -> None:
+    """`ducklm console` is the operator: it may decide, and it runs in the
+    default section's workspace with the default section's tools."""
+    (tmp_path / "ops").mkdir()
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        '[default]\nworkspace = "ops"\ntools = ["read_file", "list_dir"]\n\n'
+        '[channels."slack:C0AAAAAA1"]\ntools = ["shell_exec_safe"]\n'
+    )
+    script = "/duck policy\nrun touch made-here.txt\nexit\n"
+    done = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "console"],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith(("DUCKLM_", "SLACK_"))},
+            "PYTHONPATH": str(Path(__file__).parent.parent),
+            "DUCKLM_DB": str(tmp_path / "ducklm.db"),
+            "DUCKLM_POLICY_FILE": str(policy),
+            "USER": "tester",
+        },
+    )
+    assert done.returncode == 0, done.stderr
+    assert "the policy file's default section" in done.stdout
+    assert f"workspace: {tmp_path / 'ops'}" in done.stdout
+    assert "tools: list_dir, read_file" in done.stdout
+    assert "shell_exec_safe may not be used here" in done.stdout
+    assert not (tmp_path / "ops" / "made-here.txt").exists()
+    assert not (tmp_path / "made-here.txt").exists()
