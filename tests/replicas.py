@@ -39,7 +39,7 @@ from tests.conftest import directive
 from tests.crash_harness import ANSWER_PREFIX, DuckRun, ModelScript, rows
 from tests.fakes.loopback import serve_on_loopback
 from tests.fakes.openai_server import FakeModelServer, RecordedRequest, Reply, Text
-from tests.fakes.slack_api import SIGNING_SECRET, FakeSlack, sign
+from tests.fakes.slack_api import APP_TOKEN, SIGNING_SECRET, FakeSlack, sign
 from tests.test_console import cli_env
 
 __all__ = [
@@ -285,11 +285,16 @@ class Replica(DuckRun):
         *,
         db: str,
         workspace: Path,
+        socket_mode: bool = False,
         **env: str,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.index = index
         self.name = f"replica-{index}"
+        if socket_mode:
+            # One Socket Mode connection per replica, and no HTTP server for Slack:
+            # the operations port is what the harness waits on instead.
+            env = {"DUCKLM_SLACK_MODE": "socket", "SLACK_APP_TOKEN": APP_TOKEN, **env}
         super().__init__(
             directory,
             slack,
@@ -303,7 +308,8 @@ class Replica(DuckRun):
             DUCKLM_RECOVERY_INTERVAL=RECOVERY_INTERVAL,
             **env,
         )
-
+        if socket_mode:
+            self.env["DUCKLM_METRICS_PORT"] = str(self.port)
         self.killed = False  # by the test, on purpose: not a death to report
 
     @property
@@ -334,6 +340,7 @@ class ReplicaSet:
         *,
         db: str,
         count: int = 3,
+        socket_mode: bool = False,
         **env: str,
     ) -> None:
         self.db_target = db
@@ -347,6 +354,7 @@ class ReplicaSet:
                 model,
                 db=db,
                 workspace=self.workspace,
+                socket_mode=socket_mode,
                 **env,
             )
             for i in range(count)

@@ -144,3 +144,49 @@ async def test_concurrent_clicks_on_one_card_over_all_replicas_run_it_once(
     await db.assert_consistent()
     code, out = await ducklm_cli(tmp_path, replicas.db_target, "audit", "verify")
     assert code == 0, out
+
+
+async def test_socket_mode_one_connection_per_replica_one_task_per_event(
+    tmp_path: Path, slack: FakeSlack, model_server: FakeModelServer, replica_db: str
+) -> None:
+    """Socket Mode: each replica holds its own connection. FakeSlack pushes every
+    envelope to every open connection (harsher than Slack, which picks one), so
+    all three replicas receive each event, its retry and each click at once."""
+    ModelScript(model_server)
+    group = ReplicaSet(tmp_path, slack, model_server, db=replica_db, count=3, socket_mode=True)
+    try:
+        await group.start()
+        # FakeSlack keeps no public count of open sockets; its list is the truth.
+        await wait_for(slack, lambda: len(slack._sockets) == 3, "three Socket Mode connections")
+        asked = [mention(slack, f"is db-{i} healthy?") for i in range(3)]
+        for m in asked:
+            first = await slack.push("events_api", m.envelope)
+            again = await slack.push(
+                "events_api", m.envelope, retry_attempt=1, retry_reason="timeout"
+            )
+            await slack.push("events_api", m.copy)
+            for envelope_id in (first, again):
+                await slack.wait_for_ack(envelope_id)
+        write = mention(slack, "please run approve-9")
+        await slack.push("events_api", write.envelope)
+        [card] = await wait_for(slack, lambda: cards(slack, write.ts), "the approval card", 60)
+        for user in APPROVERS:
+            await slack.push("interactive", click(slack, card, user=user))
+        for m in (*asked, write):
+            await wait_for(slack, lambda m=m: answers(slack, m.ts), f"the answer to {m.text}", 60)
+        group.assert_alive()
+        await group.stop()
+
+        db = group.db
+        for m in asked:
+            tasks = await db.tasks_of(m.conversation)
+            assert [s for _, s in tasks] == ["completed"], (m.conversation, tasks)
+            assert answers(slack, m.ts) == ["Answer: ok."]
+        assert answers(slack, write.ts) == ["Answer: approve-9."]
+        assert group.effects() == ["approve-9"]
+        [(task_id, _)] = await db.tasks_of(write.conversation)
+        assert (await db.event_types(task_id)).count("approval_decided") == 1
+        assert len(cards(slack, write.ts)) == 1
+        await db.assert_consistent()
+    finally:
+        await group.close()
