@@ -7,11 +7,11 @@ A throwaway PostgreSQL server (tests/postgres.py: initdb into a temp dir,
 database migrated by `open_stores`. Each task is the life of an approved
 command, written as the runtime writes it, in six transactions:
 
-1. the task and its first four events (task_created, the action model's call,
-   its directive);
+1. the task, its owner replica and its first four events (task_created, the
+   action model's call, its directive);
 2. the approval, two events, the task waiting;
 3. the decision (compare-and-set) and its event;
-4. the continuation claimed (waiting -> running) and its event;
+4. the continuation claimed (waiting -> running, owner) and its event;
 5. the execution claimed (compare-and-set);
 6. seven events (the tool run, the thinker's call, task_completed) and the task
    completed.
@@ -53,6 +53,7 @@ LAST = [
     "cognition_response",
     "task_completed",
 ]
+OWNER = "bench-replica:1:0000"  # the replica that runs the task (tasks.owner)
 ACTION = {"tool": "shell_exec_safe", "args": {"command": "systemctl restart web"}, "reason": "r"}
 
 
@@ -64,6 +65,7 @@ async def store_task(stores: Any, n: int) -> None:
     task = tasks.new_task(f"please restart web-{n}", None, conversation=f"slack:CBENCH|{n}.0")
     async with db.transaction():
         await tasks.insert(task)
+        await stores.ownership.own(task.task_id, OWNER)
         await events.append_many(task.task_id, [(k, EVENT_PAYLOAD) for k in FIRST])
     async with db.transaction():
         approval = await approvals.insert(
@@ -81,7 +83,7 @@ async def store_task(stores: Any, n: int) -> None:
         assert await approvals.decide(approval.approval_id, "approve", "slack:UAPPROVER")
         await events.append(task.task_id, "approval_decided", EVENT_PAYLOAD)
     async with db.transaction():
-        assert await tasks.claim_status(task.task_id, "waiting_for_approval", "running")
+        assert await stores.ownership.claim_continuation(task.task_id, OWNER)
         await events.append(task.task_id, "task_continued", EVENT_PAYLOAD)
     assert await approvals.claim_execution(approval.approval_id)
     async with db.transaction():
@@ -94,8 +96,8 @@ async def store_task(stores: Any, n: int) -> None:
 TASK_SQL = (
     "INSERT INTO tasks (task_id, message, workspace, debug, status, conversation, "
     "requested_by, history_messages, final_response, error, created_at, updated_at, "
-    "conversation_group) VALUES ($1, $2, NULL, 0, 'running', $3, NULL, '[]', NULL, NULL, "
-    "$4, $4, $5)"
+    "conversation_group, owner) VALUES ($1, $2, NULL, 0, 'running', $3, NULL, '[]', NULL, "
+    "NULL, $4, $4, $5, $6)"
 )
 APPROVAL_SQL = (
     "INSERT INTO approvals (approval_id, task_id, idx, action, tool, command, risk_level, "
@@ -130,7 +132,13 @@ async def raw_task(pool: Any, n: int) -> None:
     async with pool.acquire() as conn:
         async with conn.transaction():
             await conn.execute(
-                TASK_SQL, task_id, f"please restart web-{n}", conversation, at, "slack:CBENCH"
+                TASK_SQL,
+                task_id,
+                f"please restart web-{n}",
+                conversation,
+                at,
+                "slack:CBENCH",
+                OWNER,
             )
             await conn.execute(events_sql(len(FIRST)), *event_params(task_id, 1, FIRST))
         async with conn.transaction():
@@ -153,7 +161,9 @@ async def raw_task(pool: Any, n: int) -> None:
             await conn.execute(events_sql(1), *event_params(task_id, 7, ["approval_decided"]))
         async with conn.transaction():
             await conn.execute(
-                "UPDATE tasks SET status = 'running', updated_at = $1 WHERE task_id = $2",
+                "UPDATE tasks SET status = 'running', owner = $1, updated_at = $2 "
+                "WHERE task_id = $3",
+                OWNER,
                 time.time(),
                 task_id,
             )

@@ -58,7 +58,7 @@ __all__ = [
 # Short enough that a dead replica is noticed within a test's patience, long
 # enough that a loaded 2-core box never misses two heartbeats of a live one.
 HEARTBEAT_INTERVAL = "0.5"
-REPLICA_TIMEOUT = "4"
+REPLICA_TIMEOUT = "6"
 RECOVERY_INTERVAL = "1"
 
 
