@@ -88,6 +88,9 @@ def test_deployment_probes_the_http_port_the_config_names() -> None:
     assert config["data"]["DUCKLM_SLACK_MODE"] == "http"  # the port serves Slack and the probes
     for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
         assert container[probe]["httpGet"] == {"path": path, "port": "http"}
+    # SIGTERM's drain ends before Kubernetes' SIGKILL, leaving time for a clean stop.
+    grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert Settings(shutdown_drain=config["data"]["DUCKLM_SHUTDOWN_DRAIN"]).shutdown_drain < grace
     # Each replica names itself after its pod (the owner of its tasks and leases).
     env = {item["name"]: item for item in container["env"]}
     assert env["DUCKLM_REPLICA_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
