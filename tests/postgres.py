@@ -49,6 +49,7 @@ __all__ = [
     "postgres_server",
     "postgres_url",
     "raw_execute",
+    "raw_executemany",
     "raw_rows",
 ]
 
@@ -310,6 +311,29 @@ def _numbered(sql: str) -> str:
         return f"${next(counter)}" if match.group(0) == "?" else match.group(0)
 
     return _QUESTION_MARK.sub(replace, sql)
+
+
+def raw_executemany(
+    target: str | os.PathLike[str], sql: str, rows: Sequence[Sequence[Any]]
+) -> None:
+    """One statement per row in one committed transaction (bulk test data), bypassing
+    the store; `?` placeholders on both backends."""
+    if not is_postgres(target):
+        with contextlib.closing(sqlite3.connect(target, timeout=30)) as conn, conn:
+            conn.executemany(sql, [tuple(row) for row in rows])
+        return
+
+    async def run() -> None:
+        import asyncpg
+
+        conn = await asyncpg.connect(str(target), timeout=10)
+        try:
+            async with conn.transaction():
+                await conn.executemany(_numbered(sql), [tuple(row) for row in rows])
+        finally:
+            await conn.close()
+
+    _run_in_thread(run)
 
 
 def _raw(target: str | os.PathLike[str], sql: str, params: Sequence[Any], *, fetch: bool) -> Any:

@@ -3,17 +3,18 @@ indexed "next due" time, one timer per kind, whatever is pending.
 
 The rows are made with bulk SQL on a second connection (how else would a test
 make 100,000 of them in a second), then the real scheduler, the real service and
-the real Slack platform (against the fake Web API) take them from there.
+the real Slack platform (against the fake Web API) take them from there. Every
+test runs on SQLite and PostgreSQL but the 100k one (SQLite only: time).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
-import sqlite3
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,10 @@ from bot.scheduler import Scheduler, cron_trigger
 from tests.conftest import ACTION, THINKER
 from tests.fakes.openai_server import FakeModelServer, Text
 from tests.fakes.slack_api import FakeSlack
+from tests.postgres import raw_executemany
 from tests.test_slack import CHANNEL, NO_ACTIONS, Bot, card_for, start_bot, stop_bot
 
-pytestmark = pytest.mark.usefixtures("clean_env")
+pytestmark = [pytest.mark.usefixtures("clean_env"), pytest.mark.backends("sqlite", "postgres")]
 
 HOURLY = "0 * * * *"
 
@@ -49,17 +51,12 @@ async def wait_until(
         await asyncio.sleep(every)
 
 
-def bulk(db: Path, sql: str, rows: list[tuple[Any, ...]]) -> None:
-    conn = sqlite3.connect(db, timeout=30)
-    try:
-        with conn:
-            conn.executemany(sql, rows)
-    finally:
-        conn.close()
+def bulk(db: str, sql: str, rows: list[tuple[Any, ...]]) -> None:
+    raw_executemany(db, sql, rows)
 
 
 def add_waiting_approvals(
-    db: Path, count: int, *, expires_at: Callable[[int], float], due_at: Callable[[int], float]
+    db: str, count: int, *, expires_at: Callable[[int], float], due_at: Callable[[int], float]
 ) -> None:
     """`count` tasks waiting for approval (in no chat thread) and their approvals."""
     created = time.time()
@@ -82,7 +79,7 @@ def add_waiting_approvals(
     )
 
 
-def add_schedules(db: Path, count: int, *, cron: str, last_run_at: float | None) -> None:
+def add_schedules(db: str, count: int, *, cron: str, last_run_at: float | None) -> None:
     created = time.time() - 86400
     conversation = Thread("slack", CHANNEL).channel_prefix
     bulk(
@@ -103,8 +100,41 @@ async def start_scheduler(bot: Bot, **options: Any) -> Scheduler:
     return scheduler
 
 
-def db_of(bot: Bot) -> Path:
-    return Path(bot.runtime.settings.db)
+def db_of(bot: Bot) -> str:
+    return bot.runtime.settings.db
+
+
+@contextlib.contextmanager
+def statements_run(bot: Bot) -> Iterator[list[str]]:
+    """The SQL the store runs meanwhile. SQLite: the inline connection's trace (every
+    statement, BEGIN and COMMIT included). PostgreSQL's statements go over a pool,
+    so the store's own entry points are counted instead (each still runs the real one)."""
+    db = bot.runtime.stores.db
+    statements: list[str] = []
+    if db.dialect == "sqlite":
+        db._conn.set_trace_callback(statements.append)  # type: ignore[attr-defined]
+        try:
+            yield statements
+        finally:
+            db._conn.set_trace_callback(None)  # type: ignore[attr-defined]
+        return
+    names = ("fetchall", "fetchone", "execute")
+    real = {name: getattr(db, name) for name in names}
+
+    def counted(name: str) -> Any:
+        async def call(sql: str, *args: Any, **kwargs: Any) -> Any:
+            statements.append(sql)
+            return await real[name](sql, *args, **kwargs)
+
+        return call
+
+    for name in names:
+        setattr(db, name, counted(name))
+    try:
+        yield statements
+    finally:
+        for name in names:
+            delattr(db, name)
 
 
 def roots(slack: FakeSlack) -> list[dict[str, Any]]:
@@ -120,6 +150,9 @@ async def scalar(bot: Bot, sql: str, params: tuple[Any, ...] = ()) -> Any:
 # -- approvals ------------------------------------------------------------------------
 
 
+@pytest.mark.backends(
+    "sqlite", reason="time: 100k rows take minutes over a network round trip each"
+)
 async def test_more_than_100k_pending_approvals_all_expire(
     tmp_path: Path, model: FakeModelServer, slack: FakeSlack
 ) -> None:
@@ -167,9 +200,11 @@ async def _none_pending(bot: Bot) -> bool:
 
 
 async def test_a_new_approval_is_planned_reminded_then_expired_in_order(
-    tmp_path: Path, model: FakeModelServer, slack: FakeSlack
+    tmp_path: Path, model: FakeModelServer, slack: FakeSlack, db_target: str
 ) -> None:
-    bot = await start_bot(tmp_path, model, slack, approval_remind=0.6, approval_ttl=1.5)
+    bot = await start_bot(
+        tmp_path, model, slack, db=db_target, approval_remind=0.6, approval_ttl=1.5
+    )
     scheduler = await start_scheduler(bot, poll=60.0)  # a long poll: the wake-ups must do it
     try:
         ts, _card, approval_id = await card_for(bot, model, "touch planned.txt")
@@ -202,23 +237,19 @@ async def _due_is(bot: Bot, approval_id: str, expected: float) -> bool:
 
 
 async def test_a_restart_arms_the_same_few_timers_whatever_is_pending(
-    tmp_path: Path, model: FakeModelServer, slack: FakeSlack
+    tmp_path: Path, model: FakeModelServer, slack: FakeSlack, db_target: str
 ) -> None:
-    bot = await start_bot(tmp_path, model, slack)
+    bot = await start_bot(tmp_path, model, slack, db=db_target)
     scheduler: Scheduler | None = None
     try:
         far = time.time() + 86400
         add_waiting_approvals(db_of(bot), 20_000, expires_at=lambda i: far, due_at=lambda i: far)
         add_schedules(db_of(bot), 10_000, cron=HOURLY, last_run_at=None)
-        statements: list[str] = []
-        # The inline connection is the only one a start-up touches; count what it runs.
-        bot.runtime.stores.db._conn.set_trace_callback(statements.append)
-        try:
+        # SQLite: the inline connection is the only one a start-up touches.
+        with statements_run(bot) as statements:
             scheduler = Scheduler(bot.service, remind_after=900.0, trigger_factory=real_cron)
             await scheduler.start()
             at_start = list(statements)
-        finally:
-            bot.runtime.stores.db._conn.set_trace_callback(None)
         # A handful of index probes, not a query (or a job) per approval or schedule.
         assert len(at_start) <= 6, at_start
         assert [job.id for job in scheduler._scheduler.get_jobs()] == ["housekeeping"]
@@ -249,11 +280,11 @@ async def _unplanned(bot: Bot, expected: int) -> bool:
 
 
 async def test_a_schedule_fires_at_its_stored_next_fire_time_and_only_once(
-    tmp_path: Path, model: FakeModelServer, slack: FakeSlack
+    tmp_path: Path, model: FakeModelServer, slack: FakeSlack, db_target: str
 ) -> None:
     model.set_default(ACTION, Text(NO_ACTIONS))
     model.set_default(THINKER, Text("All fine."))
-    bot = await start_bot(tmp_path, model, slack)
+    bot = await start_bot(tmp_path, model, slack, db=db_target)
     schedulers: list[Scheduler] = []
     try:
         # once a year by its cron, but its stored next fire time is in a second
@@ -288,11 +319,11 @@ async def test_a_schedule_fires_at_its_stored_next_fire_time_and_only_once(
 
 
 async def test_missed_runs_are_caught_up_one_at_a_time_at_the_rate(
-    tmp_path: Path, model: FakeModelServer, slack: FakeSlack
+    tmp_path: Path, model: FakeModelServer, slack: FakeSlack, db_target: str
 ) -> None:
     model.set_default(ACTION, Text(NO_ACTIONS))
     model.set_default(THINKER, Text("Caught up."))
-    bot = await start_bot(tmp_path, model, slack)
+    bot = await start_bot(tmp_path, model, slack, db=db_target)
     scheduler: Scheduler | None = None
     count, rate = 6, 120.0  # a catch-up every 0.5 s
     try:
@@ -323,9 +354,9 @@ async def test_missed_runs_are_caught_up_one_at_a_time_at_the_rate(
 
 
 async def test_a_schedule_resumed_by_another_process_owes_no_catch_up(
-    tmp_path: Path, model: FakeModelServer, slack: FakeSlack
+    tmp_path: Path, model: FakeModelServer, slack: FakeSlack, db_target: str
 ) -> None:
-    bot = await start_bot(tmp_path, model, slack)
+    bot = await start_bot(tmp_path, model, slack, db=db_target)
     scheduler: Scheduler | None = None
     try:
         # it last ran two hours ago, then was paused
@@ -353,31 +384,36 @@ async def _next_fire_is(bot: Bot, expected: float) -> bool:
 
 
 async def test_a_row_with_bad_times_does_not_hold_up_the_others(
-    tmp_path: Path, model: FakeModelServer, slack: FakeSlack
+    tmp_path: Path, model: FakeModelServer, slack: FakeSlack, db_target: str
 ) -> None:
-    bot = await start_bot(tmp_path, model, slack)
+    bot = await start_bot(tmp_path, model, slack, db=db_target)
     scheduler: Scheduler | None = None
     try:
         soon = time.time() + 0.5
         add_waiting_approvals(db_of(bot), 2, expires_at=lambda i: soon, due_at=lambda i: 0.0)
         add_schedules(db_of(bot), 2, cron=HOURLY, last_run_at=None)
-        # hand edits: an expiry that is no number, a cron that is no cron
+        # hand edits: an expiry that is no number, a cron that is no cron. Only SQLite
+        # can hold the first: PostgreSQL's DOUBLE PRECISION column refuses a text time.
+        typed = bot.runtime.stores.db.dialect == "postgres"
         bad_approval = await scalar(bot, "SELECT approval_id FROM approvals ORDER BY rowid")
-        await bot.runtime.stores.db.execute(
-            "UPDATE approvals SET expires_at = 'tomorrow' WHERE approval_id = ? RETURNING 1",
-            (bad_approval,),
-        )
+        if not typed:
+            await bot.runtime.stores.db.execute(
+                "UPDATE approvals SET expires_at = 'tomorrow' WHERE approval_id = ? RETURNING 1",
+                (bad_approval,),
+            )
         await bot.runtime.stores.db.execute(
             "UPDATE schedules SET cron = '61 * * * *' WHERE schedule_id = 's-b00000' RETURNING 1"
         )
         scheduler = await start_scheduler(bot, trigger_factory=real_cron)
-        await wait_until(lambda: _pending_is(bot, 1), within=20, what="the good approval expired")
-        # left as it was (undecided), only its timer is off
-        row = await bot.runtime.stores.db.fetchone(
-            "SELECT decision, due_at, expires_at FROM approvals WHERE approval_id = ?",
-            (bad_approval,),
+        await wait_until(
+            lambda: _pending_is(bot, 0 if typed else 1), within=20, what="the good approval expired"
         )
-        assert row is not None and tuple(row) == (None, None, "tomorrow")
+        if not typed:  # left as it was (undecided), only its timer is off
+            row = await bot.runtime.stores.db.fetchone(
+                "SELECT decision, due_at, expires_at FROM approvals WHERE approval_id = ?",
+                (bad_approval,),
+            )
+            assert row is not None and tuple(row) == (None, None, "tomorrow")
         await wait_until(lambda: _unplanned(bot, 0), within=20, what="both schedules planned")
         assert (
             await scalar(bot, "SELECT next_fire_at FROM schedules WHERE schedule_id = 's-b00000'")
