@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from runtime import rule_review
 from runtime.store.models import Approval, Rule
+from runtime.store.votes import DueEscalation, EditState, VoteStore
 
 if TYPE_CHECKING:
     from runtime.metrics import Metrics
@@ -28,6 +29,8 @@ SHELL_TOOL = "shell_exec_safe"
 RULE_FILL_BATCH = 200
 CHAT_DECISIONS = frozenset({"approve", "deny", "always"})
 RULE_KINDS = frozenset({"exact", "prefix"})
+# The longest command an approver may type as an edit.
+MAX_EDIT_CHARS = 4000
 
 
 class ApprovalError(Exception):
@@ -36,9 +39,31 @@ class ApprovalError(Exception):
 
 @dataclass
 class DecisionOutcome:
-    taken: bool  # False: someone (or something) decided first; nothing changed
+    taken: bool  # False: someone (or something) decided first, or the quorum is not met
     approval: Approval | None
     rule: Rule | None = None
+    # Quorum (issue #20): who has approved the current revision so far, and how
+    # many approvals it needs. `counted`: this call added its voter's approval
+    # (False for a second click of the same person, or no quorum vote at all).
+    voters: tuple[str, ...] = ()
+    needed: int = 1
+    counted: bool = False
+
+    @property
+    def waiting_for_more(self) -> bool:
+        """Approved by fewer people than the quorum; the approval stays open."""
+        return not self.taken and self.approval is not None and self.approval.decision is None
+
+
+@dataclass
+class EditOutcome:
+    """An edit taken: the approval now holds the edited command."""
+
+    approval: Approval
+    old_command: str
+    new_command: str
+    old_risk: str | None
+    new_risk: str
 
 
 def exact_args_pattern(args: Any) -> str:
@@ -89,6 +114,7 @@ class ApprovalService:
             # Decisions and their events must commit together.
             raise ValueError("approvals, rules and events must share one Database")
         self._approvals = approvals
+        self._votes = VoteStore(approvals.db)
         # Decision latency by decision (runtime/metrics.py); set by build_runtime.
         self.metrics: Metrics | None = None
         self._rules = rules
@@ -233,13 +259,137 @@ class ApprovalService:
         return taken
 
     async def decide(
-        self, approval_id: str, decision: str, decided_by: str, note: str | None = None
+        self,
+        approval_id: str,
+        decision: str,
+        decided_by: str,
+        note: str | None = None,
+        *,
+        quorum: int = 1,
+        four_eyes: bool = False,
     ) -> DecisionOutcome:
         """Take a person's decision, exactly once.
 
         A second decision (a double click, two approvers, a platform retry, another
         process) gets `taken=False` and the approval as it stands; nothing changes.
+
+        With `quorum` > 1 an approve (or always) is one person's vote: it is
+        recorded (`approval_vote`, once per person and revision) and the approval
+        is decided by the vote that makes `quorum` distinct approvers, in the
+        same transaction (one compare-and-set). A deny denies at once. With
+        `four_eyes` the requester's own approval does not count.
         """
+        if quorum > 1 and decision in ("approve", "always"):
+            return await self._vote(approval_id, decision, decided_by, quorum, four_eyes)
+        return await self._decide(approval_id, decision, decided_by, note)
+
+    async def _vote(
+        self, approval_id: str, decision: str, voter: str, quorum: int, four_eyes: bool
+    ) -> DecisionOutcome:
+        approval = await self._checked(approval_id)
+        if approval.decision is not None:
+            return DecisionOutcome(taken=False, approval=approval, needed=quorum)
+        if four_eyes and voter == approval.requested_by:
+            raise ApprovalError(
+                "You asked for this action yourself: your approval does not count towards "
+                "its quorum (four-eyes rule)."
+            )
+        rule_spec = self._always_rule(approval) if decision == "always" else None
+        new_keys = rule_keys(approval.tool, *rule_spec) if rule_spec is not None else None
+        rule: Rule | None = None
+        taken = counted = False
+        voters: list[str] = []
+        async with self._db.transaction():
+            # Held until the commit: concurrent voters count one after the other.
+            revision = await self._votes.lock(approval_id)
+            if revision is not None:
+                counted = await self._votes.add(
+                    approval_id, revision, voter, decision, approval.task_id
+                )
+                voters = await self._votes.voters(approval_id, revision)
+                if counted:
+                    await self._events.append(
+                        approval.task_id,
+                        "approval_vote",
+                        {
+                            "approval_id": approval_id,
+                            "vote": decision,
+                            "voter": voter,
+                            "revision": revision,
+                            "votes": len(voters),
+                            "quorum": quorum,
+                            "voters": voters,
+                        },
+                    )
+                if len(voters) >= quorum:
+                    taken = await self._approvals.decide(approval_id, decision, voter)
+                if taken:
+                    await self._events.append(
+                        approval.task_id,
+                        "approval_decided",
+                        {
+                            "approval_id": approval_id,
+                            "decision": decision,
+                            "decided_by": voter,
+                            "note": None,
+                            "quorum": quorum,
+                            "voters": voters,
+                        },
+                    )
+                    if rule_spec is not None:
+                        rule = await self._insert_always_rule(approval, rule_spec, new_keys, voter)
+        if taken:
+            self._observe(decision, approval)
+        return DecisionOutcome(
+            taken=taken,
+            approval=await self._approvals.get(approval_id),
+            rule=rule,
+            voters=tuple(voters),
+            needed=quorum,
+            counted=counted,
+        )
+
+    async def _checked(self, approval_id: str) -> Approval:
+        """The approval, refused when unknown or past its deadline."""
+        approval = await self._approvals.get(approval_id)
+        if approval is None:
+            raise ApprovalError(f"No such approval: {approval_id}.")
+        if (
+            approval.decision is None
+            and approval.expires_at is not None
+            and approval.expires_at <= datetime.now(UTC)
+        ):
+            raise ApprovalError(
+                f"This approval expired at {approval.expires_at:%Y-%m-%d %H:%M} UTC; "
+                "ask again to run the action."
+            )
+        return approval
+
+    async def _insert_always_rule(
+        self,
+        approval: Approval,
+        rule_spec: tuple[str, str],
+        keys: CompiledRule | None,
+        decided_by: str,
+    ) -> Rule:
+        kind, pattern = rule_spec
+        # An "Always" click is scoped to the channel it was clicked in.
+        rule = await self._rules.insert(
+            approval.tool,
+            kind,
+            pattern,
+            decided_by,
+            approval.approval_id,
+            keys,
+            scope=await self._rules.task_channel(approval.task_id),
+            expires_at=self.rule_expiry(None),
+        )
+        await self._events.append(approval.task_id, "rule_created", _rule_payload(rule))
+        return rule
+
+    async def _decide(
+        self, approval_id: str, decision: str, decided_by: str, note: str | None = None
+    ) -> DecisionOutcome:
         if decision not in CHAT_DECISIONS:
             raise ApprovalError(f"Unknown decision {decision!r}: use approve, deny or always.")
         approval = await self._approvals.get(approval_id)
@@ -291,6 +441,115 @@ class ApprovalService:
         return DecisionOutcome(
             taken=taken, approval=await self._approvals.get(approval_id), rule=rule
         )
+
+    # -- quorum, edits, escalation (issue #20) --------------------------------
+
+    async def voters(self, approval_id: str) -> list[str]:
+        """Who has approved the approval's current revision so far."""
+        state = await self._votes.state(approval_id)
+        return [] if state is None else await self._votes.voters(approval_id, state.revision)
+
+    async def edit_state(self, approval_id: str) -> EditState | None:
+        return await self._votes.state(approval_id)
+
+    async def edit(self, approval_id: str, new_command: str, editor: str) -> EditOutcome:
+        """Replace a pending shell approval's command by `editor`'s edit, classified
+        afresh: a blocked command is refused and nothing changes. The edit starts a
+        new revision (approvals of the old command no longer count); the first
+        proposed command is kept, `approval_edited` records both and who edited,
+        and the action carries `edited` so the model is told what ran instead.
+        The caller then takes the editor's own approval (decide)."""
+        from runtime.tools.shell import classify
+
+        approval = await self._checked(approval_id)
+        if approval.decision is not None:
+            raise ApprovalError("This approval is already decided; nothing was edited.")
+        if approval.tool != SHELL_TOOL:
+            raise ApprovalError(f"Only shell commands can be edited; this is {approval.tool}.")
+        new_command = (new_command or "").strip()
+        if not new_command:
+            raise ApprovalError("Give the new command: `edit <command>`.")
+        if len(new_command) > MAX_EDIT_CHARS:
+            raise ApprovalError(f"An edited command may have at most {MAX_EDIT_CHARS} characters.")
+        old_command = _shell_command(approval) or ""
+        if new_command == old_command:
+            raise ApprovalError("That is the command already proposed; approve it instead.")
+        verdict = classify(new_command)
+        if verdict.blocked:
+            raise ApprovalError(
+                f"Not edited: `{new_command}` is blocked ({verdict.reason}); nothing changed."
+            )
+        state = await self._votes.state(approval_id)
+        assert state is not None
+        first = state.original_command or old_command
+        args = approval.action.get("args")
+        action = {
+            "tool": SHELL_TOOL,
+            "args": {**(args if isinstance(args, dict) else {}), "command": new_command},
+            "reason": approval.action.get("reason"),
+            # Not part of what runs (normalize_action keeps tool/args/reason): the
+            # loop hands it to the model with the result.
+            "edited": {"from": first, "to": new_command, "by": editor},
+        }
+        reason = f"{verdict.reason} (edited by {editor}; first proposed: `{first}`)"
+        async with self._db.transaction():
+            if not await self._votes.edit(
+                approval_id,
+                state.revision,
+                action,
+                command=new_command,
+                risk_level=verdict.risk_level,
+                action_type=verdict.action_type,
+                reason=reason,
+                edited_by=editor,
+            ):
+                raise ApprovalError(
+                    "Someone edited or decided this approval at the same moment; nothing "
+                    "changed. Look at the card again."
+                )
+            await self._events.append(
+                approval.task_id,
+                "approval_edited",
+                {
+                    "approval_id": approval_id,
+                    "edited_by": editor,
+                    "old_command": old_command,
+                    "new_command": new_command,
+                    "original_command": first,
+                    "old_risk": approval.risk_level,
+                    "new_risk": verdict.risk_level,
+                    "revision": state.revision + 1,
+                },
+            )
+        edited = await self._approvals.get(approval_id)
+        assert edited is not None
+        return EditOutcome(
+            edited, old_command, new_command, approval.risk_level, verdict.risk_level
+        )
+
+    async def escalations_due(self, until: float, limit: int = 200) -> list[DueEscalation]:
+        return await self._votes.escalations_due(until, limit)
+
+    async def earliest_escalation(self) -> float | None:
+        return await self._votes.earliest_escalation()
+
+    async def claim_escalation(self, approval_id: str, was: float, next_at: float | None) -> bool:
+        """True for the one caller (across replicas) that does what was due."""
+        return await self._votes.claim_escalation(approval_id, was, next_at)
+
+    async def escalate(self, approval_id: str, escalate_to: list[str]) -> bool:
+        """Record the escalation (once): from now on `escalate_to` may decide."""
+        async with self._db.transaction():
+            if not await self._votes.mark_escalated(approval_id):
+                return False
+            approval = await self._approvals.get(approval_id)
+            assert approval is not None
+            await self._events.append(
+                approval.task_id,
+                "approval_escalated",
+                {"approval_id": approval_id, "escalate_to": sorted(escalate_to)},
+            )
+        return True
 
     def _observe(self, decision: str, approval: Approval) -> None:
         if self.metrics is not None:
