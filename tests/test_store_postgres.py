@@ -571,3 +571,10 @@ async def test_background_work_gets_the_neutral_connection(postgres_url: str) ->
         assert await stores.db.background_transaction(work) == (2, 1)
         assert await stores.deliveries.prune(-60) == 1
         await stores.db.checkpoint()  # a no-op on PostgreSQL
+
+
+async def test_without_asyncpg_a_url_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "asyncpg", None)  # what a missing package looks like
+    with pytest.raises(StoreError, match="needs the asyncpg package") as caught:
+        await Database.open("postgresql://u:s3cret-pw@127.0.0.1/d")
+    assert "s3cret-pw" not in str(caught.value)
