@@ -74,8 +74,8 @@ def health_servers(
     return HealthServer(health, settings.http_host, port)
 
 
-async def drain(settings: Settings, stop: asyncio.Event) -> None:
-    """After SIGTERM: /readyz already answers 503 (`stop` is set); keep serving
+async def drain(settings: Settings) -> None:
+    """After SIGTERM: /readyz already answers 503 (the stop event is set); keep serving
     DUCKLM_SHUTDOWN_DRAIN seconds, so a load balancer stops routing here before
     the platforms go. A second signal does not cut it short: the orchestrator's
     own grace period (Kubernetes: SIGKILL after terminationGracePeriodSeconds)
@@ -106,7 +106,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
         )
     platforms = configured_platforms(service, settings)
     # Readiness fails from the moment `stop` is set (SIGTERM), before anything stops.
-    health = Health(runtime, stopping=stop, replica=getattr(service, "replica", None))
+    health = Health(runtime, stopping=stop, replica=service.replica)
     health.expect(platforms)
     own_server = health_servers(platforms, health, settings)
     scheduler = Scheduler(
@@ -149,7 +149,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
         gc.freeze()
         health.starting = False  # ready (if the store and the platforms are)
         await stop.wait()
-        await drain(settings, stop)
+        await drain(settings)
         return 0
     except PlatformStartError as exc:
         print(f"ducklm: {exc}", file=sys.stderr)
