@@ -86,9 +86,16 @@ def is_postgres(target: str | os.PathLike[str]) -> bool:
 
 def find_bindir() -> Path:
     """The directory with initdb and postgres, or a failure saying how to install them."""
-    candidates: list[Path] = []
     if configured := os.environ.get("DUCKLM_TEST_PG_BINDIR"):
-        candidates.append(Path(configured))
+        # Named on purpose: that directory or nothing, never a silent fallback.
+        directory = Path(configured)
+        if (directory / "initdb").is_file() and (directory / "postgres").is_file():
+            return directory
+        pytest.fail(
+            f"DUCKLM_TEST_PG_BINDIR={configured} holds no initdb and postgres; {INSTALL_HINT}",
+            pytrace=False,
+        )
+    candidates: list[Path] = []
     pg_config = shutil.which("pg_config")
     if pg_config:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
@@ -122,6 +129,38 @@ def _scratch_dir() -> str | None:
     except OSError:
         return None
     return str(shm) if usage.free > 2 * 1024**3 and os.access(shm, os.W_OK) else None
+
+
+OWNER_FILE = "owner.pid"  # the test process a server directory belongs to
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _reap_orphans(parent: Path) -> None:
+    """Stop and remove the servers of test runs that died without stopping theirs
+    (a SIGKILLed pytest): in /dev/shm they would hold memory until a reboot."""
+    for directory in parent.glob("ducklm-pg-*"):
+        try:
+            owner = int((directory / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not (yet) one of ours: leave it
+        if _alive(owner):
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            postmaster = int((directory / "data" / "postmaster.pid").read_text().split()[0])
+            # Only a postgres serving that very directory (the pid may be reused).
+            cmdline = Path(f"/proc/{postmaster}/cmdline").read_bytes()
+            if str(directory / "data").encode() in cmdline:
+                os.kill(postmaster, signal.SIGKILL)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _run_in_thread(make: Callable[[], Awaitable[T]]) -> T:
@@ -178,6 +217,8 @@ class PostgresServer:
             shutil.chown(path, self._user, self._user)
 
     def start(self) -> None:
+        _reap_orphans(self.directory.parent)
+        (self.directory / OWNER_FILE).write_text(str(os.getpid()))
         self.socket_dir.mkdir()
         self.log_path.touch()
         for path in (self.directory, self.socket_dir, self.log_path):
@@ -228,7 +269,7 @@ class PostgresServer:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,  # a Ctrl-C on the test run reaches us, not it
+                # Same process group: a Ctrl-C on the test run is a fast shutdown here.
                 **self._as_owner(),
             )
         self._wait_until_up(started + START_TIMEOUT)
@@ -266,7 +307,7 @@ class PostgresServer:
                 process.wait(timeout=STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
+                    process.kill()  # its backends exit when they see the postmaster gone
                 process.wait(timeout=STOP_TIMEOUT)
         shutil.rmtree(self.directory, ignore_errors=True)
 

@@ -9,7 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.postgres import PostgresServer, _numbered, is_postgres, raw_execute, raw_rows
+from tests.postgres import (
+    OWNER_FILE,
+    PostgresServer,
+    _numbered,
+    _reap_orphans,
+    find_bindir,
+    is_postgres,
+    raw_execute,
+    raw_executemany,
+    raw_rows,
+)
 
 
 def test_server_is_tuned_and_local(postgres_server: PostgresServer) -> None:
@@ -60,6 +70,34 @@ async def test_raw_helpers_on_both_backends(db_target: str, db_backend: str) -> 
     raw_execute(db_target, "INSERT INTO t (k, v) VALUES (?, ?)", ["a", 1])
     assert raw_execute(db_target, "UPDATE t SET v = v + 1 WHERE k = ?", ["a"]) == 1
     assert raw_rows(db_target, "SELECT k, v FROM t WHERE k = ?", ["a"]) == [("a", 2)]
+    raw_executemany(db_target, "INSERT INTO t (k, v) VALUES (?, ?)", [("b", 1), ("c", 2)])
+    assert raw_rows(db_target, "SELECT count(*), sum(v) FROM t") == [(3, 5)]
+
+
+def test_a_named_binary_directory_without_the_binaries_fails_saying_how_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DUCKLM_TEST_PG_BINDIR", str(tmp_path))
+    with pytest.raises(pytest.fail.Exception) as info:
+        find_bindir()
+    message = str(info.value)
+    assert str(tmp_path) in message and "apt-get install postgresql" in message
+
+
+def test_the_server_of_a_dead_test_run_is_reaped() -> None:
+    """A pytest that was SIGKILLed leaves its server running; the next start stops it."""
+    orphan = PostgresServer()
+    orphan.start()
+    try:
+        assert orphan.process is not None
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        (orphan.directory / OWNER_FILE).write_text(str(dead.pid))
+        _reap_orphans(orphan.directory.parent)
+        assert orphan.process.wait(timeout=30) is not None
+        assert not orphan.directory.exists()
+    finally:
+        orphan.stop()
 
 
 def test_sqlite_only_runs_start_no_postgres(tmp_path: Path) -> None:
