@@ -69,7 +69,7 @@ class Health:
         # Created now, at start: on SQLite it remembers which file was opened.
         self._stats = StatsStore(runtime.stores.db)
         self._expected: list[Platform] = []
-        self._started: set[int] = set()
+        self._started: set[Platform] = set()
         self.starting = True  # until serve() says start-up (recovery included) is over
         if replica is not None and self.metrics is not None:
             self.metrics.set_replica(replica.replica_id, replica.name)
@@ -79,7 +79,7 @@ class Health:
         self._expected = list(platforms)
 
     def started(self, platform: Platform) -> None:
-        self._started.add(id(platform))
+        self._started.add(platform)
 
     # -- the checks ----------------------------------------------------------
 
@@ -106,12 +106,14 @@ class Health:
         return OK
 
     async def _platform_check(self, platform: Platform) -> str:
-        if id(platform) not in self._started:
+        if platform not in self._started:
             return "not started"
         try:
             problem = await asyncio.wait_for(platform.connection_problem(), READY_TIMEOUT)
+        except TimeoutError:
+            return f"its connection check did not answer within {READY_TIMEOUT:g} s"
         except Exception as exc:  # a check that fails is a platform we cannot vouch for
-            return f"connection check failed: {exc or type(exc).__name__}"
+            return f"its connection check failed: {str(exc) or type(exc).__name__}"
         return problem or OK
 
     def _replica_check(self) -> str:
