@@ -16,8 +16,8 @@ replace, they never extend). `for_channel` / `for_conversation` say what applies
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -64,6 +64,23 @@ class ChannelPolicy:
     four_eyes_risk: str
     workspace: str  # where tools run for tasks of this channel
     tools: frozenset[str] | None = None  # which tools may be used; None: all
+    # Issue #20, part 2: distinct approvers needed per risk level (a level not
+    # named needs what the highest named level below it needs, else one), and
+    # who is called in when an approval stays open `escalate_after` seconds.
+    quorum: Mapping[str, int] = field(default_factory=dict)
+    escalate_after: float | None = None
+    escalate_to: frozenset[str] = frozenset()
+
+    def quorum_for(self, risk_level: str | None) -> int:
+        """How many distinct people must approve an action of this risk here."""
+        rank = RISK_ORDER.get(risk_level or "high", 2)
+        needed = [n for level, n in self.quorum.items() if RISK_ORDER.get(level, 9) <= rank]
+        return max(needed, default=1)
+
+    def escalated(self) -> ChannelPolicy:
+        """This policy once an approval was escalated: its escalation approvers
+        decide as approvers of the channel."""
+        return replace(self, approvers=self.approvers | self.escalate_to)
 
     def allows_tool(self, tool: str) -> bool:
         if self.tools is None:
@@ -93,6 +110,9 @@ class ChannelPolicy:
             four_eyes_risk=section.four_eyes_risk or self.four_eyes_risk,
             workspace=str(workspace) if workspace is not None else self.workspace,
             tools=self.tools if section.tools is None else frozenset(section.tools),
+            quorum=_pick_quorum(getattr(section, "quorum", None), self.quorum),
+            escalate_after=_pick_after(getattr(section, "escalate_after", None), self),
+            escalate_to=pick(getattr(section, "escalate_to", None), self.escalate_to),
         )
 
     def describe(self) -> list[str]:
@@ -108,6 +128,15 @@ class ChannelPolicy:
         else:
             where = f"the policy file's section `{self.section}`"
         tools = ", ".join(sorted(self.tools)) if self.tools is not None else "all"
+        quorum = ", ".join(
+            f"{level} = {n}"
+            for level, n in sorted(self.quorum.items(), key=lambda kv: RISK_ORDER.get(kv[0], 9))
+        )
+        escalation = (
+            f"after {duration_text(self.escalate_after)} to {names(self.escalate_to)}"
+            if self.escalate_after is not None and self.escalate_to
+            else "off"
+        )
         return [
             f"Policy here: {where}",
             f"approvers: {names(self.approvers)}",
@@ -116,7 +145,30 @@ class ChannelPolicy:
             f"four-eyes from risk: {self.four_eyes_risk}",
             f"workspace: {self.workspace}",
             f"tools: {tools or 'none'}",
+            f"quorum: {quorum or 'one approver for every risk'}",
+            f"escalation: {escalation}",
         ]
+
+
+def _pick_quorum(value: Mapping[str, int] | None, current: Mapping[str, int]) -> Mapping[str, int]:
+    # A section's quorum table replaces the one above it, as lists do.
+    return current if value is None else dict(value)
+
+
+def _pick_after(value: float | str | None, current: ChannelPolicy) -> float | None:
+    if value is None:
+        return current.escalate_after
+    if value == "off":  # the file's way to turn the default's escalation off here
+        return None
+    return float(value)
+
+
+def duration_text(seconds: float) -> str:
+    """600 -> "10m": the largest unit that divides it."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
 
 
 class AccessPolicy:
@@ -132,6 +184,8 @@ class AccessPolicy:
         matrix_allowed_inviters: Iterable[str] = (),
         workspace: str = ".",
         policy_file: PolicyFile | None = None,
+        escalate_after: float | None = None,
+        escalate_to: Iterable[str] = (),
     ) -> None:
         environment = ChannelPolicy(
             "environment",
@@ -140,6 +194,8 @@ class AccessPolicy:
             frozenset(schedulers),
             four_eyes_risk,
             workspace,
+            escalate_after=escalate_after,
+            escalate_to=frozenset(escalate_to),
         )
         self.policy_file = policy_file
         self.default = environment
@@ -163,6 +219,10 @@ class AccessPolicy:
         # Approvers and admins of any channel may always ask (they are the bot's people).
         self.trusted = frozenset().union(*(p.approvers | p.admins for p in everywhere))
         self.any_approvers = frozenset().union(*(p.approvers for p in everywhere))
+        # Escalation approvers decide only once an approval was escalated to them;
+        # they may talk to the bot (a decision reply) like approvers.
+        self.any_escalation = frozenset().union(*(p.escalate_to for p in everywhere))
+        self.trusted |= self.any_escalation
         self.requesters = frozenset(entry.strip() for entry in requesters if entry.strip())
         self.channels = frozenset(entry.strip() for entry in channels if entry.strip())
         self.matrix_allowed_inviters = tuple(
@@ -191,6 +251,8 @@ class AccessPolicy:
             matrix_allowed_inviters=settings.matrix_allowed_inviters,
             workspace=str(settings.workspace),
             policy_file=policy_file,
+            escalate_after=settings.escalate_after,
+            escalate_to=settings.escalate_to,
         )
 
     # -- per channel -------------------------------------------------------------
