@@ -61,6 +61,13 @@ def mask_url(url: str) -> str:
     return _QUERY_PASSWORD.sub(r"\1***", masked)
 
 
+def _scrub(message: str, url: str) -> str:
+    """`message` with the URL's password replaced, should a driver error quote it."""
+    found = _AUTH_PASSWORD.match(url)
+    secret = found.group(0)[len(found.group(1)) + 1 : -1] if found else ""
+    return message.replace(secret, "***") if len(secret) >= 3 else message
+
+
 def _clean(value: Any) -> Any:
     """The bind step's conversions by Python type: text PostgreSQL can store (no
     lone surrogates, which UTF-8 cannot encode; no NUL, which PostgreSQL's text
@@ -206,9 +213,10 @@ class PostgresDatabase(Database):
                 server_settings={"application_name": "ducklm"},
             )
         except ValueError as exc:  # asyncpg's parse of the DSN (a bad port, an option)
-            raise StoreError(f"{shown} is not a valid PostgreSQL URL ({exc})") from exc
+            message = f"{shown} is not a valid PostgreSQL URL ({exc})"
+            raise StoreError(_scrub(message, url)) from exc
         except _driver_errors() as exc:
-            raise StoreError(_describe(shown, exc)) from exc
+            raise StoreError(_scrub(_describe(shown, exc), url)) from exc
         db = cls(pool, url, pool_size)
         try:
             if migrate:
@@ -216,7 +224,7 @@ class PostgresDatabase(Database):
         except BaseException as exc:
             await db.close()
             if isinstance(exc, db._errors):
-                raise StoreError(_describe(shown, exc)) from exc
+                raise StoreError(_scrub(_describe(shown, exc), url)) from exc
             raise
         return db
 
