@@ -30,6 +30,7 @@ from runtime.factory import Runtime
 from runtime.replica import Replica
 from tests.conftest import ACTION, THINKER
 from tests.crash_harness import (
+    ANSWER_PREFIX,
     APPROVERS,
     DuckRun,
     ModelScript,
@@ -41,9 +42,11 @@ from tests.crash_harness import (
 )
 from tests.fakes.openai_server import FakeModelServer
 from tests.fakes.slack_api import APP_TOKEN, BOT_TOKEN, FakeSlack
+from tests.fakes.synapse import MatrixUser, SynapseServer
 from tests.postgres import is_postgres
 from tests.test_cli_run import free_port
 from tests.test_console import cli_env
+from tests.test_matrix import PASSWORD, bot_notice, room_with_bot
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.backends("sqlite", "postgres")]
 
@@ -400,3 +403,47 @@ async def test_readyz_fails_when_the_heartbeat_is_older_than_the_replica_timeout
         )
     finally:
         await replica.stop()
+
+
+# -- Matrix only: the endpoints on a port of their own ---------------------------------
+
+
+@pytest.mark.backends("sqlite", reason="the endpoints do not depend on the backend")
+async def test_a_matrix_only_run_serves_the_endpoints_on_metrics_port(
+    tmp_path: Path, slack: FakeSlack, model_server: FakeModelServer, synapse: SynapseServer
+) -> None:
+    duck = synapse.register(synapse.unique("duck"), PASSWORD)
+    alice = await MatrixUser(
+        synapse, synapse.register(synapse.unique("alice"), PASSWORD), PASSWORD
+    ).login()
+    ModelScript(model_server)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    run = DuckRun(
+        tmp_path,
+        slack,
+        model_server,
+        MATRIX_HOMESERVER=synapse.base_url,
+        MATRIX_USER_ID=duck,
+        MATRIX_PASSWORD=PASSWORD,
+        DUCKLM_MATRIX_ALLOWED_INVITERS=alice.user_id,
+        DUCKLM_METRICS_PORT=str(port),
+    )
+    for slack_only in ("SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET", "DUCKLM_SLACK_MODE"):
+        run.env.pop(slack_only)
+    run.port = port  # DuckRun waits for this port: the endpoints' own
+    try:
+        await run.start()
+        body = await readyz_becomes(base, 200)
+        assert body["checks"]["platforms"] == {"matrix": "ok"}, body
+        room = await room_with_bot(alice, duck)
+        question = await alice.say(room, "hello-matrix", mention=duck)
+        await alice.wait_for(bot_notice(duck, question, ANSWER_PREFIX), "the answer", within=WITHIN)
+        done = await metric_reaches(base, "ducklm_tasks", 1, status="completed")
+        assert (
+            sample(done, "ducklm_model_latency_seconds_count", role="thinker", model=THINKER) >= 1
+        )
+        await run.stop()
+    finally:
+        await run.close()
+        await alice.close()
