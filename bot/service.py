@@ -16,16 +16,18 @@ import asyncio
 import logging
 import time
 from collections.abc import Coroutine, Iterable
+from datetime import UTC, datetime
 from typing import Any
 
 from bot import commands as c
 from bot.admin import CommandRunner, clip, when
 from bot.admission import Admission, Refusal, duration
 from bot.backend import ApprovalCard, CardResolution, ChatBackend, Thread
+from bot.edits import edited_text, parse_edit, vote_counted_text
 from bot.inbox import Accepted, Inbound
 from bot.policy import AccessPolicy, ChannelPolicy
 from bot.recovery import LATE_TEXT, Recovery, answer_text
-from runtime.approvals import ApprovalError
+from runtime.approvals import ApprovalError, DecisionOutcome
 from runtime.crashpoints import crash_point
 from runtime.factory import Runtime
 from runtime.loop import ChatResult, PendingApproval
@@ -120,8 +122,17 @@ class ChatService:
     async def decision_refusal(self, user: str, approval: Approval, decision: str) -> str | None:
         """Why `user` may not take `decision` on `approval` in its task's channel
         (a read-only look; handle_decision checks again when it decides)."""
-        where = await self.policy_of_task(approval.task_id)
+        where = await self.approval_policy(approval)
         return self.policy.refuse_decision(user, approval, decision, where)
+
+    async def approval_policy(self, approval: Approval) -> ChannelPolicy:
+        """The policy deciding this approval: its task's channel's, with the
+        escalation approvers among the approvers once it was escalated (#20)."""
+        where = await self.policy_of_task(approval.task_id)
+        state = await self.approvals.edit_state(approval.approval_id)
+        if state is not None and state.escalated_at is not None:
+            return where.escalated()
+        return where
 
     # -- inbound: messages --------------------------------------------------
 
@@ -289,16 +300,22 @@ class ChatService:
     async def _decision_reply(self, thread: Thread, row: InboxRow, text: str) -> bool:
         """A decision word in an approval thread: the pending approval is decided; with
         nothing pending, the answer a late click gets (never a model call). False when
-        the text is no decision or the thread never had an approval."""
+        the text is no decision or the thread never had an approval. `edit <command>`
+        is a decision too (approve with an edit, issue #20)."""
         reply = c.parse_decision(text)
-        if reply is None:
+        edit = parse_edit(text) if reply is None else None
+        if reply is None and edit is None:
             return False
         backend = self.backends[thread.platform]
         approval = await self._pending_in(thread)
         if approval is not None:
-            refusal = await self.handle_decision(
-                approval.approval_id, row.user, reply.decision, reply.note
-            )
+            if edit is not None:
+                refusal = await self.handle_edit(approval.approval_id, row.user, edit)
+            else:
+                assert reply is not None
+                refusal = await self.handle_decision(
+                    approval.approval_id, row.user, reply.decision, reply.note
+                )
             if refusal:
                 await self._safely(backend.tell(thread, row.user, refusal))
             await self.inbox.close(row.inbox_id, "decision")
@@ -324,14 +341,22 @@ class ChatService:
 
     async def handle_thread_reply(self, thread: Thread, user: str, text: str) -> bool:
         """`approve` / `deny [reason]` / `always` in an approval's thread. Returns
-        False when the text is no decision or the thread has nothing pending."""
+        False when the text is no decision or the thread has nothing pending.
+        `edit <command>` approves with an edit (issue #20)."""
         reply = c.parse_decision(text)
-        if reply is None:
+        edit = parse_edit(text) if reply is None else None
+        if reply is None and edit is None:
             return False
         approval = await self._pending_in(thread)
         if approval is None:
             return False
-        refusal = await self.handle_decision(approval.approval_id, user, reply.decision, reply.note)
+        if edit is not None:
+            refusal = await self.handle_edit(approval.approval_id, user, edit)
+        else:
+            assert reply is not None
+            refusal = await self.handle_decision(
+                approval.approval_id, user, reply.decision, reply.note
+            )
         if refusal:
             await self._safely(self.backends[thread.platform].tell(thread, user, refusal))
         return True
@@ -369,10 +394,30 @@ class ChatService:
                 if thread is not None:
                     await self.resolve_card(thread, approval)
             return _already_decided(approval)
+        return await self._take(approval, user, decision, note)
+
+    async def _take(
+        self, approval: Approval, user: str, decision: str, note: str | None
+    ) -> str | None:
+        """Take an authorised decision: with the channel's quorum for the
+        approval's risk, an approval is one person's vote (issue #20), and the
+        vote that makes the quorum decides."""
+        approval_id = approval.approval_id
+        where = await self.approval_policy(approval)
+        needed = where.quorum_for(approval.risk_level)
         try:
-            outcome = await self.approvals.decide(approval_id, decision, user, note)
+            outcome = await self.approvals.decide(
+                approval_id,
+                decision,
+                user,
+                note,
+                quorum=needed,
+                four_eyes=where.needs_second_person(approval.risk_level),
+            )
         except ApprovalError as exc:
             return str(exc)
+        if outcome.waiting_for_more:
+            return await self._vote_counted(approval, user, outcome)
         if not outcome.taken or outcome.approval is None:
             return _already_decided(outcome.approval or approval)
         crash_point("decision_recorded")  # test seam (issue #15): decided, card not updated
@@ -381,6 +426,91 @@ class ChatService:
             await self.resolve_card(thread, outcome.approval)
             self._spawn(self._continue(thread, approval.task_id, approval_id))
         return None
+
+    async def _vote_counted(
+        self, approval: Approval, user: str, outcome: DecisionOutcome
+    ) -> str | None:
+        """An approval short of its quorum: the thread says who approved so far."""
+        thread = await self.thread_of(approval.task_id)
+        mention = self.backends[thread.platform].mention if thread is not None else str
+        if not outcome.counted:
+            return (
+                "You approved this already; it still needs "
+                f"{outcome.needed - len(outcome.voters)} more approver(s) "
+                f"({', '.join(mention(v) for v in outcome.voters)} so far)."
+            )
+        if thread is not None:
+            what = clip(self.shown_command(approval), 200)
+            await self.say(thread, vote_counted_text(what, outcome.voters, outcome.needed, mention))
+        return None
+
+    async def handle_edit(self, approval_id: str, user: str, command: str) -> str | None:
+        """Approve with an edit (issue #20): an approver replaces the proposed
+        command; it is classified afresh (blocked: refused, nothing changes), the
+        card is replaced by one showing the original and the edited command, and
+        the editor's approval counts as one of the quorum the new risk needs.
+        Returns a private message when nothing (more) happened, else None."""
+        approval = await self.approvals.get(approval_id)
+        if approval is None:
+            return "That approval does not exist."
+        refusal = await self.decision_refusal(user, approval, "approve")
+        if refusal is None and approval.decision is not None:
+            return _already_decided(approval)
+        if refusal:
+            await self._record_refused_decision(approval, user, "edit", refusal)
+            return refusal
+        try:
+            edit = await self.approvals.edit(approval_id, command, user)
+        except ApprovalError as exc:
+            return str(exc)
+        edited = edit.approval
+        where = await self.approval_policy(edited)
+        needed = where.quorum_for(edited.risk_level)
+        thread = await self.thread_of(edited.task_id)
+        if thread is not None:
+            backend = self.backends[thread.platform]
+            shown = self.loop.redactor.redact
+            await self.say(
+                thread,
+                edited_text(
+                    backend.mention(user),
+                    clip(shown(edit.old_command).text, 200),
+                    clip(shown(edit.new_command).text, 200),
+                    edit.old_risk,
+                    edit.new_risk,
+                    needed,
+                ),
+            )
+            await self._replace_card(thread, approval, edited, user)
+        # The editor's own approval of the edit (refused under four-eyes when the
+        # editor asked for it: then another approver has to approve it).
+        refusal = self.policy.refuse_decision(user, edited, "approve", where)
+        if refusal:
+            return f"Edited. {refusal}"
+        return await self._take(edited, user, "approve", None)
+
+    async def _replace_card(
+        self, thread: Thread, old: Approval, edited: Approval, editor: str
+    ) -> None:
+        """After an edit: the old card shows that it was edited (no buttons), a new
+        card shows the edited command (with the original in its reason) and is
+        the approval's card from now on."""
+        backend = self.backends[thread.platform]
+        if old.card_ref and old.card_state == "posted":
+            card = self._card(PendingApproval.from_approval(old, self.loop.redactor))
+            note = f"edited to `{clip(self.shown_command(edited), 200)}`: see the new card"
+            await self._safely(
+                backend.resolve_card(
+                    thread,
+                    old.card_ref,
+                    card,
+                    CardResolution("edited", editor, datetime.now(UTC), note),
+                )
+            )
+        card = self._card(PendingApproval.from_approval(edited, self.loop.redactor))
+        ref = await self._safely(backend.send_card(thread, card))
+        if ref and not await self.approvals.card_posted(edited.approval_id, ref):
+            await self.approvals.set_card_ref(edited.approval_id, ref)
 
     # -- inbound: /duck commands --------------------------------------------
 

@@ -702,7 +702,7 @@ class RuntimeLoop:
             "tool_call_finished",
             {"index": index, "tool": tool, "result": payload, "approval_id": approval.approval_id},
         )
-        return {
+        decided = {
             "index": index,
             "tool": tool,
             "reason": self._shown(action.get("reason")),
@@ -711,6 +711,16 @@ class RuntimeLoop:
             "note": self._shown(approval.decision_note),
             "result": payload,
         }
+        edited = action.get("edited")
+        if isinstance(edited, dict):
+            # Approved with an edit (issue #20): the model learns what ran instead
+            # of what it proposed, so it does not propose the original again.
+            decided["edited"] = self._shown(
+                f"{edited.get('by')} edited your command `{edited.get('from')}` into "
+                f"`{edited.get('to')}` before approving; the edited command is what "
+                "ran. Do not run the original again."
+            )
+        return decided
 
     async def _audit(
         self,
