@@ -24,6 +24,19 @@ dispatcher, invites and joins (numbered pitfalls as in research/platforms.md §3
 
 Every background job of the Matrix side is started with `spawn`, so `stop`
 ends them all and none is garbage-collected mid-run.
+
+Several replicas (issue #19): one replica syncs at a time, the holder of the
+`matrix-sync:<user>` lease in the database (TTL LEASE_TTL_S, renewed every
+LEASE_EVERY_S). The others are standbys: logged in with the shared session
+(one device for all), they send (answers of the tasks they own) but do not
+sync, and try to take the lease every LEASE_EVERY_S. The holder's sync token
+is written to the database after each handled batch, fenced by the lease, so a
+standby that takes over continues exactly there. A holder that cannot renew
+(a pause, the database unreachable) stops syncing at once, before its lease
+can have passed to another replica. With end-to-end encryption the crypto
+store is local to the replica that made it: a standby without the device's
+store refuses to take over (logged) rather than make new keys for the shared
+device, and never sends into an encrypted room (it cannot encrypt).
 """
 
 from __future__ import annotations
@@ -32,6 +45,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -44,6 +58,7 @@ from nio import (
     LoginResponse,
     MatrixRoom,
     ProfileGetDisplayNameResponse,
+    RoomGetStateEventResponse,
     SyncResponse,
     WhoamiResponse,
 )
@@ -61,11 +76,13 @@ from bot.matrix.backlog import (
 from bot.matrix.crosssign import CrossSigner, CrossSigningError
 from bot.matrix.crypto import CryptoStore, crypto_status, event_source, key_maintenance
 from bot.matrix.retry import backoff, error_text, is_token_error
-from bot.matrix.state import MatrixState, Session
+from bot.matrix.state import MatrixState, Session, SharedMatrixState
 from bot.matrix.trust import TrustPolicy
+from runtime.store import StoreError
 
 if TYPE_CHECKING:
     from runtime.settings import Settings
+    from runtime.store import Stores
 
 logger = logging.getLogger("ducklm.matrix")
 
@@ -81,6 +98,15 @@ MAX_ROOM_MARKERS = 5000  # rooms whose last handled event sync.json remembers
 # A batch whose messages the store would not take, or whose gap the homeserver
 # would not give, is tried this often (about a minute of backoff in all).
 BATCH_ATTEMPTS = 8
+# The sync lease: how long it lasts unrenewed, how often the holder renews it
+# and a standby tries to take it. A dead holder is replaced within about
+# LEASE_TTL_S + LEASE_EVERY_S; a holder stops syncing when its renewal is late.
+LEASE_TTL_S = 6.0
+LEASE_EVERY_S = 1.0
+
+
+class NotHolder(RuntimeError):
+    """A standby replica cannot send this (it does not sync, so cannot encrypt)."""
 
 
 class NotRecorded(Exception):
@@ -118,6 +144,8 @@ class MatrixConnection:
         may_invite: Callable[[str], bool],
         serves_room: Callable[[str], bool] = lambda room_id: True,
         on_access_token: Callable[[str], object] | None = None,
+        stores: Stores,
+        holder: str,
     ) -> None:
         # Told every access token the bot logs in with, so tool output never shows it.
         self.on_access_token = on_access_token
@@ -130,6 +158,20 @@ class MatrixConnection:
         self.serves_room = serves_room
         self.bounds = BacklogBounds(settings.matrix_backlog_max, settings.matrix_backlog_max_age)
         self.state = MatrixState(settings.matrix_state_dir)
+        # The session, sync token and sync lease in the database; `holder` is this
+        # replica's id (runtime/replica.py).
+        self.shared = SharedMatrixState(
+            stores.state, stores.leases, self.state, self.user_id, holder
+        )
+        # Whether this replica holds the sync lease and syncs (else a standby),
+        # and until when its last renewal keeps the lease (time.time()).
+        self.syncing = False
+        self._leasing = False
+        self._lease_until = 0.0
+        self._sync_jobs: list[asyncio.Task[Any]] = []
+        self._refusal_logged = False
+        # Standby sends: room id -> whether it is encrypted (asked once).
+        self._encrypted_rooms: dict[str, bool] = {}
         # End-to-end encryption: wanted and possible here (vodozemac loads)?
         self.crypto = crypto_status(settings)
         self.crypto_store = CryptoStore(settings.matrix_state_dir, settings.matrix_store_passphrase)
@@ -178,27 +220,213 @@ class MatrixConnection:
             store_path=str(self.crypto_store.directory) if self.crypto.enabled else "",
         )
         self.started_ms = now_ms()
+        first: Batch | None = None
+        # The lease is renewed from here on: logging in and the first sync may
+        # take longer than its TTL.
+        self._leasing = True
+        self.spawn(self._lease_forever())
         try:
             async with asyncio.timeout(START_TIMEOUT):
-                await self._login()
-                await self._start_crypto()
+                if await self._take_lease(starting=True):
+                    await self._login()
+                    await self._start_crypto()
+                else:
+                    await self._standby_login()
                 await self._load_profile()
-                first = await self._first_sync()
+                if self.syncing:
+                    first = await self._first_sync()
         except PlatformStartError:
-            await self._close_client()
+            await self._abort_start()
             raise
+        except StoreError as exc:
+            await self._abort_start()
+            raise PlatformStartError(f"Matrix: {exc}") from exc
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-            await self._close_client()
+            await self._abort_start()
             raise PlatformStartError(
                 f"Matrix: cannot reach MATRIX_HOMESERVER={self.homeserver} "
                 f"({type(exc).__name__}: {exc or 'no answer'}). Check the URL and that the "
                 "homeserver is up."
             ) from exc
         self.running = True
+        if first is not None:
+            self._begin_syncing(first)
+        logger.info(
+            "matrix: serving as %s (device %s)%s",
+            self.user_id,
+            self.device_id,
+            "" if self.syncing else "; standby: another replica syncs",
+        )
+
+    # -- the sync lease (issue #19) ---------------------------------------------
+
+    async def _take_lease(self, *, starting: bool = False) -> bool:
+        """Try for the sync lease; True when this replica holds it now."""
+        if not await self._may_take_over(starting):
+            return False
+        at = time.time()
+        lease = await self.shared.take_lease(LEASE_TTL_S)
+        if lease is None:
+            return False
+        self._lease_until = at + LEASE_TTL_S
+        self.syncing = True
+        return True
+
+    async def _may_take_over(self, starting: bool) -> bool:
+        """Without encryption any replica may sync. With it, the crypto store is
+        local: a replica may take over only with the shared device's store here,
+        or at its start when nobody holds the lease (as a single process always
+        did: without a store it then logs in as a new device, see `_login`)."""
+        if not self.crypto.enabled:
+            return True
+        session = await self.shared.load_session(self.homeserver)
+        device = session.device_id if session else None
+        if device is None or self.crypto_store.has_device(self.user_id, device):
+            return True
+        if starting and await self.shared.lease_holder() is None:
+            return True
+        if not self._refusal_logged:
+            self._refusal_logged = True
+            logger.error(
+                "matrix: this replica cannot take over syncing: end-to-end encryption is on "
+                "and the crypto store of device %s is not in %s (it is local to the replica "
+                "that made it). Put DUCKLM_DATA_DIR on a volume every replica shares, or "
+                "serve Matrix from one replica (docs/deploy.md)",
+                device,
+                self.crypto_store.directory,
+            )
+        return False
+
+    async def _standby_login(self) -> None:
+        """Use the shared session (the holder's device and token) without syncing;
+        wait for it while the holder logs in, and take the lease instead if the
+        holder goes away meanwhile."""
+        while True:
+            token = self.settings.matrix_access_token
+            session = await self.shared.load_session(self.homeserver)
+            token = token or (session.access_token if session else None)
+            if token:
+                who = await self._whoami(token, session.device_id if session else None)
+                if isinstance(who, WhoamiResponse):
+                    self._check_owner(who.user_id, "the shared session")
+                    self.device_id = who.device_id or (session.device_id if session else None)
+                    self.require_client().device_id = self.device_id or ""
+                    self._learned_token(token)
+                    return
+                if not is_token_error(who):
+                    raise PlatformStartError(
+                        f"Matrix: MATRIX_HOMESERVER={self.homeserver} did not accept the "
+                        f"shared session ({error_text(who)})."
+                    )
+            if await self._take_lease():
+                await self._login()
+                await self._start_crypto()
+                return
+            await asyncio.sleep(LEASE_EVERY_S)
+
+    def holds_lease(self) -> bool:
+        """This replica syncs and its last renewal still covers now."""
+        return self.syncing and time.time() < self._lease_until
+
+    def _begin_syncing(self, first: Batch) -> None:
+        self._inbox = asyncio.Queue()
         self._inbox.put_nowait(first)
-        self.spawn(self._supervise("dispatcher", self._dispatch_forever))
-        self.spawn(self._supervise("sync", self._sync_forever))
-        logger.info("matrix: serving as %s (device %s)", self.user_id, self.device_id)
+        self._sync_jobs = [
+            self.spawn(self._supervise("dispatcher", self._dispatch_forever)),
+            self.spawn(self._supervise("sync", self._sync_forever)),
+        ]
+
+    def _stop_syncing(self, why: str) -> None:
+        """Lost the lease: stop at once (another replica may sync already)."""
+        if not self.syncing:
+            return
+        self.syncing = False
+        self._lease_until = 0.0
+        for job in self._sync_jobs:
+            job.cancel()
+        self._sync_jobs = []
+        self._inbox = asyncio.Queue()
+        logger.warning("matrix: stopped syncing (%s); this replica is a standby now", why)
+
+    async def _abort_start(self) -> None:
+        """A failed start: no lease loop, no lease, no client."""
+        await self.stop()
+
+    async def _lease_forever(self) -> None:
+        """Renew the lease while syncing; as a standby (once started), try to
+        take it. Never raises: a failing step is logged and tried again."""
+        while self._leasing:
+            try:
+                if self.syncing:
+                    at = time.time()
+                    if await self.shared.renew_lease(LEASE_TTL_S):
+                        self._lease_until = at + LEASE_TTL_S
+                    else:
+                        self._stop_syncing("the sync lease expired or was taken over")
+                elif self.running:
+                    await self._standby_step()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the store is away: the lease may run out meanwhile
+                logger.warning("matrix: sync lease step failed: %s", exc)
+            if self.syncing and time.time() >= self._lease_until:
+                self._stop_syncing("the sync lease could not be renewed in time")
+            await asyncio.sleep(LEASE_EVERY_S)
+
+    async def _standby_step(self) -> None:
+        """Follow the shared session (the holder may have logged in again), and
+        take over when the lease is free."""
+        client = self.require_client()
+        if await self.shared.session_changed():
+            session = await self.shared.load_session(self.homeserver)
+            if (
+                session is not None
+                and session.access_token
+                and not self.settings.matrix_access_token
+            ):
+                client.access_token = session.access_token
+                self.device_id = session.device_id or self.device_id
+                client.device_id = self.device_id or ""
+                self._learned_token(session.access_token)
+        if not await self._take_lease():
+            return
+        try:
+            logger.info("matrix: took over syncing for %s", self.user_id)
+            if self.crypto.enabled and client.olm is None:
+                await self._start_crypto()
+            self.started_ms = now_ms()
+            self._begin_syncing(await self._first_sync())
+        except BaseException:
+            # Not syncing after all: give the lease back for another replica.
+            self.syncing = False
+            with contextlib.suppress(Exception):
+                await self.shared.release_lease()
+            raise
+
+    async def check_can_send(self, room_id: str) -> None:
+        """A standby cannot encrypt: refuse (MatrixNotHolder) to send into an
+        encrypted room instead of sending the text in the clear."""
+        if self.syncing:
+            return
+        encrypted = self._encrypted_rooms.get(room_id)
+        if encrypted is None:
+            response = await self.require_client().room_get_state_event(
+                room_id, "m.room.encryption"
+            )
+            if isinstance(response, RoomGetStateEventResponse):
+                encrypted = bool(response.content)
+            elif getattr(response, "status_code", None) == "M_NOT_FOUND":
+                encrypted = False
+            else:
+                raise NotHolder(
+                    f"cannot tell whether {room_id} is encrypted ({error_text(response)})"
+                )
+            self._encrypted_rooms[room_id] = encrypted
+        if encrypted:
+            raise NotHolder(
+                f"{room_id} is encrypted and this replica does not sync (cannot encrypt); "
+                "the replica holding the sync lease posts it"
+            )
 
     @property
     def encrypting(self) -> bool:
@@ -286,13 +514,21 @@ class MatrixConnection:
             logger.warning("matrix: key upload/query/claim failed (%s); retrying later", exc)
 
     async def stop(self) -> None:
-        """End every spawned job, then close the client."""
+        """End every spawned job, give the sync lease back (a standby takes over
+        at once instead of after its TTL), then close the client."""
         self.running = False
+        self._leasing = False
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=STOP_TIMEOUT)
+        if self.syncing:
+            self.syncing = False
+            try:
+                await self.shared.release_lease()
+            except Exception as exc:  # it expires by itself
+                logger.warning("matrix: could not release the sync lease: %s", exc)
         await self._close_client()
 
     def spawn(self, job: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
@@ -339,7 +575,7 @@ class MatrixConnection:
     async def _login(self) -> None:
         """Token from the environment, else the saved session, else the password."""
         client = self.require_client()
-        saved = await asyncio.to_thread(self.state.load_session, self.homeserver, self.user_id)
+        saved = await self.shared.load_session(self.homeserver)
         device_id = saved.device_id if saved else None
         if (
             self.crypto.enabled
@@ -432,8 +668,8 @@ class MatrixConnection:
 
     async def _save_session(self, session: Session) -> None:
         try:
-            await asyncio.to_thread(self.state.save_session, session)
-        except OSError as exc:
+            await self.shared.save_session(session)
+        except (OSError, StoreError) as exc:
             raise PlatformStartError(
                 f"Matrix: cannot write the session to {self.state.directory} ({exc}); it "
                 "lives next to DUCKLM_DB."
@@ -447,9 +683,10 @@ class MatrixConnection:
     async def _first_sync(self) -> Batch:
         """One sync before `start` returns, so a dead server fails the start."""
         client = self.require_client()
-        token = await asyncio.to_thread(self.state.load_sync_token, self.user_id)
+        # The database's position (the last batch any replica handled).
+        token, markers = await self.shared.load_sync()
         if token:
-            self.last_handled = await asyncio.to_thread(self.state.load_last_handled, self.user_id)
+            self.last_handled = markers
             # full_state rebuilds the rooms' state; the timeline still starts at
             # the token, so exactly the events we have not handled arrive (and a
             # `limited` room's gap is fetched back to the token).
@@ -490,7 +727,7 @@ class MatrixConnection:
     async def _sync_forever(self) -> None:
         client = self.require_client()
         failures = 0
-        while self.running:
+        while self.running and self.syncing:
             since = client.next_batch or None
             try:
                 response = await client.sync(timeout=SYNC_TIMEOUT_MS, since=since)
@@ -503,6 +740,9 @@ class MatrixConnection:
                 continue
             if isinstance(response, SyncResponse):
                 failures = 0
+                if not self.holds_lease():
+                    self._stop_syncing("the sync lease ran out during a sync")
+                    return
                 self._inbox.put_nowait(Batch(response, since=since))
                 await self._crypto_step()
                 synced, self._synced = self._synced, asyncio.Event()
@@ -527,8 +767,8 @@ class MatrixConnection:
     async def _relogin(self) -> bool:
         if not self.settings.matrix_password:
             return False
-        with contextlib.suppress(OSError):
-            await asyncio.to_thread(self.state.forget_access_token, self.homeserver, self.user_id)
+        with contextlib.suppress(Exception):
+            await self.shared.forget_access_token(self.homeserver)
         try:
             await self._password_login(self.device_id)
         except (PlatformStartError, aiohttp.ClientError, OSError, TimeoutError) as exc:
@@ -538,8 +778,14 @@ class MatrixConnection:
         return True
 
     async def _dispatch_forever(self) -> None:
+        inbox = self._inbox
         while True:
-            batch = await self._inbox.get()
+            batch = await inbox.get()
+            if not self.holds_lease():
+                # A pause outlived the lease: another replica may handle this
+                # stretch already; it is its to handle, from the stored token.
+                self._stop_syncing("the sync lease ran out before a batch was handled")
+                return
             for attempt in range(1, BATCH_ATTEMPTS + 1):
                 self._last_attempt = attempt == BATCH_ATTEMPTS
                 try:
@@ -562,16 +808,17 @@ class MatrixConnection:
                     )
                     await asyncio.sleep(delay)
             # Only now is the batch handled (every message accepted into the
-            # store), so only now may a restart skip it (M4).
+            # store), so only now may a restart (or the next holder) skip it (M4).
             try:
-                await asyncio.to_thread(
-                    self.state.save_sync_token,
-                    self.user_id,
-                    batch.response.next_batch,
-                    self.last_handled,
-                )
-            except OSError:
+                saved = await self.shared.save_sync(batch.response.next_batch, self.last_handled)
+            except StoreError:
                 logger.exception("matrix: cannot save the sync token")
+                continue
+            if not saved:
+                self._stop_syncing(
+                    "the sync lease was lost; the token stays where the new holder is"
+                )
+                return
 
     async def _handle_sync(self, batch: Batch) -> None:
         response = batch.response

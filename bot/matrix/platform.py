@@ -57,8 +57,13 @@ class MatrixPlatform(Platform, ChatBackend):
             on_access_token=lambda token: service.loop.redactor.add_literal(
                 token, "matrix-access-token"
             ),
+            # The session, sync token and sync lease live in the database, shared
+            # by every replica; this replica holds the lease as its replica id.
+            stores=service.runtime.stores,
+            holder=service.instance,
         )
         self.sender = MatrixSender(self.connection)
+        self.sender.metrics = getattr(service.runtime, "metrics", None)
         self.events = MatrixEvents(service, self.connection, self.sender, self)
         service.add_backend(self)
 
@@ -84,7 +89,22 @@ class MatrixPlatform(Platform, ChatBackend):
         server = (self.settings.matrix_user_id or "").strip().partition(":")[2]
         if server:
             self.service.policy.set_home(PLATFORM, server)
+        # Registered as a replica before the first message can make a task, so
+        # the tasks this process runs are owned by it from the start (#19).
+        await self.service.start()
         await self.connection.start(self.events)
+
+    async def connection_problem(self) -> str | None:
+        """For /readyz: a standby without the sync lease still sends, so it is fine."""
+        connection = self.connection
+        if connection.client is None or not connection.running:
+            return "the Matrix connection is stopped"
+        return None
+
+    @property
+    def syncing(self) -> bool:
+        """This replica holds the Matrix sync lease (the others are standbys)."""
+        return self.connection.syncing
 
     async def stop(self) -> None:
         await self.connection.stop()
@@ -93,11 +113,13 @@ class MatrixPlatform(Platform, ChatBackend):
     # -- ChatBackend ---------------------------------------------------------
 
     async def send(self, thread: Thread, text: str) -> str | None:
+        await self.connection.check_can_send(thread.channel)
         content = message_content(text)
         content["m.mentions"] = {}  # an answer quoting user ids must not ping them
         return await self.sender.post(thread, content)
 
     async def send_card(self, thread: Thread, card: ApprovalCard) -> str:
+        await self.connection.check_can_send(thread.channel)
         # Approvers in the room are mentioned, so the card notifies them.
         # Room for the approvers' pills, which are added after the clipping.
         content = with_mentions(
@@ -127,6 +149,7 @@ class MatrixPlatform(Platform, ChatBackend):
     async def resolve_card(
         self, thread: Thread, card_ref: str, card: ApprovalCard, resolution: CardResolution
     ) -> None:
+        await self.connection.check_can_send(thread.channel)
         # The edit carries the text twice (the fallback and m.new_content): half each.
         new = message_content(
             resolution_markdown(card, resolution), max_bytes=MAX_EVENT_CONTENT_BYTES // 2 - 500
@@ -151,6 +174,7 @@ class MatrixPlatform(Platform, ChatBackend):
 
     async def tell(self, thread: Thread, user: str, text: str) -> None:
         """Matrix has no private replies in a room: answer in the thread, with a mention."""
+        await self.connection.check_can_send(thread.channel)
         mxid = user.removeprefix(f"{PLATFORM}:")
         if not mxid.startswith("@"):
             await self.send(thread, text)

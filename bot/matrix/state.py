@@ -1,4 +1,18 @@
-"""What the Matrix bot keeps on disk between runs, next to the database.
+"""What the Matrix bot keeps between runs: in the database, shared by every
+replica (`SharedMatrixState`, issue #19), and mirrored in files next to it.
+
+In the database (shared_state, runtime/store/replicas.py), read first:
+
+    matrix-session:<user>   homeserver, user id, device id, access token: every
+                            replica uses the one device
+    matrix-sync:<user>      the sync token after the last handled batch and the
+                            per-room markers, written only by the holder of the
+                            `matrix-sync:<user>` lease (a fenced write), so the
+                            replica that takes over continues exactly there
+
+Files of an installation from before #19 are imported into the database once
+(when it has no value yet); afterwards the files are a local mirror, written
+after the database, for a downgrade and for people who look:
 
     <db-stem>-matrix/session.json   homeserver, user id, device id, access token (0600)
     <db-stem>-matrix/sync.json      the sync token (`next_batch`) after the last batch
@@ -17,6 +31,7 @@ Every file is written atomically (a temporary file, fsync, rename) with mode
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -24,7 +39,10 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from runtime.store.replicas import Lease, LeaseStore, StateStore
 
 logger = logging.getLogger("ducklm.matrix")
 
@@ -150,3 +168,159 @@ class MatrixState:
 
 def _norm_url(url: str) -> str:
     return url.strip().rstrip("/").lower()
+
+
+# -- the database's copy, shared by replicas (issue #19) -------------------------
+
+
+def lease_name(user_id: str) -> str:
+    """The lease of the one replica that syncs for `user_id`."""
+    return f"matrix-sync:{user_id}"
+
+
+def _session_from(data: dict[str, Any] | None, homeserver: str, user_id: str) -> Session | None:
+    if not data or data.get("user_id") != user_id:
+        return None
+    if _norm_url(str(data.get("homeserver", ""))) != _norm_url(homeserver):
+        return None
+    device_id = data.get("device_id")
+    token = data.get("access_token")
+    return Session(
+        homeserver=homeserver,
+        user_id=user_id,
+        device_id=device_id if isinstance(device_id, str) and device_id else None,
+        access_token=token if isinstance(token, str) and token else None,
+    )
+
+
+def _loads(text: str) -> dict[str, Any] | None:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        logger.warning("ignoring an unreadable shared Matrix value")
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class SharedMatrixState:
+    """The session, the sync position and the sync lease of one Matrix account,
+    in the database (see the module's docstring), for the replica `holder`."""
+
+    def __init__(
+        self,
+        state: StateStore,
+        leases: LeaseStore,
+        files: MatrixState,
+        user_id: str,
+        holder: str,
+    ) -> None:
+        self.state = state
+        self.leases = leases
+        self.files = files
+        self.user_id = user_id
+        self.holder = holder
+        self.lease = lease_name(user_id)
+        self._session_key = f"matrix-session:{user_id}"
+        self._sync_key = f"matrix-sync:{user_id}"
+        self.session_version: int | None = None  # of the session last read
+
+    # -- the lease -------------------------------------------------------------
+
+    async def take_lease(self, ttl: float) -> Lease | None:
+        """The sync lease for this replica if it is free or expired (or ours)."""
+        return await self.leases.acquire(self.lease, self.holder, ttl)
+
+    async def renew_lease(self, ttl: float) -> bool:
+        return await self.leases.renew(self.lease, self.holder, ttl)
+
+    async def release_lease(self) -> bool:
+        return await self.leases.release(self.lease, self.holder)
+
+    async def lease_holder(self) -> str | None:
+        lease = await self.leases.get(self.lease)
+        return None if lease is None else lease.holder
+
+    # -- the session -------------------------------------------------------------
+
+    async def load_session(self, homeserver: str) -> Session | None:
+        """The shared session for this account and homeserver; an old
+        session.json is imported once, when the database has none."""
+        found = await self.state.get(self._session_key)
+        if found is None:
+            legacy = await asyncio.to_thread(self.files.load_session, homeserver, self.user_id)
+            if legacy is None:
+                return None
+            await self.state.compare_and_set(self._session_key, json.dumps(asdict(legacy)), None)
+            found = await self.state.get(self._session_key)
+            if found is None:
+                return legacy
+            logger.info(
+                "matrix: session imported into the database from %s", self.files.session_path
+            )
+        self.session_version = found.version
+        return _session_from(_loads(found.value), homeserver, self.user_id)
+
+    async def session_changed(self) -> bool:
+        """Whether another replica wrote the session since it was last read here."""
+        found = await self.state.get(self._session_key)
+        return found is not None and found.version != self.session_version
+
+    async def save_session(self, session: Session) -> None:
+        self.session_version = await self.state.put(self._session_key, json.dumps(asdict(session)))
+        await asyncio.to_thread(self.files.save_session, session)
+
+    async def forget_access_token(self, homeserver: str) -> None:
+        session = await self.load_session(homeserver)
+        if session is not None and session.access_token:
+            await self.save_session(
+                Session(homeserver, self.user_id, device_id=session.device_id, access_token=None)
+            )
+
+    # -- the sync position ---------------------------------------------------------
+
+    async def load_sync(self) -> tuple[str | None, dict[str, str]]:
+        """The sync token and per-room markers; an old sync.json is imported once."""
+        found = await self.state.get(self._sync_key)
+        if found is None:
+            token = await asyncio.to_thread(self.files.load_sync_token, self.user_id)
+            if not token:
+                return None, {}
+            rooms = await asyncio.to_thread(self.files.load_last_handled, self.user_id)
+            imported = json.dumps({"next_batch": token, "rooms": rooms})
+            if await self.state.compare_and_set(self._sync_key, imported, None) is not None:
+                logger.info(
+                    "matrix: sync token imported into the database from %s", self.files.sync_path
+                )
+            found = await self.state.get(self._sync_key)
+            if found is None:
+                return token, rooms
+        data = _loads(found.value) or {}
+        token = data.get("next_batch")
+        rooms = data.get("rooms")
+        markers = (
+            {
+                room: event
+                for room, event in rooms.items()
+                if isinstance(room, str) and isinstance(event, str) and event
+            }
+            if isinstance(rooms, dict)
+            else {}
+        )
+        return (token if isinstance(token, str) and token else None), markers
+
+    async def save_sync(self, next_batch: str, last_handled: dict[str, str]) -> bool:
+        """Write the position, only while this replica holds the lease (one
+        fenced statement); False: the lease is lost, nothing was written."""
+        value = json.dumps({"next_batch": next_batch, "rooms": dict(last_handled)})
+        written = await self.state.put_if_holder(self._sync_key, value, self.lease, self.holder)
+        if written is None:
+            return False
+        try:
+            await asyncio.to_thread(
+                self.files.save_sync_token, self.user_id, next_batch, last_handled
+            )
+        except OSError as exc:  # the mirror only; the database has it
+            logger.warning(
+                "matrix: cannot mirror the sync token to %s: %s", self.files.sync_path, exc
+            )
+        return True
