@@ -12,6 +12,8 @@ The proxy's backends can be narrowed (`use(1)`) so that "one replica" and
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import shutil
 import subprocess
 import sys
@@ -32,6 +34,14 @@ from bench._common import (
 from bench._slackbot import APPROVER, LoopThread
 
 START_TIMEOUT = 60.0
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU time of the whole machine so far, from /proc/stat: the
+    difference of two readings says how busy every core was in between."""
+    fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
 
 
 class Replicas:
@@ -145,6 +155,16 @@ class Replicas:
     def use(self, count: int) -> None:
         """Let the proxy forward to the first `count` replicas only."""
         self.proxy.ports = self.ports[:count]
+
+    def replica_cpu(self) -> float:
+        """CPU seconds (user + system) the replica processes have used so far."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for process in self.processes:
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+        return total
 
     def alive(self) -> bool:
         return all(p.poll() is None for p in self.processes)

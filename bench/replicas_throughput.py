@@ -22,11 +22,12 @@ import argparse
 import asyncio
 import statistics
 import time
+from dataclasses import dataclass
 
 import aiohttp
 
 from bench._common import THINKER_MODEL, print_header, verdict
-from bench._replicas import Replicas
+from bench._replicas import Replicas, machine_busy
 from bench._slackbot import mention_body, post
 
 COMPLETED = "SELECT COUNT(*) FROM tasks WHERE status = 'completed'"
@@ -38,10 +39,18 @@ def decide(body: dict) -> str:
     return '{"actions": []}'
 
 
-async def burst(replicas: Replicas, session: aiohttp.ClientSession, size: int) -> float:
-    """Tasks per second for one burst of `size` mentions through the proxy."""
+@dataclass
+class Burst:
+    rate: float  # tasks/s
+    busy: float  # share of the machine's CPU time in use meanwhile (0..1), everyone's
+    cpu_ms: float  # replica CPU milliseconds per task
+
+
+async def burst(replicas: Replicas, session: aiohttp.ClientSession, size: int) -> Burst:
+    """One burst of `size` mentions through the proxy, until all are completed."""
     before = await replicas.count(COMPLETED)
     bodies = [mention_body(f"how is web-{i}?") for i in range(size)]
+    cpu, machine = replicas.replica_cpu(), machine_busy()
     started = time.perf_counter()
     results = await asyncio.wait_for(
         asyncio.gather(
@@ -53,7 +62,9 @@ async def burst(replicas: Replicas, session: aiohttp.ClientSession, size: int) -
     if bad:
         raise SystemExit(f"{len(bad)} deliveries were not acked with 200: {bad[:5]}")
     await replicas.wait_until(COMPLETED, before + size, 600)
-    return size / (time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    busy, total = (b - a for a, b in zip(machine, machine_busy(), strict=True))
+    return Burst(size / elapsed, busy / total, (replicas.replica_cpu() - cpu) * 1000 / size)
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -62,7 +73,7 @@ async def run(args: argparse.Namespace) -> None:
         print(f"   PostgreSQL {replicas.version}; replicas on ports {replicas.ports}")
         connector = aiohttp.TCPConnector(limit=0)
         timeout = aiohttp.ClientTimeout(total=60)
-        rates: dict[int, list[float]] = {1: [], 3: []}
+        rates: dict[int, list[Burst]] = {1: [], 3: []}
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
             for count in (1, 3):  # warm-up: imports, caches, pools, prepared statements
                 replicas.use(count)
@@ -76,16 +87,21 @@ async def run(args: argparse.Namespace) -> None:
         failed = await replicas.count("SELECT COUNT(*) FROM tasks WHERE status <> 'completed'")
 
     print()
+    median = {c: statistics.median(b.rate for b in rates[c]) for c in (1, 3)}
     for count in (1, 3):
-        each = ", ".join(f"{r:.1f}" for r in rates[count])
+        each = ", ".join(f"{b.rate:.1f}" for b in rates[count])
         label = "1 replica " if count == 1 else f"{count} replicas"
+        print(f"   {label}: {median[count]:6.1f} tasks/s (median; rounds: {each})")
+        cpu = ", ".join(f"{b.busy * 100:.0f}%" for b in rates[count])
+        per_task = ", ".join(f"{b.cpu_ms:.0f}" for b in rates[count])
         print(
-            f"   {label}: {statistics.median(rates[count]):6.1f} tasks/s (median; rounds: {each})"
+            f"   {'':<10}  machine CPU busy meanwhile (everyone's): {cpu}; "
+            f"replica CPU ms per task: {per_task}"
         )
     slots = args.concurrent_tasks / (2 * args.model_delay)
     print(f"   bound set by the slots alone: {slots:.1f} tasks/s per replica")
     print(f"   {total} tasks in all, {failed} not completed")
-    ratio = statistics.median(rates[3]) / statistics.median(rates[1])
+    ratio = median[3] / median[1]
     print()
     print(f"three replicas / one: {ratio:.2f}x -> {verdict(ratio >= 2.5)} (target: approach 3x)")
 
