@@ -1,0 +1,290 @@
+"""Two Matrix bots on one account and one database (issue #19), in process,
+against the real Synapse: only the holder of the sync lease syncs; when it stops
+(or vanishes) the other takes over from the sync token stored in the database
+(each bot has its own local directory, so nothing on disk can carry it), and
+every message is answered exactly once. Runs on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from bot.matrix.connection import LEASE_EVERY_S, LEASE_TTL_S
+from bot.matrix.platform import MatrixPlatform
+from bot.matrix.state import lease_name
+from bot.service import ChatService
+from runtime.factory import build_runtime
+from tests.conftest import make_settings
+from tests.fakes.openai_server import FakeModelServer
+from tests.fakes.synapse import MatrixUser, SynapseServer
+from tests.postgres import raw_execute, raw_rows
+from tests.test_matrix import (
+    PASSWORD,
+    Bot,
+    bot_events_in_thread,
+    bot_notice,
+    content_answers,
+    room_with_bot,
+)
+
+pytestmark = [pytest.mark.timeout(180), pytest.mark.backends("sqlite", "postgres")]
+
+# A standby notices a free lease within a renewal period, an expired one
+# within the TTL on top; generous for a loaded machine.
+TAKEOVER_S = LEASE_TTL_S + 10 * LEASE_EVERY_S + 10
+
+StartBot = Callable[..., Awaitable[Bot]]
+
+
+@pytest.fixture(scope="module")
+def people(synapse: SynapseServer) -> dict[str, str]:
+    return {name: synapse.register(synapse.unique(name), PASSWORD) for name in ("alice", "bob")}
+
+
+@pytest.fixture
+def duck(synapse: SynapseServer) -> str:
+    return synapse.register(synapse.unique("duck"), PASSWORD)
+
+
+@pytest_asyncio.fixture
+async def alice(synapse: SynapseServer, people: dict[str, str]) -> AsyncIterator[MatrixUser]:
+    user = await MatrixUser(synapse, people["alice"], PASSWORD).login()
+    try:
+        yield user
+    finally:
+        await user.close()
+
+
+@pytest_asyncio.fixture
+async def bob(synapse: SynapseServer, people: dict[str, str]) -> AsyncIterator[MatrixUser]:
+    user = await MatrixUser(synapse, people["bob"], PASSWORD).login()
+    try:
+        yield user
+    finally:
+        await user.close()
+
+
+@pytest_asyncio.fixture
+async def replicas(
+    tmp_path: Path,
+    db_target: str,
+    model_server: FakeModelServer,
+    synapse: SynapseServer,
+    duck: str,
+    people: dict[str, str],
+    clean_env: None,
+) -> AsyncIterator[StartBot]:
+    """Starts bots ("replicas") on one database, each with its own local directory."""
+    started: list[Bot] = []
+
+    async def start(name: str, **overrides: Any) -> Bot:
+        values: dict[str, Any] = {
+            "db": db_target,
+            "data_dir": tmp_path / name,
+            "replica_name": name,
+            "matrix_homeserver": synapse.base_url,
+            "matrix_user_id": duck,
+            "matrix_password": PASSWORD,
+            "matrix_encryption": False,
+            "approvers": [f"matrix:{people['alice']}"],
+            "admins": [f"matrix:{people['alice']}"],
+        }
+        values.update(overrides)
+        settings = make_settings(tmp_path / name, model_server.base_url, **values)
+        runtime = await build_runtime(settings)
+        service = ChatService(runtime)
+        platform = MatrixPlatform(service, runtime.settings)
+        try:
+            await platform.start()
+        except BaseException:
+            await service.close()
+            await runtime.close()
+            raise
+        bot = Bot(runtime, service, platform)
+        started.append(bot)
+        return bot
+
+    try:
+        yield start
+    finally:
+        for bot in reversed(started):
+            await bot.stop()
+
+
+async def until(check: Callable[[], Any], what: str, within: float = TAKEOVER_S) -> Any:
+    deadline = time.monotonic() + within
+    while True:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {within:.0f} s")
+        await asyncio.sleep(0.05)
+
+
+def holder_of(db_target: str, duck: str) -> str | None:
+    rows = raw_rows(
+        db_target,
+        "SELECT holder FROM leases WHERE name = ? AND expires_at > ?",
+        (lease_name(duck), time.time()),
+    )
+    return str(rows[0][0]) if rows else None
+
+
+async def settle(user: MatrixUser, seconds: float = 1.5) -> None:
+    """Let late duplicates (if any) arrive before counting: a bounded quiet spell."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        await user.sync(200)
+
+
+def answers(user: MatrixUser, duck: str, root: str) -> list[dict[str, Any]]:
+    return [e for e in bot_events_in_thread(user, duck, root) if "answer to" in str(e["content"])]
+
+
+async def test_one_syncs_and_the_other_takes_over_from_the_stored_token(
+    replicas: StartBot,
+    alice: MatrixUser,
+    bob: MatrixUser,
+    duck: str,
+    db_target: str,
+    model_server: FakeModelServer,
+    tmp_path: Path,
+) -> None:
+    first = await replicas("one")
+    second = await replicas("two")
+    # Exactly one syncs; both use the one device of the shared session.
+    assert [first.platform.syncing, second.platform.syncing] == [True, False]
+    assert first.platform.device_id == second.platform.device_id
+    assert holder_of(db_target, duck) == first.service.instance
+    # A standby writes nothing of the sync position to its own disk.
+    assert not second.platform.state.sync_path.exists()
+    content_answers(model_server)
+
+    room = await room_with_bot(alice, duck, bob)
+    asked = [await alice.say(room, "first question?", mention=duck)]
+    await alice.wait_for(bot_notice(duck, asked[0], "answer to: first question?"), "answer 1")
+    # Several lease periods later the standby is still a standby.
+    await asyncio.sleep(3 * LEASE_EVERY_S)
+    assert not second.platform.syncing
+    assert holder_of(db_target, duck) == first.service.instance
+
+    # The holder stops (a rolling deploy); a message arrives while nobody syncs.
+    await first.stop()
+    asked.append(await alice.say(room, "asked during the handover?", mention=duck))
+    await until(lambda: second.platform.syncing, "takeover by the standby")
+    assert holder_of(db_target, duck) == second.service.instance
+    asked.append(await bob.say(room, "asked after the handover?", mention=duck))
+    for root, text in zip(asked[1:], ("during the handover", "after the handover"), strict=True):
+        await alice.wait_for(bot_notice(duck, root, text), f"the answer {text}")
+
+    # The standby's own directory had no sync file when it took over: what it
+    # continued from was the database's token (else the message asked during
+    # the handover would have been history, never answered).
+    await settle(alice)
+    for root in asked:
+        assert len(answers(alice, duck, root)) == 1, root
+
+
+async def test_a_vanished_holder_is_replaced_after_its_lease_expires(
+    replicas: StartBot,
+    alice: MatrixUser,
+    bob: MatrixUser,
+    duck: str,
+    db_target: str,
+    model_server: FakeModelServer,
+) -> None:
+    first = await replicas("one")
+    second = await replicas("two")
+    content_answers(model_server)
+    room = await room_with_bot(alice, duck, bob)
+    before = await alice.say(room, "before the crash?", mention=duck)
+    await alice.wait_for(bot_notice(duck, before, "answer to"), "the first answer")
+
+    # The holder vanishes (as if SIGKILLed): its jobs end, nothing is released.
+    connection = first.platform.connection
+    connection.running = False
+    connection._leasing = False
+    for job in list(connection._tasks):
+        job.cancel()
+    await asyncio.gather(*connection._tasks, return_exceptions=True)
+    gone_at = time.monotonic()
+    during = await alice.say(room, "asked while nobody syncs?", mention=duck)
+    await until(lambda: second.platform.syncing, "the takeover after the lease expired")
+    # Not before the dead holder's lease ran out (it never released it).
+    assert time.monotonic() - gone_at >= LEASE_TTL_S - 2 * LEASE_EVERY_S
+    after = await bob.say(room, "and after?", mention=duck)
+    await alice.wait_for(bot_notice(duck, during, "answer to"), "the answer asked in between")
+    await alice.wait_for(bot_notice(duck, after, "answer to"), "the answer after")
+    await settle(alice)
+    for root in (before, during, after):
+        assert len(answers(alice, duck, root)) == 1, root
+
+
+async def test_a_holder_that_loses_its_lease_stops_syncing_at_once(
+    replicas: StartBot,
+    alice: MatrixUser,
+    bob: MatrixUser,
+    duck: str,
+    db_target: str,
+    model_server: FakeModelServer,
+) -> None:
+    first = await replicas("one")
+    second = await replicas("two")
+    content_answers(model_server)
+    room = await room_with_bot(alice, duck, bob)
+    # Someone else holds the lease now (as after a long pause of the holder).
+    raw_execute(
+        db_target,
+        "UPDATE leases SET holder = ?, expires_at = ? WHERE name = ?",
+        ("intruder", time.time() + 3600, lease_name(duck)),
+    )
+    await until(lambda: not first.platform.syncing, "the holder to stop", within=10)
+    token_before = raw_rows(
+        db_target, "SELECT version FROM shared_state WHERE key = ?", (f"matrix-sync:{duck}",)
+    )
+    ignored = await alice.say(room, "nobody may handle this yet", mention=duck)
+    await asyncio.sleep(3 * LEASE_EVERY_S)
+    assert not first.platform.syncing and not second.platform.syncing
+    assert bot_events_in_thread(alice, duck, ignored) == []
+    # Neither wrote the sync token while not holding the lease.
+    assert (
+        raw_rows(
+            db_target, "SELECT version FROM shared_state WHERE key = ?", (f"matrix-sync:{duck}",)
+        )
+        == token_before
+    )
+    # The intruder goes: one of the two takes over and the message is answered, once.
+    raw_execute(db_target, "DELETE FROM leases WHERE name = ?", (lease_name(duck),))
+    await until(lambda: first.platform.syncing or second.platform.syncing, "a replica to take over")
+    assert not (first.platform.syncing and second.platform.syncing)
+    await alice.wait_for(bot_notice(duck, ignored, "answer to"), "the answer after the pause")
+    await settle(alice)
+    assert len(answers(alice, duck, ignored)) == 1
+
+
+async def test_with_encryption_a_standby_without_the_crypto_store_refuses_to_take_over(
+    replicas: StartBot,
+    duck: str,
+    db_target: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pytest.importorskip("vodozemac")
+    first = await replicas("one", matrix_encryption=True)
+    second = await replicas("two", matrix_encryption=True)
+    assert first.platform.syncing and not second.platform.syncing
+    caplog.set_level(logging.ERROR, logger="ducklm.matrix")
+    await first.stop()
+    await asyncio.sleep(LEASE_TTL_S + 3 * LEASE_EVERY_S)
+    assert not second.platform.syncing
+    assert holder_of(db_target, duck) is None
+    assert any("cannot take over syncing" in r.getMessage() for r in caplog.records)
