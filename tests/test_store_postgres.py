@@ -578,3 +578,26 @@ async def test_without_asyncpg_a_url_is_a_clear_error(monkeypatch: pytest.Monkey
     with pytest.raises(StoreError, match="needs the asyncpg package") as caught:
         await Database.open("postgresql://u:s3cret-pw@127.0.0.1/d")
     assert "s3cret-pw" not in str(caught.value)
+
+
+async def test_a_stale_head_guess_is_caught_and_the_chain_stays_valid(
+    pair: tuple[Stores, Stores],
+) -> None:
+    one, two = pair
+    task = await one.tasks.create_task("q")
+    await one.events.append(task.task_id, "a")  # one's guess: seq 1
+    await two.events.append(task.task_id, "b")  # written behind one's back: seq 2
+    third = await one.events.append(task.task_id, "c")
+    assert third.seq == 3
+    with pytest.raises(RuntimeError):
+        async with one.db.transaction():
+            await one.events.append(task.task_id, "rolled back")  # guess 4, never committed
+            raise RuntimeError("undo")
+    fourth = await one.events.append(task.task_id, "d")
+    assert fourth.seq == 4
+    global_one = await one.events.append(None, "g1")
+    global_two = await two.events.append(None, "g2")
+    assert (global_one.seq, global_two.seq) == (1, 2)
+    assert [e.event_type for e in await two.events.list_events(task.task_id)] == list("abcd")
+    result = await verify(two.db)
+    assert result.ok, result.failures

@@ -29,6 +29,45 @@ def same_task(task_id: str | None) -> tuple[str, tuple[str, ...]]:
     return ("task_id IS NULL", ()) if task_id is None else ("task_id = ?", (task_id,))
 
 
+# PostgreSQL: how many chains' heads an EventStore remembers (a few hundred bytes each).
+HEADS_KEPT = 4096
+# One event row of the PostgreSQL INSERT … SELECT: typed, because in a VALUES list
+# under a SELECT PostgreSQL cannot infer the parameters' types from the columns.
+_TYPED_ROW = (
+    "(CAST(? AS TEXT), CAST(? AS INTEGER), CAST(? AS TEXT), CAST(? AS TEXT), "
+    "CAST(? AS DOUBLE PRECISION), CAST(? AS TEXT))"
+)
+
+
+def _chained(
+    task_id: str | None,
+    last: int,
+    prev: str | None,
+    events: Sequence[NewEvent],
+    texts: Sequence[str],
+    times: Sequence[float],
+) -> tuple[list[Any], list[Event]]:
+    """The rows (flat parameters) and Events of `events` appended after the head
+    (last, prev), each hashed onto the one before (runtime/store/chain.py)."""
+    params: list[Any] = []
+    written: list[Event] = []
+    for n, ((event_type, _), text, ts) in enumerate(zip(events, texts, times, strict=True), 1):
+        seq = last + n
+        prev = event_hash(prev, task_id, seq, event_type, text, ts)
+        params += (task_id, seq, event_type, text, ts, prev)
+        written.append(
+            Event(
+                task_id=task_id,
+                seq=seq,
+                event_type=event_type,
+                payload=load_json(text, {}),  # what was stored, not the caller's object
+                created_at=to_datetime(ts),
+                hash=prev,
+            )
+        )
+    return params, written
+
+
 def _as_payload(payload: Any) -> dict[str, Any]:
     if payload is None:
         return {}
@@ -52,6 +91,9 @@ def _event(row: sqlite3.Row) -> Event:
 class EventStore:
     def __init__(self, db: Database) -> None:
         self.db = db
+        # PostgreSQL: the last (seq, hash) this store wrote per chain, a guess
+        # of the head that saves reading it (see `_append_postgres`).
+        self._heads: dict[str | None, tuple[int, str | None]] = {}
 
     async def append(
         self, task_id: str | None, event_type: str, payload: Mapping[str, Any] | None = None
@@ -129,38 +171,58 @@ class EventStore:
         times: Sequence[float],
     ) -> list[Event]:
         """PostgreSQL cannot run the chain's Python function inside the INSERT, so
-        the hashes are computed here, from the head read under the chain's
-        advisory lock (held to the end of the transaction): two processes
-        appending to one task take turns, and each reads the other's last event.
-        The result is the same rows SQLite's one statement writes."""
-        where, key = same_task(task_id)
+        the hashes are computed here from the chain's head (seq, hash), and the
+        INSERT writes them only if that is still the head, checked under the
+        chain's advisory lock: `ducklm_chain_at` (runtime/store/pg_baseline.py)
+        takes the lock (held to the end of the transaction) and then compares
+        the head with a fresh snapshot, so a process appending at the same time
+        either went first (the check fails, the head is read again) or waits.
+
+        The head comes from this store's last append to the chain when there
+        was one (a task's events are mostly written by the replica running it),
+        else it is guessed empty (a new task): then an append is one statement.
+        A wrong guess (another process wrote, a transaction rolled back) costs
+        one read and a second try; should that
+        lose a race too, the append takes the lock first and reads the head
+        under it, which cannot fail. The rows are the same as SQLite's."""
+        # A chain this store has not written to yet is guessed empty: right for a
+        # new task (the usual first append), and a wrong guess costs no more
+        # than reading the head first would have, plus one failed check.
+        guess = self._heads.get(task_id, (0, None))
+        for _ in range(2):
+            params, written = _chained(task_id, *guess, events, texts, times)
+            rows = await self.db.fetchall(
+                f"INSERT INTO events ({_COLUMNS}, hash) SELECT * FROM (VALUES "
+                + ", ".join([_TYPED_ROW] * len(events))
+                + ") AS new WHERE (SELECT ducklm_chain_at(?, ?, ?)) RETURNING seq",
+                (*params, chain_lock_key(task_id), task_id, guess[0]),
+            )
+            if rows:
+                self._remember(task_id, written[-1])
+                return written
+            guess = await self._head(task_id)
         async with self.db.transaction():
             await self.db.fetchall("SELECT pg_advisory_xact_lock(?)", (chain_lock_key(task_id),))
-            head = await self.db.fetchone(
-                f"SELECT seq, hash FROM events WHERE {where} ORDER BY seq DESC LIMIT 1", key
-            )
-            last, prev = (int(head["seq"]), head["hash"]) if head is not None else (0, None)
-            params: list[Any] = []
-            written: list[Event] = []
-            for n, ((event_type, _), text, ts) in enumerate(
-                zip(events, texts, times, strict=True), 1
-            ):
-                seq = last + n
-                prev = event_hash(prev, task_id, seq, event_type, text, ts)
-                params += (task_id, seq, event_type, text, ts, prev)
-                written.append(
-                    Event(
-                        task_id=task_id,
-                        seq=seq,
-                        event_type=event_type,
-                        payload=load_json(text, {}),
-                        created_at=to_datetime(ts),
-                        hash=prev,
-                    )
-                )
+            params, written = _chained(task_id, *await self._head(task_id), events, texts, times)
             values = ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(events))
             await self.db.execute(f"INSERT INTO events ({_COLUMNS}, hash) VALUES {values}", params)
+        self._remember(task_id, written[-1])
         return written
+
+    async def _head(self, task_id: str | None) -> tuple[int, str | None]:
+        """The chain's last (seq, hash) as stored ((0, None): no event yet)."""
+        where, key = same_task(task_id)
+        row = await self.db.fetchone(
+            f"SELECT seq, hash FROM events WHERE {where} ORDER BY seq DESC LIMIT 1", key
+        )
+        return (int(row["seq"]), row["hash"]) if row is not None else (0, None)
+
+    def _remember(self, task_id: str | None, last: Event) -> None:
+        heads = self._heads
+        heads.pop(task_id, None)
+        heads[task_id] = (last.seq, last.hash)
+        if len(heads) > HEADS_KEPT:
+            del heads[next(iter(heads))]  # the chain appended to longest ago
 
     async def _append_in_chunks(
         self, task_id: str | None, events: Sequence[NewEvent], times: Sequence[float]

@@ -20,6 +20,8 @@ differences, each for a reason:
   next_fire_at in the row being written, which is what SQLite's AFTER trigger
   does with a second UPDATE.
 - The keyset indexes include rowid (what the queries order by after the time).
+- One function SQLite does without: `ducklm_chain_at`, the audit chain's
+  check-under-lock (SQLite computes the chain inside its INSERT instead).
 """
 
 from __future__ import annotations
@@ -206,4 +208,22 @@ POSTGRES_BASELINE: tuple[str, ...] = (
     "CREATE INDEX inbox_open ON inbox (received_at, rowid) WHERE done_at IS NULL",
     "CREATE INDEX inbox_done ON inbox (done_at) WHERE done_at IS NOT NULL",
     "CREATE INDEX inbox_task ON inbox (task_id) WHERE task_id IS NOT NULL",
+    # The audit chain's check (runtime/store/events.py): take the chain's advisory
+    # lock (to the end of the transaction), then tell whether `expected` is still
+    # the chain's last seq. PL/pgSQL because a volatile function's query gets a
+    # fresh snapshot: it sees what a process holding the lock before committed,
+    # which a plain subquery of the INSERT (its snapshot taken before the lock
+    # was granted) would not.
+    """
+    CREATE FUNCTION ducklm_chain_at(lock_key BIGINT, chain_task TEXT, expected INTEGER)
+    RETURNS BOOLEAN LANGUAGE plpgsql VOLATILE AS $$
+    BEGIN
+        PERFORM pg_advisory_xact_lock(lock_key);
+        IF chain_task IS NULL THEN
+            RETURN COALESCE((SELECT max(seq) FROM events WHERE task_id IS NULL), 0) = expected;
+        END IF;
+        RETURN COALESCE((SELECT max(seq) FROM events WHERE task_id = chain_task), 0) = expected;
+    END
+    $$
+    """,
 )
