@@ -7,8 +7,11 @@ What is due lives in the store (issue #23): each pending approval has a
 and is woken when something changes (a new approval, a schedule added or
 resumed); at most every POLL_S seconds it looks again anyway, for changes made
 by another process (every SHARED_POLL_S on PostgreSQL, where other replicas
-create approvals and schedules this process is never woken for). So start-up arms the same few timers whether nothing or a
-hundred thousand things are pending, and nothing here walks every row.
+create approvals and schedules this process is never woken for). So start-up
+arms the same few timers whether nothing or a hundred thousand things are
+pending, and nothing here walks every row. Escalations (issue #20) have their
+own due time (`escalate_at`, planned from the approval's channel) on the
+approvals timer.
 
 Each fire is claimed in the store by compare-and-set on the old due time
 before anything is done (`claim_due`, `claim_fire`): of two processes looking
@@ -274,9 +277,15 @@ class Scheduler:
                 self.service.remind_approval if step == "remind" else self.service.expire_approval
             )
             self._spawn(self._approval_action(action, approval.approval_id), self._actions)
+        # Escalations share this timer: the next wake is the earliest of
+        # reminder, expiry and escalation.
+        escalation = await self._escalations_round()
         if len(batch) == BATCH:
             return now  # more are due already
-        return await self.approvals_store.earliest_due()
+        earliest = await self.approvals_store.earliest_due()
+        if escalation is None or earliest is None:
+            return escalation if earliest is None else earliest
+        return min(earliest, escalation)
 
     async def _approval_action(
         self, action: Callable[[str], Awaitable[None]], approval_id: str
@@ -287,6 +296,37 @@ class Scheduler:
             logger.exception("timed work on approval %s failed", approval_id)
         finally:
             self._slots.release()
+
+    # -- escalation (issue #20) ------------------------------------------------
+
+    async def _escalations_round(self) -> float | None:
+        """Escalations, timed from the store like reminders (approvals.escalate_at,
+        its own index): a pending approval's 0 is planned from its channel's
+        escalate_after (None: never), a time that has come is claimed by
+        compare-and-set (one replica) and escalated once. A restart re-arms it."""
+        approvals = self.service.approvals
+        now = time.time()
+        batch = await approvals.escalations_due(now, BATCH)
+        for n, due in enumerate(batch, 1):
+            if n % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+            if due.escalate_at == 0:
+                after = None
+                if self.service.policy.any_escalation:  # else no channel escalates
+                    where = await self.service.policy_of_task(due.task_id)
+                    after = where.escalate_after if where.escalate_to else None
+                at = None if after is None else due.created_at + after
+                await approvals.claim_escalation(due.approval_id, 0, at)
+                continue
+            if await approvals.claim_escalation(due.approval_id, due.escalate_at, None):
+                await self._slots.acquire()
+                self._spawn(
+                    self._approval_action(self.service.escalate_approval, due.approval_id),
+                    self._actions,
+                )
+        if len(batch) == BATCH:
+            return now
+        return await approvals.earliest_escalation()
 
     # -- scheduled prompts ----------------------------------------------------
 

@@ -575,11 +575,47 @@ class ChatService:
         ]
         who = ", ".join(people) if people else "approvers"
         expiry = f" It expires at {when(approval.expires_at)}." if approval.expires_at else ""
+        # Timed work is on the audit trail like every decision (issue #20).
+        await self._safely(
+            self.events.append(approval.task_id, "approval_reminded", {"approval_id": approval_id})
+        )
         await self._safely(
             backend.send(
                 thread,
                 f"Reminder for {who}: `{clip(self.shown_command(approval), 200)}` is still "
                 f"waiting for approval.{expiry}",
+            )
+        )
+
+    async def escalate_approval(self, approval_id: str) -> None:
+        """Once, while still pending: call the channel's escalation approvers
+        (`escalate_to`) in the approval's thread; from then on they may decide it
+        as approvers of that channel (issue #20)."""
+        approval = await self.approvals.get(approval_id)
+        if approval is None or approval.decision is not None:
+            return
+        thread = await self.thread_of(approval.task_id)
+        if thread is None:
+            return
+        where = await self.policy_of_task(approval.task_id)
+        if not where.escalate_to:
+            return
+        if not await self.approvals.escalate(approval_id, sorted(where.escalate_to)):
+            return  # escalated already (another replica, or before a restart)
+        backend = self.backends[thread.platform]
+        people = [
+            backend.mention(user)
+            for user in sorted(where.escalate_to)
+            if user.startswith(f"{thread.platform}:")
+        ]
+        waited = duration(time.time() - approval.created_at.timestamp())
+        await self._safely(
+            backend.send(
+                thread,
+                f"Escalation for {', '.join(people) or 'the escalation approvers'}: "
+                f"`{clip(self.shown_command(approval), 200)}` has waited {waited} for "
+                "approval. You may decide it now: the buttons, or reply `approve`, "
+                "`deny <reason>` or `edit <command>` here.",
             )
         )
 
