@@ -803,16 +803,28 @@ async def test_killed_between_the_approval_and_the_wait_leaves_nothing_pending(
 
 # -- recovery in pages (issue #23): more than a page of each kind, all of it, once --
 
-PAGE = 200
-MANY = 450  # two full pages and a part
+
+@dataclass(frozen=True)
+class Pages:
+    """The page size recovery reads with, and how many rows of each kind a test
+    makes: two full pages and a part. PostgreSQL gets the same shape at a fifth of
+    the size: each row costs it a few network round trips (a paging test of 450
+    rows took 35 s there against 7 s on SQLite), and paging is about the shape."""
+
+    page: int
+    many: int
+
+    def numbers(self, base: int) -> list[int]:
+        return list(range(base, base + self.many))
 
 
 @pytest.fixture
-def small_pages(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> int:
-    """Pages of PAGE rows, and no flood limits (one asker sends MANY messages)."""
+def small_pages(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> Pages:
+    """Pages of `page` rows, and no flood limits (one asker sends `many` messages)."""
     import bot.recovery
 
-    monkeypatch.setattr(bot.recovery, "PAGE_SIZE", PAGE)
+    pages = Pages(40, 90) if settings.db_is_postgres else Pages(200, 450)
+    monkeypatch.setattr(bot.recovery, "PAGE_SIZE", pages.page)
     for name, value in (
         ("user_max_tasks", 0),
         ("channel_max_tasks", 0),
@@ -820,11 +832,7 @@ def small_pages(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> int:
         ("channel_rate", None),
     ):
         monkeypatch.setattr(settings, name, value)
-    return PAGE
-
-
-def many(base: int) -> list[int]:
-    return list(range(base, base + MANY))
+    return pages
 
 
 async def test_store_pages_hold_at_most_a_page_and_miss_nothing(db_target: str) -> None:
@@ -875,16 +883,16 @@ async def test_store_pages_hold_at_most_a_page_and_miss_nothing(db_target: str) 
 
 
 async def test_interrupted_tasks_and_owed_answers_are_carried_out_in_pages(
-    start: Start, small_pages: int
+    start: Start, small_pages: Pages
 ) -> None:
     first = await start()
     tasks = first.runtime.stores.tasks
     running, finished = {}, {}
-    for n in many(1000):
+    for n in small_pages.numbers(1000):
         task = await tasks.create_task(f"question {n}", conversation=key(n))
         assert await tasks.update_status(task.task_id, "running")
         running[n] = task.task_id
-    for n in many(2000):
+    for n in small_pages.numbers(2000):
         task = await tasks.create_task(f"question {n}", conversation=key(n))
         assert await tasks.complete_task(task.task_id, f"answer {n}")
         finished[n] = task.task_id
@@ -900,47 +908,47 @@ async def test_interrupted_tasks_and_owed_answers_are_carried_out_in_pages(
         assert task is not None and task.status == "interrupted"
     for n in finished:
         assert second.chat.texts(key(n)) == [f"answer {n}"], n
-    assert len(second.chat.sent) == 2 * MANY
+    assert len(second.chat.sent) == 2 * small_pages.many
     await second.service.recover()
     await second.service.recover_periodically()
     await second.service.drain()
-    assert len(second.chat.sent) == 2 * MANY  # a second round does nothing
+    assert len(second.chat.sent) == 2 * small_pages.many  # a second round does nothing
     for task_id in running.values():
         assert (await event_types(second.runtime, task_id)).count("task_interrupted") == 1
 
 
 async def test_open_inbox_rows_are_carried_out_in_pages(
-    start: Start, crash: CrashPoints, model: FakeModelServer, small_pages: int
+    start: Start, crash: CrashPoints, model: FakeModelServer, small_pages: Pages
 ) -> None:
     model.set_default(THINKER, Text("web-1 is up"))
     first = await start()
-    for n in many(3000):
+    for n in small_pages.numbers(3000):
         crash.at = "message_recorded"
         with pytest.raises(Crash):
             await first.service.accept(message(n, "is web-1 up?"))
     await kill(first)
 
     second = await start()
-    assert await second.runtime.stores.inbox.count_open() == MANY
+    assert await second.runtime.stores.inbox.count_open() == small_pages.many
     await second.service.recover()
     await second.service.drain()
-    for n in many(3000):
+    for n in small_pages.numbers(3000):
         assert second.chat.texts(key(n)) == ["web-1 is up"], n
         await only_task(second.runtime, n)
     assert await second.runtime.stores.inbox.count_open() == 0
     await second.service.recover()
     await second.service.recover_periodically()
     await second.service.drain()
-    assert len(second.chat.sent) == MANY
-    for n in many(3000):
+    assert len(second.chat.sent) == small_pages.many
+    for n in small_pages.numbers(3000):
         await only_task(second.runtime, n)
 
 
 async def test_lagging_cards_and_decisions_are_carried_out_in_pages(
-    start: Start, crash: CrashPoints, model_server: FakeModelServer, small_pages: int
+    start: Start, crash: CrashPoints, model_server: FakeModelServer, small_pages: Pages
 ) -> None:
     script_approval(model_server, "echo once >> effects.log", answer="not run")
-    numbers = many(4000)
+    numbers = small_pages.numbers(4000)
     first = await start()
     first.chat.down = True  # every card fails to post: all of them lag
     for n in numbers:
@@ -953,7 +961,9 @@ async def test_lagging_cards_and_decisions_are_carried_out_in_pages(
     await second.service.recover()
     await second.service.drain()
     cards = {k: card for k, card, _ in second.chat.cards}
-    assert len(second.chat.cards) == MANY and sorted(cards) == sorted(key(n) for n in numbers)
+    assert len(second.chat.cards) == small_pages.many and sorted(cards) == sorted(
+        key(n) for n in numbers
+    )
     for card in cards.values():  # each decision commits, and the process dies at once
         crash.at = "decision_recorded"
         with pytest.raises(Crash):
@@ -965,10 +975,10 @@ async def test_lagging_cards_and_decisions_are_carried_out_in_pages(
     for _ in range(2):  # and once more: nothing changes the second time
         await third.service.recover()
         await third.service.drain()
-        assert sorted(d for _, d in third.chat.resolved) == ["deny"] * MANY
-        assert len({ref for ref, _ in third.chat.resolved}) == MANY
+        assert sorted(d for _, d in third.chat.resolved) == ["deny"] * small_pages.many
+        assert len({ref for ref, _ in third.chat.resolved}) == small_pages.many
         for n in numbers:
             assert third.chat.texts(key(n)) == ["not run"], n
             task = await third.runtime.stores.tasks.get_task(await only_task(third.runtime, n))
             assert task is not None and task.status == "completed"
-    assert len(third.chat.cards) == MANY  # no card posted twice
+    assert len(third.chat.cards) == small_pages.many  # no card posted twice
