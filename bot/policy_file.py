@@ -39,8 +39,8 @@ _TEAM = re.compile(r"[TE][A-Z0-9]+")
 _SECTION = re.compile(r"slack:(?:(?P<team>[TE][A-Z0-9]+)/)?(?P<slack>[CGD][A-Z0-9]+)|matrix:!\S+")
 
 RISKS = ("low", "medium", "high", "critical", "off")
-# Keys of issue #20 that a later change brings; named so the error says so.
-_NOT_YET = ("quorum", "escalate_after", "escalate_to")
+# The most approvers a quorum may ask for (more is a typo, not a policy).
+MAX_QUORUM = 10
 
 
 def _user(value: str) -> str:
@@ -82,6 +82,36 @@ def _risk(value: str) -> str:
     return value
 
 
+def _quorum_risk(value: str) -> str:
+    value = value.strip().lower()
+    if value not in RISKS[:-1]:
+        raise ValueError(f"not a risk level: {value!r} (use {', '.join(RISKS[:-1])})")
+    return value
+
+
+def _quorum_count(value: int) -> int:
+    if not 1 <= value <= MAX_QUORUM:
+        raise ValueError(f"a quorum counts 1 to {MAX_QUORUM} approvers, not {value}")
+    return value
+
+
+def _escalate_after(value: object) -> object:
+    """`30m`, `2h`, a number of seconds, or `off` (no escalation in this section)."""
+    if value is False:  # YAML 1.1 reads a bare `off` as false
+        return "off"
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if value <= 0:
+            raise ValueError("must be above 0 seconds (or `off`)")
+        return float(value)
+    if isinstance(value, str):
+        if value.strip().lower() in ("off", "none"):
+            return "off"
+        from runtime.settings import parse_duration
+
+        return parse_duration(value)
+    raise ValueError(f"must be a duration such as 30m or 2h, or off, not {_shown(value)}")
+
+
 def _section_key(value: str) -> str:
     if not _SECTION.fullmatch(value):
         raise ValueError(
@@ -96,6 +126,9 @@ ToolName = Annotated[str, AfterValidator(_tool)]
 Risk = Annotated[str, BeforeValidator(_yaml_off), AfterValidator(_risk)]
 Team = Annotated[str, AfterValidator(_team)]
 SectionKey = Annotated[str, AfterValidator(_section_key)]
+QuorumRisk = Annotated[str, AfterValidator(_quorum_risk)]
+QuorumCount = Annotated[int, AfterValidator(_quorum_count)]
+EscalateAfter = Annotated[float | Literal["off"], BeforeValidator(_escalate_after)]
 
 
 class Section(BaseModel):
@@ -110,6 +143,11 @@ class Section(BaseModel):
     schedulers: list[User] | None = None
     four_eyes_risk: Risk | None = None
     tools: list[ToolName] | None = None
+    # Issue #20, part 2: distinct approvers per risk level (`{ high = 2 }`), and
+    # who is called in (`escalate_to`) when an approval waits `escalate_after`.
+    quorum: dict[QuorumRisk, QuorumCount] | None = None
+    escalate_after: EscalateAfter | None = None
+    escalate_to: list[User] | None = None
 
 
 class ChannelSection(Section):
@@ -335,8 +373,6 @@ def _message(error: Any) -> tuple[Loc, str]:
     kind = error["type"]
     if kind == "extra_forbidden":
         name = str(loc[-1]) if loc else ""
-        if name in _NOT_YET:
-            return loc, f"unknown key {name!r}: quorum and escalation are not supported yet"
         model = {1: PolicyDocument, 2: Section}.get(len(loc), ChannelSection)
         allowed = sorted(model.model_fields)
         return loc, f"unknown key {name!r} (allowed here: {', '.join(allowed)})"
@@ -345,7 +381,9 @@ def _message(error: Any) -> tuple[Loc, str]:
         wanted = {
             "string_type": "a string",
             "list_type": "a list",
-            "dict_type": "a table of sections",
+            "dict_type": "a table of risk = count"
+            if loc and loc[-1] == "quorum"
+            else "a table of sections",
             "model_type": "a table (section)",
         }[kind]
         message = f"must be {wanted}, not {_shown(error.get('input'))}"

@@ -67,7 +67,7 @@ def test_every_error_of_the_bad_toml_file_names_its_line_and_key() -> None:
         (6, "default.four_eyes_risk"),
         (11, 'channels."slack:CPROD0001".approvers[1]'),
         (13, 'channels."slack:CPROD0001".tools[1]'),
-        (14, 'channels."slack:CPROD0001".quorum'),
+        (14, 'channels."slack:CPROD0001".quorum.high'),
         (15, 'channels."slack:CPROD0001".workspace'),
         (18, 'channels."slack:CSTAGE001".admins'),
         (19, 'channels."slack:CSTAGE001".escalate_after'),
@@ -79,7 +79,8 @@ def test_every_error_of_the_bad_toml_file_names_its_line_and_key() -> None:
     assert "must be one of low, medium, high, critical, off" in text
     assert "not a user id: 'bob'" in text
     assert "no tool is called 'rm_rf'" in text and "shell_exec_safe" in text
-    assert "'quorum': quorum and escalation are not supported yet" in text
+    assert "a quorum counts 1 to 10 approvers, not 0" in text
+    assert "not a duration: '30 parsecs'" in text
     assert "no-such-dir does not exist" in text
     assert "must be a list, not 'slack:UADMIN001'" in text
     assert "not a channel: '#general'" in text
@@ -94,7 +95,7 @@ def test_every_error_of_the_bad_yaml_file_names_its_line_and_key() -> None:
         (5, "default.four_eyes_risk"),
         (10, 'channels."slack:CPROD0001".approvers[1]'),
         (11, 'channels."slack:CPROD0001".tools[1]'),
-        (12, 'channels."slack:CPROD0001".quorum'),
+        (13, 'channels."slack:CPROD0001".quorum.high'),
         (16, 'channels."slack:CSTAGE001".escalate_after'),
         (17, 'channels."slack:CSTAGE001".admins'),  # given twice
         (18, 'channels."#general"'),
