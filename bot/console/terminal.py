@@ -19,6 +19,7 @@ from bot.console.completion import candidates
 from bot.console.format import render_card
 from bot.console.output import Output
 from bot.console.reader import LineReader, history_path
+from bot.edits import edited_text, parse_edit, vote_counted_text
 from bot.policy import AccessPolicy, Actor
 from runtime.approvals import ApprovalError
 from runtime.factory import Runtime
@@ -142,6 +143,10 @@ class Console:
             if reply is not None:
                 await self._decide(reply)
                 return
+            edit = parse_edit(line)
+            if edit is not None:  # approve with an edit (issue #20)
+                await self._edit(edit)
+                return
         if line.startswith(("/duck", "!duck")):
             await self._command(line.split(None, 1)[1] if " " in line else "")
             return
@@ -194,12 +199,19 @@ class Console:
     async def _decide(self, reply: c.DecisionReply) -> None:
         assert self.pending is not None and self.pending_task is not None
         pending, task_id = self.pending, self.pending_task
+        # The operator may decide, but quorum counts people: the console is one.
+        needed = self.where.quorum_for(pending.risk_level)
         try:
             outcome = await self.runtime.approvals.decide(
-                pending.approval_id, reply.decision, self.actor.id, reply.note
+                pending.approval_id, reply.decision, self.actor.id, reply.note, quorum=needed
             )
         except ApprovalError as exc:
             self.say(f"Not decided: {exc}")
+            return
+        if outcome.waiting_for_more:
+            self.note(
+                vote_counted_text(pending.command or pending.tool, outcome.voters, needed, str)
+            )
             return
         self.pending = self.pending_task = None
         if not outcome.taken:
@@ -212,6 +224,33 @@ class Console:
             )
         result = await self.runtime.loop.continue_after_approval(task_id, pending.approval_id)
         self._show(result)
+
+    async def _edit(self, command: str) -> None:
+        """`edit <command>`: replace the pending command (classified afresh; a
+        blocked one is refused), show the new card, and approve it as one person."""
+        assert self.pending is not None
+        try:
+            edit = await self.runtime.approvals.edit(
+                self.pending.approval_id, command, self.actor.id
+            )
+        except ApprovalError as exc:
+            self.say(f"Not edited: {exc}")
+            return
+        edited = PendingApproval.from_approval(edit.approval, self.runtime.redactor)
+        needed = self.where.quorum_for(edited.risk_level)
+        self.note(
+            edited_text(
+                self.actor.id,
+                self.runtime.redactor.redact(edit.old_command).text,
+                edited.command or "",
+                edit.old_risk,
+                edit.new_risk,
+                needed,
+            )
+        )
+        self.pending = edited
+        self.say(render_card(edited))
+        await self._decide(c.DecisionReply("approve"))
 
     def _show(self, result: ChatResult, question: str | None = None) -> None:
         if question is not None:
