@@ -290,3 +290,9 @@ async def test_every_metric_named_is_one_metrics_renders(tmp_path: Path) -> None
     assert named, "docs/deploy.md names no metric"
     missing = sorted(name for name in named if name not in rendered)
     assert not missing, f"docs/deploy.md names metrics /metrics does not have: {missing}"
+
+
+def test_deploy_doc_names_every_manifest() -> None:
+    text = DEPLOY_DOC.read_text(encoding="utf-8")
+    unnamed = [path.name for path in sorted(K8S.glob("*.yaml")) if path.name not in text]
+    assert not unnamed, f"docs/deploy.md does not say what these are: {unnamed}"
