@@ -1,0 +1,185 @@
+"""Approve with an edit (issue #20): the new command is classified afresh
+(blocked: refused, nothing changes; a higher risk: that risk's quorum), the
+audit trail records both commands and who edited, and what runs is exactly the
+edited command. Store level on SQLite and PostgreSQL; the console as a person
+drives it (a `ducklm console` subprocess); Slack and Matrix in their own tests
+below."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runtime.approvals import ApprovalError, ApprovalService
+from runtime.store import Stores, open_stores
+from tests.postgres import raw_rows
+from tests.test_console import ducklm
+
+SHELL = "shell_exec_safe"
+
+
+def shell_action(command: str) -> dict[str, Any]:
+    return {"tool": SHELL, "args": {"command": command}, "reason": "needed"}
+
+
+@pytest.fixture
+async def stores(db_target: str):
+    async with await open_stores(db_target) as opened:
+        yield opened
+
+
+async def pending(stores: Stores, service: ApprovalService, command: str, risk: str = "medium"):
+    task = await stores.tasks.create_task("q", requested_by="slack:UREQ")
+    approval = await service.create_pending(
+        task.task_id, shell_action(command), risk_level=risk, requested_by="slack:UREQ"
+    )
+    return task, approval
+
+
+async def events(stores: Stores, task_id: str, kind: str) -> list[dict[str, Any]]:
+    return [e.payload for e in await stores.events.list_events(task_id) if e.event_type == kind]
+
+
+@pytest.mark.backends("sqlite", "postgres")
+async def test_an_edit_replaces_the_action_and_starts_a_new_revision(stores: Stores) -> None:
+    service = ApprovalService.from_stores(stores)
+    task, approval = await pending(stores, service, "touch a.txt")
+    # An approval of the old command, with a quorum of 2 ...
+    await service.decide(approval.approval_id, "approve", "slack:UA", quorum=2)
+    edit = await service.edit(approval.approval_id, "systemctl restart nginx", "slack:UB")
+    assert (edit.old_command, edit.new_command) == ("touch a.txt", "systemctl restart nginx")
+    assert (edit.old_risk, edit.new_risk) == ("medium", "high")
+    edited = edit.approval
+    assert edited.command == "systemctl restart nginx" and edited.risk_level == "high"
+    assert edited.action["args"]["command"] == "systemctl restart nginx"
+    assert edited.action["edited"] == {
+        "from": "touch a.txt",
+        "to": "systemctl restart nginx",
+        "by": "slack:UB",
+    }
+    assert "first proposed: `touch a.txt`" in (edited.reason or "")
+    state = await service.edit_state(approval.approval_id)
+    assert (state.revision, state.original_command, state.edited_by) == (
+        1,
+        "touch a.txt",
+        "slack:UB",
+    )
+    # ... does not count for the edited command.
+    assert await service.voters(approval.approval_id) == []
+    (logged,) = await events(stores, task.task_id, "approval_edited")
+    assert logged["old_command"] == "touch a.txt"
+    assert logged["new_command"] == "systemctl restart nginx"
+    assert (logged["edited_by"], logged["old_risk"], logged["new_risk"]) == (
+        "slack:UB",
+        "medium",
+        "high",
+    )
+    # A second edit keeps the first proposed command as the original.
+    again = await service.edit(approval.approval_id, "systemctl reload nginx", "slack:UA")
+    assert again.approval.action["edited"]["from"] == "touch a.txt"
+    assert (await service.edit_state(approval.approval_id)).original_command == "touch a.txt"
+
+
+@pytest.mark.backends("sqlite", "postgres")
+async def test_an_edit_into_a_blocked_command_is_refused_and_changes_nothing(
+    stores: Stores,
+) -> None:
+    service = ApprovalService.from_stores(stores)
+    task, approval = await pending(stores, service, "touch a.txt")
+    for bad in ("rm -rf /", "sudo reboot", "", "touch a.txt"):
+        with pytest.raises(ApprovalError):
+            await service.edit(approval.approval_id, bad, "slack:UB")
+    unchanged = await service.get(approval.approval_id)
+    assert unchanged.action == approval.action and unchanged.command == "touch a.txt"
+    assert unchanged.risk_level == "medium" and unchanged.decision is None
+    assert (await service.edit_state(approval.approval_id)).revision == 0
+    assert await events(stores, task.task_id, "approval_edited") == []
+    # Decided approvals and other tools cannot be edited either.
+    await service.decide(approval.approval_id, "deny", "slack:UB")
+    with pytest.raises(ApprovalError, match="already decided"):
+        await service.edit(approval.approval_id, "touch b.txt", "slack:UB")
+    task2 = await stores.tasks.create_task("q")
+    other = await service.create_pending(
+        task2.task_id, {"tool": "read_file", "args": {"path": "x"}}, risk_level="medium"
+    )
+    with pytest.raises(ApprovalError, match="Only shell commands"):
+        await service.edit(other.approval_id, "cat x", "slack:UB")
+
+
+@pytest.mark.backends("sqlite", "postgres")
+async def test_two_edits_at_once_one_wins(db_target: str, stores: Stores) -> None:
+    import asyncio
+
+    service = ApprovalService.from_stores(stores)
+    async with await open_stores(db_target) as other_stores:
+        other = ApprovalService.from_stores(other_stores)
+        task, approval = await pending(stores, service, "touch a.txt")
+        results = await asyncio.gather(
+            service.edit(approval.approval_id, "touch b.txt", "slack:UA"),
+            other.edit(approval.approval_id, "touch c.txt", "slack:UB"),
+            return_exceptions=True,
+        )
+        won = [r for r in results if not isinstance(r, BaseException)]
+        lost = [r for r in results if isinstance(r, BaseException)]
+        assert all(isinstance(r, ApprovalError) for r in lost), lost
+        # Each edit that took replaced what the one before it left (one revision
+        # each, never two edits of the same revision): a loser changed nothing.
+        logged = await events(stores, task.task_id, "approval_edited")
+        assert len(logged) == len(won) >= 1
+        assert [e["revision"] for e in logged] == list(range(1, len(won) + 1))
+        assert logged[0]["old_command"] == "touch a.txt"
+        if len(won) == 2:  # one after the other
+            assert logged[1]["old_command"] == logged[0]["new_command"]
+        final = await service.get(approval.approval_id)
+        assert final.command == logged[-1]["new_command"]
+
+
+# -- the console ---------------------------------------------------------------------
+
+
+async def events_shown(tmp_path: Path) -> str:
+    """`ducklm events` of every task of the console's database, as a person reads it."""
+    shown = []
+    for (task_id,) in raw_rows(str(tmp_path / "ducklm.db"), "SELECT task_id FROM tasks"):
+        code, out, err = await ducklm(tmp_path, "events", task_id)
+        assert code == 0, err
+        shown.append(out)
+    return "\n".join(shown)
+
+
+async def test_console_edit_runs_exactly_the_edited_command(tmp_path: Path) -> None:
+    script = "\n".join(
+        [
+            "run touch proposed.txt",
+            "edit rm -rf /",  # blocked: refused, the approval stays as it was
+            "edit `touch edited.txt`",
+            "exit",
+        ]
+    )
+    code, out, err = await ducklm(tmp_path, "console", stdin=script + "\n")
+    assert code == 0, err
+    assert "Not edited" in out and "blocked" in out
+    assert "console:tester edited the command: `touch proposed.txt` → `touch edited.txt`" in out
+    workspace = tmp_path / "workspace"
+    assert (workspace / "edited.txt").exists()
+    assert not (workspace / "proposed.txt").exists()
+    events_out = await events_shown(tmp_path)
+    assert "approval_edited" in events_out and "approval_decided" in events_out
+    assert "Traceback" not in out + err
+
+
+async def test_console_quorum_counts_the_console_as_one_person(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[default]\nquorum = { medium = 2 }\n")
+    script = "\n".join(["run touch needs-two.txt", "a", "a", "exit"])
+    code, out, err = await ducklm(
+        tmp_path, "console", stdin=script + "\n", DUCKLM_POLICY_FILE=str(policy)
+    )
+    assert code == 0, err
+    assert "Approved 1 of 2: console:tester" in out
+    assert not (tmp_path / "workspace" / "needs-two.txt").exists()
+    events_out = await events_shown(tmp_path)
+    assert events_out.count("approval_vote") == 1  # the second `a` is the same person
+    assert "approval_decided" not in events_out
