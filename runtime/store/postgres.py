@@ -150,6 +150,14 @@ def _driver_errors() -> tuple[type[BaseException], ...]:
     return (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """The pool's reset between two borrowers: nothing beyond the rollback of an
+    unfinished transaction that asyncpg always does. Its default reset query
+    (RESET ALL, UNLISTEN *, pg_advisory_unlock_all, CLOSE ALL) is a round trip
+    after every statement, and undoes nothing the store does: it sets no session
+    state, listens to nothing, takes only transaction-scoped advisory locks."""
+
+
 class _PgBackground(BackgroundConnection):
     """The neutral background interface on one pooled asyncpg connection."""
 
@@ -211,6 +219,7 @@ class PostgresDatabase(Database):
                 # Statements are prepared once per connection and reused (asyncpg's cache).
                 statement_cache_size=512,
                 server_settings={"application_name": "ducklm"},
+                reset=_keep_session,
             )
         except ValueError as exc:  # asyncpg's parse of the DSN (a bad port, an option)
             message = f"{shown} is not a valid PostgreSQL URL ({exc})"
