@@ -24,6 +24,7 @@ from bot.slack.blocks import (
     ACTION_APPROVE,
     ACTION_DENY,
     ACTION_DENY_REASON,
+    ACTION_EDIT,
     DENY_REASON_VIEW,
 )
 from bot.slack.platform import MAX_INPUT_CHARS, SlackPlatform
@@ -405,7 +406,7 @@ async def test_approve_runs_the_command_and_resolves_the_card(
     assert f"<@{ASKER}>" in text and "risk" in text
     (actions,) = actions_of(card)
     ids = [e["action_id"] for e in actions["elements"]]
-    assert ids == [ACTION_APPROVE, ACTION_DENY, ACTION_ALWAYS, ACTION_DENY_REASON]
+    assert ids == [ACTION_APPROVE, ACTION_DENY, ACTION_ALWAYS, ACTION_DENY_REASON, ACTION_EDIT]
     always = actions["elements"][2]["confirm"]["text"]["text"]
     assert "echo x" in always  # the confirm dialog names the rule it creates
     assert not (bot.workspace / "f").exists()

@@ -15,6 +15,7 @@ from bot.slack.blocks import (
     ACTION_APPROVE,
     ACTION_DENY,
     ACTION_DENY_REASON,
+    ACTION_EDIT,
     approval_blocks,
     deny_reason_modal,
     reason_from_view,
@@ -122,7 +123,13 @@ def test_card_shows_everything_and_buttons_carry_only_the_id() -> None:
     assert f"<!date^{int(datetime(2030, 1, 2, 3, 4, tzinfo=UTC).timestamp())}^" in text
     actions = next(b for b in blocks if b["type"] == "actions")
     buttons = {b["action_id"]: b for b in actions["elements"]}
-    assert list(buttons) == [ACTION_APPROVE, ACTION_DENY, ACTION_ALWAYS, ACTION_DENY_REASON]
+    assert list(buttons) == [
+        ACTION_APPROVE,
+        ACTION_DENY,
+        ACTION_ALWAYS,
+        ACTION_DENY_REASON,
+        ACTION_EDIT,
+    ]
     assert {b["value"] for b in buttons.values()} == {"ap-123"}
     assert buttons[ACTION_APPROVE]["style"] == "primary"
     assert buttons[ACTION_DENY]["style"] == "danger"

@@ -28,12 +28,19 @@ ACTION_APPROVE = "duck_approve"
 ACTION_DENY = "duck_deny"
 ACTION_ALWAYS = "duck_always"
 ACTION_DENY_REASON = "duck_deny_reason"
+# "Edit and approve…" (issue #20): opens a modal with the command prefilled.
+ACTION_EDIT = "duck_edit"
 # Button action_id → the decision it takes (the reason button opens a modal instead).
 DECISIONS = {ACTION_APPROVE: "approve", ACTION_DENY: "deny", ACTION_ALWAYS: "always"}
 
 DENY_REASON_VIEW = "duck_deny_reason_view"
 REASON_BLOCK = "duck_reason"
 REASON_INPUT = "duck_reason_input"
+EDIT_VIEW = "duck_edit_view"
+EDIT_BLOCK = "duck_edit"
+EDIT_INPUT = "duck_edit_input"
+# The longest command the modal takes (runtime/approvals.py refuses longer ones too).
+EDIT_MAX_CHARS = 3000
 
 SECTION_LIMIT = 3000
 _COMMAND_LIMIT = 2500
@@ -157,6 +164,15 @@ def approval_blocks(card: ApprovalCard) -> list[Block]:
             "value": approval_id,
         }
     )
+    if card.tool == "shell_exec_safe" and card.command:
+        buttons.append(
+            {
+                "type": "button",
+                "action_id": ACTION_EDIT,
+                "text": _text("plain_text", "Edit and approve…"),
+                "value": approval_id,
+            }
+        )
     expiry = f"Expires {slack_date(card.expires_at)}. " if card.expires_at else ""
     return [
         *_details(card),
@@ -164,6 +180,7 @@ def approval_blocks(card: ApprovalCard) -> list[Block]:
         _context(
             f"{expiry}Or reply in this thread: `approve`, `deny <reason>`"
             + (", `always`" if card.always_offered else "")
+            + (", `edit <command>`" if card.tool == "shell_exec_safe" and card.command else "")
             + f". Approval `{escape(approval_id)}`."
         ),
     ]
@@ -174,6 +191,8 @@ _OUTCOMES = {
     "always": (":white_check_mark:", "Approved and allowed from now on"),
     "deny": (":no_entry_sign:", "Denied"),
     "expired": (":hourglass:", "Expired"),
+    # The card of a command replaced by an edit; the new card follows it.
+    "edited": (":pencil2:", "Edited"),
 }
 
 
@@ -233,6 +252,47 @@ def reason_from_view(view: dict[str, Any]) -> str | None:
     values = (view.get("state") or {}).get("values") or {}
     entry = (values.get(REASON_BLOCK) or {}).get(REASON_INPUT) or {}
     value = entry.get("value")
+    if not isinstance(value, str):
+        return None
+    return value.strip() or None
+
+
+def edit_modal(approval_id: str, command: str) -> dict[str, Any]:
+    """The modal "Edit and approve…" opens: the command prefilled (as chat shows
+    it: a secret stays redacted), `private_metadata` the approval id."""
+    return {
+        "type": "modal",
+        "callback_id": EDIT_VIEW,
+        "private_metadata": approval_id,
+        "title": _text("plain_text", "Edit and approve"),
+        "submit": _text("plain_text", "Approve edited"),
+        "close": _text("plain_text", "Cancel"),
+        "blocks": [
+            _section(
+                "Proposed:\n" + code_block(command, _COMMAND_LIMIT) + "\nThe edited command "
+                "is checked again: a blocked one is refused, a riskier one may need more "
+                "approvers. The agent is told what you changed."
+            ),
+            {
+                "type": "input",
+                "block_id": EDIT_BLOCK,
+                "label": _text("plain_text", "Command to run instead"),
+                "element": {
+                    "type": "plain_text_input",
+                    "action_id": EDIT_INPUT,
+                    "multiline": True,
+                    "initial_value": command[:EDIT_MAX_CHARS],
+                    "max_length": EDIT_MAX_CHARS,
+                },
+            },
+        ],
+    }
+
+
+def command_from_view(view: dict[str, Any]) -> str | None:
+    """The command typed into the edit modal, if any."""
+    values = (view.get("state") or {}).get("values") or {}
+    value = ((values.get(EDIT_BLOCK) or {}).get(EDIT_INPUT) or {}).get("value")
     if not isinstance(value, str):
         return None
     return value.strip() or None

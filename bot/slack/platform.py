@@ -59,13 +59,18 @@ from bot.inbox import Accepted, Inbound
 from bot.service import ChatService
 from bot.slack.blocks import (
     ACTION_DENY_REASON,
+    ACTION_EDIT,
     DECISIONS,
     DENY_REASON_VIEW,
+    EDIT_BLOCK,
+    EDIT_VIEW,
     REASON_BLOCK,
     approval_blocks,
     approval_text,
     card_block_id,
+    command_from_view,
     deny_reason_modal,
+    edit_modal,
     reason_from_view,
     resolution_text,
     resolved_blocks,
@@ -292,8 +297,10 @@ class SlackPlatform(Platform, ChatBackend):
         app.middleware(self._on_delivery)
         app.action(re.compile("^(" + "|".join(DECISIONS) + ")$"))(self._on_decision_click)
         app.action(ACTION_DENY_REASON)(self._on_deny_reason_click)
+        app.action(ACTION_EDIT)(self._on_edit_click)
         app.action(re.compile(".*"))(self._on_unknown_action)  # first match wins: keep last
         app.view(DENY_REASON_VIEW)(self._on_deny_reason_submit)
+        app.view(EDIT_VIEW)(self._on_edit_submit)
         app.command(COMMAND)(self._on_command)
         return app
 
@@ -640,6 +647,77 @@ class SlackPlatform(Platform, ChatBackend):
         approval = await self.service.approvals.get(approval_id)
         user = slack_user_id(who)
         if approval is not None and approval.card_ref and user:
+            channel, ts = parse_card_ref(approval.card_ref)
+            thread = await self._thread_of_card(approval.task_id, channel, ts)
+            await self.tell(thread, who, refusal)
+
+    # -- "Edit and approve…" (issue #20) -------------------------------------------
+
+    async def _on_edit_click(
+        self, ack: Callable[..., Awaitable[Any]], body: dict[str, Any], action: dict[str, Any]
+    ) -> None:
+        await ack()
+        self._spawn(self._open_edit_modal(body, action), "edit-and-approve click")
+
+    async def _open_edit_modal(self, body: dict[str, Any], action: dict[str, Any]) -> None:
+        assert self.client is not None
+        user, approval_id = clicker(body), action.get("value")
+        trigger_id = body.get("trigger_id")
+        if not user or not isinstance(approval_id, str) or not isinstance(trigger_id, str):
+            logger.warning("malformed edit-and-approve click ignored")
+            return
+        refusal, what = await self._edit_precheck(approval_id, f"{PLATFORM}:{user}")
+        if refusal:
+            await self._tell_clicker(body, user, refusal)
+            return
+        await self.client.views_open(trigger_id=trigger_id, view=edit_modal(approval_id, what))
+
+    async def _edit_precheck(self, approval_id: str, who: str) -> tuple[str | None, str]:
+        """Why `who` may not edit-and-approve (the channel's approvers), and the
+        command as chat shows it; the edit itself is checked again when taken."""
+        approval = await self.service.approvals.get(approval_id)
+        if approval is None:
+            return "That approval does not exist.", ""
+        what = self.service.shown_command(approval)
+        refusal = await self.service.decision_refusal(who, approval, "approve")
+        if refusal:
+            return refusal, what
+        if approval.decision is not None:
+            return f"Already decided: {approval.decision}. Nothing changed.", what
+        return None, what
+
+    async def _on_edit_submit(
+        self, ack: Callable[..., Awaitable[Any]], body: dict[str, Any], view: dict[str, Any]
+    ) -> None:
+        user = clicker(body)
+        approval_id = view.get("private_metadata")
+        if not user or not isinstance(approval_id, str) or not approval_id:
+            await ack()
+            return
+        who = f"{PLATFORM}:{user}"
+        command = command_from_view(view)
+        refusal, _ = await self._edit_precheck(approval_id, who)
+        if refusal is None and command is None:
+            refusal = "Type the command to run instead."
+        if refusal is None and command is not None:
+            from runtime.tools.shell import classify
+
+            verdict = classify(command)
+            if verdict.blocked:  # said in the modal, before anything is stored
+                refusal = f"Blocked: {verdict.reason}. Nothing changed."
+        if refusal:  # keep the modal open and say why, right under the input
+            await ack(response_action="errors", errors={EDIT_BLOCK: refusal[:150]})
+            return
+        await ack()
+        assert command is not None
+        self._spawn(self._edit(approval_id, who, command), "edit modal")
+
+    async def _edit(self, approval_id: str, who: str, command: str) -> None:
+        refusal = await self.service.handle_edit(approval_id, who, command)
+        if not refusal:
+            return
+        approval = await self.service.approvals.get(approval_id)
+        if approval is not None and approval.card_ref:
             channel, ts = parse_card_ref(approval.card_ref)
             thread = await self._thread_of_card(approval.task_id, channel, ts)
             await self.tell(thread, who, refusal)
