@@ -6,12 +6,31 @@ once and the approval is decided once, by the vote that makes the quorum."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bot.backend import Thread
 from runtime.approvals import ApprovalError, ApprovalService
 from runtime.store import Stores, open_stores
+from tests.conftest import THINKER
+from tests.fakes.openai_server import FakeModelServer, Text
+from tests.fakes.slack_api import FakeSlack
+from tests.test_console import ducklm
+from tests.test_slack import (
+    ACTION_APPROVE,
+    ACTION_DENY,
+    APPROVER,
+    ASKER,
+    CHANNEL,
+    Bot,
+    actions_of,
+    card_for,
+    card_text,
+    start_bot,
+    stop_bot,
+)
 
 pytestmark = pytest.mark.backends("sqlite", "postgres")
 
@@ -134,3 +153,105 @@ async def test_three_at_once_with_quorum_two_decide_once(db_target: str, stores:
         )
         assert sum(o.taken for o in outcomes) == 1
         assert len(await events(stores, task.task_id, "approval_decided")) == 1
+
+
+# -- through the real Slack app against the fake Web API ------------------------------
+
+APPROVER2 = "UAPPROVR2"
+
+
+def quorum_policy(tmp_path: Path, **extra: str) -> Path:
+    """Three approvers (the asker among them), two needed from medium risk on, and
+    four-eyes from medium: the asker's own approval never counts."""
+    path = tmp_path / "policy.toml"
+    lines = [
+        "[default]",
+        f'approvers = ["slack:{APPROVER}", "slack:{APPROVER2}", "slack:{ASKER}"]',
+        'four_eyes_risk = "medium"',
+        "quorum = { medium = 2 }",
+        *(f"{key} = {value}" for key, value in extra.items()),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+async def events_shown(tmp_path: Path, db_target: str, task_id: str) -> str:
+    """`ducklm events <task>` as a person runs it, on the same database."""
+    code, out, err = await ducklm(tmp_path, "events", task_id, DUCKLM_DB=db_target)
+    assert code == 0, err
+    return out
+
+
+async def only_task(bot: Bot, ts: str) -> str:
+    key = Thread("slack", CHANNEL, ts).key
+    (task,) = await bot.runtime.stores.tasks.list_by_conversation(key, limit=10)
+    return task.task_id
+
+
+@pytest.mark.usefixtures("clean_env")
+async def test_slack_quorum_two_concurrent_clicks_run_once_and_the_asker_does_not_count(
+    tmp_path: Path, model: FakeModelServer, slack: FakeSlack, db_target: str
+) -> None:
+    bot = await start_bot(tmp_path, model, slack, policy_file=quorum_policy(tmp_path), db=db_target)
+    try:
+        ts, card, approval = await card_for(bot, model)
+        # The asker approves their own request: refused privately, not counted.
+        await bot.click(ACTION_APPROVE, approval, card["ts"], thread_ts=ts, user=ASKER)
+        told = await slack.wait_for_calls("chat.postEphemeral")
+        assert "four-eyes" in told[-1].params["text"]
+        assert await bot.runtime.approvals.voters(approval) == []
+
+        model.reply(THINKER, Text("Added the x, approved by two people."))
+        answers = await asyncio.gather(
+            bot.click(ACTION_APPROVE, approval, card["ts"], thread_ts=ts, user=APPROVER),
+            bot.click(ACTION_APPROVE, approval, card["ts"], thread_ts=ts, user=APPROVER2),
+        )
+        assert all(a.status == 200 for a in answers)
+        await bot.wait_text(ts, "approved by two people")
+        await bot.settle()
+        assert (bot.workspace / "f").read_text() == "x\n"  # ran once
+        counted = [t for t in bot.texts(ts) if "Approved 1 of 2" in t]
+        assert len(counted) == 1 and "needs 1 more approver" in counted[0]
+        resolved = bot.card(ts)
+        assert resolved is not None and actions_of(resolved) == []
+        assert "Approved" in card_text(resolved)
+        decided = await bot.runtime.approvals.get(approval)
+        assert decided.decision == "approve" and decided.decided_by in (
+            f"slack:{APPROVER}",
+            f"slack:{APPROVER2}",
+        )
+
+        shown = await events_shown(tmp_path, db_target, await only_task(bot, ts))
+        assert shown.count("approval_vote") == 2
+        assert shown.count("approval_decided") == 1
+        assert "decision_refused" in shown  # the asker's click, on the audit trail
+        assert shown.count("tool_call_finished") == 1
+    finally:
+        await stop_bot(bot)
+
+
+@pytest.mark.usefixtures("clean_env")
+async def test_slack_quorum_one_deny_after_one_approval_denies(
+    tmp_path: Path, model: FakeModelServer, slack: FakeSlack, db_target: str
+) -> None:
+    bot = await start_bot(tmp_path, model, slack, policy_file=quorum_policy(tmp_path), db=db_target)
+    try:
+        ts, card, approval = await card_for(bot, model)
+        await bot.click(ACTION_APPROVE, approval, card["ts"], thread_ts=ts, user=APPROVER)
+        counted = await bot.wait_text(ts, "Approved 1 of 2")
+        assert f"<@{APPROVER}>" in counted
+        assert actions_of(bot.card(ts))  # the card stays open
+        # The same approver again: not counted twice, told so privately.
+        await bot.click(ACTION_APPROVE, approval, card["ts"], thread_ts=ts, user=APPROVER)
+        told = await slack.wait_for_calls("chat.postEphemeral")
+        assert "approved this already" in told[-1].params["text"]
+
+        model.reply(THINKER, Text("OK, f stays as it is."))
+        await bot.click(ACTION_DENY, approval, card["ts"], thread_ts=ts, user=APPROVER2)
+        await bot.wait_text(ts, "f stays as it is")
+        assert not (bot.workspace / "f").exists()
+        assert "Denied" in card_text(bot.card(ts))
+        shown = await events_shown(tmp_path, db_target, await only_task(bot, ts))
+        assert shown.count("approval_vote") == 1 and "deny by slack:UAPPROVR2" in shown
+    finally:
+        await stop_bot(bot)
