@@ -7,15 +7,34 @@ below."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bot.backend import Thread
+from bot.slack.blocks import ACTION_EDIT, EDIT_BLOCK, EDIT_INPUT, EDIT_VIEW
 from runtime.approvals import ApprovalError, ApprovalService
 from runtime.store import Stores, open_stores
+from tests.conftest import THINKER
+from tests.fakes.openai_server import FakeModelServer, Text
+from tests.fakes.slack_api import FakeSlack, view_submission_payload
 from tests.postgres import raw_rows
 from tests.test_console import ducklm
+from tests.test_quorum import APPROVER2
+from tests.test_slack import (
+    ACTION_APPROVE,
+    APPROVER,
+    CHANNEL,
+    STRANGER,
+    Bot,
+    actions_of,
+    card_for,
+    card_text,
+    start_bot,
+    stop_bot,
+)
 
 SHELL = "shell_exec_safe"
 
@@ -183,3 +202,116 @@ async def test_console_quorum_counts_the_console_as_one_person(tmp_path: Path) -
     events_out = await events_shown(tmp_path)
     assert events_out.count("approval_vote") == 1  # the second `a` is the same person
     assert "approval_decided" not in events_out
+
+
+# -- through the real Slack app against the fake Web API ------------------------------
+
+
+def edit_submission(approval: str, command: str, user: str = APPROVER) -> dict[str, Any]:
+    return view_submission_payload(
+        user=user,
+        callback_id=EDIT_VIEW,
+        private_metadata=approval,
+        values={EDIT_BLOCK: {EDIT_INPUT: {"value": command}}},
+    )
+
+
+async def slack_events(tmp_path: Path, db_target: str, bot: Bot, ts: str) -> str:
+    key = Thread("slack", CHANNEL, ts).key
+    (task,) = await bot.runtime.stores.tasks.list_by_conversation(key, limit=10)
+    code, out, err = await ducklm(tmp_path, "events", task.task_id, DUCKLM_DB=db_target)
+    assert code == 0, err
+    return out
+
+
+@pytest.mark.backends("sqlite", "postgres")
+@pytest.mark.usefixtures("clean_env")
+async def test_slack_edit_and_approve_through_the_modal(
+    tmp_path: Path, model: FakeModelServer, slack: FakeSlack, db_target: str
+) -> None:
+    bot = await start_bot(tmp_path, model, slack, db=db_target)
+    try:
+        assert bot.sender is not None
+        ts, card, approval = await card_for(bot, model, command="echo proposed >> f")
+        await bot.click(ACTION_EDIT, approval, card["ts"], thread_ts=ts)
+        (opened,) = await slack.wait_for_calls("views.open")
+        view = opened.params["view"]
+        assert view["callback_id"] == EDIT_VIEW and view["private_metadata"] == approval
+        (field,) = [b for b in view["blocks"] if b["type"] == "input"]
+        assert field["element"]["initial_value"] == "echo proposed >> f"  # prefilled
+        assert bot.card(ts) == card  # opening the modal decides nothing
+
+        # Edited into a blocked command: the modal stays open and says why.
+        answer = await bot.sender.interaction(edit_submission(approval, "rm -rf /"))
+        assert answer.status == 200
+        errors = json.loads(answer.text)
+        assert errors["response_action"] == "errors" and "Blocked" in errors["errors"][EDIT_BLOCK]
+        assert (await bot.runtime.approvals.get(approval)).command == "echo proposed >> f"
+
+        model.reply(THINKER, Text("Wrote the edited line."))
+        answer = await bot.sender.interaction(edit_submission(approval, "echo edited >> f"))
+        assert answer.status == 200 and answer.text == ""  # the modal closes
+        await bot.wait_text(ts, "Wrote the edited line.")
+        assert (bot.workspace / "f").read_text() == "edited\n"  # exactly the edited command
+        note = await bot.wait_text(ts, "edited the command")
+        assert "echo proposed &gt;&gt; f" in note and "echo edited &gt;&gt; f" in note
+        # The old card says it was edited; the new card showed both commands.
+        cards = [m for m in bot.thread(ts) if m.get("blocks")]
+        assert len(cards) == 2
+        assert "Edited" in card_text(cards[0]) and actions_of(cards[0]) == []
+        assert "echo edited" in card_text(cards[1]) and "first proposed" in card_text(cards[1])
+        # The model was told what ran instead of what it proposed.
+        told = json.dumps(model.requests_for(THINKER)[-1].body)
+        assert "edited your command" in told and "echo edited" in told
+
+        shown = await slack_events(tmp_path, db_target, bot, ts)
+        assert "approval_edited" in shown and "approval_decided approve by slack:UAPPROVER" in shown
+        (edited,) = [
+            e.payload
+            for e in await bot.runtime.stores.events.list_events(
+                (await bot.runtime.approvals.get(approval)).task_id
+            )
+            if e.event_type == "approval_edited"
+        ]
+        assert edited["old_command"] == "echo proposed >> f"
+        assert edited["new_command"] == "echo edited >> f"
+        assert edited["edited_by"] == f"slack:{APPROVER}"
+    finally:
+        await stop_bot(bot)
+
+
+@pytest.mark.usefixtures("clean_env")
+async def test_slack_edit_reply_raising_the_risk_needs_that_risks_quorum(
+    tmp_path: Path, model: FakeModelServer, slack: FakeSlack
+) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        f'[default]\napprovers = ["slack:{APPROVER}", "slack:{APPROVER2}"]\n'
+        "quorum = { high = 2 }\n"
+    )
+    bot = await start_bot(tmp_path, model, slack, policy_file=policy)
+    try:
+        ts, _card, approval = await card_for(bot, model, command="touch proposed")
+        # A reply by someone who may not approve changes nothing.
+        await bot.say("edit touch sneaky", thread_ts=ts, user=STRANGER)
+        # The approver's reply: medium -> high, so the edit needs two approvers; the
+        # editor is one of them.
+        await bot.say("edit `touch edited && chown root edited`", thread_ts=ts, user=APPROVER)
+        note = await bot.wait_text(ts, "edited the command")
+        assert "risk high (was medium)" in note and "needs 2 approvers" in note
+        await bot.wait_text(ts, "Approved 1 of 2")
+        await bot.settle()
+        workspace = bot.workspace
+        assert not (workspace / "edited").exists() and not (workspace / "proposed").exists()
+        assert not (workspace / "sneaky").exists()
+        new_card = bot.card(ts)
+        assert new_card is not None and actions_of(new_card)
+
+        model.reply(THINKER, Text("Done, as edited."))
+        await bot.click(ACTION_APPROVE, approval, new_card["ts"], thread_ts=ts, user=APPROVER2)
+        await bot.wait_text(ts, "Done, as edited.")
+        assert (workspace / "edited").exists() and not (workspace / "proposed").exists()
+        shown = await slack_events(tmp_path, str(tmp_path / "ducklm.db"), bot, ts)
+        assert shown.count("approval_vote") == 2 and "approval_edited" in shown
+    finally:
+        await stop_bot(bot)
