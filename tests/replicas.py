@@ -320,6 +320,10 @@ class Replica(DuckRun):
         self.killed = True
         await super().kill()
 
+    async def crashed(self, point: str, within: float = 30.0) -> None:
+        await super().crashed(point, within)
+        self.killed = True  # by its crash point, as the test armed it
+
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
@@ -372,9 +376,10 @@ class ReplicaSet:
     def alive(self) -> list[Replica]:
         return [r for r in self.replicas if r.running]
 
-    async def start(self) -> None:
+    async def start(self, crash_at: dict[int, str] | None = None) -> None:
+        """`crash_at` arms a crash point (DUCKLM_CRASH_AT) in some replicas, by index."""
         for replica in self.replicas:
-            await replica.start()
+            await replica.start((crash_at or {}).get(replica.index))
             await replica.recovered()
         await self.proxy.start()
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from tests.crash_harness import answers, mention, said, wait_for
+from tests.crash_harness import answers, cards, click, mention, said, wait_for
 from tests.fakes.openai_server import FakeModelServer
 from tests.fakes.slack_api import FakeSlack
 from tests.replicas import (
@@ -135,3 +135,59 @@ async def test_a_killed_replicas_task_is_interrupted_by_a_survivor_and_nothing_e
     assert code == 0 and "task_interrupted" in out, out
     code, out = await ducklm_cli(tmp_path, replicas.db_target, "audit", "verify")
     assert code == 0, out
+
+
+async def test_a_replica_killed_after_spawning_an_approved_command_is_reissued_once(
+    tmp_path: Path, slack: FakeSlack, model_server: FakeModelServer, replica_db: str
+) -> None:
+    """Replica 0 dies by SIGKILL right after it spawned an approved command
+    (DUCKLM_CRASH_AT=command_spawned): whether the command ran is unknown. Both
+    survivors run recovery rounds; between them the thread is told once, one new
+    card is posted for the same command, and approving it runs the command once."""
+    HeldScript(model_server)
+    group = ReplicaSet(tmp_path, slack, model_server, db=replica_db, count=3)
+    try:
+        await group.start(crash_at={0: "command_spawned"})
+        asked = mention(slack, "please run approve-4")
+        assert (await group.post_event(asked.envelope, to=1)).status == 200, group.stderr()
+        [card] = await wait_for(slack, lambda: cards(slack, asked.ts), "the approval card", 60)
+        # The click lands on replica 0: it claims the continuation and runs the command.
+        assert (await group.post_interaction(click(slack, card), to=0)).status in (200, 502)
+        await group[0].crashed("command_spawned")
+
+        found = await wait_for(
+            slack,
+            lambda: cards(slack, asked.ts)[1:],
+            "a survivor to offer the command again",
+            within=float(REPLICA_TIMEOUT) + 40,
+        )
+        assert len(found) == 1, found
+        new_card = found[0]
+        db = group.db
+        [(task_id, status)] = await db.tasks_of(asked.conversation)
+        assert status == "waiting_for_approval", status
+        told = said(slack, asked.ts, "may have started")
+        assert len(told) == 1, said(slack, asked.ts)
+
+        # The new card works on any survivor, once.
+        assert (await group.post_interaction(click(slack, new_card), to=2)).status == 200
+        await wait_for(slack, lambda: answers(slack, asked.ts), "the answer after re-approval", 60)
+        group.assert_alive()
+        await group.stop()
+
+        assert answers(slack, asked.ts) == ["Answer: approve-4."]
+        assert len(cards(slack, asked.ts)) == 2
+        assert len(said(slack, asked.ts, "may have started")) == 1
+        # The first run may or may not have written its line before the kill.
+        assert group.effects() in (["approve-4"], ["approve-4", "approve-4"])
+        events = await db.events_of(task_id)
+        kinds = [kind for _, kind, _ in events]
+        assert kinds.count("task_interrupted") == 1, kinds
+        assert kinds.count("approval_reissued") == 1, kinds
+        assert kinds[-1] == "task_completed", kinds
+        approvals = {a["approval_id"]: a for a in await db.approvals_of(task_id)}
+        assert set(approvals) == {card.approval_id, new_card.approval_id}
+        assert approvals[new_card.approval_id]["decision"] == "approve"
+        await db.assert_consistent()
+    finally:
+        await group.close()
