@@ -1,0 +1,199 @@
+"""Escalation (issue #20): an approval still open after `escalate_after` mentions
+`escalate_to` in its thread, once, and from then on they may decide it as
+approvers of that channel. The due time lives in the store (approvals.escalate_at,
+planned like due_at), so a restart re-arms it and replicas fire it once (a
+compare-and-set claim). Store level on SQLite and PostgreSQL; a real `ducklm run`
+restarted on the same database; three replicas on one PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from runtime.approvals import ApprovalService
+from runtime.store import Stores, open_stores
+from tests.crash_harness import (
+    ASKER,
+    DuckRun,
+    ModelScript,
+    answers,
+    cards,
+    click,
+    mention,
+    said,
+    wait_for,
+)
+from tests.fakes.openai_server import FakeModelServer
+from tests.fakes.slack_api import FakeSlack
+from tests.postgres import raw_rows
+from tests.replicas import ReplicaSet, replica_db
+from tests.test_console import ducklm
+
+__all__ = ["replica_db"]  # the fixture, imported for pytest
+
+pytestmark = [pytest.mark.backends("sqlite", "postgres"), pytest.mark.timeout(300)]
+
+BOSS = "UBOSS0001"
+ESCALATE_S = 8.0
+
+
+@pytest.fixture
+async def stores(db_target: str):
+    async with await open_stores(db_target) as opened:
+        yield opened
+
+
+async def pending(stores: Stores, service: ApprovalService) -> tuple[Any, Any]:
+    task = await stores.tasks.create_task("q", requested_by="slack:UREQ")
+    approval = await service.create_pending(
+        task.task_id,
+        {"tool": "shell_exec_safe", "args": {"command": "touch a"}},
+        risk_level="medium",
+    )
+    return task, approval
+
+
+# -- the store -------------------------------------------------------------------------
+
+
+async def test_escalation_is_planned_then_claimed_once_across_connections(
+    db_target: str, stores: Stores
+) -> None:
+    service = ApprovalService.from_stores(stores)
+    task, approval = await pending(stores, service)
+    (due,) = await service.escalations_due(time.time())
+    assert (due.approval_id, due.escalate_at) == (approval.approval_id, 0)  # to be planned
+    at = due.created_at + 60
+    assert await service.claim_escalation(approval.approval_id, 0, at)
+    assert not await service.claim_escalation(approval.approval_id, 0, at)  # planned once
+    assert await service.escalations_due(time.time()) == []
+    assert await service.earliest_escalation() == pytest.approx(at)
+    async with await open_stores(db_target) as other_stores:
+        other = ApprovalService.from_stores(other_stores)
+        claims = await asyncio.gather(
+            service.claim_escalation(approval.approval_id, at, None),
+            other.claim_escalation(approval.approval_id, at, None),
+        )
+        assert sorted(claims) == [False, True]
+        done = await asyncio.gather(
+            service.escalate(approval.approval_id, ["slack:UBOSS"]),
+            other.escalate(approval.approval_id, ["slack:UBOSS"]),
+        )
+        assert sorted(done) == [False, True]
+    kinds = [e.event_type for e in await stores.events.list_events(task.task_id)]
+    assert kinds.count("approval_escalated") == 1
+    assert (await service.edit_state(approval.approval_id)).escalated_at is not None
+    assert await service.earliest_escalation() is None
+    # A decided approval is never due, nor escalated.
+    _, decided = await pending(stores, service)
+    await service.decide(decided.approval_id, "deny", "slack:UA")
+    assert [d.approval_id for d in await service.escalations_due(time.time())] == []
+    assert not await service.escalate(decided.approval_id, ["slack:UBOSS"])
+
+
+# -- a real `ducklm run`, restarted --------------------------------------------------
+
+
+def escalations(slack: FakeSlack, thread_ts: str) -> list[str]:
+    return said(slack, thread_ts, "escalation for", f"<@{BOSS}>")
+
+
+def created_at(db_target: str, approval_id: str) -> float:
+    ((at,),) = raw_rows(
+        db_target, "SELECT created_at FROM approvals WHERE approval_id = ?", (approval_id,)
+    )
+    return float(at)
+
+
+async def test_escalation_fires_once_after_a_restart_and_lets_the_escalation_approver_decide(
+    tmp_path: Path, slack: FakeSlack, model_server: FakeModelServer, db_target: str
+) -> None:
+    ModelScript(model_server)
+    bot = DuckRun(
+        tmp_path,
+        slack,
+        model_server,
+        DUCKLM_DB=db_target,
+        DUCKLM_ESCALATE_AFTER=str(ESCALATE_S),
+        DUCKLM_ESCALATE_TO=f"slack:{BOSS}",
+        DUCKLM_APPROVAL_REMIND="3600",
+    )
+    try:
+        await bot.start()
+        asked = mention(slack, "please run approve-1")
+        assert await bot.post_event(asked.envelope) == 200
+        (card,) = await wait_for(slack, lambda: cards(slack, asked.ts), "the approval card")
+        # The boss is no approver yet: a click before the escalation is refused.
+        assert await bot.post_interaction(click(slack, card, user=BOSS)) == 200
+        await wait_for(
+            slack,
+            lambda: [c for c in slack.calls_to("chat.postEphemeral") if BOSS in str(c.params)],
+            "the refusal",
+        )
+        await bot.kill()  # down before the escalation is due
+        due = created_at(db_target, card.approval_id) + ESCALATE_S
+        await wait_for(slack, lambda: time.time() > due + 0.5, "the escalation's due time")
+        assert escalations(slack, asked.ts) == []  # nobody was running
+
+        await bot.start()  # the restart re-arms it from the store
+        await wait_for(slack, lambda: escalations(slack, asked.ts), "the escalation", 60)
+        await bot.stop()
+        await bot.start()  # and a second restart does not repeat it
+        await bot.recovered()
+        assert await bot.post_interaction(click(slack, card, user=BOSS)) == 200
+        await wait_for(slack, lambda: answers(slack, asked.ts), "the answer", 60)
+        await bot.stop()
+
+        assert len(escalations(slack, asked.ts)) == 1, said(slack, asked.ts)
+        assert bot.effects() == ["approve-1"]
+        ((task_id,),) = raw_rows(db_target, "SELECT task_id FROM tasks")
+        code, shown, err = await ducklm(tmp_path, "events", task_id, DUCKLM_DB=db_target)
+        assert code == 0, err
+        assert shown.count("approval_escalated") == 1
+        assert "decision_refused" in shown and f"approve by slack:{BOSS}" in shown
+    finally:
+        await bot.close()
+
+
+# -- three replicas on one PostgreSQL ------------------------------------------------
+
+
+@pytest_asyncio.fixture
+async def replicas(
+    tmp_path: Path, slack: FakeSlack, model_server: FakeModelServer, replica_db: str
+) -> AsyncIterator[ReplicaSet]:
+    ModelScript(model_server)
+    group = ReplicaSet(
+        tmp_path,
+        slack,
+        model_server,
+        db=replica_db,
+        count=3,
+        DUCKLM_ESCALATE_AFTER="3",
+        DUCKLM_ESCALATE_TO=f"slack:{BOSS}",
+        DUCKLM_APPROVAL_REMIND="3600",
+    )
+    try:
+        await group.start()
+        yield group
+    finally:
+        await group.close()
+
+
+@pytest.mark.backends("postgres", reason="replicas share a PostgreSQL database")
+async def test_three_replicas_escalate_once(replicas: ReplicaSet, slack: FakeSlack) -> None:
+    asked = mention(slack, "please run approve-3", user=ASKER)
+    assert (await replicas.post_event(asked.envelope)).status == 200, replicas.stderr()
+    await wait_for(slack, lambda: cards(slack, asked.ts), "the approval card", 60)
+    await wait_for(slack, lambda: escalations(slack, asked.ts), "the escalation", 60)
+    [(task_id, _)] = await replicas.db.tasks_of(asked.conversation)
+    await replicas.stop()  # a late duplicate would be posted by now
+    assert len(escalations(slack, asked.ts)) == 1, said(slack, asked.ts)
+    kinds = await replicas.db.event_types(task_id)
+    assert kinds.count("approval_escalated") == 1, kinds
