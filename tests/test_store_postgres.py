@@ -601,3 +601,21 @@ async def test_a_stale_head_guess_is_caught_and_the_chain_stays_valid(
     assert [e.event_type for e in await two.events.list_events(task.task_id)] == list("abcd")
     result = await verify(two.db)
     assert result.ok, result.failures
+
+
+@pytest.mark.backends("sqlite", "postgres")
+async def test_retention_takes_the_votes_of_the_tasks_it_deletes(db_target: str) -> None:
+    async with await open_stores(db_target) as stores:
+        done = await stores.tasks.create_task("old")
+        kept = await stores.tasks.create_task("running")
+        for task in (done, kept):
+            approval = await stores.approvals.insert(task.task_id, {"tool": "t"})
+            await stores.db.execute(
+                "INSERT INTO approval_votes (approval_id, revision, voter, vote, task_id, "
+                "created_at) VALUES (?, 0, 'slack:U1', 'approve', ?, ?)",
+                (approval.approval_id, task.task_id, time.time()),
+            )
+        await stores.tasks.complete_task(done.task_id, "done")
+        assert await delete_finished_tasks(stores.db, -60) == 1
+        left = await stores.db.fetchall("SELECT task_id FROM approval_votes")
+        assert [row["task_id"] for row in left] == [kept.task_id]

@@ -1,7 +1,8 @@
 """Retention: the one place where audit rows are deleted (SQL only).
 
 The event log is append-only for everyone else; only finished tasks older than
-the configured retention go, together with their events and approvals. A task
+the configured retention go, together with their events, approvals and the
+votes cast on those. A task
 that is running or waiting for approval is never touched.
 
 The deletes run on the store's background connection (aiosqlite, off the
@@ -56,6 +57,7 @@ async def _delete_chunk(conn: BackgroundConnection, cutoff: float, dialect: str)
             await conn.fetchall("SELECT pg_advisory_xact_lock(?)", (chain_lock_key(None),))
         await _record_deletion(conn, [task_id for (task_id,) in ids], cutoff)
     await conn.executemany("DELETE FROM events WHERE task_id = ?", ids)
+    await conn.executemany("DELETE FROM approval_votes WHERE task_id = ?", ids)  # v11's votes
     await conn.executemany("DELETE FROM approvals WHERE task_id = ?", ids)
     await conn.executemany("DELETE FROM tasks WHERE task_id = ?", ids)
     return len(ids)
