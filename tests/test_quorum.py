@@ -14,10 +14,25 @@ import pytest
 from bot.backend import Thread
 from runtime.approvals import ApprovalError, ApprovalService
 from runtime.store import Stores, open_stores
-from tests.conftest import THINKER
+from tests.conftest import ACTION, THINKER
 from tests.fakes.openai_server import FakeModelServer, Text
 from tests.fakes.slack_api import FakeSlack
+from tests.fakes.synapse import MatrixUser
 from tests.test_console import ducklm
+from tests.test_matrix import (
+    NO_ACTIONS,
+    StartBot,
+    alice,
+    ask_for_approval,
+    bob,
+    body,
+    bot_notice,
+    bots,
+    duck,
+    edit_of,
+    people,
+    room_with_bot,
+)
 from tests.test_slack import (
     ACTION_APPROVE,
     ACTION_DENY,
@@ -33,6 +48,8 @@ from tests.test_slack import (
 )
 
 pytestmark = pytest.mark.backends("sqlite", "postgres")
+# The Matrix harness's fixtures, used here by name.
+__all__ = ["alice", "bob", "bots", "duck", "people"]
 
 SHELL = "shell_exec_safe"
 
@@ -255,3 +272,43 @@ async def test_slack_quorum_one_deny_after_one_approval_denies(
         assert shown.count("approval_vote") == 1 and "deny by slack:UAPPROVR2" in shown
     finally:
         await stop_bot(bot)
+
+
+# -- the real Matrix bot on Synapse ---------------------------------------------------
+
+
+@pytest.mark.timeout(180)
+async def test_matrix_quorum_by_reactions(
+    bots: StartBot,
+    alice: MatrixUser,
+    bob: MatrixUser,
+    duck: str,
+    model_server: FakeModelServer,
+    tmp_path: Path,
+) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        f'[default]\napprovers = ["{alice.qualified}", "{bob.qualified}"]\n'
+        "quorum = { medium = 2 }\n"
+    )
+    bot = await bots(policy_file=policy)
+    room = await room_with_bot(alice, duck, bob)
+    question, card = await ask_for_approval(model_server, bob, room, duck, "touch two.txt")
+
+    await alice.react(room, card["event_id"], "✅")
+    counted = await alice.wait_for(bot_notice(duck, question, "Approved 1 of 2"), "1 of 2")
+    assert alice.user_id in body(counted) and "needs 1 more approver" in body(counted)
+    assert not (tmp_path / "workspace" / "two.txt").exists()
+    assert len(await bot.runtime.approvals.pending()) == 1  # the card stays open
+
+    model_server.reply(ACTION, Text(NO_ACTIONS))
+    model_server.reply(THINKER, Text("Touched by two."))
+    await bob.react(room, card["event_id"], "✅")
+    await alice.wait_for(edit_of(card["event_id"], "Approved"), "the card's edit")
+    await alice.wait_for(bot_notice(duck, question, "Touched by two"), "the answer")
+    assert (tmp_path / "workspace" / "two.txt").exists()
+    (task,) = await bot.runtime.stores.tasks.list_recent(5)
+    code, shown, err = await ducklm(tmp_path, "events", task.task_id)
+    assert code == 0, err
+    assert shown.count("approval_vote") == 2
+    assert f"approval_decided approve by {bob.qualified}" in shown
