@@ -2,9 +2,10 @@
 
 Every test runs on SQLite and on PostgreSQL (`[sqlite]`/`[postgres]`) except those
 about the SQLite file itself (its pragmas, WAL, write lock, header, directory), which
-say so; where the same property has a PostgreSQL form (a newer schema refused, a bad
-target named in a clear error, processes migrating a fresh database at once) it is
-tested there too."""
+say so; where the same property has a PostgreSQL form (a newer schema refused,
+processes migrating a fresh database at once) it is tested there too. A bad URL's
+errors (nothing listening, no such database, a refused login, never the password)
+are tests/test_store_postgres.py's."""
 
 from __future__ import annotations
 
@@ -212,31 +213,6 @@ async def test_directory_or_file_in_the_way(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(StoreError, match="cannot create the directory"):
         await Database.open(blocker / "duck.db")
-
-
-async def test_an_unreachable_server_is_a_store_error_without_the_password() -> None:
-    """PostgreSQL's form of a file in the way: nothing listens at the URL. The
-    error names the database but never prints the password from DUCKLM_DB."""
-    from tests.fakes.synapse import free_port
-
-    url = f"postgresql://duck:s3cret-pw@127.0.0.1:{free_port()}/ducklm"
-    with pytest.raises(StoreError) as info:
-        await asyncio.wait_for(Database.open(url), 30)
-    message = str(info.value)
-    assert "127.0.0.1" in message and "ducklm" in message
-    assert "s3cret-pw" not in message and "Traceback" not in message
-
-
-async def test_a_missing_database_or_a_refused_login_is_named(
-    postgres_server: PostgresServer,
-) -> None:
-    missing = postgres_server.url("no_such_database")
-    with pytest.raises(StoreError, match="does not exist"):
-        await Database.open(missing)
-    nobody = missing.replace("postgres@", "nobody:pw@").replace("no_such_database", "postgres")
-    with pytest.raises(StoreError) as info:
-        await Database.open(nobody)
-    assert "pw@" not in str(info.value) and "nobody" in str(info.value)
 
 
 @sqlite_only("max_page_count is SQLite's; a full disk on a PostgreSQL server is not ours to fill")
