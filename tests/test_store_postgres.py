@@ -619,3 +619,29 @@ async def test_retention_takes_the_votes_of_the_tasks_it_deletes(db_target: str)
         assert await delete_finished_tasks(stores.db, -60) == 1
         left = await stores.db.fetchall("SELECT task_id FROM approval_votes")
         assert [row["task_id"] for row in left] == [kept.task_id]
+
+
+async def test_timer_and_card_claims_have_one_winner_across_replicas(
+    pair: tuple[Stores, Stores],
+) -> None:
+    one, two = pair
+    task = await one.tasks.create_task("q", conversation="slack:C1|1")
+    approval = await one.approvals.insert(task.task_id, {"tool": "t"})
+    schedule = await one.schedules.insert("* * * * *", "UTC", "p", "slack:C1", "u")
+    both = [one, two] * 3
+
+    async def winners(make) -> int:  # type: ignore[no-untyped-def]
+        return sum(bool(r) for r in await asyncio.gather(*(make(s) for s in both)))
+
+    assert await winners(lambda s: s.approvals.claim_due(approval.approval_id, 0, 100.0)) == 1
+    assert await winners(lambda s: s.approvals.mark_reminded(approval.approval_id)) == 1
+    assert await winners(lambda s: s.approvals.claim_card(approval.approval_id, "unposted")) == 1
+    assert (
+        await winners(
+            lambda s: s.schedules.claim_fire(schedule.schedule_id, 0, 200.0, ran_at=150.0)
+        )
+        == 1
+    )
+    await one.tasks.complete_task(task.task_id, "done")
+    claims = await asyncio.gather(*(s.tasks.claim_answer(task.task_id) for s in both))
+    assert claims.count("claimed") == 1 and claims.count("taken") == len(both) - 1
