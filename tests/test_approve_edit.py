@@ -17,11 +17,26 @@ from bot.backend import Thread
 from bot.slack.blocks import ACTION_EDIT, EDIT_BLOCK, EDIT_INPUT, EDIT_VIEW
 from runtime.approvals import ApprovalError, ApprovalService
 from runtime.store import Stores, open_stores
-from tests.conftest import THINKER
+from tests.conftest import ACTION, THINKER
 from tests.fakes.openai_server import FakeModelServer, Text
 from tests.fakes.slack_api import FakeSlack, view_submission_payload
+from tests.fakes.synapse import MatrixUser
 from tests.postgres import raw_rows
 from tests.test_console import ducklm
+from tests.test_matrix import (
+    NO_ACTIONS,
+    StartBot,
+    alice,
+    ask_for_approval,
+    bob,
+    body,
+    bot_notice,
+    bots,
+    duck,
+    edit_of,
+    people,
+    room_with_bot,
+)
 from tests.test_quorum import APPROVER2
 from tests.test_slack import (
     ACTION_APPROVE,
@@ -37,6 +52,8 @@ from tests.test_slack import (
 )
 
 SHELL = "shell_exec_safe"
+# The Matrix harness's fixtures, used here by name.
+__all__ = ["alice", "bob", "bots", "duck", "people"]
 
 
 def shell_action(command: str) -> dict[str, Any]:
@@ -315,3 +332,46 @@ async def test_slack_edit_reply_raising_the_risk_needs_that_risks_quorum(
         assert shown.count("approval_vote") == 2 and "approval_edited" in shown
     finally:
         await stop_bot(bot)
+
+
+# -- the real Matrix bot on Synapse ---------------------------------------------------
+
+
+@pytest.mark.timeout(180)
+async def test_matrix_edit_reply_in_the_thread(
+    bots: StartBot,
+    alice: MatrixUser,
+    bob: MatrixUser,
+    duck: str,
+    model_server: FakeModelServer,
+    tmp_path: Path,
+) -> None:
+    bot = await bots()  # alice approves
+    room = await room_with_bot(alice, duck, bob)
+    question, card = await ask_for_approval(model_server, bob, room, duck, "touch proposed.txt")
+
+    # Into a blocked command: refused in the thread, nothing changes.
+    await alice.say(room, "edit rm -rf /", thread=question)
+    await alice.wait_for(bot_notice(duck, question, "blocked"), "the refusal")
+    (still,) = await bot.runtime.approvals.pending()
+    assert still.command == "touch proposed.txt"
+    # bob may not approve: his edit is refused too.
+    await bob.say(room, "edit touch bobs.txt", thread=question)
+    await bob.wait_for(bot_notice(duck, question, "not an approver"), "bob's refusal")
+
+    model_server.reply(ACTION, Text(NO_ACTIONS))
+    model_server.reply(THINKER, Text("Touched the edited file."))
+    await alice.say(room, "edit touch edited.txt", thread=question)
+    note = await alice.wait_for(bot_notice(duck, question, "edited the command"), "the note")
+    assert "touch proposed.txt" in body(note) and "touch edited.txt" in body(note)
+    await alice.wait_for(edit_of(card["event_id"], "edited to"), "the old card's edit")
+    await alice.wait_for(bot_notice(duck, question, "Touched the edited file"), "the answer")
+    workspace = tmp_path / "workspace"
+    assert (workspace / "edited.txt").exists()
+    assert not (workspace / "proposed.txt").exists() and not (workspace / "bobs.txt").exists()
+    told = json.dumps(model_server.requests_for(THINKER)[-1].body)
+    assert "edited your command" in told
+    (task,) = await bot.runtime.stores.tasks.list_recent(5)
+    code, shown, err = await ducklm(tmp_path, "events", task.task_id)
+    assert code == 0, err
+    assert "approval_edited" in shown and f"approval_decided approve by {alice.qualified}" in shown
