@@ -21,7 +21,9 @@ from bot.matrix.platform import MatrixPlatform
 from bot.matrix.state import lease_name
 from bot.service import ChatService
 from runtime.factory import build_runtime
+from tests import element_client
 from tests.conftest import make_settings
+from tests.element_client import OpenElement
 from tests.fakes.openai_server import FakeModelServer
 from tests.fakes.synapse import MatrixUser, SynapseServer
 from tests.postgres import raw_execute, raw_rows
@@ -31,6 +33,7 @@ from tests.test_matrix import (
     bot_events_in_thread,
     bot_notice,
     content_answers,
+    joined,
     room_with_bot,
 )
 
@@ -41,6 +44,10 @@ pytestmark = [pytest.mark.timeout(180), pytest.mark.backends("sqlite", "postgres
 TAKEOVER_S = LEASE_TTL_S + 10 * LEASE_EVERY_S + 10
 
 StartBot = Callable[..., Awaitable[Bot]]
+element_packages = element_client.element_packages
+element = element_client.element
+# Rust crypto's first key exchange on a loaded 2-core box takes a few seconds.
+E2EE_WAIT = 60.0
 
 
 @pytest.fixture(scope="module")
@@ -210,13 +217,7 @@ async def test_a_vanished_holder_is_replaced_after_its_lease_expires(
     before = await alice.say(room, "before the crash?", mention=duck)
     await alice.wait_for(bot_notice(duck, before, "answer to"), "the first answer")
 
-    # The holder vanishes (as if SIGKILLed): its jobs end, nothing is released.
-    connection = first.platform.connection
-    connection.running = False
-    connection._leasing = False
-    for job in list(connection._tasks):
-        job.cancel()
-    await asyncio.gather(*connection._tasks, return_exceptions=True)
+    await vanish(first)  # as if SIGKILLed: nothing released
     gone_at = time.monotonic()
     during = await alice.say(room, "asked while nobody syncs?", mention=duck)
     await until(lambda: second.platform.syncing, "the takeover after the lease expired")
@@ -272,7 +273,63 @@ async def test_a_holder_that_loses_its_lease_stops_syncing_at_once(
     assert len(answers(alice, duck, ignored)) == 1
 
 
-async def test_with_encryption_a_standby_without_the_crypto_store_refuses_to_take_over(
+def vanish(bot: Bot) -> Awaitable[list[Any]]:
+    """The bot's Matrix side is gone as if SIGKILLed: its jobs end, nothing is
+    released or written."""
+    connection = bot.platform.connection
+    connection.running = False
+    connection._leasing = False
+    for job in list(connection._tasks):
+        job.cancel()
+    return asyncio.gather(*connection._tasks, return_exceptions=True)
+
+
+async def test_an_encrypted_room_is_answered_across_a_takeover(
+    replicas: StartBot,
+    element: OpenElement,
+    people: dict[str, str],
+    duck: str,
+    db_target: str,
+    model_server: FakeModelServer,
+) -> None:
+    """With encryption on and separate local directories, the crypto store follows
+    the lease: the new holder restores the old one's snapshot, so it reads what the
+    person encrypted for the shared device and answers encrypted."""
+    first = await replicas("one", matrix_encryption=True)
+    second = await replicas("two", matrix_encryption=True)
+    assert first.platform.connection.encrypting and not second.platform.connection.encrypting
+    alice = await element(people["alice"], PASSWORD, crypto=True)
+    content_answers(model_server)
+    room = await alice.create_room([duck], encrypted=True)
+    await alice.wait_for(joined(duck, room), "the bot joining", within=E2EE_WAIT)
+    before = await alice.say(room, "encrypted before?")
+    await alice.wait_for(bot_notice(duck, before, "answer to"), "answer 1", within=E2EE_WAIT)
+    snapshot = raw_rows(
+        db_target, "SELECT version FROM shared_state WHERE key = ?", (f"matrix-crypto:{duck}",)
+    )
+    assert snapshot, "the holder saved no crypto snapshot"
+
+    # The holder's snapshot is current when it dies (what it sends after its
+    # last snapshot is lost with it: docs/deploy.md, bot/matrix/crypto.py).
+    await first.platform.connection.save_crypto_snapshot()
+    await vanish(first)
+    after = await alice.say(room, "encrypted after the takeover?")
+    await until(lambda: second.platform.syncing, "the takeover")
+    assert second.platform.connection.encrypting
+    assert second.platform.device_id == first.platform.device_id
+    answer = await alice.wait_for(
+        bot_notice(duck, after, "answer to: encrypted after the takeover?"),
+        "the answer from the new holder",
+        within=E2EE_WAIT,
+    )
+    on_the_wire = [
+        e for e in await alice.room_events(room) if e.get("event_id") == answer["event_id"]
+    ]
+    assert on_the_wire and on_the_wire[0]["type"] == "m.room.encrypted"
+    assert not [e for e in alice.events if "can't read" in str(e.get("content"))]
+
+
+async def test_with_encryption_a_standby_without_any_crypto_store_refuses_to_take_over(
     replicas: StartBot,
     duck: str,
     db_target: str,
@@ -283,7 +340,9 @@ async def test_with_encryption_a_standby_without_the_crypto_store_refuses_to_tak
     second = await replicas("two", matrix_encryption=True)
     assert first.platform.syncing and not second.platform.syncing
     caplog.set_level(logging.ERROR, logger="ducklm.matrix")
-    await first.stop()
+    await vanish(first)
+    # No snapshot in the database (as if it were never written) and none on disk.
+    raw_execute(db_target, "DELETE FROM shared_state WHERE key = ?", (f"matrix-crypto:{duck}",))
     await asyncio.sleep(LEASE_TTL_S + 3 * LEASE_EVERY_S)
     assert not second.platform.syncing
     assert holder_of(db_target, duck) is None

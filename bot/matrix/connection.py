@@ -43,8 +43,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import re
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -170,6 +172,8 @@ class MatrixConnection:
         self._lease_until = 0.0
         self._sync_jobs: list[asyncio.Task[Any]] = []
         self._refusal_logged = False
+        self._crypto_digest: str | None = None  # of the last snapshot saved
+        self._snapshot_lock = asyncio.Lock()
         # Standby sends: room id -> whether it is encrypted (asked once).
         self._encrypted_rooms: dict[str, bool] = {}
         # End-to-end encryption: wanted and possible here (vodozemac loads)?
@@ -270,7 +274,68 @@ class MatrixConnection:
             return False
         self._lease_until = at + LEASE_TTL_S
         self.syncing = True
+        try:
+            await self._restore_crypto()
+        except BaseException:
+            self.syncing = False
+            with contextlib.suppress(Exception):
+                await self.shared.release_lease()
+            raise
         return True
+
+    async def _restore_crypto(self) -> None:
+        """As the new holder, before the crypto store is loaded: the database's
+        snapshot of the shared device's store, unless the local store is that
+        snapshot already (or newer: this replica saved it)."""
+        if not self.crypto.enabled:
+            return
+        found = await self.shared.load_crypto()
+        if found is None:
+            return
+        version, device, blob = found
+        session = await self.shared.load_session(self.homeserver)
+        if session is None or session.device_id != device:
+            return  # a snapshot of an earlier device
+        if await asyncio.to_thread(self.crypto_store.marker) == version:
+            return
+        await asyncio.to_thread(self.crypto_store.restore, blob, version)
+        client = self.client
+        if client is not None:
+            # The snapshot's pickle key is the one its pickles are encrypted with.
+            key = await asyncio.to_thread(self.crypto_store.pickle_key)
+            client.config = dataclasses.replace(client.config, pickle_key=key)
+        self._crypto_digest = None
+        logger.info("matrix: crypto store of device %s restored from the database", device)
+
+    def crypto_changed(self) -> None:
+        """Something was sent (an encrypted send moves Olm and Megolm state): the
+        holder saves a snapshot soon, so a takeover loses as little as possible."""
+        if self.syncing and self.encrypting:
+            self.spawn(self.save_crypto_snapshot())
+
+    async def save_crypto_snapshot(self) -> None:
+        """After a handled batch (before its token is saved), after sends, and on
+        every lease renewal: the crypto store into the database, if it changed
+        (fenced by the lease like the token). One at a time."""
+        async with self._snapshot_lock:
+            await self._save_snapshot()
+
+    async def _save_snapshot(self) -> None:
+        client = self.client
+        if client is None or client.olm is None or not self.device_id or not self.syncing:
+            return
+        try:
+            blob, digest = await asyncio.to_thread(self.crypto_store.snapshot)
+            if digest == self._crypto_digest:
+                return
+            version = await self.shared.save_crypto(self.device_id, blob)
+        except (OSError, sqlite3.Error, StoreError) as exc:
+            logger.warning("matrix: cannot save the crypto store's snapshot: %s", exc)
+            return
+        if version is None:
+            return  # the lease is lost; saving the token says so next
+        self._crypto_digest = digest
+        await asyncio.to_thread(self.crypto_store.set_marker, version)
 
     async def _may_take_over(self, starting: bool) -> bool:
         """Without encryption any replica may sync. With it, the crypto store is
@@ -283,6 +348,8 @@ class MatrixConnection:
         device = session.device_id if session else None
         if device is None or self.crypto_store.has_device(self.user_id, device):
             return True
+        if await self.shared.crypto_device() == device:
+            return True  # the holder's snapshot is in the database
         if starting and await self.shared.lease_holder() is None:
             return True
         if not self._refusal_logged:
@@ -361,6 +428,8 @@ class MatrixConnection:
                     at = time.time()
                     if await self.shared.renew_lease(LEASE_TTL_S):
                         self._lease_until = at + LEASE_TTL_S
+                        if self.running and self.encrypting:
+                            await self.save_crypto_snapshot()
                     else:
                         self._stop_syncing("the sync lease expired or was taken over")
                 elif self.running:
@@ -808,7 +877,10 @@ class MatrixConnection:
                     )
                     await asyncio.sleep(delay)
             # Only now is the batch handled (every message accepted into the
-            # store), so only now may a restart (or the next holder) skip it (M4).
+            # store), so only now may a restart (or the next holder) skip it (M4);
+            # the crypto store first, so the next holder's keys are never older
+            # than the position it resumes from.
+            await self.save_crypto_snapshot()
             try:
                 saved = await self.shared.save_sync(batch.response.next_batch, self.last_handled)
             except StoreError:

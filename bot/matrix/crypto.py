@@ -15,14 +15,29 @@ libolm). This module writes no cryptography of its own.
 The device id is the crypto identity: a store belongs to one device. So a device
 id without its store is never reused (its old keys are on the server and new ones
 would look like an impostor to every client): the bot logs in as a new device.
+
+Several replicas (issue #19) share one device, and the store follows the Matrix
+sync lease: the holder puts a snapshot of this directory into the database after
+each handled batch that changed it (before that batch's sync token, so a
+snapshot is never older than the position it goes with), and a replica taking
+the lease over restores it first (`snapshot`, `restore`). The snapshot holds
+pickle.key too (replicas must share it); set MATRIX_STORE_PASSPHRASE to keep the
+key out of the database. What the holder did after its last snapshot (a room key
+shared for a message it sent, one-time keys uploaded) is lost with it; people's
+clients recover from that as from any new session (a new room key, a key request).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import logging
 import os
 import secrets
+import sqlite3
+import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +51,10 @@ logger = logging.getLogger("ducklm.matrix")
 
 CRYPTO_DIR = "crypto"
 PICKLE_KEY_FILE = "pickle.key"
+# The shared_state version of the snapshot this directory was restored from or
+# saved as: equal to the database's, the local store is that one (or newer).
+SNAPSHOT_MARKER = "snapshot.version"
+_SQLITE_SIDE_FILES = ("-journal", "-wal", "-shm")
 
 
 @dataclass(frozen=True)
@@ -104,6 +123,73 @@ class CryptoStore:
                 with contextlib.suppress(OSError):
                     os.chmod(path, 0o600)
 
+    # -- snapshots for replicas (issue #19) ----------------------------------------
+
+    def snapshot(self) -> tuple[bytes, str]:
+        """The directory as a gzip'd tar, and a digest of its contents (equal
+        digests: nothing changed). SQLite files are copied with SQLite's backup
+        API, consistent even while nio writes to them."""
+        files: list[tuple[str, bytes]] = []
+        with tempfile.TemporaryDirectory() as scratch:
+            for path in sorted(self.directory.iterdir()):
+                name = path.name
+                if (
+                    not path.is_file()
+                    or name == SNAPSHOT_MARKER
+                    or name.startswith(".")
+                    or name.endswith(_SQLITE_SIDE_FILES)
+                ):
+                    continue
+                if name.endswith(".db"):
+                    copy = Path(scratch) / name
+                    source = sqlite3.connect(path)
+                    target = sqlite3.connect(copy)
+                    try:
+                        source.backup(target)
+                    finally:
+                        target.close()
+                        source.close()
+                    files.append((name, copy.read_bytes()))
+                else:
+                    files.append((name, path.read_bytes()))
+        digest = hashlib.sha256()
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+            for name, data in files:
+                digest.update(name.encode() + b"\0" + len(data).to_bytes(8, "big") + data)
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                info.mode = 0o600
+                tar.addfile(info, io.BytesIO(data))
+        return buffer.getvalue(), digest.hexdigest()
+
+    def restore(self, blob: bytes, version: int) -> None:
+        """Replace the directory's files by the snapshot's (each atomically, 0600)."""
+        self.prepare()
+        with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
+            for member in tar.getmembers():
+                name = member.name
+                # Plain files directly in the directory, nothing else (a damaged
+                # or hostile snapshot must not write elsewhere).
+                if not member.isfile() or "/" in name or name in ("", ".", ".."):
+                    continue
+                handle = tar.extractfile(member)
+                if handle is None:
+                    continue
+                _write_bytes(self.directory / name, handle.read())
+                for side in _SQLITE_SIDE_FILES:
+                    with contextlib.suppress(FileNotFoundError):
+                        (self.directory / (name + side)).unlink()
+        self.set_marker(version)
+
+    def marker(self) -> int | None:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            return int((self.directory / SNAPSHOT_MARKER).read_text(encoding="utf-8").strip())
+        return None
+
+    def set_marker(self, version: int) -> None:
+        _write_bytes(self.directory / SNAPSHOT_MARKER, f"{version}\n".encode())
+
     def config(self) -> dict[str, Any]:
         """nio AsyncClientConfig fields for an encrypting client."""
         from nio.store import DefaultStore
@@ -115,6 +201,22 @@ class CryptoStore:
             # The bot saves its sync token itself, after handling a batch.
             "store_sync_tokens": False,
         }
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    """Replace `path` atomically with `data`, mode 0600."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 async def key_maintenance(client: AsyncClient) -> None:

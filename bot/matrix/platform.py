@@ -116,7 +116,10 @@ class MatrixPlatform(Platform, ChatBackend):
         await self.connection.check_can_send(thread.channel)
         content = message_content(text)
         content["m.mentions"] = {}  # an answer quoting user ids must not ping them
-        return await self.sender.post(thread, content)
+        try:
+            return await self.sender.post(thread, content)
+        finally:
+            self.connection.crypto_changed()
 
     async def send_card(self, thread: Thread, card: ApprovalCard) -> str:
         await self.connection.check_can_send(thread.channel)
@@ -127,7 +130,10 @@ class MatrixPlatform(Platform, ChatBackend):
             "Approvers",
             self._approvers_in(thread.channel),
         )
-        card_id = await self.sender.post(thread, content)
+        try:
+            card_id = await self.sender.post(thread, content)
+        finally:
+            self.connection.crypto_changed()
         # The service stores the card's id only after we return, but a quick
         # approver can react before that: remember it here at once.
         self.events.cards.put(card_id, card.approval_id)
@@ -166,7 +172,10 @@ class MatrixPlatform(Platform, ChatBackend):
         }
         if "formatted_body" in content:
             content["formatted_body"] = "* " + content["formatted_body"]
-        await self.sender.send_event(thread.channel, "m.room.message", content)
+        try:
+            await self.sender.send_event(thread.channel, "m.room.message", content)
+        finally:
+            self.connection.crypto_changed()
 
     def mention(self, user: str) -> str:
         # Text goes through Markdown, so the bare Matrix id is what readers see.
@@ -181,7 +190,10 @@ class MatrixPlatform(Platform, ChatBackend):
             return
         room = self.connection.require_client().rooms.get(thread.channel)
         name = room.user_name(mxid) if room is not None else None
-        await self.sender.post(thread, addressed_content(mxid, text, name))
+        try:
+            await self.sender.post(thread, addressed_content(mxid, text, name))
+        finally:
+            self.connection.crypto_changed()
 
     async def working(self, thread: Thread, status: str | None) -> None:
         await self.sender.typing(thread, status)

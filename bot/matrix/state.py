@@ -9,6 +9,8 @@ In the database (shared_state, runtime/store/replicas.py), read first:
                             per-room markers, written only by the holder of the
                             `matrix-sync:<user>` lease (a fenced write), so the
                             replica that takes over continues exactly there
+    matrix-crypto:<user>    the crypto store's snapshot (bot/matrix/crypto.py),
+                            with the device it belongs to; fenced likewise
 
 Files of an installation from before #19 are imported into the database once
 (when it has no value yet); afterwards the files are a local mirror, written
@@ -32,6 +34,7 @@ Every file is written atomically (a temporary file, fsync, rename) with mode
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -222,6 +225,7 @@ class SharedMatrixState:
         self.lease = lease_name(user_id)
         self._session_key = f"matrix-session:{user_id}"
         self._sync_key = f"matrix-sync:{user_id}"
+        self._crypto_key = f"matrix-crypto:{user_id}"
         self.session_version: int | None = None  # of the session last read
 
     # -- the lease -------------------------------------------------------------
@@ -324,3 +328,29 @@ class SharedMatrixState:
                 "matrix: cannot mirror the sync token to %s: %s", self.files.sync_path, exc
             )
         return True
+
+    # -- the crypto store's snapshot ---------------------------------------------
+
+    async def load_crypto(self) -> tuple[int, str, bytes] | None:
+        """(version, device id, snapshot) of the crypto store, if one was saved."""
+        found = await self.state.get(self._crypto_key)
+        data = _loads(found.value) if found is not None else None
+        if found is None or not data:
+            return None
+        device, blob = data.get("device_id"), data.get("data")
+        if not isinstance(device, str) or not isinstance(blob, str):
+            return None
+        try:
+            return found.version, device, base64.b64decode(blob)
+        except ValueError:
+            logger.warning("matrix: ignoring an unreadable crypto snapshot")
+            return None
+
+    async def crypto_device(self) -> str | None:
+        found = await self.load_crypto()
+        return None if found is None else found[1]
+
+    async def save_crypto(self, device_id: str, blob: bytes) -> int | None:
+        """Store a snapshot while holding the lease; its version, or None."""
+        value = json.dumps({"device_id": device_id, "data": base64.b64encode(blob).decode()})
+        return await self.state.put_if_holder(self._crypto_key, value, self.lease, self.holder)
