@@ -11,12 +11,15 @@ its module's choice with its own marker, e.g. SQLite-only with a reason:
 
     @pytest.mark.backends("sqlite", reason="reads the WAL file")
 
-Modules without the marker stay on SQLite only, so the suite does not double in time.
+Modules without the marker stay on SQLite only, so the suite does not double in time;
+DUCKLM_TEST_DB_BACKEND=postgres runs them (every test using `db_target` or `runtime`)
+on PostgreSQL instead, to look for what would break there.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +37,10 @@ if TYPE_CHECKING:
 pytest_plugins = ["tests.fakes.openai_server", "tests.fakes.synapse", "tests.postgres"]
 
 BACKENDS = ("sqlite", "postgres")
+# Read at import: the clean_env fixture clears DUCKLM_* before db_target runs.
+DEFAULT_BACKEND = os.environ.get("DUCKLM_TEST_DB_BACKEND", "sqlite")
+if DEFAULT_BACKEND not in BACKENDS:
+    raise pytest.UsageError(f"DUCKLM_TEST_DB_BACKEND={DEFAULT_BACKEND}: not one of {BACKENDS}")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -62,8 +69,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture
 def db_backend(request: pytest.FixtureRequest) -> str:
-    """ "sqlite" or "postgres": parametrized by the `backends` marker, else "sqlite"."""
-    return str(getattr(request, "param", "sqlite"))
+    """Which store: parametrized by the `backends` marker, else the default ("sqlite")."""
+    return str(getattr(request, "param", DEFAULT_BACKEND))
 
 
 @pytest.fixture
@@ -75,7 +82,6 @@ def db_target(db_backend: str, tmp_path: Path, request: pytest.FixtureRequest) -
     if db_backend != "postgres":
         yield str(tmp_path / "ducklm.db")
         return
-    import os
     import shutil
 
     url = str(request.getfixturevalue("postgres_url"))
@@ -123,8 +129,6 @@ def make_settings(tmp_path: Path, base_url: str | None = None, **overrides: Any)
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep a developer's own DUCKLM_*/SLACK_*/MATRIX_* variables out of a test."""
-    import os
-
     for name in list(os.environ):
         if name.startswith(("DUCKLM_", "SLACK_", "MATRIX_", "OPENAI_")):
             monkeypatch.delenv(name)

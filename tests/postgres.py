@@ -84,9 +84,14 @@ def is_postgres(target: str | os.PathLike[str]) -> bool:
     return str(target).startswith(("postgresql://", "postgres://"))
 
 
-def find_bindir() -> Path:
+# Read once at import: tests that clear DUCKLM_* (the clean_env fixture) may be the
+# ones whose set-up starts the server.
+CONFIGURED_BINDIR = os.environ.get("DUCKLM_TEST_PG_BINDIR") or None
+
+
+def find_bindir(configured: str | None = CONFIGURED_BINDIR) -> Path:
     """The directory with initdb and postgres, or a failure saying how to install them."""
-    if configured := os.environ.get("DUCKLM_TEST_PG_BINDIR"):
+    if configured:
         # Named on purpose: that directory or nothing, never a silent fallback.
         directory = Path(configured)
         if (directory / "initdb").is_file() and (directory / "postgres").is_file():

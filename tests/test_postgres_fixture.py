@@ -75,11 +75,10 @@ async def test_raw_helpers_on_both_backends(db_target: str, db_backend: str) -> 
 
 
 def test_a_named_binary_directory_without_the_binaries_fails_saying_how_to_install(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
-    monkeypatch.setenv("DUCKLM_TEST_PG_BINDIR", str(tmp_path))
     with pytest.raises(pytest.fail.Exception) as info:
-        find_bindir()
+        find_bindir(str(tmp_path))  # as DUCKLM_TEST_PG_BINDIR names it
     message = str(info.value)
     assert str(tmp_path) in message and "apt-get install postgresql" in message
 
