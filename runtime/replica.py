@@ -30,6 +30,7 @@ from runtime.store import StoreError
 from runtime.store.replicas import ReplicaRow, ReplicaStore
 
 if TYPE_CHECKING:
+    from runtime.factory import Runtime
     from runtime.settings import Settings
 
 logger = logging.getLogger("ducklm.replica")
@@ -167,10 +168,15 @@ class Replica:
 
 
 @contextlib.asynccontextmanager
-async def running(replica: Replica) -> AsyncIterator[Replica]:
-    """`async with running(replica):` registered and heartbeating inside."""
+async def serving(runtime: Runtime) -> AsyncIterator[Replica]:
+    """`async with serving(runtime):` this process is a registered, heartbeating
+    replica and the runtime's loop owns the tasks it runs (for `ducklm console`
+    and other users of the runtime without a ChatService, which has its own)."""
+    replica = Replica.from_settings(runtime.stores.replicas, runtime.settings)
     await replica.start()
+    runtime.loop.owner = replica.replica_id
     try:
         yield replica
     finally:
+        runtime.loop.owner = None
         await replica.stop()

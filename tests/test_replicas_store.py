@@ -392,3 +392,22 @@ async def test_continuation_moves_ownership_to_the_continuing_replica(
         for service, rt in ((a, rt_a), (b, rt_b)):
             await service.close()
             await rt.close()
+
+
+async def test_a_runtime_without_a_chat_service_serves_as_a_replica(
+    tmp_path: Path, db_target: str, model_server: FakeModelServer
+) -> None:
+    """`ducklm console` and the like: `serving(runtime)` registers a replica whose
+    heartbeat makes the loop's tasks its own, and marks it stopped at the end."""
+    from runtime.replica import serving
+
+    rt = await _runtime(tmp_path, db_target, model_server.base_url)
+    try:
+        async with serving(rt) as replica:
+            result = await rt.loop.run_command("echo owned", conversation="console:local")
+            assert await rt.stores.ownership.owner_of(result.task_id) == replica.replica_id
+            assert [r.replica_id for r in await rt.stores.replicas.live(60)] == [replica.replica_id]
+        assert rt.loop.owner is None
+        assert await rt.stores.replicas.live(60) == []
+    finally:
+        await rt.close()
