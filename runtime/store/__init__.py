@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+# Imported for its effect: PostgresDatabase registers with Database.open for
+# postgresql:// URLs (asyncpg itself loads only when one is opened).
+import runtime.store.postgres  # noqa: F401
 from runtime.store.approvals import ApprovalStore
 from runtime.store.db import Database, StoreError
 from runtime.store.deliveries import DeliveryStore

@@ -36,7 +36,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from runtime.store import chain
 from runtime.store.migrations import MIGRATIONS, SCHEMA_VERSION, Dialects
@@ -314,6 +314,22 @@ class Database:
     dialect = "sqlite"
     for_update = ""
     skip_locked = ""
+    # The URL schemes a subclass opens (`open_url`); empty for SQLite's files.
+    url_schemes: ClassVar[tuple[str, ...]] = ()
+    # Subclasses for URLs register themselves here when their module is imported
+    # (runtime/store/__init__.py imports runtime/store/postgres.py): `open` finds
+    # them without importing them, so this module and theirs import one way.
+    _url_backends: ClassVar[list[type[Database]]] = []
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.url_schemes:
+            Database._url_backends.append(cls)
+
+    @classmethod
+    async def open_url(cls, url: str, *, pool_size: int = 10, migrate: bool = True) -> Database:
+        """Open a database named by a URL (a subclass for its scheme implements this)."""
+        raise StoreError(f"DuckLM cannot open {url.split('://', 1)[0]}:// databases")
 
     def __init__(self, conn: sqlite3.Connection, path: str, *, memory: bool = False) -> None:
         self._conn = conn
@@ -342,9 +358,10 @@ class Database:
         `migrate=False` leaves the schema as it is (`ducklm db` inspects first,
         then calls `migrate()`)."""
         if is_postgres_url(path):
-            from runtime.store.postgres import PostgresDatabase
-
-            return await PostgresDatabase.open_url(str(path), pool_size=pool_size, migrate=migrate)
+            for backend in Database._url_backends:
+                if str(path).startswith(backend.url_schemes):
+                    return await backend.open_url(str(path), pool_size=pool_size, migrate=migrate)
+            raise StoreError("PostgreSQL support is not loaded (import runtime.store.postgres)")
         if sqlite3.sqlite_version_info < MIN_SQLITE:
             raise StoreError(
                 f"SQLite {sqlite3.sqlite_version} is too old for DuckLM; it needs "

@@ -184,6 +184,7 @@ class PostgresDatabase(Database):
     dialect = "postgres"
     for_update = " FOR UPDATE"
     skip_locked = " FOR UPDATE SKIP LOCKED"
+    url_schemes = ("postgresql://", "postgres://")  # registers it with Database.open
 
     def __init__(self, pool: asyncpg.Pool, url: str, pool_size: int) -> None:
         # Deliberately not Database.__init__: nothing of SQLite's connection applies.
