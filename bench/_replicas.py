@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,14 @@ from bench._common import (
 from bench._slackbot import APPROVER, LoopThread
 
 START_TIMEOUT = 60.0
+
+
+def _cpu_of(pid: int) -> float:
+    """CPU seconds (user + system) a process has used, from /proc (0 if gone)."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return 0.0
 
 
 def machine_busy() -> tuple[float, float]:
@@ -158,13 +167,24 @@ class Replicas:
 
     def replica_cpu(self) -> float:
         """CPU seconds (user + system) the replica processes have used so far."""
-        ticks = os.sysconf("SC_CLK_TCK")
-        total = 0.0
-        for process in self.processes:
-            with contextlib.suppress(OSError):
-                fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+        return sum(_cpu_of(process.pid) for process in self.processes)
+
+    def postgres_cpu(self) -> float:
+        """CPU seconds of the PostgreSQL server: the postmaster and its children
+        (the replicas' pooled connections live as long as the replicas)."""
+        root = self.server.process.pid
+        total = _cpu_of(root)
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == root:  # ppid
+                    total += _cpu_of(int(stat.parent.name))
         return total
+
+    @staticmethod
+    def own_cpu() -> float:
+        """CPU seconds of this process: fake Slack, the model, the proxy, the load."""
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
 
     def alive(self) -> bool:
         return all(p.poll() is None for p in self.processes)

@@ -44,6 +44,8 @@ class Burst:
     rate: float  # tasks/s
     busy: float  # share of the machine's CPU time in use meanwhile (0..1), everyone's
     cpu_ms: float  # replica CPU milliseconds per task
+    pg_ms: float  # PostgreSQL's CPU milliseconds per task
+    own_ms: float  # this process's (fake Slack, model, proxy, load) CPU ms per task
 
 
 async def burst(replicas: Replicas, session: aiohttp.ClientSession, size: int) -> Burst:
@@ -51,6 +53,7 @@ async def burst(replicas: Replicas, session: aiohttp.ClientSession, size: int) -
     before = await replicas.count(COMPLETED)
     bodies = [mention_body(f"how is web-{i}?") for i in range(size)]
     cpu, machine = replicas.replica_cpu(), machine_busy()
+    pg, own = replicas.postgres_cpu(), replicas.own_cpu()
     started = time.perf_counter()
     results = await asyncio.wait_for(
         asyncio.gather(
@@ -64,7 +67,13 @@ async def burst(replicas: Replicas, session: aiohttp.ClientSession, size: int) -
     await replicas.wait_until(COMPLETED, before + size, 600)
     elapsed = time.perf_counter() - started
     busy, total = (b - a for a, b in zip(machine, machine_busy(), strict=True))
-    return Burst(size / elapsed, busy / total, (replicas.replica_cpu() - cpu) * 1000 / size)
+    return Burst(
+        size / elapsed,
+        busy / total,
+        (replicas.replica_cpu() - cpu) * 1000 / size,
+        (replicas.postgres_cpu() - pg) * 1000 / size,
+        (replicas.own_cpu() - own) * 1000 / size,
+    )
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -93,10 +102,10 @@ async def run(args: argparse.Namespace) -> None:
         label = "1 replica " if count == 1 else f"{count} replicas"
         print(f"   {label}: {median[count]:6.1f} tasks/s (median; rounds: {each})")
         cpu = ", ".join(f"{b.busy * 100:.0f}%" for b in rates[count])
-        per_task = ", ".join(f"{b.cpu_ms:.0f}" for b in rates[count])
+        per_task = ", ".join(f"{b.cpu_ms:.0f}/{b.pg_ms:.0f}/{b.own_ms:.0f}" for b in rates[count])
         print(
-            f"   {'':<10}  machine CPU busy meanwhile (everyone's): {cpu}; "
-            f"replica CPU ms per task: {per_task}"
+            f"   {'':<10}  machine CPU busy meanwhile (everyone's): {cpu}; CPU ms per task "
+            f"(replicas/PostgreSQL/fakes+proxy+load): {per_task}"
         )
     slots = args.concurrent_tasks / (2 * args.model_delay)
     print(f"   bound set by the slots alone: {slots:.1f} tasks/s per replica")
