@@ -1,7 +1,8 @@
 """`ducklm matrix reset-crypto`: start the bot's encryption over cleanly.
 
 What it does (and prints): deletes the crypto store (Olm account, sessions, the
-cross-signing keys), forgets the device id and access token in session.json (the
+cross-signing keys) and its snapshot in the database (issue #19), forgets the
+device id and access token in the database and session.json (the
 sync position stays, so nothing old is answered again), and with MATRIX_PASSWORD
 deletes the old device on the homeserver, so people's clients stop listing it. The
 next `ducklm run` logs in as a new device, makes new keys, and replaces the
@@ -9,7 +10,7 @@ account's cross-signing keys (with the password: the homeserver asks for it).
 
 People's clients then show that the bot's identity changed (Element: "identity
 reset"); messages encrypted for the old device cannot be read any more. Stop the
-bot first: a running bot would keep using the deleted files.
+bot first (every replica): a running bot would keep using the deleted files.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from urllib.parse import quote
 import aiohttp
 
 from bot.matrix.crypto import CryptoStore
-from bot.matrix.state import MatrixState, Session
+from bot.matrix.state import MatrixState, Session, SharedMatrixState
+from runtime.store import open_stores
 
 if TYPE_CHECKING:
     from runtime.settings import Settings
@@ -37,7 +39,17 @@ async def reset_crypto(settings: Settings) -> list[str]:
     state = MatrixState(settings.matrix_state_dir)
     store = CryptoStore(settings.matrix_state_dir, settings.matrix_store_passphrase)
     done: list[str] = []
-    saved = state.load_session(homeserver, user_id) if homeserver and user_id else None
+    # The session and the crypto store's snapshot live in the database (#19).
+    stores = await open_stores(settings.db)
+    try:
+        shared = SharedMatrixState(stores.state, stores.leases, state, user_id, "reset-crypto")
+        saved = await shared.load_session(homeserver) if homeserver and user_id else None
+        if await shared.forget_crypto():
+            done.append("deleted the crypto store's snapshot in the database")
+        if saved is not None and saved.device_id:
+            await shared.save_session(Session(homeserver, user_id))
+    finally:
+        await stores.close()
     if store.directory.exists():
         shutil.rmtree(store.directory)
         done.append(f"deleted the crypto store {store.directory} (keys, sessions, cross-signing)")
@@ -45,8 +57,10 @@ async def reset_crypto(settings: Settings) -> list[str]:
         done.append(f"no crypto store at {store.directory}")
     if saved is not None and saved.device_id:
         old = saved.device_id
-        state.save_session(Session(homeserver, user_id))
-        done.append(f"forgot device {old} in {state.session_path}; the next start is a new device")
+        done.append(
+            f"forgot device {old} in the database and {state.session_path}; the next start "
+            "is a new device"
+        )
         if settings.matrix_password:
             done.append(await _delete_device(homeserver, user_id, settings.matrix_password, old))
         else:

@@ -354,3 +354,7 @@ class SharedMatrixState:
         """Store a snapshot while holding the lease; its version, or None."""
         value = json.dumps({"device_id": device_id, "data": base64.b64encode(blob).decode()})
         return await self.state.put_if_holder(self._crypto_key, value, self.lease, self.holder)
+
+    async def forget_crypto(self) -> bool:
+        """Drop the snapshot (`ducklm matrix reset-crypto`): nobody restores it."""
+        return await self.state.delete(self._crypto_key)
