@@ -64,6 +64,8 @@ class ApprovalCard:
     always_offered: bool  # never for critical actions
     always_rule: str | None  # e.g. "exactly `systemctl restart nginx`"
     expires_at: datetime | None
+    # Quorum so far (issue #20), e.g. "1 of 2: @alice"; None: no quorum vote yet.
+    votes: str | None = None
 
     @property
     def what(self) -> str:
@@ -101,6 +103,12 @@ class ChatBackend(ABC):
         self, thread: Thread, card_ref: str, card: ApprovalCard, resolution: CardResolution
     ) -> None:
         """Replace the card's buttons with the decision, who took it and when."""
+
+    async def update_card(self, thread: Thread, card_ref: str, card: ApprovalCard) -> None:
+        """Show a still-open card anew (its quorum so far, issue #20), buttons
+        kept. Optional: a platform without it leaves the card as posted (the
+        thread says how many approved either way)."""
+        return None
 
     @abstractmethod
     async def tell(self, thread: Thread, user: str, text: str) -> None:

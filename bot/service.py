@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,7 +24,7 @@ from bot import commands as c
 from bot.admin import CommandRunner, clip, when
 from bot.admission import Admission, Refusal, duration
 from bot.backend import ApprovalCard, CardResolution, ChatBackend, Thread
-from bot.edits import edited_text, parse_edit, vote_counted_text
+from bot.edits import edited_text, parse_edit, vote_counted_text, votes_text
 from bot.inbox import Accepted, Inbound
 from bot.policy import AccessPolicy, ChannelPolicy
 from bot.recovery import LATE_TEXT, Recovery, answer_text
@@ -442,7 +443,37 @@ class ChatService:
         if thread is not None:
             what = clip(self.shown_command(approval), 200)
             await self.say(thread, vote_counted_text(what, outcome.voters, outcome.needed, mention))
+            if outcome.approval is not None:
+                await self._show_votes(thread, outcome, mention)
         return None
+
+    async def _show_votes(
+        self, thread: Thread, outcome: DecisionOutcome, mention: Callable[[str], str]
+    ) -> None:
+        """The card itself shows "1 of 2: @alice" and keeps its buttons. Under the
+        card's claim (as resolving it is), so an update never lands after the
+        decision's; a decision taken meanwhile is shown right after."""
+        current = outcome.approval
+        assert current is not None
+        if not current.card_ref or current.card_state != "posted":
+            return
+        if not await self.approvals.claim_card(
+            current.approval_id, "posted", stale_before=self.stale_before
+        ):
+            return  # being resolved (or updated) right now
+        try:
+            card = replace(
+                self._card(PendingApproval.from_approval(current, self.loop.redactor)),
+                votes=votes_text(outcome.voters, outcome.needed, mention),
+            )
+            await self._safely(
+                self.backends[thread.platform].update_card(thread, current.card_ref, card)
+            )
+        finally:
+            await self.approvals.release_card(current.approval_id)
+        fresh = await self.approvals.get(current.approval_id)
+        if fresh is not None and fresh.decision is not None:
+            await self.resolve_card(thread, fresh)
 
     async def handle_edit(self, approval_id: str, user: str, command: str) -> str | None:
         """Approve with an edit (issue #20): an approver replaces the proposed

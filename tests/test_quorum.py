@@ -257,7 +257,11 @@ async def test_slack_quorum_one_deny_after_one_approval_denies(
         await bot.click(ACTION_APPROVE, approval, card["ts"], thread_ts=ts, user=APPROVER)
         counted = await bot.wait_text(ts, "Approved 1 of 2")
         assert f"<@{APPROVER}>" in counted
-        assert actions_of(bot.card(ts))  # the card stays open
+        # The card itself says so, and stays open.
+        shown = await slack.wait_for(
+            lambda: "1 of 2" in card_text(bot.card(ts)) and bot.card(ts), what="the card's count"
+        )
+        assert f"<@{APPROVER}>" in card_text(shown) and actions_of(shown), card_text(shown)
         # The same approver again: not counted twice, told so privately.
         await bot.click(ACTION_APPROVE, approval, card["ts"], thread_ts=ts, user=APPROVER)
         told = await slack.wait_for_calls("chat.postEphemeral")

@@ -174,8 +174,11 @@ def approval_blocks(card: ApprovalCard) -> list[Block]:
             }
         )
     expiry = f"Expires {slack_date(card.expires_at)}. " if card.expires_at else ""
+    # The quorum so far (issue #20): its slack:U… ids become mentions.
+    votes = [_section(f":ballot_box_with_check: *Approved so far:* {to_mrkdwn(card.votes or '')}")]
     return [
         *_details(card),
+        *(votes if card.votes else []),
         {"type": "actions", "block_id": card_block_id(approval_id), "elements": buttons},
         _context(
             f"{expiry}Or reply in this thread: `approve`, `deny <reason>`"

@@ -924,6 +924,13 @@ class SlackPlatform(Platform, ChatBackend):
             blocks=resolved_blocks(card, resolution),
         )
 
+    async def update_card(self, thread: Thread, card_ref: str, card: ApprovalCard) -> None:
+        assert self.client is not None
+        channel, ts = parse_card_ref(card_ref)
+        await self.client.chat_update(
+            channel=channel, ts=ts, text=approval_text(card), blocks=approval_blocks(card)
+        )
+
     async def tell(self, thread: Thread, user: str, text: str) -> None:
         assert self.client is not None
         user_id = slack_user_id(user)
