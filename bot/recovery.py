@@ -385,9 +385,18 @@ class Recovery:
     async def _continue_decided(self) -> None:
         """Decisions committed whose continuation never started (a crash right after
         the click). The continuation's compare-and-set on the task keeps it once.
-        The store gives each task's latest such decision, a page of tasks at a time."""
+        The store gives each task's latest such decision, a page of tasks at a time.
+        With other live replicas, a decision younger than the replica timeout is
+        left to the replica that took it (its continuation is starting; taking it
+        here would run it once all the same, but not where the click was)."""
+        replica = self.service.replica
+        others = [r for r in await replica.live() if r.replica_id != self.service.instance]
+        recent = time.time() - replica.timeout if others else None
         async for page in self.approval_rows.iter_decided_not_carried_out(PAGE_SIZE):
             for approval in page:
+                decided = approval.decided_at
+                if recent is not None and decided is not None and decided.timestamp() > recent:
+                    continue
                 thread = await self.service.thread_of(approval.task_id)
                 if thread is not None:
                     self.service.continue_task(thread, approval.task_id, approval.approval_id)
