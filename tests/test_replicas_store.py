@@ -411,3 +411,63 @@ async def test_a_runtime_without_a_chat_service_serves_as_a_replica(
         assert await rt.stores.replicas.live(60) == []
     finally:
         await rt.close()
+
+
+# -- timers across replicas ------------------------------------------------------
+
+
+@pytest.mark.backends("postgres")
+async def test_a_timer_notices_an_approval_another_replica_made(
+    tmp_path: Path, db_target: str, model_server: FakeModelServer
+) -> None:
+    """On a shared store a replica's timers re-read it every SHARED_POLL_S: an
+    approval made by another replica (whose events never wake this one) is
+    planned within seconds, without a restart."""
+    from bot.scheduler import SHARED_POLL_S, Scheduler
+
+    rt_a = await _runtime(tmp_path / "a", db_target, model_server.base_url)
+    rt_b = await _runtime(tmp_path / "b", db_target, model_server.base_url)
+    a, b = ChatService(rt_a), ChatService(rt_b)
+    scheduler = Scheduler(a, remind_after=3600.0)
+    assert scheduler._poll == SHARED_POLL_S
+    try:
+        await scheduler.start()
+        await asyncio.sleep(0.2)  # its first rounds found nothing
+        result = await rt_b.loop.run_command("touch later.txt", conversation="console:b")
+        assert result.pending_approval is not None
+        approval_id = result.pending_approval.approval_id
+
+        async def planned() -> bool:
+            row = await rt_a.stores.db.fetchone(
+                "SELECT due_at FROM approvals WHERE approval_id = ?", (approval_id,)
+            )
+            return row is not None and bool(row["due_at"])  # 0: not planned yet
+
+        await until(planned, within=SHARED_POLL_S * 3 + 5)
+    finally:
+        await scheduler.stop()
+        for service, rt in ((a, rt_a), (b, rt_b)):
+            await service.close()
+            await rt.close()
+
+
+async def test_the_daily_housekeeping_runs_once_across_replicas(
+    tmp_path: Path, db_target: str, model_server: FakeModelServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    from bot.scheduler import HOUSEKEEPING_KEY, Scheduler
+
+    rt_a = await _runtime(tmp_path / "a", db_target, model_server.base_url)
+    rt_b = await _runtime(tmp_path / "b", db_target, model_server.base_url)
+    a, b = ChatService(rt_a), ChatService(rt_b)
+    caplog.set_level("INFO", logger="ducklm.scheduler")
+    try:
+        schedulers = [Scheduler(a, remind_after=900.0), Scheduler(b, remind_after=900.0)]
+        await asyncio.gather(*(s.daily() for s in schedulers + schedulers))
+        skipped = [r for r in caplog.records if "another replica ran it" in r.getMessage()]
+        assert len(skipped) == 3  # four daily jobs at once, one ran
+        claim = await rt_a.stores.state.get(HOUSEKEEPING_KEY)
+        assert claim is not None and claim.version == 1
+    finally:
+        for service, rt in ((a, rt_a), (b, rt_b)):
+            await service.close()
+            await rt.close()
