@@ -63,6 +63,11 @@ TABLES: tuple[Table, ...] = (
     Table("tasks", "task_id", "every task, finished or not, with its owner as recorded"),
     Table("events", "id", "the audit log: seq and chain hashes as stored, ids kept"),
     Table("approvals", "approval_id", "pending ones keep working after the move"),
+    Table(
+        "approval_votes",
+        "vote_id",
+        "each person's approval of a quorum approval: a half-approved one keeps its votes",
+    ),
     Table("rules", "rule_id", "the 'always allow' rules, revoked ones included (history)"),
     Table("schedules", "schedule_id", "scheduled prompts with their next fire times"),
     Table(

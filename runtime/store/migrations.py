@@ -325,20 +325,22 @@ MIGRATIONS: list[tuple[Statement, ...]] = [
     (
         # v11 (issue #20): quorum, approve with an edit, escalation. Both backends.
         # One row per person's approval of one revision of an approval: the
-        # primary key counts two clicks of one person (or two at once) once.
+        # key (`<approval_id>/<revision>/<voter>`) counts two clicks of one
+        # person (or two at once) once; one column, so `db copy` pages by it.
         # `revision` is the approval's at the time of the vote: an edit starts
         # a new revision, and votes for the old command do not approve the new.
         """
         CREATE TABLE approval_votes (
+            vote_id TEXT PRIMARY KEY,
             approval_id TEXT NOT NULL,
             revision INTEGER NOT NULL,
             voter TEXT NOT NULL,
             vote TEXT NOT NULL,
             task_id TEXT NOT NULL,
-            created_at DOUBLE PRECISION NOT NULL,
-            PRIMARY KEY (approval_id, revision, voter)
+            created_at DOUBLE PRECISION NOT NULL
         )
         """,
+        "CREATE INDEX approval_votes_approval ON approval_votes (approval_id, revision)",
         "CREATE INDEX approval_votes_task ON approval_votes (task_id)",
         # Edits: the approval's action is replaced in place (what runs is the
         # edited command); the first command proposed and the last editor stay.

@@ -54,10 +54,18 @@ class VoteStore:
         """Count `voter`'s vote on this revision; False if they had voted already."""
         return bool(
             await self.db.execute(
-                "INSERT INTO approval_votes (approval_id, revision, voter, vote, task_id, "
-                "created_at) VALUES (?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (approval_id, revision, voter) DO NOTHING RETURNING 1",
-                (approval_id, revision, voter, vote, task_id, now()),
+                "INSERT INTO approval_votes (vote_id, approval_id, revision, voter, vote, "
+                "task_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (vote_id) DO NOTHING RETURNING 1",
+                (
+                    f"{approval_id}/{revision}/{voter}",
+                    approval_id,
+                    revision,
+                    voter,
+                    vote,
+                    task_id,
+                    now(),
+                ),
             )
         )
 
