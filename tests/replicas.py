@@ -1,7 +1,8 @@
 """Helpers for the replica tests (issue #19): N real `ducklm run` processes on
 one database (a PostgreSQL URL, or a shared SQLite file while developing), each
-on its own HTTP port, behind a small round-robin HTTP proxy; and read-only looks
-at that database on either backend.
+on its own HTTP port (Slack's HTTP mode; in Socket Mode the operations port),
+behind a small round-robin HTTP proxy; and read-only looks at that database on
+either backend.
 
 Each replica is a `tests.crash_harness.DuckRun` (the same start, kill, stop and
 signed-request pieces) with its own directory (logs, local files, DUCKLM_DATA_DIR)
