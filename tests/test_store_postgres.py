@@ -611,9 +611,14 @@ async def test_retention_takes_the_votes_of_the_tasks_it_deletes(db_target: str)
         for task in (done, kept):
             approval = await stores.approvals.insert(task.task_id, {"tool": "t"})
             await stores.db.execute(
-                "INSERT INTO approval_votes (approval_id, revision, voter, vote, task_id, "
-                "created_at) VALUES (?, 0, 'slack:U1', 'approve', ?, ?)",
-                (approval.approval_id, task.task_id, time.time()),
+                "INSERT INTO approval_votes (vote_id, approval_id, revision, voter, vote, "
+                "task_id, created_at) VALUES (?, ?, 0, 'slack:U1', 'approve', ?, ?)",
+                (
+                    f"{approval.approval_id}/0/slack:U1",
+                    approval.approval_id,
+                    task.task_id,
+                    time.time(),
+                ),
             )
         await stores.tasks.complete_task(done.task_id, "done")
         assert await delete_finished_tasks(stores.db, -60) == 1
