@@ -540,7 +540,9 @@ class ChatService:
             )
         card = self._card(PendingApproval.from_approval(edited, self.loop.redactor))
         ref = await self._safely(backend.send_card(thread, card))
-        if ref and not await self.approvals.card_posted(edited.approval_id, ref):
+        if not ref:  # the old card has no buttons any more: recovery posts this one
+            await self.approvals.card_reposting(edited.approval_id)
+        elif not await self.approvals.card_posted(edited.approval_id, ref):
             await self.approvals.set_card_ref(edited.approval_id, ref)
 
     # -- inbound: /duck commands --------------------------------------------

@@ -375,3 +375,42 @@ async def test_matrix_edit_reply_in_the_thread(
     code, shown, err = await ducklm(tmp_path, "events", task.task_id)
     assert code == 0, err
     assert "approval_edited" in shown and f"approval_decided approve by {alice.qualified}" in shown
+
+
+@pytest.mark.usefixtures("clean_env")
+async def test_slack_edit_whose_new_card_fails_to_post_is_posted_by_recovery(
+    tmp_path: Path, model: FakeModelServer, slack: FakeSlack
+) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        f'[default]\napprovers = ["slack:{APPROVER}", "slack:{APPROVER2}"]\n'
+        "quorum = { medium = 2 }\n"
+    )
+    bot = await start_bot(tmp_path, model, slack, policy_file=policy)
+    try:
+        ts, card, approval = await card_for(bot, model, command="touch proposed")
+        # Slack refuses every post for a while: the edit is taken (the old card
+        # loses its buttons), but the new card cannot be posted.
+        slack.fail("chat.postMessage", "service_unavailable", times=50)
+        await bot.say("edit touch edited", thread_ts=ts, user=APPROVER)
+        await slack.wait_for(
+            lambda: "Edited" in card_text(slack.message(CHANNEL, card["ts"]) or {}),
+            what="the old card marked edited",
+        )
+        await bot.settle()
+        edited = await bot.runtime.approvals.get(approval)
+        assert edited.command == "touch edited" and edited.decision is None
+        assert edited.card_state == "unposted" and edited.card_ref is None
+        slack.fail("chat.postMessage", "service_unavailable", times=0)
+        await bot.service.recover_periodically()  # what the periodic recovery does
+        new_card = await slack.wait_for(
+            lambda: next((m for m in bot.thread(ts) if m.get("blocks") and actions_of(m)), None),
+            what="the edited approval's card",
+        )
+        assert "touch edited" in card_text(new_card) and "first proposed" in card_text(new_card)
+        model.reply(THINKER, Text("Done as edited."))
+        await bot.click(ACTION_APPROVE, approval, new_card["ts"], thread_ts=ts, user=APPROVER2)
+        await bot.wait_text(ts, "Done as edited.")
+        assert (bot.workspace / "edited").exists() and not (bot.workspace / "proposed").exists()
+    finally:
+        await stop_bot(bot)
