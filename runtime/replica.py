@@ -34,6 +34,9 @@ if TYPE_CHECKING:
     from runtime.settings import Settings
 
 logger = logging.getLogger("ducklm.replica")
+# About when this process started (this module loads at start-up): a replica row
+# with this process's pid that started before it is a predecessor's.
+PROCESS_STARTED = time.time()
 
 BeatListener = Callable[[], Awaitable[object]]
 
@@ -41,6 +44,25 @@ BeatListener = Callable[[], Awaitable[object]]
 def replica_name(configured: str | None) -> str:
     """DUCKLM_REPLICA_NAME, else the host name."""
     return (configured or "").strip() or socket.gethostname() or "ducklm"
+
+
+def pid_running(pid: int) -> bool:
+    """Whether a process `pid` runs on this host (a zombie, killed and not yet
+    reaped by its parent, does not)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, under another user
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            # "pid (comm) state ...": the state follows the last ")".
+            return handle.read().rpartition(")")[2].split()[:1] != ["Z"]
+    except OSError:
+        return True  # no /proc (not Linux): kill(0) said it exists
 
 
 def new_replica_id(name: str) -> str:
@@ -95,12 +117,35 @@ class Replica:
         self.started_at = time.time()
         await self.store.register(self.replica_id, self.name, self.host, os.getpid())
         self.last_beat = time.time()
+        await self.reap_local()
         self._task = asyncio.get_running_loop().create_task(
             self._beat_forever(), name=f"heartbeat:{self.replica_id}"
         )
         logger.info(
             "replica %s registered (heartbeat every %gs)", self.replica_id, self.heartbeat_interval
         )
+
+    async def reap_local(self) -> list[str]:
+        """Replicas of this host whose process is gone (a crash, a kill -9) are
+        marked stopped at once: a restart must not wait DUCKLM_REPLICA_TIMEOUT
+        before its predecessor's tasks count as interrupted. Same host name and
+        either a pid that no longer runs, or this process's own pid registered
+        before this process started (a container restarted in place). Returns
+        the ids marked."""
+        reaped = []
+        for row in await self.live():
+            if row.replica_id == self.replica_id or row.host != self.host:
+                continue
+            reused = row.pid == os.getpid() and row.started_at < PROCESS_STARTED
+            if reused or (row.pid != os.getpid() and not pid_running(row.pid)):
+                if await self.store.stop(row.replica_id):
+                    reaped.append(row.replica_id)
+                    logger.info(
+                        "replica %s (pid %d on this host) is gone; marked stopped",
+                        row.replica_id,
+                        row.pid,
+                    )
+        return reaped
 
     async def stop(self) -> None:
         """Stop heartbeating and mark the replica stopped: survivors take over its

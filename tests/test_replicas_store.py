@@ -471,3 +471,30 @@ async def test_the_daily_housekeeping_runs_once_across_replicas(
         for service, rt in ((a, rt_a), (b, rt_b)):
             await service.close()
             await rt.close()
+
+
+async def test_a_restart_marks_its_dead_predecessors_on_this_host_stopped(stores: Stores) -> None:
+    """A crashed process's replica on this host is dead at once for its
+    successor (no wait for the timeout): its pid runs no more, or it is this
+    process's own pid from before this process started (a container restart).
+    A live process's replica, or another host's, is left alone."""
+    import os
+    import socket
+
+    from runtime.replica import PROCESS_STARTED
+
+    gone = await asyncio.create_subprocess_exec("true")
+    await gone.wait()  # reaped: the pid runs no more
+    host = socket.gethostname()
+    t0 = time.time()
+    await stores.replicas.register("crashed", "n", host, gone.pid, at=t0)
+    await stores.replicas.register("same-pid", "n", host, os.getpid(), at=PROCESS_STARTED - 60)
+    await stores.replicas.register("parent", "n", host, os.getppid(), at=t0)
+    await stores.replicas.register("elsewhere", "n", "other-host", gone.pid, at=t0)
+    replica = Replica(stores.replicas, name="me", heartbeat_interval=60, timeout=60)
+    try:
+        await replica.start()
+        alive = {r.replica_id for r in await stores.replicas.live(60)}
+        assert alive == {"parent", "elsewhere", replica.replica_id}
+    finally:
+        await replica.stop()
