@@ -75,7 +75,9 @@ def db_backend(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def db_target(db_backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
-    """What DUCKLM_DB takes for this test: a fresh SQLite path, or a fresh database's URL.
+    """What DUCKLM_DB takes for this test: a fresh SQLite path, or the URL of a fresh
+    PostgreSQL database that already has the current schema (copied from a template
+    migrated once per session; a new SQLite file is migrated on open, which is cheap).
 
     PostgreSQL is looked up lazily, so a SQLite-only run never starts the server.
     """
@@ -84,7 +86,7 @@ def db_target(db_backend: str, tmp_path: Path, request: pytest.FixtureRequest) -
         return
     import shutil
 
-    url = str(request.getfixturevalue("postgres_url"))
+    url = str(request.getfixturevalue("postgres_store_url"))
     # A URL taken for a file path becomes a SQLite file under ./postgresql:/… and the
     # test would pass on SQLite while claiming PostgreSQL: fail it instead.
     stray = Path(os.getcwd(), url.split("//", 1)[0])

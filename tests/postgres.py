@@ -390,11 +390,24 @@ class PostgresServer:
         """One statement on the maintenance database (for CREATE/DROP DATABASE and checks)."""
         return raw_rows(self.url(), sql, params)
 
-    def create_database(self, prefix: str = "t") -> str:
-        """A new empty database (from template0: nothing a test left in template1)."""
+    def create_database(self, prefix: str = "t", *, template: str = "template0") -> str:
+        """A new database copied from `template` (by default template0: empty, nothing
+        a test left in template1)."""
         name = f"{prefix}_{os.getpid()}_{next(self._names)}"
-        self.admin_query(f'CREATE DATABASE "{name}" TEMPLATE template0 STRATEGY FILE_COPY')
-        return name
+        sql = f'CREATE DATABASE "{name}" TEMPLATE "{template}" STRATEGY FILE_COPY'
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.admin_query(sql)
+                return name
+            except Exception as exc:
+                # A template's last connection may still be on its way out after its
+                # pool closed ("being accessed by other users"): wait for it, bounded.
+                if "being accessed by other users" not in str(exc):
+                    raise
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def drop_database(self, name: str) -> None:
         # FORCE: a test that failed half-way may still hold pooled connections.
@@ -499,6 +512,36 @@ def postgres_server() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_template(postgres_server: PostgresServer) -> str:
+    """A database migrated once to the current schema, to copy for each test that only
+    needs a fresh store (CREATE DATABASE … TEMPLATE is one file copy; migrating a new
+    database costs twice that): its name."""
+    name = postgres_server.create_database("template")
+    url = postgres_server.url(name)
+
+    async def migrate() -> None:
+        from runtime.store import open_stores
+
+        stores = await open_stores(url, pool_size=1)
+        await stores.close()
+
+    _run_in_thread(migrate)
+    return name
+
+
+@pytest.fixture
+def postgres_store_url(postgres_server: PostgresServer, postgres_template: str) -> Iterator[str]:
+    """A fresh database with the current schema and no rows (as a replica finds it after
+    the first one migrated it), dropped afterwards: its URL. Tests of migrating an
+    empty database take `postgres_url`."""
+    name = postgres_server.create_database(template=postgres_template)
+    try:
+        yield postgres_server.url(name)
+    finally:
+        postgres_server.drop_database(name)
 
 
 @pytest.fixture

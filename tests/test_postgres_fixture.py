@@ -136,3 +136,15 @@ def test_sqlite_only_runs_start_no_postgres(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "db_target" in result.stdout
     assert "postgres_server" not in result.stdout
+
+
+@pytest.mark.backends("postgres")
+async def test_a_postgres_db_target_has_the_schema_and_no_rows(db_target: str) -> None:
+    from runtime.store import open_stores
+    from runtime.store.migrations import SCHEMA_VERSION
+    from runtime.store.pg_baseline import VERSION_TABLE
+
+    assert raw_rows(db_target, f"SELECT version FROM {VERSION_TABLE}") == [(SCHEMA_VERSION,)]
+    async with await open_stores(db_target) as stores:
+        task = await stores.tasks.create_task("mine alone")
+        assert [t.task_id for t in await stores.tasks.list_recent(10)] == [task.task_id]

@@ -71,9 +71,13 @@ def readonly_dir(tmp_path: Path) -> Iterator[Path]:
 
 
 async def test_migrations_create_schema_and_reopen_is_idempotent(
-    tmp_path: Path, db_target: str
+    tmp_path: Path, db_backend: str, request: pytest.FixtureRequest
 ) -> None:
-    path = db_target if is_postgres(db_target) else tmp_path / "nested" / "dir" / "duck.db"
+    # PostgreSQL: an empty database (db_target's already has the schema).
+    if db_backend == "postgres":
+        path: str | Path = request.getfixturevalue("postgres_url")
+    else:
+        path = tmp_path / "nested" / "dir" / "duck.db"
     async with await open_stores(path) as s:  # (a file's parents are created)
         assert await s.db.user_version() == SCHEMA_VERSION
         task = await s.tasks.create_task("hello")
