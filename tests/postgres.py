@@ -11,8 +11,11 @@ on a free port with its unix socket inside that directory, tuned for tests
 until it is ready, and at the end of the session stops it (fast shutdown, then
 SIGKILL) and removes the directory.
 
-    async def test_something(postgres_url: str) -> None:      # a fresh database
+    async def test_something(postgres_url: str) -> None:      # a fresh, empty database
         db = await Database.open(postgres_url)
+
+    async def test_other(postgres_store_url: str) -> None:    # fresh, current schema
+        stores = await open_stores(postgres_store_url)
 
     async def test_both(db_target: str) -> None:               # see tests/conftest.py
         rows = raw_rows(db_target, "SELECT kind FROM events WHERE task_id = ?", [task_id])
