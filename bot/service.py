@@ -381,6 +381,16 @@ class ChatService:
         approval = await self.approvals.get(approval_id)
         if approval is None:
             return "That approval does not exist."
+        if card_ref and approval.decision is None and card_ref != approval.card_ref:
+            # A click on a card an edit replaced (issue #20): it showed another
+            # command, so it approves nothing; the new card (or a reply) does.
+            state = await self.approvals.edit_state(approval_id)
+            if state is not None and state.revision > 0:
+                return (
+                    "This card was replaced: the command was edited since "
+                    f"(now `{clip(self.shown_command(approval), 200)}`). Decide on the new "
+                    "card, or reply `approve` in the thread."
+                )
         if card_ref and approval.card_state == "unposted":
             await self.approvals.card_posted(approval_id, card_ref)
             approval = await self.approvals.get(approval_id) or approval

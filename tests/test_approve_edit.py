@@ -308,7 +308,7 @@ async def test_slack_edit_reply_raising_the_risk_needs_that_risks_quorum(
     )
     bot = await start_bot(tmp_path, model, slack, policy_file=policy)
     try:
-        ts, _card, approval = await card_for(bot, model, command="touch proposed")
+        ts, old_card, approval = await card_for(bot, model, command="touch proposed")
         # A reply by someone who may not approve changes nothing.
         await bot.say("edit touch sneaky", thread_ts=ts, user=STRANGER)
         # The approver's reply: medium -> high, so the edit needs two approvers; the
@@ -323,6 +323,13 @@ async def test_slack_edit_reply_raising_the_risk_needs_that_risks_quorum(
         assert not (workspace / "sneaky").exists()
         new_card = bot.card(ts)
         assert new_card is not None and actions_of(new_card)
+
+        # A click on the card the edit replaced (it showed the old command, and
+        # was in flight) approves nothing.
+        await bot.click(ACTION_APPROVE, approval, old_card["ts"], thread_ts=ts, user=APPROVER2)
+        told = await slack.wait_for_calls("chat.postEphemeral")
+        assert "This card was replaced" in told[-1].params["text"]
+        assert await bot.runtime.approvals.voters(approval) == [f"slack:{APPROVER}"]
 
         model.reply(THINKER, Text("Done, as edited."))
         await bot.click(ACTION_APPROVE, approval, new_card["ts"], thread_ts=ts, user=APPROVER2)

@@ -433,7 +433,13 @@ class MatrixEvents:
             return
         user = f"{PLATFORM}:{source.get('sender')}"
         await self._audit_encryption(room, source, await self._thread_of_task(approval.task_id))
-        refusal = await self.service.handle_decision(approval.approval_id, user, decision)
+        refusal = await self.service.handle_decision(
+            # The card reacted to: a card an edit replaced decides nothing (#20).
+            approval.approval_id,
+            user,
+            decision,
+            card_ref=str(relates["event_id"]),
+        )
         if refusal:
             thread = await self._thread_of_task(approval.task_id) or Thread(
                 PLATFORM, room.room_id, None
