@@ -650,3 +650,18 @@ async def test_timer_and_card_claims_have_one_winner_across_replicas(
     await one.tasks.complete_task(task.task_id, "done")
     claims = await asyncio.gather(*(s.tasks.claim_answer(task.task_id) for s in both))
     assert claims.count("claimed") == 1 and claims.count("taken") == len(both) - 1
+
+
+@pytest.mark.backends("sqlite", "postgres")
+async def test_a_task_can_be_inserted_with_its_owner(db_target: str) -> None:
+    async with await open_stores(db_target) as stores:
+        task = stores.tasks.new_task("q")
+        await stores.tasks.insert(task, owner="replica-1")
+        plain = await stores.tasks.create_task("r")
+        rows = await stores.db.fetchall(
+            "SELECT task_id, owner FROM tasks ORDER BY created_at, task_id"
+        )
+        assert {row["task_id"]: row["owner"] for row in rows} == {
+            task.task_id: "replica-1",
+            plain.task_id: None,
+        }

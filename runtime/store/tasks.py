@@ -133,11 +133,12 @@ class TaskStore:
             updated_at=ts,
         )
 
-    async def insert(self, task: Task) -> None:
-        """Store a task built by `new_task`."""
+    async def insert(self, task: Task, *, owner: str | None = None) -> None:
+        """Store a task built by `new_task`; `owner` is the replica running it (the
+        tasks.owner column of v10, written here to save OwnershipStore.own's UPDATE)."""
         await self.db.execute(
-            f"INSERT INTO tasks ({_COLUMNS}, conversation_group) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO tasks ({_COLUMNS}, conversation_group, owner) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 task.task_id,
                 task.message,
@@ -152,6 +153,7 @@ class TaskStore:
                 to_timestamp(task.created_at),
                 to_timestamp(task.updated_at),
                 conversation_group(task.conversation),
+                owner,
             ),
         )
 
