@@ -10,6 +10,7 @@ chained events, one claim per delivery, one migration.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import textwrap
 import time
@@ -665,3 +666,43 @@ async def test_a_task_can_be_inserted_with_its_owner(db_target: str) -> None:
             task.task_id: "replica-1",
             plain.task_id: None,
         }
+
+
+@pytest.fixture(scope="module")
+def password_server():  # type: ignore[no-untyped-def]
+    """A server of its own that checks passwords (the session's trusts every login)."""
+    from tests.postgres import PostgresServer
+
+    server = PostgresServer()
+    try:
+        server.start()
+        server.admin_query("ALTER USER postgres PASSWORD 'right-pw'")
+        hba = server.data / "pg_hba.conf"
+        owner = (hba.stat().st_uid, hba.stat().st_gid)
+        hba.write_text("local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n")
+        os.chown(hba, *owner)
+        server.admin_query("SELECT pg_reload_conf()")
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_a_wrong_password_is_a_clear_error_without_either_password(
+    password_server,  # type: ignore[no-untyped-def]
+) -> None:
+    right = f"postgresql://postgres:right-pw@{password_server.host}:{password_server.port}/postgres"
+    deadline = time.monotonic() + 10
+    while True:  # bounded: until the reloaded pg_hba.conf is in force
+        try:
+            opened = await Database.open(right.replace("right-pw", "wrong-pw"), migrate=False)
+        except StoreError as exc:
+            message = str(exc)
+            break
+        await opened.close()  # still trusting: try again
+        assert time.monotonic() < deadline, "the server never started checking passwords"
+        await asyncio.sleep(0.1)
+    assert "refused the login" in message and "password authentication failed" in message
+    assert "wrong-pw" not in message and "right-pw" not in message
+    assert "postgres:***@" in message
+    db = await Database.open(right, migrate=False)  # the right one still gets in
+    await db.close()
