@@ -177,7 +177,7 @@ async def replicas(
         count=3,
         DUCKLM_ESCALATE_AFTER="3",
         DUCKLM_ESCALATE_TO=f"slack:{BOSS}",
-        DUCKLM_APPROVAL_REMIND="3600",
+        DUCKLM_APPROVAL_REMIND="2",
     )
     try:
         await group.start()
@@ -187,13 +187,19 @@ async def replicas(
 
 
 @pytest.mark.backends("postgres", reason="replicas share a PostgreSQL database")
-async def test_three_replicas_escalate_once(replicas: ReplicaSet, slack: FakeSlack) -> None:
+async def test_three_replicas_remind_and_escalate_once(
+    replicas: ReplicaSet, slack: FakeSlack
+) -> None:
     asked = mention(slack, "please run approve-3", user=ASKER)
     assert (await replicas.post_event(asked.envelope)).status == 200, replicas.stderr()
     await wait_for(slack, lambda: cards(slack, asked.ts), "the approval card", 60)
     await wait_for(slack, lambda: escalations(slack, asked.ts), "the escalation", 60)
+    await wait_for(slack, lambda: said(slack, asked.ts, "reminder"), "the reminder", 60)
     [(task_id, _)] = await replicas.db.tasks_of(asked.conversation)
     await replicas.stop()  # a late duplicate would be posted by now
     assert len(escalations(slack, asked.ts)) == 1, said(slack, asked.ts)
+    assert len(said(slack, asked.ts, "reminder")) == 1, said(slack, asked.ts)
     kinds = await replicas.db.event_types(task_id)
+    # Both timed steps are on the audit trail, once each.
     assert kinds.count("approval_escalated") == 1, kinds
+    assert kinds.count("approval_reminded") == 1, kinds
