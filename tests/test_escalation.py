@@ -203,3 +203,62 @@ async def test_three_replicas_remind_and_escalate_once(
     # Both timed steps are on the audit trail, once each.
     assert kinds.count("approval_escalated") == 1, kinds
     assert kinds.count("approval_reminded") == 1, kinds
+
+
+# -- per channel, from the policy file -------------------------------------------------
+
+
+@pytest.mark.backends("sqlite")
+@pytest.mark.usefixtures("clean_env")
+async def test_the_policy_file_escalates_per_channel(
+    tmp_path: Path, model: FakeModelServer, slack: FakeSlack
+) -> None:
+    from bot.scheduler import Scheduler
+    from tests.conftest import ACTION, directive, shell
+    from tests.fakes.openai_server import Text
+    from tests.test_slack import APPROVER, CHANNEL, start_bot, stop_bot
+
+    quiet = "CQUIET001"
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        f'[default]\napprovers = ["slack:{APPROVER}"]\n\n'
+        f'[channels."slack:{CHANNEL}"]\nescalate_after = 1\nescalate_to = ["slack:{BOSS}"]\n'
+    )
+    bot = await start_bot(tmp_path, model, slack, policy_file=policy)
+    scheduler = Scheduler(bot.service, remind_after=3600.0, poll=0.2)
+    await scheduler.start()
+    try:
+        roots = []
+        for channel in (quiet, CHANNEL):
+            model.reply(ACTION, Text(directive(shell("touch x", "asked"))))
+            root, _ = await bot.mention("touch x please", channel=channel)
+            await slack.wait_for(
+                lambda root=root, channel=channel: [
+                    m for m in bot.thread(root, channel) if m.get("blocks")
+                ],
+                what="the card",
+            )
+            roots.append((root, channel))
+        (quiet_root, _), (loud_root, loud_channel) = roots
+        await slack.wait_for(
+            lambda: [
+                m
+                for m in bot.thread(loud_root, loud_channel)
+                if "Escalation for" in str(m.get("text")) and f"<@{BOSS}>" in str(m.get("text"))
+            ],
+            what="the escalation in the channel whose section escalates",
+        )
+        # The other channel's approval is planned "never": nothing is due for it.
+        assert len(await bot.runtime.approvals.pending()) == 2
+        rows = raw_rows(
+            str(tmp_path / "ducklm.db"),
+            "SELECT a.escalate_at, a.escalated_at, t.conversation FROM approvals a "
+            "JOIN tasks t ON t.task_id = a.task_id",
+        )
+        by_channel = {conversation.split("|")[0]: (at, done) for at, done, conversation in rows}
+        assert by_channel[f"slack:{quiet}"] == (None, None)
+        assert by_channel[f"slack:{CHANNEL}"][1] is not None
+        assert not [m for m in bot.thread(quiet_root, quiet) if "Escalation" in str(m.get("text"))]
+    finally:
+        await scheduler.stop()
+        await stop_bot(bot)
