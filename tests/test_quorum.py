@@ -331,3 +331,45 @@ async def test_matrix_quorum_by_reactions(
     assert code == 0, err
     assert shown.count("approval_vote") == 2
     assert f"approval_decided approve by {bob.qualified}" in shown
+
+
+# -- the policy: quorum per risk, escalation per section -------------------------------
+
+
+def test_quorum_and_escalation_from_the_environment_and_the_policy_file(tmp_path: Path) -> None:
+    from bot.policy import AccessPolicy
+    from bot.policy_file import load_policy_file
+
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        "default:\n"
+        "  approvers: [slack:UA, slack:UB]\n"
+        "  quorum: {high: 2}\n"
+        "channels:\n"
+        "  slack:CPROD0001:\n"
+        "    quorum: {medium: 2, critical: 3}\n"
+        "    escalate_to: [slack:ULEAD0001]\n"
+        "  slack:CSTAGE001:\n"
+        "    escalate_after: off\n"
+    )
+    policy = AccessPolicy(
+        policy_file=load_policy_file(path), escalate_after=600, escalate_to=["slack:UENV00001"]
+    )
+    default = policy.default
+    assert [default.quorum_for(r) for r in ("low", "medium", "high", "critical")] == [1, 1, 2, 2]
+    assert default.quorum_for(None) == 2  # an unknown risk is taken as high
+    assert (default.escalate_after, default.escalate_to) == (600, frozenset({"slack:UENV00001"}))
+    prod = policy.for_channel("slack", "CPROD0001")
+    # A section's quorum table replaces the default's (high inherits medium's 2).
+    assert [prod.quorum_for(r) for r in ("low", "medium", "high", "critical")] == [1, 2, 2, 3]
+    assert (prod.escalate_after, prod.escalate_to) == (600, frozenset({"slack:ULEAD0001"}))
+    assert "slack:ULEAD0001" in prod.escalated().approvers
+    assert "slack:ULEAD0001" not in prod.approvers
+    stage = policy.for_channel("slack", "CSTAGE001")
+    assert stage.escalate_after is None  # `off` turns the default's escalation off here
+    shown = "\n".join(prod.describe())
+    assert "quorum: medium = 2, critical = 3" in shown
+    assert "escalation: after 10m to slack:ULEAD0001" in shown
+    assert "escalation: off" in "\n".join(stage.describe())
+    # Escalation approvers may talk to the bot (a decision reply), as approvers may.
+    assert policy.may_ask("slack:ULEAD0001", origin="T0ELSEWHERE")
