@@ -299,3 +299,45 @@ def test_deploy_doc_names_every_manifest() -> None:
     text = DEPLOY_DOC.read_text(encoding="utf-8")
     unnamed = [path.name for path in sorted(K8S.glob("*.yaml")) if path.name not in text]
     assert not unnamed, f"docs/deploy.md does not say what these are: {unnamed}"
+
+
+# Names the deploy docs cite that belong to other software (PostgreSQL,
+# PgBouncer, kube-state-metrics, psycopg), not to DuckLM's code.
+EXTERNAL_NAMES = {
+    "kube_deployment_status_replicas_available",
+    "max_connections",
+    "max_prepared_statements",
+    "pg_dump",
+    "prepare_threshold",
+}
+
+
+def _replica_texts() -> dict[str, str]:
+    architecture = ARCHITECTURE.read_text(encoding="utf-8")
+    section = architecture[
+        architecture.index("## Several replicas") : architecture.index("## The audit chain")
+    ]
+    return {"docs/deploy.md": DEPLOY_DOC.read_text(encoding="utf-8"), "architecture": section}
+
+
+def test_code_names_the_replica_docs_cite_exist_in_the_code() -> None:
+    """Every `identifier` (snake_case, CamelCase, Class.method) in docs/deploy.md and
+    architecture's Several replicas section is in runtime/ or bot/ (or is another
+    program's, listed above): a rename in the code must not leave the docs behind."""
+    source = "\n".join(
+        path.read_text(encoding="utf-8")
+        for package in ("runtime", "bot")
+        for path in (ROOT / package).rglob("*.py")
+    )
+    for where, text in _replica_texts().items():
+        missing = []
+        for token in sorted(set(re.findall(r"`([A-Za-z_][\w.]*)`", text))):
+            if token.startswith(("DUCKLM_", "SLACK_", "MATRIX_", "ducklm_")):
+                continue  # settings and metrics: checked above
+            if token in EXTERNAL_NAMES or re.search(r"\.(py|md|yaml|json|db|key)$", token):
+                continue
+            if "_" not in token and "." not in token and not re.search(r"[a-z][A-Z]", token):
+                continue  # plain words (`running`, `leases`)
+            if token.split(".")[-1] not in source:
+                missing.append(token)
+        assert not missing, f"{where} cites names the code does not have: {missing}"
