@@ -145,7 +145,10 @@ class ChatService:
         refusal: Refusal | None = None
         try:
             async with self.db.transaction():
-                for key in inbound.deliveries:
+                # In one order everywhere: two replicas claiming the same keys
+                # (an event and its `message` copy) in opposite orders would
+                # deadlock on PostgreSQL, and one of them fail.
+                for key in sorted(inbound.deliveries):
                     if not await self.deliveries.claim(key):
                         raise _Duplicate(key)  # rolls back the keys claimed so far
                 # admission (issue #22): after the claims, so a duplicate costs
