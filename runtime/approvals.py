@@ -22,6 +22,7 @@ from runtime.store.votes import DueEscalation, EditState, VoteStore
 if TYPE_CHECKING:
     from runtime.metrics import Metrics
     from runtime.store import ApprovalStore, EventStore, RuleStore, Stores
+    from runtime.tools.shell import Classification
     from runtime.tools.shell_rules import CompiledRule
 
 SHELL_TOOL = "shell_exec_safe"
@@ -31,6 +32,10 @@ CHAT_DECISIONS = frozenset({"approve", "deny", "always"})
 RULE_KINDS = frozenset({"exact", "prefix"})
 # The longest command an approver may type as an edit.
 MAX_EDIT_CHARS = 4000
+# Words a shell runs without a program file (an edit may start with them).
+SHELL_BUILTINS = frozenset(
+    "cd export set unset test [ true false : . source alias umask exit read wait".split()
+)
 
 
 class ApprovalError(Exception):
@@ -89,6 +94,42 @@ def _shell_command(approval: Approval) -> str | None:
     args = approval.action.get("args")
     command = args.get("command") if isinstance(args, dict) else None
     return command if isinstance(command, str) else None
+
+
+def edit_refusal(command: str, verdict: Classification | None = None) -> str | None:
+    """Why `command` cannot replace a proposed one (None: it can): blocked, or no
+    command at all ("edit: I think we should use web-2" is a remark, and would
+    only fail to run). What a surface may check before taking an edit."""
+    if verdict is None:
+        from runtime.tools.shell import classify
+
+        verdict = classify(command)
+    if verdict.blocked:
+        return f"Not edited: `{command}` is blocked ({verdict.reason}); nothing changed."
+    unknown = _unknown_programs(verdict.commands)
+    if unknown:
+        return (
+            f"Not edited: `{unknown[0]}` is no program here, so `{command}` would not "
+            "run; give the whole command (`edit <command>`). Nothing changed."
+        )
+    return None
+
+
+def _unknown_programs(commands: list[list[str]]) -> list[str]:
+    """The programs of an edited command that neither exist on PATH nor are a
+    path or a shell builtin (no commands at all: the empty program)."""
+    import shutil
+
+    if not commands:
+        return [""]
+    return [
+        argv[0]
+        for argv in commands
+        if argv
+        and "/" not in argv[0]
+        and argv[0] not in SHELL_BUILTINS
+        and shutil.which(argv[0]) is None
+    ]
 
 
 def _is_blocked(command: str) -> bool:
@@ -479,10 +520,9 @@ class ApprovalService:
         if new_command == old_command:
             raise ApprovalError("That is the command already proposed; approve it instead.")
         verdict = classify(new_command)
-        if verdict.blocked:
-            raise ApprovalError(
-                f"Not edited: `{new_command}` is blocked ({verdict.reason}); nothing changed."
-            )
+        refusal = edit_refusal(new_command, verdict)
+        if refusal:
+            raise ApprovalError(refusal)
         state = await self._votes.state(approval_id)
         assert state is not None
         first = state.original_command or old_command

@@ -84,15 +84,15 @@ async def test_an_edit_replaces_the_action_and_starts_a_new_revision(stores: Sto
     task, approval = await pending(stores, service, "touch a.txt")
     # An approval of the old command, with a quorum of 2 ...
     await service.decide(approval.approval_id, "approve", "slack:UA", quorum=2)
-    edit = await service.edit(approval.approval_id, "systemctl restart nginx", "slack:UB")
-    assert (edit.old_command, edit.new_command) == ("touch a.txt", "systemctl restart nginx")
+    edit = await service.edit(approval.approval_id, "chown root a.txt", "slack:UB")
+    assert (edit.old_command, edit.new_command) == ("touch a.txt", "chown root a.txt")
     assert (edit.old_risk, edit.new_risk) == ("medium", "high")
     edited = edit.approval
-    assert edited.command == "systemctl restart nginx" and edited.risk_level == "high"
-    assert edited.action["args"]["command"] == "systemctl restart nginx"
+    assert edited.command == "chown root a.txt" and edited.risk_level == "high"
+    assert edited.action["args"]["command"] == "chown root a.txt"
     assert edited.action["edited"] == {
         "from": "touch a.txt",
-        "to": "systemctl restart nginx",
+        "to": "chown root a.txt",
         "by": "slack:UB",
     }
     assert "first proposed: `touch a.txt`" in (edited.reason or "")
@@ -106,14 +106,14 @@ async def test_an_edit_replaces_the_action_and_starts_a_new_revision(stores: Sto
     assert await service.voters(approval.approval_id) == []
     (logged,) = await events(stores, task.task_id, "approval_edited")
     assert logged["old_command"] == "touch a.txt"
-    assert logged["new_command"] == "systemctl restart nginx"
+    assert logged["new_command"] == "chown root a.txt"
     assert (logged["edited_by"], logged["old_risk"], logged["new_risk"]) == (
         "slack:UB",
         "medium",
         "high",
     )
     # A second edit keeps the first proposed command as the original.
-    again = await service.edit(approval.approval_id, "systemctl reload nginx", "slack:UA")
+    again = await service.edit(approval.approval_id, "chown root b.txt", "slack:UA")
     assert again.approval.action["edited"]["from"] == "touch a.txt"
     assert (await service.edit_state(approval.approval_id)).original_command == "touch a.txt"
 
@@ -124,7 +124,8 @@ async def test_an_edit_into_a_blocked_command_is_refused_and_changes_nothing(
 ) -> None:
     service = ApprovalService.from_stores(stores)
     task, approval = await pending(stores, service, "touch a.txt")
-    for bad in ("rm -rf /", "sudo reboot", "", "touch a.txt"):
+    # Blocked, empty, unchanged, and a remark that is no command at all.
+    for bad in ("rm -rf /", "sudo reboot", "", "touch a.txt", "I think we should use web-2"):
         with pytest.raises(ApprovalError):
             await service.edit(approval.approval_id, bad, "slack:UB")
     unchanged = await service.get(approval.approval_id)
@@ -262,7 +263,10 @@ async def test_slack_edit_and_approve_through_the_modal(
         answer = await bot.sender.interaction(edit_submission(approval, "rm -rf /"))
         assert answer.status == 200
         errors = json.loads(answer.text)
-        assert errors["response_action"] == "errors" and "Blocked" in errors["errors"][EDIT_BLOCK]
+        assert errors["response_action"] == "errors" and "blocked" in errors["errors"][EDIT_BLOCK]
+        # ... and a remark that is no command likewise.
+        answer = await bot.sender.interaction(edit_submission(approval, "use web-2 instead"))
+        assert "no program here" in json.loads(answer.text)["errors"][EDIT_BLOCK]
         assert (await bot.runtime.approvals.get(approval)).command == "echo proposed >> f"
 
         model.reply(THINKER, Text("Wrote the edited line."))

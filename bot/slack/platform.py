@@ -96,6 +96,7 @@ from bot.slack.text import (
     is_run,
     unwrap_code,
 )
+from runtime.approvals import edit_refusal
 from runtime.settings import Settings
 
 logger = logging.getLogger("ducklm.slack")
@@ -700,11 +701,8 @@ class SlackPlatform(Platform, ChatBackend):
         if refusal is None and command is None:
             refusal = "Type the command to run instead."
         if refusal is None and command is not None:
-            from runtime.tools.shell import classify
-
-            verdict = classify(command)
-            if verdict.blocked:  # said in the modal, before anything is stored
-                refusal = f"Blocked: {verdict.reason}. Nothing changed."
+            # Said in the modal, before anything is stored: blocked, or no command.
+            refusal = edit_refusal(command)
         if refusal:  # keep the modal open and say why, right under the input
             await ack(response_action="errors", errors={EDIT_BLOCK: refusal[:150]})
             return
