@@ -538,7 +538,8 @@ class ChatService:
     ) -> None:
         """After an edit: the old card shows that it was edited (no buttons), a new
         card shows the edited command (with the original in its reason) and is
-        the approval's card from now on."""
+        the approval's card from now on (the edit left it unposted: posted here
+        once across processes, or by recovery)."""
         backend = self.backends[thread.platform]
         if old.card_ref and old.card_state == "posted":
             card = self._card(PendingApproval.from_approval(old, self.loop.redactor))
@@ -551,12 +552,7 @@ class ChatService:
                     CardResolution("edited", editor, datetime.now(UTC), note),
                 )
             )
-        card = self._card(PendingApproval.from_approval(edited, self.loop.redactor))
-        ref = await self._safely(backend.send_card(thread, card))
-        if not ref:  # the old card has no buttons any more: recovery posts this one
-            await self.approvals.card_reposting(edited.approval_id)
-        elif not await self.approvals.card_posted(edited.approval_id, ref):
-            await self.approvals.set_card_ref(edited.approval_id, ref)
+        await self.post_card(thread, edited)
 
     # -- inbound: /duck commands --------------------------------------------
 

@@ -268,10 +268,6 @@ class ApprovalService:
     async def card_resolved(self, approval_id: str) -> bool:
         return await self._approvals.card_resolved(approval_id)
 
-    async def card_reposting(self, approval_id: str) -> bool:
-        """Its card is to be posted anew (by recovery, if not now)."""
-        return await self._approvals.card_reposting(approval_id)
-
     async def replacement_of(self, approval_id: str) -> Approval | None:
         return await self._approvals.replacement_of(approval_id)
 

@@ -82,9 +82,13 @@ async def events(stores: Stores, task_id: str, kind: str) -> list[dict[str, Any]
 async def test_an_edit_replaces_the_action_and_starts_a_new_revision(stores: Stores) -> None:
     service = ApprovalService.from_stores(stores)
     task, approval = await pending(stores, service, "touch a.txt")
+    assert await service.card_posted(approval.approval_id, "COPS00001:1700000000.000100")
     # An approval of the old command, with a quorum of 2 ...
     await service.decide(approval.approval_id, "approve", "slack:UA", quorum=2)
     edit = await service.edit(approval.approval_id, "chown root a.txt", "slack:UB")
+    # From the edit's commit on the old card is not the approval's card: a click
+    # on it decides nothing (bot/service.py), and the new card is owed.
+    assert (edit.approval.card_state, edit.approval.card_ref) == ("unposted", None)
     assert (edit.old_command, edit.new_command) == ("touch a.txt", "chown root a.txt")
     assert (edit.old_risk, edit.new_risk) == ("medium", "high")
     edited = edit.approval

@@ -244,18 +244,6 @@ class ApprovalStore:
             )
         )
 
-    async def card_reposting(self, approval_id: str) -> bool:
-        """A pending approval's card must be posted anew (its old card was replaced
-        by an edit, issue #20, and the new one could not be posted): recovery
-        posts it like any card that was never posted."""
-        return bool(
-            await self.db.execute(
-                "UPDATE approvals SET card_state = 'unposted', card_ref = NULL, "
-                "card_claimed_at = NULL WHERE approval_id = ? AND decision IS NULL RETURNING 1",
-                (approval_id,),
-            )
-        )
-
     async def card_resolved(self, approval_id: str) -> bool:
         """The card shows the decision now."""
         return bool(

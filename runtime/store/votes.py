@@ -104,12 +104,17 @@ class VoteStore:
     ) -> bool:
         """Replace a pending approval's action by an edited one, if it is still at
         `revision` (True: this caller's edit is the one); the first proposed
-        command is kept in original_command. Undecided only."""
+        command is kept in original_command. Undecided only. The approval's card
+        is owed anew (unposted, no reference): from this commit on, a click on
+        the old card (which showed the old command) names a card that is not
+        the approval's, and decides nothing; recovery posts the new card if the
+        editor's process does not."""
         return bool(
             await self.db.execute(
                 "UPDATE approvals SET action = ?, command = ?, risk_level = ?, "
                 "action_type = ?, reason = ?, edited_by = ?, revision = revision + 1, "
-                "original_command = COALESCE(original_command, command) "
+                "original_command = COALESCE(original_command, command), "
+                "card_state = 'unposted', card_ref = NULL, card_claimed_at = NULL "
                 "WHERE approval_id = ? AND revision = ? AND decision IS NULL RETURNING 1",
                 (
                     dump_json(dict(action)),
