@@ -211,17 +211,22 @@ async def _console(runtime: Runtime) -> int:
     _sandbox_notice(runtime.settings)
     for line in runtime.startup_notices():  # one line per MCP server
         print(line, file=sys.stderr)
-    if runtime.settings.metrics_port is None:
-        return await Console(runtime).serve()
-    from bot.backend import PlatformStartError
-    from bot.health import own_port  # only then: aiohttp's server is not free to import
+    from runtime.replica import serving
 
-    try:
-        async with own_port(runtime):  # /healthz, /readyz, /metrics on DUCKLM_METRICS_PORT
+    # A replica like `ducklm run`'s: the console's running tasks are its own, and a
+    # bot sharing the database reports them interrupted only if the console dies.
+    async with serving(runtime):
+        if runtime.settings.metrics_port is None:
             return await Console(runtime).serve()
-    except PlatformStartError as exc:  # the port is taken
-        print(f"ducklm: {exc}", file=sys.stderr)
-        return 1
+        from bot.backend import PlatformStartError
+        from bot.health import own_port  # only then: aiohttp's server is not free to import
+
+        try:
+            async with own_port(runtime):  # /healthz, /readyz, /metrics on DUCKLM_METRICS_PORT
+                return await Console(runtime).serve()
+        except PlatformStartError as exc:  # the port is taken
+            print(f"ducklm: {exc}", file=sys.stderr)
+            return 1
 
 
 async def _admin(stores: Stores, settings: Settings, command: c.Command, **kwargs: object) -> int:

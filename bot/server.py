@@ -125,6 +125,10 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
                 f"ducklm: /healthz, /readyz and /metrics on {settings.http_host}:{own_server.port}",
                 file=sys.stderr,
             )
+        # A registered, heartbeating replica before any message can arrive: the
+        # tasks it creates from the first one on are its own (recovery elsewhere
+        # leaves them alone while it lives).
+        await service.start()
         for platform in platforms:
             await platform.start()
             started.append(platform)
