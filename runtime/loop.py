@@ -912,9 +912,8 @@ class RuntimeLoop:
         inbox_id = self._inbox_rows.get(task_id) if new_task is not None else None
         async with self._atomic() if several else nullcontext():
             if new_task is not None:
-                await self.task_store.insert(new_task)
-                if self.owner is not None:
-                    await self._ownership.own(task_id, self.owner)
+                # Owned by this replica in the statement that stores it.
+                await self.task_store.insert(new_task, owner=self.owner)
                 # The message that asked for it is carried out from now on (issue #15).
                 if inbox_id is not None and not await self._inbox.close(inbox_id, "task", task_id):
                     raise InboxHandled(inbox_id)

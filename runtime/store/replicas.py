@@ -334,15 +334,6 @@ class OwnershipStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    async def own(self, task_id: str, owner: str) -> bool:
-        """Record `owner` as the replica running the task (in the transaction
-        that stores the task)."""
-        return bool(
-            await self.db.execute(
-                "UPDATE tasks SET owner = ? WHERE task_id = ? RETURNING 1", (owner, task_id)
-            )
-        )
-
     async def claim_continuation(self, task_id: str, owner: str | None) -> bool:
         """waiting_for_approval -> running for `owner`, one compare-and-set: of
         several replicas continuing one decision exactly one gets True."""
@@ -394,7 +385,11 @@ class OwnershipStore:
         params = [unowned_before, me or "", live_after]
         rows = await self.db.fetchall(
             "UPDATE tasks SET status = 'interrupted', updated_at = ? WHERE task_id IN "
-            f"(SELECT task_id FROM tasks WHERE {orphan} ORDER BY created_at LIMIT ?) "
+            f"(SELECT task_id FROM tasks WHERE {orphan} ORDER BY created_at LIMIT ?"
+            # SKIP LOCKED (PostgreSQL): a replica recovering beside another takes
+            # the next rows instead of waiting on the same ones and coming back
+            # short (which would end its paging early).
+            f"{self.db.skip_locked}) "
             f"AND {orphan} RETURNING task_id, created_at",
             (at, *params, limit, *params),
         )
@@ -431,7 +426,8 @@ class OwnershipStore:
         params = [*platform_params, owner, live_after, unowned_before]
         rows = await self.db.fetchall(
             "UPDATE inbox SET owner = ?, claimed_at = ? WHERE inbox_id IN "
-            f"(SELECT inbox_id FROM inbox WHERE {abandoned} ORDER BY received_at LIMIT ?) "
+            f"(SELECT inbox_id FROM inbox WHERE {abandoned} ORDER BY received_at LIMIT ?"
+            f"{self.db.skip_locked}) "
             f"AND {abandoned} RETURNING inbox_id, received_at",
             (owner, at, *params, limit, *params),
         )
