@@ -19,7 +19,7 @@ import pytest_asyncio
 
 from bot.matrix.platform import MatrixPlatform
 from bot.service import ChatService
-from bot.slack.blocks import ACTION_APPROVE
+from bot.slack.blocks import ACTION_APPROVE, ACTION_DENY_REASON
 from runtime.factory import build_runtime
 from tests.conftest import ACTION, THINKER, directive, make_settings, shell
 from tests.fakes.openai_server import FakeModelServer, Text
@@ -153,12 +153,18 @@ async def card_in(bot: Bot, model: FakeModelServer, channel: str, command: str) 
 
 
 async def approve(
-    bot: Bot, channel: str, root: str, card: dict[str, Any], approval: str, user: str
+    bot: Bot,
+    channel: str,
+    root: str,
+    card: dict[str, Any],
+    approval: str,
+    user: str,
+    action_id: str = ACTION_APPROVE,
 ) -> None:
     assert bot.sender is not None
     payload = block_actions_payload(
         user=user,
-        action_id=ACTION_APPROVE,
+        action_id=action_id,
         value=approval,
         channel=channel,
         message_ts=card["ts"],
@@ -170,11 +176,17 @@ async def approve(
 
 
 async def refused_click(
-    bot: Bot, channel: str, root: str, card: dict[str, Any], approval: str, user: str
+    bot: Bot,
+    channel: str,
+    root: str,
+    card: dict[str, Any],
+    approval: str,
+    user: str,
+    action_id: str = ACTION_APPROVE,
 ) -> str:
     """A click that must be refused: the private answer the clicker gets."""
     before = len(bot.fake.ephemeral)
-    await approve(bot, channel, root, card, approval, user)
+    await approve(bot, channel, root, card, approval, user, action_id)
     told = await bot.fake.wait_for(
         lambda: next((e for e in bot.fake.ephemeral[before:] if e["user"] == user), None),
         what=f"the refusal told to {user}",
@@ -208,6 +220,10 @@ async def test_each_channel_has_its_own_approvers_and_workspace(
         assert f"not an approver in this channel (policy section `slack:{channel}`)" in text
         text = await refused_click(bot, channel, root, card, approval, ENV_APPROVER)
         assert "not an approver" in text and "policy.toml" in text
+        # "Deny with reason…" opens its modal only for this channel's approvers
+        text = await refused_click(bot, channel, root, card, approval, other, ACTION_DENY_REASON)
+        assert f"not an approver in this channel (policy section `slack:{channel}`)" in text
+        assert not [c for c in bot.fake.calls if c.method == "views.open"]
         await bot.settle()
         stored = await bot.runtime.approvals.get(approval)
         assert stored is not None and stored.decision is None

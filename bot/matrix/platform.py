@@ -146,7 +146,8 @@ class MatrixPlatform(Platform, ChatBackend):
         if room is None:
             return {}
         approvers = {}
-        for qualified in sorted(self.service.policy.approvers):
+        # The room's own approvers (its section of the policy file, if any).
+        for qualified in sorted(self.service.policy.for_channel(PLATFORM, room_id).approvers):
             user_id = qualified.removeprefix(f"{PLATFORM}:")
             if qualified.startswith(f"{PLATFORM}:") and user_id in room.users:
                 approvers[user_id] = room.user_name(user_id)

@@ -734,7 +734,9 @@ class SlackPlatform(Platform, ChatBackend):
         if approval is None:
             return "That approval does not exist.", ""
         what = self.service.shown_command(approval)
-        refusal = self.service.policy.refuse_decision(who, approval, decision)
+        # The approval's channel's policy: an approver of another channel is
+        # refused here, before the deny-with-reason modal opens.
+        refusal = await self.service.decision_refusal(who, approval, decision)
         if refusal:
             return refusal, what
         if approval.decision is not None:
