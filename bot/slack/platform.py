@@ -11,6 +11,7 @@ futures can be garbage-collected mid-run).
     edit of a message the bot took            -> one "edits are not re-run" reply
     button click                              -> service.handle_decision
     "Deny with reason…" modal                 -> service.handle_decision(…, note)
+    "Edit and approve…" modal                 -> service.handle_edit (issue #20)
     /duck …                                   -> service.handle_command
 
 What people typed is decoded once (bot/slack/text.py); thread history comes
