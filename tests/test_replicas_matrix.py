@@ -10,8 +10,10 @@ killed one's local files: it resumes from the database or not at all (a fresh
 sync would skip the messages sent during the gap, or answer old ones again).
 A message the killed replica had already started on is answered by the
 survivor's interruption note instead of an answer; that is still its one reply.
-Encryption is off here: a standby takes over an encrypted session only with
-the crypto store in the database (see docs/deploy.md).
+Encryption is on (the default), so the survivor also takes over the killed
+one's device keys from the crypto store snapshot in the database (the rooms
+themselves are not encrypted; tests/test_matrix_lease.py covers an encrypted
+room across a takeover).
 """
 
 from __future__ import annotations
@@ -74,9 +76,6 @@ async def replicas(
         MATRIX_USER_ID=duck,
         MATRIX_PASSWORD=PASSWORD,
         DUCKLM_MATRIX_ALLOWED_INVITERS=alice.user_id,
-        # A standby takes over an encrypted session only with the crypto store
-        # snapshot in the database (helper C); these rooms are not encrypted.
-        DUCKLM_MATRIX_ENCRYPTION="off",
     )
     try:
         await group.start()
