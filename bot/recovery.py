@@ -50,7 +50,9 @@ logger = logging.getLogger("ducklm.recovery")
 
 MAX_ERROR_CHARS = 400
 # The first line of an answer to a message that arrived from a backlog.
-LATE_TEXT = "(Sorry for the delay: DuckLM was not running when you asked.)"
+# Said when a message is answered only after a gap: the bot was down, or (with
+# replicas) the one serving the room died and another took over.
+LATE_TEXT = "(Sorry for the delay: DuckLM was away when you asked.)"
 INTERRUPTED_TEXT = (
     "DuckLM restarted while working on this, so the task was interrupted and did not "
     "finish. Ask again if it is still needed."
