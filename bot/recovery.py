@@ -49,13 +49,13 @@ from runtime.store.models import Approval, Event, Task
 logger = logging.getLogger("ducklm.recovery")
 
 MAX_ERROR_CHARS = 400
-# The first line of an answer to a message that arrived from a backlog.
-# Said when a message is answered only after a gap: the bot was down, or (with
-# replicas) the one serving the room died and another took over.
+# The first line of an answer to a message that arrived from a backlog: it is
+# answered only after a gap (the bot was down, or, with replicas, the one
+# serving the room died and another took over).
 LATE_TEXT = "(Sorry for the delay: DuckLM was away when you asked.)"
 INTERRUPTED_TEXT = (
-    "DuckLM restarted while working on this, so the task was interrupted and did not "
-    "finish. Ask again if it is still needed."
+    "DuckLM stopped while working on this (a restart, or the replica doing it died), so "
+    "the task was interrupted and did not finish. Ask again if it is still needed."
 )
 # Events after a task's last `task_waiting_for_approval` that show its
 # continuation wrote nothing yet (so it may start again).
