@@ -138,6 +138,18 @@ async def until(check: Callable[[], Any], what: str, within: float = TAKEOVER_S)
         await asyncio.sleep(0.05)
 
 
+async def lease_tries(bot: Any, count: int) -> None:
+    """Wait (bounded) until `bot`'s platform has tried for the sync lease `count`
+    more times: a standby then had its chances, and what it did not do, it would
+    not do later either."""
+    start = bot.platform.connection.lease_tries
+    await until(
+        lambda: bot.platform.connection.lease_tries >= start + count,
+        f"{count} more tries for the lease",
+        within=60,
+    )
+
+
 def holder_of(db_target: str, duck: str) -> str | None:
     rows = raw_rows(
         db_target,
@@ -180,8 +192,8 @@ async def test_one_syncs_and_the_other_takes_over_from_the_stored_token(
     room = await room_with_bot(alice, duck, bob)
     asked = [await alice.say(room, "first question?", mention=duck)]
     await alice.wait_for(bot_notice(duck, asked[0], "answer to: first question?"), "answer 1")
-    # Several lease periods later the standby is still a standby.
-    await asyncio.sleep(3 * LEASE_EVERY_S)
+    # Several tries for the lease later the standby is still a standby.
+    await lease_tries(second, 3)
     assert not second.platform.syncing
     assert holder_of(db_target, duck) == first.service.instance
 
@@ -254,7 +266,8 @@ async def test_a_holder_that_loses_its_lease_stops_syncing_at_once(
         db_target, "SELECT version FROM shared_state WHERE key = ?", (f"matrix-sync:{duck}",)
     )
     ignored = await alice.say(room, "nobody may handle this yet", mention=duck)
-    await asyncio.sleep(3 * LEASE_EVERY_S)
+    await lease_tries(first, 3)
+    await lease_tries(second, 3)
     assert not first.platform.syncing and not second.platform.syncing
     assert bot_events_in_thread(alice, duck, ignored) == []
     # Neither wrote the sync token while not holding the lease.
@@ -335,7 +348,6 @@ async def test_with_encryption_a_standby_without_any_crypto_store_refuses_to_tak
     db_target: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    pytest.importorskip("vodozemac")
     first = await replicas("one", matrix_encryption=True)
     second = await replicas("two", matrix_encryption=True)
     assert first.platform.syncing and not second.platform.syncing
@@ -343,7 +355,14 @@ async def test_with_encryption_a_standby_without_any_crypto_store_refuses_to_tak
     await vanish(first)
     # No snapshot in the database (as if it were never written) and none on disk.
     raw_execute(db_target, "DELETE FROM shared_state WHERE key = ?", (f"matrix-crypto:{duck}",))
-    await asyncio.sleep(LEASE_TTL_S + 3 * LEASE_EVERY_S)
+    # It tries (the lease ran out) and refuses, saying why; and keeps refusing.
+    await until(
+        lambda: any("cannot take over syncing" in r.getMessage() for r in caplog.records),
+        "the standby's refusal",
+        within=60,
+    )
+    # Once the vanished holder's lease ran out, with tries at a free lease, too.
+    await until(lambda: holder_of(db_target, duck) is None, "the lease to run out", within=60)
+    await lease_tries(second, 2)
     assert not second.platform.syncing
     assert holder_of(db_target, duck) is None
-    assert any("cannot take over syncing" in r.getMessage() for r in caplog.records)

@@ -172,6 +172,9 @@ class MatrixConnection:
         self._lease_until = 0.0
         self._sync_jobs: list[asyncio.Task[Any]] = []
         self._refusal_logged = False
+        # Tries for the sync lease so far (a standby tries every LEASE_EVERY_S):
+        # what a test waits on to know a standby had its chances.
+        self.lease_tries = 0
         self._crypto_digest: str | None = None  # of the last snapshot saved
         self._snapshot_lock = asyncio.Lock()
         # Standby sends: room id -> whether it is encrypted (asked once).
@@ -266,6 +269,7 @@ class MatrixConnection:
 
     async def _take_lease(self, *, starting: bool = False) -> bool:
         """Try for the sync lease; True when this replica holds it now."""
+        self.lease_tries += 1
         if not await self._may_take_over(starting):
             return False
         at = time.time()
