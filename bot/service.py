@@ -381,8 +381,11 @@ class ChatService:
         `card_ref` is the card the click came from, when the platform knows it: a
         card whose post was never recorded (its process died) is adopted, so its
         buttons are replaced like any other card's."""
+        # The revision first, then the approval: what is decided is then never a
+        # later revision than the one the store checks (an edit meanwhile: refused).
+        seen = await self.approvals.edit_state(approval_id)
         approval = await self.approvals.get(approval_id)
-        if approval is None:
+        if approval is None or seen is None:
             return "That approval does not exist."
         if card_ref and approval.decision is None and card_ref != approval.card_ref:
             # A click on a card an edit replaced (issue #20): it showed another
@@ -408,14 +411,15 @@ class ChatService:
                 if thread is not None:
                     await self.resolve_card(thread, approval)
             return _already_decided(approval)
-        return await self._take(approval, user, decision, note)
+        return await self._take(approval, user, decision, note, seen.revision)
 
     async def _take(
-        self, approval: Approval, user: str, decision: str, note: str | None
+        self, approval: Approval, user: str, decision: str, note: str | None, revision: int
     ) -> str | None:
         """Take an authorised decision: with the channel's quorum for the
         approval's risk, an approval is one person's vote (issue #20), and the
-        vote that makes the quorum decides."""
+        vote that makes the quorum decides. `revision`: the one `approval` was
+        read at; the store refuses the decision if an edit came since."""
         approval_id = approval.approval_id
         where = await self.approval_policy(approval)
         needed = where.quorum_for(approval.risk_level)
@@ -427,6 +431,7 @@ class ChatService:
                 note,
                 quorum=needed,
                 four_eyes=where.needs_second_person(approval.risk_level),
+                revision=revision,
             )
         except ApprovalError as exc:
             return str(exc)
@@ -531,7 +536,7 @@ class ChatService:
         refusal = self.policy.refuse_decision(user, edited, "approve", where)
         if refusal:
             return f"Edited. {refusal}"
-        return await self._take(edited, user, "approve", None)
+        return await self._take(edited, user, "approve", None, edit.revision)
 
     async def _replace_card(
         self, thread: Thread, old: Approval, edited: Approval, editor: str

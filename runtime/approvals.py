@@ -42,6 +42,22 @@ class ApprovalError(Exception):
     """A decision or rule request that cannot be honoured; the message is for the user."""
 
 
+# A decision taken on a revision that an edit has replaced since (issue #20).
+EDITED_SINCE = (
+    "The command was edited since you looked at it; look at the new card. Nothing was decided."
+)
+
+
+def always_refusal(quorum: int) -> str:
+    """Why "Always" is refused where a risk needs `quorum` (> 1) approvers: the rule
+    would be one person's, and every later matching action would run with none."""
+    return (
+        f"“Always” is not offered where this risk needs {quorum} approvers: one "
+        "person's rule would let every later matching action run with no approver. "
+        "Approve this one instead; nothing was decided."
+    )
+
+
 @dataclass
 class DecisionOutcome:
     taken: bool  # False: someone (or something) decided first, or the quorum is not met
@@ -69,6 +85,7 @@ class EditOutcome:
     new_command: str
     old_risk: str | None
     new_risk: str
+    revision: int  # the edit's revision: what the editor's own approval is taken on
 
 
 def exact_args_pattern(args: Any) -> str:
@@ -308,6 +325,7 @@ class ApprovalService:
         *,
         quorum: int = 1,
         four_eyes: bool = False,
+        revision: int | None = None,
     ) -> DecisionOutcome:
         """Take a person's decision, exactly once.
 
@@ -318,15 +336,28 @@ class ApprovalService:
         recorded (`approval_vote`, once per person and revision) and the approval
         is decided by the vote that makes `quorum` distinct approvers, in the
         same transaction (one compare-and-set). A deny denies at once. With
-        `four_eyes` the requester's own approval does not count.
+        `four_eyes` the requester's own approval does not count. Under a quorum
+        "always" is refused: its rule would be one person's (ApprovalError).
+
+        `revision`: the revision the decider saw (what `quorum` and `four_eyes` were
+        worked out from); an edit since then makes the call refuse with nothing
+        decided (ApprovalError). None: the revision as this call first reads it.
         """
-        if quorum > 1 and decision in ("approve", "always"):
-            return await self._vote(approval_id, decision, decided_by, quorum, four_eyes)
-        return await self._decide(approval_id, decision, decided_by, note)
+        if quorum > 1 and decision == "always":
+            raise ApprovalError(always_refusal(quorum))
+        if revision is None:
+            # Read before the approval itself, so the copy decided on is never of a
+            # later revision than the one the store checks.
+            state = await self._votes.state(approval_id)
+            revision = None if state is None else state.revision
+        if quorum > 1 and decision == "approve":
+            return await self._vote(approval_id, decided_by, quorum, four_eyes, revision)
+        return await self._decide(approval_id, decision, decided_by, note, revision)
 
     async def _vote(
-        self, approval_id: str, decision: str, voter: str, quorum: int, four_eyes: bool
+        self, approval_id: str, voter: str, quorum: int, four_eyes: bool, seen: int | None
     ) -> DecisionOutcome:
+        decision = "approve"
         approval = await self._checked(approval_id)
         if approval.decision is not None:
             return DecisionOutcome(taken=False, approval=approval, needed=quorum)
@@ -335,14 +366,15 @@ class ApprovalService:
                 "You asked for this action yourself: your approval does not count towards "
                 "its quorum (four-eyes rule)."
             )
-        rule_spec = self._always_rule(approval) if decision == "always" else None
-        new_keys = rule_keys(approval.tool, *rule_spec) if rule_spec is not None else None
-        rule: Rule | None = None
         taken = counted = False
         voters: list[str] = []
         async with self._db.transaction():
             # Held until the commit: concurrent voters count one after the other.
             revision = await self._votes.lock(approval_id)
+            if revision is not None and seen is not None and revision != seen:
+                # Edited since the voter looked: the quorum and the command they
+                # approved are the old revision's. Nothing is written (rollback).
+                raise ApprovalError(EDITED_SINCE)
             if revision is not None:
                 counted = await self._votes.add(
                     approval_id, revision, voter, decision, approval.task_id
@@ -363,7 +395,9 @@ class ApprovalService:
                         },
                     )
                 if len(voters) >= quorum:
-                    taken = await self._approvals.decide(approval_id, decision, voter)
+                    taken = await self._approvals.decide(
+                        approval_id, decision, voter, revision=revision
+                    )
                 if taken:
                     await self._events.append(
                         approval.task_id,
@@ -377,14 +411,11 @@ class ApprovalService:
                             "voters": voters,
                         },
                     )
-                    if rule_spec is not None:
-                        rule = await self._insert_always_rule(approval, rule_spec, new_keys, voter)
         if taken:
             self._observe(decision, approval)
         return DecisionOutcome(
             taken=taken,
             approval=await self._approvals.get(approval_id),
-            rule=rule,
             voters=tuple(voters),
             needed=quorum,
             counted=counted,
@@ -406,30 +437,13 @@ class ApprovalService:
             )
         return approval
 
-    async def _insert_always_rule(
-        self,
-        approval: Approval,
-        rule_spec: tuple[str, str],
-        keys: CompiledRule | None,
-        decided_by: str,
-    ) -> Rule:
-        kind, pattern = rule_spec
-        # An "Always" click is scoped to the channel it was clicked in.
-        rule = await self._rules.insert(
-            approval.tool,
-            kind,
-            pattern,
-            decided_by,
-            approval.approval_id,
-            keys,
-            scope=await self._rules.task_channel(approval.task_id),
-            expires_at=self.rule_expiry(None),
-        )
-        await self._events.append(approval.task_id, "rule_created", _rule_payload(rule))
-        return rule
-
     async def _decide(
-        self, approval_id: str, decision: str, decided_by: str, note: str | None = None
+        self,
+        approval_id: str,
+        decision: str,
+        decided_by: str,
+        note: str | None = None,
+        revision: int | None = None,
     ) -> DecisionOutcome:
         if decision not in CHAT_DECISIONS:
             raise ApprovalError(f"Unknown decision {decision!r}: use approve, deny or always.")
@@ -451,7 +465,9 @@ class ApprovalService:
 
         rule: Rule | None = None
         async with self._db.transaction():
-            taken = await self._approvals.decide(approval_id, decision, decided_by, note)
+            taken = await self._approvals.decide(
+                approval_id, decision, decided_by, note, revision=revision
+            )
             if taken:
                 await self._events.append(
                     approval.task_id,
@@ -479,9 +495,11 @@ class ApprovalService:
                     await self._events.append(approval.task_id, "rule_created", _rule_payload(rule))
         if taken:  # after the commit: a rolled-back decision is not one
             self._observe(decision, approval)
-        return DecisionOutcome(
-            taken=taken, approval=await self._approvals.get(approval_id), rule=rule
-        )
+        current = await self._approvals.get(approval_id)
+        if not taken and current is not None and current.decision is None:
+            # Undecided, yet not taken: an edit moved it past the revision seen.
+            raise ApprovalError(EDITED_SINCE)
+        return DecisionOutcome(taken=taken, approval=current, rule=rule)
 
     # -- quorum, edits, escalation (issue #20) --------------------------------
 
@@ -564,7 +582,12 @@ class ApprovalService:
         edited = await self._approvals.get(approval_id)
         assert edited is not None
         return EditOutcome(
-            edited, old_command, new_command, approval.risk_level, verdict.risk_level
+            edited,
+            old_command,
+            new_command,
+            approval.risk_level,
+            verdict.risk_level,
+            state.revision + 1,
         )
 
     async def escalations_due(self, until: float, limit: int = 200) -> list[DueEscalation]:

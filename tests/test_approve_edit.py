@@ -123,6 +123,37 @@ async def test_an_edit_replaces_the_action_and_starts_a_new_revision(stores: Sto
 
 
 @pytest.mark.backends("sqlite", "postgres")
+async def test_a_decision_on_the_revision_before_an_edit_decides_nothing(stores: Stores) -> None:
+    """An approver read the approval (medium: one approver), someone edited it into a
+    high-risk command, then the approver's click lands: it must not approve the
+    edited command on the old risk's quorum, alone or as a vote."""
+    service = ApprovalService.from_stores(stores)
+    task, approval = await pending(stores, service, "touch a.txt")
+    seen = (await service.edit_state(approval.approval_id)).revision
+    await service.edit(approval.approval_id, "chown root a.txt", "slack:UB")
+    for quorum in (1, 2):
+        with pytest.raises(ApprovalError, match="edited since you looked"):
+            await service.decide(
+                approval.approval_id, "approve", "slack:UA", quorum=quorum, revision=seen
+            )
+    with pytest.raises(ApprovalError, match="edited since you looked"):
+        await service.decide(approval.approval_id, "deny", "slack:UA", revision=seen)
+    still = await service.get(approval.approval_id)
+    assert still.decision is None and still.command == "chown root a.txt"
+    assert await service.voters(approval.approval_id) == []
+    assert await events(stores, task.task_id, "approval_vote") == []
+    assert await events(stores, task.task_id, "approval_decided") == []
+    # The store's own compare-and-set checks the revision too.
+    assert not await stores.approvals.decide(
+        approval.approval_id, "approve", "slack:UA", revision=seen
+    )
+    assert (await service.get(approval.approval_id)).decision is None
+    # On the revision it now is, the decision is taken.
+    taken = await service.decide(approval.approval_id, "approve", "slack:UA", revision=seen + 1)
+    assert taken.taken and taken.approval.decision == "approve"
+
+
+@pytest.mark.backends("sqlite", "postgres")
 async def test_an_edit_into_a_blocked_command_is_refused_and_changes_nothing(
     stores: Stores,
 ) -> None:

@@ -131,19 +131,23 @@ async def test_the_requesters_own_approval_does_not_count_under_four_eyes(stores
     assert counted.counted and not counted.taken
 
 
-async def test_always_with_a_quorum_makes_its_rule_with_the_last_vote(stores: Stores) -> None:
+async def test_always_is_refused_under_a_quorum_and_changes_nothing(stores: Stores) -> None:
+    """One person's Always would be a standing rule that lets every later matching
+    action run with no approver, where this risk needs two."""
     service = ApprovalService.from_stores(stores)
-    _task, approval = await pending(stores, service, "touch made-by-two")
-    first = await service.decide(approval.approval_id, "always", "slack:UA", quorum=2)
-    assert first.counted and first.rule is None and await service.list_rules() == []
-    second = await service.decide(approval.approval_id, "approve", "slack:UB", quorum=2)
-    # The decision is the last voter's: an approve, so no rule.
-    assert second.taken and second.approval.decision == "approve" and second.rule is None
-    _task, other = await pending(stores, service, "touch made-by-two-again")
-    await service.decide(other.approval_id, "approve", "slack:UA", quorum=2)
-    made = await service.decide(other.approval_id, "always", "slack:UB", quorum=2)
-    assert made.taken and made.rule is not None and made.rule.created_by == "slack:UB"
-    assert [r.rule_id for r in await service.list_rules()] == [made.rule.rule_id]
+    task, approval = await pending(stores, service, "touch made-by-two")
+    for voter in ("slack:UA", "slack:UB"):
+        with pytest.raises(ApprovalError, match="needs 2 approvers"):
+            await service.decide(approval.approval_id, "always", voter, quorum=2)
+    await service.decide(approval.approval_id, "approve", "slack:UA", quorum=2)
+    with pytest.raises(ApprovalError, match="needs 2 approvers"):
+        await service.decide(approval.approval_id, "always", "slack:UB", quorum=2)
+    assert (await service.get(approval.approval_id)).decision is None
+    assert await service.voters(approval.approval_id) == ["slack:UA"]
+    assert await service.list_rules() == []
+    assert await events(stores, task.task_id, "rule_created") == []
+    done = await service.decide(approval.approval_id, "approve", "slack:UB", quorum=2)
+    assert done.taken and done.rule is None and await service.list_rules() == []
 
 
 async def test_concurrent_votes_from_two_connections_decide_once(

@@ -131,16 +131,28 @@ class ApprovalStore:
         decided_by: str,
         note: str | None = None,
         decided_at: datetime | float | None = None,
+        *,
+        revision: int | None = None,
     ) -> bool:
-        """Record the decision if none was recorded yet; True only for the caller who did."""
+        """Record the decision if none was recorded yet; True only for the caller who did.
+        With `revision`, only if the approval is still at that revision (the one the
+        decider saw): an edit in between (issue #20) makes it decide nothing."""
         if decision not in DECISIONS:
             raise ValueError(f"unknown decision {decision!r}; one of {sorted(DECISIONS)}")
         at = to_timestamp(decided_at)
+        same = "" if revision is None else " AND revision = ?"
         return bool(
             await self.db.execute(
                 "UPDATE approvals SET decision = ?, decided_by = ?, decision_note = ?, "
-                "decided_at = ? WHERE approval_id = ? AND decision IS NULL RETURNING 1",
-                (decision, decided_by, note, now() if at is None else at, approval_id),
+                f"decided_at = ? WHERE approval_id = ? AND decision IS NULL{same} RETURNING 1",
+                (
+                    decision,
+                    decided_by,
+                    note,
+                    now() if at is None else at,
+                    approval_id,
+                    *(() if revision is None else (revision,)),
+                ),
             )
         )
 
