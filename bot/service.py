@@ -481,7 +481,9 @@ class ChatService:
             return  # being resolved (or updated) right now
         try:
             card = replace(
-                self._card(PendingApproval.from_approval(current, self.loop.redactor)),
+                self._card(
+                    PendingApproval.from_approval(current, self.loop.redactor), outcome.needed
+                ),
                 votes=votes_text(outcome.voters, outcome.needed, mention),
             )
             await self._safely(
@@ -928,7 +930,9 @@ class ChatService:
 
     # -- cards --------------------------------------------------------------
 
-    def _card(self, pending: PendingApproval) -> ApprovalCard:
+    def _card(self, pending: PendingApproval, quorum: int = 1) -> ApprovalCard:
+        """The card of a pending approval; `quorum`: how many approvers its risk needs
+        in its channel (above 1, no Always: one person's rule would bypass it)."""
         risk = pending.risk_level or "high"
         always_rule = None
         if pending.tool == "shell_exec_safe" and pending.command:
@@ -949,7 +953,7 @@ class ChatService:
             reason=pending.reason or "it may change something",
             model_reason=pending.model_reason,
             requested_by=pending.requested_by,
-            always_offered=risk != "critical",
+            always_offered=risk != "critical" and quorum <= 1,
             always_rule=always_rule,
             expires_at=pending.expires_at,
         )
@@ -971,7 +975,11 @@ class ChatService:
         if in_flight:
             ref = await self._safely(backend.find_card(thread, approval.approval_id))
         if not ref:
-            card = self._card(PendingApproval.from_approval(approval, self.loop.redactor))
+            where = await self.approval_policy(approval)
+            card = self._card(
+                PendingApproval.from_approval(approval, self.loop.redactor),
+                where.quorum_for(approval.risk_level),
+            )
             ref = await self._safely(backend.send_card(thread, card))
         if not ref:
             await self.approvals.release_card(approval.approval_id)

@@ -34,6 +34,7 @@ from tests.test_matrix import (
     room_with_bot,
 )
 from tests.test_slack import (
+    ACTION_ALWAYS,
     ACTION_APPROVE,
     ACTION_DENY,
     APPROVER,
@@ -231,6 +232,10 @@ async def test_slack_quorum_two_concurrent_clicks_run_once_and_the_asker_does_no
     bot = await start_bot(tmp_path, model, slack, policy_file=quorum_policy(tmp_path), db=db_target)
     try:
         ts, card, approval = await card_for(bot, model)
+        # Two approvers needed: no Always (one person's rule would bypass them).
+        (buttons,) = actions_of(card)
+        assert ACTION_ALWAYS not in {e["action_id"] for e in buttons["elements"]}
+        assert "`always`" not in card_text(card)
         # The asker approves their own request: refused privately, not counted.
         await bot.click(ACTION_APPROVE, approval, card["ts"], thread_ts=ts, user=ASKER)
         told = await slack.wait_for_calls("chat.postEphemeral")
@@ -285,6 +290,12 @@ async def test_slack_quorum_one_deny_after_one_approval_denies(
         await bot.click(ACTION_APPROVE, approval, card["ts"], thread_ts=ts, user=APPROVER)
         told = await slack.wait_for_calls("chat.postEphemeral")
         assert "approved this already" in told[-1].params["text"]
+        # An Always (an old card's button, a reply) is refused: not a vote, no rule.
+        await bot.click(ACTION_ALWAYS, approval, card["ts"], thread_ts=ts, user=APPROVER2)
+        told = await slack.wait_for_calls("chat.postEphemeral", count=len(told) + 1)
+        assert "needs 2 approvers" in told[-1].params["text"]
+        assert await bot.runtime.approvals.voters(approval) == [f"slack:{APPROVER}"]
+        assert await bot.runtime.approvals.list_rules() == []
 
         model.reply(THINKER, Text("OK, f stays as it is."))
         await bot.click(ACTION_DENY, approval, card["ts"], thread_ts=ts, user=APPROVER2)
