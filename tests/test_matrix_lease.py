@@ -310,7 +310,9 @@ async def test_an_encrypted_room_is_answered_across_a_takeover(
     person encrypted for the shared device and answers encrypted."""
     first = await replicas("one", matrix_encryption=True)
     second = await replicas("two", matrix_encryption=True)
-    assert first.platform.connection.encrypting and not second.platform.connection.encrypting
+    # The holder loads its crypto store as it starts syncing; the standby never does.
+    await until(lambda: first.platform.connection.encrypting, "the holder's crypto store")
+    assert not second.platform.connection.encrypting
     alice = await element(people["alice"], PASSWORD, crypto=True)
     content_answers(model_server)
     room = await alice.create_room([duck], encrypted=True)
