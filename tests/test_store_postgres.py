@@ -706,3 +706,26 @@ async def test_a_wrong_password_is_a_clear_error_without_either_password(
     assert "postgres:***@" in message
     db = await Database.open(right, migrate=False)  # the right one still gets in
     await db.close()
+
+
+async def test_a_head_rolled_back_then_taken_by_another_replica_is_not_chained_onto(
+    pair: tuple[Stores, Stores],
+) -> None:
+    # The fork the hash check prevents: one's append inside a transaction that
+    # rolls back leaves one guessing (2, a hash never stored); two then writes a
+    # different seq 2; one's next append must not chain onto the rolled-back hash
+    # (max(seq) alone says 2, the guess's seq, and would let it through).
+    one, two = pair
+    for chain in ((await one.tasks.create_task("q")).task_id, None):
+        await one.events.append(chain, "a")
+        with pytest.raises(RuntimeError):
+            async with one.db.transaction():
+                await one.events.append(chain, "rolled back")
+                raise RuntimeError("undo")
+        await two.events.append(chain, "b")
+        third = await one.events.append(chain, "c")
+        stored = await two.events.list_events(chain)
+        assert [(e.seq, e.event_type) for e in stored] == [(1, "a"), (2, "b"), (3, "c")]
+        assert third.hash == stored[-1].hash
+    result = await verify(two.db)
+    assert result.ok, result.failures

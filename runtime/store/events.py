@@ -175,8 +175,11 @@ class EventStore:
         INSERT writes them only if that is still the head, checked under the
         chain's advisory lock: `ducklm_chain_at` (runtime/store/pg_baseline.py)
         takes the lock (held to the end of the transaction) and then compares
-        the head with a fresh snapshot, so a process appending at the same time
-        either went first (the check fails, the head is read again) or waits.
+        the head, its seq and its hash, with a fresh snapshot, so a process
+        appending at the same time either went first (the check fails, the head
+        is read again) or waits. The hash matters: a guess left by an append
+        whose transaction rolled back names a seq another replica may since have
+        written, with another hash; chaining onto it would fork the chain.
 
         The head comes from this store's last append to the chain when there
         was one (a task's events are mostly written by the replica running it),
@@ -194,8 +197,8 @@ class EventStore:
             rows = await self.db.fetchall(
                 f"INSERT INTO events ({_COLUMNS}, hash) SELECT * FROM (VALUES "
                 + ", ".join([_TYPED_ROW] * len(events))
-                + ") AS new WHERE (SELECT ducklm_chain_at(?, ?, ?)) RETURNING seq",
-                (*params, chain_lock_key(task_id), task_id, guess[0]),
+                + ") AS new WHERE (SELECT ducklm_chain_at(?, ?, ?, ?)) RETURNING seq",
+                (*params, chain_lock_key(task_id), task_id, *guess),
             )
             if rows:
                 self._remember(task_id, written[-1])

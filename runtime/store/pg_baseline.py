@@ -209,20 +209,34 @@ POSTGRES_BASELINE: tuple[str, ...] = (
     "CREATE INDEX inbox_done ON inbox (done_at) WHERE done_at IS NOT NULL",
     "CREATE INDEX inbox_task ON inbox (task_id) WHERE task_id IS NOT NULL",
     # The audit chain's check (runtime/store/events.py): take the chain's advisory
-    # lock (to the end of the transaction), then tell whether `expected` is still
-    # the chain's last seq. PL/pgSQL because a volatile function's query gets a
-    # fresh snapshot: it sees what a process holding the lock before committed,
-    # which a plain subquery of the INSERT (its snapshot taken before the lock
-    # was granted) would not.
+    # lock (to the end of the transaction), then tell whether (expected,
+    # expected_hash) is still the chain's head, its last seq and that event's
+    # hash. The hash too, because a seq alone can be right for the wrong event:
+    # an append whose transaction rolled back leaves its writer guessing a head
+    # that was never stored, and another replica may since have written that
+    # seq (chaining onto the guess would fork the chain). PL/pgSQL because a
+    # volatile function's query gets a fresh snapshot: it sees what a process
+    # holding the lock before committed, which a plain subquery of the INSERT
+    # (its snapshot taken before the lock was granted) would not.
     """
-    CREATE FUNCTION ducklm_chain_at(lock_key BIGINT, chain_task TEXT, expected INTEGER)
-    RETURNS BOOLEAN LANGUAGE plpgsql VOLATILE AS $$
+    CREATE FUNCTION ducklm_chain_at(
+        lock_key BIGINT, chain_task TEXT, expected INTEGER, expected_hash TEXT
+    ) RETURNS BOOLEAN LANGUAGE plpgsql VOLATILE AS $$
+    DECLARE
+        head_seq INTEGER := 0;
+        head_hash TEXT := NULL;
     BEGIN
         PERFORM pg_advisory_xact_lock(lock_key);
         IF chain_task IS NULL THEN
-            RETURN COALESCE((SELECT max(seq) FROM events WHERE task_id IS NULL), 0) = expected;
+            SELECT seq, hash INTO head_seq, head_hash FROM events
+            WHERE task_id IS NULL ORDER BY seq DESC LIMIT 1;
+        ELSE
+            SELECT seq, hash INTO head_seq, head_hash FROM events
+            WHERE task_id = chain_task ORDER BY seq DESC LIMIT 1;
         END IF;
-        RETURN COALESCE((SELECT max(seq) FROM events WHERE task_id = chain_task), 0) = expected;
+        -- No row: SELECT INTO sets both to NULL; an empty chain's head is (0, NULL).
+        RETURN COALESCE(head_seq, 0) = expected
+            AND head_hash IS NOT DISTINCT FROM expected_hash;
     END
     $$
     """,
