@@ -213,19 +213,15 @@ class Recovery:
                 break
         async for page in self.tasks.iter_interrupted_since(recent, PAGE_SIZE):
             for task in page:
-                await _guarded(partial(self._cut_short, task))
+                await _guarded(partial(self._cut_short_now, task.task_id))
             await asyncio.sleep(0)
 
     async def _dead_replicas(self) -> None:
         """In a running bot: the tasks of replicas that died since (no heartbeat,
-        or stopped) become interrupted, and each is checked for a cut-short run,
-        as at start. Tasks of live replicas are never touched."""
+        or stopped) become interrupted, each checked for a cut-short run in the
+        same transaction, as at start. Tasks of live replicas are never touched."""
         while True:
             marked = await self._mark_interrupted()
-            for task_id in marked:
-                task = await self.tasks.get_task(task_id)
-                if task is not None:
-                    await _guarded(partial(self._cut_short, task))
             await asyncio.sleep(0)
             if len(marked) < PAGE_SIZE:
                 break
@@ -234,9 +230,17 @@ class Recovery:
         """A page of `running` tasks nobody alive works on (their owner replica is
         dead, or unowned and older than every live replica) become
         `interrupted`, with their events (one transaction per page); returns
-        their ids, fewer than PAGE_SIZE: the last page."""
+        their ids, fewer than PAGE_SIZE: the last page.
+
+        A task whose decided approval was cut short is reopened (waiting for
+        approval again) in that same transaction: committed as interrupted, it
+        would owe the interruption note, and another replica's `_answers` could
+        post it (and mark it answered, dropping its real answer later) before
+        it was reopened. What the thread is told about it goes out after the
+        commit."""
         service = self.service
         unowned_before = await self._unowned_before()
+        tell: list[Callable[[], Awaitable[None]]] = []
         async with self.db.transaction():
             task_ids = await self.ownership.interrupt_orphans(
                 service.instance,
@@ -254,8 +258,11 @@ class Recovery:
                     interruption["doing"] = f"asking for approval of `{clip(asked, 120)}`"
                     interruption["withdrawn"] = [a.approval_id for a in withdrawn]
                 await self.events.append(task_id, "task_interrupted", interruption)
+                await self._cut_short(task_id, tell)
         if task_ids:
             logger.info("recovery: %d task(s) of dead processes interrupted", len(task_ids))
+        for step in tell:
+            await _guarded(step)
         return task_ids
 
     async def _withdraw_pending(self, task_id: str) -> list[Approval]:
@@ -281,10 +288,21 @@ class Recovery:
                 withdrawn.append(approval)
         return withdrawn
 
-    async def _cut_short(self, task: Task) -> bool:
+    async def _cut_short_now(self, task_id: str) -> bool:
+        """`_cut_short` on its own (outside a marking transaction): the thread is
+        told right after."""
+        tell: list[Callable[[], Awaitable[None]]] = []
+        handled = await self._cut_short(task_id, tell)
+        for step in tell:
+            await _guarded(step)
+        return handled
+
+    async def _cut_short(self, task_id: str, tell: list[Callable[[], Awaitable[None]]]) -> bool:
         """An interrupted task whose decided approval was not carried out to the end.
-        True when handled here (the thread needs no generic notice)."""
-        events = await self.events.list_events(task.task_id)
+        True when handled here (the thread needs no generic notice). Its store
+        writes join the caller's transaction, if any; what the thread is to be
+        told is appended to `tell`, for the caller to do after its commit."""
+        events = await self.events.list_events(task_id)
         at = next(
             (
                 i
@@ -310,17 +328,17 @@ class Recovery:
                 and e.payload.get("approval_id") == approval.approval_id
                 for e in after
             )
-            await self._reissue(task, approval, waiting.payload, started=None if started else False)
+            await self._reissue(
+                task_id, approval, waiting.payload, tell, started=None if started else False
+            )
             return True
         if all(e.event_type in _DECISION_ONLY for e in after):
             # Decided, the continuation claimed the task and died before it wrote
             # anything: back to waiting, and `_continue_decided` carries it out.
             async with self.db.transaction():
-                if await self.tasks.claim_status(
-                    task.task_id, "interrupted", "waiting_for_approval"
-                ):
+                if await self.tasks.claim_status(task_id, "interrupted", "waiting_for_approval"):
                     await self.events.append(
-                        task.task_id,
+                        task_id,
                         "task_waiting_for_approval",
                         {**waiting.payload, "recovered": True},
                     )
@@ -328,17 +346,22 @@ class Recovery:
         return False
 
     async def _reissue(
-        self, task: Task, old: Approval, waiting: dict[str, Any], *, started: bool | None
+        self,
+        task_id: str,
+        old: Approval,
+        waiting: dict[str, Any],
+        tell: list[Callable[[], Awaitable[None]]],
+        *,
+        started: bool | None,
     ) -> None:
-        """Offer the same action again, linked to the spent approval; never run it."""
+        """Offer the same action again, linked to the spent approval; never run it.
+        The note and the new card go out after the commit (appended to `tell`)."""
         shown = self.service.shown_command(old)
         async with self.db.transaction():
-            if not await self.tasks.claim_status(
-                task.task_id, "interrupted", "waiting_for_approval"
-            ):
+            if not await self.tasks.claim_status(task_id, "interrupted", "waiting_for_approval"):
                 return  # another recovery got there first
             new = await self.approvals.create_pending(
-                task.task_id,
+                task_id,
                 old.action,
                 index=old.index,
                 command=old.command,
@@ -356,7 +379,7 @@ class Recovery:
                 for o in waiting.get("observations") or []
             ]
             await self.events.append_many(
-                task.task_id,
+                task_id,
                 [
                     (
                         "approval_reissued",
@@ -378,11 +401,15 @@ class Recovery:
                     ),
                 ],
             )
-        thread = await self.service.thread_of(task.task_id)
-        if thread is None:
-            return
-        await self.service.say(thread, _cut_short_text(shown, started))
-        await self.service.post_card(thread, new)
+
+        async def say_and_post() -> None:
+            thread = await self.service.thread_of(task_id)
+            if thread is None:
+                return
+            await self.service.say(thread, _cut_short_text(shown, started))
+            await self.service.post_card(thread, new)
+
+        tell.append(say_and_post)
 
     async def _continue_decided(self) -> None:
         """Decisions committed whose continuation never started (a crash right after

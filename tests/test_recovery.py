@@ -767,6 +767,51 @@ async def test_two_processes_recovering_at_once_do_everything_once(
     assert await one.runtime.stores.inbox.count_open() == 0
 
 
+async def test_a_reopened_cut_short_task_never_owes_the_interruption_note(
+    start: Start, crash: CrashPoints, model_server: FakeModelServer, settings: Settings
+) -> None:
+    """Two services on one database: while one recovers a cut-short run, the other
+    posts owed answers right after the first one's marking commits. The task is
+    reopened in the marking transaction, so it never owes the interruption note:
+    the thread hears only that the run did not start, and later its real answer."""
+    script_approval(model_server, "echo once >> effects.log")
+    dying = await start()
+    _, card, _ = await waiting_with_card(dying, 15)
+    crash.at = "execution_claimed"
+    await dying.service.handle_decision(card.approval_id, APPROVER, "approve")
+    await dying.service.drain()
+    await kill(dying)
+
+    one, two = await start(), await start()
+    recovery = one.service.recovery
+    mark = recovery._mark_interrupted
+    marked: list[str] = []
+
+    async def then_the_other_answers() -> list[str]:
+        # The gap the defect lived in: after the marking commit, before anything else.
+        ids = await mark()
+        marked.extend(ids)
+        await two.service.recovery._answers()
+        return ids
+
+    recovery._mark_interrupted = then_the_other_answers  # type: ignore[method-assign]
+    await one.service.recover()
+    await one.service.drain()
+    assert marked, "the dead process's task was not taken over"
+    assert INTERRUPTED_TEXT not in one.chat.texts(key(15)) + two.chat.texts(key(15))
+    told = one.chat.texts(key(15))
+    assert len(told) == 1 and "did not start" in told[0], told
+    new = [c for c in one.chat.cards if c[0] == key(15)]
+    assert len(new) == 1
+    assert await one.service.handle_decision(new[0][1].approval_id, APPROVER, "approve") is None
+    await one.service.drain()
+    await two.service.recover_periodically()
+    await two.service.drain()
+    assert effects(settings) == ["once"]
+    sent = one.chat.texts(key(15)) + two.chat.texts(key(15))
+    assert sent.count("ran it") == 1 and INTERRUPTED_TEXT not in sent, sent
+
+
 async def test_killed_between_the_approval_and_the_wait_leaves_nothing_pending(
     start: Start, crash: CrashPoints, model_server: FakeModelServer, settings: Settings
 ) -> None:

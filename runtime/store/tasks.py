@@ -178,9 +178,17 @@ class TaskStore:
         """
         _check_status(from_status)
         _check_status(to_status)
+        # A task reopened from `interrupted` (a cut-short run offered again) owes
+        # its real answer later: an interruption note claimed or posted meanwhile
+        # must not mark that answer as already given.
+        reopened = (
+            ", answered_at = NULL, answer_claimed_at = NULL"
+            if from_status == "interrupted" and to_status not in ("completed", "failed")
+            else ""
+        )
         return bool(
             await self.db.execute(
-                "UPDATE tasks SET status = ?, updated_at = ? "
+                f"UPDATE tasks SET status = ?, updated_at = ?{reopened} "
                 "WHERE task_id = ? AND status = ? RETURNING 1",
                 (to_status, now(), task_id, from_status),
             )
