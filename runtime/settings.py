@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL_BASE_URL = "https://api.openai.com/v1"
@@ -484,6 +484,18 @@ class Settings(BaseSettings):
         if value not in {"low", "medium", "high", "critical", "off"}:
             raise ValueError("must be one of low, medium, high, critical, off")
         return value
+
+    @model_validator(mode="after")
+    def _heartbeat_within_timeout(self) -> Settings:
+        # A heartbeat that comes as seldom as the timeout makes every live replica
+        # look dead between two beats: survivors would interrupt its tasks.
+        if self.heartbeat_interval * 2 > self.replica_timeout:
+            raise ValueError(
+                f"DUCKLM_HEARTBEAT_INTERVAL ({self.heartbeat_interval:g} s) must be at most "
+                f"half of DUCKLM_REPLICA_TIMEOUT ({self.replica_timeout:g} s), so a live "
+                "replica is never taken for dead between two heartbeats"
+            )
+        return self
 
     @property
     def model_configured(self) -> bool:

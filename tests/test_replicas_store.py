@@ -498,3 +498,20 @@ async def test_a_restart_marks_its_dead_predecessors_on_this_host_stopped(stores
         assert alive == {"parent", "elsewhere", replica.replica_id}
     finally:
         await replica.stop()
+
+
+# -- settings ------------------------------------------------------------------
+
+
+def test_a_heartbeat_slower_than_half_the_replica_timeout_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clean_env: None
+) -> None:
+    monkeypatch.setenv("DUCKLM_HEARTBEAT_INTERVAL", "15")
+    monkeypatch.setenv("DUCKLM_REPLICA_TIMEOUT", "20")
+    with pytest.raises(ValueError) as refused:
+        make_settings(tmp_path)
+    said = str(refused.value)
+    assert "DUCKLM_HEARTBEAT_INTERVAL (15 s)" in said and "DUCKLM_REPLICA_TIMEOUT (20 s)" in said
+    monkeypatch.setenv("DUCKLM_HEARTBEAT_INTERVAL", "10")  # exactly half: accepted
+    settings = make_settings(tmp_path)
+    assert (settings.heartbeat_interval, settings.replica_timeout) == (10, 20)
