@@ -451,7 +451,7 @@ class Recovery:
                 service.instance,
                 live_after=service.replica.live_after(),
                 unowned_before=await self._unowned_before(),
-                platforms=sorted(service.backends),
+                platforms=self._inbox_platforms(),
                 limit=PAGE_SIZE,
             )
             for inbox_id in taken:
@@ -461,6 +461,19 @@ class Recovery:
             await asyncio.sleep(0)
             if len(taken) < PAGE_SIZE:
                 break
+
+    def _inbox_platforms(self) -> list[str]:
+        """The platforms whose abandoned inbox rows this replica may take over: all
+        it serves, but Matrix only while its connection says it can answer there
+        (the sync lease holder, or encryption off)."""
+        platforms = []
+        for platform, backend in sorted(self.service.backends.items()):
+            connection = getattr(backend, "connection", None)
+            takes_over = getattr(connection, "takes_over_inbox", None)
+            if callable(takes_over) and not takes_over():
+                continue
+            platforms.append(platform)
+        return platforms
 
     async def _answers(self) -> None:
         """Finished tasks whose answer never reached their thread: the process died

@@ -515,3 +515,45 @@ def test_a_heartbeat_slower_than_half_the_replica_timeout_is_refused(
     monkeypatch.setenv("DUCKLM_HEARTBEAT_INTERVAL", "10")  # exactly half: accepted
     settings = make_settings(tmp_path)
     assert (settings.heartbeat_interval, settings.replica_timeout) == (10, 20)
+
+
+@pytest.mark.parametrize("encryption", [True, False])
+async def test_a_matrix_standby_with_encryption_leaves_matrix_messages_to_the_holder(
+    tmp_path: Path, db_target: str, model_server: FakeModelServer, encryption: bool
+) -> None:
+    """A replica serving Matrix that does not hold the sync lease (it has not
+    synced here) cannot answer in encrypted rooms: with encryption on, its
+    recovery takes over no Matrix message a dead replica left open; with it off,
+    Matrix is one of the platforms it takes over."""
+    from bot.matrix.platform import MatrixPlatform
+
+    rt = await _runtime(
+        tmp_path,
+        db_target,
+        model_server.base_url,
+        matrix_homeserver="http://127.0.0.1:9",
+        matrix_user_id="@duck:localhost",
+        matrix_password="unused",
+        matrix_encryption=encryption,
+    )
+    service = ChatService(rt)
+    MatrixPlatform(service, rt.settings)  # registers itself, never started
+    try:
+        await service.start()
+        stores = rt.stores
+        await stores.replicas.register("dead", "dead", "h", 2, at=time.time() - 100)
+        assert await stores.replicas.stop("dead")
+        if not encryption:
+            assert "matrix" in service.recovery._inbox_platforms()
+            return
+        row = await stores.inbox.insert(
+            "matrix:!r:localhost|$e", "@a:localhost", "hi", owner="dead"
+        )
+        assert "matrix" not in service.recovery._inbox_platforms()
+        await service.recover_periodically()
+        assert await stores.inbox.count_open() == 1
+        kept = await stores.inbox.get(row.inbox_id)
+        assert kept is not None and kept.owner == "dead"
+    finally:
+        await service.close()
+        await rt.close()

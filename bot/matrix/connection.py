@@ -399,6 +399,12 @@ class MatrixConnection:
         """This replica syncs and its last renewal still covers now."""
         return self.syncing and time.time() < self._lease_until
 
+    def takes_over_inbox(self) -> bool:
+        """Whether recovery here may take over Matrix messages a dead replica left
+        open: with encryption on, only the lease holder has the crypto state to
+        answer in encrypted rooms, so a standby leaves them to it."""
+        return not self.crypto.enabled or self.holds_lease()
+
     def _begin_syncing(self, first: Batch) -> None:
         self._inbox = asyncio.Queue()
         self._inbox.put_nowait(first)
