@@ -124,6 +124,19 @@ def describe_event(event: Event) -> str:
         detail = f"{p.get('decision')} by {p.get('decided_by')}"
         if p.get("note"):
             detail += f": {clip(p.get('note'), 80)}"
+    elif kind == "approval_vote":  # issue #20: each approval of a quorum
+        detail = f"{p.get('vote')} by {p.get('voter')}, {p.get('votes')} of {p.get('quorum')}"
+    elif kind == "approval_edited":
+        detail = (
+            f"by {p.get('edited_by')}: `{clip(p.get('old_command'), 100)}` -> "
+            f"`{clip(p.get('new_command'), 100)}`, risk {p.get('old_risk')} -> "
+            f"{p.get('new_risk')}"
+        )
+    elif kind == "approval_escalated":
+        detail = f"to {', '.join(str(u) for u in p.get('escalate_to') or []) or 'nobody'}"
+    elif kind == "approval_reminded":
+        reminded = ", ".join(str(u) for u in p.get("reminded") or [])
+        detail = f"reminded {reminded or 'the approvers'}"
     elif kind in ("model_call_started",):
         detail = str(p.get("role"))
     elif kind == "model_call_finished":

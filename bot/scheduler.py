@@ -38,6 +38,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from bot.cron import cron_trigger
 from bot.service import ChatService
+from runtime.crashpoints import crash_point
 from runtime.store.approvals import ApprovalStore, DueApproval
 from runtime.store.models import Event, Schedule
 from runtime.store.retention import delete_finished_tasks
@@ -74,6 +75,11 @@ BATCH = 200
 YIELD_EVERY = 5
 # Reminders and expiries carried out at the same time (each posts to chat).
 APPROVAL_ACTIONS_AT_ONCE = 8
+# An escalation's claim is a lease: escalate_at moves this far ahead, and the
+# escalation's own transaction clears it (mark_escalated, once). A process that
+# dies or stops between the two leaves it due again after this, not lost; a slow
+# escalation retried meanwhile is not repeated (mark_escalated is once).
+ESCALATION_RETRY_S = 15.0
 # Events that mean a new approval is waiting to be planned.
 NEW_APPROVAL_EVENTS = frozenset({"tool_approval_requested", "approval_reissued"})
 # A planned time is "after" the instant it is computed from, never equal to it.
@@ -318,12 +324,19 @@ class Scheduler:
                 at = None if after is None else due.created_at + after
                 await approvals.claim_escalation(due.approval_id, 0, at)
                 continue
-            if await approvals.claim_escalation(due.approval_id, due.escalate_at, None):
-                await self._slots.acquire()
-                self._spawn(
-                    self._approval_action(self.service.escalate_approval, due.approval_id),
-                    self._actions,
-                )
+            # The slot first: a claim never waits for one (a stop meanwhile would
+            # leave it claimed with nobody to do it), and the claim is a lease.
+            await self._slots.acquire()
+            if not await approvals.claim_escalation(
+                due.approval_id, due.escalate_at, time.time() + ESCALATION_RETRY_S
+            ):
+                self._slots.release()
+                continue
+            crash_point("escalation_claimed")  # test seam: claimed, not escalated yet
+            self._spawn(
+                self._approval_action(self.service.escalate_approval, due.approval_id),
+                self._actions,
+            )
         if len(batch) == BATCH:
             return now
         return await approvals.earliest_escalation()

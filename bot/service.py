@@ -617,16 +617,21 @@ class ChatService:
         if thread is None or not await self.approvals.mark_reminded(approval_id):
             return
         backend = self.backends[thread.platform]
-        people = [
-            backend.mention(user)
+        reminded = [
+            user
             for user in sorted((await self.policy_of_task(approval.task_id)).approvers)
             if user.startswith(f"{thread.platform}:")
         ]
+        people = [backend.mention(user) for user in reminded]
         who = ", ".join(people) if people else "approvers"
         expiry = f" It expires at {when(approval.expires_at)}." if approval.expires_at else ""
         # Timed work is on the audit trail like every decision (issue #20).
         await self._safely(
-            self.events.append(approval.task_id, "approval_reminded", {"approval_id": approval_id})
+            self.events.append(
+                approval.task_id,
+                "approval_reminded",
+                {"approval_id": approval_id, "reminded": reminded},
+            )
         )
         await self._safely(
             backend.send(
@@ -645,9 +650,10 @@ class ChatService:
             return
         thread = await self.thread_of(approval.task_id)
         if thread is None:
-            return
+            return  # another replica may serve its platform: the claim's lease runs out
         where = await self.policy_of_task(approval.task_id)
         if not where.escalate_to:
+            await self.approvals.end_escalation(approval_id)  # nobody to call in
             return
         if not await self.approvals.escalate(approval_id, sorted(where.escalate_to)):
             return  # escalated already (another replica, or before a restart)

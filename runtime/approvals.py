@@ -22,6 +22,7 @@ from runtime.store.votes import DueEscalation, EditState, VoteStore
 if TYPE_CHECKING:
     from runtime.metrics import Metrics
     from runtime.store import ApprovalStore, EventStore, RuleStore, Stores
+    from runtime.tools.redaction import Redactor
     from runtime.tools.shell import Classification
     from runtime.tools.shell_rules import CompiledRule
 
@@ -175,6 +176,9 @@ class ApprovalService:
         self._votes = VoteStore(approvals.db)
         # Decision latency by decision (runtime/metrics.py); set by build_runtime.
         self.metrics: Metrics | None = None
+        # Redacts the commands `approval_edited` logs (the audit log holds no
+        # secret); the runtime's own, with its credential literals, when set.
+        self.redactor: Redactor | None = None
         self._rules = rules
         self._events = events
         self._db = approvals.db
@@ -568,16 +572,18 @@ class ApprovalService:
             await self._events.append(
                 approval.task_id,
                 "approval_edited",
-                {
-                    "approval_id": approval_id,
-                    "edited_by": editor,
-                    "old_command": old_command,
-                    "new_command": new_command,
-                    "original_command": first,
-                    "old_risk": approval.risk_level,
-                    "new_risk": verdict.risk_level,
-                    "revision": state.revision + 1,
-                },
+                self._redacted(
+                    {
+                        "approval_id": approval_id,
+                        "edited_by": editor,
+                        "old_command": old_command,
+                        "new_command": new_command,
+                        "original_command": first,
+                        "old_risk": approval.risk_level,
+                        "new_risk": verdict.risk_level,
+                        "revision": state.revision + 1,
+                    },
+                ),
             )
         edited = await self._approvals.get(approval_id)
         assert edited is not None
@@ -600,10 +606,16 @@ class ApprovalService:
         """True for the one caller (across replicas) that does what was due."""
         return await self._votes.claim_escalation(approval_id, was, next_at)
 
+    async def end_escalation(self, approval_id: str) -> None:
+        """No escalation will be done for this approval: its claim is not retried."""
+        await self._votes.end_escalation(approval_id)
+
     async def escalate(self, approval_id: str, escalate_to: list[str]) -> bool:
-        """Record the escalation (once): from now on `escalate_to` may decide."""
+        """Record the escalation (once): from now on `escalate_to` may decide. The
+        same statement ends the claim's lease (bot/scheduler.py)."""
         async with self._db.transaction():
             if not await self._votes.mark_escalated(approval_id):
+                await self._votes.end_escalation(approval_id)
                 return False
             approval = await self._approvals.get(approval_id)
             assert approval is not None
@@ -613,6 +625,12 @@ class ApprovalService:
                 {"approval_id": approval_id, "escalate_to": sorted(escalate_to)},
             )
         return True
+
+    def _redacted(self, payload: dict[str, Any]) -> dict[str, Any]:
+        from runtime.tools.redaction import Redactor
+
+        redacted, _, _ = (self.redactor or Redactor()).redact_value(payload)
+        return redacted
 
     def _observe(self, decision: str, approval: Approval) -> None:
         if self.metrics is not None:

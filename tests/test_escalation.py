@@ -97,6 +97,29 @@ async def test_escalation_is_planned_then_claimed_once_across_connections(
     assert not await service.escalate(decided.approval_id, ["slack:UBOSS"])
 
 
+async def test_a_claim_not_carried_out_is_due_again_after_its_lease(stores: Stores) -> None:
+    """The claim is a lease: a process that died (or stopped) between claiming and
+    escalating leaves it due again, and the escalation itself ends the lease."""
+    service = ApprovalService.from_stores(stores)
+    task, approval = await pending(stores, service)
+    past = time.time() - 1
+    assert await service.claim_escalation(approval.approval_id, 0, past)  # planned
+    lease = time.time() + 0.5
+    assert await service.claim_escalation(approval.approval_id, past, lease)
+    assert await service.escalations_due(time.time()) == []  # held by the claimer ...
+    deadline = time.monotonic() + 10
+    while not (due := await service.escalations_due(time.time())):  # ... which died
+        assert time.monotonic() < deadline, "the lease never ran out"
+        await asyncio.sleep(0.1)
+    assert [d.approval_id for d in due] == [approval.approval_id]
+    assert await service.claim_escalation(approval.approval_id, due[0].escalate_at, lease + 15)
+    assert await service.escalate(approval.approval_id, ["slack:UBOSS"])
+    assert await service.earliest_escalation() is None  # the escalation ended the lease
+    assert not await service.escalate(approval.approval_id, ["slack:UBOSS"])
+    kinds = [e.event_type for e in await stores.events.list_events(task.task_id)]
+    assert kinds.count("approval_escalated") == 1
+
+
 # -- a real `ducklm run`, restarted --------------------------------------------------
 
 
@@ -156,7 +179,49 @@ async def test_escalation_fires_once_after_a_restart_and_lets_the_escalation_app
         code, shown, err = await ducklm(tmp_path, "events", task_id, DUCKLM_DB=db_target)
         assert code == 0, err
         assert shown.count("approval_escalated") == 1
+        assert f"approval_escalated to slack:{BOSS}" in shown
         assert "decision_refused" in shown and f"approve by slack:{BOSS}" in shown
+    finally:
+        await bot.close()
+
+
+async def test_a_crash_between_the_claim_and_the_escalation_escalates_once_after_a_restart(
+    tmp_path: Path, slack: FakeSlack, model_server: FakeModelServer, db_target: str
+) -> None:
+    """The run dies right after claiming the escalation (before it is recorded or
+    said): the claim was a lease, so the restarted run escalates, once."""
+    ModelScript(model_server)
+    bot = DuckRun(
+        tmp_path,
+        slack,
+        model_server,
+        DUCKLM_DB=db_target,
+        DUCKLM_ESCALATE_AFTER=str(ESCALATE_S),
+        DUCKLM_ESCALATE_TO=f"slack:{BOSS}",
+        DUCKLM_APPROVAL_REMIND="2",
+    )
+    try:
+        await bot.start(crash_at="escalation_claimed")
+        asked = mention(slack, "please run approve-1")
+        assert await bot.post_event(asked.envelope) == 200
+        (card,) = await wait_for(slack, lambda: cards(slack, asked.ts), "the approval card")
+        await wait_for(slack, lambda: said(slack, asked.ts, "reminder"), "the reminder")
+        await bot.crashed("escalation_claimed", within=60)
+        assert escalations(slack, asked.ts) == []  # claimed, then the process died
+
+        await bot.start()
+        await wait_for(slack, lambda: escalations(slack, asked.ts), "the escalation", 90)
+        assert await bot.post_interaction(click(slack, card, user=BOSS)) == 200
+        await wait_for(slack, lambda: answers(slack, asked.ts), "the answer", 60)
+        await bot.stop()
+
+        assert len(escalations(slack, asked.ts)) == 1, said(slack, asked.ts)
+        assert bot.effects() == ["approve-1"]
+        ((task_id,),) = raw_rows(db_target, "SELECT task_id FROM tasks")
+        code, shown, err = await ducklm(tmp_path, "events", task_id, DUCKLM_DB=db_target)
+        assert code == 0, err
+        assert shown.count(f"approval_escalated to slack:{BOSS}") == 1, shown
+        assert shown.count("approval_reminded reminded slack:") == 1, shown
     finally:
         await bot.close()
 

@@ -159,11 +159,21 @@ class VoteStore:
         )
 
     async def mark_escalated(self, approval_id: str) -> bool:
-        """Record that the escalation approvers were called in; True once."""
+        """Record that the escalation approvers were called in, and end the claim's
+        lease (escalate_at) in the same statement; True once."""
         return bool(
             await self.db.execute(
-                "UPDATE approvals SET escalated_at = ? WHERE approval_id = ? "
+                "UPDATE approvals SET escalated_at = ?, escalate_at = NULL WHERE approval_id = ? "
                 "AND escalated_at IS NULL AND decision IS NULL RETURNING 1",
                 (now(), approval_id),
             )
+        )
+
+    async def end_escalation(self, approval_id: str) -> None:
+        """Nothing more to escalate (done already, or nobody to call in): the
+        claim's lease is not renewed."""
+        await self.db.execute(
+            "UPDATE approvals SET escalate_at = NULL WHERE approval_id = ? "
+            "AND escalate_at IS NOT NULL RETURNING 1",
+            (approval_id,),
         )
