@@ -22,6 +22,7 @@ import asyncio
 import logging
 import re
 import socket
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -42,10 +43,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger("ducklm.store")
 T = TypeVar("T")
 
-# `scheme://user:password@`: the password is everything after the first ":" of
-# the authority up to its last "@" (a password may contain "@" or "/").
-_AUTH_PASSWORD = re.compile(r"^([a-z]+://[^:/?#@]*):[^?#]*@", re.IGNORECASE)
-_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+# A URL's scheme (`postgresql://`); the authority starts after it.
+_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+# A `password=` parameter's value runs to the next "&": an unencoded "#" in it
+# would otherwise leave the rest of the password shown as a "fragment".
+_QUERY_PASSWORD = re.compile(r"([?&]password=)([^&]*)", re.IGNORECASE)
+# Shorter fragments of a password are not searched for in a driver's message:
+# one or two characters occur in any sentence, so they say nothing of it.
+_FRAGMENT = 3
 
 # How long opening may take (DNS, TCP, TLS, authentication) before it is an error.
 CONNECT_TIMEOUT_S = 10.0
@@ -54,18 +59,66 @@ CONNECT_TIMEOUT_S = 10.0
 ACQUIRE_TIMEOUT_S = 10.0
 
 
+def _password_span(url: str) -> tuple[int, int] | None:
+    """Where the authority's password is in `url` (`scheme://user:password@host`),
+    or None. The password is everything from the first ":" after the user to
+    the LAST "@" of the URL: unencoded, it may hold "@", "/", "?" or "#" (which
+    end the authority in a well-formed URL), while a host never holds "@".
+    An "@" in the path or query makes this mask more than the password, never
+    less: what is shown loses a host, but no secret leaks."""
+    scheme = _SCHEME.match(url)
+    if scheme is None:
+        return None
+    start = scheme.end()
+    at = url.rfind("@", start)
+    colon = url.find(":", start, at) if at >= 0 else -1
+    if colon < 0 or any(c in url[start:colon] for c in "/?#@"):
+        return None  # no "user:" before the "@": no password in the authority
+    return colon + 1, at
+
+
 def mask_url(url: str) -> str:
     """The URL without its password (what error messages and `db.path` show):
     the one in the authority (`user:secret@`) and a `password=` parameter."""
-    masked = _AUTH_PASSWORD.sub(r"\1:***@", url, count=1)
+    span = _password_span(url)
+    masked = f"{url[: span[0]]}***{url[span[1] :]}" if span else url
     return _QUERY_PASSWORD.sub(r"\1***", masked)
 
 
+def _secrets(url: str) -> list[str]:
+    """The URL's passwords as written and percent-decoded (a driver may quote either)."""
+    found: list[str] = []
+    span = _password_span(url)
+    if span is not None:
+        found.append(url[span[0] : span[1]])
+    found += [m.group(2) for m in _QUERY_PASSWORD.finditer(url)]
+    found += [urllib.parse.unquote(secret) for secret in found]
+    return [secret for secret in found if secret]
+
+
 def _scrub(message: str, url: str) -> str:
-    """`message` with the URL's password replaced, should a driver error quote it."""
-    found = _AUTH_PASSWORD.match(url)
-    secret = found.group(0)[len(found.group(1)) + 1 : -1] if found else ""
-    return message.replace(secret, "***") if len(secret) >= 3 else message
+    """A driver's `message` with every piece of the URL's password replaced by
+    "***" (each run of characters covered by any 3-character fragment of it,
+    as written or percent-decoded), so a driver
+    that quotes part of a password it split wrongly (an unencoded "#" or "@"
+    makes it take the rest for a host, a port or a user) shows none of it."""
+    hidden = [False] * len(message)
+    for secret in _secrets(url):
+        for i in range(len(secret) - _FRAGMENT + 1):
+            piece = secret[i : i + _FRAGMENT]
+            at = message.find(piece)
+            while at >= 0:
+                hidden[at : at + _FRAGMENT] = [True] * _FRAGMENT
+                at = message.find(piece, at + 1)
+    if not any(hidden):
+        return message
+    out: list[str] = []
+    for i, char in enumerate(message):
+        if not hidden[i]:
+            out.append(char)
+        elif i == 0 or not hidden[i - 1]:
+            out.append("***")
+    return "".join(out)
 
 
 def _clean(value: Any) -> Any:
@@ -102,26 +155,31 @@ def _coerce(value: Any, type_name: str) -> Any:
     return value
 
 
-def _describe(shown: str, exc: BaseException) -> str:
-    """A sentence naming the database (URL without password) and the likely cause."""
+def _describe(shown: str, exc: BaseException, url: str) -> str:
+    """A sentence naming the database (URL without password) and the likely
+    cause. The driver's words in it are scrubbed of `url`'s password (`_scrub`);
+    ours are not (they hold no secret, and "host" must stay "host")."""
     import asyncpg
+
+    detail = _scrub(str(exc), url)
+    reason = _scrub(getattr(exc, "strerror", None) or str(exc), url)
 
     if isinstance(
         exc, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError
     ):
         return (
-            f"database {shown}: the server refused the login ({exc}); check the user "
+            f"database {shown}: the server refused the login ({detail}); check the user "
             "and password in DUCKLM_DB"
         )
     if isinstance(exc, asyncpg.InvalidCatalogNameError):
         return (
-            f"database {shown} does not exist on that server ({exc}); create it "
+            f"database {shown} does not exist on that server ({detail}); create it "
             "(createdb) or fix the name in DUCKLM_DB"
         )
     if isinstance(exc, asyncpg.TooManyConnectionsError):
-        return f"database {shown}: the server has no connection slot left ({exc})"
+        return f"database {shown}: the server has no connection slot left ({detail})"
     if isinstance(exc, socket.gaierror):
-        return f"database {shown}: cannot resolve the host name ({exc.strerror or exc})"
+        return f"database {shown}: cannot resolve the host name ({reason})"
     if isinstance(exc, ConnectionRefusedError):
         return (
             f"database {shown}: the connection was refused; is PostgreSQL running and "
@@ -130,18 +188,18 @@ def _describe(shown: str, exc: BaseException) -> str:
     if isinstance(exc, asyncpg.ConnectionDoesNotExistError | ConnectionResetError) or (
         isinstance(exc, asyncpg.InterfaceError) and "connection" in str(exc).lower()
     ):
-        return f"database {shown}: the connection to the server was lost ({exc})"
+        return f"database {shown}: the connection to the server was lost ({detail})"
     if isinstance(exc, asyncpg.CannotConnectNowError):
-        return f"database {shown}: the server is starting up or shutting down ({exc})"
+        return f"database {shown}: the server is starting up or shutting down ({detail})"
     if isinstance(exc, asyncpg.ForeignKeyViolationError):
-        return f"database {shown}: the record refers to a task that does not exist ({exc})"
+        return f"database {shown}: the record refers to a task that does not exist ({detail})"
     if isinstance(exc, asyncpg.DiskFullError):
-        return f"database {shown}: the server's disk is full ({exc})"
+        return f"database {shown}: the server's disk is full ({detail})"
     if isinstance(exc, TimeoutError):
         return f"database {shown}: the server did not answer within {CONNECT_TIMEOUT_S:g} s"
     if isinstance(exc, OSError):
-        return f"database {shown}: cannot connect ({exc.strerror or exc})"
-    return f"database {shown}: {exc}"
+        return f"database {shown}: cannot connect ({reason})"
+    return f"database {shown}: {detail}"
 
 
 def _driver_errors() -> tuple[type[BaseException], ...]:
@@ -223,10 +281,13 @@ class PostgresDatabase(Database):
                 reset=_keep_session,
             )
         except ValueError as exc:  # asyncpg's parse of the DSN (a bad port, an option)
-            message = f"{shown} is not a valid PostgreSQL URL ({exc})"
-            raise StoreError(_scrub(message, url)) from exc
+            # With a password in the URL, the parser's own words are not shown:
+            # it quotes pieces of the URL it split wrongly (an unencoded "#" or
+            # "/" in the password), even one or two characters of the password.
+            why = "percent-encode special characters in the password" if _secrets(url) else str(exc)
+            raise StoreError(f"{shown} is not a valid PostgreSQL URL ({why})") from exc
         except _driver_errors() as exc:
-            raise StoreError(_scrub(_describe(shown, exc), url)) from exc
+            raise StoreError(_describe(shown, exc, url)) from exc
         db = cls(pool, url, pool_size)
         try:
             if migrate:
@@ -234,7 +295,7 @@ class PostgresDatabase(Database):
         except BaseException as exc:
             await db.close()
             if isinstance(exc, db._errors):
-                raise StoreError(_scrub(_describe(shown, exc), url)) from exc
+                raise StoreError(_describe(shown, exc, url)) from exc
             raise
         return db
 
@@ -245,7 +306,7 @@ class PostgresDatabase(Database):
         try:
             await self._migrate()
         except self._errors as exc:
-            raise StoreError(_describe(self.path, exc)) from exc
+            raise self._error(exc) from exc
 
     async def _migrate(self) -> None:
         if await self.user_version() == SCHEMA_VERSION:
@@ -332,7 +393,11 @@ class PostgresDatabase(Database):
         except TimeoutError as exc:
             raise StoreError(self._exhausted()) from exc
         except self._errors as exc:
-            raise StoreError(_describe(self.path, exc)) from exc
+            raise self._error(exc) from exc
+
+    def _error(self, exc: BaseException) -> StoreError:
+        """The StoreError for a driver error, without any piece of the password."""
+        return StoreError(_describe(self.path, exc, self._url))
 
     def _exhausted(self) -> str:
         return (
@@ -363,13 +428,13 @@ class PostgresDatabase(Database):
         except TimeoutError as exc:
             raise StoreError(self._exhausted()) from exc
         except self._errors as exc:
-            raise StoreError(_describe(self.path, exc)) from exc
+            raise self._error(exc) from exc
         try:
             tx = conn.transaction()
             try:
                 await tx.start()
             except self._errors as exc:
-                raise StoreError(_describe(self.path, exc)) from exc
+                raise self._error(exc) from exc
             self._held[me] = conn
             try:
                 yield
@@ -388,7 +453,7 @@ class PostgresDatabase(Database):
                     await tx.rollback()
                 except self._errors:
                     pass
-                raise StoreError(_describe(self.path, exc)) from exc
+                raise self._error(exc) from exc
         finally:
             self._held.pop(me, None)
             await self._pool.release(conn)
@@ -417,7 +482,7 @@ class PostgresDatabase(Database):
         except TimeoutError as exc:
             raise StoreError(self._exhausted()) from exc
         except self._errors as exc:
-            raise StoreError(_describe(self.path, exc)) from exc
+            raise self._error(exc) from exc
 
     async def checkpoint(self) -> None:
         """Nothing to do: PostgreSQL checkpoints its WAL itself."""
