@@ -123,6 +123,17 @@ async def test_an_edit_replaces_the_action_and_starts_a_new_revision(stores: Sto
 
 
 @pytest.mark.backends("sqlite", "postgres")
+async def test_the_edit_event_holds_no_secret_the_edit_typed(stores: Stores) -> None:
+    service = ApprovalService.from_stores(stores)
+    task, approval = await pending(stores, service, "touch a.txt")
+    token = "xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOpQrStUvWx"
+    edit = await service.edit(approval.approval_id, f"echo {token}", "slack:UB")
+    assert edit.approval.command == f"echo {token}"  # what runs is the real command
+    (logged,) = await events(stores, task.task_id, "approval_edited")
+    assert token not in json.dumps(logged) and "REDACTED" in logged["new_command"]
+
+
+@pytest.mark.backends("sqlite", "postgres")
 async def test_a_decision_on_the_revision_before_an_edit_decides_nothing(stores: Stores) -> None:
     """An approver read the approval (medium: one approver), someone edited it into a
     high-risk command, then the approver's click lands: it must not approve the
@@ -322,6 +333,10 @@ async def test_slack_edit_and_approve_through_the_modal(
 
         shown = await slack_events(tmp_path, db_target, bot, ts)
         assert "approval_edited" in shown and "approval_decided approve by slack:UAPPROVER" in shown
+        assert (
+            f"approval_edited by slack:{APPROVER}: `echo proposed >> f` -> `echo edited >> f`, "
+            "risk "
+        ) in shown, shown
         (edited,) = [
             e.payload
             for e in await bot.runtime.stores.events.list_events(
@@ -376,6 +391,9 @@ async def test_slack_edit_reply_raising_the_risk_needs_that_risks_quorum(
         assert (workspace / "edited").exists() and not (workspace / "proposed").exists()
         shown = await slack_events(tmp_path, str(tmp_path / "ducklm.db"), bot, ts)
         assert shown.count("approval_vote") == 2 and "approval_edited" in shown
+        assert "risk medium -> high" in shown, shown
+        assert f"approval_vote approve by slack:{APPROVER}, 1 of 2" in shown
+        assert f"approval_vote approve by slack:{APPROVER2}, 2 of 2" in shown
     finally:
         await stop_bot(bot)
 

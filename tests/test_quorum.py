@@ -264,6 +264,10 @@ async def test_slack_quorum_two_concurrent_clicks_run_once_and_the_asker_does_no
 
         shown = await events_shown(tmp_path, db_target, await only_task(bot, ts))
         assert shown.count("approval_vote") == 2
+        # Each vote's line says who, and how far the quorum got.
+        for voter in (APPROVER, APPROVER2):
+            assert f"approval_vote approve by slack:{voter}, " in shown, shown
+        assert ", 1 of 2" in shown and ", 2 of 2" in shown
         assert shown.count("approval_decided") == 1
         assert "decision_refused" in shown  # the asker's click, on the audit trail
         assert shown.count("tool_call_finished") == 1
@@ -304,6 +308,7 @@ async def test_slack_quorum_one_deny_after_one_approval_denies(
         assert "Denied" in card_text(bot.card(ts))
         shown = await events_shown(tmp_path, db_target, await only_task(bot, ts))
         assert shown.count("approval_vote") == 1 and "deny by slack:UAPPROVR2" in shown
+        assert f"approval_vote approve by slack:{APPROVER}, 1 of 2" in shown, shown
     finally:
         await stop_bot(bot)
 
