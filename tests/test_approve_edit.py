@@ -262,6 +262,11 @@ async def test_console_quorum_counts_the_console_as_one_person(tmp_path: Path) -
     )
     assert code == 0, err
     assert "Approved 1 of 2: console:tester" in out
+    # Told at start (naming the key) and on the card: the console alone cannot
+    # complete it, and Always (refused under a quorum) is not offered.
+    assert "default section sets quorum.medium = 2" in out
+    assert "the console is one person: it cannot be approved from here alone" in out
+    assert "a[l]ways" not in out
     assert not (tmp_path / "workspace" / "needs-two.txt").exists()
     events_out = await events_shown(tmp_path)
     assert events_out.count("approval_vote") == 1  # the second `a` is the same person

@@ -42,6 +42,21 @@ NO_MODEL_REMINDER = (
 GREETING = "DuckLM console. Ask a question, `run <command>`, `/duck help`, or `exit`."
 
 
+def quorum_notice(quorum: dict[str, int]) -> str | None:
+    """What the operator is told at start when the default section asks more than
+    one approver for a risk (issue #20): the console is one person, so such an
+    action can only be denied here (or left to expire), never approved."""
+    keys = [f"quorum.{level} = {n}" for level, n in quorum.items() if n > 1]
+    if not keys:
+        return None
+    return (
+        f"Note: the policy's default section sets {', '.join(keys)}. The console is "
+        "one person, so an action of that risk cannot be approved from here alone "
+        "(`a` counts as one approval): deny it with `d`, or ask for it in a chat "
+        "channel, where other approvers can add theirs."
+    )
+
+
 class Console:
     def __init__(
         self,
@@ -108,6 +123,9 @@ class Console:
         self.note(GREETING)
         if self.runtime.model is None:
             self.note(NO_MODEL_NOTICE)
+        notice = quorum_notice(dict(self.where.quorum))
+        if notice:
+            self.note(notice)
         self._report(reader)
         while True:
             line = await reader.read("> ")
@@ -212,6 +230,7 @@ class Console:
             self.note(
                 vote_counted_text(pending.command or pending.tool, outcome.voters, needed, str)
             )
+            self.note(self._alone(needed))
             return
         self.pending = self.pending_task = None
         if not outcome.taken:
@@ -249,8 +268,25 @@ class Console:
             )
         )
         self.pending = edited
-        self.say(render_card(edited))
+        self.say(self._card(edited))
         await self._decide(c.DecisionReply("approve"))
+
+    def _card(self, pending: PendingApproval) -> str:
+        """The approval card; where its risk needs more than one approver it says
+        that the console cannot complete it, and offers no Always (refused there:
+        one person's rule would bypass the quorum)."""
+        text = render_card(pending)
+        needed = self.where.quorum_for(pending.risk_level)
+        if needed <= 1:
+            return text
+        return text.replace(" / a[l]ways", "") + "\n  " + self._alone(needed)
+
+    @staticmethod
+    def _alone(needed: int) -> str:
+        return (
+            f"This needs {needed} approvers and the console is one person: it cannot be "
+            "approved from here alone. `d` denies it; otherwise it stays pending."
+        )
 
     def _show(self, result: ChatResult, question: str | None = None) -> None:
         if question is not None:
@@ -258,7 +294,7 @@ class Console:
         if result.status == "waiting_for_approval" and result.pending_approval:
             self.pending = result.pending_approval
             self.pending_task = result.task_id
-            self.say(render_card(result.pending_approval))
+            self.say(self._card(result.pending_approval))
             return
         if result.status == "failed":
             self.say(f"Task failed: {result.final_response}")
