@@ -448,13 +448,15 @@ async def test_a_wrong_password_is_one_sentence(tmp_path: Path, password_url: st
 async def test_every_table_is_copied_or_said_why_not(db_target: str) -> None:
     """A migration that adds a table must decide here whether `db copy` takes it
     (copy.py refuses to run while it does not know one)."""
-    from runtime.store.copy import VERSION_TABLES, table_names
+    from runtime.store.copy import VERSION_TABLES, schema_tables, table_names, unknown_tables
 
     async with await open_stores(db_target) as stores:
         present = await table_names(stores.db)
     assert present == {t.name for t in TABLES} | set(NOT_COPIED) | (
         VERSION_TABLES if is_postgres(db_target) else set()
     )
+    # What copy.py reads from the migrations' SQL as DuckLM's is what they made.
+    assert schema_tables() == present - VERSION_TABLES and not unknown_tables()
 
 
 async def test_a_source_that_does_not_verify_is_copied_as_it_is(tmp_path: Path) -> None:
@@ -498,3 +500,85 @@ async def test_postgres_to_postgres(
         ]
     finally:
         postgres_server.drop_database(name)
+
+
+# -- a database shared with another application -------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def blank_target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A target with nothing of DuckLM's in it yet: a new SQLite path, or an empty
+    PostgreSQL database (schema version 0, unlike blank_target's)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "target.db")
+    return str(request.getfixturevalue("postgres_url"))
+
+
+async def _small_installation(path: str) -> None:
+    async with await open_stores(path) as stores:
+        for n in range(3):
+            task = await stores.tasks.create_task(f"task {n}")
+            await stores.events.append_many(task.task_id, [("note", {"n": k}) for k in range(4)])
+        await stores.events.append(None, "rule_created", {"n": 0})
+
+
+async def test_a_target_shared_with_another_applications_tables_works(
+    tmp_path: Path, blank_target: str
+) -> None:
+    """Another application's tables in the target (its schema, or its SQLite
+    file) neither refuse the copy nor are touched by it."""
+    source = str(tmp_path / "source.db")
+    await _small_installation(source)
+    from tests.postgres import raw_execute
+
+    raw_execute(blank_target, "CREATE TABLE crm_customers (id INTEGER PRIMARY KEY, name TEXT)")
+    raw_execute(blank_target, "INSERT INTO crm_customers (id, name) VALUES (1, 'Ada'), (2, 'Bo')")
+    code, out, err = await ducklm(tmp_path, "db", "copy", source, blank_target)
+    assert code == 0, out + err
+    assert "tasks: 3 in source, 3 in target, equal" in out
+    assert dump(blank_target) == dump(source)
+    assert raw_rows(blank_target, "SELECT id, name FROM crm_customers ORDER BY id") == [
+        (1, "Ada"),
+        (2, "Bo"),
+    ]
+    await audit_ok(tmp_path, blank_target)
+
+
+async def test_refuses_a_target_with_a_table_of_ducklm_s_name_before_migrating_it(
+    tmp_path: Path, blank_target: str
+) -> None:
+    """Another application's empty `tasks` table: DuckLM's migration would fail on
+    it (or worse, use it), so the copy refuses while the target is untouched."""
+    source = str(tmp_path / "source.db")
+    await _small_installation(source)
+    from tests.postgres import raw_execute
+
+    raw_execute(blank_target, "CREATE TABLE tasks (ticket INTEGER PRIMARY KEY)")
+    raw_execute(blank_target, "CREATE TABLE crm_customers (id INTEGER PRIMARY KEY)")
+    await refused(tmp_path, source, blank_target, "tasks", "not DuckLM's")
+    assert {t[0] for t in _tables(blank_target)} == {"tasks", "crm_customers"}
+
+
+def _tables(target: str) -> list[tuple[Any, ...]]:
+    if is_postgres(target):
+        return raw_rows(
+            target,
+            "SELECT table_name FROM information_schema.tables "
+            "WHERE table_schema = current_schema()",
+        )
+    return raw_rows(target, "SELECT name FROM sqlite_master WHERE type = 'table'")
+
+
+async def test_another_applications_tables_in_the_source_are_left_behind(tmp_path: Path) -> None:
+    source = str(tmp_path / "source.db")
+    await _small_installation(source)
+    with sqlite3.connect(source) as conn:
+        conn.execute("CREATE TABLE crm_customers (id INTEGER PRIMARY KEY, name TEXT)")
+        conn.execute("INSERT INTO crm_customers VALUES (1, 'Ada')")
+    target = str(tmp_path / "copy.db")
+    code, out, err = await ducklm(tmp_path, "db", "copy", source, target)
+    assert code == 0, out + err
+    assert "crm_customers" in err and "not copied" in err
+    assert dump(target) == dump(source)
+    assert "crm_customers" not in {t[0] for t in _tables(target)}
+    assert raw_rows(source, "SELECT name FROM crm_customers") == [("Ada",)]

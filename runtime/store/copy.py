@@ -11,7 +11,11 @@ passed):
 1. Both sides are opened without migrating and inspected: the source must
    exist, hold a DuckLM schema no newer than this DuckLM's, and have no replica
    with a fresh heartbeat (a running bot would change it under the copy); the
-   target must not be newer and must hold no DuckLM row at all.
+   target must not be newer, must hold no DuckLM row at all, and, while it has
+   no DuckLM schema, no table by one of DuckLM's names. Only DuckLM's tables
+   count (`schema_tables`, read from the migrations): a database or schema
+   shared with another application's tables works, and those are left alone
+   on both sides (the source's are named in a note, not copied).
 2. An older source is migrated to the current schema first (reported).
 3. The target is created or migrated to the current schema.
 4. One transaction on the target: each table in TABLES order (tasks before what
@@ -27,6 +31,7 @@ PostgreSQL: REPEATABLE READ).
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +40,8 @@ from typing import Any
 
 from runtime.store.audit import VerifyResult, verify
 from runtime.store.db import Database, StoreError, is_postgres_url
-from runtime.store.migrations import SCHEMA_VERSION
+from runtime.store.migrations import MIGRATIONS, SCHEMA_VERSION, Dialects
+from runtime.store.pg_baseline import POSTGRES_BASELINE
 from runtime.store.upgrade import (
     CopyRefused,
     NewerSchema,
@@ -95,6 +101,40 @@ NOT_COPIED: dict[str, str] = {
 # Where PostgreSQL records the schema version (SQLite: PRAGMA user_version):
 # the target's own, written when it is migrated; not DuckLM data.
 VERSION_TABLES = frozenset({"ducklm_schema"})
+
+
+_CREATE_TABLE = re.compile(r'\bCREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?"?(\w+)', re.I)
+_DROP_TABLE = re.compile(r'\bDROP\s+TABLE\s+(?:IF\s+EXISTS\s+)?"?(\w+)', re.I)
+_RENAME_TABLE = re.compile(r'\bALTER\s+TABLE\s+"?(\w+)"?\s+RENAME\s+TO\s+"?(\w+)', re.I)
+
+
+def schema_tables() -> frozenset[str]:
+    """The tables DuckLM's migrations leave in a database (either backend's
+    statements, PostgreSQL's baseline too), read from their SQL: what is
+    DuckLM's in a database that may hold another application's tables too."""
+    tables: set[str] = set()
+    statements: list[str] = list(POSTGRES_BASELINE)
+    for version in MIGRATIONS:
+        for statement in version:
+            if isinstance(statement, Dialects):
+                statements += (statement.sqlite, statement.postgres)
+            else:
+                statements.append(statement)
+    for sql in statements:
+        tables |= set(_CREATE_TABLE.findall(sql))
+        for old, new in _RENAME_TABLE.findall(sql):
+            tables.discard(old)
+            tables.add(new)
+        tables -= set(_DROP_TABLE.findall(sql))
+    return frozenset(tables)
+
+
+def unknown_tables() -> list[str]:
+    """DuckLM tables this module neither copies nor says why not: a migration
+    added one and copy.py was not updated (copying without it would lose its
+    rows without a word)."""
+    known = {t.name for t in TABLES} | set(NOT_COPIED) | VERSION_TABLES
+    return sorted(schema_tables() - known)
 
 
 @dataclass
@@ -266,6 +306,17 @@ async def _inspect_target(dst: Database) -> None:
     version = await schema_version(dst)
     if version > SCHEMA_VERSION:
         raise NewerSchema(dst, version)
+    if version == 0:
+        # No DuckLM schema, yet a table by one of DuckLM's names: another
+        # application's (migrating would fail on it, or build on a stranger's
+        # table). Tables by other names are left alone, and do not refuse.
+        taken = sorted((await table_names(dst)) & schema_tables())
+        if taken:
+            raise CopyRefused(
+                f"target database {dst.path} has no DuckLM schema but already has "
+                f"table(s) {', '.join(taken)}, not DuckLM's (another application's?); "
+                "copy into a database or schema without them"
+            )
     holding = await nonempty_tables(dst)
     if holding:
         raise CopyRefused(
@@ -288,6 +339,12 @@ async def copy_database(
     target left migrated and empty)."""
     if batch_rows < 1:
         raise ValueError("batch_rows must be at least 1")
+    unknown = unknown_tables()
+    if unknown:
+        raise StoreError(
+            f"db copy does not know the table(s) {', '.join(unknown)} of schema "
+            f"v{SCHEMA_VERSION}; nothing was copied (runtime/store/copy.py needs updating)"
+        )
     missing = _missing_file(source)
     if missing is not None:
         raise CopyRefused(f"source database {missing} does not exist")
@@ -300,6 +357,12 @@ async def copy_database(
             if _same_database(src, dst):
                 raise CopyRefused(f"the source and the target are the same database ({src.path})")
             await _inspect_target(dst)
+            foreign = sorted(await table_names(src) - schema_tables() - VERSION_TABLES)
+            if foreign:
+                note(
+                    f"source table(s) {', '.join(foreign)} are not DuckLM's: not copied "
+                    "(left as they are)"
+                )
             report = CopyReport(source=src.path, target=dst.path)
             if source_version < SCHEMA_VERSION:
                 report.source_migrated = await migrate(src)
@@ -316,15 +379,9 @@ async def copy_database(
 async def _copy_all(
     src: Database, dst: Database, report: CopyReport, batch_rows: int, progress: Progress
 ) -> None:
+    # Only DuckLM's tables: a target schema (or file) shared with another
+    # application keeps that application's tables as they are.
     present = await table_names(dst)
-    unknown = present - {t.name for t in TABLES} - set(NOT_COPIED) - VERSION_TABLES
-    if unknown:
-        # A table added by a migration this module does not know yet: copying
-        # without it would lose its rows without a word.
-        raise StoreError(
-            f"db copy does not know the table(s) {', '.join(sorted(unknown))} of schema "
-            f"v{SCHEMA_VERSION}; nothing was copied (runtime/store/copy.py needs updating)"
-        )
     tables = [t for t in TABLES if t.name in present]
     # One transaction on each side: the source read as one state, the target
     # written all or nothing.
