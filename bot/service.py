@@ -784,6 +784,8 @@ class ChatService:
             return
         await self.replica.start()
         self.loop.owner = self.replica.replica_id
+        # A heartbeat that came too late: survivors may have taken tasks over.
+        self.replica.on_late(self.loop.stop_lost_tasks)
         self.replica.on_beat(self._refresh_stale_before)
         await self._refresh_stale_before()
 

@@ -22,6 +22,7 @@ commits instead of one per event.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
@@ -120,6 +121,12 @@ class ChatResult:
     already_handled: bool = False
 
 
+class _TakenOver(Exception):
+    """A status write of a running task found it no longer this replica's (a
+    survivor reported it interrupted while this one was taken for dead, or
+    another replica carries it on): the task stops here, with nothing written."""
+
+
 class _NotClaimed(Exception):
     """Another caller continued the task first (double click, second process)."""
 
@@ -207,6 +214,9 @@ class RuntimeLoop:
         # task alone while this one heartbeats. None: no replica registered
         # (a CLI, a test), tasks are unowned and judged by age as before #19.
         self.owner: str | None = None
+        # The turn (asyncio task) carrying out each task now, so a replica that
+        # learns it was taken for dead can stop the tasks survivors took over.
+        self._turns: dict[str, asyncio.Task[Any]] = {}
         self._ownership = OwnershipStore(task_store.db)
 
     # -- public API -------------------------------------------------------
@@ -358,8 +368,13 @@ class RuntimeLoop:
 
     async def _guard(self, task: Task, turn: Awaitable[ChatResult]) -> ChatResult:
         """Turn any failure into a failed task with a human message, never a traceback."""
+        me = asyncio.current_task()
+        if me is not None:
+            self._turns[task.task_id] = me
         try:
             return await turn
+        except _TakenOver:
+            return await self._taken_over(task.task_id)
         except InboxHandled:
             # Its message is someone else's task already; nothing was stored here.
             return ChatResult(task.task_id, "duplicate", "Already handled.", already_handled=True)
@@ -369,6 +384,8 @@ class RuntimeLoop:
             logger.exception("task %s crashed", task.task_id)
             return await self._fail(task.task_id, f"Internal error: {type(exc).__name__}: {exc}")
         finally:
+            if self._turns.get(task.task_id) is me:
+                del self._turns[task.task_id]
             # Only a cancelled turn (or a store that failed even to record the
             # failure) leaves events behind; they cannot be written now.
             self._unwritten.pop(task.task_id, None)
@@ -781,7 +798,7 @@ class RuntimeLoop:
             return None
         await self._write(
             task.task_id,
-            partial(self.task_store.waiting_for_approval, task.task_id),
+            self._fenced(partial(self.task_store.waiting_for_approval, task.task_id)),
             (
                 "task_waiting_for_approval",
                 {
@@ -815,7 +832,7 @@ class RuntimeLoop:
             reasoning_content = self.redactor.redact(reasoning_content).text
         await self._write(
             task.task_id,
-            partial(self.task_store.complete_task, task.task_id, final_response),
+            self._fenced(partial(self.task_store.complete_task, task.task_id, final_response)),
             (
                 "task_completed",
                 {"final_response": final_response, "reasoning_content": reasoning_content},
@@ -825,12 +842,66 @@ class RuntimeLoop:
 
     async def _fail(self, task_id: str, error: str) -> ChatResult:
         error = self.redactor.redact(error).text
-        await self._write(
-            task_id,
-            partial(self.task_store.fail_task, task_id, error),
-            ("task_failed", {"error": error}),
-        )
+        try:
+            await self._write(
+                task_id,
+                self._fenced(partial(self.task_store.fail_task, task_id, error)),
+                ("task_failed", {"error": error}),
+            )
+        except _TakenOver:  # called from `_guard`'s handlers: handled here
+            return await self._taken_over(task_id)
         return ChatResult(task_id, "failed", error)
+
+    async def stop_lost_tasks(self) -> list[str]:
+        """Cancel the turns of tasks that are no longer this replica's: reported
+        interrupted by a survivor (this replica was taken for dead: a late
+        heartbeat), or running as another replica's. Such a turn must not call
+        another tool; its final write would be refused anyway (`_fenced`).
+        Returns the task ids stopped."""
+        if self.owner is None:
+            return []
+        stopped = []
+        for task_id, turn in list(self._turns.items()):
+            if task_id in self._unstored:
+                continue  # not stored yet: nobody else can have taken it
+            current = await self.task_store.get_task(task_id)
+            if current is not None and current.status == "running":
+                if await self._ownership.owner_of(task_id) == self.owner:
+                    continue
+            elif current is not None and current.status != "interrupted":
+                continue  # finished or waiting by this turn's own last write
+            logger.error(
+                "task %s was taken over while this replica was taken for dead (%s now): "
+                "stopping it here",
+                task_id,
+                current.status if current else "gone",
+            )
+            turn.cancel()
+            stopped.append(task_id)
+        return stopped
+
+    def _fenced(self, write: Callable[..., Awaitable[bool]]) -> Callable[[], Awaitable[None]]:
+        """A status write of a running task, done only while the task is still
+        running and this replica's; raises `_TakenOver` (rolling back the write's
+        transaction: no final event either) when it is not."""
+
+        async def fenced() -> None:
+            if not await write(if_running=True, owner=self.owner):
+                raise _TakenOver
+
+        return fenced
+
+    async def _taken_over(self, task_id: str) -> ChatResult:
+        current = await self.task_store.get_task(task_id)
+        status = current.status if current else "interrupted"
+        logger.warning(
+            "task %s is no longer this replica's (it is %s now): stopped without writing",
+            task_id,
+            status,
+        )
+        # already_handled: the thread gets nothing from here (whoever changed the
+        # task owes what the thread is told).
+        return ChatResult(task_id, status, "Taken over.", already_handled=True)
 
     # -- plumbing ---------------------------------------------------------
 

@@ -91,6 +91,7 @@ class Replica:
         self.last_beat: float | None = None  # time of the last heartbeat written
         self._task: asyncio.Task[None] | None = None
         self._listeners: list[BeatListener] = []
+        self._late_listeners: list[BeatListener] = []
         self.stopped = False
 
     @classmethod
@@ -109,6 +110,12 @@ class Replica:
     def on_beat(self, listener: BeatListener) -> None:
         """Run `listener` after every heartbeat (a failing one is logged)."""
         self._listeners.append(listener)
+
+    def on_late(self, listener: BeatListener) -> None:
+        """Run `listener` after a heartbeat that came later than the timeout (other
+        replicas may have taken this one's work meanwhile: the runtime stops the
+        tasks it no longer owns)."""
+        self._late_listeners.append(listener)
 
     async def start(self) -> None:
         """Register and start heartbeating (idempotent)."""
@@ -166,21 +173,24 @@ class Replica:
     async def beat(self) -> None:
         """One heartbeat (the loop's step; tests call it directly)."""
         at = time.time()
-        if self.last_beat is not None and at - self.last_beat > self.timeout:
+        gap = None if self.last_beat is None else at - self.last_beat
+        late = gap is not None and gap > self.timeout
+        if late:
             # Other replicas saw this one dead for a while: its running tasks may
             # be reported interrupted, its leases taken over.
             logger.error(
                 "replica %s: no heartbeat for %.1f s (more than DUCKLM_REPLICA_TIMEOUT=%g s); "
                 "other replicas may have taken over its work",
                 self.replica_id,
-                at - self.last_beat,
+                gap,
                 self.timeout,
             )
         if not await self.store.heartbeat(self.replica_id, at):
             # Pruned or marked stopped by an operator: alive again from now on.
             await self.store.register(self.replica_id, self.name, self.host, os.getpid(), at)
         self.last_beat = at
-        for listener in list(self._listeners):
+        listeners = [*self._late_listeners, *self._listeners] if late else self._listeners
+        for listener in list(listeners):
             try:
                 await listener()
             except Exception:
@@ -220,6 +230,7 @@ async def serving(runtime: Runtime) -> AsyncIterator[Replica]:
     replica = Replica.from_settings(runtime.stores.replicas, runtime.settings)
     await replica.start()
     runtime.loop.owner = replica.replica_id
+    replica.on_late(runtime.loop.stop_lost_tasks)
     try:
         yield replica
     finally:

@@ -84,6 +84,16 @@ def _prefix_bounds(prefix: str) -> str | None:
     return prefix[:-1] + chr(following)
 
 
+def _fence(if_running: bool, owner: str | None) -> tuple[str, tuple[str, ...]]:
+    """The conditions that keep a replica's write to its running task from
+    overwriting what others did since (see `TaskStore.complete_task`)."""
+    if not if_running:
+        return "", ()
+    if owner is None:
+        return " AND status = 'running'", ()
+    return " AND status = 'running' AND owner = ?", (owner,)
+
+
 class TaskStore:
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -194,24 +204,50 @@ class TaskStore:
             )
         )
 
-    async def waiting_for_approval(self, task_id: str) -> bool:
-        return await self.update_status(task_id, "waiting_for_approval")
-
-    async def complete_task(self, task_id: str, final_response: str) -> bool:
+    async def waiting_for_approval(
+        self, task_id: str, *, if_running: bool = False, owner: str | None = None
+    ) -> bool:
+        """Running -> waiting for approval; fenced like `complete_task`."""
+        fence, params = _fence(if_running, owner)
         return bool(
             await self.db.execute(
-                "UPDATE tasks SET status = 'completed', final_response = ?, updated_at = ? "
-                "WHERE task_id = ? RETURNING 1",
-                (final_response, now(), task_id),
+                "UPDATE tasks SET status = 'waiting_for_approval', updated_at = ? "
+                f"WHERE task_id = ?{fence} RETURNING 1",
+                (now(), task_id, *params),
             )
         )
 
-    async def fail_task(self, task_id: str, error: str) -> bool:
+    async def complete_task(
+        self,
+        task_id: str,
+        final_response: str,
+        *,
+        if_running: bool = False,
+        owner: str | None = None,
+    ) -> bool:
+        """The task's answer. With `if_running` (the loop's writes) only while the
+        task is still running, and with `owner` only while it is that replica's:
+        False when a survivor reported it interrupted meanwhile (this replica was
+        taken for dead) or another replica carries it on; nothing changes then."""
+        fence, params = _fence(if_running, owner)
+        return bool(
+            await self.db.execute(
+                "UPDATE tasks SET status = 'completed', final_response = ?, updated_at = ? "
+                f"WHERE task_id = ?{fence} RETURNING 1",
+                (final_response, now(), task_id, *params),
+            )
+        )
+
+    async def fail_task(
+        self, task_id: str, error: str, *, if_running: bool = False, owner: str | None = None
+    ) -> bool:
+        """The task failed; fenced like `complete_task`."""
+        fence, params = _fence(if_running, owner)
         return bool(
             await self.db.execute(
                 "UPDATE tasks SET status = 'failed', error = ?, updated_at = ? "
-                "WHERE task_id = ? RETURNING 1",
-                (error, now(), task_id),
+                f"WHERE task_id = ?{fence} RETURNING 1",
+                (error, now(), task_id, *params),
             )
         )
 
