@@ -109,7 +109,11 @@ def test_env_comes_from_manifests_that_exist_and_names_real_settings() -> None:
     assert {source["secretRef"]["name"] for source in sources if "secretRef" in source} == {
         secret["metadata"]["name"]
     }
-    assert Settings(db=secret["stringData"]["DUCKLM_DB"]).db_is_postgres
+    # Together they are a configuration DuckLM accepts (each value valid, the
+    # heartbeat at most half the replica timeout, ...) for replicas on PostgreSQL.
+    settings_of_pod = Settings.model_validate({**config["data"], **secret["stringData"]})
+    assert settings_of_pod.db_is_postgres
+    assert settings_of_pod.effective_slack_mode == "http" and settings_of_pod.slack_configured
 
 
 def test_service_and_budget_select_the_deployments_pods() -> None:
