@@ -244,7 +244,7 @@ class Recovery:
         async with self.db.transaction():
             task_ids = await self.ownership.interrupt_orphans(
                 service.instance,
-                live_after=service.replica.live_after(),
+                within=service.replica.timeout,  # before the database's now
                 unowned_before=unowned_before,
                 limit=PAGE_SIZE,
             )
@@ -449,7 +449,7 @@ class Recovery:
             # replica): a live replica's message is its own to carry out.
             taken = await self.ownership.take_abandoned_inbox(
                 service.instance,
-                live_after=service.replica.live_after(),
+                within=service.replica.timeout,  # before the database's now
                 unowned_before=await self._unowned_before(),
                 platforms=self._inbox_platforms(),
                 limit=PAGE_SIZE,

@@ -185,9 +185,11 @@ class Replica:
                 gap,
                 self.timeout,
             )
-        if not await self.store.heartbeat(self.replica_id, at):
+        # Stored at the database's time (the store's clock), which every replica
+        # compares liveness on; `at` only measures the gap here.
+        if not await self.store.heartbeat(self.replica_id):
             # Pruned or marked stopped by an operator: alive again from now on.
-            await self.store.register(self.replica_id, self.name, self.host, os.getpid(), at)
+            await self.store.register(self.replica_id, self.name, self.host, os.getpid())
         self.last_beat = at
         listeners = [*self._late_listeners, *self._listeners] if late else self._listeners
         for listener in list(listeners):

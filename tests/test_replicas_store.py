@@ -557,3 +557,28 @@ async def test_a_matrix_standby_with_encryption_leaves_matrix_messages_to_the_ho
     finally:
         await service.close()
         await rt.close()
+
+
+@pytest.mark.backends("postgres", reason="SQLite keeps the process clock (one host)")
+async def test_liveness_and_leases_use_the_database_clock_not_the_hosts(
+    stores: Stores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host whose clock is an hour ahead must not stamp heartbeats or lease
+    expiries in the future (other replicas would see it alive, or its lease held,
+    an hour too long): on PostgreSQL "now" is the database's."""
+    import runtime.store.replicas as replica_sql
+
+    real = time.time
+    monkeypatch.setattr(replica_sql, "now", lambda: real() + 3600)
+    db_now = await replica_sql.clock(stores.db)
+    assert abs(db_now - real()) < 60  # same machine here: the real time
+    await stores.replicas.register("skewed", "skewed", "h", 1)
+    assert await stores.replicas.heartbeat("skewed")
+    row = await stores.replicas.get("skewed")
+    assert row is not None and abs(row.heartbeat_at - db_now) < 60
+    lease = await stores.leases.acquire("sync", "skewed", 30)
+    assert lease is not None and abs(lease.expires_at - (db_now + 30)) < 60
+    # Dead by the database's clock once its heartbeat is older than `within`.
+    await stores.replicas.register("old", "old", "h", 2, at=db_now - 100)
+    live = [r.replica_id for r in await stores.replicas.live(20)]
+    assert "skewed" in live and "old" not in live

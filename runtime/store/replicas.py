@@ -15,8 +15,10 @@ shared state and task ownership.
 
 Every statement is portable (runtime/store/migrations.py v10): `?` placeholders,
 `ON CONFLICT ... DO UPDATE ... WHERE`, `RETURNING`, no rowid. Times are the
-callers' clocks (epoch seconds): replicas on several hosts need synchronised
-clocks (NTP), with a skew well below the lease TTL and the replica timeout.
+database's clock on PostgreSQL (`clock`: replicas on several hosts compare
+heartbeats and lease expiries on one clock, so their own clocks' skew does not
+matter there) and the process clock on SQLite (one host). An explicit `at`
+(tests) is used as given.
 """
 
 from __future__ import annotations
@@ -26,6 +28,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from runtime.store.db import Database, now
+
+
+async def clock(db: Database) -> float:
+    """Now, in epoch seconds, for liveness and lease expiry: the database server's
+    clock on PostgreSQL (the one clock every replica shares), the process clock
+    on SQLite (a single host)."""
+    if db.dialect != "postgres":
+        return now()
+    row = await db.fetchone("SELECT extract(epoch FROM clock_timestamp()) AS t")
+    assert row is not None
+    return float(row["t"])
+
 
 # -- replicas ------------------------------------------------------------------
 
@@ -68,7 +82,7 @@ class ReplicaStore:
         self, replica_id: str, name: str, host: str, pid: int, at: float | None = None
     ) -> ReplicaRow:
         """Record this process as alive (again, if its row was pruned or stopped)."""
-        at = now() if at is None else at
+        at = await clock(self.db) if at is None else at
         row = await self.db.fetchone(
             f"INSERT INTO replicas ({_REPLICA_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, NULL) "
             "ON CONFLICT (replica_id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, "
@@ -85,7 +99,7 @@ class ReplicaStore:
             await self.db.execute(
                 "UPDATE replicas SET heartbeat_at = ? "
                 "WHERE replica_id = ? AND stopped_at IS NULL RETURNING 1",
-                (now() if at is None else at, replica_id),
+                (await clock(self.db) if at is None else at, replica_id),
             )
         )
 
@@ -96,7 +110,7 @@ class ReplicaStore:
             await self.db.execute(
                 "UPDATE replicas SET stopped_at = ? "
                 "WHERE replica_id = ? AND stopped_at IS NULL RETURNING 1",
-                (now() if at is None else at, replica_id),
+                (await clock(self.db) if at is None else at, replica_id),
             )
         )
 
@@ -111,7 +125,7 @@ class ReplicaStore:
         rows = await self.db.fetchall(
             f"SELECT {_REPLICA_COLUMNS} FROM replicas "
             "WHERE stopped_at IS NULL AND heartbeat_at >= ? ORDER BY started_at, replica_id",
-            ((now() if at is None else at) - within,),
+            ((await clock(self.db) if at is None else at) - within,),
         )
         return [_replica(row) for row in rows]
 
@@ -124,7 +138,7 @@ class ReplicaStore:
     async def prune(self, older_than: float, at: float | None = None) -> int:
         """Forget replicas dead for more than `older_than` seconds (a row only
         matters while its tasks and inbox rows may still be taken over)."""
-        cutoff = (now() if at is None else at) - older_than
+        cutoff = (await clock(self.db) if at is None else at) - older_than
         return await self.db.execute(
             "DELETE FROM replicas WHERE heartbeat_at < ? "
             "OR (stopped_at IS NOT NULL AND stopped_at < ?) RETURNING 1",
@@ -163,7 +177,7 @@ class LeaseStore:
         `holder`'s (then it is renewed); None when another holder has it. One
         statement: of concurrent callers exactly one gets a free lease (on
         PostgreSQL the loser waits for the winner's row and then sees it held)."""
-        at = now() if at is None else at
+        at = await clock(self.db) if at is None else at
         row = await self.db.fetchone(
             "INSERT INTO leases (name, holder, acquired_at, expires_at) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, "
@@ -179,7 +193,7 @@ class LeaseStore:
     async def renew(self, name: str, holder: str, ttl: float, at: float | None = None) -> bool:
         """Extend `holder`'s lease; False when it expired or is someone else's:
         the holder has lost it and must stop what the lease guards at once."""
-        at = now() if at is None else at
+        at = await clock(self.db) if at is None else at
         return bool(
             await self.db.execute(
                 "UPDATE leases SET expires_at = ? "
@@ -275,7 +289,7 @@ class StateStore:
         """Write only while `holder` holds `lease` unexpired (a fenced write, one
         statement): a replica that lost the lease during a pause cannot move the
         sync token back under the new holder. The new version, or None."""
-        at = now() if at is None else at
+        at = await clock(self.db) if at is None else at
         # CASTs: PostgreSQL must know the parameters' types in a SELECT list.
         row = await self.db.fetchone(
             "INSERT INTO shared_state (key, value, version, updated_at) "
@@ -292,7 +306,7 @@ class StateStore:
         """True for one caller per `period` seconds across every replica (the
         daily housekeeping): the claim is the key's updated_at, moved forward by
         a compare-and-set only when it is at least `period` old."""
-        at = now() if at is None else at
+        at = await clock(self.db) if at is None else at
         row = await self.db.fetchone(
             f"INSERT INTO shared_state (key, value, version, updated_at) VALUES (?, ?, 1, ?) "
             f"{_UPSERT} WHERE shared_state.updated_at <= ? RETURNING version",
@@ -313,6 +327,16 @@ _LIVE = (
     "EXISTS (SELECT 1 FROM replicas r WHERE r.replica_id = {owner} "
     "AND r.stopped_at IS NULL AND r.heartbeat_at >= ?)"
 )
+
+
+async def _live_after(db: Database, live_after: float | None, within: float | None) -> float:
+    """A heartbeat at or after this is a live replica's: `live_after` as given, or
+    `within` seconds before the database's now (`clock`)."""
+    if live_after is not None:
+        return live_after
+    if within is None:
+        raise ValueError("live_after or within is needed")
+    return await clock(db) - within
 
 
 def _platform_filter(column: str, platforms: Sequence[str]) -> tuple[str, list[Any]]:
@@ -360,7 +384,8 @@ class OwnershipStore:
         self,
         me: str | None,
         *,
-        live_after: float,
+        live_after: float | None = None,
+        within: float | None = None,
         unowned_before: float,
         limit: int,
         at: float | None = None,
@@ -369,7 +394,8 @@ class OwnershipStore:
         `limit` of them; call again until fewer come back); returns their ids.
 
         Orphans are tasks owned by a replica without a heartbeat since
-        `live_after` (or stopped), never `me`'s; and tasks without an owner
+        `live_after` (or, given `within` instead, that many seconds before the
+        database's now: `clock`) (or stopped), never `me`'s; and tasks without an owner
         (from before v10, or a process that runs no replica) last changed
         before `unowned_before` (the earliest start of a live replica: no live
         process can be working on them). The condition is repeated outside the
@@ -377,7 +403,8 @@ class OwnershipStore:
         meanwhile is re-checked and skipped (READ COMMITTED re-evaluates the
         outer WHERE on the newest row version). The `task_interrupted` events
         are the caller's, in the same transaction."""
-        at = now() if at is None else at
+        live_after = await _live_after(self.db, live_after, within)
+        at = await clock(self.db) if at is None else at
         orphan = (
             "status = 'running' AND ((owner IS NULL AND updated_at < ?) OR "
             f"(owner IS NOT NULL AND owner <> ? AND NOT {_LIVE.format(owner='tasks.owner')}))"
@@ -399,7 +426,8 @@ class OwnershipStore:
         self,
         owner: str,
         *,
-        live_after: float,
+        live_after: float | None = None,
+        within: float | None = None,
         unowned_before: float,
         platforms: Sequence[str],
         limit: int,
@@ -413,9 +441,10 @@ class OwnershipStore:
         replica's row, never `owner`'s own. One statement (the condition
         repeated outside, as in `interrupt_orphans`): two recovering replicas
         split the rows, never share one."""
+        live_after = await _live_after(self.db, live_after, within)
         if not platforms:
             return []
-        at = now() if at is None else at
+        at = await clock(self.db) if at is None else at
         on_platforms, platform_params = _platform_filter("conversation", platforms)
         registered = "EXISTS (SELECT 1 FROM replicas d WHERE d.replica_id = inbox.owner)"
         abandoned = (
