@@ -368,3 +368,80 @@ async def test_with_encryption_a_standby_without_any_crypto_store_refuses_to_tak
     await lease_tries(second, 2)
     assert not second.platform.syncing
     assert holder_of(db_target, duck) is None
+
+
+async def test_retaking_the_lease_reloads_the_crypto_store_another_holder_moved_on(
+    tmp_path: Path, db_target: str, model_server: FakeModelServer, clean_env: None
+) -> None:
+    """A focused test of the reload (no homeserver: the Olm machines are real, the
+    takeovers are the connection's own restore steps). A held the lease with its
+    crypto store loaded; B took over from A's snapshot and moved the Olm account
+    on (new one-time keys); when A takes the lease back and restores B's snapshot,
+    its stale in-memory Olm state is dropped and the restored store loads."""
+    from nio import AsyncClient, AsyncClientConfig
+
+    from bot.matrix.state import Session
+
+    user, device = "@duck:localhost", "SHAREDDEV"
+    made: list[Any] = []
+
+    async def replica(name: str) -> Any:
+        settings = make_settings(
+            tmp_path / name,
+            model_server.base_url,
+            db=db_target,
+            data_dir=tmp_path / name,
+            replica_name=name,
+            matrix_homeserver="http://127.0.0.1:9",
+            matrix_user_id=user,
+            matrix_password="unused",
+            matrix_store_passphrase="same passphrase on every replica",
+        )
+        runtime = await build_runtime(settings)
+        service = ChatService(runtime)
+        connection = MatrixPlatform(service, runtime.settings).connection
+        made.append((service, runtime))
+        config = AsyncClientConfig(**await connection._crypto_config())
+        connection.client = AsyncClient(
+            connection.homeserver,
+            user,
+            config=config,
+            store_path=str(connection.crypto_store.directory),
+        )
+        connection.client.user_id = user  # as a login sets it
+        connection.client.device_id = connection.device_id = device
+        connection.syncing = True  # as the holder (the snapshot is fenced by the lease)
+        return connection
+
+    try:
+        a, b = await replica("a"), await replica("b")
+        await a.shared.save_session(Session(a.homeserver, user, device_id=device))
+        assert await a.shared.take_lease(60) is not None
+        a.client.load_store()  # A's crypto store, loaded as the holder
+        await a.save_crypto_snapshot()
+        stale = a.client.olm
+
+        # B takes over from A's snapshot and moves the account on.
+        assert await a.shared.release_lease()
+        assert await b.shared.take_lease(60) is not None
+        await b._restore_crypto()
+        b.client.load_store()
+        assert b.client.olm.account.identity_keys == stale.account.identity_keys
+        b.client.olm.account.generate_one_time_keys(3)
+        b.client.olm.save_account()
+        moved = dict(b.client.olm.account.one_time_keys["curve25519"])
+        await b.save_crypto_snapshot()
+        assert await b.shared.release_lease()
+
+        # A takes the lease back: B's snapshot replaces its files, and its
+        # in-memory Olm state goes with them (the standby step loads it again).
+        assert await a.shared.take_lease(60) is not None
+        await a._restore_crypto()
+        assert a.client.olm is None and not a.encrypting
+        a.client.load_store()
+        assert a.client.olm is not stale
+        assert dict(a.client.olm.account.one_time_keys["curve25519"]) == moved
+    finally:
+        for service, runtime in made:
+            await service.close()
+            await runtime.close()

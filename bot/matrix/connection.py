@@ -302,6 +302,11 @@ class MatrixConnection:
             return  # a snapshot of an earlier device
         if await asyncio.to_thread(self.crypto_store.marker) == version:
             return
+        # A replica that held the lease before has its Olm state loaded from the
+        # files about to be replaced (another holder moved the keys on since):
+        # unload it first, so `_start_crypto` loads the restored store afresh
+        # instead of syncing on the stale in-memory state over the new files.
+        self._unload_crypto()
         await asyncio.to_thread(self.crypto_store.restore, blob, version)
         client = self.client
         if client is not None:
@@ -310,6 +315,21 @@ class MatrixConnection:
             client.config = dataclasses.replace(client.config, pickle_key=key)
         self._crypto_digest = None
         logger.info("matrix: crypto store of device %s restored from the database", device)
+
+    def _unload_crypto(self) -> None:
+        """Drop the client's loaded crypto store and Olm machine (closing its
+        database file), so that the next `_start_crypto` loads them again."""
+        client = self.client
+        if client is None or client.olm is None:
+            return
+        store = client.store
+        client.olm = None
+        client.store = None
+        database = getattr(store, "database", None)
+        if database is not None:
+            with contextlib.suppress(Exception):  # closed already: nothing to release
+                database.close()
+        logger.info("matrix: crypto store unloaded, to load the restored snapshot")
 
     def crypto_changed(self) -> None:
         """Something was sent (an encrypted send moves Olm and Megolm state): the
