@@ -371,7 +371,7 @@ async def test_a_running_task_of_a_killed_process_becomes_interrupted(
         (task,) = await bot.runtime.stores.tasks.list_recent(5)
         assert task.status == "interrupted"
         note = await bot.wait_text(thread.root or "", "interrupted")
-        assert "restarted" in note
+        assert "DuckLM stopped while working on this" in note
     finally:
         await stop_timed(bot, scheduler)
 
