@@ -84,6 +84,9 @@ async def build_runtime(
         redactor = Redactor.from_settings(settings)
         for value in toolbox.secret_values() if toolbox else []:
             redactor.add_literal(value, "mcp-config-credential")
+        # The same one (a Matrix login's token is added to it later): an edited
+        # command is recorded redacted like every other event.
+        approvals.redactor = redactor
         loop = RuntimeLoop(
             stores.tasks,
             stores.events,
