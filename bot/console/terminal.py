@@ -275,11 +275,11 @@ class Console:
         """The approval card; where its risk needs more than one approver it says
         that the console cannot complete it, and offers no Always (refused there:
         one person's rule would bypass the quorum)."""
-        text = render_card(pending)
         needed = self.where.quorum_for(pending.risk_level)
+        text = render_card(pending, quorum=needed)
         if needed <= 1:
             return text
-        return text.replace(" / a[l]ways", "") + "\n  " + self._alone(needed)
+        return text + "\n  " + self._alone(needed)
 
     @staticmethod
     def _alone(needed: int) -> str:
