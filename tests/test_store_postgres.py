@@ -472,7 +472,20 @@ async def test_delivery_claims_in_two_transactions_wait_for_each_other(
     job = asyncio.create_task(first(rollback=True))
     await asyncio.wait_for(claimed.wait(), 10)
     second = asyncio.create_task(two.deliveries.claim("slack:Ev-tx"))
-    await asyncio.sleep(0)
+
+    async def waiting_on_a_lock() -> bool:
+        rows = await one.db.fetchall(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        )
+        return rows[0][0] >= 1
+
+    # The second claim really waits on the first's uncommitted row (bounded).
+    deadline = time.monotonic() + 10
+    while not await waiting_on_a_lock():
+        assert time.monotonic() < deadline, "the second claim never waited on the first"
+        await asyncio.sleep(0.01)
+    assert not second.done()
     finish.set()
     assert await asyncio.wait_for(job, 10) is False
     # The first rolled back, so the key was free for the second after all.
