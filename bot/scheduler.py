@@ -110,6 +110,7 @@ class _Timer:
         self._round = round_
         self._poll = poll
         self._wake = asyncio.Event()
+        self.rounds = 0  # rounds finished (what a test waits on, never a fixed time)
         self._task = asyncio.create_task(self._run(), name=f"timer:{name}")
 
     def wake(self) -> None:
@@ -129,6 +130,7 @@ class _Timer:
             except Exception:  # the store was busy or closing: look again later
                 logger.exception("%s timer round failed", self.name)
                 due_at = None
+            self.rounds += 1
             wait = self._poll if due_at is None else min(max(due_at - time.time(), 0.0), self._poll)
             if wait == 0.0:
                 await asyncio.sleep(0)  # more is due: go on, after giving the loop a turn

@@ -432,7 +432,12 @@ async def test_a_timer_notices_an_approval_another_replica_made(
     assert scheduler._poll == SHARED_POLL_S
     try:
         await scheduler.start()
-        await asyncio.sleep(0.2)  # its first rounds found nothing
+        # Its first round ran and found nothing (so what follows is a re-read).
+        timer = scheduler._timers["approvals"]
+        deadline = time.monotonic() + 30
+        while timer.rounds < 1:
+            assert time.monotonic() < deadline, "the approvals timer never ran a round"
+            await asyncio.sleep(0.01)
         result = await rt_b.loop.run_command("touch later.txt", conversation="console:b")
         assert result.pending_approval is not None
         approval_id = result.pending_approval.approval_id
