@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nio import RoomGetEventResponse
 
 from bot.backend import Thread
 from runtime.approvals import ApprovalError, ApprovalService
@@ -337,6 +338,13 @@ async def test_matrix_quorum_by_reactions(
     await alice.react(room, card["event_id"], "✅")
     counted = await alice.wait_for(bot_notice(duck, question, "Approved 1 of 2"), "1 of 2")
     assert alice.user_id in body(counted) and "needs 1 more approver" in body(counted)
+    # The card itself is edited to show the quorum so far, and stays open.
+    await alice.wait_for(edit_of(card["event_id"], "1 of 2"), "the card's quorum edit")
+    shown_card = await latest_edit(bob, room, card["event_id"])
+    assert f"Approved so far:** 1 of 2: {alice.user_id}" in shown_card["body"]
+    assert "1 of 2" in shown_card["formatted_body"] and "Approval needed" in shown_card["body"]
+    assert "`edit <command>`" in shown_card["body"]  # still answerable, edits included
+    assert shown_card.get("m.mentions") == {}  # the edit pings nobody again
     assert not (tmp_path / "workspace" / "two.txt").exists()
     assert len(await bot.runtime.approvals.pending()) == 1  # the card stays open
 
@@ -351,6 +359,23 @@ async def test_matrix_quorum_by_reactions(
     assert code == 0, err
     assert shown.count("approval_vote") == 2
     assert f"approval_decided approve by {bob.qualified}" in shown
+    # The decision is the card's latest edit (the vote's edit came before it).
+    final = await latest_edit(alice, room, card["event_id"])
+    assert "Approved" in final["body"] and "Approval needed" not in final["body"]
+
+
+async def latest_edit(user: MatrixUser, room: str, event_id: str) -> dict[str, Any]:
+    """The card as a client shows it: the content of the newest edit the homeserver
+    bundles with the original event (unsigned m.relations.m.replace)."""
+    response = await user.client.room_get_event(room, event_id)
+    assert isinstance(response, RoomGetEventResponse), response
+    unsigned = response.event.source.get("unsigned") or {}
+    latest = (unsigned.get("m.relations") or {}).get("m.replace")
+    assert latest is not None, f"no edit bundled with {event_id}: {unsigned}"
+    fetched = await user.client.room_get_event(room, latest["event_id"])
+    assert isinstance(fetched, RoomGetEventResponse), fetched
+    new: dict[str, Any] = fetched.event.source["content"]["m.new_content"]
+    return new
 
 
 # -- the policy: quorum per risk, escalation per section -------------------------------

@@ -198,17 +198,28 @@ def card_markdown(card: ApprovalCard) -> str:
         lines.append(f"**Why the agent wants it:** {card.model_reason}")
     asked = card.requested_by or "?"
     lines.append(f"**Asked by:** {asked} · **expires:** {when(card.expires_at)}")
+    if card.votes:
+        # The quorum so far (issue #20): the card stays open until it is met.
+        lines.append(f"**Approved so far:** {card.votes}")
     answers = [f"{APPROVE_KEY} approve", f"{DENY_KEY} deny"]
-    replies = "`approve`, `deny <reason>`"
+    replies = ["`approve`", "`deny <reason>`"]
+    if card.tool == "shell_exec_safe" and card.command:
+        # Approve with a changed command (issue #20), as the Slack card offers.
+        replies.append("`edit <command>`")
     if card.always_offered:
         rule = f" ({card.always_rule})" if card.always_rule else ""
         answers.append(f"{ALWAYS_KEY} always allow{rule}")
-        replies += " or `always`"
+        replies.append("`always`")
     lines.append(
-        f"React {' · '.join(answers)} — or reply {replies} in this thread. "
+        f"React {' · '.join(answers)} — or reply {_either(replies)} in this thread. "
         f"Approval {inline_code(card.approval_id)}."
     )
     return "\n\n".join(lines)
+
+
+def _either(options: list[str]) -> str:
+    """ "`a`, `b` or `c`" """
+    return ", ".join(options[:-1]) + f" or {options[-1]}" if len(options) > 1 else options[0]
 
 
 _OUTCOMES = {

@@ -161,6 +161,24 @@ class MatrixPlatform(Platform, ChatBackend):
         new = message_content(
             resolution_markdown(card, resolution), max_bytes=MAX_EVENT_CONTENT_BYTES // 2 - 500
         )
+        await self._edit_card(thread, card_ref, new)
+
+    async def update_card(self, thread: Thread, card_ref: str, card: ApprovalCard) -> None:
+        """The open card shown anew with its quorum so far ("1 of 2: @alice"), as
+        an edit: reactions stay on the original event, which people react to."""
+        await self.connection.check_can_send(thread.channel)
+        # Half each for the fallback and m.new_content, less room for the pills.
+        new = with_mentions(
+            message_content(card_markdown(card), max_bytes=MAX_EVENT_CONTENT_BYTES // 2 - 4500),
+            "Approvers",
+            self._approvers_in(thread.channel),
+        )
+        await self._edit_card(thread, card_ref, new)
+
+    async def _edit_card(self, thread: Thread, card_ref: str, new: dict[str, Any]) -> None:
+        """Replace the card's content by `new` (an m.replace edit, encrypted in an
+        encrypted room by the sender). Nobody is pinged again: the card's first
+        post notified the approvers."""
         new["m.mentions"] = {}
         content: dict[str, Any] = {
             **{k: v for k, v in new.items() if k != "m.mentions"},
