@@ -15,13 +15,16 @@ from nio import RoomGetEventResponse
 from bot.backend import Thread
 from runtime.approvals import ApprovalError, ApprovalService
 from runtime.store import Stores, open_stores
-from tests.conftest import ACTION, THINKER
+from tests import element_client
+from tests.conftest import ACTION, THINKER, directive, shell
+from tests.element_client import OpenElement
 from tests.fakes.openai_server import FakeModelServer, Text
 from tests.fakes.slack_api import FakeSlack
 from tests.fakes.synapse import MatrixUser
 from tests.test_console import ducklm
 from tests.test_matrix import (
     NO_ACTIONS,
+    PASSWORD,
     StartBot,
     alice,
     ask_for_approval,
@@ -31,9 +34,11 @@ from tests.test_matrix import (
     bots,
     duck,
     edit_of,
+    joined,
     people,
     room_with_bot,
 )
+from tests.test_matrix_e2ee import E2EE_WAIT
 from tests.test_slack import (
     ACTION_ALWAYS,
     ACTION_APPROVE,
@@ -52,6 +57,10 @@ from tests.test_slack import (
 pytestmark = pytest.mark.backends("sqlite", "postgres")
 # The Matrix harness's fixtures, used here by name.
 __all__ = ["alice", "bob", "bots", "duck", "people"]
+
+# Element (matrix-js-sdk with its Rust crypto) for the encrypted room.
+element_packages = element_client.element_packages
+element = element_client.element
 
 SHELL = "shell_exec_safe"
 
@@ -376,6 +385,55 @@ async def latest_edit(user: MatrixUser, room: str, event_id: str) -> dict[str, A
     assert isinstance(fetched, RoomGetEventResponse), fetched
     new: dict[str, Any] = fetched.event.source["content"]["m.new_content"]
     return new
+
+
+@pytest.mark.timeout(150)
+async def test_matrix_quorum_in_an_encrypted_room_edits_the_card_encrypted(
+    bots: StartBot,
+    element: OpenElement,
+    people: dict[str, str],
+    duck: str,
+    model_server: FakeModelServer,
+    tmp_path: Path,
+) -> None:
+    """In an encrypted room (both approvers in Element with its Rust crypto) the
+    vote's edit of the card is encrypted like the card, and decrypts to "1 of 2"."""
+    first = await element(people["alice"], PASSWORD, crypto=True)
+    second = await element(people["bob"], PASSWORD, crypto=True)
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        f'[default]\napprovers = ["{first.qualified}", "{second.qualified}"]\n'
+        "quorum = { medium = 2 }\n"
+    )
+    await bots(policy_file=policy)
+    room = await first.create_room([duck, second.user_id], encrypted=True)
+    await second.wait_for({"room_id": room, "type": "m.room.member", "state_key": second.user_id})
+    await second.join(room)
+    await first.wait_for(joined(duck, room), "the bot joining", within=E2EE_WAIT)
+    await first.wait_for(joined(second.user_id, room), "bob joining")
+
+    model_server.reply(ACTION, Text(directive(shell("touch three.txt", "the user asked"))))
+    question = await first.say(room, "please run touch three.txt", mention=duck)
+    card = await first.wait_for(
+        bot_notice(duck, question, "Approval needed"), "the card", within=E2EE_WAIT
+    )
+    await first.react(room, card["event_id"], "✅")
+    vote_edit = await second.wait_for(
+        edit_of(card["event_id"], "1 of 2"), "the card's quorum edit", within=E2EE_WAIT
+    )
+    shown = vote_edit["content"]["m.new_content"]["body"]
+    assert f"Approved so far:** 1 of 2: {first.user_id}" in shown
+    assert not (tmp_path / "workspace" / "three.txt").exists()
+
+    model_server.reply(ACTION, Text(NO_ACTIONS))
+    model_server.reply(THINKER, Text("Touched by two, encrypted."))
+    await second.react(room, card["event_id"], "✅")
+    await first.wait_for(edit_of(card["event_id"], "**Approved** by"), "the decision's edit")
+    await first.wait_for(bot_notice(duck, question, "Touched by two"), "the answer")
+    assert (tmp_path / "workspace" / "three.txt").exists()
+    wire = await first.room_events(room)
+    (vote_on_wire,) = [e for e in wire if e.get("event_id") == vote_edit["event_id"]]
+    assert vote_on_wire["type"] == "m.room.encrypted"  # sent through the encrypting sender
 
 
 # -- the policy: quorum per risk, escalation per section -------------------------------
