@@ -227,6 +227,8 @@ _OUTCOMES = {
     "deny": f"{DENY_KEY} **Denied**",
     "always": f"{ALWAYS_KEY} **Always allowed**",
     "expired": "⌛ **Expired** — nobody answered in time; nothing ran",
+    # Replaced by an approver's edit (issue #20); the new card follows in the thread.
+    "edited": "✏️ **Edited**",
 }
 
 
