@@ -165,7 +165,12 @@ async def test_a_process_outside_is_out_of_reach(rt: Runtime, bypass: Any) -> No
     )
     try:
         environ = Path(f"/proc/{holder.pid}/environ")
-        assert CANARY.encode() in _read(environ)  # the control: it is there to steal
+        # The control: it is there to steal (once the child has exec'd `sleep`:
+        # until then its environ reads empty).
+        deadline = time.monotonic() + 10
+        while CANARY.encode() not in _read(environ):
+            assert time.monotonic() < deadline, "the stand-in's environ never showed the token"
+            await asyncio.sleep(0.01)
         result, audit, _ = await _run(rt, f"cat {environ}; ls /proc")
         assert CANARY not in result.final_response
         assert "[REDACTED" not in result.final_response
