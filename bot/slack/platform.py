@@ -607,23 +607,30 @@ class SlackPlatform(Platform, ChatBackend):
         self, ack: Callable[..., Awaitable[Any]], body: dict[str, Any], action: dict[str, Any]
     ) -> None:
         await ack()
-        self._spawn(self._open_reason_modal(body, action), "deny-with-reason click")
+        self._spawn(
+            self._open_modal(body, action, "deny", deny_reason_modal), "deny-with-reason click"
+        )
 
-    async def _open_reason_modal(self, body: dict[str, Any], action: dict[str, Any]) -> None:
+    async def _open_modal(
+        self,
+        body: dict[str, Any],
+        action: dict[str, Any],
+        decision: str,
+        modal: Callable[[str, str], dict[str, Any]],
+    ) -> None:
+        """Open a decision's modal (deny with a reason, edit and approve) for the
+        clicked card; say "no" first to someone who could not use it."""
         assert self.client is not None
         user, approval_id = clicker(body), action.get("value")
         trigger_id = body.get("trigger_id")
         if not user or not isinstance(approval_id, str) or not isinstance(trigger_id, str):
-            logger.warning("malformed deny-with-reason click ignored")
+            logger.warning("malformed %s click ignored (no user, approval or trigger)", decision)
             return
-        # Say "no" before someone types a reason that cannot be used.
-        refusal, what = await self._precheck(approval_id, f"{PLATFORM}:{user}", "deny")
+        refusal, what = await self._precheck(approval_id, f"{PLATFORM}:{user}", decision)
         if refusal:
             await self._tell_clicker(body, user, refusal)
             return
-        await self.client.views_open(
-            trigger_id=trigger_id, view=deny_reason_modal(approval_id, what)
-        )
+        await self.client.views_open(trigger_id=trigger_id, view=modal(approval_id, what))
 
     async def _on_deny_reason_submit(
         self, ack: Callable[..., Awaitable[Any]], body: dict[str, Any], view: dict[str, Any]
@@ -643,15 +650,17 @@ class SlackPlatform(Platform, ChatBackend):
 
     async def _deny_with_reason(self, approval_id: str, who: str, note: str | None) -> None:
         refusal = await self.service.handle_decision(approval_id, who, "deny", note)
-        if not refusal:
-            return
-        # Lost a race with another decision: tell them next to the card.
+        if refusal:  # lost a race with another decision
+            await self._tell_beside_card(approval_id, who, refusal)
+
+    async def _tell_beside_card(self, approval_id: str, who: str, text: str) -> None:
+        """An ephemeral answer in the thread of the approval's card (a modal's
+        submission has no message to answer next to)."""
         approval = await self.service.approvals.get(approval_id)
-        user = slack_user_id(who)
-        if approval is not None and approval.card_ref and user:
+        if approval is not None and approval.card_ref and slack_user_id(who):
             channel, ts = parse_card_ref(approval.card_ref)
             thread = await self._thread_of_card(approval.task_id, channel, ts)
-            await self.tell(thread, who, refusal)
+            await self.tell(thread, who, text)
 
     # -- "Edit and approve…" (issue #20) -------------------------------------------
 
@@ -659,34 +668,7 @@ class SlackPlatform(Platform, ChatBackend):
         self, ack: Callable[..., Awaitable[Any]], body: dict[str, Any], action: dict[str, Any]
     ) -> None:
         await ack()
-        self._spawn(self._open_edit_modal(body, action), "edit-and-approve click")
-
-    async def _open_edit_modal(self, body: dict[str, Any], action: dict[str, Any]) -> None:
-        assert self.client is not None
-        user, approval_id = clicker(body), action.get("value")
-        trigger_id = body.get("trigger_id")
-        if not user or not isinstance(approval_id, str) or not isinstance(trigger_id, str):
-            logger.warning("malformed edit-and-approve click ignored")
-            return
-        refusal, what = await self._edit_precheck(approval_id, f"{PLATFORM}:{user}")
-        if refusal:
-            await self._tell_clicker(body, user, refusal)
-            return
-        await self.client.views_open(trigger_id=trigger_id, view=edit_modal(approval_id, what))
-
-    async def _edit_precheck(self, approval_id: str, who: str) -> tuple[str | None, str]:
-        """Why `who` may not edit-and-approve (the channel's approvers), and the
-        command as chat shows it; the edit itself is checked again when taken."""
-        approval = await self.service.approvals.get(approval_id)
-        if approval is None:
-            return "That approval does not exist.", ""
-        what = self.service.shown_command(approval)
-        refusal = await self.service.decision_refusal(who, approval, "approve")
-        if refusal:
-            return refusal, what
-        if approval.decision is not None:
-            return f"Already decided: {approval.decision}. Nothing changed.", what
-        return None, what
+        self._spawn(self._open_modal(body, action, "approve", edit_modal), "edit-and-approve click")
 
     async def _on_edit_submit(
         self, ack: Callable[..., Awaitable[Any]], body: dict[str, Any], view: dict[str, Any]
@@ -698,7 +680,7 @@ class SlackPlatform(Platform, ChatBackend):
             return
         who = f"{PLATFORM}:{user}"
         command = command_from_view(view)
-        refusal, _ = await self._edit_precheck(approval_id, who)
+        refusal, _ = await self._precheck(approval_id, who, "approve")
         if refusal is None and command is None:
             refusal = "Type the command to run instead."
         if refusal is None and command is not None:
@@ -713,13 +695,8 @@ class SlackPlatform(Platform, ChatBackend):
 
     async def _edit(self, approval_id: str, who: str, command: str) -> None:
         refusal = await self.service.handle_edit(approval_id, who, command)
-        if not refusal:
-            return
-        approval = await self.service.approvals.get(approval_id)
-        if approval is not None and approval.card_ref:
-            channel, ts = parse_card_ref(approval.card_ref)
-            thread = await self._thread_of_card(approval.task_id, channel, ts)
-            await self.tell(thread, who, refusal)
+        if refusal:
+            await self._tell_beside_card(approval_id, who, refusal)
 
     async def _thread_of_card(self, task_id: str, channel: str, ts: str) -> Thread:
         task = await self.service.tasks.get_task(task_id)
@@ -736,7 +713,7 @@ class SlackPlatform(Platform, ChatBackend):
             return "That approval does not exist.", ""
         what = self.service.shown_command(approval)
         # The approval's channel's policy: an approver of another channel is
-        # refused here, before the deny-with-reason modal opens.
+        # refused here, before a modal (deny with reason, edit) opens.
         refusal = await self.service.decision_refusal(who, approval, decision)
         if refusal:
             return refusal, what
