@@ -206,20 +206,17 @@ class Recovery:
         # is the answer they owe, `_answers`), together with those a crash
         # during an earlier recovery left interrupted without their new approval.
         recent = time.time() - RECHECK_WINDOW_S
-        while True:
-            marked = await self._mark_interrupted()
-            await asyncio.sleep(0)
-            if len(marked) < PAGE_SIZE:
-                break
+        await self._dead_replicas()
         async for page in self.tasks.iter_interrupted_since(recent, PAGE_SIZE):
             for task in page:
                 await _guarded(partial(self._cut_short_now, task.task_id))
             await asyncio.sleep(0)
 
     async def _dead_replicas(self) -> None:
-        """In a running bot: the tasks of replicas that died since (no heartbeat,
-        or stopped) become interrupted, each checked for a cut-short run in the
-        same transaction, as at start. Tasks of live replicas are never touched."""
+        """The tasks of replicas that died (no heartbeat, or stopped; at start, a
+        predecessor) become interrupted, page by page, each checked for a
+        cut-short run in the same transaction. Tasks of live replicas are never
+        touched."""
         while True:
             marked = await self._mark_interrupted()
             await asyncio.sleep(0)
