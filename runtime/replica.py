@@ -212,10 +212,6 @@ class Replica:
         """Replicas alive now (this one included once started)."""
         return await self.store.live(self.timeout)
 
-    def live_after(self) -> float:
-        """A heartbeat at or after this time is a live replica's."""
-        return time.time() - self.timeout
-
     async def earliest_live_start(self, fallback: float) -> float:
         """The earliest start among live replicas other than this one, or
         `fallback` (this process's start) if that is earlier or there are none:

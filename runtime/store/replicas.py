@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from runtime.store.db import Database, now
+from runtime.store.sql import platform_filter
 
 
 async def clock(db: Database) -> float:
@@ -339,18 +340,6 @@ async def _live_after(db: Database, live_after: float | None, within: float | No
     return await clock(db) - within
 
 
-def _platform_filter(column: str, platforms: Sequence[str]) -> tuple[str, list[Any]]:
-    """`column` (a conversation key `<platform>:...`) is on one of `platforms`,
-    with substr only (portable; no instr, no LIKE with its case rules)."""
-    parts = []
-    params: list[Any] = []
-    for platform in platforms:
-        prefix = f"{platform}:"
-        parts.append(f"substr({column}, 1, ?) = ?")
-        params += [len(prefix), prefix]
-    return "(" + " OR ".join(parts) + ")", params
-
-
 class OwnershipStore:
     """tasks.owner and the takeover rules (the tasks and inbox tables are
     otherwise runtime/store/tasks.py's and inbox.py's)."""
@@ -445,7 +434,7 @@ class OwnershipStore:
         if not platforms:
             return []
         at = await clock(self.db) if at is None else at
-        on_platforms, platform_params = _platform_filter("conversation", platforms)
+        on_platforms, platform_params = platform_filter("conversation", platforms)
         registered = "EXISTS (SELECT 1 FROM replicas d WHERE d.replica_id = inbox.owner)"
         abandoned = (
             f"done_at IS NULL AND {on_platforms} AND (owner IS NULL OR (owner <> ? "

@@ -32,27 +32,24 @@ async def delete_finished_tasks(db: Database, older_than_seconds: float) -> int:
     cutoff = now() - older_than_seconds
     deleted = 0
     while True:
-        chunk = await db.background_transaction(
-            lambda conn: _delete_chunk(conn, cutoff, db.dialect)
-        )
+        chunk = await db.background_transaction(lambda conn: _delete_chunk(conn, cutoff, db))
         deleted += chunk
         if chunk < CHUNK_TASKS:
             return deleted
 
 
-async def _delete_chunk(conn: BackgroundConnection, cutoff: float, dialect: str) -> int:
+async def _delete_chunk(conn: BackgroundConnection, cutoff: float, db: Database) -> int:
     # PostgreSQL: the finished tasks are locked (FOR UPDATE) until the chunk
     # commits, so a second replica's retention run skips them instead of
     # recording their deletion twice. (SQLite: BEGIN IMMEDIATE, one writer.)
-    lock = " FOR UPDATE SKIP LOCKED" if dialect == "postgres" else ""
     rows = await conn.fetchall(
         f"SELECT task_id FROM tasks WHERE status IN {_FINISHED} AND updated_at < ? "
-        f"ORDER BY updated_at LIMIT ?{lock}",
+        f"ORDER BY updated_at LIMIT ?{db.skip_locked}",
         (cutoff, CHUNK_TASKS),
     )
     ids = [(row[0],) for row in rows]
     if ids:
-        if dialect == "postgres":
+        if db.dialect == "postgres":
             # The global chain's lock, as every append to it takes (events.py).
             await conn.fetchall("SELECT pg_advisory_xact_lock(?)", (chain_lock_key(None),))
         await _record_deletion(conn, [task_id for (task_id,) in ids], cutoff)
