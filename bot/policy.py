@@ -110,9 +110,9 @@ class ChannelPolicy:
             four_eyes_risk=section.four_eyes_risk or self.four_eyes_risk,
             workspace=str(workspace) if workspace is not None else self.workspace,
             tools=self.tools if section.tools is None else frozenset(section.tools),
-            quorum=_pick_quorum(getattr(section, "quorum", None), self.quorum),
-            escalate_after=_pick_after(getattr(section, "escalate_after", None), self),
-            escalate_to=pick(getattr(section, "escalate_to", None), self.escalate_to),
+            quorum=_pick_quorum(section.quorum, self.quorum),
+            escalate_after=_pick_after(section.escalate_after, self),
+            escalate_to=pick(section.escalate_to, self.escalate_to),
         )
 
     def describe(self) -> list[str]:
