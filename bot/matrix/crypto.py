@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bot.matrix.state import atomic_write
+
 if TYPE_CHECKING:
     from nio import AsyncClient
 
@@ -103,8 +105,6 @@ class CryptoStore:
             key = path.read_text(encoding="utf-8").strip()
             if key:
                 return key
-        from bot.matrix.state import atomic_write
-
         key = secrets.token_urlsafe(32)
         atomic_write(path, key + "\n")
         return key
@@ -176,7 +176,7 @@ class CryptoStore:
                 handle = tar.extractfile(member)
                 if handle is None:
                     continue
-                _write_bytes(self.directory / name, handle.read())
+                atomic_write(self.directory / name, handle.read())
                 for side in _SQLITE_SIDE_FILES:
                     with contextlib.suppress(FileNotFoundError):
                         (self.directory / (name + side)).unlink()
@@ -188,7 +188,7 @@ class CryptoStore:
         return None
 
     def set_marker(self, version: int) -> None:
-        _write_bytes(self.directory / SNAPSHOT_MARKER, f"{version}\n".encode())
+        atomic_write(self.directory / SNAPSHOT_MARKER, f"{version}\n")
 
     def config(self) -> dict[str, Any]:
         """nio AsyncClientConfig fields for an encrypting client."""
@@ -201,22 +201,6 @@ class CryptoStore:
             # The bot saves its sync token itself, after handling a batch.
             "store_sync_tokens": False,
         }
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    """Replace `path` atomically with `data`, mode 0600."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 async def key_maintenance(client: AsyncClient) -> None:

@@ -61,14 +61,15 @@ class Session:
     access_token: str | None = None  # only a token the bot got by logging in itself
 
 
-def atomic_write(path: Path, text: str, mode: int = 0o600) -> None:
-    """Replace `path` with `text` so a crash leaves the old or the new file, never half."""
+def atomic_write(path: Path, data: str | bytes, mode: int = 0o600) -> None:
+    """Replace `path` with `data` (text as UTF-8) so a crash leaves the old or
+    the new file, never half."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
