@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from bot.matrix.connection import LEASE_EVERY_S, LEASE_TTL_S
+from bot.backend import Thread
+from bot.matrix import connection as connection_module
+from bot.matrix.connection import LEASE_EVERY_S, LEASE_TTL_S, NotHolder
 from bot.matrix.platform import MatrixPlatform
 from bot.matrix.state import lease_name
 from bot.service import ChatService
@@ -329,8 +331,11 @@ async def test_an_encrypted_room_is_answered_across_a_takeover(
     await first.platform.connection.save_crypto_snapshot()
     await vanish(first)
     after = await alice.say(room, "encrypted after the takeover?")
-    await until(lambda: second.platform.syncing, "the takeover")
-    assert second.platform.connection.encrypting
+    # Syncing starts with the lease; the crypto store is restored and loaded next.
+    await until(
+        lambda: second.platform.syncing and second.platform.connection.encrypting,
+        "the takeover, with the crypto store loaded",
+    )
     assert second.platform.device_id == first.platform.device_id
     answer = await alice.wait_for(
         bot_notice(duck, after, "answer to: encrypted after the takeover?"),
@@ -342,6 +347,56 @@ async def test_an_encrypted_room_is_answered_across_a_takeover(
     ]
     assert on_the_wire and on_the_wire[0]["type"] == "m.room.encrypted"
     assert not [e for e in alice.events if "can't read" in str(e.get("content"))]
+
+
+async def test_a_holder_whose_crypto_store_is_not_loaded_never_sends_in_the_clear(
+    replicas: StartBot,
+    element: OpenElement,
+    people: dict[str, str],
+    duck: str,
+    model_server: FakeModelServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A new holder syncs from the moment it takes the lease, and loads its crypto
+    store just after (restoring the snapshot first). nio sends in the clear when no
+    Olm machine is loaded, so a send into an encrypted room in that window must
+    wait for the store, and refuse if it never loads: never post plaintext."""
+    monkeypatch.setattr(connection_module, "CRYPTO_LOAD_WAIT_S", 1.0)
+    bot = await replicas("one", matrix_encryption=True)
+    connection = bot.platform.connection
+    await until(lambda: connection.encrypting, "the holder's crypto store")
+    alice = await element(people["alice"], PASSWORD, crypto=True)
+    content_answers(model_server)
+    room = await alice.create_room([duck], encrypted=True)
+    await alice.wait_for(joined(duck, room), "the bot joining", within=E2EE_WAIT)
+    root = await alice.say(room, "encrypted?")
+    await alice.wait_for(bot_notice(duck, root, "answer to"), "the first answer", within=E2EE_WAIT)
+    thread = Thread("matrix", room, root)
+
+    # The takeover's window: the lease held, the crypto store not loaded yet.
+    connection._unload_crypto()
+    assert connection.syncing and not connection.encrypting
+    with pytest.raises(NotHolder):
+        await bot.platform.send(thread, "never in the clear (refused)")
+
+    # The store loads while the send waits: it goes out, encrypted.
+    sending = asyncio.create_task(bot.platform.send(thread, "sent once the store loaded"))
+    await asyncio.sleep(0)  # the send is waiting for the store
+    assert not sending.done()
+    await connection._start_crypto()  # as the takeover loads it
+    sent = await sending
+    monkeypatch.setattr(connection_module, "CRYPTO_LOAD_WAIT_S", 20.0)
+    await alice.wait_for(
+        lambda e: e.get("event_id") == sent and "sent once the store loaded" in str(e["content"]),
+        "the message sent once the store loaded",
+        within=E2EE_WAIT,
+    )
+    on_the_wire = await alice.room_events(room)
+    assert [e["type"] for e in on_the_wire if e.get("event_id") == sent] == ["m.room.encrypted"]
+    # Nothing the bot sent is in the clear, and the refused text never left it.
+    bot_sent = [e for e in on_the_wire if e.get("sender") == duck and e["type"] == "m.room.message"]
+    assert bot_sent == []
+    assert not [e for e in alice.events if "never in the clear" in str(e.get("content"))]
 
 
 async def test_with_encryption_a_standby_without_any_crypto_store_refuses_to_take_over(

@@ -92,6 +92,9 @@ DEVICE_NAME = "DuckLM"
 SYNC_TIMEOUT_MS = 30_000  # long-poll; the server answers at once when something happens
 REQUEST_TIMEOUT = 45.0  # per request; a sync gets its long-poll time on top (nio adds it)
 START_TIMEOUT = 60.0  # login + first sync, before `ducklm run` gives up with a message
+# How long a send into an encrypted room waits for a new lease holder's crypto
+# store to load (restoring the snapshot, uploading keys) before refusing.
+CRYPTO_LOAD_WAIT_S = 20.0
 TOKEN_ERROR_BACKOFF = 300.0
 STOP_TIMEOUT = 10.0
 
@@ -177,6 +180,8 @@ class MatrixConnection:
         self.lease_tries = 0
         self._crypto_digest: str | None = None  # of the last snapshot saved
         self._snapshot_lock = asyncio.Lock()
+        # Set while the client's Olm machine is loaded (sends may encrypt).
+        self._crypto_loaded = asyncio.Event()
         # Standby sends: room id -> whether it is encrypted (asked once).
         self._encrypted_rooms: dict[str, bool] = {}
         # End-to-end encryption: wanted and possible here (vodozemac loads)?
@@ -323,6 +328,7 @@ class MatrixConnection:
         if client is None or client.olm is None:
             return
         store = client.store
+        self._crypto_loaded.clear()
         client.olm = None
         client.store = None
         database = getattr(store, "database", None)
@@ -503,15 +509,37 @@ class MatrixConnection:
             raise
 
     async def check_can_send(self, room_id: str) -> None:
-        """A standby cannot encrypt: refuse (MatrixNotHolder) to send into an
-        encrypted room instead of sending the text in the clear."""
-        if self.syncing:
+        """Only a replica with its crypto store loaded can encrypt: a standby, or
+        a new holder still loading the store, refuses (NotHolder) to send into an
+        encrypted room rather than send the text in the clear (nio sends in the
+        clear when no Olm machine is loaded). A new holder waits for its store
+        first, bounded: it is about to be able to."""
+        if self.syncing and (self.encrypting or not self.crypto.enabled):
             return
+        if not await self._room_encrypted(room_id):
+            return
+        if self.syncing:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CRYPTO_LOAD_WAIT_S):
+                    await self._crypto_loaded.wait()
+            if self.syncing and self.encrypting:
+                return
+        raise NotHolder(
+            f"{room_id} is encrypted and this replica cannot encrypt yet (it does not "
+            "sync, or its crypto store is not loaded); the replica holding the sync "
+            "lease posts it"
+        )
+
+    async def _room_encrypted(self, room_id: str) -> bool:
+        """Whether a room is encrypted: the synced room's state if there is one,
+        else the room's m.room.encryption state event (asked once)."""
+        client = self.require_client()
+        room = client.rooms.get(room_id)
+        if room is not None and room.encrypted:
+            return True
         encrypted = self._encrypted_rooms.get(room_id)
         if encrypted is None:
-            response = await self.require_client().room_get_state_event(
-                room_id, "m.room.encryption"
-            )
+            response = await client.room_get_state_event(room_id, "m.room.encryption")
             if isinstance(response, RoomGetStateEventResponse):
                 encrypted = bool(response.content)
             elif getattr(response, "status_code", None) == "M_NOT_FOUND":
@@ -521,11 +549,7 @@ class MatrixConnection:
                     f"cannot tell whether {room_id} is encrypted ({error_text(response)})"
                 )
             self._encrypted_rooms[room_id] = encrypted
-        if encrypted:
-            raise NotHolder(
-                f"{room_id} is encrypted and this replica does not sync (cannot encrypt); "
-                "the replica holding the sync lease posts it"
-            )
+        return encrypted
 
     @property
     def encrypting(self) -> bool:
@@ -572,6 +596,7 @@ class MatrixConnection:
                     f"({type(exc).__name__}: {exc}). Was MATRIX_STORE_PASSPHRASE changed? "
                     "Set it back, or start over with `ducklm matrix reset-crypto`."
                 ) from exc
+        self._crypto_loaded.set()
         await asyncio.to_thread(self.crypto_store.protect)
         self.trust.at_start(client)
         await key_maintenance(client)
@@ -665,6 +690,7 @@ class MatrixConnection:
 
     async def _close_client(self) -> None:
         client, self.client = self.client, None
+        self._crypto_loaded.clear()
         if client is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.close(), STOP_TIMEOUT)
