@@ -24,12 +24,27 @@ from bot.service import ChatService
 from runtime.factory import Runtime, build_runtime
 from tests.conftest import ACTION, THINKER, directive, make_settings, shell
 from tests.fakes.openai_server import FakeModelServer, RecordedRequest, Reply, Text
-from tests.fakes.synapse import ELEMENT_PICKER, FlakyProxy, MatrixUser, SynapseServer, free_port
+from tests.fakes.synapse import ELEMENT_PICKER, MatrixUser, SynapseServer, free_port
+
+# Other test modules import these from here (edit_of only they use).
+from tests.matrix_helpers import (
+    NO_ACTIONS,
+    PASSWORD,
+    body,
+    bot_events_in_thread,
+    bot_notice,
+    card_decided,
+    content_answers,
+    flaky_proxy,
+    joined,
+    left,
+    poll,
+    relation,
+    then_answers,
+)
+from tests.matrix_helpers import edit_of as edit_of
 
 pytestmark = pytest.mark.timeout(90)
-
-PASSWORD = "correct horse battery staple"
-NO_ACTIONS = directive()
 
 
 # -- people and bots -----------------------------------------------------------
@@ -127,64 +142,7 @@ async def bots(
             await bot.stop()
 
 
-# -- event predicates -------------------------------------------------------------
-
-
-def body(event: dict[str, Any]) -> str:
-    return str((event.get("content") or {}).get("body") or "")
-
-
-def relation(event: dict[str, Any]) -> dict[str, Any]:
-    return (event.get("content") or {}).get("m.relates_to") or {}
-
-
-def bot_notice(duck: str, root: str, text: str = "") -> Callable[[dict[str, Any]], bool]:
-    """A notice by the bot in the thread of `root` that contains `text`."""
-
-    def match(event: dict[str, Any]) -> bool:
-        rel = relation(event)
-        return (
-            event.get("sender") == duck
-            and event.get("type") == "m.room.message"
-            and (event.get("content") or {}).get("msgtype") == "m.notice"
-            and rel.get("rel_type") == "m.thread"
-            and rel.get("event_id") == root
-            and text in body(event)
-        )
-
-    return match
-
-
-def joined(user_id: str, room_id: str) -> Callable[[dict[str, Any]], bool]:
-    return lambda e: (
-        e.get("room_id") == room_id
-        and e.get("type") == "m.room.member"
-        and e.get("state_key") == user_id
-        and (e.get("content") or {}).get("membership") == "join"
-    )
-
-
-def edit_of(event_id: str, text: str) -> Callable[[dict[str, Any]], bool]:
-    def match(event: dict[str, Any]) -> bool:
-        rel = relation(event)
-        new = (event.get("content") or {}).get("m.new_content") or {}
-        return (
-            rel.get("rel_type") == "m.replace"
-            and rel.get("event_id") == event_id
-            and text in str(new.get("body", ""))
-        )
-
-    return match
-
-
-def bot_events_in_thread(user: MatrixUser, duck: str, root: str) -> list[dict[str, Any]]:
-    return [
-        e
-        for e in user.events
-        if e.get("sender") == duck
-        and e.get("type") == "m.room.message"
-        and relation(e).get("event_id") == root
-    ]
+# -- rooms and cards -----------------------------------------------------------------
 
 
 async def room_with_bot(owner: MatrixUser, duck: str, *others: MatrixUser) -> str:
@@ -203,33 +161,6 @@ async def ask_for_approval(
     question = await asker.say(room, f"please run {command}", mention=duck)
     card = await asker.wait_for(bot_notice(duck, question, "Approval needed"), "the card")
     return question, card
-
-
-def content_answers(model_server: FakeModelServer) -> None:
-    """Model replies by content, for tests where tasks run concurrently."""
-
-    def action(request: RecordedRequest) -> Reply:
-        return Text(NO_ACTIONS)
-
-    def thinker(request: RecordedRequest) -> Reply:
-        question = "?"
-        for message in request.body["messages"]:
-            if message["role"] == "user" and not message["content"].startswith("tool_"):
-                question = message["content"]
-        return Text(f"answer to: {question}")
-
-    model_server.set_handler(ACTION, action)
-    model_server.set_handler(THINKER, thinker)
-
-
-async def poll(read: Callable[[], Any], what: str, within: float = 30.0) -> Any:
-    """`read()` once it returns something truthy, within a bound."""
-    deadline = time.monotonic() + within
-    while not (value := read()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no {what} within {within:.0f} s")
-        await asyncio.sleep(0.05)
-    return value
 
 
 # -- tests ----------------------------------------------------------------------------
@@ -316,15 +247,13 @@ async def test_approve_by_reaction_runs_the_command_and_edits_the_card(
         )
     assert not (tmp_path / "workspace" / "approved.txt").exists()
 
-    model_server.reply(ACTION, Text(NO_ACTIONS))
-    model_server.reply(THINKER, Text("Created approved.txt."))
+    then_answers(model_server, "Created approved.txt.")
     await alice.react(room, card["event_id"], "✅")
 
-    edit = await alice.wait_for(edit_of(card["event_id"], "Approved"), "the card's edit")
+    edit = await card_decided(alice, duck, question, card, "Approved", "Created approved.txt")
     new_body = edit["content"]["m.new_content"]["body"]
     assert alice.qualified in new_body and "UTC" in new_body
     assert "m.relates_to" not in edit["content"]["m.new_content"]
-    await alice.wait_for(bot_notice(duck, question, "Created approved.txt"), "the answer")
     assert (tmp_path / "workspace" / "approved.txt").exists()
     assert await bot.runtime.approvals.pending() == []
 
@@ -341,12 +270,10 @@ async def test_deny_by_reaction(
     room = await room_with_bot(alice, duck, bob)
     question, card = await ask_for_approval(model_server, bob, room, duck, "touch denied.txt")
 
-    model_server.reply(ACTION, Text(NO_ACTIONS))
-    model_server.reply(THINKER, Text("OK, I did not touch it."))
+    then_answers(model_server, "OK, I did not touch it.")
     await alice.react(room, card["event_id"], "❌")
 
-    await alice.wait_for(edit_of(card["event_id"], "Denied"), "the card's edit")
-    await alice.wait_for(bot_notice(duck, question, "did not touch"), "the answer")
+    await card_decided(alice, duck, question, card, "Denied", "did not touch")
     assert not (tmp_path / "workspace" / "denied.txt").exists()
     observations = str(model_server.requests_for(THINKER)[-1].body["messages"])
     assert "deny" in observations or "denied" in observations
@@ -364,15 +291,13 @@ async def test_always_by_reaction_creates_a_rule(
     room = await room_with_bot(alice, duck, bob)
     question, card = await ask_for_approval(model_server, bob, room, duck, "touch always.txt")
 
-    model_server.reply(ACTION, Text(NO_ACTIONS))
-    model_server.reply(THINKER, Text("Done once."))
+    then_answers(model_server, "Done once.")
     await alice.react(room, card["event_id"], "♾️")
-    await alice.wait_for(edit_of(card["event_id"], "Always allowed"), "the card's edit")
-    (rule,) = await bot.runtime.approvals.list_rules()
-    assert rule.created_by == alice.qualified
     # The card is edited before the approved command runs: the answer is what
     # says it ran.
-    await alice.wait_for(bot_notice(duck, question, "Done once"), "the first answer")
+    await card_decided(alice, duck, question, card, "Always allowed", "Done once")
+    (rule,) = await bot.runtime.approvals.list_rules()
+    assert rule.created_by == alice.qualified
 
     # the same action again needs no approval
     (tmp_path / "workspace" / "always.txt").unlink()
@@ -423,12 +348,10 @@ async def test_text_approve_in_the_thread(
     room = await room_with_bot(alice, duck, bob)
     question, card = await ask_for_approval(model_server, bob, room, duck, "touch texted.txt")
 
-    model_server.reply(ACTION, Text(NO_ACTIONS))
-    model_server.reply(THINKER, Text("Touched by text."))
+    then_answers(model_server, "Touched by text.")
     await alice.say(room, "approve", thread=question)
 
-    await alice.wait_for(edit_of(card["event_id"], "Approved"), "the card's edit")
-    await alice.wait_for(bot_notice(duck, question, "Touched by text"), "the answer")
+    await card_decided(alice, duck, question, card, "Approved", "Touched by text")
     assert (tmp_path / "workspace" / "texted.txt").exists()
 
 
@@ -445,13 +368,11 @@ async def test_plain_reply_from_a_client_without_threads_decides(
     room = await room_with_bot(alice, duck, bob)
     question, card = await ask_for_approval(model_server, bob, room, duck, "touch replied.txt")
 
-    model_server.reply(ACTION, Text(NO_ACTIONS))
-    model_server.reply(THINKER, Text("Not touching it."))
+    then_answers(model_server, "Not touching it.")
     await alice.say(room, "deny not during the freeze", reply_to=card["event_id"])
 
-    edit = await alice.wait_for(edit_of(card["event_id"], "Denied"), "the card's edit")
+    edit = await card_decided(alice, duck, question, card, "Denied", "Not touching it")
     assert "not during the freeze" in edit["content"]["m.new_content"]["body"]
-    await alice.wait_for(bot_notice(duck, question, "Not touching it"), "the answer")
     assert "not during the freeze" in str(model_server.requests_for(THINKER)[-1].body)
     assert not (tmp_path / "workspace" / "replied.txt").exists()
 
@@ -482,8 +403,7 @@ async def test_restart_with_a_pending_approval(
     await alice.wait_for(bot_notice(duck, missed, "answer to: are you back?"), "the late answer")
 
     await alice.react(room, card["event_id"], "✅")
-    await alice.wait_for(edit_of(card["event_id"], "Approved"), "the card's edit")
-    await alice.wait_for(bot_notice(duck, question, "answer to"), "the answer after approval")
+    await card_decided(alice, duck, question, card, "Approved", "answer to")
     assert (tmp_path / "workspace" / "later.txt").exists()
 
     # nothing from before the restart was answered again
@@ -561,14 +481,7 @@ async def test_invites_only_from_allowed_inviters(
 ) -> None:
     await bots(matrix_allowed_inviters=[bob.user_id])
     refused = await alice.create_room([duck])
-    await alice.wait_for(
-        lambda e: (
-            e.get("room_id") == refused
-            and e.get("state_key") == duck
-            and (e.get("content") or {}).get("membership") == "leave"
-        ),
-        "the bot declining",
-    )
+    await alice.wait_for(left(duck, refused), "the bot declining")
     welcome = await bob.create_room([duck])
     await bob.wait_for(joined(duck, welcome), "the bot joining")
 
@@ -659,9 +572,7 @@ async def test_network_faults_are_retried(
     synapse: SynapseServer,
     model_server: FakeModelServer,
 ) -> None:
-    proxy = FlakyProxy(synapse.port)
-    await proxy.start()
-    try:
+    async with flaky_proxy(synapse) as proxy:
         await bots(matrix_homeserver=proxy.url)
         room = await room_with_bot(alice, duck)
         content_answers(model_server)
@@ -684,8 +595,6 @@ async def test_network_faults_are_retried(
         model_server.set_handler(THINKER, thinker)
         again = await alice.say(room, "and now?", mention=duck)
         await alice.wait_for(bot_notice(duck, again, "answered across the outage"), "the answer")
-    finally:
-        await proxy.stop()
 
 
 async def test_direct_commands_without_a_model(
