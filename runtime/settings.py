@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from runtime.store.db import is_postgres_url
+
 DEFAULT_MODEL_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_THINKER_MODEL = "gpt-4o-mini"
 DEFAULT_ACTION_MODEL = "gpt-4o-mini"
@@ -332,7 +334,7 @@ class Settings(BaseSettings):
 
     @property
     def db_is_postgres(self) -> bool:
-        return str(self.db).startswith(("postgresql://", "postgres://"))
+        return is_postgres_url(str(self.db))
 
     @property
     def sqlite_path(self) -> Path | None:

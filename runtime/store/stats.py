@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from runtime.store.db import is_postgres_url
+
 # Every status a task can have (DESIGN.md), so a status with no task shows 0
 # instead of vanishing from the scrape (a gauge that disappears breaks alerts).
 TASK_STATUSES = (
@@ -69,8 +71,7 @@ def _is_sqlite(db: Any) -> bool:
     dialect = getattr(db, "dialect", None)
     if dialect is not None:
         return bool(dialect == "sqlite")
-    path = str(getattr(db, "path", ""))
-    return not path.startswith(("postgresql:", "postgres:"))
+    return not is_postgres_url(str(getattr(db, "path", "")))
 
 
 def _identity(path: str | None) -> tuple[int, int] | None:
