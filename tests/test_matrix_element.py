@@ -20,20 +20,23 @@ from bot.service import LATE_TEXT
 from tests import test_matrix
 from tests.conftest import ACTION, THINKER, directive, shell
 from tests.fakes.openai_server import FakeModelServer, Text
-from tests.fakes.synapse import ELEMENT_PICKER, FlakyProxy, MatrixUser, SynapseServer
-from tests.test_matrix import (
-    NO_ACTIONS,
+from tests.fakes.synapse import ELEMENT_PICKER, MatrixUser, SynapseServer
+from tests.matrix_helpers import (
     PASSWORD,
-    StartBot,
     body,
     bot_events_in_thread,
     bot_notice,
+    card_decided,
     content_answers,
     edit_of,
+    flaky_proxy,
     joined,
+    left,
     poll,
-    room_with_bot,
+    relation,
+    then_answers,
 )
+from tests.test_matrix import StartBot, room_with_bot
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -61,6 +64,21 @@ async def element_card(
     question = await asker.element_say(room, f"please run {command}", pills=[pill(duck)])
     card = await asker.wait_for(bot_notice(duck, question, "Approval needed"), "the card")
     return question, card
+
+
+async def say_chatter(user: MatrixUser, room: str, prefix: str = "chatter") -> list[str]:
+    """`CHATTER` messages not for the bot: more than one sync carries."""
+    return [await user.element_say(room, f"{prefix} {n}") for n in range(CHATTER)]
+
+
+async def room_then_stopped(
+    bots: StartBot, alice: MatrixUser, bob: MatrixUser, duck: str, **overrides: Any
+) -> str:
+    """A room the bot joined with alice and bob, the bot stopped again since."""
+    bot = await bots(**overrides)
+    room = await room_with_bot(alice, duck, bob)
+    await bot.stop()
+    return room
 
 
 async def settled(user: MatrixUser, seconds: float = 1.0) -> None:
@@ -94,7 +112,7 @@ async def test_restart_catches_up_on_more_than_a_sync_carries(
     content_answers(model_server)
     await alice.element_react(room, card["event_id"], "white_check_mark")
     missed = await bob.element_say(room, "what is the uptime?", pills=[pill(duck)])
-    chatter = [await bob.element_say(room, f"chatter {n}") for n in range(CHATTER)]
+    chatter = await say_chatter(bob, room)
 
     second = await bots()
     await alice.wait_for(edit_of(card["event_id"], "Approved"), "the card's edit")
@@ -134,9 +152,7 @@ async def test_a_burst_between_two_syncs_is_caught_up_while_running(
     """Not only after a restart: the bot's connection drops, more than a sync
     carries is said meanwhile, and the next sync's gap is fetched (not late: the
     bot was running)."""
-    proxy = FlakyProxy(synapse.port)
-    await proxy.start()
-    try:
+    async with flaky_proxy(synapse) as proxy:
         await bots(matrix_homeserver=proxy.url)
         room = await room_with_bot(alice, duck, bob)
         content_answers(model_server)
@@ -146,15 +162,12 @@ async def test_a_burst_between_two_syncs_is_caught_up_while_running(
         await bob.element_say(room, "first words while it is away")
         await poll(lambda: proxy.refused > 0, "a sync attempt through the cut proxy")
         question = await bob.element_say(room, "did you get this?", pills=[pill(duck)])
-        for n in range(CHATTER):
-            await bob.element_say(room, f"chatter {n}")
+        await say_chatter(bob, room)
         proxy.restore()
         answer = await bob.wait_for(
             bot_notice(duck, question, "answer to: did you get this?"), "the answer", within=60
         )
         assert LATE_TEXT not in body(answer)
-    finally:
-        await proxy.stop()
 
 
 async def test_a_gap_the_homeserver_fails_to_give_is_fetched_again(
@@ -168,16 +181,11 @@ async def test_a_gap_the_homeserver_fails_to_give_is_fetched_again(
     """`/messages` fails (more often than nio retries by itself): the batch is not
     marked handled with a hole in it; it is handled again, and the question in
     the gap is answered."""
-    proxy = FlakyProxy(synapse.port)
-    await proxy.start()
-    try:
-        first = await bots(matrix_homeserver=proxy.url)
-        room = await room_with_bot(alice, duck, bob)
-        await first.stop()
+    async with flaky_proxy(synapse) as proxy:
+        room = await room_then_stopped(bots, alice, bob, duck, matrix_homeserver=proxy.url)
         content_answers(model_server)
         question = await bob.element_say(room, "through the hole?", pills=[pill(duck)])
-        for n in range(CHATTER):
-            await bob.element_say(room, f"chatter {n}")
+        await say_chatter(bob, room)
 
         proxy.drop_requests("/messages?", 9)
         await bots(matrix_homeserver=proxy.url)
@@ -185,8 +193,6 @@ async def test_a_gap_the_homeserver_fails_to_give_is_fetched_again(
             bot_notice(duck, question, "answer to: through the hole?"), "the answer", within=60
         )
         assert proxy.dropped >= 3  # more than nio retries by itself: the call failed
-    finally:
-        await proxy.stop()
 
 
 async def test_catching_up_is_bounded(
@@ -198,17 +204,13 @@ async def test_catching_up_is_bounded(
 ) -> None:
     """DUCKLM_MATRIX_BACKLOG_MAX: only the newest missed events are fetched; an old
     question beyond the bound is skipped, a newer one still answered."""
-    first = await bots()
-    room = await room_with_bot(alice, duck, bob)
-    await first.stop()
+    room = await room_then_stopped(bots, alice, bob, duck)
 
     content_answers(model_server)
     too_old = await bob.element_say(room, "beyond the bound?", pills=[pill(duck)])
-    for n in range(CHATTER):
-        await bob.element_say(room, f"chatter {n}")
+    await say_chatter(bob, room)
     within = await bob.element_say(room, "within the bound?", pills=[pill(duck)])
-    for n in range(CHATTER):
-        await bob.element_say(room, f"more chatter {n}")
+    await say_chatter(bob, room, "more chatter")
 
     await bots(matrix_backlog_max=CHATTER + 1)
     await bob.wait_for(bot_notice(duck, within, "within the bound?"), "the answer within")
@@ -226,13 +228,10 @@ async def test_catching_up_skips_what_is_too_old(
 ) -> None:
     """DUCKLM_MATRIX_BACKLOG_MAX_AGE: what was said longer ago is not answered now,
     in the gap or in the first sync; what is said after the start is."""
-    first = await bots()
-    room = await room_with_bot(alice, duck, bob)
-    await first.stop()
+    room = await room_then_stopped(bots, alice, bob, duck)
     content_answers(model_server)
     in_gap = await bob.element_say(room, "old, in the gap?", pills=[pill(duck)])
-    for n in range(CHATTER):
-        await bob.element_say(room, f"chatter {n}")
+    await say_chatter(bob, room)
     in_sync = await bob.element_say(room, "old, in the sync?", pills=[pill(duck)])
     await asyncio.sleep(0.05)  # the age bound below is 10 ms: these are older
 
@@ -298,8 +297,7 @@ async def test_invited_while_down_answers_what_came_after_the_invite_only(
     before = await alice.element_say(room, "asked before the invite?", pills=[pill(duck)])
     await alice.invite(room, duck)
     after = await bob.element_say(room, "asked after the invite?", pills=[pill(duck)])
-    for n in range(CHATTER):
-        await bob.element_say(room, f"chatter {n}")
+    await say_chatter(bob, room)
 
     await bots()
     await alice.wait_for(joined(duck, room), "the bot joining")
@@ -359,18 +357,16 @@ async def test_picked_check_mark_with_variation_selector_approves(
         lambda e: (
             e.get("sender") == duck
             and e.get("type") == "m.reaction"
-            and test_matrix.relation(e).get("event_id") == card["event_id"]
+            and relation(e).get("event_id") == card["event_id"]
         ),
         "a seeded reaction",
     )
     # the bot's pill and the picked reaction are one key, byte for byte
-    assert test_matrix.relation(seeded)["key"] == ELEMENT_PICKER["white_check_mark"]
+    assert relation(seeded)["key"] == ELEMENT_PICKER["white_check_mark"]
 
-    model_server.reply(ACTION, Text(NO_ACTIONS))
-    model_server.reply(THINKER, Text("Touched it."))
+    then_answers(model_server, "Touched it.")
     await alice.element_react(room, card["event_id"], "white_check_mark")
-    await alice.wait_for(edit_of(card["event_id"], "Approved"), "the card's edit")
-    await alice.wait_for(bot_notice(duck, question, "Touched it"), "the answer")
+    await card_decided(alice, duck, question, card, "Approved", "Touched it")
     assert (tmp_path / "workspace" / "picked.txt").exists()
 
 
@@ -386,8 +382,7 @@ async def test_a_key_without_the_selector_still_counts(
     await bots()
     room = await room_with_bot(alice, duck, bob)
     _, card = await element_card(model_server, bob, room, duck, "touch bare.txt")
-    model_server.reply(ACTION, Text(NO_ACTIONS))
-    model_server.reply(THINKER, Text("Left it alone."))
+    then_answers(model_server, "Left it alone.")
     await alice.react(room, card["event_id"], "\u274c")
     await alice.wait_for(edit_of(card["event_id"], "Denied"), "the card's edit")
     assert not (tmp_path / "workspace" / "bare.txt").exists()
@@ -436,8 +431,7 @@ async def test_a_decision_word_after_the_decision_is_told_already_decided(
     await bots()
     room = await room_with_bot(alice, duck, bob)
     question, card = await element_card(model_server, bob, room, duck, "touch late.txt")
-    model_server.reply(ACTION, Text(NO_ACTIONS))
-    model_server.reply(THINKER, Text("Not touching it."))
+    then_answers(model_server, "Not touching it.")
     await alice.element_react(room, card["event_id"], "x")
     await alice.wait_for(bot_notice(duck, question, "Not touching it"), "the answer")
     calls = len(model_server.requests)
@@ -531,14 +525,7 @@ async def test_strangers_are_declined_refused_and_left(
     the last person who may ask leaves, the bot leaves too, saying why."""
     bot = await bots(requesters=["matrix:*:elsewhere.example"])  # alice approves: she may
     declined = await bob.create_room([duck])
-    await bob.wait_for(
-        lambda e: (
-            e.get("room_id") == declined
-            and e.get("state_key") == duck
-            and (e.get("content") or {}).get("membership") == "leave"
-        ),
-        "the bot declining bob's invite",
-    )
+    await bob.wait_for(left(duck, declined), "the bot declining bob's invite")
 
     room = await room_with_bot(alice, duck, bob)
     model_server.reply(ACTION, Text(directive(shell("touch stranger.txt"))))
@@ -562,14 +549,7 @@ async def test_strangers_are_declined_refused_and_left(
     await bob.wait_for(
         lambda e: e.get("room_id") == room and body(e) == LEAVING_NOTICE, "the leaving notice"
     )
-    await bob.wait_for(
-        lambda e: (
-            e.get("room_id") == room
-            and e.get("state_key") == duck
-            and (e.get("content") or {}).get("membership") == "leave"
-        ),
-        "the bot leaving",
-    )
+    await bob.wait_for(left(duck, room), "the bot leaving")
 
 
 async def test_an_invite_to_a_room_outside_the_channels_is_declined(
@@ -579,13 +559,6 @@ async def test_an_invite_to_a_room_outside_the_channels_is_declined(
     served = await alice.create_room()
     await bots(channels=[f"matrix:{served}"])
     other = await alice.create_room([duck])
-    await alice.wait_for(
-        lambda e: (
-            e.get("room_id") == other
-            and e.get("state_key") == duck
-            and (e.get("content") or {}).get("membership") == "leave"
-        ),
-        "the bot declining",
-    )
+    await alice.wait_for(left(duck, other), "the bot declining")
     await alice.invite(served, duck)
     await alice.wait_for(joined(duck, served), "the bot joining the served room")
