@@ -650,12 +650,11 @@ class RuntimeLoop:
             "tool_refused",
             {"index": index, "tool": tool, "args": action["args"], "reason": refused},
         )
-        result = ToolResult(ok=False, error=refused, metadata={"refused": "policy"})
         return {
             "index": index,
             "tool": tool,
             "reason": self._shown(action["reason"]),
-            "result": result.model_dump(),
+            "result": _policy_refusal(refused).model_dump(),
         }
 
     async def _run_decided(self, task: Task, approval: Approval) -> dict[str, Any]:
@@ -677,7 +676,7 @@ class RuntimeLoop:
                     "approval_id": approval.approval_id,
                 },
             )
-            result = ToolResult(ok=False, error=refused, metadata={"refused": "policy"})
+            result = _policy_refusal(refused)
         elif approved:
             if not await self.approval_service.claim_execution(approval.approval_id):
                 raise RuntimeError("this approval's action was already run")
@@ -1012,3 +1011,9 @@ def _command_of(action: dict[str, Any], payload: dict[str, Any]) -> str | None:
     metadata = payload.get("metadata") or {}
     command = metadata.get("command") or (action.get("args") or {}).get("command")
     return command if isinstance(command, str) else None
+
+
+def _policy_refusal(reason: str) -> ToolResult:
+    """What a tool the task's channel does not allow gives, whether it was stopped
+    before running or after a person approved it (the policy changed meanwhile)."""
+    return ToolResult(ok=False, error=reason, metadata={"refused": "policy"})
