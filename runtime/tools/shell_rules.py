@@ -61,6 +61,7 @@ from runtime.tools.rule_prefixes import (
     program_name,
 )
 from runtime.tools.shell import MAX_COMMAND_CHARS, MAX_PARSE_CHARS, classify
+from runtime.tools.shell.words import _literal
 
 RULE_KINDS = ("exact", "prefix")
 
@@ -73,35 +74,6 @@ class RuleLike(Protocol):
 # --------------------------------------------------------------------------
 # Rendering words canonically
 # --------------------------------------------------------------------------
-
-
-def _literal(raw: str) -> bool:
-    """A raw word whose meaning is its quote-removed text (no expansion at all)."""
-    quote: str | None = None
-    i = 0
-    while i < len(raw):
-        c = raw[i]
-        if quote is None:
-            if c == "\\":
-                i += 2
-                continue
-            if c in "'\"":
-                quote = c
-            elif c in "*?[{$`~#":
-                return False
-        elif quote == "'":
-            if c == "'":
-                quote = None
-        else:
-            if c == "\\":
-                i += 2
-                continue
-            if c == '"':
-                quote = None
-            elif c in "$`":
-                return False
-        i += 1
-    return quote is None
 
 
 def _render_word(text: str, node: Any) -> str:

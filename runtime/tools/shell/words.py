@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from runtime.tools.shell.paths import _has_glob
 
@@ -61,9 +62,18 @@ def _starts_brace_expansion(raw: str, i: int) -> bool:
     return False
 
 
-def _raw_features(raw: str) -> tuple[bool, bool, bool]:
-    """(glob, brace, expand) for the unquoted/double-quoted parts of a raw word."""
-    glob = brace = expand = False
+class _Scan(NamedTuple):
+    """What the shell does to a raw word, read from its unquoted and
+    double-quoted parts (single quotes and backslashes make text literal)."""
+
+    glob: bool  # unquoted * ? [
+    brace: bool  # an unquoted { that starts a brace expansion
+    expand: bool  # $ or ` outside single quotes
+    literal: bool  # none of those, nor ~ # or any unquoted {, and every quote closed
+
+
+def _scan(raw: str) -> _Scan:
+    glob = brace = expand = special = False
     quote: str | None = None
     i = 0
     while i < len(raw):
@@ -77,6 +87,7 @@ def _raw_features(raw: str) -> tuple[bool, bool, bool]:
             elif c in "*?[":
                 glob = True
             elif c == "{":
+                special = True
                 brace = brace or _starts_brace_expansion(raw, i)
             elif c in "$`":
                 expand = True
@@ -84,6 +95,8 @@ def _raw_features(raw: str) -> tuple[bool, bool, bool]:
                     end = raw.find("}", i)
                     i = end + 1 if end > 0 else len(raw)
                     continue
+            elif c in "~#":
+                special = True
         elif quote == "'":
             if c == "'":
                 quote = None
@@ -96,7 +109,21 @@ def _raw_features(raw: str) -> tuple[bool, bool, bool]:
             elif c in "$`":
                 expand = True
         i += 1
-    return glob, brace, expand
+    # A ${…} skip does not follow quotes, so the final quote state is only
+    # trusted with no special character seen (and then nothing was skipped).
+    literal = not (glob or expand or special) and quote is None
+    return _Scan(glob, brace, expand, literal)
+
+
+def _raw_features(raw: str) -> tuple[bool, bool, bool]:
+    """(glob, brace, expand) for the unquoted/double-quoted parts of a raw word."""
+    scan = _scan(raw)
+    return scan.glob, scan.brace, scan.expand
+
+
+def _literal(raw: str) -> bool:
+    """A raw word whose meaning is its quote-removed text (no expansion at all)."""
+    return _scan(raw).literal
 
 
 _PLAIN_PARAM = re.compile(r"[A-Za-z][A-Za-z0-9_]*|_[A-Za-z0-9_]+")
