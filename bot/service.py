@@ -36,6 +36,7 @@ from runtime.replica import Replica
 from runtime.store import StoreError
 from runtime.store.inbox import InboxRow
 from runtime.store.models import Approval, Event, Schedule
+from runtime.store.votes import EditState
 from runtime.tools.shell_rules import describe_rule, rule_for_command
 
 logger = logging.getLogger("ducklm.service")
@@ -117,8 +118,15 @@ class ChatService:
 
     async def policy_of_task(self, task_id: str) -> ChannelPolicy:
         """The policy of the channel a task lives in (the default without one)."""
+        where, _ = await self._where_task_lives(task_id)
+        return where
+
+    async def _where_task_lives(self, task_id: str) -> tuple[ChannelPolicy, Thread | None]:
+        """The policy of a task's channel and its thread (None: not served here),
+        from one read of the task (a decision needs both; each read is a round trip)."""
         task = await self.tasks.get_task(task_id)
-        return self.policy.for_conversation(task.conversation if task else None)
+        conversation = task.conversation if task else None
+        return self.policy.for_conversation(conversation), self._served_thread(conversation)
 
     async def decision_refusal(self, user: str, approval: Approval, decision: str) -> str | None:
         """Why `user` may not take `decision` on `approval` in its task's channel
@@ -130,10 +138,7 @@ class ChatService:
         """The policy deciding this approval: its task's channel's, with the
         escalation approvers among the approvers once it was escalated (#20)."""
         where = await self.policy_of_task(approval.task_id)
-        state = await self.approvals.edit_state(approval.approval_id)
-        if state is not None and state.escalated_at is not None:
-            return where.escalated()
-        return where
+        return _escalated(where, await self.approvals.edit_state(approval.approval_id))
 
     # -- inbound: messages --------------------------------------------------
 
@@ -204,14 +209,13 @@ class ChatService:
         )
 
     async def _record_refused_decision(
-        self, approval: Approval, user: str, decision: str, refusal: str
+        self, approval: Approval, user: str, decision: str, refusal: str, where: ChannelPolicy
     ) -> None:
         """A click or reply that changed nothing because its author may not decide
         there (issue #20): on the task's audit trail, so `ducklm events` shows
         who tried. Best effort: the refusal is told either way."""
         if approval.decision is not None:
             return  # late clicks on a decided card are not attempts to decide
-        where = await self.policy_of_task(approval.task_id)
         await self._safely(
             self.events.append(
                 approval.task_id,
@@ -306,30 +310,35 @@ class ChatService:
         nothing pending, the answer a late click gets (never a model call). False when
         the text is no decision or the thread never had an approval. `edit <command>`
         is a decision too (approve with an edit, issue #20)."""
-        reply = c.parse_decision(text)
-        edit = parse_edit(text) if reply is None else None
-        if reply is None and edit is None:
+        reply = _reply_decision(text)
+        if reply is None:
             return False
-        backend = self.backends[thread.platform]
         approval = await self._pending_in(thread)
         if approval is not None:
-            if edit is not None:
-                refusal = await self.handle_edit(approval.approval_id, row.user, edit)
-            else:
-                assert reply is not None
-                refusal = await self.handle_decision(
-                    approval.approval_id, row.user, reply.decision, reply.note
-                )
-            if refusal:
-                await self._safely(backend.tell(thread, row.user, refusal))
+            await self._decide_reply(thread, row.user, approval, reply)
             await self.inbox.close(row.inbox_id, "decision")
             return True
         decided = await self._latest_decided_in(thread)
         if decided is None:
             return False
         if await self.inbox.close(row.inbox_id, "already_decided"):
+            backend = self.backends[thread.platform]
             await self._safely(backend.tell(thread, row.user, _already_decided(decided)))
         return True
+
+    async def _decide_reply(
+        self, thread: Thread, user: str, approval: Approval, reply: c.DecisionReply | str
+    ) -> None:
+        """Decide `approval` as a thread reply says (a str: the command of an edit);
+        a refusal is told to its author privately."""
+        if isinstance(reply, str):
+            refusal = await self.handle_edit(approval.approval_id, user, reply)
+        else:
+            refusal = await self.handle_decision(
+                approval.approval_id, user, reply.decision, reply.note
+            )
+        if refusal:
+            await self._safely(self.backends[thread.platform].tell(thread, user, refusal))
 
     def submit_message(
         self, thread: Thread, user: str, text: str, history: Iterable[dict[str, str]] = ()
@@ -347,22 +356,13 @@ class ChatService:
         """`approve` / `deny [reason]` / `always` in an approval's thread. Returns
         False when the text is no decision or the thread has nothing pending.
         `edit <command>` approves with an edit (issue #20)."""
-        reply = c.parse_decision(text)
-        edit = parse_edit(text) if reply is None else None
-        if reply is None and edit is None:
+        reply = _reply_decision(text)
+        if reply is None:
             return False
         approval = await self._pending_in(thread)
         if approval is None:
             return False
-        if edit is not None:
-            refusal = await self.handle_edit(approval.approval_id, user, edit)
-        else:
-            assert reply is not None
-            refusal = await self.handle_decision(
-                approval.approval_id, user, reply.decision, reply.note
-            )
-        if refusal:
-            await self._safely(self.backends[thread.platform].tell(thread, user, refusal))
+        await self._decide_reply(thread, user, approval, reply)
         return True
 
     # -- inbound: decisions -------------------------------------------------
@@ -390,8 +390,8 @@ class ChatService:
         if card_ref and approval.decision is None and card_ref != approval.card_ref:
             # A click on a card an edit replaced (issue #20): it showed another
             # command, so it approves nothing; the new card (or a reply) does.
-            state = await self.approvals.edit_state(approval_id)
-            if state is not None and state.revision > 0:
+            # Read again only when `seen` shows no edit: one may have landed since.
+            if seen.revision > 0 or await self._edited(approval_id):
                 return (
                     "This card was replaced: the command was edited since "
                     f"(now `{clip(self.shown_command(approval), 200)}`). Decide on the new "
@@ -400,28 +400,42 @@ class ChatService:
         if card_ref and approval.card_state == "unposted":
             await self.approvals.card_posted(approval_id, card_ref)
             approval = await self.approvals.get(approval_id) or approval
-        # The approvers of the channel the approval's task lives in (issue #20).
-        refusal = await self.decision_refusal(user, approval, decision)
+        # The approvers of the channel the approval's task lives in (issue #20),
+        # escalated as `seen` says; the task is read once for policy and thread.
+        channel, thread = await self._where_task_lives(approval.task_id)
+        where = _escalated(channel, seen)
+        refusal = self.policy.refuse_decision(user, approval, decision, where)
         if refusal:
-            await self._record_refused_decision(approval, user, decision, refusal)
+            await self._record_refused_decision(approval, user, decision, refusal, where)
             return refusal
         if approval.decision is not None:
-            if approval.card_state == "posted":  # a stale card, clicked late: fix it now
-                thread = await self.thread_of(approval.task_id)
-                if thread is not None:
-                    await self.resolve_card(thread, approval)
+            # A stale card, clicked late: fix it now.
+            if approval.card_state == "posted" and thread is not None:
+                await self.resolve_card(thread, approval)
             return _already_decided(approval)
-        return await self._take(approval, user, decision, note, seen.revision)
+        return await self._take(approval, user, decision, note, seen.revision, where, thread)
+
+    async def _edited(self, approval_id: str) -> bool:
+        """Whether the approval's command was edited (as the store says now)."""
+        state = await self.approvals.edit_state(approval_id)
+        return state is not None and state.revision > 0
 
     async def _take(
-        self, approval: Approval, user: str, decision: str, note: str | None, revision: int
+        self,
+        approval: Approval,
+        user: str,
+        decision: str,
+        note: str | None,
+        revision: int,
+        where: ChannelPolicy,
+        thread: Thread | None,
     ) -> str | None:
         """Take an authorised decision: with the channel's quorum for the
         approval's risk, an approval is one person's vote (issue #20), and the
         vote that makes the quorum decides. `revision`: the one `approval` was
-        read at; the store refuses the decision if an edit came since."""
+        read at; the store refuses the decision if an edit came since. `where`
+        and `thread`: the approval's policy and thread, as the caller read them."""
         approval_id = approval.approval_id
-        where = await self.approval_policy(approval)
         needed = where.quorum_for(approval.risk_level)
         try:
             outcome = await self.approvals.decide(
@@ -436,21 +450,19 @@ class ChatService:
         except ApprovalError as exc:
             return str(exc)
         if outcome.waiting_for_more:
-            return await self._vote_counted(approval, user, outcome)
+            return await self._vote_counted(approval, user, outcome, thread)
         if not outcome.taken or outcome.approval is None:
             return _already_decided(outcome.approval or approval)
         crash_point("decision_recorded")  # test seam (issue #15): decided, card not updated
-        thread = await self.thread_of(approval.task_id)
         if thread is not None:
             await self.resolve_card(thread, outcome.approval)
             self._spawn(self._continue(thread, approval.task_id, approval_id))
         return None
 
     async def _vote_counted(
-        self, approval: Approval, user: str, outcome: DecisionOutcome
+        self, approval: Approval, user: str, outcome: DecisionOutcome, thread: Thread | None
     ) -> str | None:
         """An approval short of its quorum: the thread says who approved so far."""
-        thread = await self.thread_of(approval.task_id)
         mention = self.backends[thread.platform].mention if thread is not None else str
         if not outcome.counted:
             return (
@@ -504,20 +516,21 @@ class ChatService:
         approval = await self.approvals.get(approval_id)
         if approval is None:
             return "That approval does not exist."
-        refusal = await self.decision_refusal(user, approval, "approve")
+        # Read once for the whole edit: an edit keeps the task and the escalation.
+        channel, thread = await self._where_task_lives(approval.task_id)
+        where = _escalated(channel, await self.approvals.edit_state(approval_id))
+        refusal = self.policy.refuse_decision(user, approval, "approve", where)
         if refusal is None and approval.decision is not None:
             return _already_decided(approval)
         if refusal:
-            await self._record_refused_decision(approval, user, "edit", refusal)
+            await self._record_refused_decision(approval, user, "edit", refusal, where)
             return refusal
         try:
             edit = await self.approvals.edit(approval_id, command, user)
         except ApprovalError as exc:
             return str(exc)
         edited = edit.approval
-        where = await self.approval_policy(edited)
         needed = where.quorum_for(edited.risk_level)
-        thread = await self.thread_of(edited.task_id)
         if thread is not None:
             backend = self.backends[thread.platform]
             shown = self.loop.redactor.redact
@@ -532,16 +545,16 @@ class ChatService:
                     needed,
                 ),
             )
-            await self._replace_card(thread, approval, edited, user)
+            await self._replace_card(thread, approval, edited, user, where)
         # The editor's own approval of the edit (refused under four-eyes when the
         # editor asked for it: then another approver has to approve it).
         refusal = self.policy.refuse_decision(user, edited, "approve", where)
         if refusal:
             return f"Edited. {refusal}"
-        return await self._take(edited, user, "approve", None, edit.revision)
+        return await self._take(edited, user, "approve", None, edit.revision, where, thread)
 
     async def _replace_card(
-        self, thread: Thread, old: Approval, edited: Approval, editor: str
+        self, thread: Thread, old: Approval, edited: Approval, editor: str, where: ChannelPolicy
     ) -> None:
         """After an edit: the old card shows that it was edited (no buttons), a new
         card shows the edited command (with the original in its reason) and is
@@ -559,7 +572,7 @@ class ChatService:
                     CardResolution("edited", editor, datetime.now(UTC), note),
                 )
             )
-        await self.post_card(thread, edited)
+        await self.post_card(thread, edited, where)
 
     # -- inbound: /duck commands --------------------------------------------
 
@@ -966,10 +979,12 @@ class ChatService:
             expires_at=pending.expires_at,
         )
 
-    async def post_card(self, thread: Thread, approval: Approval) -> None:
+    async def post_card(
+        self, thread: Thread, approval: Approval, where: ChannelPolicy | None = None
+    ) -> None:
         """Post a pending approval's card, once across processes (a lease on the
         row); its reference and state are stored together. A failed post is
-        retried by recovery."""
+        retried by recovery. `where`: the approval's policy, if the caller has it."""
         if approval.decision is not None:
             return
         # A claim left by a dead process: its post may have gone out unrecorded.
@@ -983,7 +998,8 @@ class ChatService:
         if in_flight:
             ref = await self._safely(backend.find_card(thread, approval.approval_id))
         if not ref:
-            where = await self.approval_policy(approval)
+            if where is None:
+                where = await self.approval_policy(approval)
             card = self._card(
                 PendingApproval.from_approval(approval, self.loop.redactor),
                 where.quorum_for(approval.risk_level),
@@ -1037,10 +1053,14 @@ class ChatService:
     async def thread_of(self, task_id: str) -> Thread | None:
         """The thread a task lives in, if a platform this process serves owns it."""
         task = await self.tasks.get_task(task_id)
-        if task is None or not task.conversation:
+        return self._served_thread(task.conversation if task else None)
+
+    def _served_thread(self, conversation: str | None) -> Thread | None:
+        """The thread of a task's conversation key, if a platform served here owns it."""
+        if not conversation:
             return None
         try:
-            thread = Thread.parse(task.conversation)
+            thread = Thread.parse(conversation)
         except ValueError:
             return None
         return thread if thread.platform in self.backends else None
@@ -1122,6 +1142,14 @@ class ChatService:
             return None
 
 
+def _reply_decision(text: str) -> c.DecisionReply | str | None:
+    """A thread reply's decision words: approve / deny [reason] / always, or the
+    new command of `edit <command>` (approve with an edit, issue #20); None when
+    the text is neither."""
+    reply = c.parse_decision(text)
+    return reply if reply is not None else parse_edit(text)
+
+
 def _already_decided(approval: Approval) -> str:
     if approval.decision == "expired":
         return f"This approval expired at {when(approval.decided_at)}; nothing ran."
@@ -1129,3 +1157,11 @@ def _already_decided(approval: Approval) -> str:
         f"Already decided: {approval.decision} by {approval.decided_by} at "
         f"{when(approval.decided_at)}. Nothing changed."
     )
+
+
+def _escalated(where: ChannelPolicy, state: EditState | None) -> ChannelPolicy:
+    """`where` with the escalation approvers among the approvers once the
+    approval was escalated (issue #20)."""
+    if state is not None and state.escalated_at is not None:
+        return where.escalated()
+    return where
