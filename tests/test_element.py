@@ -19,19 +19,19 @@ from tests import element_client, test_matrix
 from tests.conftest import ACTION, THINKER, directive, shell
 from tests.element_client import ElementUser, OpenElement
 from tests.fakes.openai_server import FakeModelServer, Text
-from tests.fakes.synapse import FlakyProxy, SynapseServer
-from tests.test_matrix import (
+from tests.fakes.synapse import SynapseServer
+from tests.matrix_helpers import (
     NO_ACTIONS,
     PASSWORD,
-    Bot,
-    StartBot,
     body,
     bot_notice,
     content_answers,
     edit_of,
+    flaky_proxy,
     joined,
     relation,
 )
+from tests.test_matrix import Bot, StartBot
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -69,6 +69,34 @@ async def room_with_bot(owner: ElementUser, duck: str, *others: ElementUser) -> 
         await other.join(room)
     await owner.wait_for(joined(duck, room), "the bot joining")
     return room
+
+
+async def answering_room(
+    bots: StartBot, model_server: FakeModelServer, alice: ElementUser, bob: ElementUser, duck: str
+) -> str:
+    """The bot started, in a room with alice and bob, the model answering by content."""
+    await bots()
+    room = await room_with_bot(alice, duck, bob)
+    content_answers(model_server)
+    return room
+
+
+async def ask_for_approval(
+    model_server: FakeModelServer,
+    asker: ElementUser,
+    room: str,
+    duck: str,
+    command: str,
+    answer: str,
+) -> tuple[str, dict[str, Any]]:
+    """`asker` mentions the bot; the agent wants `command`, then nothing more, and
+    says `answer` (anything later is answered by content); returns (question, card)."""
+    model_server.reply(ACTION, Text(directive(shell(command))), Text(NO_ACTIONS))
+    model_server.reply(THINKER, Text(answer))
+    content_answers(model_server)
+    question = await asker.say(room, f"please run {command}", mention=duck)
+    card = await asker.wait_for(bot_notice(duck, question, "Approval needed"), "the card")
+    return question, card
 
 
 def invited(user_id: str, room_id: str) -> Any:
@@ -207,9 +235,7 @@ async def test_a_pill_mention_is_answered_in_its_thread_and_so_is_a_follow_up(
     duck: str,
     model_server: FakeModelServer,
 ) -> None:
-    await bots()
-    room = await room_with_bot(alice, duck, bob)
-    content_answers(model_server)
+    room = await answering_room(bots, model_server, alice, bob, duck)
 
     question = await alice.say(room, "what does the duck say?", mention=duck)
     sent = await alice.wait_for({"event_id": question}, "the echo of the question")
@@ -256,11 +282,9 @@ async def test_a_check_mark_from_the_picker_approves_once_and_updates_the_card(
 ) -> None:
     bot = await bots()
     room = await room_with_bot(alice, duck, bob)
-    model_server.reply(ACTION, Text(directive(shell("touch approved.txt"))), Text(NO_ACTIONS))
-    model_server.reply(THINKER, Text("Created approved.txt."))
-    content_answers(model_server)  # for whatever comes after the scripted replies
-    question = await bob.say(room, "please run touch approved.txt", mention=duck)
-    card = await bob.wait_for(bot_notice(duck, question, "Approval needed"), "the card")
+    question, card = await ask_for_approval(
+        model_server, bob, room, duck, "touch approved.txt", "Created approved.txt."
+    )
 
     # The bot's seeded ✅ is what the picker sends, so a picked ✅ joins its pill.
     seed = await alice.wait_for(
@@ -301,11 +325,9 @@ async def test_a_thumbs_up_on_a_card_does_nothing(
     """👍 is Element's first quick reaction and means "seen": it must never approve."""
     bot = await bots()
     room = await room_with_bot(alice, duck, bob)
-    model_server.reply(ACTION, Text(directive(shell("touch thumbs.txt"))), Text(NO_ACTIONS))
-    model_server.reply(THINKER, Text("Not touched."))
-    content_answers(model_server)
-    question = await bob.say(room, "please run touch thumbs.txt", mention=duck)
-    card = await bob.wait_for(bot_notice(duck, question, "Approval needed"), "the card")
+    question, card = await ask_for_approval(
+        model_server, bob, room, duck, "touch thumbs.txt", "Not touched."
+    )
 
     await alice.react(room, card["event_id"], "👍")  # the quick reaction, as the picker sends it
     await alice.react(room, card["event_id"], key="\U0001f44d")  # and without U+FE0F
@@ -330,9 +352,7 @@ async def test_an_edit_of_an_answered_question_gets_one_hint(
     duck: str,
     model_server: FakeModelServer,
 ) -> None:
-    await bots()
-    room = await room_with_bot(alice, duck, bob)
-    content_answers(model_server)
+    room = await answering_room(bots, model_server, alice, bob, duck)
     question = await alice.say(room, "what does the duck say?", mention=duck)
     await alice.wait_for(bot_notice(duck, question, "answer to:"), "the answer")
 
@@ -361,9 +381,7 @@ async def test_the_first_dm_message_sent_before_the_bot_joined_is_answered_once(
 ) -> None:
     # The bot reaches the homeserver through a proxy the test cuts while Alice starts
     # the DM, so the first message is certainly in the room before the bot has joined.
-    proxy = FlakyProxy(synapse.port)
-    await proxy.start()
-    try:
+    async with flaky_proxy(synapse) as proxy:
         await bots(matrix_homeserver=proxy.url)
         content_answers(model_server)
         proxy.cut()
@@ -384,8 +402,6 @@ async def test_the_first_dm_message_sent_before_the_bot_joined_is_answered_once(
         assert len(by_bot_in_thread(events, duck, hello)) == 1
         asked = [r for r in model_server.requests_for(THINKER) if "are you there?" in str(r.body)]
         assert len(asked) == 1
-    finally:
-        await proxy.stop()
 
 
 async def test_a_burst_while_the_bot_is_down_is_handled_once_after_the_restart(
@@ -441,9 +457,7 @@ async def test_a_thread_message_to_someone_else_is_not_answered(
 ) -> None:
     """In the bot's thread, a message with a pill to another person only (Element puts
     just that person in m.mentions) is between people; the bot stays out of it."""
-    await bots()
-    room = await room_with_bot(alice, duck, bob)
-    content_answers(model_server)
+    room = await answering_room(bots, model_server, alice, bob, duck)
     question = await bob.say(room, "is web-1 up?", mention=duck)
     answer = await bob.wait_for(bot_notice(duck, question, "answer to:"), "the answer")
 
@@ -475,11 +489,9 @@ async def test_approve_after_a_deny_is_told_it_was_decided_without_a_model_call(
 ) -> None:
     await bots()
     room = await room_with_bot(alice, duck, bob)
-    model_server.reply(ACTION, Text(directive(shell("touch late.txt"))), Text(NO_ACTIONS))
-    model_server.reply(THINKER, Text("Left it alone."))
-    content_answers(model_server)
-    question = await bob.say(room, "please run touch late.txt", mention=duck)
-    card = await bob.wait_for(bot_notice(duck, question, "Approval needed"), "the card")
+    question, card = await ask_for_approval(
+        model_server, bob, room, duck, "touch late.txt", "Left it alone."
+    )
     await alice.react(room, card["event_id"], "❌")
     await alice.wait_for(bot_notice(duck, question, "Left it alone"), "the answer")
     calls = len(model_server.requests)
@@ -504,11 +516,9 @@ async def test_a_reply_with_the_quoted_fallback_decides(
     (the card quoted in body and <mx-reply>): the bot reads only what Alice typed."""
     await bots()
     room = await room_with_bot(alice, duck, bob)
-    model_server.reply(ACTION, Text(directive(shell("touch quoted.txt"))), Text(NO_ACTIONS))
-    model_server.reply(THINKER, Text("Not touching it."))
-    content_answers(model_server)
-    question = await bob.say(room, "please run touch quoted.txt", mention=duck)
-    card = await bob.wait_for(bot_notice(duck, question, "Approval needed"), "the card")
+    question, card = await ask_for_approval(
+        model_server, bob, room, duck, "touch quoted.txt", "Not touching it."
+    )
 
     await alice.wait_for({"event_id": card["event_id"]}, "the card, read")
     reply = await alice.say(
