@@ -208,13 +208,8 @@ class TaskStore:
         self, task_id: str, *, if_running: bool = False, owner: str | None = None
     ) -> bool:
         """Running -> waiting for approval; fenced like `complete_task`."""
-        fence, params = _fence(if_running, owner)
-        return bool(
-            await self.db.execute(
-                "UPDATE tasks SET status = 'waiting_for_approval', updated_at = ? "
-                f"WHERE task_id = ?{fence} RETURNING 1",
-                (now(), task_id, *params),
-            )
+        return await self._set_fenced(
+            task_id, "status = 'waiting_for_approval'", (), if_running, owner
         )
 
     async def complete_task(
@@ -229,25 +224,38 @@ class TaskStore:
         task is still running, and with `owner` only while it is that replica's:
         False when a survivor reported it interrupted meanwhile (this replica was
         taken for dead) or another replica carries it on; nothing changes then."""
-        fence, params = _fence(if_running, owner)
-        return bool(
-            await self.db.execute(
-                "UPDATE tasks SET status = 'completed', final_response = ?, updated_at = ? "
-                f"WHERE task_id = ?{fence} RETURNING 1",
-                (final_response, now(), task_id, *params),
-            )
+        return await self._set_fenced(
+            task_id,
+            "status = 'completed', final_response = ?",
+            (final_response,),
+            if_running,
+            owner,
         )
 
     async def fail_task(
         self, task_id: str, error: str, *, if_running: bool = False, owner: str | None = None
     ) -> bool:
         """The task failed; fenced like `complete_task`."""
+        return await self._set_fenced(
+            task_id, "status = 'failed', error = ?", (error,), if_running, owner
+        )
+
+    async def _set_fenced(
+        self,
+        task_id: str,
+        assignments: str,
+        values: tuple[str, ...],
+        if_running: bool,
+        owner: str | None,
+    ) -> bool:
+        """UPDATE the task's `assignments` (with `values`) and its updated_at, behind
+        the fence of `_fence`; whether it did."""
         fence, params = _fence(if_running, owner)
         return bool(
             await self.db.execute(
-                "UPDATE tasks SET status = 'failed', error = ?, updated_at = ? "
+                f"UPDATE tasks SET {assignments}, updated_at = ? "
                 f"WHERE task_id = ?{fence} RETURNING 1",
-                (error, now(), task_id, *params),
+                (*values, now(), task_id, *params),
             )
         )
 
