@@ -354,9 +354,16 @@ class MatrixConnection:
         client = self.client
         if client is None or client.olm is None or not self.device_id or not self.syncing:
             return
+        store = self.crypto_store
         try:
-            blob, digest = await asyncio.to_thread(self.crypto_store.snapshot)
+            # Mostly nothing was written since the last save: the files' signature
+            # says so without copying and hashing the store.
+            found = await asyncio.to_thread(store.changed_snapshot)
+            if found is None:
+                return
+            blob, digest, signature = found
             if digest == self._crypto_digest:
+                store.saved(signature)  # written, but to the contents saved already
                 return
             version = await self.shared.save_crypto(self.device_id, blob)
         except (OSError, sqlite3.Error, StoreError) as exc:
@@ -365,7 +372,8 @@ class MatrixConnection:
         if version is None:
             return  # the lease is lost; saving the token says so next
         self._crypto_digest = digest
-        await asyncio.to_thread(self.crypto_store.set_marker, version)
+        store.saved(signature)
+        await asyncio.to_thread(store.set_marker, version)
 
     async def _may_take_over(self, starting: bool) -> bool:
         """Without encryption any replica may sync. With it, the crypto store is

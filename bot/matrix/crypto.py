@@ -20,7 +20,10 @@ Several replicas (issue #19) share one device, and the store follows the Matrix
 sync lease: the holder puts a snapshot of this directory into the database after
 each handled batch that changed it (before that batch's sync token, so a
 snapshot is never older than the position it goes with), and a replica taking
-the lease over restores it first (`snapshot`, `restore`). The snapshot holds
+the lease over restores it first (`snapshot`, `restore`). The holder also asks
+on every lease renewal; the files' signature (`signature`: a stat of each, and
+SQLite's change counter) spares it the copy while nothing was written since its
+last save (`changed_snapshot`, `saved`). The snapshot holds
 pickle.key too (replicas must share it); set MATRIX_STORE_PASSPHRASE to keep the
 key out of the database. What the holder did after its last snapshot (a room key
 shared for a message it sent, one-time keys uploaded) is lost with it; people's
@@ -57,6 +60,13 @@ PICKLE_KEY_FILE = "pickle.key"
 # saved as: equal to the database's, the local store is that one (or newer).
 SNAPSHOT_MARKER = "snapshot.version"
 _SQLITE_SIDE_FILES = ("-journal", "-wal", "-shm")
+# Where SQLite keeps a database file's change counter, bumped by every commit
+# (rollback-journal mode, nio's): a write within one tick of the filesystem's
+# timestamps still changes a signature.
+_CHANGE_COUNTER = slice(24, 28)
+
+# Per file: name, inode, size, mtime (ns) and a database's change counter.
+Signature = tuple[tuple[str, int, int, int, bytes], ...]
 
 
 @dataclass(frozen=True)
@@ -90,6 +100,8 @@ class CryptoStore:
     def __init__(self, state_dir: Path, passphrase: str | None) -> None:
         self.directory = Path(state_dir) / CRYPTO_DIR
         self._passphrase = passphrase or None
+        # The files' signature when the snapshot last saved was taken (`saved`).
+        self._saved: Signature | None = None
 
     def prepare(self) -> None:
         """The directory exists with mode 0700 (nio creates files in it)."""
@@ -124,6 +136,40 @@ class CryptoStore:
                     os.chmod(path, 0o600)
 
     # -- snapshots for replicas (issue #19) ----------------------------------------
+
+    def signature(self) -> Signature:
+        """What the files look like, without copying them: equal signatures
+        mean nothing was written in between (nio writes the trust files by
+        rename, a new inode each time; SQLite's journal comes and goes)."""
+        entries = []
+        for path in sorted(self.directory.iterdir()):
+            name = path.name
+            if name == SNAPSHOT_MARKER or name.startswith(".") or name.endswith("-shm"):
+                continue
+            with contextlib.suppress(FileNotFoundError):  # gone meanwhile: not in it
+                info = path.stat()
+                counter = b""
+                if name.endswith(".db"):
+                    with path.open("rb") as handle:
+                        counter = handle.read(_CHANGE_COUNTER.stop)[_CHANGE_COUNTER]
+                entries.append((name, info.st_ino, info.st_size, info.st_mtime_ns, counter))
+        return tuple(entries)
+
+    def changed_snapshot(self) -> tuple[bytes, str, Signature] | None:
+        """`snapshot` and the signature it was taken at, or None when the files
+        are as they were for the snapshot last `saved` (the lease holder asks
+        every second; most times nothing changed). The signature is taken
+        before the copy, so a write during the copy makes the next call copy again."""
+        signature = self.signature()
+        if signature == self._saved:
+            return None
+        blob, digest = self.snapshot()
+        return blob, digest, signature
+
+    def saved(self, signature: Signature) -> None:
+        """The snapshot taken at `signature` (or one with its contents) is the
+        database's now."""
+        self._saved = signature
 
     def snapshot(self) -> tuple[bytes, str]:
         """The directory as a gzip'd tar, and a digest of its contents (equal
@@ -165,6 +211,7 @@ class CryptoStore:
 
     def restore(self, blob: bytes, version: int) -> None:
         """Replace the directory's files by the snapshot's (each atomically, 0600)."""
+        self._saved = None  # the files are another holder's now: the next save copies
         self.prepare()
         with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
             for member in tar.getmembers():

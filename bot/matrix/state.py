@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from runtime.store.replicas import Lease, LeaseStore, StateStore
+    from runtime.store.replicas import Lease, LeaseStore, SharedValue, StateStore
 
 logger = logging.getLogger("ducklm.matrix")
 
@@ -206,6 +206,21 @@ def _loads(text: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _crypto_from(found: SharedValue | None) -> tuple[int, str, bytes] | None:
+    """(version, device id, snapshot) from the stored row, if it is readable."""
+    data = _loads(found.value) if found is not None else None
+    if found is None or not data:
+        return None
+    device, blob = data.get("device_id"), data.get("data")
+    if not isinstance(device, str) or not isinstance(blob, str):
+        return None
+    try:
+        return found.version, device, base64.b64decode(blob)
+    except ValueError:
+        logger.warning("matrix: ignoring an unreadable crypto snapshot")
+        return None
+
+
 class SharedMatrixState:
     """The session, the sync position and the sync lease of one Matrix account,
     in the database (see the module's docstring), for the replica `holder`."""
@@ -228,6 +243,9 @@ class SharedMatrixState:
         self._sync_key = f"matrix-sync:{user_id}"
         self._crypto_key = f"matrix-crypto:{user_id}"
         self.session_version: int | None = None  # of the session last read
+        # The crypto snapshot last read (version, updated_at) and its device.
+        self._crypto_stamp: tuple[int, float] | None = None
+        self._crypto_device: str | None = None
 
     # -- the lease -------------------------------------------------------------
 
@@ -334,22 +352,20 @@ class SharedMatrixState:
 
     async def load_crypto(self) -> tuple[int, str, bytes] | None:
         """(version, device id, snapshot) of the crypto store, if one was saved."""
-        found = await self.state.get(self._crypto_key)
-        data = _loads(found.value) if found is not None else None
-        if found is None or not data:
-            return None
-        device, blob = data.get("device_id"), data.get("data")
-        if not isinstance(device, str) or not isinstance(blob, str):
-            return None
-        try:
-            return found.version, device, base64.b64decode(blob)
-        except ValueError:
-            logger.warning("matrix: ignoring an unreadable crypto snapshot")
-            return None
+        return _crypto_from(await self.state.get(self._crypto_key))
 
     async def crypto_device(self) -> str | None:
-        found = await self.load_crypto()
-        return None if found is None else found[1]
+        """The device of the saved snapshot. A standby without the store asks
+        every second, and the snapshot can be megabytes: it is decoded again
+        only when it was written since (a deleted and saved again snapshot can
+        start over at the same version, not at the same time)."""
+        found = await self.state.get(self._crypto_key)
+        stamp = None if found is None else (found.version, found.updated_at)
+        if stamp != self._crypto_stamp:
+            loaded = _crypto_from(found)
+            self._crypto_stamp = stamp
+            self._crypto_device = None if loaded is None else loaded[1]
+        return self._crypto_device
 
     async def save_crypto(self, device_id: str, blob: bytes) -> int | None:
         """Store a snapshot while holding the lease; its version, or None."""
