@@ -12,6 +12,9 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+from bot.backend import Thread
+from runtime.factory import Runtime
+from runtime.store.models import Task
 from tests.conftest import ACTION, THINKER, directive
 from tests.fakes.openai_server import FakeModelServer, RecordedRequest, Reply, Text
 from tests.fakes.synapse import FlakyProxy, SynapseServer
@@ -117,6 +120,11 @@ def then_answers(model_server: FakeModelServer, text: str) -> None:
     """The agent's next plan wants nothing more, and its answer says `text`."""
     model_server.reply(ACTION, Text(NO_ACTIONS))
     model_server.reply(THINKER, Text(text))
+
+
+async def tasks_in_thread(runtime: Runtime, room: str, root: str) -> list[Task]:
+    """The tasks the bot started in the Matrix thread of `root` in `room`."""
+    return await runtime.stores.tasks.list_by_conversation(Thread("matrix", room, root).key)
 
 
 # -- waiting --------------------------------------------------------------------------

@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-from bot.backend import Thread
 from bot.service import LATE_TEXT
 from tests import element_client, test_matrix
 from tests.conftest import ACTION, THINKER, directive, shell
@@ -30,6 +29,7 @@ from tests.matrix_helpers import (
     flaky_proxy,
     joined,
     relation,
+    tasks_in_thread,
 )
 from tests.test_matrix import Bot, StartBot
 
@@ -142,7 +142,7 @@ async def settled(user: ElementUser, room: str, duck: str) -> list[dict[str, Any
 
 async def approved_runs(bot: Bot, room: str, root: str) -> int:
     """How many times the task in the thread of `root` started an approved action."""
-    (task,) = await bot.runtime.stores.tasks.list_by_conversation(Thread("matrix", room, root).key)
+    (task,) = await tasks_in_thread(bot.runtime, room, root)
     return sum(
         1
         for e in await bot.runtime.stores.events.list_events(task.task_id)

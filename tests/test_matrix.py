@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from bot.backend import PlatformStartError, Thread
+from bot.backend import PlatformStartError
 from bot.matrix.events import ENCRYPTED_NOTICE
 from bot.matrix.platform import MatrixPlatform
 from bot.service import ChatService
@@ -40,6 +40,7 @@ from tests.matrix_helpers import (
     left,
     poll,
     relation,
+    tasks_in_thread,
     then_answers,
 )
 from tests.matrix_helpers import edit_of as edit_of
@@ -192,9 +193,7 @@ async def test_read_only_question_is_answered_in_its_thread(
     assert content["m.mentions"] == {}
     assert not bot_events_in_thread(alice, duck, chatter)
 
-    (task,) = await bot.runtime.stores.tasks.list_by_conversation(
-        Thread("matrix", room, question).key
-    )
+    (task,) = await tasks_in_thread(bot.runtime, room, question)
     assert task.status == "completed"
     assert task.requested_by == alice.qualified
     assert task.message == "what does the duck say?"
@@ -626,9 +625,7 @@ async def test_direct_commands_without_a_model(
         workspace = tmp_path / "workspace"
 
         async def trail(root: str) -> list[dict[str, Any]]:
-            (task,) = await runtime.stores.tasks.list_by_conversation(
-                Thread("matrix", room, root).key
-            )
+            (task,) = await tasks_in_thread(runtime, room, root)
             events = await runtime.stores.events.list_events(task.task_id)
             assert events[1].event_type == "direct_command"
             assert not any(e.event_type.startswith("model_call") for e in events)
@@ -681,6 +678,6 @@ async def test_the_access_token_from_login_is_redacted_from_tool_output(
 
     assert token not in reply["content"]["body"]
     assert token not in reply["content"].get("formatted_body", "")
-    (task,) = await bot.runtime.stores.tasks.list_by_conversation(Thread("matrix", room, ran).key)
+    (task,) = await tasks_in_thread(bot.runtime, room, ran)
     for event in await bot.runtime.stores.events.list_events(task.task_id):
         assert token not in json.dumps(event.payload)

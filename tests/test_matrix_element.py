@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from bot.backend import Thread
 from bot.matrix.events import EDIT_HINT, LEAVING_NOTICE
 from bot.service import LATE_TEXT
 from tests import test_matrix
@@ -34,6 +33,7 @@ from tests.matrix_helpers import (
     left,
     poll,
     relation,
+    tasks_in_thread,
     then_answers,
 )
 from tests.test_matrix import StartBot, room_with_bot
@@ -261,7 +261,7 @@ async def test_first_dm_message_sent_before_the_join_is_answered_once(
     await alice.wait_for(bot_notice(duck, second, "answer to: and a second one?"), "answer two")
     await settled(alice)
     assert len(bot_events_in_thread(alice, duck, first)) == 1
-    (task,) = await bot.runtime.stores.tasks.list_by_conversation(Thread("matrix", room, first).key)
+    (task,) = await tasks_in_thread(bot.runtime, room, first)
     assert task.requested_by == alice.qualified
 
 
@@ -409,9 +409,7 @@ async def test_a_thread_message_to_someone_else_is_not_answered(
     await alice.wait_for(bot_notice(duck, question, "answer to: and memory?"), "the follow-up")
     await settled(alice)
     # no task was started for the aside (it is only history for the follow-up)
-    tasks = await bot.runtime.stores.tasks.list_by_conversation(
-        Thread("matrix", room, question).key
-    )
+    tasks = await tasks_in_thread(bot.runtime, room, question)
     assert sorted(t.message for t in tasks) == ["and memory?", "what is load?"]
     answers = [e for e in bot_events_in_thread(alice, duck, question) if "answer to" in body(e)]
     assert len(answers) == 2
@@ -495,8 +493,7 @@ async def test_another_bots_text_is_marked_and_bounded(
         probe = await alice.element_say(room, "a person again", thread=question)
         await alice.wait_for(bot_notice(duck, question, "a person again"), "the person's answer")
         await settled(alice)
-        thread = Thread("matrix", room, question).key
-        tasks = await bot.runtime.stores.tasks.list_by_conversation(thread)
+        tasks = await tasks_in_thread(bot.runtime, room, question)
         assert sorted(t.message for t in tasks) == [
             "a person again",
             "bot says 0",
@@ -532,17 +529,13 @@ async def test_strangers_are_declined_refused_and_left(
     asked = await bob.element_say(room, "please run touch stranger.txt", pills=[pill(duck)])
     refusal = await bob.wait_for(bot_notice(duck, asked, "DUCKLM_REQUESTERS"), "the refusal")
     assert refusal["content"]["m.mentions"] == {"user_ids": [bob.user_id]}
-    assert (
-        await bot.runtime.stores.tasks.list_by_conversation(Thread("matrix", room, asked).key) == []
-    )
+    assert await tasks_in_thread(bot.runtime, room, asked) == []
     assert model_server.requests == []
     assert not (tmp_path / "workspace" / "stranger.txt").exists()
     # nor directly: `!duck run` is refused the same way
     ran = await bob.element_say(room, "!duck run touch direct.txt")
     await bob.wait_for(bot_notice(duck, ran, "DUCKLM_REQUESTERS"), "the command's refusal")
-    assert (
-        await bot.runtime.stores.tasks.list_by_conversation(Thread("matrix", room, ran).key) == []
-    )
+    assert await tasks_in_thread(bot.runtime, room, ran) == []
     assert not (tmp_path / "workspace" / "direct.txt").exists()
 
     await alice.client.room_leave(room)
