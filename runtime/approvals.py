@@ -451,18 +451,11 @@ class ApprovalService:
     ) -> DecisionOutcome:
         if decision not in CHAT_DECISIONS:
             raise ApprovalError(f"Unknown decision {decision!r}: use approve, deny or always.")
-        approval = await self._approvals.get(approval_id)
-        if approval is None:
-            raise ApprovalError(f"No such approval: {approval_id}.")
+        # Past its deadline it is refused even if the expiry job has not run yet:
+        # an answer after the deadline must not run the action anyway.
+        approval = await self._checked(approval_id)
         if approval.decision is not None:
             return DecisionOutcome(taken=False, approval=approval)
-        if approval.expires_at is not None and approval.expires_at <= datetime.now(UTC):
-            # The expiry job may not have run yet; an answer after the deadline
-            # must not run the action anyway.
-            raise ApprovalError(
-                f"This approval expired at {approval.expires_at:%Y-%m-%d %H:%M} UTC; "
-                "ask again to run the action."
-            )
         rule_spec = self._always_rule(approval) if decision == "always" else None
         # Parsed once, here, before the transaction: matching reads the stored form.
         new_keys = rule_keys(approval.tool, *rule_spec) if rule_spec is not None else None
