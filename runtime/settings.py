@@ -15,8 +15,6 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from runtime.store.db import is_postgres_url
-
 DEFAULT_MODEL_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_THINKER_MODEL = "gpt-4o-mini"
 DEFAULT_ACTION_MODEL = "gpt-4o-mini"
@@ -334,6 +332,10 @@ class Settings(BaseSettings):
 
     @property
     def db_is_postgres(self) -> bool:
+        # Imported here: loading the store package costs ~100 ms that `ducklm --help`
+        # and the other store-less commands should not pay.
+        from runtime.store.db import is_postgres_url
+
         return is_postgres_url(str(self.db))
 
     @property
