@@ -359,12 +359,13 @@ class SharedMatrixState:
         every second, and the snapshot can be megabytes: it is decoded again
         only when it was written since (a deleted and saved again snapshot can
         start over at the same version, not at the same time)."""
+        if await self.state.stamp(self._crypto_key) == self._crypto_stamp:
+            return self._crypto_device
         found = await self.state.get(self._crypto_key)
-        stamp = None if found is None else (found.version, found.updated_at)
-        if stamp != self._crypto_stamp:
-            loaded = _crypto_from(found)
-            self._crypto_stamp = stamp
-            self._crypto_device = None if loaded is None else loaded[1]
+        loaded = _crypto_from(found)
+        # The stamp of the row read, which may be newer than the one just compared.
+        self._crypto_stamp = None if found is None else (found.version, found.updated_at)
+        self._crypto_device = None if loaded is None else loaded[1]
         return self._crypto_device
 
     async def save_crypto(self, device_id: str, blob: bytes) -> int | None:

@@ -256,6 +256,15 @@ class StateStore:
         )
         return None if row is None else _shared(row)
 
+    async def stamp(self, key: str) -> tuple[int, float] | None:
+        """The key's (version, updated_at) without its value (None: no such key):
+        a cheap "did it change?" for a large value (updated_at too: a deleted and
+        stored again key starts over at version 1)."""
+        row = await self.db.fetchone(
+            "SELECT version, updated_at FROM shared_state WHERE key = ?", (key,)
+        )
+        return None if row is None else (int(row["version"]), float(row["updated_at"]))
+
     async def put(self, key: str, value: str) -> int:
         """Write unconditionally; returns the new version."""
         row = await self.db.fetchone(
