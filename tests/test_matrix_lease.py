@@ -25,7 +25,7 @@ from bot.service import ChatService
 from runtime.factory import build_runtime
 from tests import element_client
 from tests.conftest import make_settings
-from tests.element_client import OpenElement
+from tests.element_client import ElementUser, OpenElement
 from tests.fakes.openai_server import FakeModelServer
 from tests.fakes.synapse import MatrixUser, SynapseServer
 from tests.postgres import raw_execute, raw_rows
@@ -299,6 +299,20 @@ def vanish(bot: Bot) -> Awaitable[list[Any]]:
     return asyncio.gather(*connection._tasks, return_exceptions=True)
 
 
+async def encrypted_room_answered(
+    element: OpenElement, person: str, duck: str, model_server: FakeModelServer
+) -> tuple[ElementUser, str, str]:
+    """`person` (an Element client with Rust crypto) makes an encrypted room with the
+    bot, asks once and reads the encrypted answer: (client, room, question's id)."""
+    user = await element(person, PASSWORD, crypto=True)
+    content_answers(model_server)
+    room = await user.create_room([duck], encrypted=True)
+    await user.wait_for(joined(duck, room), "the bot joining", within=E2EE_WAIT)
+    root = await user.say(room, "encrypted?")
+    await user.wait_for(bot_notice(duck, root, "answer to"), "the first answer", within=E2EE_WAIT)
+    return user, room, root
+
+
 async def test_an_encrypted_room_is_answered_across_a_takeover(
     replicas: StartBot,
     element: OpenElement,
@@ -315,12 +329,7 @@ async def test_an_encrypted_room_is_answered_across_a_takeover(
     # The holder loads its crypto store as it starts syncing; the standby never does.
     await until(lambda: first.platform.connection.encrypting, "the holder's crypto store")
     assert not second.platform.connection.encrypting
-    alice = await element(people["alice"], PASSWORD, crypto=True)
-    content_answers(model_server)
-    room = await alice.create_room([duck], encrypted=True)
-    await alice.wait_for(joined(duck, room), "the bot joining", within=E2EE_WAIT)
-    before = await alice.say(room, "encrypted before?")
-    await alice.wait_for(bot_notice(duck, before, "answer to"), "answer 1", within=E2EE_WAIT)
+    alice, room, _ = await encrypted_room_answered(element, people["alice"], duck, model_server)
     snapshot = raw_rows(
         db_target, "SELECT version FROM shared_state WHERE key = ?", (f"matrix-crypto:{duck}",)
     )
@@ -365,12 +374,7 @@ async def test_a_holder_whose_crypto_store_is_not_loaded_never_sends_in_the_clea
     bot = await replicas("one", matrix_encryption=True)
     connection = bot.platform.connection
     await until(lambda: connection.encrypting, "the holder's crypto store")
-    alice = await element(people["alice"], PASSWORD, crypto=True)
-    content_answers(model_server)
-    room = await alice.create_room([duck], encrypted=True)
-    await alice.wait_for(joined(duck, room), "the bot joining", within=E2EE_WAIT)
-    root = await alice.say(room, "encrypted?")
-    await alice.wait_for(bot_notice(duck, root, "answer to"), "the first answer", within=E2EE_WAIT)
+    alice, room, root = await encrypted_room_answered(element, people["alice"], duck, model_server)
     thread = Thread("matrix", room, root)
 
     # The takeover's window: the lease held, the crypto store not loaded yet.
