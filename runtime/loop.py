@@ -195,6 +195,9 @@ class RuntimeLoop:
         self.planner = (
             ActionPlanner(model_client, self.context_builder) if model_client is not None else None
         )
+        # Planners offering only the tools a channel allows, by those tools' names
+        # (see `_planner_for`); few distinct sets exist, so each is built once.
+        self._narrowed: dict[frozenset[str], ActionPlanner] = {}
         self._listeners: list[EventListener] = []
         # Per task: events recorded since its last write (type, payload, time),
         # and tasks created but not yet stored.
@@ -439,12 +442,14 @@ class RuntimeLoop:
         """Plan and act for up to `max_tool_iterations` rounds. Returns the
         observations and, when the action model's replies could not be used
         even after the repair round, why (the thinker is told)."""
-        assert self.planner is not None
+        planner = self._planner_for(task)
         observations = list(observations)
+        if planner is None:
+            return observations, None  # the channel allows no tool: the thinker answers
         call = partial(self._call_model, task.task_id)
         record = partial(self._record, task.task_id)
         for round_number in range(1, self.max_tool_iterations + 1):
-            plan = await self.planner.plan(call, record, messages, observations)
+            plan = await planner.plan(call, record, messages, observations)
             if plan.failed is not None:
                 return observations, plan.failed
             if not plan.actions:
@@ -635,6 +640,25 @@ class RuntimeLoop:
         observation["requires_approval"] = True
         observation["approval_id"] = approval.approval_id if approval else None
         return observation
+
+    def _planner_for(self, task: Task) -> ActionPlanner | None:
+        """The planner offering the model only the tools the task's channel allows
+        (issue #20), so it does not spend a round on one that would be refused;
+        None when none is allowed. A tool named anyway is still refused when it
+        is dispatched (`_tool_refused`)."""
+        assert self.planner is not None
+        specs = self.context_builder.tool_specs
+        allowed = [spec for spec in specs if self._tool_refused(task, spec["tool"]) is None]
+        if len(allowed) == len(specs):
+            return self.planner
+        if not allowed:
+            return None
+        names = frozenset(spec["tool"] for spec in allowed)
+        planner = self._narrowed.get(names)
+        if planner is None:
+            planner = ActionPlanner(self.planner.client, ContextBuilder(allowed), specs)
+            self._narrowed[names] = planner
+        return planner
 
     def _tool_refused(self, task: Task, tool: str) -> str | None:
         return self.tool_refusal(task.conversation, tool) if self.tool_refusal else None

@@ -86,11 +86,22 @@ class _Unusable(Exception):
 class ActionPlanner:
     """One per loop; protocol facts about the server live on the ModelClient."""
 
-    def __init__(self, client: ModelClient, context: ContextBuilder) -> None:
+    def __init__(
+        self,
+        client: ModelClient,
+        context: ContextBuilder,
+        known: Sequence[dict[str, Any]] | None = None,
+    ) -> None:
+        """`context` has the tools offered to the model; `known` (default: the
+        same) every tool it may name: a known tool that was not offered (the
+        channel does not allow it, issue #20) is passed on to be refused when it
+        is dispatched, with the reason, instead of being taken for a typo."""
         self.client = client
         self.context = context
         specs = context.tool_specs
-        self.tool_names = [spec["tool"] for spec in specs]
+        self.known_specs = list(specs if known is None else known)
+        self.offered_names = [spec["tool"] for spec in specs]
+        self.tool_names = [spec["tool"] for spec in self.known_specs]
         self.schema = directive_schema(specs)
         # OpenAI function names allow [a-zA-Z0-9_-]{1,64}; an MCP tool's name
         # may not, so it is sent under an alias and mapped back.
@@ -259,7 +270,7 @@ class ActionPlanner:
         for number, tool_call in enumerate(response.tool_calls, 1):
             tool = self._from_function.get(tool_call.name)
             if tool is None:
-                known = ", ".join(sorted(self._from_function))
+                known = ", ".join(sorted(self._to_function[n] for n in self.offered_names))
                 raise _Unusable(
                     f"tool call {number} names an unknown tool {tool_call.name[:80]!r} "
                     f"(the tools are: {known})",
@@ -295,7 +306,7 @@ class ActionPlanner:
         return actions
 
     def _own_args(self, tool: str) -> set[str]:
-        for spec in self.context.tool_specs:
+        for spec in self.known_specs:
             if spec["tool"] == tool:
                 return set(((spec.get("args") or {}).get("properties") or {}).keys())
         return set()
@@ -304,7 +315,7 @@ class ActionPlanner:
         """The unusable reply (as text: a `tool_calls` message would need a
         `tool` answer per call) and what was wrong with it, with the form."""
         shown = repair.shown.strip()[:_REPLY_SHOWN_CHARS] or "(an empty reply)"
-        names = ", ".join(self.tool_names) or "none"
+        names = ", ".join(self.offered_names) or "none"
         if tools:
             form = (
                 f"Call one or more of these tools with arguments as a JSON object: {names}. "

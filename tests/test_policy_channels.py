@@ -7,6 +7,7 @@ subprocess) shows the decisions. Nothing of ours is mocked."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from tests.test_slack import Bot, start_bot, stop_bot
 pytestmark = [pytest.mark.usefixtures("clean_env"), pytest.mark.timeout(120)]
 
 PROD, STAGE, READ = "CPROD0001", "CSTAGE001", "CREAD0001"
+QUIET = "CQUIET001"  # a channel that allows no tool at all
 SHARED = "CSHARED01"
 OTHER_TEAM = "T0OTHER01"
 ASKER = "UASKER001"
@@ -91,6 +93,9 @@ workspace = "staging"
 approvers = ["slack:{PROD_APPROVER}"]
 workspace = "reading"
 tools = ["read_file", "list_dir"]
+
+[channels."slack:{QUIET}"]
+tools = []
 
 [channels."slack:{TEAM}/{SHARED}"]
 approvers = ["slack:{TEAM_A_APPROVER}"]
@@ -257,12 +262,31 @@ async def test_each_channel_has_its_own_approvers_and_workspace(
     assert prod_task.workspace == str(tmp_path / "prod")
 
 
+async def test_a_channel_that_allows_no_tool_is_answered_without_the_action_step(
+    slack_bot: Bot, model: FakeModelServer, tmp_path: Path
+) -> None:
+    """With no tool allowed there is nothing to plan: the thinker answers at once
+    (no action call that could only name a tool to refuse)."""
+    bot = slack_bot
+    model.reply(THINKER, Text("Only talk here."))
+    asked = len(model.requests_for(ACTION))
+    root = await mention(bot, QUIET, "what is in the log?")
+    await bot.fake.wait_for(
+        lambda: any("Only talk here." in m["text"] for m in in_thread(bot, QUIET, root)),
+        what="the answer",
+    )
+    assert len(model.requests_for(ACTION)) == asked
+    (task,) = await bot.runtime.stores.tasks.list_recent(1, conversation_prefix=f"slack:{QUIET}|")
+    assert task.status == "completed"
+
+
 async def test_a_tool_the_channel_does_not_allow_is_not_run(
     slack_bot: Bot, model: FakeModelServer, tmp_path: Path
 ) -> None:
     bot = slack_bot
     model.reply(ACTION, Text(directive(shell("echo hi > g", reason="asked for"))))
     model.reply(THINKER, Text("I may not run commands here."))
+    asked = len(model.requests_for(ACTION))
     root = await mention(bot, READ, "write hi into g")
     await bot.fake.wait_for(
         lambda: any("I may not run commands" in m["text"] for m in in_thread(bot, READ, root)),
@@ -277,6 +301,11 @@ async def test_a_tool_the_channel_does_not_allow_is_not_run(
     trail = ducklm_events(tmp_path / "ducklm.db", task.task_id)
     assert "tool_refused shell_exec_safe: The tool shell_exec_safe may not be used here" in trail
     assert "tool_call_started" not in trail
+    # The model is offered only the channel's tools; the shell it named anyway
+    # (models do) was refused when dispatched, above.
+    offered = json.dumps(model.requests_for(ACTION)[asked].body)
+    assert "read_file" in offered and "list_dir" in offered
+    assert "shell_exec_safe" not in offered and "write_file" not in offered
 
     # a direct run is the shell tool too
     assert "thread" in await command(bot, READ, "run touch y", user=PROD_APPROVER)
