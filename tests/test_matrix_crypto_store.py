@@ -93,10 +93,10 @@ def test_no_snapshot_is_taken_while_nothing_was_written_since_the_last_save(
 
     found = store.changed_snapshot()
     assert found is not None and copies == 1
-    blob, _digest, signature = found
+    blob, digest, signature = found
     # Not saved yet (say the lease was lost): the next call copies again.
     assert store.changed_snapshot() is not None and copies == 2
-    store.saved(signature)
+    store.saved(digest, signature)
     assert store.changed_snapshot() is None
     assert store.changed_snapshot() is None
     assert copies == 2
@@ -104,7 +104,7 @@ def test_no_snapshot_is_taken_while_nothing_was_written_since_the_last_save(
     write(database, "two")
     found = store.changed_snapshot()
     assert found is not None and copies == 3
-    store.saved(found[2])
+    store.saved(found[1], found[2])
     assert store.changed_snapshot() is None
 
     # Restoring a snapshot replaces the files: the next save copies again.
@@ -128,7 +128,7 @@ def test_a_write_during_the_copy_is_copied_by_the_next_call(
     monkeypatch.setattr(store, "snapshot", write_then_copy)
     found = store.changed_snapshot()
     assert found is not None
-    store.saved(found[2])
+    store.saved(found[1], found[2])
     monkeypatch.setattr(store, "snapshot", snapshot)
     later = store.changed_snapshot()
     assert later is not None and later[1] != found[1]

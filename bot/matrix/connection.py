@@ -178,7 +178,6 @@ class MatrixConnection:
         # Tries for the sync lease so far (a standby tries every LEASE_EVERY_S):
         # what a test waits on to know a standby had its chances.
         self.lease_tries = 0
-        self._crypto_digest: str | None = None  # of the last snapshot saved
         self._snapshot_lock = asyncio.Lock()
         # Set while the client's Olm machine is loaded (sends may encrypt).
         self._crypto_loaded = asyncio.Event()
@@ -318,7 +317,6 @@ class MatrixConnection:
             # The snapshot's pickle key is the one its pickles are encrypted with.
             key = await asyncio.to_thread(self.crypto_store.pickle_key)
             client.config = dataclasses.replace(client.config, pickle_key=key)
-        self._crypto_digest = None
         logger.info("matrix: crypto store of device %s restored from the database", device)
 
     def _unload_crypto(self) -> None:
@@ -362,17 +360,13 @@ class MatrixConnection:
             if found is None:
                 return
             blob, digest, signature = found
-            if digest == self._crypto_digest:
-                store.saved(signature)  # written, but to the contents saved already
-                return
             version = await self.shared.save_crypto(self.device_id, blob)
         except (OSError, sqlite3.Error, StoreError) as exc:
             logger.warning("matrix: cannot save the crypto store's snapshot: %s", exc)
             return
         if version is None:
             return  # the lease is lost; saving the token says so next
-        self._crypto_digest = digest
-        store.saved(signature)
+        store.saved(digest, signature)
         await asyncio.to_thread(store.set_marker, version)
 
     async def _may_take_over(self, starting: bool) -> bool:

@@ -100,7 +100,9 @@ class CryptoStore:
     def __init__(self, state_dir: Path, passphrase: str | None) -> None:
         self.directory = Path(state_dir) / CRYPTO_DIR
         self._passphrase = passphrase or None
-        # The files' signature when the snapshot last saved was taken (`saved`).
+        # The digest of the snapshot last saved, and the files' signature when it
+        # was taken (`saved`); both forgotten by `restore`.
+        self._saved_digest: str | None = None
         self._saved: Signature | None = None
 
     def prepare(self) -> None:
@@ -156,20 +158,23 @@ class CryptoStore:
         return tuple(entries)
 
     def changed_snapshot(self) -> tuple[bytes, str, Signature] | None:
-        """`snapshot` and the signature it was taken at, or None when the files
-        are as they were for the snapshot last `saved` (the lease holder asks
-        every second; most times nothing changed). The signature is taken
-        before the copy, so a write during the copy makes the next call copy again."""
+        """`snapshot` and the signature it was taken at, or None when it is the
+        snapshot last `saved`: the files are as they were for it (the lease
+        holder asks every second; most times nothing changed), or were written
+        back to the same contents. The signature is taken before the copy, so a
+        write during the copy makes the next call copy again."""
         signature = self.signature()
         if signature == self._saved:
             return None
         blob, digest = self.snapshot()
+        if digest == self._saved_digest:
+            self._saved = signature  # written, but to the contents saved already
+            return None
         return blob, digest, signature
 
-    def saved(self, signature: Signature) -> None:
-        """The snapshot taken at `signature` (or one with its contents) is the
-        database's now."""
-        self._saved = signature
+    def saved(self, digest: str, signature: Signature) -> None:
+        """The snapshot of `digest`, taken at `signature`, is the database's now."""
+        self._saved_digest, self._saved = digest, signature
 
     def snapshot(self) -> tuple[bytes, str]:
         """The directory as a gzip'd tar, and a digest of its contents (equal
@@ -211,7 +216,8 @@ class CryptoStore:
 
     def restore(self, blob: bytes, version: int) -> None:
         """Replace the directory's files by the snapshot's (each atomically, 0600)."""
-        self._saved = None  # the files are another holder's now: the next save copies
+        # The files are another holder's now: the next save copies.
+        self._saved_digest, self._saved = None, None
         self.prepare()
         with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
             for member in tar.getmembers():
