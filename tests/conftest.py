@@ -29,8 +29,10 @@ import pytest_asyncio
 
 from runtime.factory import Runtime, build_runtime
 from runtime.settings import Settings
+from runtime.store import open_stores
 
 if TYPE_CHECKING:
+    from runtime.store import Stores
     from tests.fakes.openai_server import FakeModelServer
     from tests.fakes.slack_api import FakeSlack
 
@@ -94,6 +96,13 @@ def db_target(db_backend: str, tmp_path: Path, request: pytest.FixtureRequest) -
     if stray.exists():
         shutil.rmtree(stray, ignore_errors=True)
         pytest.fail(f"{url} was opened as a SQLite file path ({stray}/…), not as PostgreSQL")
+
+
+@pytest_asyncio.fixture
+async def stores(db_target: str) -> AsyncIterator[Stores]:
+    """The stores, opened on this test's database (`db_target`) and closed after."""
+    async with await open_stores(db_target) as opened:
+        yield opened
 
 
 THINKER = "test-thinker"

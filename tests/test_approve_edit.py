@@ -60,12 +60,6 @@ def shell_action(command: str) -> dict[str, Any]:
     return {"tool": SHELL, "args": {"command": command}, "reason": "needed"}
 
 
-@pytest.fixture
-async def stores(db_target: str):
-    async with await open_stores(db_target) as opened:
-        yield opened
-
-
 async def pending(stores: Stores, service: ApprovalService, command: str, risk: str = "medium"):
     task = await stores.tasks.create_task("q", requested_by="slack:UREQ")
     approval = await service.create_pending(

@@ -43,12 +43,6 @@ BOSS = "UBOSS0001"
 ESCALATE_S = 8.0
 
 
-@pytest.fixture
-async def stores(db_target: str):
-    async with await open_stores(db_target) as opened:
-        yield opened
-
-
 async def pending(stores: Stores, service: ApprovalService) -> tuple[Any, Any]:
     task = await stores.tasks.create_task("q", requested_by="slack:UREQ")
     approval = await service.create_pending(

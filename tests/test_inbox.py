@@ -4,7 +4,6 @@ claims in one transaction, and what becomes of the recorded message."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -197,15 +196,6 @@ async def test_a_closed_row_makes_no_second_task(start: Start, model: FakeModelS
 
 
 # -- the store ------------------------------------------------------------------
-
-
-@pytest.fixture
-async def stores(db_target: str) -> AsyncIterator[Stores]:
-    opened = await open_stores(db_target)
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 async def test_close_is_a_compare_and_set(stores: Stores) -> None:

@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 
 import bot.matrix.state as matrix_state
 from bot.matrix.crypto import CryptoStore
 from bot.matrix.state import MatrixState, SharedMatrixState
-from runtime.store import Stores, open_stores
+from runtime.store import Stores
 
 USER = "@duck:example.org"
 
@@ -135,15 +133,6 @@ def test_a_write_during_the_copy_is_copied_by_the_next_call(
 
 
 # -- the standby's read of the snapshot's device -----------------------------------
-
-
-@pytest_asyncio.fixture
-async def stores(db_target: str) -> AsyncIterator[Stores]:
-    opened = await open_stores(db_target)
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 def shared(stores: Stores, tmp_path: Path, holder: str) -> SharedMatrixState:

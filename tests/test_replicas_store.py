@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 
 from bot.service import ChatService
 from runtime.factory import Runtime, build_runtime
@@ -21,15 +20,6 @@ from tests.conftest import ACTION, make_settings
 from tests.fakes.openai_server import FakeModelServer, Hang
 
 pytestmark = pytest.mark.backends("sqlite", "postgres")
-
-
-@pytest_asyncio.fixture
-async def stores(db_target: str) -> AsyncIterator[Stores]:
-    opened = await open_stores(db_target)
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 async def until(check: Callable[[], Awaitable[Any]], within: float = 20.0) -> Any:

@@ -31,12 +31,6 @@ pytestmark = pytest.mark.backends("sqlite", "postgres")
 SQLITE_FILE = "about the SQLite file itself"
 
 
-@pytest.fixture
-async def stores(db_target: str):
-    async with await open_stores(db_target) as opened:
-        yield opened
-
-
 def sqlite_only(reason: str) -> pytest.MarkDecorator:
     return pytest.mark.backends("sqlite", reason=reason)
 

@@ -28,13 +28,6 @@ SLOW_SQL = (
 )
 
 
-@pytest.fixture
-async def stores(db_target: str):  # type: ignore[no-untyped-def]
-    s = await open_stores(db_target)
-    yield s
-    await s.close()
-
-
 async def test_background_work_gets_a_connection_to_the_same_database(
     stores: Stores,
 ) -> None:
